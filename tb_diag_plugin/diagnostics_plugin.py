@@ -1,0 +1,372 @@
+"""The TensorBoard side: loader (flags), plugin (routes) and the tab's static files.
+
+TensorBoard imports this module at start-up through the `tensorboard_plugins`
+entry point, so it imports neither torch nor plotly; plotly.js is loaded the
+first time the tab asks for it.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import importlib.resources
+import json
+import mimetypes
+import re
+import struct
+import threading
+from collections import OrderedDict
+from typing import Any, Callable, Optional
+
+import numpy as np
+from tensorboard import errors, plugin_util
+from tensorboard.backend import http_util
+from tensorboard.plugins import base_plugin
+from werkzeug import wrappers
+
+from tb_diag_plugin import downsample, metadata, reading
+
+# Samples kept per diagnostics tag when the user gives no
+# --samples_per_plugin=diagnostics=N. TensorBoard's own default for custom
+# plugins is 10 (Python loader) or 100 (Rust data server), which would throw
+# away almost all of a run's history. 20,000 logged steps x 500 layers is
+# about 40 MB per metric in memory; --diagnostics_samples changes it.
+DEFAULT_SAMPLES = 20_000
+
+DEFAULT_POINTS = 1000
+MAX_POINTS = 100_000
+MAX_LAYERS_PER_REQUEST = 100_000
+_CACHE_ENTRIES = 6
+_STATIC_NAME = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*\.(js|css|svg|png)$")
+
+
+class DiagnosticsLoader(base_plugin.TBLoader):
+    """Gives the plugin a full-history retention default and its own flag."""
+
+    def define_flags(self, parser) -> None:
+        parser.add_argument(
+            "--diagnostics_samples",
+            type=int,
+            default=DEFAULT_SAMPLES,
+            metavar="N",
+            help=(
+                "Logged steps kept per Diagnostics metric (0 keeps all; default "
+                f"{DEFAULT_SAMPLES}). --samples_per_plugin=diagnostics=N, if given, wins."
+            ),
+        )
+
+    def fix_flags(self, flags) -> None:
+        samples = getattr(flags, "diagnostics_samples", DEFAULT_SAMPLES)
+        if samples is None:
+            samples = DEFAULT_SAMPLES
+        if not isinstance(samples, int) or samples < 0:
+            raise base_plugin.FlagsError(f"--diagnostics_samples must be >= 0, got {samples!r}")
+        spp = getattr(flags, "samples_per_plugin", None)
+        if isinstance(spp, str):  # configure(samples_per_plugin="a=1") skips the parser
+            spp = dict(
+                (k.strip(), int(v)) for k, v in (t.split("=") for t in spp.split(",") if t.strip())
+            )
+        spp = dict(spp or {})
+        spp.setdefault(metadata.PLUGIN_NAME, samples)
+        flags.samples_per_plugin = spp
+
+    def load(self, context) -> "DiagnosticsPlugin":
+        return DiagnosticsPlugin(context)
+
+
+def _json_route(fn: Callable) -> Callable:
+    """Turn typed errors and bad input into 4xx JSON; never a traceback."""
+
+    @functools.wraps(fn)
+    @wrappers.Request.application
+    def wrapper(self, request):
+        try:
+            return fn(self, request)
+        except errors.PublicError as e:
+            return http_util.Respond(
+                request, {"error": str(e)}, "application/json", code=e.http_code
+            )
+
+    return wrapper
+
+
+def _arg_int(request, name: str, default: Optional[int], lo: int, hi: int) -> Optional[int]:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise errors.InvalidArgumentError(f"{name} must be an integer, got {raw[:40]!r}") from None
+    if not lo <= value <= hi:
+        raise errors.InvalidArgumentError(f"{name} must be between {lo} and {hi}, got {value}")
+    return value
+
+
+class DiagnosticsPlugin(base_plugin.TBPlugin):
+    """Serves the Diagnostics tab and its data."""
+
+    plugin_name = metadata.PLUGIN_NAME
+
+    def __init__(self, context) -> None:
+        self._provider = context.data_provider
+        self._cache: "OrderedDict[tuple, tuple[reading.Series, list[str]]]" = OrderedDict()
+        self._lock = threading.Lock()
+        self._static = importlib.resources.files("tb_diag_plugin.frontend_static")
+
+    # ---------------------------------------------------------- TBPlugin
+    def get_plugin_apps(self) -> dict[str, Callable]:
+        return {
+            "/index.js": self._serve_index,
+            "/static/*": self._serve_static,
+            "/plotly.js": self._serve_plotly,
+            "/runs": self._serve_runs,
+            "/tags": self._serve_tags,
+            "/values": self._serve_values,
+            "/structure": self._serve_structure,
+            "/findings": self._serve_findings,
+        }
+
+    def is_active(self) -> bool:
+        return False  # the frontend asks the data provider (plugins_listing)
+
+    def frontend_metadata(self) -> base_plugin.FrontendMetadata:
+        return base_plugin.FrontendMetadata(es_module_path="/index.js", tab_name="Diagnostics")
+
+    # ------------------------------------------------------------ static
+    def _static_file(self, name: str) -> Optional[bytes]:
+        if not _STATIC_NAME.match(name) or ".." in name:
+            return None
+        node = self._static
+        for part in name.split("/"):
+            node = node.joinpath(part)
+        try:
+            return node.read_bytes() if node.is_file() else None
+        except OSError:
+            return None
+
+    def _respond_static(self, request, name: str):
+        body = self._static_file(name)
+        if body is None:
+            raise errors.NotFoundError(f"no static file {name[:200]!r}")
+        ctype = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        if name.endswith(".js"):
+            ctype = "application/javascript"
+        return http_util.Respond(request, body, ctype)
+
+    @_json_route
+    def _serve_index(self, request):
+        return self._respond_static(request, "index.js")
+
+    @_json_route
+    def _serve_static(self, request):
+        prefix = "/static/"
+        path = request.path
+        name = path[path.index(prefix) + len(prefix) :] if prefix in path else ""
+        return self._respond_static(request, name)
+
+    @_json_route
+    def _serve_plotly(self, request):
+        return http_util.Respond(
+            request, _plotly_gz(), "application/javascript", content_encoding="gzip", expires=3600
+        )
+
+    # -------------------------------------------------------------- data
+    def _ctx(self, request):
+        return plugin_util.context(request.environ), plugin_util.experiment_id(request.environ)
+
+    def _index(self, request) -> tuple[Any, str, dict[str, reading.RunIndex]]:
+        ctx, eid = self._ctx(request)
+        return ctx, eid, reading.index_runs(self._provider, ctx, eid)
+
+    def _run(self, request, runs: dict[str, reading.RunIndex]) -> str:
+        run = request.args.get("run")
+        if run is None:
+            raise errors.InvalidArgumentError("missing parameter: run")
+        if run not in runs:
+            raise errors.NotFoundError(f"no diagnostics for run {run[:200]!r}")
+        return run
+
+    @_json_route
+    def _serve_runs(self, request):
+        _, _, runs = self._index(request)
+        body = [
+            {
+                "run": run,
+                "metrics": sorted(idx.tags),
+                "has_structure": idx.structure_tag is not None,
+                "problems": idx.problems,
+            }
+            for run, idx in runs.items()
+        ]
+        return http_util.Respond(request, {"runs": body}, "application/json")
+
+    @_json_route
+    def _serve_tags(self, request):
+        _, _, runs = self._index(request)
+        run = self._run(request, runs)
+        idx = runs[run]
+        metrics = {}
+        for metric in sorted(idx.tags):
+            layers, types = idx.layers(metric)
+            metrics[metric] = {"layers": layers, "layer_types": types}
+        return http_util.Respond(
+            request,
+            {"run": run, "metrics": metrics, "has_structure": idx.structure_tag is not None, "problems": idx.problems},
+            "application/json",
+        )
+
+    def series(self, ctx, eid: str, run: str, metric: str, idx: reading.RunIndex) -> tuple[reading.Series, list[str]]:
+        """A metric's merged series, cached until the run gains a step."""
+        stamp = tuple(tag for tag, _ in idx.tags[metric])
+        listing = self._provider.list_tensors(
+            ctx,
+            experiment_id=eid,
+            plugin_name=metadata.PLUGIN_NAME,
+            run_tag_filter=reading._filter(run, list(stamp)),
+        )
+        version = tuple(
+            (t, ts.max_step, ts.max_wall_time) for t, ts in sorted(listing.get(run, {}).items())
+        )
+        key = (eid, run, metric, version)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+        result = reading.read_series(self._provider, ctx, eid, run, metric, idx, reading.ALL_SAMPLES)
+        with self._lock:
+            self._cache[key] = result
+            while len(self._cache) > _CACHE_ENTRIES:
+                self._cache.popitem(last=False)
+        return result
+
+    @_json_route
+    def _serve_values(self, request):
+        ctx, eid, runs = self._index(request)
+        run = self._run(request, runs)
+        metric = request.args.get("metric")
+        if metric is None:
+            raise errors.InvalidArgumentError("missing parameter: metric")
+        idx = runs[run]
+        if metric not in idx.tags:
+            raise errors.NotFoundError(f"run {run[:200]!r} has no metric {metric[:100]!r}")
+        points = _arg_int(request, "points", DEFAULT_POINTS, 1, MAX_POINTS)
+        start = _arg_int(request, "start", None, 0, 2**63 - 1)
+        end = _arg_int(request, "end", None, 0, 2**63 - 1)
+        fmt = request.args.get("format", "json")
+        if fmt not in ("json", "f32"):
+            raise errors.InvalidArgumentError(f"format must be json or f32, got {fmt[:20]!r}")
+        wanted = request.args.getlist("layer")
+        if len(wanted) > MAX_LAYERS_PER_REQUEST:
+            raise errors.InvalidArgumentError("too many layer parameters")
+
+        series, problems = self.series(ctx, eid, run, metric, idx)
+        cols = np.arange(len(series.layers))
+        if wanted:
+            pos = {n: j for j, n in enumerate(series.layers)}
+            missing = [w for w in wanted if w not in pos]
+            if missing:
+                raise errors.NotFoundError(f"metric {metric!r} has no layer {missing[0][:200]!r}")
+            cols = np.array([pos[w] for w in wanted], dtype=np.int64)
+        window = downsample.step_window(series.steps, start, end)
+        b = downsample.bin_steps(
+            series.steps[window], series.values[window][:, cols], series.present[window][:, cols], points
+        )
+        header = {
+            "run": run,
+            "metric": metric,
+            "layers": [series.layers[j] for j in cols],
+            "layer_types": [series.layer_types[j] for j in cols],
+            "num_steps": int(series.steps.size),
+            "first_step": int(series.steps[0]) if series.steps.size else None,
+            "last_step": int(series.steps[-1]) if series.steps.size else None,
+            "binned": b.binned,
+            "problems": idx.problems + problems,
+        }
+        if fmt == "f32":
+            return self._respond_f32(request, header, b)
+        absent = b.present == 0
+        header.update(
+            steps=b.step_first.tolist(),
+            step_last=b.step_last.tolist(),
+            values=_json_matrix(b.mean, absent),
+        )
+        if b.binned:
+            header.update(min=_json_matrix(b.min, absent), max=_json_matrix(b.max, absent),
+                          nonfinite=b.nonfinite.astype(np.int64).tolist())
+        return http_util.Respond(request, header, "application/json")
+
+    def _respond_f32(self, request, header: dict, b: downsample.Binned):
+        arrays = [("step_first", b.step_first.astype(np.float64)), ("step_last", b.step_last.astype(np.float64))]
+        arrays += [("mean", b.mean), ("min", b.min), ("max", b.max), ("nonfinite", b.nonfinite), ("present", b.present)]
+        offset = 0
+        layout = []
+        chunks = []
+        for name, arr in arrays:
+            dtype = "f8" if arr.dtype == np.float64 else "f4"
+            data = np.ascontiguousarray(arr, dtype="<" + dtype).tobytes()
+            layout.append({"name": name, "dtype": "float64" if dtype == "f8" else "float32",
+                           "shape": list(arr.shape), "offset": offset})
+            chunks.append(data)
+            offset += len(data)
+        header["arrays"] = layout
+        head = json.dumps(header, allow_nan=False).encode("utf-8")
+        head += b" " * (-(len(head) + 4) % 8)  # arrays start 8-byte aligned
+        body = struct.pack("<I", len(head)) + head + b"".join(chunks)
+        return http_util.Respond(
+            request, gzip.compress(body, compresslevel=1, mtime=0), "application/octet-stream",
+            content_encoding="gzip",
+        )
+
+    @_json_route
+    def _serve_structure(self, request):
+        ctx, eid, runs = self._index(request)
+        run = self._run(request, runs)
+        if runs[run].structure_tag is None:
+            raise errors.NotFoundError(f"run {run[:200]!r} has no model structure")
+        try:
+            doc = reading.read_structure(self._provider, ctx, eid, run)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise errors.NotFoundError(f"model structure of run {run[:200]!r} is unreadable: {e}") from None
+        if doc is None:
+            raise errors.NotFoundError(f"run {run[:200]!r} has no model structure")
+        return http_util.Respond(request, {"run": run, "structure": doc}, "application/json")
+
+    @_json_route
+    def _serve_findings(self, request):
+        from tb_diag_plugin import findings
+
+        ctx, eid, runs = self._index(request)
+        run = self._run(request, runs)
+        idx = runs[run]
+        series = {m: self.series(ctx, eid, run, m, idx)[0] for m in idx.tags}
+        found, skipped = findings.analyze(series)
+        return http_util.Respond(
+            request,
+            {"run": run, "findings": [f.to_dict(run) for f in found], "skipped": skipped},
+            "application/json",
+        )
+
+
+def _json_matrix(values: np.ndarray, absent: np.ndarray) -> list:
+    """Rows as lists; absent cells null, non-finite cells as TensorBoard's JSON strings."""
+    out = values.astype(object)
+    out[absent] = None
+    return out.tolist()
+
+
+_plotly_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=1)
+def _plotly_gz_cached() -> bytes:
+    from plotly.offline import get_plotlyjs
+
+    return gzip.compress(get_plotlyjs().encode("utf-8"), compresslevel=6, mtime=0)
+
+
+def _plotly_gz() -> bytes:
+    """plotly.js from the `plotly` package, gzipped once per process."""
+    with _plotly_lock:
+        return _plotly_gz_cached()
