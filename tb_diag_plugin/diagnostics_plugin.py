@@ -70,7 +70,7 @@ class DiagnosticsLoader(base_plugin.TBLoader):
         spp.setdefault(metadata.PLUGIN_NAME, samples)
         flags.samples_per_plugin = spp
 
-    def load(self, context) -> "DiagnosticsPlugin":
+    def load(self, context) -> DiagnosticsPlugin:
         return DiagnosticsPlugin(context)
 
 
@@ -110,7 +110,7 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
 
     def __init__(self, context) -> None:
         self._provider = context.data_provider
-        self._cache: "OrderedDict[tuple, tuple[reading.Series, list[str]]]" = OrderedDict()
+        self._cache: OrderedDict[tuple, tuple[reading.Series, list[str]]] = OrderedDict()
         self._lock = threading.Lock()
         self._static = importlib.resources.files("tb_diag_plugin.frontend_static")
 

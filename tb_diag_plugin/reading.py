@@ -14,7 +14,6 @@ from typing import Any, Optional
 
 import numpy as np
 from tensorboard import context as tb_context
-from tensorboard.util import tensor_util
 
 from tb_diag_plugin import metadata
 
@@ -161,7 +160,9 @@ def read_structure(provider, ctx, experiment_id: str, run: str) -> Optional[dict
     return doc
 
 
-def read_run(provider, ctx, experiment_id: str, run: str, index: RunIndex, downsample: int = ALL_SAMPLES) -> dict[str, Series]:
+def read_run(
+    provider, ctx, experiment_id: str, run: str, index: RunIndex, downsample: int = ALL_SAMPLES
+) -> dict[str, Series]:
     """Every metric of a run (for findings and export)."""
     out = {}
     for metric in index.tags:

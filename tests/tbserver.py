@@ -1,0 +1,84 @@
+"""A real TensorBoard server in-process, for tests and benchmarks (no mocks)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Iterator, Optional, Sequence
+
+from tensorboard import program
+from tensorboard.plugins import base_plugin
+from tensorboard.plugins.core import core_plugin
+from tensorboard.plugins.scalar import scalars_plugin
+
+from tb_diag_plugin.diagnostics_plugin import DiagnosticsLoader
+
+
+class Server:
+    """A running TensorBoard with the core, scalars and Diagnostics plugins."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def get(self, path: str, headers: Optional[dict] = None, timeout: float = 60) -> tuple[int, bytes, dict]:
+        """GET `path` (relative to the server root); returns (status, body, headers)."""
+        req = urllib.request.Request(self.url + path.lstrip("/"), headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, r.read(), dict(r.headers)
+        except urllib.error.HTTPError as e:
+            return e.code, e.read(), dict(e.headers)
+
+    def json(self, path: str):
+        status, body, _ = self.get(path)
+        assert status == 200, (status, body[:500])
+        return json.loads(body)
+
+    def plugin(self, route: str):
+        return self.json("data/plugin/diagnostics/" + route.lstrip("/"))
+
+    def wait_for_runs(self, n: int, timeout: float = 60) -> list[dict]:
+        """Poll until the plugin lists `n` runs (the Rust data server loads asynchronously)."""
+        deadline = time.monotonic() + timeout
+        runs: list[dict] = []
+        while time.monotonic() < deadline:
+            runs = self.plugin("runs")["runs"]
+            if len(runs) >= n:
+                return runs
+            time.sleep(0.3)
+        raise TimeoutError(f"only {len(runs)} of {n} runs after {timeout} s")
+
+
+@contextlib.contextmanager
+def serve(logdir: str, load_fast: bool = False, extra: Sequence[str] = ()) -> Iterator[Server]:
+    """Start TensorBoard on a free loopback port; stop it on exit."""
+    tb = program.TensorBoard(
+        plugins=[
+            core_plugin.CorePluginLoader(),
+            base_plugin.BasicLoader(scalars_plugin.ScalarsPlugin),
+            DiagnosticsLoader(),
+        ]
+    )
+    tb.configure(
+        argv=[
+            "",
+            "--logdir", str(logdir),
+            "--port", "0",
+            "--host", "127.0.0.1",
+            "--load_fast", "true" if load_fast else "false",
+            "--reload_interval", "1",
+            *extra,
+        ]
+    )
+    server = tb._make_server()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield Server(server.get_url())
+    finally:
+        server.shutdown()
+        server.server_close()

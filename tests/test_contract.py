@@ -1,0 +1,105 @@
+"""The data contract (metadata) and the server-side downsampling, as pure functions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tensorboard.compat.proto import summary_pb2
+
+from tb_diag_plugin import downsample, metadata, plugin_data_pb2
+from tb_diag_plugin.diagnostics_plugin import DEFAULT_SAMPLES, DiagnosticsLoader
+
+
+def test_metadata_round_trip():
+    meta = metadata.create_summary_metadata("grad_norm", ["a.weight", "a.bias"], ["", ""])
+    assert meta.plugin_data.plugin_name == "diagnostics"
+    assert meta.data_class == summary_pb2.DATA_CLASS_TENSOR
+    pd = metadata.parse_plugin_data(meta.plugin_data.content)
+    assert pd.metric == "grad_norm" and pd.layers == ("a.weight", "a.bias")
+    assert pd.version == metadata.PROTO_VERSION
+
+
+def test_structure_metadata_is_blob_sequence():
+    meta = metadata.create_summary_metadata("structure", (), kind=metadata.STRUCTURE)
+    assert meta.data_class == summary_pb2.DATA_CLASS_BLOB_SEQUENCE
+
+
+def test_tag_depends_on_layer_set():
+    a = metadata.vector_tag("grad_norm", ["x", "y"])
+    assert a == metadata.vector_tag("grad_norm", ["x", "y"])
+    assert a != metadata.vector_tag("grad_norm", ["x"])
+    assert a.startswith("diagnostics/grad_norm/")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"\xff\xff\xff", "undecodable"),
+        (plugin_data_pb2.DiagnosticsPluginData(metric="x").SerializeToString(), "no contract version"),
+        (plugin_data_pb2.DiagnosticsPluginData(version=99, metric="x").SerializeToString(), "newer tb-diag"),
+        (plugin_data_pb2.DiagnosticsPluginData(version=1).SerializeToString(), "no metric"),
+        (
+            plugin_data_pb2.DiagnosticsPluginData(version=1, metric="x", layers=["a"], layer_types=["t", "u"])
+            .SerializeToString(),
+            "differ in length",
+        ),
+    ],
+)
+def test_bad_metadata_is_a_contract_error(content, message):
+    with pytest.raises(metadata.ContractError, match=message):
+        metadata.parse_plugin_data(content)
+
+
+def test_binning_keeps_extremes_and_nonfinite():
+    steps = np.arange(100, dtype=np.int64)
+    values = np.ones((100, 2), dtype=np.float32)
+    values[37, 0] = 1000.0  # a spike
+    values[81, 1] = np.nan
+    values[82, 1] = np.inf
+    present = np.ones_like(values, dtype=bool)
+    present[:10, 1] = False  # layer 1 absent at first
+    b = downsample.bin_steps(steps, values, present, 10)
+    assert b.binned and b.mean.shape == (10, 2)
+    assert b.max[3, 0] == 1000.0 and b.min[3, 0] == 1.0
+    assert b.nonfinite[8, 1] == 2 and np.isfinite(b.mean[8, 1])  # other values in that bin are finite
+    assert b.present[0, 1] == 0 and b.present[1, 1] == 10
+    assert np.isnan(b.mean[0, 1])
+    assert list(b.step_first) == list(range(0, 100, 10))
+    assert list(b.step_last) == list(range(9, 100, 10))
+
+
+def test_binning_all_nonfinite_bin_is_nan():
+    values = np.full((4, 1), np.nan, dtype=np.float32)
+    b = downsample.bin_steps(np.arange(4), values, np.ones((4, 1), bool), 2)
+    assert np.isnan(b.mean).all() and (b.nonfinite == 2).all()
+
+
+def test_no_binning_when_it_fits():
+    values = np.array([[1.0], [np.nan]], dtype=np.float32)
+    b = downsample.bin_steps(np.array([0, 5]), values, np.ones((2, 1), bool), 10)
+    assert not b.binned and np.isnan(b.mean[1, 0]) and b.nonfinite[1, 0] == 1
+
+
+def test_step_window():
+    steps = np.array([0, 10, 20, 30])
+    assert downsample.step_window(steps, 5, 20) == slice(1, 3)
+    assert downsample.step_window(steps, None, None) == slice(0, 4)
+
+
+class _Flags:
+    pass
+
+
+def test_fix_flags_sets_default_only_when_user_gave_none():
+    loader = DiagnosticsLoader()
+    f = _Flags()
+    f.samples_per_plugin = {"scalars": 5}
+    f.diagnostics_samples = DEFAULT_SAMPLES
+    loader.fix_flags(f)
+    assert f.samples_per_plugin == {"scalars": 5, "diagnostics": DEFAULT_SAMPLES}
+    f.samples_per_plugin = {"diagnostics": 7}
+    loader.fix_flags(f)
+    assert f.samples_per_plugin["diagnostics"] == 7
+    f.diagnostics_samples = -1
+    with pytest.raises(ValueError, match="diagnostics_samples"):
+        loader.fix_flags(f)

@@ -1,0 +1,220 @@
+"""The plugin inside a real TensorBoard server, under both data backends."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+
+from tb_diag_logger import Diagnostics
+from tb_diag_plugin.reading import LocalReader
+from tbserver import serve
+
+STEPS = 3000
+DEPTH = 20
+
+
+@pytest.fixture(scope="module")
+def long_run(tmp_path_factory):
+    """3,000 logged steps of a 20-layer model, plus the user's own add_scalar tags."""
+    d = tmp_path_factory.mktemp("long")
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(DEPTH) for m in (nn.Linear(4, 4), nn.ReLU())])
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    writer = SummaryWriter(str(d / "deep"))
+    x = torch.randn(8, 4)
+    with Diagnostics(model, writer, every=1, optimizer=opt) as diag:
+        for step in range(STEPS):
+            loss = model(x).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            diag.step(step, loss=loss)
+            opt.step()
+            if step % 100 == 0:
+                writer.add_scalar("user/loss", loss.item(), step)
+    writer.close()
+    return d
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["python_loader", "rust_data_server"])
+def server(request, long_run):
+    with serve(str(long_run), load_fast=request.param) as srv:
+        srv.wait_for_runs(1, timeout=120)
+        yield srv
+
+
+def _wait_complete(server, metric: str, n: int, timeout: float = 120):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        body = server.plugin(f"values?run=deep&metric={metric}&points=100000")
+        if body["num_steps"] >= n or time.monotonic() > deadline:
+            return body
+        time.sleep(0.5)
+
+
+def test_full_history_without_flags(server):
+    body = _wait_complete(server, "grad_norm", STEPS)
+    assert body["num_steps"] == STEPS, "retention default must keep every logged step"
+    assert body["steps"] == list(range(STEPS))
+    assert body["binned"] is False
+    assert len(body["layers"]) == 2 * DEPTH
+    assert body["layers"][:2] == ["0.weight", "0.bias"]
+    assert len(body["values"]) == STEPS and all(len(r) == 2 * DEPTH for r in body["values"])
+
+
+def test_values_equal_event_file(server, long_run):
+    body = _wait_complete(server, "grad_norm", STEPS)
+    series = LocalReader(str(long_run)).series("deep")["grad_norm"]
+    np.testing.assert_allclose(np.array(body["values"], dtype=np.float32), series.values, rtol=1e-6)
+
+
+def test_plugin_listed_enabled(server):
+    listing = server.json("data/plugins_listing")
+    assert listing["diagnostics"]["enabled"] is True
+    assert listing["diagnostics"]["tab_name"] == "Diagnostics"
+    assert listing["diagnostics"]["loading_mechanism"] == {
+        "type": "IFRAME",
+        "module_path": "/data/plugin/diagnostics/index.js",
+    }
+
+
+def test_user_scalars_still_visible(server):
+    tags = server.json("data/plugin/scalars/tags")
+    assert "user/loss" in tags["deep"]
+    scalars = server.json("data/plugin/scalars/scalars?run=deep&tag=user/loss")
+    assert [s[1] for s in scalars] == list(range(0, STEPS, 100))
+
+
+def test_binned_values_keep_extremes(server):
+    raw = _wait_complete(server, "grad_norm", STEPS)
+    body = server.plugin("values?run=deep&metric=grad_norm&points=7")
+    assert body["binned"] is True and len(body["steps"]) == 7
+    assert body["steps"][0] == 0 and body["step_last"][-1] == STEPS - 1
+    full = np.array(raw["values"], dtype=np.float64)
+    mx = np.array(body["max"], dtype=np.float64)
+    np.testing.assert_allclose(mx.max(axis=0), full.max(axis=0), rtol=1e-6)
+
+
+def test_f32_format(server):
+    status, blob, headers = server.get(
+        "data/plugin/diagnostics/values?run=deep&metric=loss&format=f32&points=50",
+        headers={"Accept-Encoding": "gzip"},
+    )
+    assert status == 200 and headers.get("Content-Encoding") == "gzip"
+    body = gzip.decompress(blob)
+    (hlen,) = struct.unpack("<I", body[:4])
+    header = json.loads(body[4 : 4 + hlen])
+    base = 4 + hlen
+    assert base % 8 == 0
+    arrays = {a["name"]: a for a in header["arrays"]}
+    mean = arrays["mean"]
+    vals = np.frombuffer(body, dtype="<f4", count=int(np.prod(mean["shape"])), offset=base + mean["offset"])
+    assert mean["shape"] == [50, 1] and np.all(np.isfinite(vals))
+    json_body = server.plugin("values?run=deep&metric=loss&points=50")
+    np.testing.assert_allclose(vals, np.array(json_body["values"], dtype=np.float32).reshape(-1), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "query, status",
+    [
+        ("values?run=nope&metric=loss", 404),
+        ("values?run=deep&metric=nope", 404),
+        ("values?run=deep&metric=loss&layer=nope", 404),
+        ("values?metric=loss", 400),
+        ("values?run=deep", 400),
+        ("values?run=deep&metric=loss&points=0", 400),
+        ("values?run=deep&metric=loss&points=-5", 400),
+        ("values?run=deep&metric=loss&points=1000000000000", 400),
+        ("values?run=deep&metric=loss&points=abc", 400),
+        ("values?run=deep&metric=loss&start=x", 400),
+        ("values?run=deep&metric=loss&format=xml", 400),
+        ("tags?run=nope", 404),
+        ("tags", 400),
+        ("structure?run=nope", 404),
+        ("static/../setup.py", 404),
+        ("static/%2e%2e%2fsetup.py", 404),
+        ("static/..%5c..%5csetup.py", 404),
+        ("static//etc/passwd", 404),
+        ("static/nothing.js", 404),
+    ],
+)
+def test_bad_parameters_give_json_4xx(server, query, status):
+    code, body, headers = server.get("data/plugin/diagnostics/" + query)
+    assert code == status, body[:300]
+    assert headers["Content-Type"].startswith("application/json")
+    err = json.loads(body)["error"]
+    assert err and "Traceback" not in err
+
+
+def test_static_files_and_plotly(server):
+    code, body, headers = server.get("data/plugin/diagnostics/index.js")
+    assert code == 200 and b"export function render" in body
+    assert headers["Content-Type"].startswith("application/javascript")
+    code, body, headers = server.get("data/plugin/diagnostics/plotly.js", headers={"Accept-Encoding": "gzip"})
+    assert code == 200 and headers.get("Content-Encoding") == "gzip"
+    assert len(gzip.decompress(body)) > 1_000_000
+
+
+def test_structure_route(server):
+    body = server.plugin("structure?run=deep")
+    mods = {m["name"]: m for m in body["structure"]["modules"]}
+    assert mods["0"]["type"] == "Linear" and mods["0"]["num_params"] == 20
+    assert mods["1"]["type"] == "ReLU"
+    assert [p["shape"] for p in mods["0"]["params"]] == [[4, 4], [4]]
+
+
+def test_user_retention_flag_wins(long_run):
+    with serve(str(long_run), extra=["--samples_per_plugin", "diagnostics=50"]) as srv:
+        srv.wait_for_runs(1)
+        body = srv.plugin("values?run=deep&metric=loss&points=100000")
+        assert body["num_steps"] == 50
+        assert body["last_step"] == STEPS - 1  # the reservoir always keeps the latest
+
+
+def test_own_flag_changes_default(long_run):
+    with serve(str(long_run), extra=["--diagnostics_samples", "100"]) as srv:
+        srv.wait_for_runs(1)
+        assert srv.plugin("values?run=deep&metric=loss&points=100000")["num_steps"] == 100
+
+
+def test_loss_components_and_dead_fraction(demo_server):
+    tags = demo_server.plugin("tags?run=dying_relu")
+    assert tags["metrics"]["loss"]["layers"] == ["total", "ce", "l2"]
+    dead = demo_server.plugin("values?run=dying_relu&metric=dead_fraction&points=100000")
+    last = np.array(dead["values"][-1], dtype=float)
+    assert last.max() > 0.9, "the dying-ReLU demo must show dead units"
+    healthy = demo_server.plugin("values?run=healthy&metric=loss&points=100000")
+    total = np.array([r[0] for r in healthy["values"]], dtype=float)
+    assert total[-10:].mean() < total[:10].mean() / 2
+
+
+def test_diverging_demo_reaches_nan(demo_server):
+    body = demo_server.plugin("values?run=diverging&metric=loss&points=100000")
+    assert any(r[0] == "NaN" for r in body["values"])
+    binned = demo_server.plugin("values?run=diverging&metric=loss&points=3")
+    assert sum(r[0] for r in binned["nonfinite"]) > 0
+
+
+def _tiny_logdir(path):
+    model = nn.Linear(2, 1)
+    with Diagnostics(model, logdir=str(path), every=1) as diag:
+        loss = F.mse_loss(model(torch.ones(3, 2)), torch.zeros(3, 1))
+        loss.backward()
+        diag.step(0, loss=loss)
+
+
+def test_single_step_run(tmp_path):
+    _tiny_logdir(tmp_path / "one")
+    with serve(str(tmp_path)) as srv:
+        srv.wait_for_runs(1)
+        body = srv.plugin("values?run=one&metric=grad_norm")
+        assert body["num_steps"] == 1 and body["steps"] == [0]
