@@ -1,0 +1,194 @@
+"""Damaged and hostile event files, many runs, concurrent requests: no 500, nothing misattributed."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import glob
+import json
+import os
+import resource
+import time
+
+import numpy as np
+import pytest
+from tensorboard.compat.proto import summary_pb2
+from torch.utils.tensorboard import SummaryWriter
+
+from tb_diag_logger.summaries import SummarySink
+from tb_diag_plugin import metadata, plugin_data_pb2
+from tbserver import serve
+
+LAYERS = ["a.weight", "a.bias", "b.weight"]
+
+
+def _write_good(run_dir, steps=20, layers=LAYERS):
+    w = SummaryWriter(str(run_dir))
+    sink = SummarySink(w)
+    for s in range(steps):
+        sink.write_vectors(s, [("grad_norm", layers, (), np.arange(len(layers), dtype=np.float32) + s)])
+    w.close()
+    return glob.glob(os.path.join(str(run_dir), "events.out.tfevents.*"))[0]
+
+
+def _raw_summary(writer, step, tag, content: bytes, tensor_values, dtype="f4"):
+    from tensorboard.compat.proto import tensor_pb2, tensor_shape_pb2, types_pb2
+
+    arr = np.asarray(tensor_values, dtype="<" + dtype)
+    tensor = tensor_pb2.TensorProto(
+        dtype=types_pb2.DT_FLOAT if dtype == "f4" else types_pb2.DT_DOUBLE,
+        tensor_shape=tensor_shape_pb2.TensorShapeProto(
+            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=s) for s in arr.shape]
+        ),
+        tensor_content=arr.tobytes(),
+    )
+    meta = summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=metadata.PLUGIN_NAME, content=content),
+        data_class=summary_pb2.DATA_CLASS_TENSOR,
+    )
+    value = summary_pb2.Summary.Value(tag=tag, tensor=tensor, metadata=meta)
+    writer._get_file_writer().add_summary(summary_pb2.Summary(value=[value]), step)
+
+
+@pytest.fixture(scope="module")
+def damaged_logdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("damaged")
+    _write_good(d / "good")
+
+    # Truncated in the middle of the last record.
+    path = _write_good(d / "truncated")
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size - 7)
+
+    # A corrupted record in the middle (bytes flipped inside a record's payload).
+    path = _write_good(d / "corrupted")
+    data = bytearray(open(path, "rb").read())
+    mid = len(data) // 2
+    data[mid : mid + 8] = b"\xde\xad\xbe\xef" * 2
+    open(path, "wb").write(bytes(data))
+
+    # Our plugin name with malformed content, a newer and an older contract version,
+    # and a tag whose tensors have the wrong shape for its layer list; plus a good tag.
+    w = SummaryWriter(str(d / "mixed"))
+    newer = plugin_data_pb2.DiagnosticsPluginData(version=99, metric="grad_norm", layers=["x"]).SerializeToString()
+    older = plugin_data_pb2.DiagnosticsPluginData(version=0, metric="grad_norm", layers=["x"]).SerializeToString()
+    wrong = plugin_data_pb2.DiagnosticsPluginData(version=1, metric="act_mean", layers=["p", "q"]).SerializeToString()
+    for s in range(5):
+        _raw_summary(w, s, "diagnostics/garbage", b"\xff\x01\x02not a proto", [1.0])
+        _raw_summary(w, s, "diagnostics/newer", newer, [1.0])
+        _raw_summary(w, s, "diagnostics/older", older, [1.0])
+        _raw_summary(w, s, "diagnostics/act_mean/wrong", wrong, [1.0, 2.0, 3.0] if s % 2 else [1.0, 2.0])
+        _raw_summary(w, s, "diagnostics/matrix", wrong, [[1.0, 2.0], [3.0, 4.0]])
+    SummarySink(w).write_vectors(0, [("loss", ["total"], (), np.array([1.5], dtype=np.float32))])
+    w.close()
+
+    # A structure blob that is not JSON.
+    w = SummaryWriter(str(d / "badstructure"))
+    sink = SummarySink(w)
+    sink.write_vectors(0, [("loss", ["total"], (), np.array([1.0], dtype=np.float32))])
+    summ = summary_pb2.Summary()
+    summ.CopyFrom(__import__("tb_diag_logger.summaries", fromlist=["x"]).structure_summary({"modules": []}))
+    summ.value[0].tensor.string_val[0] = b"{not json"
+    w._get_file_writer().add_summary(summ, 0)
+    w.close()
+    return d
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["python_loader", "rust_data_server"])
+def damaged_server(request, damaged_logdir):
+    with serve(str(damaged_logdir), load_fast=request.param) as srv:
+        srv.wait_for_runs(5, timeout=120)
+        time.sleep(2)  # let a second reload pass over the damaged files
+        yield srv
+
+
+def test_good_run_untouched(damaged_server):
+    body = damaged_server.plugin("values?run=good&metric=grad_norm&points=1000")
+    assert body["num_steps"] == 20
+    assert body["values"][5] == [5.0, 6.0, 7.0]
+
+
+def test_truncated_file_serves_what_is_readable(damaged_server):
+    body = damaged_server.plugin("values?run=truncated&metric=grad_norm&points=1000")
+    assert 15 <= body["num_steps"] <= 19
+    for step, row in zip(body["steps"], body["values"]):
+        assert row == [float(step), step + 1.0, step + 2.0]  # nothing shifted or misattributed
+
+
+def test_corrupted_record_never_500(damaged_server):
+    status, body, _ = damaged_server.get("data/plugin/diagnostics/values?run=corrupted&metric=grad_norm")
+    assert status in (200, 404)
+    if status == 200:
+        for step, row in zip(json.loads(body)["steps"], json.loads(body)["values"]):
+            assert row == [float(step), step + 1.0, step + 2.0]
+
+
+def test_malformed_tags_are_reported_not_fatal(damaged_server):
+    runs = {r["run"]: r for r in damaged_server.plugin("runs")["runs"]}
+    mixed = runs["mixed"]
+    text = " ".join(mixed["problems"])
+    assert "newer tb-diag" in text and "undecodable" in text and "no contract version" in text
+    assert "loss" in mixed["metrics"]
+    assert damaged_server.plugin("values?run=mixed&metric=loss")["values"] == [[1.5]]
+
+
+def test_wrong_shapes_skipped_with_a_warning(damaged_server):
+    body = damaged_server.plugin("values?run=mixed&metric=act_mean&points=100")
+    assert body["layers"] == ["p", "q"]
+    # Only the 2-element vectors at even steps fit the layer list.
+    assert body["steps"] == [0, 2, 4] and body["values"][0] == [1.0, 2.0]
+    assert any("wrong shape" in p for p in body["problems"])
+
+
+def test_bad_structure_is_404_json(damaged_server):
+    status, body, headers = damaged_server.get("data/plugin/diagnostics/structure?run=badstructure")
+    assert status == 404 and "unreadable" in json.loads(body)["error"]
+
+
+def test_every_route_on_every_run_never_500(damaged_server):
+    runs = [r["run"] for r in damaged_server.plugin("runs")["runs"]]
+    for run in runs:
+        from urllib.parse import quote
+
+        for route in ("tags", "structure", "values"):
+            for metric in ("grad_norm", "loss", "act_mean", "nope"):
+                q = f"{route}?run={quote(run)}&metric={metric}&format=f32"
+                status, body, _ = damaged_server.get("data/plugin/diagnostics/" + q)
+                assert status in (200, 400, 404), (q, status, body[:300])
+
+
+def test_many_runs_and_concurrent_requests(tmp_path):
+    """200 runs in one logdir; 50 concurrent /values requests answer correctly; memory recorded."""
+    for i in range(200):
+        w = SummaryWriter(str(tmp_path / f"run{i:03d}"))
+        SummarySink(w).write_vectors(0, [("loss", ["total"], (), np.array([float(i)], dtype=np.float32))])
+        w.close()
+    big = ["l%d" % j for j in range(500)]
+    w = SummaryWriter(str(tmp_path / "big"))
+    sink = SummarySink(w)
+    rng = np.random.default_rng(0)
+    expected = rng.random((500, 500), dtype=np.float32)
+    for s in range(500):
+        sink.write_vectors(s, [("grad_norm", big, (), expected[s])])
+    w.close()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with serve(str(tmp_path)) as srv:
+        runs = srv.wait_for_runs(201, timeout=180)
+        assert len(runs) == 201
+
+        def fetch(i):
+            if i % 2:
+                return i, srv.plugin(f"values?run=run{i:03d}&metric=loss")
+            return i, srv.plugin("values?run=big&metric=grad_norm&points=100000")
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=50) as pool:
+            results = list(pool.map(fetch, range(50)))
+        for i, body in results:
+            if i % 2:
+                assert body["values"] == [[float(i)]]
+            else:
+                np.testing.assert_allclose(np.array(body["values"], dtype=np.float32), expected, rtol=1e-6)
+    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    grown_mb = (rss_after - rss_before) / 1024
+    print(f"peak RSS grew by {grown_mb:.0f} MB serving 201 runs and 50 concurrent requests")
+    assert grown_mb < 2048
