@@ -163,7 +163,7 @@ def test_many_runs_and_concurrent_requests(tmp_path):
         w = SummaryWriter(str(tmp_path / f"run{i:03d}"))
         SummarySink(w).write_vectors(0, [("loss", ["total"], (), np.array([float(i)], dtype=np.float32))])
         w.close()
-    big = ["l%d" % j for j in range(500)]
+    big = [f"l{j}" for j in range(500)]
     w = SummaryWriter(str(tmp_path / "big"))
     sink = SummarySink(w)
     rng = np.random.default_rng(0)
