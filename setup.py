@@ -18,6 +18,7 @@ TEST_REQUIRES = [
     "playwright>=1.40",
     "ruff>=0.5",
     "build>=1",
+    "pandas>=1.5",  # the export test reads the CSV the way users will
 ]
 
 setup(

@@ -38,6 +38,7 @@ def _activation_functions() -> dict[Callable, tuple[str, str]]:
         "leaky_relu": ("other", [F.leaky_relu, F.leaky_relu_]),
         "elu": ("other", [F.elu, F.elu_]),
         "mish": ("other", [F.mish]),
+        "hardtanh": ("other", [F.hardtanh, F.hardtanh_]),  # nn.ReLU6 calls it (recorded as a ReLU, below)
     }
     out: dict[Callable, tuple[str, str]] = {}
     for name, (kind, funcs) in table.items():
@@ -51,29 +52,42 @@ ACTIVATION_FUNCTIONS = _activation_functions()
 # Leaf modules that are themselves an activation: their call is named after
 # the module ("features.2"), not "features.2.relu()".
 ACTIVATION_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.ELU, nn.Mish,
+    nn.ReLU, nn.Hardtanh, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.ELU, nn.Mish,
 )
+
+
+_MAX_PENDING = 64  # per-call statistics a site keeps before folding them into one
 
 
 @dataclass
 class Site:
-    """Statistics of one activation site accumulated over a logged step's forwards."""
+    """Statistics of one activation site, accumulated over a logged step's forwards.
+
+    Each call adds two or three small device tensors (sum, L2 norm, and the
+    per-unit maxima or the saturated count); they are combined for all
+    sites at once when the step is logged (`distributed.finish_sites`).
+    """
 
     name: str
     kind: str
     type_name: str
     module: str = ""  # qualified name of the module that ran it
+    sums: list = field(default_factory=list)
+    norms: list = field(default_factory=list)
+    saturated: list = field(default_factory=list)
+    count: int = 0
     unit_max: Optional[torch.Tensor] = None
-    moments: Optional[torch.Tensor] = None
-    saturated: Optional[torch.Tensor] = None
-    seen: bool = field(default=False)
+    seen: bool = False
 
     def add(self, y: torch.Tensor) -> None:
-        if not isinstance(y, torch.Tensor) or not y.is_floating_point():
+        """Add one call's output (ignored unless a non-empty float tensor)."""
+        if not isinstance(y, torch.Tensor) or not y.is_floating_point() or y.numel() == 0:
             return
         y = y.detach()
-        mom = reductions.moments(y)
-        self.moments = mom if self.moments is None else self.moments + mom
+        total, norm = reductions.moments(y)
+        self.sums.append(total)
+        self.norms.append(norm)
+        self.count += y.numel()
         if self.kind == "relu":
             um = reductions.unit_max(y)
             if self.unit_max is None:
@@ -83,19 +97,29 @@ class Site:
             # A site whose unit count changes between calls keeps its first
             # shape: per-unit identity is lost, the moments still add up.
         elif self.kind in ("sigmoid", "tanh"):
-            s = reductions.saturated_count(y, self.kind)
-            self.saturated = s if self.saturated is None else self.saturated + s
+            self.saturated.append(reductions.saturated_count(y, self.kind))
         self.seen = True
+        if len(self.sums) >= _MAX_PENDING:  # many forwards between step() calls: stay bounded
+            self._fold()
+
+    def _fold(self) -> None:
+        self.sums = [torch.stack(self.sums).sum()]
+        self.norms = [torch.linalg.vector_norm(torch.stack(self.norms))]
+        if self.saturated:
+            self.saturated = [torch.stack(self.saturated).sum()]
 
     def clear(self) -> None:
-        self.unit_max = self.moments = self.saturated = None
+        """Forget this step's statistics (the site and its name stay)."""
+        self.sums, self.norms, self.saturated = [], [], []
+        self.count = 0
+        self.unit_max = None
         self.seen = False
 
 
 class _CaptureMode(TorchFunctionMode):
     """Active only during a logged step's forward; routes activation calls to the capture."""
 
-    def __init__(self, capture: "ActivationCapture") -> None:
+    def __init__(self, capture: ActivationCapture) -> None:
         super().__init__()
         self._capture = capture
 
@@ -183,6 +207,7 @@ class ActivationCapture:
         return not any(fnmatch.fnmatchcase(name, p) for p in self._exclude)
 
     def record(self, spec: tuple[str, str], out) -> None:
+        """Attribute one activation call to the module on top of the stack and add its output."""
         try:
             kind, fname = spec
             if not self._stack:
@@ -191,6 +216,8 @@ class ActivationCapture:
             if isinstance(module, ACTIVATION_MODULES) and not counts:
                 name, type_name = mod_name, type(module).__name__
                 counts[fname] = 1
+                if isinstance(module, nn.ReLU6):  # F.hardtanh(x, 0, 6): dead units make sense
+                    kind = "relu"
             else:
                 n = counts.get(fname, 0) + 1
                 counts[fname] = n
@@ -212,10 +239,12 @@ class ActivationCapture:
         return [self.sites[n] for n in self.order if self.sites[n].seen]
 
     def clear(self) -> None:
+        """Forget every site's statistics (after a step)."""
         for s in self.sites.values():
             s.clear()
 
     def close(self) -> None:
+        """Leave the mode if it is active and remove every hook."""
         self.armed = False
         self._exit_mode()
         for h in self._handles:

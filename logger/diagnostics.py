@@ -2,24 +2,29 @@
 
 from __future__ import annotations
 
+import atexit
 import fnmatch
+import functools
 import math
 import numbers
 import os
 import warnings
-from typing import Any, Mapping, Optional, Sequence, Union
+import weakref
+import zlib
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import nn
 
-from tb_diag_logger import distributed, reductions
+from tb_diag_logger import amp, distributed, reductions
 from tb_diag_logger.activations import ActivationCapture
+from tb_diag_logger.losses import SPREAD_METRICS, LossLike, check_losses, is_per_sample, loss_tensors
+from tb_diag_logger.structure import module_tree
 from tb_diag_logger.summaries import SummarySink
+from tb_diag_logger.updates import UpdateRatio
 
 DEFAULT_EVERY = 20
-
-LossLike = Union[torch.Tensor, float, int]
 
 
 class DiagnosticsWarning(UserWarning):
@@ -31,7 +36,7 @@ def _patterns(value: Union[str, Sequence[str], None], name: str) -> tuple[str, .
         return ()
     if isinstance(value, str):
         return (value,)
-    if not all(isinstance(p, str) for p in value):
+    if not isinstance(value, (list, tuple, set, frozenset)) or not all(isinstance(p, str) for p in value):
         raise TypeError(f"{name} must be a glob pattern or a list of them, got {value!r}")
     return tuple(value)
 
@@ -42,8 +47,10 @@ def _unwrap(model: nn.Module) -> tuple[nn.Module, bool]:
     Returns (module, compiled).
     """
     compiled = False
-    for _ in range(4):
-        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+    for _ in range(8):
+        if getattr(model, "_compiled_call_impl", None) is not None:  # nn.Module.compile(), in place
+            compiled = True
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile(model)
             model, compiled = model._orig_mod, True
         elif type(model).__name__ in ("DistributedDataParallel", "DataParallel") and isinstance(
             getattr(model, "module", None), nn.Module
@@ -54,31 +61,75 @@ def _unwrap(model: nn.Module) -> tuple[nn.Module, bool]:
     return model, compiled
 
 
+def _name_hash(names: Sequence[str]) -> float:
+    return float(zlib.crc32("\n".join(names).encode("utf-8")))
+
+
 class Diagnostics:
     """Records why training goes wrong as TensorBoard summaries.
 
-    Call `step(step, loss=..., losses=...)` once per optimizer step, after
-    `backward()` and before the next `zero_grad()`. Every `every`-th step
-    (``step % every == 0``) is logged: per-parameter gradient and weight
-    norms, activation statistics of the forward passes since the previous
-    `step()` call, the loss and its components. Other steps cost nothing.
+    Call ``step(step, loss=..., losses=...)`` once per optimizer step, after
+    ``backward()`` and before ``optimizer.step()`` / the next ``zero_grad()``.
+    Every ``every``-th step (``step % every == 0``) is logged: per-parameter
+    gradient and weight norms, activation statistics of the forward passes
+    since the previous ``step()`` call, the loss and its components, and the
+    update ratio of the optimizer step that follows. Other steps cost
+    nothing: the forward hooks return at once and no tensor is touched.
+
+    Gradient accumulation: run the forward/backward passes of all
+    micro-batches, then call ``step()`` once, before ``optimizer.step()``.
+    The gradient metrics are those of the accumulated ``.grad`` (what the
+    optimizer uses); the activation statistics cover every micro-batch's
+    forward (a unit is dead if no sample of any micro-batch made it
+    positive); pass the loss of the whole step (e.g. the sum of the
+    micro-batch losses, or a per-sample tensor of all of them)::
+
+        for step in range(steps):
+            for x, y in micro_batches:
+                loss = F.cross_entropy(model(x), y) / len(micro_batches)
+                loss.backward()
+                total += loss.detach()
+            diag.step(step, loss=total)
+            opt.step(); opt.zero_grad()
+
+    AMP: pass ``scaler=`` (a ``torch.amp.GradScaler``) and call ``step()``
+    before ``scaler.step(opt)``, with or without ``scaler.unscale_(opt)``
+    first: gradients are recorded unscaled either way, ``amp_scale`` is the
+    loss scale, and ``amp_skipped`` is 1 on a step the scaler skips because
+    of inf/NaN gradients.
+
+    torch.distributed: create ``Diagnostics`` after
+    ``init_process_group`` on every rank and call ``step()`` on every rank
+    (logged steps run a few small collectives). Only ``write_rank`` writes,
+    so a job has one event stream; activation statistics and losses are
+    reduced over all ranks' batches; under DDP gradient norms are those of
+    the synchronised gradients, under FSDP2 (``fully_shard``) they are
+    computed from the shards and reduced, never gathered.
+
+    ``torch.compile``: a compiled model gets gradient, weight, update and
+    loss diagnostics; activation capture is turned off with one warning
+    (hooks and a TorchFunctionMode inside a compiled graph would break it).
 
     Args:
         model: the module being trained (DDP, DataParallel and
-            `torch.compile` wrappers are unwrapped for names).
-        writer: the user's `SummaryWriter`; diagnostics land in its event file.
-        logdir: alternatively, a directory for a writer that `Diagnostics`
+            ``torch.compile`` wrappers are unwrapped for names).
+        writer: the user's ``SummaryWriter``; diagnostics land in its event file.
+        logdir: alternatively, a directory for a writer that ``Diagnostics``
             creates and closes.
-        every: log every `every`-th step.
-        optimizer: enables `update_ratio` and `learning_rate`.
-        scaler: a `torch.amp.GradScaler`, so that scaled gradients are
+        every: log every ``every``-th step.
+        optimizer: enables ``update_ratio`` and ``learning_rate``.
+        scaler: a ``torch.amp.GradScaler``, so that scaled gradients are
             recorded unscaled and skipped steps are recorded as such.
-        include, exclude: glob patterns over parameter and activation-site names.
-        activations: capture activation statistics (forward hooks).
+        include, exclude: glob patterns over parameter and activation-site
+            names (``"encoder.*"``); ``grad_norm_total`` covers the included
+            parameters.
+        activations: capture activation statistics (forward hooks and, on
+            logged steps only, a TorchFunctionMode).
         update_ratio: keep one copy of the parameters to measure the update
             size on logged steps (costs memory equal to the parameters).
-        write_rank: under torch.distributed, the rank that writes (others only
-            take part in the reductions).
+            ``‖Δw‖/‖w‖`` is NaN for a tensor whose weights were all zero.
+        write_rank: under torch.distributed, the rank that writes (the
+            others only take part in the reductions).
     """
 
     def __init__(
@@ -102,33 +153,47 @@ class Diagnostics:
             raise TypeError(f"every must be a positive int, got {every!r}")
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
+        if isinstance(writer, (str, os.PathLike)):
+            raise TypeError(
+                f"writer must be a torch.utils.tensorboard.SummaryWriter, got the path {os.fspath(writer)!r}: "
+                "pass a directory as logdir= instead"
+            )
         if writer is not None and not callable(getattr(writer, "_get_file_writer", None)):
             raise TypeError(
                 f"writer must be a torch.utils.tensorboard.SummaryWriter, got {type(writer).__name__}"
             )
         if writer is not None and logdir is not None:
             raise ValueError("pass either writer or logdir, not both")
+        if logdir is not None and not isinstance(logdir, (str, os.PathLike)):
+            raise TypeError(f"logdir must be a path, got {type(logdir).__name__}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if scaler is not None and not callable(getattr(scaler, "get_scale", None)):
+        if scaler is not None and not amp.is_scaler(scaler):
             raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        if isinstance(write_rank, bool) or not isinstance(write_rank, numbers.Integral) or write_rank < 0:
+            raise ValueError(f"write_rank must be a rank (an int >= 0), got {write_rank!r}")
+        include_p = _patterns(include, "include")
+        exclude_p = _patterns(exclude, "exclude")
+
+        if writer is None and logdir is None and not (distributed.initialized() and distributed.rank() != write_rank):
+            raise ValueError("pass a SummaryWriter as writer, or a directory as logdir")
+        if distributed.initialized() and write_rank >= distributed.world_size():
+            raise ValueError(
+                f"write_rank must be a rank below the world size {distributed.world_size()}, got {write_rank}"
+            )
 
         self.every = int(every)
-        self._rank = distributed.rank()
-        self._writes = self._rank == write_rank
+        self._write_rank = int(write_rank)
+        self._writer_arg = writer
+        self._logdir = os.fspath(logdir) if logdir is not None else None
+        self._sink: Optional[SummarySink] = None
+        self._sink_ready = False
         self._own_writer = False
-        if self._writes and writer is None:
-            if logdir is None:
-                raise ValueError("pass a SummaryWriter as writer, or a directory as logdir")
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(os.fspath(logdir))
-            self._own_writer = True
-        self._sink = SummarySink(writer) if (self._writes and writer is not None) else None
+        self._exit_hook: Optional[Callable[[], None]] = None
 
         self.model, compiled = _unwrap(model)
-        self._include = _patterns(include, "include")
-        self._exclude = _patterns(exclude, "exclude")
+        self._include = include_p
+        self._exclude = exclude_p
         self._optimizer = optimizer
         self._scaler = scaler
         self._warned: set[str] = set()
@@ -137,8 +202,11 @@ class Diagnostics:
         self._prev_step: Optional[int] = None
         self._structure_sites: Optional[tuple[str, ...]] = None
 
+        # Integer parameters (possible with requires_grad=False) have no norms to speak of.
         self._params = [
-            (n, p) for n, p in self.model.named_parameters() if self._selected(n)
+            (n, p)
+            for n, p in self.model.named_parameters()
+            if self._selected(n) and (p.is_floating_point() or p.is_complex())
         ]
         self._capture: Optional[ActivationCapture] = None
         if activations and compiled:
@@ -153,23 +221,46 @@ class Diagnostics:
             self._capture = ActivationCapture(self.model, self._include, self._exclude, self._report)
             self._capture.armed = True  # the first forward may belong to a logged step
 
-        # update_ratio: parameters copied before a logged optimizer step into
-        # buffers allocated once (fresh tensors page-fault: PERF_NOTES.md).
-        self._update_ratio = bool(update_ratio and optimizer is not None)
-        self._opt_handles = []
-        self._update_pending: Optional[int] = None  # step whose optimizer step to measure
-        self._update_result: Optional[tuple[int, list[str], torch.Tensor]] = None
-        self._snapshot: Optional[list[torch.Tensor]] = None
-        self._snapshot_params: list[tuple[str, torch.Tensor]] = []
-        if self._update_ratio:
-            self._opt_handles.append(optimizer.register_step_pre_hook(self._before_opt_step))
-            self._opt_handles.append(optimizer.register_step_post_hook(self._after_opt_step))
+        self._updates: Optional[UpdateRatio] = None
+        if update_ratio and optimizer is not None:
+            self._updates = UpdateRatio(optimizer, self._params, self._report)
+
+        if distributed.initialized():
+            self._ensure_sink()
+        # else: decided at the first step(), so that a Diagnostics created before
+        # init_process_group still lets only `write_rank` write (and create files).
+
+    def _ensure_sink(self) -> None:
+        """Decide once whether this process writes; create our own writer only on the writing rank."""
+        if self._sink_ready:
+            return
+        self._sink_ready = True
+        writer, self._writer_arg = self._writer_arg, None
+        if distributed.rank() != self._write_rank:
+            if not distributed.initialized():
+                self._report(
+                    "write_rank",
+                    ValueError(
+                        f"write_rank={self._write_rank} but torch.distributed is not initialized: nothing is written"
+                    ),
+                )
+            return
+        if writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(self._logdir)
+            self._own_writer = True
+        self._sink = SummarySink(writer)
+        # Events still queued in the writer when the program ends (an uncaught
+        # KeyboardInterrupt) before close() are flushed at exit.
+        self._exit_hook = functools.partial(_flush_at_exit, weakref.ref(self))
+        atexit.register(self._exit_hook)
 
     # ------------------------------------------------------------------ api
-    def __enter__(self) -> "Diagnostics":
+    def __enter__(self) -> Diagnostics:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: Any) -> None:
         self.close()
 
     def should_log(self, step: int) -> bool:
@@ -184,9 +275,11 @@ class Diagnostics:
     ) -> None:
         """Record diagnostics for optimizer step `step` if it is a logged step.
 
-        `loss` is the total loss (a scalar); `losses` names its components
-        (scalars, or 1-D per-sample tensors from ``reduction="none"``, whose
-        spread is recorded too).
+        Call it after `backward()` and before `optimizer.step()`. `loss` is
+        the total loss (a scalar); `losses` names its components (scalars, or
+        1-D per-sample tensors from ``reduction="none"``, whose spread is
+        recorded too). Steps must increase. A failure inside a diagnostic is
+        reported once as a `DiagnosticsWarning`, never raised.
         """
         if self._closed:
             raise RuntimeError("Diagnostics.step() called after close()")
@@ -199,11 +292,12 @@ class Diagnostics:
             raise ValueError(f"step must be >= 0, got {step}")
         if self._last_step is not None and step <= self._last_step:
             raise ValueError(f"step must increase: got {step} after {self._last_step}")
-        loss_items = self._check_losses(loss, losses)
+        loss_items = check_losses(loss, losses)
 
         self._prev_step, self._last_step = self._last_step, step
         logged = self.should_log(step)
         try:
+            self._write(self._ensure_sink)
             self._flush_update_ratio()
             if logged:
                 self._log(step, loss_items)
@@ -213,32 +307,27 @@ class Diagnostics:
             if self._capture is not None:
                 self._capture.clear()
                 self._capture.armed = self._predict_next_logged()
-            self._update_pending = step if (logged and self._update_ratio) else None
+            if self._updates is not None:
+                self._updates.pending = step if logged else None
 
     def close(self) -> None:
         """Write what is pending, remove every hook, close a writer we created. Idempotent."""
         if self._closed:
             return
         self._closed = True
+        if self._exit_hook is not None:
+            atexit.unregister(self._exit_hook)
+            self._exit_hook = None
         try:
             self._flush_update_ratio()
         except Exception as e:
             self._report("close", e)
         if self._capture is not None:
             self._capture.close()
-        for h in self._opt_handles:
-            h.remove()
-        self._opt_handles.clear()
-        self._snapshot = None
-        self._snapshot_params = []
+        if self._updates is not None:
+            self._updates.close()
         if self._sink is not None:
-            try:
-                if self._own_writer:
-                    self._sink.writer.close()
-                else:
-                    self._sink.flush()
-            except Exception as e:
-                self._report("close", e)
+            self._write(self._sink.close if self._own_writer else self._sink.flush)
 
     # ------------------------------------------------------------- helpers
     def _selected(self, name: str) -> bool:
@@ -258,6 +347,13 @@ class Diagnostics:
             stacklevel=3,
         )
 
+    def _write(self, fn: Callable[..., None], *args: Any) -> None:
+        """Call a sink method; a failing disk or a removed logdir is one warning, not a crash."""
+        try:
+            fn(*args)
+        except Exception as e:
+            self._report("writing the event file", e)
+
     def _predict_next_logged(self) -> bool:
         """Arm activation capture when the next step() is likely a logged one."""
         if self._last_step is None:
@@ -267,79 +363,67 @@ class Diagnostics:
             delta = max(1, self._last_step - self._prev_step)
         return self.should_log(self._last_step + delta)
 
-    @staticmethod
-    def _check_losses(loss, losses) -> list[tuple[str, Any]]:
-        items: list[tuple[str, Any]] = []
-        if loss is not None:
-            items.append(("total", _check_scalar("loss", loss)))
-        if losses is not None:
-            if not isinstance(losses, Mapping):
-                raise TypeError(f"losses must be a dict of name -> loss, got {type(losses).__name__}")
-            for name, value in losses.items():
-                if not isinstance(name, str) or not name:
-                    raise TypeError(f"losses keys must be non-empty strings, got {name!r}")
-                if name == "total" and loss is not None:
-                    raise ValueError('losses may not use the name "total" together with loss=')
-                if isinstance(value, torch.Tensor) and value.ndim == 1 and value.numel() != 1:
-                    if not value.is_floating_point():
-                        raise TypeError(f"losses[{name!r}] must be a float tensor")
-                    items.append((name, value))
-                else:
-                    items.append((name, _check_scalar(f"losses[{name!r}]", value)))
-        return items
+    def _out_device(self) -> torch.device:
+        for _, p in self._params:
+            return reductions._local(p).device
+        return torch.device("cpu")
 
     # ------------------------------------------------------------- logging
     def _log(self, step: int, loss_items: list[tuple[str, Any]]) -> None:
+        """Compute everything on the device (every rank), move it to the host once, write (one rank)."""
         device = self._out_device()
-        parts: list[torch.Tensor] = []  # everything for the host, concatenated once
-
-        # Gradients and weights.
         with_grad = [(n, p) for n, p in self._params if p.grad is not None]
         grad_names = [n for n, _ in with_grad]
-        grads = [reductions._local(p.grad.detach()) for _, p in with_grad]
+        weight_names = [n for n, _ in self._params]
+        grads = [reductions.dense_values(reductions._local(p.grad.detach())) for _, p in with_grad]
         weights = [reductions._local(p.detach()) for _, p in self._params]
+        sites = self._capture.take() if self._capture is not None else []
+        sharded = distributed.any_sharded(p for _, p in self._params)
+
+        # Under torch.distributed the ranks first agree on what they reduce.
+        reduce = True
+        if distributed.active():
+            reduce = distributed.agree(self._signature(grad_names, weight_names, sites, loss_items), device)
+            if not reduce:
+                self._report(
+                    "torch.distributed",
+                    RuntimeError(
+                        "ranks disagree on parameters with gradients, activation sites or loss names; "
+                        "recording rank-local values on such steps"
+                    ),
+                )
+        keep_norms = reduce or not sharded  # a shard's own norm is not the tensor's
+
+        parts: list[torch.Tensor] = []  # everything for the host, concatenated once
         g_norm = reductions.grouped_norms(grads, device)
         g_max = reductions.max_abs(grads, device)
         w_norm = reductions.grouped_norms(weights, device)
-        sharded = any(hasattr(p, "to_local") for _, p in self._params)
-        if sharded:
-            g_norm, g_max, w_norm = distributed.reduce_sharded_norms(g_norm, g_max, w_norm)
-        # AMP: before `scaler.unscale_(optimizer)` the gradients are scaled.
-        scale = float(self._scaler.get_scale()) if self._scaler is not None else 1.0
-        if self._scaler is not None and not (
-            self._optimizer is not None and _already_unscaled(self._scaler, self._optimizer)
-        ):
-            g_norm = g_norm / scale
-            g_max = g_max / scale
+        if sharded and reduce:
+            g_norm, g_max, w_norm = distributed.reduce_sharded_norms(
+                g_norm,
+                g_max,
+                w_norm,
+                distributed.shard_weights([p for _, p in with_grad], device),
+                distributed.shard_weights([p for _, p in self._params], device),
+            )
+        scaler_parts = 0
+        if self._scaler is not None:
+            # AMP: before `unscale_` the gradients are multiplied by the scale.
+            scale = amp.scale_tensor(self._scaler, device)
+            if not amp.already_unscaled(self._scaler, self._optimizer):
+                g_norm, g_max = g_norm / scale, g_max / scale
+            found_inf = amp.found_inf(self._scaler, self._optimizer, device)
+            parts += [scale] + ([found_inf] if found_inf is not None else [])
+            scaler_parts = 1 + (found_inf is not None)
         total = torch.linalg.vector_norm(g_norm).reshape(1) if grads else torch.zeros(0, device=device)
         parts += [g_norm, g_max, w_norm, total]
-
-        # Activations.
-        sites = self._capture.take() if self._capture is not None else []
         if sites:
-            parts.append(distributed.finish_sites(sites, device))
+            parts.append(distributed.finish_sites(sites, device, reduce))
+        loss_names, loss_values, spread_names, spreads = loss_tensors(loss_items, device, reduce)
+        parts += [loss_values, spreads]
 
-        # Loss.
-        loss_names: list[str] = []
-        spread_names: list[str] = []
-        scalars, spreads = [], []
-        for name, value in loss_items:
-            if isinstance(value, torch.Tensor) and value.ndim == 1 and value.numel() != 1:
-                spread_names.append(name)
-                spreads.append(reductions.spread(value).to(device))
-                scalars.append(value.detach().float().mean().reshape(1).to(device))
-            elif isinstance(value, torch.Tensor):
-                scalars.append(value.detach().float().reshape(1).to(device))
-            else:
-                scalars.append(torch.tensor([float(value)], device=device))
-            loss_names.append(name)
-        parts += scalars + spreads
+        host = torch.cat([p.reshape(-1).to(device=device, dtype=torch.float32) for p in parts]).cpu().numpy()
 
-        host = torch.cat([p.reshape(-1).float().to(device) for p in parts]).cpu().numpy() if parts else np.zeros(0)
-
-        if self._sink is None:
-            return  # not the writing rank: the collectives above were its share
-        P, W = len(grads), len(weights)
         off = 0
 
         def take(n: int) -> np.ndarray:
@@ -348,29 +432,35 @@ class Diagnostics:
             off += n
             return out
 
+        scaler_vals = take(scaler_parts)
+        P, W = len(grads), len(weights)
         gn, gm, wn, tot = take(P), take(P), take(W), take(1 if grads else 0)
-        items = []
-        if P:
-            nonfinite = np.zeros(P, dtype=np.float32)
-            bad = [i for i in range(P) if not math.isfinite(gn[i])]
-            if bad:
-                counts = reductions.nonfinite_counts([grads[i] for i in bad])
-                if sharded:
-                    counts = distributed.sum_counts(counts)
-                nonfinite[bad] = counts
+        nonfinite = np.zeros(P, dtype=np.float32)
+        bad = [i for i in range(P) if not math.isfinite(gn[i])]
+        if bad:  # only here: counting over every tensor is slow (PERF_NOTES.md)
+            counts = reductions.nonfinite_counts([grads[i] for i in bad])
+            if sharded and reduce:
+                counts = distributed.sum_counts(counts)  # every rank sees the same `bad`
+            nonfinite[bad] = counts
+        if self._sink is None:
+            return  # not the writing rank: the collectives above were its share
+
+        items: list[tuple[str, Sequence[str], Sequence[str], np.ndarray]] = []
+        if P and keep_norms:
             items += [
                 ("grad_norm", grad_names, (), gn),
                 ("grad_max_abs", grad_names, (), gm),
                 ("grad_nonfinite", grad_names, (), nonfinite),
                 ("grad_norm_total", [""], (), tot),
             ]
-        elif sharded:
-            distributed.sum_counts([])
-        if W:
-            items.append(("weight_norm", [n for n, _ in self._params], (), wn))
+        if W and keep_norms:
+            items.append(("weight_norm", weight_names, (), wn))
         if self._scaler is not None:
-            skipped = 0.0 if (P == 0 or math.isfinite(float(tot[0]))) else 1.0
-            items.append(("amp_scale", [""], (), np.array([scale])))
+            if scaler_parts == 2:
+                skipped = float(scaler_vals[1] > 0 or not np.isfinite(scaler_vals[1]))
+            else:  # not unscaled yet: the scaler will skip exactly when a gradient is not finite
+                skipped = float(bool(bad))
+            items.append(("amp_scale", [""], (), scaler_vals[:1]))
             items.append(("amp_skipped", [""], (), np.array([skipped])))
         if sites:
             block = take(4 * len(sites)).reshape(len(sites), 4)
@@ -387,93 +477,58 @@ class Diagnostics:
         if loss_names:
             items.append(("loss", loss_names, (), take(len(loss_names))))
         if spread_names:
-            sp = take(7 * len(spread_names)).reshape(len(spread_names), 7)
-            for j, metric in enumerate(("loss_min", "loss_p05", "loss_p25", "loss_p50", "loss_p75", "loss_p95", "loss_max")):
+            sp = take(len(SPREAD_METRICS) * len(spread_names)).reshape(len(spread_names), -1)
+            for j, metric in enumerate(SPREAD_METRICS):
                 items.append((metric, spread_names, (), sp[:, j]))
         if self._optimizer is not None:
             groups = self._optimizer.param_groups
             lr_names = [""] if len(groups) == 1 else [f"group{i}" for i in range(len(groups))]
-            items.append(("learning_rate", lr_names, (), np.array([_to_float(g.get("lr", float("nan"))) for g in groups])))
-        self._sink.write_vectors(step, items)
+            lrs = np.array([_to_float(g.get("lr", float("nan"))) for g in groups])
+            items.append(("learning_rate", lr_names, (), lrs))
+        self._write(self._sink.write_vectors, step, items)
 
         site_names = tuple(s.name for s in sites)
         if self._structure_sites is None or not set(site_names) <= set(self._structure_sites):
             self._structure_sites = tuple(sorted(set(site_names) | set(self._structure_sites or ())))
-            self._sink.write_structure(step, self._structure_doc(sites))
+            known = [self._capture.sites[n] for n in self._capture.order] if self._capture is not None else []
+            tree = module_tree(self.model, {n for n, _ in self._params}, known)
+            self._write(self._sink.write_structure, step, tree)
 
-    def _out_device(self) -> torch.device:
-        for _, p in self._params:
-            return reductions._local(p).device
-        return torch.device("cpu")
-
-    def _structure_doc(self, sites) -> dict:
-        """The module tree for the tab's model view."""
-        tracked_params = {n for n, _ in self._params}
-        site_map: dict[str, list[dict]] = {}
-        for s in sites:
-            site_map.setdefault(s.module, []).append({"name": s.name, "type": s.type_name, "kind": s.kind})
-        modules = []
-        for name, m in self.model.named_modules():
-            params = [
-                {
-                    "name": f"{name}.{pn}" if name else pn,
-                    "shape": list(p.shape),
-                    "numel": int(p.numel()),
-                    "tracked": (f"{name}.{pn}" if name else pn) in tracked_params,
-                }
-                for pn, p in m.named_parameters(recurse=False)
-            ]
-            modules.append(
-                {
-                    "name": name,
-                    "type": type(m).__name__,
-                    "params": params,
-                    "num_params": int(sum(p.numel() for p in m.parameters())),
-                    "sites": site_map.get(name, []),
-                }
-            )
-        return {"version": 1, "modules": modules}
-
-    # ------------------------------------------------------ update ratio
-    def _before_opt_step(self, optimizer, args, kwargs) -> None:
-        if self._update_pending is None:
-            return None
-        try:
-            params = [(n, p) for n, p in self._params if p.grad is not None]
-            if self._snapshot is None or [n for n, _ in params] != [n for n, _ in self._snapshot_params]:
-                self._snapshot = [torch.empty_like(reductions._local(p.detach())) for _, p in params]
-                self._snapshot_params = params
-            torch._foreach_copy_(self._snapshot, [reductions._local(p.detach()) for _, p in params])
-        except Exception as e:
-            self._update_pending = None
-            self._report("update_ratio", e)
-        return None
-
-    def _after_opt_step(self, optimizer, args, kwargs) -> None:
-        step, self._update_pending = self._update_pending, None
-        if step is None or self._snapshot is None:
-            return None
-        try:
-            current = [reductions._local(p.detach()) for _, p in self._snapshot_params]
-            torch._foreach_sub_(self._snapshot, current)  # old - new, in the buffers
-            device = self._out_device()
-            delta = reductions.grouped_norms(self._snapshot, device)
-            torch._foreach_add_(self._snapshot, current)  # back to old weights
-            old = reductions.grouped_norms(self._snapshot, device)
-            if any(hasattr(p, "to_local") for _, p in self._snapshot_params):
-                delta, _, old = distributed.reduce_sharded_norms(delta, delta, old)
-            ratio = delta / old.clamp_min(1e-30)
-            self._update_result = (step, [n for n, _ in self._snapshot_params], ratio)
-        except Exception as e:
-            self._report("update_ratio", e)
-        return None
+    def _signature(self, grad_names, weight_names, sites, loss_items) -> list[float]:
+        """What the ranks must agree on before reducing (see distributed.agree)."""
+        site_names = [f"{s.name}\t{s.kind}" for s in sites]
+        units = sum(s.unit_max.numel() for s in sites if s.unit_max is not None)
+        per_sample = [n for n, v in loss_items if is_per_sample(v)]
+        return [
+            len(grad_names), _name_hash(grad_names),
+            len(weight_names), _name_hash(weight_names),
+            len(sites), _name_hash(site_names), float(units),
+            len(loss_items), _name_hash([n for n, _ in loss_items]), _name_hash(per_sample),
+        ]
 
     def _flush_update_ratio(self) -> None:
-        result, self._update_result = self._update_result, None
+        if self._updates is None:
+            return
+        result = self._updates.take()
         if result is None or self._sink is None:
             return
         step, names, ratio = result
-        self._sink.write_vectors(step, [("update_ratio", names, (), ratio.cpu().numpy())])
+        self._write(self._sink.write_vectors, step, [("update_ratio", names, (), ratio.cpu().numpy())])
+
+    def _flush_at_exit(self) -> None:
+        if self._closed or self._sink is None:
+            return
+        try:
+            self._flush_update_ratio()
+            self._sink.close() if self._own_writer else self._sink.flush()
+        except Exception:
+            pass  # the interpreter is going away: nothing left to warn
+
+
+def _flush_at_exit(ref: weakref.ReferenceType[Diagnostics]) -> None:
+    diag = ref()
+    if diag is not None:
+        diag._flush_at_exit()
 
 
 def _to_float(v: Any) -> float:
@@ -481,26 +536,3 @@ def _to_float(v: Any) -> float:
         return float(v)
     except (TypeError, ValueError):
         return float("nan")
-
-
-def _check_scalar(name: str, value: Any):
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(
-                f"{name} must be a scalar (one element), got a tensor of shape {tuple(value.shape)}"
-            )
-        if not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
-            raise TypeError(f"{name} must be a float tensor, got dtype {value.dtype}")
-        return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a tensor or a number, got {type(value).__name__}")
-    return float(value)
-
-
-def _already_unscaled(scaler: Any, optimizer: torch.optim.Optimizer) -> bool:
-    """Whether `scaler.unscale_(optimizer)` already ran for this step."""
-    try:
-        state = scaler._per_optimizer_states[id(optimizer)]
-        return state["stage"].name == "UNSCALED"
-    except Exception:
-        return False

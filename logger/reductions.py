@@ -31,6 +31,26 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return to_local() if callable(to_local) else t
 
 
+def dense_values(t: torch.Tensor) -> torch.Tensor:
+    """The stored values of a sparse gradient (nn.Embedding(sparse=True)), the tensor itself otherwise.
+
+    After `coalesce` (duplicate indices summed) the values have the norm,
+    the largest absolute value and the non-finite count of the dense tensor.
+    """
+    if t.layout == torch.strided:
+        return t
+    if t.layout == torch.sparse_coo:
+        return t.coalesce().values()
+    return t.to_dense()
+
+
+def _groups(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        groups[(t.device, t.dtype)].append(i)
+    return list(groups.values())
+
+
 def grouped_norms(tensors: Sequence[torch.Tensor], out_device: torch.device) -> torch.Tensor:
     """L2 norm of each tensor as a float32 vector on `out_device`.
 
@@ -39,33 +59,40 @@ def grouped_norms(tensors: Sequence[torch.Tensor], out_device: torch.device) -> 
     """
     if not tensors:
         return torch.zeros(0, device=out_device)
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, t in enumerate(tensors):
-        groups[(t.device, t.dtype)].append(i)
+    groups = _groups(tensors)
+    if len(groups) == 1:  # the usual case: no scatter, no index tensor to upload
+        return torch.stack(torch._foreach_norm(list(tensors))).to(out_device, torch.float32)
     out = torch.empty(len(tensors), dtype=torch.float32, device=out_device)
-    for idx in groups.values():
+    for idx in groups:
         norms = torch._foreach_norm([tensors[i] for i in idx])
-        vals = torch.stack([n.to(torch.float32) for n in norms]).to(out_device)
-        out[torch.tensor(idx, device=out_device)] = vals
+        out[torch.tensor(idx, device=out_device)] = torch.stack(norms).to(out_device, torch.float32)
     return out
 
 
 def max_abs(tensors: Sequence[torch.Tensor], out_device: torch.device) -> torch.Tensor:
-    """Largest absolute element of each tensor (0 for empty ones).
+    """Largest absolute element of each tensor (0 for empty ones), float32 on `out_device`.
 
-    `aminmax` costs about what an L2 norm costs on CPU, where
+    One `aminmax` per tensor, then a few ops per (device, dtype) group: on
+    CPU `aminmax` costs about what an L2 norm costs, where
     `_foreach_norm(ord=inf)` is ~18x slower (PERF_NOTES.md). NaN propagates.
     """
-    vals = []
-    for t in tensors:
-        if t.numel() == 0:
-            vals.append(torch.zeros((), dtype=torch.float32, device=out_device))
-            continue
-        lo, hi = torch.aminmax(t)
-        vals.append(torch.maximum(hi.float(), -lo.float()).to(out_device))
-    if not vals:
-        return torch.zeros(0, device=out_device)
-    return torch.stack(vals)
+    def group_max(idx: list[int]) -> torch.Tensor:
+        if tensors[idx[0]].is_complex():
+            return torch.stack([tensors[i].abs().amax() for i in idx]).to(out_device, torch.float32)
+        lo_hi = [torch.aminmax(tensors[i]) for i in idx]
+        lows = torch.stack([lo for lo, _ in lo_hi]).to(out_device, torch.float32)
+        highs = torch.stack([hi for _, hi in lo_hi]).to(out_device, torch.float32)
+        return torch.maximum(highs, -lows)
+
+    groups = _groups(tensors)
+    if len(groups) == 1 and all(t.numel() for t in tensors):  # the usual case: no scatter
+        return group_max(groups[0])
+    out = torch.zeros(len(tensors), dtype=torch.float32, device=out_device)
+    for idx in groups:
+        idx = [i for i in idx if tensors[i].numel()]
+        if idx:
+            out[torch.tensor(idx, device=out_device)] = group_max(idx)
+    return out
 
 
 def nonfinite_counts(tensors: Sequence[torch.Tensor]) -> list[int]:
@@ -105,15 +132,10 @@ def unit_max(y: torch.Tensor) -> torch.Tensor:
     return m.detach().reshape(-1).to(torch.float32)
 
 
-def moments(y: torch.Tensor) -> torch.Tensor:
-    """[sum, sum of squares, count] of all elements, float32, no large temporaries."""
+def moments(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum, L2 norm) of all elements, float32 0-d tensors, no large temporaries."""
     y = y.detach()
-    n = torch.tensor(float(y.numel()), device=y.device)
-    if y.numel() == 0:
-        return torch.zeros(3, device=y.device)
-    s = y.sum(dtype=torch.float32)
-    sq = torch.linalg.vector_norm(y, dtype=torch.float32) ** 2
-    return torch.stack([s, sq, n])
+    return y.sum(dtype=torch.float32), torch.linalg.vector_norm(y, dtype=torch.float32)
 
 
 def saturated_count(y: torch.Tensor, kind: str) -> torch.Tensor:
@@ -126,36 +148,83 @@ def saturated_count(y: torch.Tensor, kind: str) -> torch.Tensor:
     return tail.sum(dtype=torch.float32)
 
 
-def finish_activation(unit_max_v: torch.Tensor | None, mom: torch.Tensor, sat: torch.Tensor | None) -> torch.Tensor:
-    """[dead_fraction, saturation, mean, std] from accumulated statistics (NaN where not applicable)."""
-    device = mom.device
-    nan = torch.tensor(float("nan"), device=device)
-    if unit_max_v is not None and unit_max_v.numel():
-        dead = (unit_max_v <= 0).to(torch.float32).mean()
-    else:
-        dead = nan
-    count = mom[2].clamp_min(1.0)
-    mean = mom[0] / count
-    var = (mom[1] / count - mean * mean).clamp_min(0.0)
-    # Population variance -> sample variance, as torch.std does.
-    var = var * count / (count - 1).clamp_min(1.0)
-    satv = sat / count if sat is not None else nan
-    return torch.stack([dead, satv.reshape(()), mean, var.sqrt()])
+def activation_rows(
+    unit_max_flat: torch.Tensor,
+    unit_counts: Sequence[int],
+    relu_sites: Sequence[int],
+    sums: torch.Tensor,
+    squares: torch.Tensor,
+    counts: torch.Tensor,
+    saturated: torch.Tensor,
+    saturation_sites: Sequence[int],
+) -> torch.Tensor:
+    """[dead_fraction, saturation, mean, std] for each of S sites, as an [S, 4] float32 tensor.
+
+    `unit_max_flat` holds the per-unit maxima of the `relu_sites`, one block of
+    `unit_counts[k]` values per site; `sums`, `squares` (sums of squares),
+    `counts` and `saturated` are [S]. A few vectorised ops whatever S is.
+    NaN where a statistic does not apply (dead units of a sigmoid, say).
+    """
+    S = counts.numel()
+    device = counts.device
+    dead = torch.full((S,), float("nan"), device=device)
+    if relu_sites:
+        lengths = torch.tensor(list(unit_counts), device=device)
+        # output_size: on a GPU, repeat_interleave would otherwise sync to learn it.
+        seg = torch.repeat_interleave(
+            torch.arange(len(relu_sites), device=device), lengths, output_size=unit_max_flat.numel()
+        )
+        dead_units = torch.zeros(len(relu_sites), device=device).index_add_(
+            0, seg, (unit_max_flat <= 0).to(torch.float32)
+        )
+        dead[torch.tensor(list(relu_sites), device=device)] = dead_units / lengths.clamp_min(1)
+    n = counts.clamp_min(1.0)
+    mean = sums / n
+    var = (squares / n - mean * mean).clamp_min(0.0)
+    var = var * n / (n - 1).clamp_min(1.0)  # population -> sample variance, as torch.std
+    sat = torch.full((S,), float("nan"), device=device)
+    if saturation_sites:
+        idx = torch.tensor(list(saturation_sites), device=device)
+        sat[idx] = saturated[idx] / n[idx]
+    return torch.stack([dead, sat, mean, var.sqrt()], dim=1)
 
 
 def spread(v: torch.Tensor) -> torch.Tensor:
-    """[min, p05, p25, p50, p75, p95, max] of a per-sample loss vector, float32."""
+    """[min, p05, p25, p50, p75, p95, max] of a per-sample loss vector, float32.
+
+    Linear interpolation between order statistics, as `torch.quantile` and
+    `numpy.quantile` do by default, but with the positions computed on the
+    host (`torch.quantile` checks its `q` on the device, a sync on a GPU).
+    Any NaN makes every entry NaN, as with `torch.quantile`.
+    """
     v = v.detach().reshape(-1).to(torch.float32)
-    if v.numel() == 0:
+    n = v.numel()
+    if n == 0:
         return torch.full((2 + len(QUANTILES),), float("nan"), device=v.device)
-    q = torch.quantile(v, torch.tensor(QUANTILES, device=v.device))
-    return torch.cat([v.min().reshape(1), q, v.max().reshape(1)])
+    ordered = torch.sort(v).values
+    lo_idx, hi_idx, frac = [], [], []
+    for q in QUANTILES:
+        pos = (n - 1) * q
+        lo = int(pos)
+        lo_idx.append(lo)
+        hi_idx.append(min(lo + 1, n - 1))
+        frac.append(pos - lo)
+    lo_v, hi_v = ordered[lo_idx], ordered[hi_idx]
+    weight = torch.tensor(frac, dtype=torch.float32, device=v.device)
+    quantiles = lo_v + (hi_v - lo_v) * weight
+    # Between an infinite and a finite value the limit is the infinity (inf - inf would make NaN);
+    # with no interpolation needed, the order statistic itself.
+    quantiles = torch.where(torch.isinf(hi_v) & (weight > 0), hi_v, quantiles)
+    quantiles = torch.where(torch.isinf(lo_v) | (weight == 0), lo_v, quantiles)
+    out = torch.cat([ordered[:1], quantiles, ordered[-1:]])
+    return torch.where(torch.isnan(v).any(), torch.full_like(out, float("nan")), out)
 
 
 __all__ = [
     "SIGMOID_TAIL",
     "TANH_TAIL",
-    "finish_activation",
+    "activation_rows",
+    "dense_values",
     "grouped_norms",
     "max_abs",
     "moments",

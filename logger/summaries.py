@@ -81,4 +81,9 @@ class SummarySink:
         self._file_writer().add_summary(structure_summary(doc), step, time.time())
 
     def flush(self) -> None:
+        """Flush the writer's event file to disk."""
         self.writer.flush()
+
+    def close(self) -> None:
+        """Close the writer (only for a writer that Diagnostics created)."""
+        self.writer.close()

@@ -1,0 +1,221 @@
+"""Activation capture: functional calls inside forward, names, eval passes, selection and cost control."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from _logger_helpers import at, close, read, unit_dead_fraction
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+
+from tb_diag_logger import Diagnostics
+
+
+def _mode_depth() -> int:
+    return torch._C._len_torch_function_stack()
+
+
+class _Block(nn.Module):
+    """Only functional activations in forward; records what each returned (a copy, for the hand check)."""
+
+    def __init__(self, trace: list) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 6)
+        self.fc2 = nn.Linear(6, 6)
+        self.trace = trace
+
+    def forward(self, x):
+        h = F.relu(self.fc1(x))
+        self.trace.append(("block.relu()", h.detach().clone()))
+        g = F.gelu(self.fc2(h))
+        self.trace.append(("block.gelu()", g.detach().clone()))
+        r = F.relu(g - 0.1)
+        self.trace.append(("block.relu()#2", r.detach().clone()))
+        s = torch.sigmoid(r)
+        self.trace.append(("block.sigmoid()", s.detach().clone()))
+        u = (s - 0.6).relu_()
+        self.trace.append(("block.relu()#3", u.detach().clone()))
+        return u
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.trace: list = []
+        self.depths: list = []
+        self.block = _Block(self.trace)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        self.depths.append(_mode_depth())
+        u = self.block(x)
+        t = torch.tanh(self.head(u))
+        self.trace.append(("tanh()", t.detach().clone()))
+        a = self.act(t)
+        self.trace.append(("act", a.detach().clone()))
+        return a
+
+
+SITES = ["block.relu()", "block.gelu()", "block.relu()#2", "block.sigmoid()", "block.relu()#3", "tanh()", "act"]
+
+
+def _train(tmp_path, model, steps, every=1, before_step=None, **kw):
+    writer = SummaryWriter(str(tmp_path))
+    traces = {}
+    with Diagnostics(model, writer, every=every, **kw) as diag:
+        for step in range(steps):
+            model.trace.clear()
+            torch.manual_seed(step)
+            out = model(torch.randn(8, 4))
+            traces[step] = list(model.trace)
+            out.sum().backward()
+            if before_step is not None:
+                before_step(step)
+            diag.step(step)
+            model.zero_grad()
+    writer.close()
+    return read(tmp_path), traces
+
+
+def test_functional_activations_are_named_after_their_module_and_stable(tmp_path):
+    torch.manual_seed(0)
+    s, traces = _train(tmp_path, _Net(), steps=3)
+    assert s["act_mean"].layers == SITES
+    assert s["act_mean"].steps.tolist() == [0, 1, 2]
+    assert s["act_mean"].present.all()  # the same names at every step
+    assert s["dead_fraction"].layers == ["block.relu()", "block.relu()#2", "block.relu()#3", "act"]
+    assert s["saturation"].layers == ["block.sigmoid()", "tanh()"]
+    assert s["act_mean"].layer_types == ["F.relu", "F.gelu", "F.relu", "F.sigmoid", "F.relu", "F.tanh", "ReLU"]
+    for step, trace in traces.items():
+        for name, y in trace:
+            y = y.numpy()
+            assert close(at(s, "act_mean", name, step), y.mean(), abs_=1e-6), (name, step)
+            assert close(at(s, "act_std", name, step), y.std(ddof=1), rel=1e-4, abs_=1e-6), (name, step)
+            if name in s["dead_fraction"].layers:
+                assert at(s, "dead_fraction", name, step) == pytest.approx(unit_dead_fraction(y)), (name, step)
+
+
+def test_every_functional_spelling_is_captured(tmp_path):
+    class AllFns(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            h = self.fc(x)
+            outs = [
+                F.relu(h), torch.relu(h), h.relu(), F.gelu(h), F.silu(h), torch.sigmoid(h), F.sigmoid(h),
+                torch.tanh(h), h.tanh(), F.leaky_relu(h, 0.1), F.relu(h.clone(), inplace=True), h.clone().sigmoid_(),
+            ]
+            return torch.stack([o.sum() for o in outs]).sum().reshape(1, 1)
+
+    model = nn.Sequential(AllFns(), nn.ReLU6(), nn.SiLU())
+    writer = SummaryWriter(str(tmp_path))
+    with Diagnostics(model, writer, every=1) as diag:
+        model(torch.randn(4, 3)).sum().backward()
+        diag.step(0)
+    writer.close()
+    s = read(tmp_path)
+    assert s["act_mean"].layers == [
+        "0.relu()", "0.relu()#2", "0.relu()#3", "0.gelu()", "0.silu()", "0.sigmoid()", "0.sigmoid()#2",
+        "0.tanh()", "0.tanh()#2", "0.leaky_relu()", "0.relu()#4", "0.sigmoid()#3", "1", "2",
+    ]
+    assert s["act_mean"].layer_types[-2:] == ["ReLU6", "SiLU"]
+    assert s["dead_fraction"].layers == ["0.relu()", "0.relu()#2", "0.relu()#3", "0.relu()#4", "1"]
+
+
+def test_eval_passes_under_no_grad_or_inference_mode_are_not_training_statistics(tmp_path):
+    model = _Net()
+    torch.manual_seed(0)
+
+    def evaluate(step):
+        model.trace.clear()
+        with torch.no_grad():
+            model(torch.full((8, 4), 100.0))  # very different activations
+        with torch.inference_mode():
+            model(torch.full((8, 4), -100.0))
+        model.trace.clear()
+
+    s, traces = _train(tmp_path, model, steps=2, before_step=evaluate)
+    for step in (0, 1):
+        for name, y in traces[step]:
+            assert close(at(s, "act_mean", name, step), y.numpy().mean(), abs_=1e-6), (name, step)
+    assert _mode_depth() == 0
+
+
+def test_non_logged_steps_run_without_the_mode_and_accumulate_nothing(tmp_path):
+    model = _Net()
+    writer = SummaryWriter(str(tmp_path))
+    diag = Diagnostics(model, writer, every=3)
+    depths = []
+    for step in range(7):
+        model.depths.clear()
+        out = model(torch.randn(2, 4))
+        depths.append(model.depths[0])
+        if not diag.should_log(step):
+            assert not any(site.seen for site in diag._capture.sites.values())
+        out.sum().backward()
+        diag.step(step)
+    diag.close()
+    writer.close()
+    assert depths == [1, 0, 0, 1, 0, 0, 1]  # the TorchFunctionMode is active only on logged steps
+    assert read(tmp_path)["act_mean"].steps.tolist() == [0, 3, 6]
+    assert read(tmp_path)["grad_norm"].steps.tolist() == [0, 3, 6]
+
+
+def test_include_and_exclude_select_parameters_and_sites(tmp_path):
+    s, _ = _train(tmp_path, _Net(), steps=1, include=["block.*"], exclude="*.bias")
+    assert s["grad_norm"].layers == ["block.fc1.weight", "block.fc2.weight"]
+    assert s["weight_norm"].layers == ["block.fc1.weight", "block.fc2.weight"]
+    assert s["act_mean"].layers == [n for n in SITES if n.startswith("block.")]
+
+
+def test_activations_false_installs_no_hooks(tmp_path):
+    model = _Net()
+    s, _ = _train(tmp_path, model, steps=1, activations=False)
+    assert "act_mean" not in s and "dead_fraction" not in s
+    assert "grad_norm" in s
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_a_module_called_twice_keeps_one_site(tmp_path):
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.fc(self.act(self.fc(x))))
+
+    model = Twice()
+    writer = SummaryWriter(str(tmp_path))
+    with Diagnostics(model, writer, every=1) as diag:
+        x = torch.randn(5, 3)
+        model(x).sum().backward()
+        diag.step(0)
+    writer.close()
+    first = torch.relu(model.fc(x))
+    second = torch.relu(model.fc(first))
+    both = torch.cat([first, second]).detach().numpy()
+    s = read(tmp_path)
+    assert s["act_mean"].layers == ["act"]
+    assert close(at(s, "act_mean", "act", 0), both.mean(), abs_=1e-6)
+    assert at(s, "dead_fraction", "act", 0) == pytest.approx(unit_dead_fraction(both))
+
+
+def test_skipped_step_numbers_still_capture_the_logged_forward(tmp_path):
+    # Steps counted in samples (0, 10, 20, ...), every=20: the forward before a logged step is captured.
+    model = _Net()
+    writer = SummaryWriter(str(tmp_path))
+    with Diagnostics(model, writer, every=20) as diag:
+        for step in range(0, 70, 10):
+            model(torch.randn(2, 4)).sum().backward()
+            diag.step(step)
+    writer.close()
+    s = read(tmp_path)
+    assert s["act_mean"].steps.tolist() == [0, 20, 40, 60]
+    assert np.all(s["act_mean"].present)
