@@ -54,10 +54,18 @@ class Server:
 
 
 @contextlib.contextmanager
-def serve(logdir: str, load_fast: bool = False, extra: Sequence[str] = ()) -> Iterator[Server]:
-    """Start TensorBoard on a free loopback port; stop it on exit."""
+def serve(
+    logdir: str, load_fast: bool = False, extra: Sequence[str] = (), plugins: Optional[Sequence] = None
+) -> Iterator[Server]:
+    """Start TensorBoard on a free loopback port; stop it on exit.
+
+    `plugins` defaults to core, scalars and Diagnostics; pass
+    `tensorboard.default.get_plugins()` for everything `tensorboard` loads.
+    """
     tb = program.TensorBoard(
-        plugins=[
+        plugins=list(plugins)
+        if plugins is not None
+        else [
             core_plugin.CorePluginLoader(),
             base_plugin.BasicLoader(scalars_plugin.ScalarsPlugin),
             DiagnosticsLoader(),

@@ -1,0 +1,190 @@
+// Fetching and decoding the plugin's routes (tb_diag_plugin/http_api.md).
+// Relative URLs resolve against the iframe's <base href="plugin/diagnostics/">,
+// so they work under --path_prefix and /experiment/<id>/ too.
+
+export class ApiError extends Error {
+  constructor(status, message) {
+    super(message);
+    this.status = status;
+  }
+}
+
+async function fail(r) {
+  let message = `HTTP ${r.status}`;
+  try {
+    const body = await r.clone().json();
+    if (body && typeof body.error === "string") message = body.error;
+  } catch (e) {
+    // not JSON (a 500 from werkzeug is HTML): keep the status line
+  }
+  return new ApiError(r.status, message);
+}
+
+function query(params) {
+  const q = new URLSearchParams();
+  for (const [k, v] of Object.entries(params)) {
+    if (v == null) continue;
+    if (Array.isArray(v)) for (const item of v) q.append(k, String(item));
+    else q.append(k, String(v));
+  }
+  return q.toString();
+}
+
+export async function getJSON(route, params = {}) {
+  const qs = query(params);
+  const r = await fetch(`./${route}${qs ? "?" + qs : ""}`, {credentials: "same-origin"});
+  if (!r.ok) throw await fail(r);
+  return r.json();
+}
+
+// One metric of one run, rows x layers (rows are steps or bins of steps).
+export class Values {
+  constructor(header, arrays) {
+    this.run = header.run;
+    this.metric = header.metric;
+    this.layers = header.layers;
+    this.layerTypes = header.layer_types;
+    this.numSteps = header.num_steps;
+    this.firstStep = header.first_step;
+    this.lastStep = header.last_step;
+    this.binned = header.binned;
+    this.problems = header.problems || [];
+    this.L = this.layers.length;
+    this.stepFirst = arrays.step_first;
+    this.stepLast = arrays.step_last;
+    this.B = this.stepFirst.length;
+    this.mean = arrays.mean;
+    this.min = arrays.min;
+    this.max = arrays.max;
+    this.nonfinite = arrays.nonfinite;
+    this.present = arrays.present;
+  }
+
+  at(i, j, name = "mean") {
+    return this[name][i * this.L + j];
+  }
+
+  // Whether cell (i, j) holds a recorded value (layers can be absent at a step).
+  has(i, j) {
+    return this.present[i * this.L + j] > 0;
+  }
+
+  // A cell is drawn as non-finite when any value in it was NaN/Inf.
+  bad(i, j) {
+    return this.nonfinite[i * this.L + j] > 0 || (this.has(i, j) && !Number.isFinite(this.at(i, j)));
+  }
+
+  column(j, name = "mean") {
+    const out = new Array(this.B);
+    for (let i = 0; i < this.B; i++) out[i] = this.has(i, j) ? this[name][i * this.L + j] : null;
+    return out;
+  }
+
+  layerIndex(name) {
+    return this.layers.indexOf(name);
+  }
+
+  rowOfStep(step) {
+    for (let i = 0; i < this.B; i++) if (step >= this.stepFirst[i] && step <= this.stepLast[i]) return i;
+    return -1;
+  }
+}
+
+export function decodeF32(buf) {
+  const dv = new DataView(buf);
+  const h = dv.getUint32(0, true);
+  const header = JSON.parse(new TextDecoder("utf-8").decode(new Uint8Array(buf, 4, h)));
+  const base = 4 + h;
+  const arrays = {};
+  for (const a of header.arrays) {
+    const n = a.shape.reduce((x, y) => x * y, 1);
+    const off = base + a.offset;
+    const Ctor = a.dtype === "float64" ? Float64Array : Float32Array;
+    const bytes = n * Ctor.BYTES_PER_ELEMENT;
+    // Views need aligned offsets; the server aligns, copy if it ever does not.
+    arrays[a.name] = off % Ctor.BYTES_PER_ELEMENT === 0 ? new Ctor(buf, off, n) : new Ctor(buf.slice(off, off + bytes));
+  }
+  return new Values(header, arrays);
+}
+
+// Client-side cache, dropped per run when the poller sees new steps.
+const cache = new Map();
+
+export function invalidate(run) {
+  for (const key of [...cache.keys()]) if (key.startsWith(JSON.stringify(run) + "|")) cache.delete(key);
+}
+
+function cached(key, make) {
+  if (!cache.has(key)) {
+    const p = make();
+    cache.set(key, p);
+    p.catch(() => cache.delete(key));
+    if (cache.size > 400) cache.delete(cache.keys().next().value);
+  }
+  return cache.get(key);
+}
+
+export function values(run, metric, opts = {}) {
+  const params = {run, metric, format: "f32", points: opts.points || 1000, start: opts.start, end: opts.end, layer: opts.layers};
+  const key = JSON.stringify(run) + "|values|" + query(params);
+  return cached(key, async () => {
+    const r = await fetch(`./values?${query(params)}`, {credentials: "same-origin"});
+    if (!r.ok) throw await fail(r);
+    return decodeF32(await r.arrayBuffer());
+  });
+}
+
+export function tags(run) {
+  return cached(JSON.stringify(run) + "|tags", () => getJSON("tags", {run}));
+}
+
+export function structure(run) {
+  return cached(JSON.stringify(run) + "|structure", () => getJSON("structure", {run}));
+}
+
+export function findings(run) {
+  return cached(JSON.stringify(run) + "|findings", () => getJSON("findings", {run}));
+}
+
+export function runs() {
+  return getJSON("runs");
+}
+
+// Cheap change detection for live updates: the newest step of a small metric.
+export async function stamp(run, metrics) {
+  const probe = ["loss", "grad_norm_total", "learning_rate"].find((m) => metrics.includes(m)) || metrics[0];
+  if (!probe) return "empty";
+  const body = await getJSON("values", {run, metric: probe, points: 1});
+  return `${probe}:${body.num_steps}:${body.last_step}:${metrics.length}`;
+}
+
+// Gradient-to-weight ratio from grad_norm and weight_norm, matched by layer
+// name and step. For bins it is the ratio of the bin means.
+export function ratio(g, w) {
+  const layers = g.layers.filter((n) => w.layers.includes(n));
+  const gi = layers.map((n) => g.layerIndex(n));
+  const wi = layers.map((n) => w.layerIndex(n));
+  const wRow = new Map();
+  for (let i = 0; i < w.B; i++) wRow.set(w.stepFirst[i], i);
+  const L = layers.length;
+  const B = g.B;
+  const mean = new Float32Array(B * L).fill(NaN);
+  const nonfinite = new Float32Array(B * L);
+  const present = new Float32Array(B * L);
+  for (let i = 0; i < B; i++) {
+    const k = wRow.get(g.stepFirst[i]);
+    if (k === undefined) continue;
+    for (let j = 0; j < L; j++) {
+      if (!g.has(i, gi[j]) || !w.has(k, wi[j])) continue;
+      const v = g.at(i, gi[j]) / w.at(k, wi[j]);
+      mean[i * L + j] = v;
+      present[i * L + j] = 1;
+      nonfinite[i * L + j] = g.bad(i, gi[j]) || w.bad(k, wi[j]) || !Number.isFinite(v) ? 1 : 0;
+    }
+  }
+  return new Values(
+    {run: g.run, metric: "grad_to_weight", layers, layer_types: layers.map(() => ""), num_steps: g.numSteps,
+     first_step: g.firstStep, last_step: g.lastStep, binned: g.binned, problems: g.problems},
+    {step_first: g.stepFirst, step_last: g.stepLast, mean, min: mean, max: mean, nonfinite, present},
+  );
+}

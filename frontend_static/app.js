@@ -1,0 +1,290 @@
+// The Diagnostics tab: run selection, view switching, shared selection
+// (layer, step), theme and live polling. Each view lives in views/*.js.
+import * as api from "./api.js";
+import {el, clear, message} from "./dom.js";
+import {runColorFor, theme} from "./charts.js";
+import overview from "./views/overview.js";
+import gradients from "./views/gradients.js";
+import activations from "./views/activations.js";
+import loss from "./views/loss.js";
+import model from "./views/model.js";
+import layer from "./views/layer.js";
+
+const VIEWS = [overview, gradients, activations, loss, model, layer];
+const POLL_MS = 5000;
+const MAX_DEFAULT_RUNS = 6;
+
+class App {
+  constructor(body) {
+    this.body = body;
+    this.state = {
+      runs: [], // [{run, metrics, has_structure, problems}] in the server's order
+      selected: new Set(),
+      view: "overview",
+      layer: null, // a module (or parameter / activation-site) name
+      step: null, // {lo, hi}: the step (or bin of steps) chosen in a heatmap
+      live: true,
+      lastUpdate: null,
+    };
+    this.stamps = new Map();
+    this.gen = 0;
+    this.views = new Map();
+    this.dark = detectDark();
+  }
+
+  // ------------------------------------------------------------ shell
+  start() {
+    document.documentElement.dataset.theme = this.dark ? "dark" : "light";
+    clear(this.body);
+    this.runList = el("div", {class: "run-list", role: "group", "aria-label": "Runs"});
+    this.runFilter = el("input", {type: "search", class: "run-filter", placeholder: "Filter runs (regex)",
+                                  "aria-label": "Filter runs", oninput: () => this.drawRuns()});
+    this.status = el("div", {class: "live-status", "aria-live": "polite"});
+    const liveBox = el("input", {type: "checkbox", checked: true, onchange: (e) => {
+      this.state.live = e.target.checked;
+      this.drawStatus();
+    }});
+    const sidebar = el("aside", {class: "sidebar"},
+      el("div", {class: "side-title"}, "Runs"),
+      this.runFilter,
+      el("div", {class: "run-actions"},
+        el("button", {class: "link", type: "button", onclick: () => this.selectRuns(this.visibleRuns())}, "all"),
+        el("button", {class: "link", type: "button", onclick: () => this.selectRuns([])}, "none")),
+      this.runList,
+      el("div", {class: "side-foot"},
+        el("label", {class: "live-toggle"}, liveBox, " Live update"),
+        this.status));
+    this.tabs = el("nav", {class: "view-tabs", role: "tablist"});
+    this.content = el("div", {class: "views"});
+    for (const v of VIEWS) {
+      const root = el("div", {class: "view", dataset: {view: v.id, state: "idle"}, role: "tabpanel", hidden: true});
+      this.content.append(root);
+      this.views.set(v.id, {mod: v, root, inited: false});
+      this.tabs.append(el("button", {type: "button", role: "tab", class: "view-tab", dataset: {tab: v.id},
+                                      onclick: () => this.select({view: v.id})}, v.title));
+    }
+    this.banner = el("div", {class: "banner"});
+    this.body.append(el("div", {class: "app"}, sidebar, el("main", {class: "main"}, this.tabs, this.banner, this.content)));
+    window.tbDiag = this; // handy from the console and for tests
+    this.watchTheme();
+    window.addEventListener("resize", () => this.onResize());
+    this.refreshRuns(true).then(() => this.render());
+    setInterval(() => this.poll(), POLL_MS);
+  }
+
+  watchTheme() {
+    const apply = () => {
+      const dark = detectDark();
+      if (dark !== this.dark) {
+        this.dark = dark;
+        document.documentElement.dataset.theme = dark ? "dark" : "light";
+        this.render();
+      }
+    };
+    try {
+      const pb = window.parent !== window && window.parent.document.body;
+      if (pb) new MutationObserver(apply).observe(pb, {attributes: true, attributeFilter: ["class"]});
+    } catch (e) {
+      // cross-origin parent: fall back to the media query only
+    }
+    window.matchMedia("(prefers-color-scheme: dark)").addEventListener("change", apply);
+  }
+
+  onResize() {
+    clearTimeout(this.resizeTimer);
+    this.resizeTimer = setTimeout(() => {
+      const v = this.views.get(this.state.view);
+      for (const gd of v.root.querySelectorAll(".js-plotly-plot")) window.Plotly.Plots.resize(gd);
+    }, 150);
+  }
+
+  theme() {
+    return theme(this.dark);
+  }
+
+  // ------------------------------------------------------------- runs
+  async refreshRuns(first = false) {
+    let body;
+    try {
+      body = await api.runs();
+    } catch (e) {
+      this.runsError = `Could not list runs: ${e.message}`;
+      this.showBanner(this.runsError, "error");
+      return false;
+    }
+    if (this.runsError) {
+      this.runsError = null;
+      this.showBanner(null);
+    }
+    const before = new Set(this.state.runs.map((r) => r.run));
+    const changed = body.runs.length !== this.state.runs.length ||
+      body.runs.some((r, i) => r.run !== this.state.runs[i]?.run || r.metrics.length !== this.state.runs[i]?.metrics.length);
+    this.state.runs = body.runs;
+    this.colorIndex = new Map(body.runs.map((r, i) => [r.run, i]));
+    const names = new Set(body.runs.map((r) => r.run));
+    for (const r of [...this.state.selected]) if (!names.has(r)) this.state.selected.delete(r);
+    if (first || before.size === 0) {
+      // the first runs to appear are shown; later, only the user's choice counts
+      for (const r of body.runs.slice(0, MAX_DEFAULT_RUNS)) this.state.selected.add(r.run);
+    } else {
+      // a run that appears while the tab is open joins the comparison
+      for (const r of body.runs) if (!before.has(r.run) && this.state.selected.size < MAX_DEFAULT_RUNS) this.state.selected.add(r.run);
+    }
+    if (changed || first) this.drawRuns();
+    return changed;
+  }
+
+  visibleRuns() {
+    const q = this.runFilter.value.trim();
+    if (!q) return this.state.runs.map((r) => r.run);
+    let re;
+    try {
+      re = new RegExp(q, "i");
+    } catch (e) {
+      re = null;
+    }
+    return this.state.runs.map((r) => r.run).filter((n) => (re ? re.test(n) : n.toLowerCase().includes(q.toLowerCase())));
+  }
+
+  drawRuns() {
+    clear(this.runList);
+    const visible = new Set(this.visibleRuns());
+    if (!this.state.runs.length) {
+      this.runList.append(el("div", {class: "muted small"}, "No runs with diagnostics yet."));
+      return;
+    }
+    for (const r of this.state.runs) {
+      if (!visible.has(r.run)) continue;
+      const id = "run-" + this.colorIndex.get(r.run);
+      const box = el("input", {type: "checkbox", id, checked: this.state.selected.has(r.run), onchange: (e) => {
+        if (e.target.checked) this.state.selected.add(r.run);
+        else this.state.selected.delete(r.run);
+        this.render();
+      }});
+      const row = el("div", {class: "run-row", dataset: {run: r.run}},
+        box,
+        el("span", {class: "swatch", style: {background: this.runColor(r.run)}}),
+        el("label", {for: id, class: "run-name", title: r.run}, r.run),
+        el("button", {type: "button", class: "link only", title: "Show only this run", onclick: () => this.selectRuns([r.run])}, "only"));
+      this.runList.append(row);
+    }
+  }
+
+  selectRuns(names) {
+    this.state.selected = new Set(names);
+    this.drawRuns();
+    this.render();
+  }
+
+  runColor(run) {
+    return runColorFor(this.colorIndex?.get(run) ?? 0);
+  }
+
+  // Selected runs in the server's (stable) order.
+  selectedRuns() {
+    return this.state.runs.filter((r) => this.state.selected.has(r.run));
+  }
+
+  // --------------------------------------------------------- selection
+  select(patch) {
+    Object.assign(this.state, patch);
+    this.render();
+  }
+
+  // Switch to a view with one of its metrics chosen (from a finding, a node).
+  openMetric(viewId, metric, patch = {}) {
+    const v = this.views.get(viewId);
+    if (metric && v && v.mod.setMetric) v.mod.setMetric(metric);
+    this.select({...patch, view: viewId});
+  }
+
+  // ------------------------------------------------------------ render
+  async render(live = false) {
+    const token = ++this.gen;
+    for (const b of this.tabs.children) {
+      const on = b.dataset.tab === this.state.view;
+      b.classList.toggle("active", on);
+      b.setAttribute("aria-selected", String(on));
+    }
+    const v = this.views.get(this.state.view);
+    for (const [id, other] of this.views) other.root.hidden = id !== this.state.view;
+    if (!v.inited) {
+      v.mod.init(v.root, this);
+      v.inited = true;
+    }
+    if (!this.runsError) this.showBanner(null);
+    if (!this.state.runs.length) {
+      v.root.dataset.state = "ready";
+      if (this.runsError) return;
+      this.showBanner(
+        "No diagnostics recorded yet. Add `Diagnostics(model, writer)` to your training loop and call " +
+        "`diag.step(step, loss=loss)` after backward(); this tab updates as runs appear.", "info");
+      return;
+    }
+    if (!live) v.root.dataset.state = "loading";
+    try {
+      await v.mod.render(this, {token, live, stale: () => token !== this.gen});
+      if (token === this.gen) {
+        v.root.dataset.state = "ready";
+        v.root.dataset.renders = String(Number(v.root.dataset.renders || 0) + 1);
+      }
+    } catch (e) {
+      if (token !== this.gen) return;
+      v.root.dataset.state = "error";
+      this.showBanner(`This view failed: ${e && e.message ? e.message : e}`, "error");
+      throw e;
+    }
+  }
+
+  showBanner(text, kind = "info") {
+    clear(this.banner);
+    if (text) this.banner.append(message(text, kind));
+  }
+
+  drawStatus() {
+    const t = this.state.lastUpdate;
+    clear(this.status).append(
+      this.state.live ? `Polling every ${POLL_MS / 1000} s` : "Live update paused",
+      t ? el("br") : "", t ? `Data as of ${t.toLocaleTimeString()}` : "");
+  }
+
+  // --------------------------------------------------------- live poll
+  async poll() {
+    if (!this.state.live || this.polling) return;
+    this.polling = true;
+    try {
+      let changed = await this.refreshRuns();
+      const runs = this.selectedRuns();
+      const stamps = await Promise.all(runs.map((r) => api.stamp(r.run, r.metrics).catch(() => null)));
+      runs.forEach((r, i) => {
+        // A run seen for the first time may have grown since it was drawn.
+        if (stamps[i] != null && this.stamps.get(r.run) !== stamps[i]) {
+          api.invalidate(r.run);
+          changed = true;
+          this.stamps.set(r.run, stamps[i]);
+        }
+      });
+      this.state.lastUpdate = new Date();
+      this.drawStatus();
+      if (changed) await this.render(true);
+    } finally {
+      this.polling = false;
+    }
+  }
+}
+
+function detectDark() {
+  try {
+    const pb = window.parent !== window && window.parent.document.body;
+    if (pb) return pb.classList.contains("dark-mode");
+  } catch (e) {
+    // not reachable: use the media query
+  }
+  return window.matchMedia("(prefers-color-scheme: dark)").matches;
+}
+
+export function start(body) {
+  const app = new App(body);
+  app.start();
+  return app;
+}

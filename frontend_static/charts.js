@@ -1,0 +1,278 @@
+// Plotly glue shared by the views: theme, colours, escaping, panels, heatmaps.
+import {el, clear, fmt, message} from "./dom.js";
+
+export const FONT = 'Roboto, "Helvetica Neue", Arial, sans-serif';
+export const ACCENT = "#f57c00"; // TensorBoard's orange
+export const NONFINITE = "#ff1f8e"; // magenta: outside viridis, visible to colour-blind users
+export const ZERO_NOTE = "zero";
+
+// Paul Tol's colour-blind-safe schemes, the family TensorBoard's own run
+// colours come from; pinks are left out, they belong to non-finite values.
+const RUN_COLORS = ["#0077bb", "#ee7733", "#009988", "#33bbee", "#cc3311", "#999933", "#8866cc", "#996633", "#117733", "#888888"];
+const SERIES_COLORS = ["#4477aa", "#ccbb44", "#228833", "#66ccee", "#ee6677", "#bbbbbb"];
+
+export function seriesColor(i) {
+  return SERIES_COLORS[i % SERIES_COLORS.length];
+}
+
+export function runColorFor(index) {
+  return RUN_COLORS[index % RUN_COLORS.length];
+}
+
+export function alpha(hex, a) {
+  const n = parseInt(hex.slice(1), 16);
+  return `rgba(${(n >> 16) & 255},${(n >> 8) & 255},${n & 255},${a})`;
+}
+
+// Plotly renders a small HTML subset in labels, titles and hover text:
+// every name that came from data goes through here before Plotly sees it.
+export function esc(s) {
+  return String(s).replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;");
+}
+
+export function theme(dark) {
+  return dark
+    ? {dark, fg: "#e8eaed", muted: "#aaaaaa", grid: "#4a4a4a", zero: "#777", bg: "#303030", panel: "#3a3a3a"}
+    : {dark, fg: "#212121", muted: "#616161", grid: "#e6e6e6", zero: "#bdbdbd", bg: "#ffffff", panel: "#ffffff"};
+}
+
+export function axis(t, extra = {}) {
+  return {gridcolor: t.grid, zerolinecolor: t.zero, linecolor: t.grid, tickfont: {size: 11, color: t.muted},
+          title: {font: {size: 11, color: t.muted}}, automargin: true, ...extra};
+}
+
+export function layout(t, extra = {}) {
+  const {xaxis, yaxis, ...rest} = extra;
+  return {
+    font: {family: FONT, size: 12, color: t.fg},
+    paper_bgcolor: "rgba(0,0,0,0)",
+    plot_bgcolor: "rgba(0,0,0,0)",
+    margin: {l: 56, r: 16, t: 12, b: 40},
+    hovermode: "closest",
+    hoverlabel: {font: {family: FONT, size: 12}},
+    showlegend: false,
+    legend: {orientation: "h", y: -0.22, font: {size: 11}},
+    xaxis: axis(t, xaxis || {}),
+    yaxis: axis(t, yaxis || {}),
+    ...rest,
+  };
+}
+
+export function config(filename) {
+  return {
+    responsive: true,
+    displaylogo: false,
+    modeBarButtonsToRemove: ["lasso2d", "select2d", "autoScale2d"],
+    toImageButtonOptions: {format: "png", filename: String(filename).replace(/[^A-Za-z0-9_.-]+/g, "_"), scale: 2},
+  };
+}
+
+export function plot(div, data, lay, filename) {
+  return window.Plotly.react(div, data, lay, config(filename));
+}
+
+// Panels keep their chart <div> between renders, so a live update or a
+// re-render goes through Plotly.react and keeps the user's zoom (uirevision).
+export class Panels {
+  constructor(root) {
+    this.root = root;
+    this.map = new Map();
+    this.order = [];
+  }
+
+  begin() {
+    this.order = [];
+  }
+
+  panel(key, title, opts = {}) {
+    let p = this.map.get(key);
+    if (!p) {
+      const head = el("div", {class: "panel-head"});
+      const note = el("div", {class: "panel-note"});
+      const chart = el("div", {class: "chart"});
+      const box = el("section", {class: "panel" + (opts.wide ? " wide" : ""), dataset: {panel: key}}, head, note, chart);
+      p = {key, box, head, note, chart, hasPlot: false};
+      this.map.set(key, p);
+      // attached at once, so that Plotly sizes the chart to its panel
+      this.root.appendChild(box);
+    }
+    p.box.className = "panel" + (opts.wide ? " wide" : "") + (opts.cls ? " " + opts.cls : "");
+    clear(p.head).append(...(Array.isArray(title) ? title : [el("h3", {text: title})]));
+    clear(p.note);
+    p.chart.style.display = "";
+    this.order.push(p);
+    return p;
+  }
+
+  // The panel holds a message instead of a chart.
+  notice(p, text, kind = "info") {
+    if (p.hasPlot) {
+      window.Plotly.purge(p.chart);
+      p.hasPlot = false;
+    }
+    p.chart.style.display = "none";
+    p.note.append(message(text, kind));
+  }
+
+  plot(p, data, lay, filename) {
+    p.chart.style.display = "";
+    p.hasPlot = true;
+    return plot(p.chart, data, lay, filename);
+  }
+
+  end() {
+    const keep = new Set(this.order);
+    for (const [key, p] of this.map) {
+      if (!keep.has(p)) {
+        if (p.hasPlot) window.Plotly.purge(p.chart);
+        p.box.remove();
+        this.map.delete(key);
+      }
+    }
+    // moving an element keeps its Plotly state; only panels out of place move
+    this.order.forEach((p, i) => {
+      const at = this.root.children[i];
+      if (at !== p.box) this.root.insertBefore(p.box, at || null);
+    });
+  }
+}
+
+// Colour-axis ticks for log10 data: powers of ten (or 1-2-5 on short ranges).
+export function logTicks(zmin, zmax) {
+  const vals = [];
+  const text = [];
+  const lo = Math.floor(zmin);
+  const hi = Math.ceil(zmax);
+  const span = hi - lo;
+  const step = span > 12 ? Math.ceil(span / 8) : 1;
+  const mults = span <= 2 ? [1, 2, 5] : [1];
+  for (let k = lo; k <= hi; k += step) {
+    for (const m of mults) {
+      const v = k + Math.log10(m);
+      if (v >= zmin - 1e-9 && v <= zmax + 1e-9) {
+        vals.push(v);
+        text.push(fmt(m * Math.pow(10, k), 2));
+      }
+    }
+  }
+  if (vals.length < 2) {
+    vals.splice(0, vals.length, zmin, zmax);
+    text.splice(0, text.length, fmt(Math.pow(10, zmin), 3), fmt(Math.pow(10, zmax), 3));
+  }
+  return {tickvals: vals, ticktext: text};
+}
+
+// A layers x steps heatmap of `v` (a Values) over the given layer columns.
+// scale: "log" (colour is log10), "unit" (0..1), "linear".
+// Returns Plotly traces: the heatmap, then non-finite cells in their own colour.
+export function heatmapTraces(v, cols, labels, {scale, metricLabel, colorscale}) {
+  const B = v.B;
+  const x = Array.from(v.stepFirst);
+  const z = [];
+  const raw = [];
+  const bad = [];
+  let anyBad = false;
+  let badRows = 0;
+  let firstBad = Infinity;
+  let zmin = Infinity;
+  let zmax = -Infinity;
+  for (const j of cols) {
+    const zr = new Array(B);
+    const rr = new Array(B);
+    const br = new Array(B);
+    let rowBad = false;
+    for (let i = 0; i < B; i++) {
+      br[i] = null;
+      if (!v.has(i, j)) {
+        zr[i] = null;
+        rr[i] = null;
+        continue;
+      }
+      const val = v.at(i, j);
+      rr[i] = Number.isFinite(val) ? val : String(val);
+      if (v.bad(i, j)) {
+        br[i] = v.at(i, j, "nonfinite") || 1;
+        anyBad = true;
+        rowBad = true;
+        firstBad = Math.min(firstBad, v.stepFirst[i]);
+      }
+      if (!Number.isFinite(val)) {
+        zr[i] = null;
+        continue;
+      }
+      if (scale === "log") {
+        zr[i] = val > 0 ? Math.log10(val) : val === 0 ? -Infinity : null;
+      } else zr[i] = val;
+      if (Number.isFinite(zr[i])) {
+        zmin = Math.min(zmin, zr[i]);
+        zmax = Math.max(zmax, zr[i]);
+      }
+    }
+    if (rowBad) badRows++;
+    z.push(zr);
+    raw.push(rr);
+    bad.push(br);
+  }
+  if (!Number.isFinite(zmin)) {
+    zmin = scale === "log" ? -1 : 0;
+    zmax = scale === "log" ? 0 : 1;
+  }
+  // Exact zeros on a log scale sit at the bottom of the colour range.
+  if (scale === "log") for (const zr of z) for (let i = 0; i < zr.length; i++) if (zr[i] === -Infinity) zr[i] = zmin;
+  if (scale === "unit") {
+    zmin = 0;
+    zmax = 1;
+  }
+  if (zmax - zmin < 1e-12) {
+    zmax = zmin + (scale === "log" ? 1 : Math.abs(zmin) * 0.01 || 1);
+  }
+  const colorbar = {thickness: 12, len: 1, outlinewidth: 0, tickfont: {size: 10}, x: 1.005, xpad: 4, ypad: 0};
+  if (scale === "log") Object.assign(colorbar, logTicks(zmin, zmax));
+  const y = labels;
+  const main = {
+    type: "heatmap", x, y, z, customdata: raw, zmin, zmax, colorscale: colorscale || "Viridis", colorbar,
+    hoverongaps: false, xgap: 0, ygap: 0,
+    hovertemplate: `%{y}<br>step %{x}<br>${esc(metricLabel)} = %{customdata:.4g}<extra></extra>`,
+  };
+  const traces = [main];
+  if (anyBad) {
+    traces.push({
+      type: "heatmap", x, y, z: bad.map((r) => r.map((c) => (c == null ? null : 1))), customdata: bad,
+      zmin: 0, zmax: 1, colorscale: [[0, NONFINITE], [1, NONFINITE]], showscale: false, hoverongaps: false,
+      hovertemplate: `%{y}<br>step %{x}<br>non-finite (NaN/Inf): %{customdata} value(s)<extra></extra>`,
+    });
+  }
+  return {traces, anyBad, badRows, firstBad, zmin, zmax};
+}
+
+// Height for a heatmap of n layers: one readable row each up to a limit.
+export function heatmapHeight(n) {
+  return Math.max(220, Math.min(760, 90 + n * 16));
+}
+
+// Spikes: a value far above the running median of the previous ones.
+export function spikes(ys) {
+  const out = [];
+  const hist = [];
+  for (let i = 0; i < ys.length; i++) {
+    const v = ys[i];
+    if (v == null || !Number.isFinite(v)) continue;
+    if (hist.length >= 8) {
+      const w = hist.slice(-30).sort((a, b) => a - b);
+      const med = w[w.length >> 1];
+      const mad = w.map((x) => Math.abs(x - med)).sort((a, b) => a - b)[w.length >> 1];
+      const floor = Math.max(1.4826 * mad * 8, Math.abs(med) * 0.5, 1e-12);
+      // a spike comes back down: steady growth (divergence) is not a spike
+      let next = null;
+      for (let k = i + 1; k < ys.length && next == null; k++) if (ys[k] != null && Number.isFinite(ys[k])) next = ys[k];
+      if (v - med > floor && next != null && next < v - floor / 2) out.push(i);
+    }
+    hist.push(v);
+  }
+  return out;
+}
+
+// A chart's line: values with nulls for absent steps; non-finite become gaps.
+export function finiteOrNull(arr) {
+  return arr.map((v) => (v == null || !Number.isFinite(v) ? null : v));
+}

@@ -1,0 +1,288 @@
+// The layers x steps form shared by Gradient flow and Activations: a heatmap
+// per selected run, a metric switch, a layer search, and a per-step profile
+// (the values of every layer at the step clicked in a heatmap).
+import * as api from "../api.js";
+import {el} from "../dom.js";
+import {ACCENT, NONFINITE, Panels, alpha, esc, heatmapHeight, heatmapTraces, layout} from "../charts.js";
+import {METRICS, hasMetric, label, missingText, moduleOf} from "../metrics.js";
+
+export function heatmapView({id, title, metrics, kind, profileTitle, intro}) {
+  const view = {id, title};
+  let metric = null;
+  let search = "";
+  let panels;
+  let select;
+  let searchBox;
+  let countNote;
+
+  function layerLabel(v, j) {
+    const t = v.layerTypes[j];
+    return esc(kind === "site" && t ? `${v.layers[j]} · ${t}` : v.layers[j]);
+  }
+
+  function matcher() {
+    const q = search.trim();
+    if (!q) return () => true;
+    let re = null;
+    try {
+      re = new RegExp(q, "i");
+    } catch (e) {
+      re = null;
+    }
+    const lower = q.toLowerCase();
+    return (s) => (re ? re.test(s) : s.toLowerCase().includes(lower));
+  }
+
+  // The ratio is computed once per pair of (cached) inputs, so that a
+  // re-render with the same data can skip redrawing the heatmap.
+  const ratios = new WeakMap();
+
+  async function fetchMetric(run, m, opts) {
+    if (m === "grad_to_weight") {
+      const [g, w] = await Promise.all([api.values(run, "grad_norm", opts), api.values(run, "weight_norm", opts)]);
+      const hit = ratios.get(g);
+      if (hit && hit.w === w) return hit.r;
+      const r = api.ratio(g, w);
+      ratios.set(g, {w, r});
+      return r;
+    }
+    return api.values(run, m, opts);
+  }
+
+  view.setMetric = (m) => {
+    if (metrics.includes(m)) metric = m;
+  };
+
+  view.init = (root, app) => {
+    select = el("select", {class: "metric-select", "aria-label": "Metric", onchange: (e) => {
+      metric = e.target.value;
+      app.render();
+    }}, metrics.map((m) => el("option", {value: m}, label(m))));
+    searchBox = el("input", {type: "search", class: "layer-search", placeholder: "Search layers (regex)",
+                             "aria-label": "Search layers", oninput: (e) => {
+                               search = e.target.value;
+                               clearTimeout(view.searchTimer);
+                               view.searchTimer = setTimeout(() => app.render(), 200);
+                             }});
+    countNote = el("span", {class: "muted small"});
+    const legend = el("span", {class: "legend-chip"}, el("span", {class: "chip-box", style: {background: NONFINITE}}), "non-finite (NaN/Inf)");
+    root.append(
+      el("div", {class: "toolbar"}, el("label", {class: "tool"}, "Metric ", select), searchBox, countNote, legend),
+      intro ? el("p", {class: "intro muted"}, intro) : null);
+    const grid = el("div", {class: "panels"});
+    root.append(grid);
+    panels = new Panels(grid);
+  };
+
+  view.render = async (app, ctx) => {
+    const t = app.theme();
+    const runs = app.selectedRuns();
+    panels.begin();
+    if (!runs.length) {
+      panels.notice(panels.panel("none", title, {wide: true}), "Select one or more runs on the left.");
+      panels.end();
+      return;
+    }
+    if (!metric || !runs.some((r) => hasMetric(r, metric))) {
+      metric = metrics.find((m) => runs.some((r) => hasMetric(r, m))) || metrics[0];
+    }
+    select.value = metric;
+    const info = METRICS[metric];
+    const width = Math.max(320, (panels.root.clientWidth || 900) - 140);
+    const points = Math.max(40, Math.min(1000, Math.round(width / 2)));
+    const data = await Promise.all(runs.map((r) =>
+      hasMetric(r, metric) ? fetchMetric(r.run, metric, {points}).catch((e) => e) : Promise.resolve(null)));
+    if (ctx.stale()) return;
+    const match = matcher();
+    let shown = 0;
+    let total = 0;
+    const sel = app.state.layer;
+    runs.forEach((r, k) => {
+      const v = data[k];
+      const p = panels.panel(`${id}:${r.run}`, [
+        el("span", {class: "swatch", style: {background: app.runColor(r.run)}}),
+        el("h3", {}, r.run),
+        el("span", {class: "muted small"}, " — " + label(metric)),
+      ], {wide: true});
+      p.box.dataset.run = r.run;
+      p.box.dataset.metric = metric;
+      if (v == null) return panels.notice(p, `Run “${r.run}” has ${missingText(r, metric)}.`);
+      if (v instanceof Error) return panels.notice(p, `Could not load ${metric} for “${r.run}”: ${v.message}`, "error");
+      if (!v.B || !v.L) return panels.notice(p, `Run “${r.run}” has no ${metric} values yet.`);
+      const cols = [];
+      for (let j = 0; j < v.L; j++) if (match(v.layers[j]) || match(v.layerTypes[j] || "")) cols.push(j);
+      shown = Math.max(shown, cols.length);
+      total = Math.max(total, v.L);
+      if (!cols.length) return panels.notice(p, `No layer of “${r.run}” matches “${search}”.`);
+      const shapes = [];
+      const step = app.state.step;
+      if (step && step.lo <= v.lastStep && step.hi >= v.firstStep) {
+        shapes.push({type: "line", xref: "x", yref: "paper", x0: step.lo, x1: step.lo, y0: 0, y1: 1,
+                     line: {color: ACCENT, width: 2}});
+      }
+      cols.forEach((j, row) => {
+        if (sel != null && moduleOf(v.layers[j], kind) === sel) {
+          shapes.push({type: "rect", xref: "paper", yref: "y", x0: 0, x1: 1, y0: row - 0.5, y1: row + 0.5,
+                       line: {color: ACCENT, width: 2}, fillcolor: "rgba(0,0,0,0)"});
+        }
+      });
+      // Same data, same look: only the selection marks move (a 500 x 600
+      // heatmap takes a while to rebuild and redraw).
+      const sig = [metric, search, app.dark, cols.join(",")].join("|");
+      if (p.hasPlot && p.data && p.data.v === v && p.sig === sig) {
+        p.note.append(el("span", {class: "muted small"}, p.noteText));
+        window.Plotly.relayout(p.chart, {shapes});
+        return;
+      }
+      const labels = cols.map((j) => layerLabel(v, j));
+      const {traces, anyBad, badRows, firstBad} = heatmapTraces(v, cols, labels, {scale: info.scale, metricLabel: label(metric), colorscale: info.colorscale});
+      const notes = [`${v.numSteps} logged step${v.numSteps === 1 ? "" : "s"} (${v.firstStep}–${v.lastStep}), ${cols.length} layers`];
+      if (v.binned) notes.push(`steps binned to ${v.B} columns: colour is the bin mean, hover and profile show the range`);
+      if (info.scale === "log") notes.push("log colour scale");
+      // named in words too: one NaN cell of 500 x 600 is a pixel or two
+      if (anyBad) notes.push(`NaN/Inf (magenta) in ${badRows} layer${badRows > 1 ? "s" : ""}, first at step ${firstBad}`);
+      if (v.numSteps === 1) notes.push("only one logged step so far: the heatmap fills in as training goes on");
+      p.noteText = notes.join(" · ");
+      p.note.append(el("span", {class: "muted small"}, p.noteText));
+      p.sig = sig;
+      p.data = {v, cols};
+      panels.plot(p, traces, layout(t, {
+        height: heatmapHeight(cols.length),
+        margin: {l: 8, r: 8, t: 6, b: 36},
+        uirevision: `${metric}|${search}`,
+        xaxis: {title: {text: "step"}, showgrid: false, zeroline: false},
+        yaxis: {type: "category", autorange: "reversed", showgrid: false, tickfont: {size: cols.length > 40 ? 9 : 11}},
+        shapes,
+      }), `${r.run}_${metric}`);
+      if (!p.clickBound) {
+        p.clickBound = true;
+        p.chart.on("plotly_click", (ev) => {
+          const pt = ev.points && ev.points[0];
+          if (!pt || !p.data || !Array.isArray(pt.pointIndex)) return;
+          const [row, col] = pt.pointIndex;
+          const {v: cur, cols: cc} = p.data;
+          if (row >= cc.length || col >= cur.B) return;
+          const name = cur.layers[cc[row]];
+          app.select({step: {lo: cur.stepFirst[col], hi: cur.stepLast[col]}, layer: moduleOf(name, kind)});
+        });
+      }
+    });
+    countNote.textContent = search ? `${shown} of ${total} layers match` : "";
+    await renderProfile(app, ctx, runs, data, match);
+    panels.end();
+  };
+
+  async function renderProfile(app, ctx, runs, data, match) {
+    const t = app.theme();
+    const info = METRICS[metric];
+    const first = data.find((v) => v && !(v instanceof Error) && v.B);
+    const p = panels.panel(`${id}:profile`, [el("h3", {}, profileTitle), el("span", {class: "muted small profile-step"})], {wide: true});
+    if (!first) return panels.notice(p, "No data to profile.");
+    const step = app.state.step || {lo: first.lastStep, hi: first.lastStep};
+    p.box.dataset.stepLo = String(step.lo);
+    p.box.dataset.stepHi = String(step.hi);
+    p.head.querySelector(".profile-step").textContent = step.lo === step.hi
+      ? ` at step ${step.lo}${app.state.step ? "" : " (latest; click a heatmap cell to choose)"}`
+      : ` over steps ${step.lo}–${step.hi} (bin mean, bars show min–max)`;
+    const rows = await Promise.all(runs.map((r, k) => (data[k] && !(data[k] instanceof Error)
+      ? fetchMetric(r.run, metric, {start: step.lo, end: step.hi, points: 1}).catch((e) => e) : null)));
+    if (ctx.stale()) return;
+    // Layers line up by name across runs, in the first run's model order.
+    const order = [];
+    const seen = new Set();
+    const typeOf = new Map();
+    for (const v of rows) {
+      if (!v || v instanceof Error) continue;
+      v.layers.forEach((n, j) => {
+        if (!seen.has(n) && (match(n) || match(v.layerTypes[j] || ""))) {
+          seen.add(n);
+          order.push(n);
+          typeOf.set(n, v.layerTypes[j]);
+        }
+      });
+    }
+    const labelOf = (n) => esc(kind === "site" && typeOf.get(n) ? `${n} · ${typeOf.get(n)}` : n);
+    const traces = [];
+    const bad = {x: [], text: []};
+    const missing = [];
+    const sel = app.state.layer;
+    runs.forEach((r, k) => {
+      const v = rows[k];
+      if (!v || v instanceof Error || !v.B) {
+        if (data[k] && !(data[k] instanceof Error)) missing.push(r.run);
+        return;
+      }
+      const x = [];
+      const y = [];
+      const lo = [];
+      const hi = [];
+      const sizes = [];
+      for (const n of order) {
+        const j = v.layerIndex(n);
+        if (j < 0 || !v.has(0, j)) continue;
+        const val = v.at(0, j);
+        x.push(labelOf(n));
+        if (v.bad(0, j) && !Number.isFinite(val)) {
+          y.push(null);
+          bad.x.push(labelOf(n));
+          bad.text.push(esc(r.run));
+        } else {
+          y.push(val);
+          if (v.bad(0, j)) {
+            bad.x.push(labelOf(n));
+            bad.text.push(esc(r.run));
+          }
+        }
+        lo.push(Number.isFinite(v.at(0, j, "min")) ? Math.max(0, val - v.at(0, j, "min")) : 0);
+        hi.push(Number.isFinite(v.at(0, j, "max")) ? Math.max(0, v.at(0, j, "max") - val) : 0);
+        sizes.push(sel != null && moduleOf(n, kind) === sel ? 11 : 6);
+      }
+      const color = app.runColor(r.run);
+      const tr = {type: "scatter", mode: "lines+markers", name: esc(r.run), x, y, line: {color, width: 1.5},
+                  marker: {color, size: sizes}, connectgaps: false,
+                  hovertemplate: `${esc(r.run)}<br>%{x}<br>${esc(label(metric))} = %{y:.4g}<extra></extra>`};
+      if (v.binned) tr.error_y = {type: "data", symmetric: false, array: hi, arrayminus: lo, color: alpha(color, 0.5), thickness: 1, width: 2};
+      traces.push(tr);
+    });
+    if (bad.x.length) {
+      traces.push({type: "scatter", mode: "markers", name: "non-finite", x: bad.x, y: bad.x.map(() => 0.96), yaxis: "y2",
+                   text: bad.text, marker: {symbol: "x", size: 10, color: NONFINITE},
+                   hovertemplate: "%{text}<br>%{x}<br>NaN/Inf at this step<extra></extra>"});
+    }
+    if (missing.length) p.note.append(el("span", {class: "muted small"}, `No logged step in this range for: ${missing.join(", ")}. `));
+    if (!traces.length) return panels.notice(p, "No run has a value at this step.");
+    const logY = info.scale === "log";
+    let lo = Infinity;
+    let hi = 0;
+    for (const tr of traces) for (const y of tr.yaxis ? [] : tr.y) if (y > 0) [lo, hi] = [Math.min(lo, y), Math.max(hi, y)];
+    panels.plot(p, traces, layout(t, {
+      height: 300,
+      margin: {l: 60, r: 16, t: 8, b: 8},
+      showlegend: runs.length > 1 || bad.x.length > 0,
+      legend: {orientation: "h", y: 1.08, x: 0, font: {size: 11}},
+      uirevision: `${metric}|${search}`,
+      xaxis: {type: "category", tickangle: order.length > 12 ? -45 : 0, tickfont: {size: order.length > 40 ? 9 : 11},
+              categoryorder: "array", categoryarray: order.map(labelOf)},
+      // decades once the values span two of them, else 1-2-5 (not every digit)
+      yaxis: {type: logY ? "log" : "linear", title: {text: esc(label(metric))}, exponentformat: "power",
+              dtick: logY ? (hi / lo >= 100 ? 1 : "D2") : undefined},
+      yaxis2: {overlaying: "y", range: [0, 1], visible: false, fixedrange: true},
+    }), `${metric}_profile`);
+    p.data = {order};
+    if (!p.clickBound) {
+      p.clickBound = true;
+      p.chart.on("plotly_click", (ev) => {
+        const pt = ev.points && ev.points[0];
+        if (!pt || !p.data) return;
+        const n = p.data.order.find((o) => labelOf(o) === pt.x);
+        if (n != null) app.select({layer: moduleOf(n, kind)});
+      });
+    }
+    if (app.state.layer != null) {
+      p.head.append(el("button", {type: "button", class: "btn", onclick: () => app.select({view: "layer"})},
+                       `Open layer “${app.state.layer || "(root)"}” ›`));
+    }
+  }
+
+  return view;
+}

@@ -1,0 +1,159 @@
+// Layer drill-down: every metric of one module (its parameters and its
+// activation sites) over steps, the selected runs overlaid.
+import * as api from "../api.js";
+import {el, clear} from "../dom.js";
+import {NONFINITE, Panels, alpha, esc, layout} from "../charts.js";
+import {METRICS, PARAM_METRICS, SITE_METRICS, label, moduleOf} from "../metrics.js";
+
+let panels;
+let picker;
+let heading;
+
+const DASHES = ["solid", "dash", "dot", "dashdot", "longdash"];
+const DASH_TEXT = ["——", "– –", "···", "–·–", "— —"];
+
+function init(root, app) {
+  picker = el("select", {class: "layer-picker", "aria-label": "Layer", onchange: (e) => app.select({layer: e.target.value})});
+  heading = el("div", {class: "layer-heading"});
+  root.append(el("div", {class: "toolbar"}, el("label", {class: "tool"}, "Layer ", picker)), heading);
+  const grid = el("div", {class: "panels"});
+  root.append(grid);
+  panels = new Panels(grid);
+}
+
+async function fetchMetric(run, m, opts) {
+  if (m === "grad_to_weight") {
+    const [g, w] = await Promise.all([api.values(run, "grad_norm", opts), api.values(run, "weight_norm", opts)]);
+    return api.ratio(g, w);
+  }
+  return api.values(run, m, opts);
+}
+
+async function render(app, ctx) {
+  const t = app.theme();
+  const runs = app.selectedRuns();
+  panels.begin();
+  if (!runs.length) {
+    clear(heading);
+    panels.notice(panels.panel("none", "Layer", {wide: true}), "Select one or more runs on the left.");
+    return panels.end();
+  }
+  const tagList = await Promise.all(runs.map((r) => api.tags(r.run).catch(() => null)));
+  if (ctx.stale()) return;
+  // Every module that owns a series, in model order (first run first).
+  const modules = [];
+  const members = new Map(); // module -> {params: Set, sites: Set, types: Map}
+  const add = (mod, kind, n, type) => {
+    if (!members.has(mod)) {
+      members.set(mod, {params: [], sites: [], types: new Map()});
+      modules.push(mod);
+    }
+    const e = members.get(mod);
+    const list = kind === "param" ? e.params : e.sites;
+    if (!list.includes(n)) list.push(n);
+    if (type) e.types.set(n, type);
+  };
+  for (const tg of tagList) {
+    if (!tg) continue;
+    for (const m of ["grad_norm", "weight_norm", "update_ratio"]) for (const n of tg.metrics[m]?.layers || []) add(moduleOf(n, "param"), "param", n);
+    for (const m of SITE_METRICS) {
+      const info = tg.metrics[m];
+      if (info) info.layers.forEach((n, j) => add(moduleOf(n, "site"), "site", n, info.layer_types[j]));
+    }
+  }
+  if (!modules.length) {
+    clear(picker);
+    clear(heading);
+    panels.notice(panels.panel("none", "Layer", {wide: true}), "The selected runs record no per-layer metrics.");
+    return panels.end();
+  }
+  let layer = app.state.layer;
+  if (layer == null || !members.has(layer)) {
+    const wanted = layer;
+    layer = modules[0];
+    if (wanted != null) {
+      // a container module: show its first descendant that has series
+      const child = modules.find((m) => wanted === "" || m.startsWith(wanted + "."));
+      if (child != null) layer = child;
+    }
+  }
+  clear(picker).append(...modules.map((m) => el("option", {value: m, selected: m === layer}, m === "" ? "(model)" : m)));
+  picker.value = layer;
+  const mem = members.get(layer);
+  clear(heading).append(
+    el("h2", {class: "section-title"}, "Layer ", el("q", {}, layer === "" ? "(model)" : layer)),
+    el("p", {class: "muted small"},
+      mem.params.length ? `parameters: ${mem.params.join(", ")}` : "no tracked parameters",
+      " · ",
+      mem.sites.length ? `activation sites: ${mem.sites.map((s) => (mem.types.get(s) ? `${s} (${mem.types.get(s)})` : s)).join(", ")}` : "no activation sites"));
+  heading.dataset.layer = layer;
+  const points = Math.max(40, Math.min(1500, Math.round(((panels.root.clientWidth || 900) / 2) - 60)));
+  const plan = [];
+  for (const m of PARAM_METRICS) if (mem.params.length) plan.push([m, "param", mem.params]);
+  for (const m of SITE_METRICS) if (mem.sites.length) plan.push([m, "site", mem.sites]);
+  const results = await Promise.all(plan.map(([m, , names]) => Promise.all(runs.map((r, k) => {
+    const tg = tagList[k];
+    const needs = METRICS[m].needs || [m];
+    if (!tg || !needs.every((x) => tg.metrics[x])) return null;
+    const have = names.filter((n) => needs.every((x) => tg.metrics[x].layers.includes(n)));
+    if (!have.length) return null;
+    return fetchMetric(r.run, m, {points, layers: have}).catch((e) => e);
+  }))));
+  if (ctx.stale()) return;
+  plan.forEach(([m, , names], q) => {
+    const p = panels.panel("layer:" + m, label(m));
+    p.box.dataset.metric = m;
+    const traces = [];
+    const errs = [];
+    runs.forEach((r, k) => {
+      const v = results[q][k];
+      if (v instanceof Error) errs.push(`${r.run}: ${v.message}`);
+      if (!v || v instanceof Error) return;
+      const color = app.runColor(r.run);
+      const x = Array.from(v.stepFirst);
+      names.forEach((n, d) => {
+        const j = v.layerIndex(n);
+        if (j < 0) return;
+        const legendName = names.length > 1 ? `${r.run} · ${n.slice(layer ? layer.length + 1 : 0) || n}` : r.run;
+        if (v.binned && m !== "grad_to_weight") {
+          traces.push({type: "scatter", mode: "lines", x, y: v.column(j, "min").map(fin), line: {width: 0}, hoverinfo: "skip", showlegend: false, meta: {run: r.run, layer: n, role: "min"}});
+          traces.push({type: "scatter", mode: "lines", x, y: v.column(j, "max").map(fin), line: {width: 0}, fill: "tonexty",
+                       fillcolor: alpha(color, 0.13), hoverinfo: "skip", showlegend: false, meta: {run: r.run, layer: n, role: "max"}});
+        }
+        traces.push({type: "scatter", mode: v.B === 1 ? "markers" : "lines", x, y: v.column(j).map(fin), name: esc(legendName),
+                     line: {color, width: 1.6, dash: DASHES[d % DASHES.length]}, marker: {color, size: 7},
+                     meta: {run: r.run, layer: n, role: "value"},
+                     hovertemplate: `${esc(legendName)}<br>step %{x}<br>%{y:.4g}<extra></extra>`});
+        const bad = [];
+        for (let i = 0; i < v.B; i++) if (v.has(i, j) && v.bad(i, j)) bad.push(x[i]);
+        if (bad.length) {
+          traces.push({type: "scatter", mode: "markers", x: bad, y: bad.map(() => 0.97), yaxis: "y2", name: "non-finite",
+                       marker: {symbol: "x", size: 8, color: NONFINITE}, showlegend: false, meta: {run: r.run, layer: n, role: "nonfinite"},
+                       hovertemplate: `${esc(legendName)}: NaN/Inf at step %{x}<extra></extra>`});
+        }
+      });
+    });
+    const styles = names.length > 1 ? names.map((n, d) => `${DASH_TEXT[d % DASH_TEXT.length]} ${n.slice(layer ? layer.length + 1 : 0) || n}`) : [];
+    p.note.append(el("span", {class: "muted small"}, [...styles, ...errs].join(" · ")));
+    if (!traces.length) return panels.notice(p, `Not recorded for this layer in the selected runs.`);
+    const step = app.state.step;
+    const scale = METRICS[m].scale;
+    panels.plot(p, traces, layout(t, {
+      height: 240,
+      margin: {l: 56, r: 10, t: 6, b: 32},
+      showlegend: false, // runs by colour (as in the run list), members by line style (noted above)
+      uirevision: `${layer}|${m}`,
+      xaxis: {title: {text: "step"}},
+      yaxis: {type: scale === "log" ? "log" : "linear", range: scale === "unit" ? [0, 1.02] : undefined, exponentformat: "power"},
+      yaxis2: {overlaying: "y", range: [0, 1], visible: false, fixedrange: true},
+      shapes: step ? [{type: "line", xref: "x", yref: "paper", x0: step.lo, x1: step.lo, y0: 0, y1: 1, line: {color: t.muted, width: 1.5, dash: "dot"}}] : [],
+    }), `${layer || "model"}_${m}`);
+  });
+  panels.end();
+}
+
+function fin(y) {
+  return y != null && Number.isFinite(y) ? y : null;
+}
+
+export default {id: "layer", title: "Layer", init, render};

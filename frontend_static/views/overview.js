@@ -1,0 +1,313 @@
+// Overview: the findings first (or, when they are unavailable, each run's
+// headline figures), then small multiples of the headline signals.
+import * as api from "../api.js";
+import {el, clear, fmt, fmtPct, message} from "../dom.js";
+import {Panels, alpha, esc, layout, seriesColor} from "../charts.js";
+import {moduleOf} from "../metrics.js";
+
+let findingsBox;
+let showAll = false;
+const FIRST_FINDINGS = 4;
+let figuresBox;
+let panels;
+
+const SEVERITY = {error: 0, warning: 1, info: 2};
+
+// Where a finding's evidence is drawn: [view, metric of that view].
+const FINDING_VIEW = {
+  nonfinite: ["gradients", "grad_norm"],
+  exploding_gradient: ["gradients", "grad_norm"],
+  vanishing_gradient: ["gradients", "grad_norm"],
+  update_ratio: ["gradients", "update_ratio"],
+  dead_relu: ["activations", "dead_fraction"],
+  saturated_activation: ["activations", "saturation"],
+  loss_spike: ["loss", null],
+  loss_not_decreasing: ["loss", null],
+  loss_component_dominance: ["loss", null],
+};
+
+function init(root) {
+  findingsBox = el("section", {class: "findings", "aria-label": "Findings"});
+  figuresBox = el("section", {class: "figures", "aria-label": "Headline figures"});
+  const grid = el("div", {class: "panels small-multiples"});
+  root.append(findingsBox, figuresBox, el("h2", {class: "section-title"}, "Headline signals"), grid);
+  panels = new Panels(grid);
+}
+
+function finite(arr) {
+  return arr.map((y) => (y != null && Number.isFinite(y) ? y : null));
+}
+
+function lastFinite(arr) {
+  for (let i = arr.length - 1; i >= 0; i--) if (arr[i] != null && Number.isFinite(arr[i])) return {i, v: arr[i]};
+  return null;
+}
+
+async function load(r, points) {
+  const want = ["loss", "grad_norm_total", "learning_rate", "dead_fraction"].filter((m) => r.metrics.includes(m));
+  const out = {};
+  await Promise.all(want.map(async (m) => {
+    try {
+      out[m] = await api.values(r.run, m, {points});
+    } catch (e) {
+      out[m] = e;
+    }
+  }));
+  return out;
+}
+
+// Mean over activation sites of the dead fraction, per row.
+function deadShare(v) {
+  const out = new Array(v.B).fill(null);
+  for (let i = 0; i < v.B; i++) {
+    let s = 0;
+    let n = 0;
+    for (let j = 0; j < v.L; j++) {
+      const x = v.at(i, j);
+      if (v.has(i, j) && Number.isFinite(x)) {
+        s += x;
+        n++;
+      }
+    }
+    out[i] = n ? s / n : null;
+  }
+  return out;
+}
+
+function ok(v) {
+  return v && !(v instanceof Error) && v.B > 0;
+}
+
+function headline(r, d) {
+  const f = {run: r.run, steps: null, range: "", loss: null, lossMin: null, grad: null, gradMax: null, lr: null, dead: null, firstBad: null};
+  const any = [d.loss, d.grad_norm_total, d.learning_rate, d.dead_fraction].find(ok);
+  if (any) {
+    f.steps = any.numSteps;
+    f.range = `${any.firstStep}–${any.lastStep}`;
+  }
+  let firstBad = Infinity;
+  const scanBad = (v, j) => {
+    for (let i = 0; i < v.B; i++) if (v.has(i, j) && v.bad(i, j)) return v.stepFirst[i];
+    return Infinity;
+  };
+  if (ok(d.loss)) {
+    const j = Math.max(0, d.loss.layerIndex("total"));
+    const col = d.loss.column(j);
+    f.loss = lastFinite(col)?.v ?? null;
+    const mins = finite(d.loss.column(j, "min")).filter((x) => x != null);
+    f.lossMin = mins.length ? Math.min(...mins) : null;
+    firstBad = Math.min(firstBad, scanBad(d.loss, j));
+  }
+  if (ok(d.grad_norm_total)) {
+    const col = d.grad_norm_total.column(0);
+    f.grad = lastFinite(col)?.v ?? null;
+    const maxs = finite(d.grad_norm_total.column(0, "max")).filter((x) => x != null);
+    f.gradMax = maxs.length ? Math.max(...maxs) : null;
+    firstBad = Math.min(firstBad, scanBad(d.grad_norm_total, 0));
+  }
+  if (ok(d.learning_rate)) f.lr = lastFinite(d.learning_rate.column(0))?.v ?? null;
+  if (ok(d.dead_fraction)) f.dead = lastFinite(deadShare(d.dead_fraction))?.v ?? null;
+  f.firstBad = Number.isFinite(firstBad) ? firstBad : null;
+  return f;
+}
+
+function drawFigures(app, runs, figs) {
+  clear(figuresBox);
+  const cols = [
+    ["steps", "Logged steps", (f) => (f.steps == null ? "–" : `${f.steps} (${f.range})`)],
+    ["loss", "Loss (last)", (f) => fmt(f.loss)],
+    ["lossMin", "Loss (lowest)", (f) => fmt(f.lossMin)],
+    ["grad", "Total grad norm (last)", (f) => fmt(f.grad)],
+    ["gradMax", "Total grad norm (max)", (f) => fmt(f.gradMax)],
+    ["firstBad", "First NaN/Inf", (f) => (f.firstBad == null ? "none" : `step ${f.firstBad}`)],
+    ["dead", "Dead units (last)", (f) => fmtPct(f.dead)],
+    ["lr", "Learning rate (last)", (f) => fmt(f.lr)],
+  ];
+  const table = el("table", {class: "figures-table"},
+    el("thead", {}, el("tr", {}, el("th", {}, "Run"), cols.map(([, h]) => el("th", {}, h)))),
+    el("tbody", {}, figs.map((f) => el("tr", {dataset: {run: f.run}},
+      el("td", {class: "run-cell"}, el("span", {class: "swatch", style: {background: app.runColor(f.run)}}), f.run),
+      cols.map(([key, , show]) => el("td", {dataset: {key, value: f[key] == null ? "" : String(f[key])},
+                                          class: key === "firstBad" && f.firstBad != null ? "bad" : ""}, show(f)))))));
+  figuresBox.append(el("h2", {class: "section-title"}, "Headline figures"), el("div", {class: "table-wrap"}, table));
+}
+
+function drawFindings(app, runs, results) {
+  clear(findingsBox);
+  findingsBox.append(el("h2", {class: "section-title"}, "Findings"));
+  const items = [];
+  const failed = [];
+  const skipped = [];
+  runs.forEach((r, k) => {
+    const res = results[k];
+    if (res instanceof Error) failed.push([r.run, res]);
+    else {
+      for (const f of res.findings || []) items.push({...f, run: r.run});
+      for (const s of res.skipped || []) skipped.push(`${r.run}: ${s}`);
+    }
+  });
+  findingsBox.dataset.state = failed.length === runs.length ? "unavailable" : "ok";
+  if (failed.length) {
+    const why = failed[0][1].status ? `HTTP ${failed[0][1].status}` : failed[0][1].message;
+    const who = failed.length === runs.length ? "" : ` for ${failed.map(([n]) => n).join(", ")}`;
+    findingsBox.append(message(`Findings are not available${who} (${why}); the headline figures below summarise each run.`, "warn"));
+  }
+  if (failed.length === runs.length) return;
+  items.sort((a, b) => (SEVERITY[a.severity] ?? 3) - (SEVERITY[b.severity] ?? 3));
+  if (!items.length) {
+    findingsBox.append(message("No problems found in the selected runs.", "ok"));
+  }
+  const list = el("ul", {class: "finding-list"});
+  items.forEach((f, n) => {
+    const layers = Array.isArray(f.layers) ? f.layers : [];
+    const target = FINDING_VIEW[f.kind] || ["overview", null];
+    const go = () => {
+      const patch = {view: target[0]};
+      if (layers.length) {
+        const kind = target[0] === "activations" ? "site" : "param";
+        patch.layer = moduleOf(layers[0], kind);
+      }
+      if (Number.isFinite(f.first_step) && target[0] !== "loss") patch.step = {lo: f.first_step, hi: f.first_step};
+      app.openMetric(target[0], target[1], patch);
+    };
+    const layerText = layers.length ? `${layers.slice(0, 4).join(", ")}${layers.length > 4 ? ` +${layers.length - 4} more` : ""}` : "";
+    list.append(el("li", {class: `finding sev-${f.severity}`, hidden: !showAll && n >= FIRST_FINDINGS, dataset: {kind: f.kind, run: f.run}},
+      el("button", {type: "button", class: "finding-link", onclick: go, title: "Show the chart"},
+        el("span", {class: `sev sev-${f.severity}`}, f.severity),
+        el("span", {class: "swatch", style: {background: app.runColor(f.run)}}),
+        el("span", {class: "finding-run"}, f.run),
+        el("span", {class: "finding-msg"}, String(f.message ?? f.kind))),
+      el("div", {class: "finding-detail muted small"},
+        f.first_step != null ? `steps ${f.first_step}–${f.last_step}` : "",
+        layerText ? ` · layers: ${layerText}` : "",
+        f.suggestion ? el("span", {class: "finding-suggestion"}, ` — ${f.suggestion}`) : null)));
+  });
+  findingsBox.append(list);
+  if (items.length > FIRST_FINDINGS) {
+    findingsBox.append(el("button", {type: "button", class: "link more", onclick: () => {
+      showAll = !showAll;
+      app.render();
+    }}, showAll ? "Show fewer findings" : `Show all ${items.length} findings`));
+  }
+  if (skipped.length) findingsBox.append(el("details", {class: "muted small"}, el("summary", {}, `${skipped.length} check(s) skipped`),
+    el("ul", {}, skipped.map((s) => el("li", {}, s)))));
+}
+
+function lineTraces(app, runs, data, metric, pick) {
+  const traces = [];
+  runs.forEach((r, k) => {
+    const v = data[k][metric];
+    if (!ok(v)) return;
+    const color = app.runColor(r.run);
+    for (const [j, name, dash] of pick(v)) {
+      const x = Array.from(v.stepFirst);
+      if (v.binned && metric !== "dead_fraction") {
+        traces.push({type: "scatter", mode: "lines", x, y: finite(v.column(j, "min")), line: {width: 0}, hoverinfo: "skip", meta: {run: r.run, role: "min"}});
+        traces.push({type: "scatter", mode: "lines", x, y: finite(v.column(j, "max")), line: {width: 0}, fill: "tonexty",
+                     fillcolor: alpha(color, 0.15), hoverinfo: "skip", meta: {run: r.run, role: "max"}});
+      }
+      const y = metric === "dead_fraction" ? deadShare(v).map((s) => (s == null ? null : 100 * s)) : finite(v.column(j));
+      traces.push({type: "scatter", mode: v.B === 1 ? "markers" : "lines", x, y, name: esc(name ? `${r.run} · ${name}` : r.run),
+                   line: {color, width: 1.6, dash: dash || "solid"}, marker: {color, size: 7},
+                   meta: {run: r.run, role: "value", layer: name},
+                   hovertemplate: `${esc(name ? `${r.run} · ${name}` : r.run)}<br>step %{x}<br>%{y:.4g}<extra></extra>`});
+    }
+  });
+  return traces;
+}
+
+// Log scale when positive values span more than `ratio` (a diverging run
+// would flatten every other run on a linear axis).
+function autoLog(traces, ratio = 1e3) {
+  let lo = Infinity;
+  let hi = -Infinity;
+  for (const tr of traces) {
+    for (const y of tr.y) {
+      if (y == null) continue;
+      if (y <= 0) return false;
+      lo = Math.min(lo, y);
+      hi = Math.max(hi, y);
+    }
+  }
+  return hi / lo > ratio;
+}
+
+function small(app, key, title, traces, {logY = false, yTitle = "", missing = "", range = undefined} = {}) {
+  const t = app.theme();
+  const p = panels.panel(key, title);
+  if (!traces.length) return panels.notice(p, missing || "Not recorded in the selected runs.");
+  if (logY === "auto") logY = autoLog(traces);
+  panels.plot(p, traces, layout(t, {
+    height: 230,
+    margin: {l: 52, r: 10, t: 6, b: 32},
+    uirevision: key,
+    xaxis: {title: {text: "step"}},
+    yaxis: {type: logY ? "log" : "linear", title: {text: yTitle}, exponentformat: "power", range},
+  }), key);
+}
+
+function stacked(app, r, v, share) {
+  const t = app.theme();
+  const comps = v.layers.map((n, j) => [n, j]).filter(([n]) => n !== "total");
+  const key = `${share ? "share" : "stack"}:${r.run}`;
+  const title = [el("h3", {}, share ? "Loss components, share of their sum" : "Loss components, stacked"),
+                 el("span", {class: "muted small"}, " — "), el("span", {class: "swatch", style: {background: app.runColor(r.run)}}),
+                 el("span", {class: "small"}, r.run)];
+  const p = panels.panel(key, title);
+  if (comps.length < 2) return panels.notice(p, `“${r.run}” records ${comps.length ? "one component" : "no components"}: pass losses={"ce": ..., "l2": ...} to see how they add up.`);
+  const x = Array.from(v.stepFirst);
+  const traces = comps.map(([n, j], c) => ({
+    type: "scatter", mode: "lines", x, y: v.column(j).map((y) => (y != null && Number.isFinite(y) ? Math.abs(y) : null)),
+    stackgroup: "one", groupnorm: share && c === 0 ? "percent" : undefined, name: esc(n),
+    line: {width: 0.8, color: seriesColor(c)}, fillcolor: alpha(seriesColor(c), 0.55), meta: {run: r.run, component: n},
+    hovertemplate: `${esc(n)}<br>step %{x}<br>${share ? "%{y:.1f} %" : "%{y:.4g}"}<extra></extra>`,
+  }));
+  const logY = !share && autoLog(traces);
+  panels.plot(p, traces, layout(t, {
+    height: 230, margin: {l: 52, r: 10, t: 6, b: 32}, showlegend: true,
+    legend: {orientation: "h", x: 0, y: 1.14, font: {size: 11}}, uirevision: key,
+    xaxis: {title: {text: "step"}},
+    yaxis: {title: {text: share ? "% of sum" : "|loss|"}, range: share ? [0, 100] : undefined, exponentformat: "power",
+            type: logY ? "log" : "linear"},
+  }), key);
+}
+
+async function render(app, ctx) {
+  const runs = app.selectedRuns();
+  panels.begin();
+  if (!runs.length) {
+    clear(findingsBox).append(message("Select one or more runs on the left.", "info"));
+    clear(figuresBox);
+    return panels.end();
+  }
+  const points = 400;
+  const [data, results] = await Promise.all([
+    Promise.all(runs.map((r) => load(r, points))),
+    Promise.all(runs.map((r) => api.findings(r.run).catch((e) => e))),
+  ]);
+  if (ctx.stale()) return;
+  drawFindings(app, runs, results);
+  drawFigures(app, runs, runs.map((r, k) => headline(r, data[k])));
+
+  small(app, "grad_norm_total", "Total gradient norm",
+        lineTraces(app, runs, data, "grad_norm_total", () => [[0, "", ""]]),
+        {logY: true, missing: "No grad_norm_total recorded."});
+  small(app, "loss_total", "Loss",
+        lineTraces(app, runs, data, "loss", (v) => [[Math.max(0, v.layerIndex("total")), "", ""]]),
+        {logY: "auto", missing: "No loss recorded: pass loss= to diag.step."});
+  small(app, "learning_rate", "Learning rate",
+        lineTraces(app, runs, data, "learning_rate", (v) => v.layers.map((n, j) => [j, v.L > 1 ? n : "", ["solid", "dash", "dot", "dashdot"][j % 4]])),
+        {logY: true, missing: "No learning_rate recorded: pass optimizer= to Diagnostics."});
+  small(app, "dead_share", "Share of dead units (mean over ReLU sites)",
+        lineTraces(app, runs, data, "dead_fraction", () => [[0, "", ""]]),
+        {yTitle: "%", range: [0, 100], missing: "No dead_fraction recorded (no ReLU-family activations)."});
+  runs.forEach((r, k) => {
+    const v = data[k].loss;
+    if (!ok(v)) return;
+    stacked(app, r, v, false);
+    stacked(app, r, v, true);
+  });
+  panels.end();
+}
+
+export default {id: "overview", title: "Overview", init, render};
