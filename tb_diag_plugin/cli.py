@@ -33,7 +33,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of `tb-diag`; returns the exit status."""
     args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except BrokenPipeError:
+        # `tb-diag report runs | head`: the reader left; say nothing more.
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keep interpreter shutdown quiet
+        except OSError:
+            pass
+        return 0
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         if args.steps < 1:
             print("tb-diag demo: --steps must be >= 1", file=sys.stderr)
