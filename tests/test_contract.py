@@ -103,3 +103,16 @@ def test_fix_flags_sets_default_only_when_user_gave_none():
     f.diagnostics_samples = -1
     with pytest.raises(ValueError, match="diagnostics_samples"):
         loader.fix_flags(f)
+
+
+def test_tensorboard_side_imports_neither_torch_nor_plotly():
+    """TensorBoard imports the entry point at start-up: it must stay light and safe."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, tb_diag_plugin.diagnostics_plugin, tb_diag_plugin.findings, tb_diag_plugin.export;"
+        "print('torch' in sys.modules, 'plotly' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.split() == ["False", "False"]
