@@ -11,6 +11,7 @@ import functools
 import gzip
 import importlib.resources
 import json
+import logging
 import mimetypes
 import re
 import struct
@@ -26,6 +27,8 @@ from werkzeug import wrappers
 
 from tb_diag_plugin import downsample, metadata, reading
 
+logger = logging.getLogger(__name__)
+
 # Samples kept per diagnostics tag when the user gives no
 # --samples_per_plugin=diagnostics=N. TensorBoard's own default for custom
 # plugins is 10 (Python loader) or 100 (Rust data server), which would throw
@@ -37,6 +40,8 @@ DEFAULT_POINTS = 1000
 MAX_POINTS = 100_000
 MAX_LAYERS_PER_REQUEST = 100_000
 _CACHE_ENTRIES = 6
+_ANSWER_ENTRIES = 32
+_ANSWER_MAX_BYTES = 8 << 20
 _STATIC_NAME = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*\.(js|css|svg|png)$")
 
 
@@ -86,6 +91,12 @@ def _json_route(fn: Callable) -> Callable:
             return http_util.Respond(
                 request, {"error": str(e)}, "application/json", code=e.http_code
             )
+        except Exception as e:  # a bug of ours: logged in full, answered without a traceback
+            logger.exception("diagnostics route %s failed", request.path)
+            return http_util.Respond(
+                request, {"error": f"internal error ({type(e).__name__}); see the TensorBoard log"},
+                "application/json", code=500,
+            )
 
     return wrapper
 
@@ -111,6 +122,7 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
     def __init__(self, context) -> None:
         self._provider = context.data_provider
         self._cache: OrderedDict[tuple, tuple[reading.Series, list[str]]] = OrderedDict()
+        self._answers: OrderedDict[tuple, tuple[bytes, str, Optional[str]]] = OrderedDict()
         self._lock = threading.Lock()
         self._static = importlib.resources.files("tb_diag_plugin.frontend_static")
 
@@ -218,6 +230,9 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
 
     def series(self, ctx, eid: str, run: str, metric: str, idx: reading.RunIndex) -> tuple[reading.Series, list[str]]:
         """A metric's merged series, cached until the run gains a step."""
+        return self._series_and_key(ctx, eid, run, metric, idx)[:2]
+
+    def _series_and_key(self, ctx, eid: str, run: str, metric: str, idx: reading.RunIndex):
         stamp = tuple(tag for tag, _ in idx.tags[metric])
         listing = self._provider.list_tensors(
             ctx,
@@ -233,13 +248,13 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
             hit = self._cache.get(key)
             if hit is not None:
                 self._cache.move_to_end(key)
-                return hit
+                return hit + (key,)
         result = reading.read_series(self._provider, ctx, eid, run, metric, idx, reading.ALL_SAMPLES)
         with self._lock:
             self._cache[key] = result
             while len(self._cache) > _CACHE_ENTRIES:
                 self._cache.popitem(last=False)
-        return result
+        return result + (key,)
 
     @_json_route
     def _serve_values(self, request):
@@ -261,7 +276,26 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
         if len(wanted) > MAX_LAYERS_PER_REQUEST:
             raise errors.InvalidArgumentError("too many layer parameters")
 
-        series, problems = self.series(ctx, eid, run, metric, idx)
+        series, problems, version = self._series_and_key(ctx, eid, run, metric, idx)
+        # The tab polls: an identical request on unchanged data gets the
+        # answer it got before without binning and encoding again.
+        answer_key = (version, request.query_string, "gzip" in request.headers.get("Accept-Encoding", ""))
+        with self._lock:
+            answer = self._answers.get(answer_key)
+            if answer is not None:
+                self._answers.move_to_end(answer_key)
+        if answer is not None:
+            return _respond(request, *answer)
+        answer = self._values_answer(request, run, metric, idx, series, problems, points, start, end, fmt, wanted)
+        with self._lock:
+            if len(answer[0]) <= _ANSWER_MAX_BYTES:
+                self._answers[answer_key] = answer
+            while len(self._answers) > _ANSWER_ENTRIES:
+                self._answers.popitem(last=False)
+        return _respond(request, *answer)
+
+    def _values_answer(self, request, run, metric, idx, series, problems, points, start, end, fmt, wanted):
+        """(body, content type, content encoding) of a /values answer."""
         cols = np.arange(len(series.layers))
         if wanted:
             pos = {n: j for j, n in enumerate(series.layers)}
@@ -285,7 +319,7 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
             "problems": idx.problems + problems,
         }
         if fmt == "f32":
-            return self._respond_f32(request, header, b)
+            return self._f32_body(header, b)
         absent = b.present == 0
         header.update(
             steps=b.step_first.tolist(),
@@ -295,9 +329,9 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
         if b.binned:
             header.update(min=_json_matrix(b.min, absent), max=_json_matrix(b.max, absent),
                           nonfinite=b.nonfinite.astype(np.int64).tolist())
-        return http_util.Respond(request, header, "application/json")
+        return json.dumps(_cleanse(header), allow_nan=False).encode("utf-8"), "application/json", None
 
-    def _respond_f32(self, request, header: dict, b: downsample.Binned):
+    def _f32_body(self, header: dict, b: downsample.Binned):
         arrays = [("step_first", b.step_first.astype(np.float64)), ("step_last", b.step_last.astype(np.float64))]
         arrays += [("mean", b.mean), ("min", b.min), ("max", b.max), ("nonfinite", b.nonfinite), ("present", b.present)]
         offset = 0
@@ -314,10 +348,7 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
         head = json.dumps(header, allow_nan=False).encode("utf-8")
         head += b" " * (-(len(head) + 4) % 8)  # arrays start 8-byte aligned
         body = struct.pack("<I", len(head)) + head + b"".join(chunks)
-        return http_util.Respond(
-            request, gzip.compress(body, compresslevel=1, mtime=0), "application/octet-stream",
-            content_encoding="gzip",
-        )
+        return gzip.compress(body, compresslevel=1, mtime=0), "application/octet-stream", "gzip"
 
     @_json_route
     def _serve_structure(self, request):
@@ -347,6 +378,17 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
             {"run": run, "findings": [f.to_dict(run) for f in found], "skipped": skipped},
             "application/json",
         )
+
+
+def _respond(request, body: bytes, content_type: str, encoding: Optional[str]):
+    return http_util.Respond(request, body, content_type, content_encoding=encoding)
+
+
+def _cleanse(obj):
+    """TensorBoard's JSON convention: NaN and infinities as strings."""
+    from tensorboard.backend import json_util
+
+    return json_util.Cleanse(obj)
 
 
 def _json_matrix(values: np.ndarray, absent: np.ndarray) -> list:

@@ -28,47 +28,64 @@ class Binned:
     present: np.ndarray  # float32 [B, L]: count of recorded values in the bin (0 = layer absent)
 
 
+def _reduce(arr: np.ndarray, k: int, op: str) -> np.ndarray:
+    """Reduce consecutive groups of `k` rows (the last group may be shorter).
+
+    Reshaping into (bins, k, L) and reducing axis 1 is ~10x faster than
+    `ufunc.reduceat` along axis 0 on a large row-major matrix.
+    """
+    S = arr.shape[0]
+    full = S // k
+    parts = []
+    if full:
+        parts.append(getattr(arr[: full * k].reshape(full, k, *arr.shape[1:]), op)(axis=1))
+    if S > full * k:
+        parts.append(getattr(arr[full * k :], op)(axis=0, keepdims=True))
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
 def bin_steps(steps: np.ndarray, values: np.ndarray, present: np.ndarray, points: int) -> Binned:
     """Downsample a steps x layers matrix to at most `points` rows.
 
-    With no more steps than `points` the rows are the raw steps (mean, min
-    and max all equal the value, NaN and Inf kept as they are).
+    Bins hold `ceil(S / points)` consecutive logged steps each (the last one
+    may hold fewer). With no more steps than `points` the rows are the raw
+    steps (mean, min and max all equal the value, NaN and Inf kept as they are).
     """
     if points < 1:
         raise ValueError("points must be >= 1")
     S = steps.shape[0]
     values = values.astype(np.float32, copy=False)
-    finite = np.isfinite(values) & present
-    nonfinite = (~np.isfinite(values) & present).astype(np.float32)
+    finite = np.isfinite(values)
     if S <= points:
+        nonfinite = (~finite & present).astype(np.float32)
         return Binned(False, steps, steps, values, values, values, nonfinite, present.astype(np.float32))
-    edges = np.linspace(0, S, points + 1).astype(np.int64)
-    starts = np.unique(edges[:-1])
-    ends = np.append(starts[1:], S) - 1
-    safe = np.where(finite, values, 0.0).astype(np.float64)
-    sums = np.add.reduceat(safe, starts, axis=0)
-    counts = np.add.reduceat(finite.astype(np.float64), starts, axis=0)
+    k = -(-S // points)
+    starts = np.arange(0, S, k)
+    ends = np.minimum(starts + k, S) - 1
+    first, last = steps[starts], steps[ends]
+    if bool(present.all()) and bool(finite.all()):
+        # The common case (every value recorded and finite): no masks and no
+        # temporaries the size of the run.
+        counts = (ends - starts + 1).astype(np.float32)[:, None]
+        mean = _reduce(values, k, "sum") / counts
+        mn, mx = _reduce(values, k, "min"), _reduce(values, k, "max")
+        return Binned(True, first, last, mean, mn, mx, np.zeros_like(mean),
+                      np.broadcast_to(counts, mean.shape).astype(np.float32))
+    good = finite & present
+    sums = _reduce(np.where(good, values, np.float32(0)).astype(np.float64), k, "sum")
+    counts = _reduce(good.astype(np.float32), k, "sum")
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = (sums / counts).astype(np.float32)
-    mn = np.minimum.reduceat(np.where(finite, values, np.inf), starts, axis=0)
-    mx = np.maximum.reduceat(np.where(finite, values, -np.inf), starts, axis=0)
+    mn = _reduce(np.where(good, values, np.float32(np.inf)), k, "min")
+    mx = _reduce(np.where(good, values, np.float32(-np.inf)), k, "max")
     empty = counts == 0
+    # A bin with no finite value has NaN for mean, min and max: the chart
+    # draws it in the non-finite colour (or as absent, from `present`).
+    mean[empty] = np.nan
     mn[empty] = np.nan
     mx[empty] = np.nan
-    nf = np.add.reduceat(nonfinite, starts, axis=0)
-    # A bin whose only values are non-finite keeps NaN as its mean: the
-    # chart draws it in the non-finite colour.
-    mean[empty] = np.nan
-    return Binned(
-        True,
-        steps[starts],
-        steps[ends],
-        mean,
-        mn.astype(np.float32),
-        mx.astype(np.float32),
-        nf.astype(np.float32),
-        np.add.reduceat(present.astype(np.float32), starts, axis=0),
-    )
+    nonfinite = _reduce((~finite & present).astype(np.float32), k, "sum")
+    return Binned(True, first, last, mean, mn, mx, nonfinite, _reduce(present.astype(np.float32), k, "sum"))
 
 
 def step_window(steps: np.ndarray, start: Optional[int], end: Optional[int]) -> slice:

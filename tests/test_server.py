@@ -172,10 +172,22 @@ def test_structure_route(server):
     assert [p["shape"] for p in mods["0"]["params"]] == [[4, 4], [4]]
 
 
+def _wait_last_step(srv, last: int, timeout: float = 120) -> dict:
+    """Poll until the loader has read the whole file (it loads while serving)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        body = srv.plugin("values?run=deep&metric=loss&points=100000")
+        if body["last_step"] == last or time.monotonic() > deadline:
+            return body
+        time.sleep(0.5)
+
+
 def test_user_retention_flag_wins(long_run):
     with serve(str(long_run), extra=["--samples_per_plugin", "diagnostics=50"]) as srv:
         srv.wait_for_runs(1)
-        body = srv.plugin("values?run=deep&metric=loss&points=100000")
+        body = _wait_last_step(srv, STEPS - 1)
         assert body["num_steps"] == 50
         assert body["last_step"] == STEPS - 1  # the reservoir always keeps the latest
 
@@ -183,7 +195,7 @@ def test_user_retention_flag_wins(long_run):
 def test_own_flag_changes_default(long_run):
     with serve(str(long_run), extra=["--diagnostics_samples", "100"]) as srv:
         srv.wait_for_runs(1)
-        assert srv.plugin("values?run=deep&metric=loss&points=100000")["num_steps"] == 100
+        assert _wait_last_step(srv, STEPS - 1)["num_steps"] == 100
 
 
 def test_loss_components_and_dead_fraction(demo_server):
