@@ -1,0 +1,104 @@
+"""Findings rules on activation sites: `dead_relu` and `saturated_activation`."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tb_diag_plugin.rules_common import _Context, _loss_total, _pct, _persistent, _quiet, _window
+from tb_diag_plugin.thresholds import Thresholds
+
+
+def _dead_relu(ctx: _Context) -> None:
+    th = ctx.th
+    got = ctx.get("dead_relu", "dead_fraction", why="no ReLU-family activation sites, or activations=False")
+    if got is None:
+        return
+    (d,) = got
+    steps, dv = ctx.before_cutoff(d)
+    if steps.size == 0:
+        return
+    valid = np.isfinite(dv)
+    hits = []
+    for j, n in enumerate(d.layers):
+        span = _persistent(dv[:, j] >= th.dead_fraction, valid[:, j], th)
+        if span is not None:
+            hits.append((n, span, float(_quiet(np.nanmedian, dv[span[0]: span[1] + 1, j]))))
+    if not hits:
+        return
+    layers = [h[0] for h in hits]
+    first = min(h[1][0] for h in hits)
+    last = max(h[1][1] for h in hits)
+    worst = max(h[2] for h in hits)
+    severity = "error" if worst >= th.dead_error_fraction else "warning"
+    shares = ", ".join(f"{n} {_pct(f)}" for n, _, f in hits[:6])
+    ctx.add(
+        "dead_relu", severity, layers, int(steps[first]), int(steps[last]),
+        f"Dead ReLU units (never positive on a logged batch) since step {int(steps[first])}: {shares}"
+        + (f" and {len(hits) - 6} more" if len(hits) > 6 else "") + ".",
+        "Dead units get no gradient and never recover: lower the learning rate, check the initialisation "
+        "(kaiming, biases not negative), add normalisation before the ReLU, or use LeakyReLU/GELU.",
+    )
+
+
+def _saturated(ctx: _Context) -> None:
+    th = ctx.th
+    got = ctx.get("saturated_activation", "saturation", why="no sigmoid/tanh activation sites")
+    if got is None:
+        return
+    (s,) = got
+    steps, sv = ctx.before_cutoff(s)
+    if steps.size == 0:
+        return
+    valid = np.isfinite(sv)
+    w = _window(steps.size, th)
+    loss = _loss_total(ctx)
+    warn, confident = [], []
+    for j, n in enumerate(s.layers):
+        high = sv[:, j] >= th.saturation_fraction
+        span = _persistent(high, valid[:, j], th)
+        if span is None:
+            continue
+        share = float(_quiet(np.nanmedian, sv[span[0]: span[1] + 1, j]))
+        from_start = bool(_quiet(np.nanmedian, sv[:w, j]) >= th.saturation_fraction)
+        entry = (n, span, share, from_start)
+        if not from_start and loss is not None and _improved_after(loss, int(steps[span[0]]), th):
+            confident.append(entry)
+        else:
+            warn.append(entry)
+    for group, severity in ((warn, "warning"), (confident, "info")):
+        if not group:
+            continue
+        layers = [e[0] for e in group]
+        first = int(steps[min(e[1][0] for e in group)])
+        last = int(steps[max(e[1][1] for e in group)])
+        shares = ", ".join(f"{n} {_pct(f)}" for n, _, f, _ in group[:6])
+        if severity == "warning":
+            since = "from the first logged steps" if any(e[3] for e in group) else f"since step {first}"
+            ctx.add(
+                "saturated_activation", severity, layers, first, last,
+                f"Saturated sigmoid/tanh outputs (in the flat tails, gradient under 5 % of its peak) {since}: "
+                f"{shares}.",
+                "The inputs to these activations are too large: scale the initialisation down "
+                "(xavier_uniform_), standardise the input features, add normalisation before the "
+                "activation, or lower the learning rate; ReLU/GELU do not saturate.",
+            )
+        else:
+            ctx.add(
+                "saturated_activation", severity, layers, first, last,
+                f"{shares} saturate from step {first} while the loss keeps falling: confident outputs.",
+                "Expected for an output sigmoid trained with BCE. For a hidden layer, check that the "
+                "gradients below it do not vanish.",
+            )
+
+
+def _improved_after(loss: tuple[np.ndarray, np.ndarray, list[str]], step: int, th: Thresholds) -> bool:
+    """Whether the loss fell by `saturation_improved` of its value at `step` by the end."""
+    steps, v, _ = loss
+    after = v[steps >= step]
+    before = v[steps <= step]
+    if after.size < 2 or before.size < 1:
+        return False
+    w = _window(after.size, th)
+    at = float(np.median(before[-w:]))
+    end = float(np.median(after[-w:]))
+    return at > 0 and end <= at * (1 - th.saturation_improved)

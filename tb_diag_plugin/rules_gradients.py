@@ -1,0 +1,429 @@
+"""Findings rules on gradients: `nonfinite` (where NaN/Inf started; sets the cutoff the
+other rules respect), `exploding_gradient` and `vanishing_gradient`."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+
+from tb_diag_plugin.reading import Series
+from tb_diag_plugin.rules_common import (
+    _Context,
+    _fmt,
+    _is_bias,
+    _names,
+    _persistent,
+    _quiet,
+    _sibling_weight,
+    _window,
+)
+from tb_diag_plugin.thresholds import Thresholds
+
+
+def _nonfinite(ctx: _Context) -> None:
+    """NaN/Inf in the loss, gradients, weights or activations: where it started."""
+    sources: list[tuple[str, Series, np.ndarray]] = []  # (what, series, bad[S, L])
+    loss = ctx.series.get("loss")
+    if loss is not None and loss.steps.size:
+        sources.append(("loss", loss, loss.present & ~np.isfinite(loss.values)))
+    grad = ctx.series.get("grad_norm")
+    if grad is not None and grad.steps.size:
+        bad = grad.present & ~np.isfinite(grad.values)
+        nf = ctx.series.get("grad_nonfinite")
+        if nf is not None and nf.layers == grad.layers and np.array_equal(nf.steps, grad.steps):
+            bad |= nf.present & (np.nan_to_num(nf.values, nan=1.0) > 0)
+        by_design = _amp_by_design(ctx, grad.steps)
+        ctx.amp_skipped = grad.steps[by_design]
+        bad &= ~by_design[:, None]
+        sources.append(("gradients", grad, bad))
+    weights = ctx.series.get("weight_norm")
+    if weights is not None and weights.steps.size:
+        sources.append(("weights", weights, weights.present & ~np.isfinite(weights.values)))
+    act = ctx.series.get("act_mean")
+    if act is not None and act.steps.size:
+        sources.append(("activations", act, act.present & ~np.isfinite(act.values)))
+    if not sources:
+        ctx.notes.append("nonfinite: not checked, no loss, gradient, weight or activation metrics recorded")
+        return
+    firsts = {}
+    for what, s, bad in sources:
+        rows = np.flatnonzero(bad.any(axis=1))
+        if rows.size:
+            firsts[what] = (int(s.steps[rows[0]]), int(s.steps[rows[-1]]), int(rows.size))
+    if not firsts:
+        return
+    first = min(f[0] for f in firsts.values())
+    last = max(f[1] for f in firsts.values())
+    ctx.nan_step = ctx.cutoff = first
+    ctx.nan_first = {what: f[0] for what, f in firsts.items()}
+    layers: list[str] = []
+    parts: list[str] = []
+    for what, s, bad in sources:
+        if what not in firsts:
+            continue
+        f0 = firsts[what][0]
+        if f0 == first:
+            row = int(np.flatnonzero(s.steps == first)[0])
+            names = [s.layers[j] for j in np.flatnonzero(bad[row])]
+            layers += names
+            parts.append(f"{what} {_names(names, 3)} ({len(names)}/{len(s.layers)})")
+        else:
+            parts.append(f"{what} from step {f0}")
+    steps_bad = max(f[2] for f in firsts.values())
+    before = _growth_before(ctx, first)
+    if before is not None:
+        cause = f"{before} before it"
+        suggestion = (
+            "The run diverged: lower the learning rate (try 10x lower), add gradient clipping "
+            "(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)) or a warm-up, and check the "
+            "initialisation."
+        )
+    else:
+        cause = "with no growth of the gradients or the loss before it"
+        suggestion = (
+            "A sudden NaN/Inf points at the computation, not the step size: look for log(0), division "
+            "by zero, sqrt at 0 or exp overflow in the loss and the model (add an eps or clamp, use "
+            "F.log_softmax / F.binary_cross_entropy_with_logits), and for bad values in the batch; "
+            "torch.autograd.set_detect_anomaly(True) names the operation."
+        )
+    ctx.add(
+        "nonfinite", "error", layers, first, last,
+        f"NaN/Inf first at step {first} ({cause}): " + "; ".join(parts)
+        + f"; {steps_bad} logged step(s) affected, last at {last}.",
+        suggestion,
+    )
+
+
+def _amp_by_design(ctx: _Context, steps: np.ndarray) -> np.ndarray:
+    """Per step: the GradScaler skipped it (non-finite gradients are expected), scale still sane."""
+    out = np.zeros(steps.shape, dtype=bool)
+    skipped = ctx.series.get("amp_skipped")
+    if skipped is None or not skipped.steps.size:
+        return out
+    scale = ctx.series.get("amp_scale")
+    sk = {int(s): bool(v >= 0.5) for s, v in zip(skipped.steps, np.nan_to_num(skipped.values[:, 0]))}
+    sc = {}
+    if scale is not None and scale.steps.size:
+        sc = {int(s): float(v) for s, v in zip(scale.steps, scale.values[:, 0])}
+    for i, s in enumerate(steps):
+        s = int(s)
+        if sk.get(s, False):
+            value = sc.get(s, math.inf)
+            out[i] = not (math.isfinite(value) and value < ctx.th.amp_min_scale)
+    return out
+
+
+def _total_grad(ctx: _Context) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """(steps, total gradient norm), all logged steps, NaN kept."""
+    tot = ctx.series.get("grad_norm_total")
+    if tot is not None and tot.steps.size:
+        return tot.steps, np.where(tot.present[:, 0], tot.values[:, 0].astype(np.float64), np.nan)
+    g = ctx.series.get("grad_norm")
+    if g is None or not g.steps.size:
+        return None
+    vals = np.where(g.present, g.values.astype(np.float64), 0.0)
+    return g.steps, np.sqrt((vals**2).sum(axis=1))
+
+
+def _growth(v: np.ndarray, th: Thresholds) -> Optional[float]:
+    """How many times its start (first value, or the early median if lower) `v` reached at its end."""
+    if v.size < 2:
+        return None
+    base = min(float(v[0]), float(np.median(v[: _window(v.size, th)])))
+    peak = float(v[-min(3, v.size):].max())
+    return peak / base if base > 0 else None
+
+
+def _growth_before(ctx: _Context, first_bad: int) -> Optional[str]:
+    """'gradients grew 1e6x' (or the loss) up to the first NaN/Inf, when something grew 10x or more."""
+    found = []
+    tg = _total_grad(ctx)
+    if tg is not None:
+        steps, v = tg
+        found.append(("gradients", _growth(v[(steps < first_bad) & np.isfinite(v)], ctx.th)))
+    loss = ctx.series.get("loss")
+    if loss is not None and "total" in loss.layers and loss.steps.size:
+        v = np.where(loss.present[:, loss.layers.index("total")],
+                     loss.values[:, loss.layers.index("total")].astype(np.float64), np.nan)
+        found.append(("the loss", _growth(v[(loss.steps <= first_bad) & np.isfinite(v)], ctx.th)))
+    grew = [(what, g) for what, g in found if g is not None and g >= 10]
+    if not grew:
+        return None
+    what, g = max(grew, key=lambda t: t[1])
+    return f"{what} grew {_fmt(g)}x"
+
+
+def _exploding(ctx: _Context) -> None:
+    th = ctx.th
+    got = ctx.get("exploding_gradient", "grad_norm", why="gradients are recorded on logged steps after backward")
+    if got is None:
+        return
+    (g,) = got
+    steps, gv = ctx.before_cutoff(g)
+    if steps.size == 0:
+        return
+    flagged: dict[str, None] = {}
+    first = last = blowup = None
+    detail = []
+
+    # 1. Growth of the total norm over its own start.
+    tg = _total_grad(ctx)
+    if tg is not None:
+        tsteps, tv = tg
+        keep = np.isin(tsteps, steps) & np.isfinite(tv)
+        tsteps, tv = tsteps[keep], tv[keep]
+        if tv.size >= 2:
+            # The start is the first value (a run can blow up within its first few logged steps),
+            # or the early median when that is lower.
+            w = _window(tv.size, th)
+            base = min(float(tv[0]), float(np.median(tv[:w])))
+            high = tv >= th.explode_growth * base if base > 0 else np.zeros(tv.shape, dtype=bool)
+            high[0] = False
+            run_ok = high[1:] & high[:-1]
+            ends_in_nan = ctx.nan_step is not None and high.size and high[-1]
+            if run_ok.any() or ends_in_nan:
+                hit = np.flatnonzero(high)
+                first, last = int(tsteps[hit[0]]), int(tsteps[hit[-1]])
+                peak = float(tv[hit].max())
+                rows = np.isin(steps, tsteps[hit])
+                lbase = np.fmin(gv[0], _quiet(np.nanmedian, gv[: _window(gv.shape[0], th)], axis=0))
+                lpeak = _quiet(np.nanmax, gv[rows], axis=0)
+                grew = [g.layers[j] for j in range(len(g.layers))
+                        if lbase[j] > 0 and lpeak[j] >= th.explode_growth * lbase[j]]
+                for n in grew or g.layers:
+                    flagged[n] = None
+                detail.append(
+                    f"the total gradient norm grew from {_fmt(base)} to {_fmt(peak)} "
+                    f"({_fmt(peak / base)}x) by step {last}"
+                    + (", then NaN/Inf" if ctx.nan_step is not None else "")
+                )
+                blowup = first
+
+    # 2. Gradients that overflowed: non-finite while the loss was finite, or while other layers'
+    #    gradients were finite but far above their start (a NaN loss, e.g. log(0), is not this).
+    grads_first = ctx.nan_step is not None and ctx.nan_first.get("gradients") == ctx.nan_step
+    if blowup is None and grads_first:
+        over = _overflow(ctx, g, th)
+        if over is not None:
+            names, why = over
+            for n in names:
+                flagged[n] = None
+            first = ctx.nan_step if first is None else min(first, ctx.nan_step)
+            last = ctx.nan_step if last is None else max(last, ctx.nan_step)
+            blowup = ctx.nan_step
+            detail.append(why)
+
+    # 3. Gradients far larger than the weights they update.
+    w_series = ctx.series.get("weight_norm")
+    if w_series is not None and w_series.steps.size:
+        ratio, rsteps, names = _per_weight(g, w_series, ctx, th)
+        if ratio is not None:
+            valid = np.isfinite(ratio)
+            worst = []
+            for j, n in enumerate(names):
+                if _is_bias(n):
+                    continue  # a bias near 0 makes any gradient look huge next to it
+                span = _persistent(ratio[:, j] >= th.explode_grad_to_weight, valid[:, j], th)
+                if span is not None:
+                    flagged[n] = None
+                    worst.append(float(_quiet(np.nanmedian, ratio[:, j])))
+                    first = int(rsteps[span[0]]) if first is None else min(first, int(rsteps[span[0]]))
+                    last = int(rsteps[span[1]]) if last is None else max(last, int(rsteps[span[1]]))
+            if worst:
+                detail.append(
+                    f"{len(worst)} layer(s) have gradients {_fmt(min(worst))}-{_fmt(max(worst))}x their "
+                    f"weight norm (healthy: below 1)"
+                )
+    if not flagged:
+        return
+    if blowup is not None and ctx.nan_step is not None:
+        # From here on the run blows up into NaN: what the other rules would see is its consequence.
+        ctx.cutoff = min(ctx.nan_step, blowup)
+    layers = list(flagged)
+    severity = "error" if ctx.nan_step is not None else "warning"
+    ctx.add(
+        "exploding_gradient", severity, layers, first, last,
+        f"Exploding gradients in {_names(layers)}: " + "; ".join(detail) + ".",
+        "Lower the learning rate, clip gradients (torch.nn.utils.clip_grad_norm_(params, 1.0)), use a "
+        "scaled initialisation (kaiming_normal_ for ReLU, xavier for tanh) and normalisation layers "
+        "(BatchNorm/LayerNorm) or residual connections in deep stacks.",
+    )
+
+
+def _overflow(ctx: _Context, g: Series, th: Thresholds) -> Optional[tuple[list[str], str]]:
+    """At the first non-finite gradient step: the layers that overflowed, and why it is an overflow."""
+    step = ctx.nan_step
+    rows = np.flatnonzero(g.steps == step)
+    if not rows.size:
+        return None
+    row = np.where(g.present[rows[0]], g.values[rows[0]].astype(np.float64), np.nan)
+    before = g.steps < step
+    if before.any():
+        early = np.where(g.present[before], g.values[before].astype(np.float64), np.nan)
+        base = np.fmin(early[0], _quiet(np.nanmedian, early[: _window(early.shape[0], th)], axis=0))
+    else:
+        base = np.full(row.shape, np.nan)
+    grown = np.isfinite(row) & (row >= th.explode_growth * base)
+    loss = ctx.series.get("loss")
+    loss_ok = None
+    if loss is not None and "total" in loss.layers:
+        lr = np.flatnonzero(loss.steps == step)
+        if lr.size and loss.present[lr[0], loss.layers.index("total")]:
+            v = float(loss.values[lr[0], loss.layers.index("total")])
+            loss_ok = v if math.isfinite(v) else None
+    if not grown.any() and loss_ok is None:
+        return None
+    names = [n for j, n in enumerate(g.layers) if grown[j] or np.isposinf(row[j])]
+    why = f"gradients overflowed to inf at step {step}"
+    if loss_ok is not None:
+        why += f" while the loss was still finite ({_fmt(loss_ok)})"
+    if grown.any():
+        least = float(np.nanmin(row[grown] / base[grown]))
+        why += f"; {int(grown.sum())} layer(s) were at {_fmt(least)}x or more of their start"
+    return names or list(g.layers), why
+
+
+def _per_weight(g: Series, w: Series, ctx: _Context, th: Thresholds):
+    """grad/weight norm per layer at common steps, layers with a non-negligible weight norm only."""
+    gsteps, gv = ctx.before_cutoff(g)
+    wsteps, wv = ctx.before_cutoff(w)
+    common, gi, wi = np.intersect1d(gsteps, wsteps, return_indices=True)
+    if common.size == 0:
+        return None, None, None
+    names = [n for n in g.layers if n in w.layers]
+    if not names:
+        return None, None, None
+    gm = gv[gi][:, [g.layers.index(n) for n in names]]
+    wm = wv[wi][:, [w.layers.index(n) for n in names]]
+    ratio = np.where(wm >= th.min_weight_norm, gm / np.where(wm > 0, wm, 1.0), np.nan)
+    return ratio, common, names
+
+
+def _vanishing(ctx: _Context) -> None:
+    th = ctx.th
+    got = ctx.get("vanishing_gradient", "grad_norm")
+    if got is None:
+        return
+    (g,) = got
+    steps, gv = ctx.before_cutoff(g)
+    if steps.size == 0 or len(g.layers) < 2:
+        if len(g.layers) < 2:
+            ctx.notes.append("vanishing_gradient: not checked, needs gradients of two or more tensors")
+        return
+    gv = np.where(np.isfinite(gv), gv, np.nan)
+    raw = gv
+    gv, l2 = _without_l2(ctx, steps, gv, g.layers)
+    top = _quiet(np.nanmax, gv, axis=1)
+    valid_row = np.isfinite(top) & (top > 0)
+    share = gv / np.where(valid_row, top, np.nan)[:, None]
+    w = _window(steps.size, th)
+    share0 = _quiet(np.nanmedian, share[:w], axis=0)
+    low = share < th.vanish_ratio
+    collapsed = (share < th.vanish_soft_ratio) & (share < share0[None, :] / th.vanish_drop)
+    cand = low | collapsed
+    valid = np.isfinite(share)
+    zero = np.nan_to_num(raw, nan=1.0) == 0
+
+    spans: dict[str, tuple[int, int]] = {}
+    for j, n in enumerate(g.layers):
+        span = _persistent(cand[:, j], valid[:, j], th)
+        if span is not None:
+            spans[n] = span
+    vanishing, no_grad, redundant = [], [], []
+    for n in spans:
+        j = g.layers.index(n)
+        if zero[valid[:, j], j].all():
+            no_grad.append(n)
+        elif _is_bias(n) and _sibling_weight(n) in g.layers and _sibling_weight(n) not in spans:
+            # A bias is judged with its own weight: a bias right before BatchNorm/LayerNorm (or a
+            # key-projection bias under softmax) gets ~0 gradient by construction, harmlessly.
+            ws = share[:, g.layers.index(_sibling_weight(n))]
+            if _quiet(lambda a, b: np.nanmedian(a / b), share[:, j], ws) < th.vanish_ratio:
+                redundant.append(n)
+        else:
+            vanishing.append(n)
+
+    if vanishing:
+        idx = [g.layers.index(n) for n in vanishing]
+        first = min(spans[n][0] for n in vanishing)
+        last = max(spans[n][1] for n in vanishing)
+        med = _quiet(np.nanmedian, share[:, idx], axis=0)
+        med = med[np.isfinite(med) & (med > 0)]
+        lead = _quiet(np.nanargmax, _quiet(np.nanmedian, gv, axis=0))
+        rng = f"{_fmt(float(med.min()))}-{_fmt(float(med.max()))}x" if med.size else "a vanishing share of"
+        sat = ctx.series.get("saturation")
+        hint = ""
+        if sat is not None and sat.layers:
+            types = sorted({t for t in sat.layer_types if t}) or ["sigmoid/tanh"]
+            hint = (f" The model has {len(sat.layers)} {'/'.join(types)} activation site(s): their derivative "
+                    "is at most 1/4 (sigmoid) or 1 (tanh) and far less in saturation.")
+        if l2 is not None:
+            hint += (f" An L2 term in the loss gives every weight a gradient of {_fmt(l2)} x its norm; "
+                     "beyond that, these tensors get almost nothing from the data.")
+        ctx.add(
+            "vanishing_gradient", "warning", vanishing, int(steps[first]), int(steps[last]),
+            f"{len(vanishing)} tensor(s) ({_names(vanishing)}) get gradients {rng} those of "
+            f"{g.layers[int(lead)]} (median over steps) from step {int(steps[first])}.{hint}",
+            "Use ReLU/GELU instead of sigmoid/tanh in hidden layers, He/Xavier initialisation "
+            "(weights neither tiny nor huge), normalisation (BatchNorm/LayerNorm) or residual connections; "
+            "a shallower network also helps.",
+        )
+    if redundant:
+        first = min(spans[n][0] for n in redundant)
+        last = max(spans[n][1] for n in redundant)
+        ctx.add(
+            "vanishing_gradient", "info", redundant, int(steps[first]), int(steps[last]),
+            f"{_names(redundant)} get gradients under {_fmt(th.vanish_ratio)}x those of their own weights. "
+            "A bias followed by normalisation (BatchNorm/LayerNorm subtracts it again) has no effect.",
+            "If the layer feeds a normalisation layer, construct it with bias=False; nothing else changes.",
+        )
+    if no_grad:
+        first = min(spans[n][0] for n in no_grad)
+        last = max(spans[n][1] for n in no_grad)
+        ctx.add(
+            "vanishing_gradient", "info", no_grad, int(steps[first]), int(steps[last]),
+            f"{_names(no_grad)} received an exactly zero gradient on every logged step.",
+            "If they should learn: check that they are used in forward and that the units feeding them "
+            "are not dead (see dead_relu); unused parameters are better removed or frozen (requires_grad=False).",
+        )
+
+
+def _without_l2(ctx: _Context, steps: np.ndarray, gv: np.ndarray,
+                names: list[str]) -> tuple[np.ndarray, Optional[float]]:
+    """Gradient norms with an L2 regulariser's share taken out, where the recording shows one.
+
+    `loss + lam * sum(w**2)` adds 2*lam*w to every gradient. Where the data gradient has vanished,
+    that term is all that is left: several weight tensors then have the same gradient-to-weight
+    ratio, 2*lam, to within a percent or two, which data gradients never do. At such steps the data
+    part is estimated as sqrt(g^2 - (2*lam*|w|)^2) (the data gradient roughly orthogonal to w).
+    Returns (gradient norms, the median 2*lam where found, else None).
+    """
+    w = ctx.series.get("weight_norm")
+    if w is None or not w.steps.size:
+        return gv, None
+    wsteps, wv = ctx.before_cutoff(w)
+    row_of = {int(s): i for i, s in enumerate(wsteps)}
+    rows = np.array([row_of.get(int(s), -1) for s in steps], dtype=np.int64)
+    col_of = {n: j for j, n in enumerate(w.layers)}
+    cols = np.array([col_of.get(n, -1) for n in names], dtype=np.int64)
+    known = (rows[:, None] >= 0) & (cols[None, :] >= 0)
+    wm = np.where(known, wv[np.maximum(rows, 0)[:, None], np.maximum(cols, 0)[None, :]], np.nan)
+    weights = np.array([not _is_bias(n) for n in names]) & (cols >= 0)
+    if weights.sum() < 3:
+        return gv, None
+    ratio = np.where(wm >= ctx.th.min_weight_norm, gv / np.where(wm > 0, wm, 1.0), np.nan)
+    rw = ratio[:, weights]
+    floor = _quiet(np.nanmin, rw, axis=1)
+    at_floor = (rw <= floor[:, None] * ctx.th.l2_floor_tolerance).sum(axis=1)
+    need = max(3, math.ceil(0.25 * int(weights.sum())))
+    # Some tensors must stand well above the floor: when all sit on it, the regulariser swamps the
+    # data everywhere (loss_component_dominance), which is not one layer starving another.
+    contrast = _quiet(np.nanmax, rw, axis=1) >= ctx.th.l2_floor_contrast * floor
+    has = np.isfinite(floor) & (floor > 0) & (at_floor >= need) & contrast
+    if not has.any():
+        return gv, None
+    decay = np.where(np.isfinite(wm), floor[:, None] * wm, 0.0)
+    data = np.sqrt(np.clip(gv**2 - decay**2, 0.0, None))
+    return np.where(has[:, None], data, gv), float(np.median(floor[has]))

@@ -1,0 +1,232 @@
+"""Findings rules on the loss: `loss_spike`, `loss_not_decreasing` and
+`loss_component_dominance`."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Optional
+
+import numpy as np
+
+from tb_diag_plugin.rules_common import _Context, _fmt, _loss_total, _lr_text, _window
+from tb_diag_plugin.thresholds import Thresholds
+
+
+def _relative_decrease(v: np.ndarray, th: Thresholds) -> Optional[tuple[float, float, float]]:
+    """(start, end, decrease as a share of |start|) over medians of the first and last windows."""
+    if v.size < th.loss_min_points:
+        return None
+    w = _window(v.size, th)
+    start, end = float(np.median(v[:w])), float(np.median(v[-w:]))
+    scale = abs(start)
+    if scale < 1e-12:
+        return None
+    return start, end, (start - end) / scale
+
+
+def _loss_spike(ctx: _Context) -> None:
+    th = ctx.th
+    s = ctx.series.get("loss")
+    if s is None or not s.steps.size:
+        ctx.notes.append("loss_spike: not checked, no 'loss' recorded (pass loss= to diag.step)")
+        return
+    steps, vals = ctx.before_cutoff(s)
+    names = ["total"] if "total" in s.layers else list(s.layers)
+    for name in names:
+        v = vals[:, s.layers.index(name)]
+        ok = np.isfinite(v)
+        st, v = steps[ok], v[ok]
+        spikes = _spikes(v, th)
+        if not spikes:
+            continue
+        worst = max(spikes, key=lambda t: t[1])
+        at = ", ".join(str(int(st[i])) for i, _ in spikes[:5]) + (" ..." if len(spikes) > 5 else "")
+        ctx.add(
+            "loss_spike", "warning", [name], int(st[spikes[0][0]]), int(st[spikes[-1][0]]),
+            f"Loss '{name}' spiked {len(spikes)} time(s) (steps {at}); the largest to {_fmt(worst[1])}x "
+            f"its running median, at step {int(st[worst[0]])}, and came back.",
+            "Look at the batches of those steps (corrupt samples, wrong labels, outliers); clip gradients "
+            "(clip_grad_norm_) so one batch cannot throw the weights far, or lower the learning rate.",
+        )
+
+
+def _spikes(v: np.ndarray, th: Thresholds) -> list[tuple[int, float]]:
+    """Indices and sizes (x running median) of the loss spikes that recovered."""
+    out: list[tuple[int, float]] = []
+    n = v.size
+    min_prev = max(3, th.spike_window // 2)
+    if n <= min_prev:
+        return out
+    level = abs(float(np.median(v[: _window(n, th)])))
+    # Noise outliers grow with the number of draws: ask for the expected maximum of n normals.
+    z_need = max(th.spike_mad, math.sqrt(2 * math.log(n)) + 1.0)
+    # Cheap necessary conditions first (the window's minimum bounds its median from below).
+    padded = np.concatenate([np.full(th.spike_window - 1, np.inf), v])
+    lows = np.lib.stride_tricks.sliding_window_view(padded, th.spike_window).min(axis=1)[: n]  # min of v[i-W:i]
+    lows = np.concatenate([[np.inf], lows[:-1]])
+    cand = np.flatnonzero((v >= th.spike_ratio * lows) & (v - lows >= th.spike_min_rise * level))
+    if not cand.size:
+        return out
+    # The run's own noise level, from successive differences (a slow trend cancels out): a window
+    # of 20 alone sometimes looks calmer than the run is.
+    positive = bool((v > 0).all())
+    run_sigma = 0.0
+    if positive:
+        d = np.diff(np.log(v))
+        run_sigma = 1.4826 * float(np.median(np.abs(d - np.median(d)))) / math.sqrt(2)
+    spiked = np.zeros(n, dtype=bool)
+    for i in cand[cand >= min_prev]:
+        lo = max(0, i - th.spike_window)
+        prev = v[lo:i][~spiked[lo:i]]  # an earlier spike is not part of the baseline
+        if prev.size < 3:
+            continue
+        base = float(np.median(prev))
+        if base <= 0:
+            continue
+        rise = float(v[i]) - base
+        if v[i] < th.spike_ratio * base or rise < th.spike_min_rise * level or v[i] < th.spike_over_max * prev.max():
+            continue
+        if positive:  # multiplicative noise: measure in log space
+            lp = np.log(prev)
+            dev = math.log(float(v[i])) - float(np.median(lp))
+            sigma = max(run_sigma, 1.4826 * float(np.median(np.abs(lp - np.median(lp)))))
+        else:
+            dev, sigma = rise, 1.4826 * float(np.median(np.abs(prev - base)))
+        if dev < z_need * sigma:
+            continue
+        after = v[i + 1: i + 1 + th.spike_recovery]
+        if after.size == 0 or not (after < base + 0.5 * rise).any():
+            continue  # no recovery: divergence, not a spike
+        spiked[i] = True
+        out.append((int(i), float(v[i]) / base))
+    return out
+
+
+def _loss_not_decreasing(ctx: _Context) -> None:
+    th = ctx.th
+    loss = _loss_total(ctx)
+    if loss is None:
+        ctx.notes.append("loss_not_decreasing: not checked, no 'loss' recorded (pass loss= to diag.step)")
+        return
+    steps, v, names = loss
+    name = "total" if names == ["total"] else " + ".join(names)
+    dec = _relative_decrease(v, th)
+    if dec is None:
+        if v.size < th.loss_min_points:
+            ctx.notes.append(
+                f"loss_not_decreasing: not checked, needs {th.loss_min_points} logged finite loss values "
+                f"(has {v.size})"
+            )
+        return
+    start, end, frac = dec
+    if frac >= th.loss_min_decrease:
+        # The total fell; but a regulariser shrinking can carry it while the data term stands still.
+        stuck = _stuck_data_term(ctx, start)
+        if stuck is None:
+            return
+        name, steps, start, end, frac = stuck
+        names = [name]
+    lr = _lr_text(ctx)
+    ctx.add(
+        "loss_not_decreasing", "warning", names, int(steps[0]), int(steps[-1]),
+        f"Loss '{name}' went from {_fmt(start)} to {_fmt(end)} (median of the first and last logged steps, "
+        f"{_fmt(-100 * frac)} % change) over steps {int(steps[0])}-{int(steps[-1])}.",
+        f"Check that the learning rate{lr} is not 0 or tiny and that the optimizer owns the model's "
+        "parameters, that the labels match the inputs (shuffled together), and that the model can fit "
+        "one small batch; see the other findings for the cause.",
+    )
+
+
+def _stuck_data_term(ctx: _Context, total_start: float):
+    """(name, steps, start, end, decrease) of a data term, at least half the loss, that does not fall."""
+    s = ctx.series.get("loss")
+    if s is None or "total" not in s.layers or abs(total_start) <= 0:
+        return None
+    spread = ctx.series.get("loss_p50")
+    per_sample = set(spread.layers) if spread is not None else set()
+    steps, vals = ctx.before_cutoff(s)
+    for j, n in enumerate(s.layers):
+        if n == "total" or _role(n, n in per_sample) != "data":
+            continue
+        ok = np.isfinite(vals[:, j])
+        dec = _relative_decrease(vals[ok, j], ctx.th)
+        if dec is not None and dec[2] < ctx.th.loss_min_decrease and abs(dec[0]) >= 0.5 * abs(total_start):
+            return n, steps[ok], dec[0], dec[1], dec[2]
+    return None
+
+
+_DATA_NAMES = re.compile(
+    r"(^|[^a-z])(ce|xent|cross_?entropy|nll|bce|mse|mae|huber|smooth_?l1|recon\w*|data|task|main|"
+    r"likelihood|ctc|cls|classification|regression|pred\w*|lm|mlm|logits?|target|supervised)($|[^a-z])"
+)
+_REG_NAMES = re.compile(
+    r"(^|[^a-z])(l1|l2|reg\w*|penalty|wd|weight_?decay|decay|kl|kld|aux\w*|entropy|sparsity|sparse|ortho\w*|"
+    r"smooth(ness)?|tv|lasso|ridge|prior|commit\w*|balance|load_?balanc\w*|z_?loss|norm)($|[^a-z])"
+)
+
+
+def _role(name: str, per_sample: bool) -> str:
+    low = name.lower()
+    if per_sample:
+        return "data"
+    if _REG_NAMES.search(low) and not _DATA_NAMES.search(low):
+        return "reg"
+    if _DATA_NAMES.search(low):
+        return "data"
+    return "unknown"
+
+
+def _dominance(ctx: _Context) -> None:
+    th = ctx.th
+    s = ctx.series.get("loss")
+    comps = [n for n in (s.layers if s is not None else []) if n != "total"]
+    if s is None or len(comps) < 2:
+        ctx.notes.append("loss_component_dominance: not checked, needs two or more components "
+                         "(diag.step(..., losses={'ce': ce, 'l2': l2}))")
+        return
+    spread = ctx.series.get("loss_p50")
+    per_sample = set(spread.layers) if spread is not None else set()
+    roles = {n: _role(n, n in per_sample) for n in comps}
+    steps, vals = ctx.before_cutoff(s)
+    mag = np.abs(vals)
+    reported: set[str] = set()
+    for a in comps:
+        for b in comps:
+            if a == b or a in reported:
+                continue
+            ra, rb = roles[a], roles[b]
+            if ra == "data" or rb == "reg":
+                continue
+            known = ra == "reg" or rb == "data"
+            va, vb = mag[:, s.layers.index(a)], mag[:, s.layers.index(b)]
+            ok = np.isfinite(va) & np.isfinite(vb)
+            if ok.sum() < 2:
+                continue
+            st, va, vb = steps[ok], va[ok], vb[ok]
+            w = _window(vb.size, th)
+            b0 = float(np.median(vb[:w]))
+            ratio = va / np.maximum(vb, 1e-30)
+            dom = (ratio >= th.dominance_ratio) & (vb >= th.dominance_unlearned * b0)
+            need = max(2, math.ceil(th.dominance_min_fraction * vb.size))
+            early = bool(np.median(ratio[:w]) >= th.dominance_ratio)
+            b_end = float(np.median(vb[-w:]))
+            stalled = b0 > 0 and b_end >= (1 - th.loss_min_decrease) * b0
+            if not (dom.sum() >= need or (early and stalled and vb.size >= 2)):
+                continue
+            hit = np.flatnonzero(dom) if dom.any() else np.arange(w)
+            typical = float(np.median(ratio[hit]))
+            reported.add(a)
+            ctx.add(
+                "loss_component_dominance", "warning" if known else "info", [a, b],
+                int(st[hit[0]]), int(st[hit[-1]]),
+                f"'{a}' is {_fmt(typical)}x '{b}' (median over {hit.size} logged steps, "
+                f"{int(st[hit[0]])}-{int(st[hit[-1]])}) while '{b}' went from {_fmt(b0)} to {_fmt(b_end)}"
+                + ("" if known else "; if '" + b + "' is the data term it is being swamped") + ".",
+                f"Scale '{a}' down (its coefficient is too large; try about {_fmt(_pow10(typical))}x smaller) "
+                f"so that '{b}' drives the gradients; typical weight decay is 1e-4 to 1e-2.",
+            )
+
+
+def _pow10(x: float) -> float:
+    return 10.0 ** max(1, math.ceil(math.log10(max(x, 1.0))))

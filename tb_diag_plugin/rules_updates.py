@@ -1,0 +1,133 @@
+"""Findings rule on optimizer steps: `update_ratio` (||dw|| / ||w|| too large or too small)."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+
+from tb_diag_plugin.rules_common import _Context, _fmt, _is_bias, _lr_text, _persistent, _quiet
+
+
+def _update_ratio(ctx: _Context) -> None:
+    th = ctx.th
+    got = ctx.get("update_ratio", "update_ratio", why="pass optimizer= to Diagnostics")
+    if got is None:
+        return
+    (u,) = got
+    steps, uv = ctx.before_cutoff(u)
+    if steps.size == 0:
+        return
+    # Weight tensors only: biases and norm shifts start at 0, where ||dw||/||w|| is meaningless.
+    wn = ctx.series.get("weight_norm")
+    cols = [j for j, n in enumerate(u.layers) if not _is_bias(n)]
+    if wn is not None and wn.steps.size:
+        wsteps, wv = ctx.before_cutoff(wn)
+        common, ui, wi = np.intersect1d(steps, wsteps, return_indices=True)
+        steps, uv = common, uv[ui]
+        w_at = {n: wv[wi, wn.layers.index(n)] for n in u.layers if n in wn.layers}
+        for j, n in enumerate(u.layers):
+            if n in w_at:
+                uv[:, j] = np.where(w_at[n] >= th.min_weight_norm, uv[:, j], np.nan)
+    if not cols:
+        cols = list(range(len(u.layers)))
+    names = [u.layers[j] for j in cols]
+    uv = uv[:, cols]
+    uv = np.where(np.isfinite(uv), uv, np.nan)
+    if steps.size == 0 or np.isnan(uv).all():
+        return
+    med = _quiet(np.nanmedian, uv, axis=1)
+    # For "too small", only tensors that got a gradient: no gradient means no update whatever the
+    # learning rate (dead units, vanishing gradients: their own rules say so).
+    top = _quiet(np.nanmax, np.where(_has_grad(ctx, steps, names), uv, np.nan), axis=1)
+
+    # Too large: after the first logged step (Adam's first update is lr/rms(w) by construction).
+    high = med > th.update_ratio_high
+    high[0] = False
+    need = max(th.update_min_points, math.ceil(th.update_min_fraction * steps.size))
+    growth = _weight_growth(ctx, names)
+    if high.sum() < need and growth is not None and growth[0] >= th.update_weight_growth:
+        # Large updates that piled up: the weights inflated (an over-large Adam step grows the
+        # weights until the ratio looks moderate again).
+        g, at = growth
+        ctx.add(
+            "update_ratio", "warning", names, int(steps[0]), at,
+            f"Updates too large: the median weight tensor's norm grew {_fmt(g)}x by step {at} "
+            f"(healthy runs: under 2x); update ratios median {_fmt(float(np.nanmedian(med)))}, "
+            f"up to {_fmt(float(np.nanmax(med)))}.",
+            f"The learning rate{_lr_text(ctx)} is too high: lower it about 10x, or add weight decay, "
+            "warm-up and gradient clipping.",
+        )
+        return
+    if high.sum() >= need:
+        hit = np.flatnonzero(high)
+        per = _quiet(np.nanmedian, uv[hit], axis=0)
+        layers = [n for n, r in zip(names, per) if r > th.update_ratio_high] or names
+        peak = float(np.nanmax(med[hit]))
+        ctx.add(
+            "update_ratio", "error" if peak >= 1.0 else "warning", layers, int(steps[hit[0]]), int(steps[hit[-1]]),
+            f"Updates too large: the median weight tensor changes by {_fmt(float(np.median(med[hit])))} of its "
+            f"norm per step (up to {_fmt(peak)}) on {hit.size} of {steps.size} logged steps; healthy is ~1e-3.",
+            f"The learning rate{_lr_text(ctx)} is too high: lower it about "
+            f"{_fmt(10 ** max(1, round(math.log10(max(peak, 1e-12) / 1e-3) - 0.5)))}x, or add warm-up "
+            "and gradient clipping.",
+        )
+        return
+
+    # Too small: even the fastest-moving tensor barely moves, on most of the run.
+    low = top < th.update_ratio_low
+    span = _persistent(low, np.isfinite(top), th)
+    if span is not None and low.sum() >= max(2, math.ceil(th.persist_fraction * np.isfinite(top).sum())):
+        sel = low & np.isfinite(top)
+        typical = float(np.median(top[sel]))
+        lr = _lr_text(ctx)
+        zero = typical == 0
+        ctx.add(
+            "update_ratio", "warning", names, int(steps[span[0]]), int(steps[span[1]]),
+            ("Weights do not change at all: update ratio 0" if zero else
+             f"Updates too small: the fastest-moving weight tensor changes by {_fmt(typical)} of its norm "
+             "per step") + f" on {int(sel.sum())} of {steps.size} logged steps; healthy is ~1e-3.",
+            (f"The learning rate{lr} is 0 or the optimizer does not own these parameters." if zero else
+             f"The learning rate{lr} is far too low: raise it about "
+             f"{_fmt(10 ** max(1, round(math.log10(1e-3 / max(typical, 1e-30)) - 0.5)))}x"
+             " (or check the schedule and that the optimizer owns these parameters)."),
+        )
+
+
+def _weight_growth(ctx: _Context, names: list[str]) -> Optional[tuple[float, int]]:
+    """(largest growth of the median weight tensor's norm over its first value, the step), or None."""
+    w = ctx.series.get("weight_norm")
+    if w is None or not w.steps.size:
+        return None
+    steps, wv = ctx.before_cutoff(w)
+    cols = [w.layers.index(n) for n in names if n in w.layers]
+    if steps.size < 2 or not cols:
+        return None
+    wv = wv[:, cols]
+    first = wv[0]
+    keep = np.isfinite(first) & (first >= ctx.th.min_weight_norm)
+    if not keep.any():
+        return None
+    growth = _quiet(np.nanmedian, wv[:, keep] / first[keep], axis=1)
+    if not np.isfinite(growth).any():
+        return None
+    i = int(np.nanargmax(growth))
+    return float(growth[i]), int(steps[i])
+
+
+def _has_grad(ctx: _Context, steps: np.ndarray, names: list[str]) -> np.ndarray:
+    """[steps x names]: the tensor had a non-zero finite gradient at that step (True if unknown)."""
+    out = np.ones((steps.size, len(names)), dtype=bool)
+    g = ctx.series.get("grad_norm")
+    if g is None or not g.steps.size:
+        return out
+    row_of = {int(s): i for i, s in enumerate(g.steps)}
+    col_of = {n: j for j, n in enumerate(g.layers)}
+    rows = np.array([row_of.get(int(s), -1) for s in steps], dtype=np.int64)
+    cols = np.array([col_of.get(n, -1) for n in names], dtype=np.int64)
+    known = (rows[:, None] >= 0) & (cols[None, :] >= 0)
+    vals = g.values[rows[:, None], cols[None, :]].astype(np.float64)
+    pres = g.present[rows[:, None], cols[None, :]]
+    alive = pres & np.isfinite(vals) & (vals > 0)
+    return np.where(known, alive, True)
