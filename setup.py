@@ -10,6 +10,9 @@ INSTALL_REQUIRES = [
     "protobuf>=6.31.1,<8",
     "numpy>=1.23",
     "plotly>=5",
+    # CRC-32C in C, to find the damaged event records that TensorBoard silently
+    # stops at (tb_diag_plugin/integrity.py); without it only lengths are checked.
+    "google-crc32c>=1.5",
 ]
 
 TEST_REQUIRES = [

@@ -124,13 +124,37 @@ function cached(key, make) {
   return cache.get(key);
 }
 
+// Problems that /values reports for a metric (steps skipped for a wrong shape),
+// gathered per run for the app's warning box.
+const seriesProblems = new Map();
+let problemListener = null;
+
+export function onProblems(fn) {
+  problemListener = fn;
+}
+
+export function problemsOf(run) {
+  return [...(seriesProblems.get(run) || [])];
+}
+
+function noteProblems(v) {
+  if (!v.problems.length) return;
+  const seen = seriesProblems.get(v.run) || new Set();
+  const before = seen.size;
+  for (const p of v.problems) seen.add(p);
+  seriesProblems.set(v.run, seen);
+  if (seen.size !== before && problemListener) problemListener(v.run);
+}
+
 export function values(run, metric, opts = {}) {
   const params = {run, metric, format: "f32", points: opts.points || 1000, start: opts.start, end: opts.end, layer: opts.layers};
   const key = JSON.stringify(run) + "|values|" + query(params);
   return cached(key, async () => {
     const r = await fetch(`./values?${query(params)}`, {credentials: "same-origin"});
     if (!r.ok) throw await fail(r);
-    return decodeF32(await r.arrayBuffer());
+    const v = decodeF32(await r.arrayBuffer());
+    noteProblems(v);
+    return v;
   });
 }
 

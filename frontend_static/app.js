@@ -64,7 +64,10 @@ class App {
                                       onclick: () => this.select({view: v.id})}, v.title));
     }
     this.banner = el("div", {class: "banner"});
-    this.body.append(el("div", {class: "app"}, sidebar, el("main", {class: "main"}, this.tabs, this.banner, this.content)));
+    this.problemsBox = el("div", {class: "run-problems", hidden: true});
+    api.onProblems(() => this.drawProblems());
+    this.body.append(el("div", {class: "app"}, sidebar,
+                        el("main", {class: "main"}, this.tabs, this.banner, this.problemsBox, this.content)));
     window.tbDiag = this; // handy from the console and for tests
     this.watchTheme();
     window.addEventListener("resize", () => this.onResize());
@@ -118,7 +121,8 @@ class App {
     }
     const before = new Set(this.state.runs.map((r) => r.run));
     const changed = body.runs.length !== this.state.runs.length ||
-      body.runs.some((r, i) => r.run !== this.state.runs[i]?.run || r.metrics.length !== this.state.runs[i]?.metrics.length);
+      body.runs.some((r, i) => r.run !== this.state.runs[i]?.run || r.metrics.length !== this.state.runs[i]?.metrics.length ||
+                              r.problems.join("\n") !== this.state.runs[i]?.problems.join("\n"));
     this.state.runs = body.runs;
     this.colorIndex = new Map(body.runs.map((r, i) => [r.run, i]));
     const names = new Set(body.runs.map((r) => r.run));
@@ -130,7 +134,10 @@ class App {
       // a run that appears while the tab is open joins the comparison
       for (const r of body.runs) if (!before.has(r.run) && this.state.selected.size < MAX_DEFAULT_RUNS) this.state.selected.add(r.run);
     }
-    if (changed || first) this.drawRuns();
+    if (changed || first) {
+      this.drawRuns();
+      this.drawProblems();
+    }
     return changed;
   }
 
@@ -165,6 +172,8 @@ class App {
         box,
         el("span", {class: "swatch", style: {background: this.runColor(r.run)}}),
         el("label", {for: id, class: "run-name", title: r.run}, r.run),
+        r.problems.length ? el("span", {class: "run-warn", title: r.problems.join("\n"),
+                                        "aria-label": `${r.problems.length} data problem(s)`}, "⚠") : el("span"),
         el("button", {type: "button", class: "link only", title: "Show only this run", onclick: () => this.selectRuns([r.run])}, "only"));
       this.runList.append(row);
     }
@@ -174,6 +183,23 @@ class App {
     this.state.selected = new Set(names);
     this.drawRuns();
     this.render();
+  }
+
+  // What the selected runs hold that cannot be shown: skipped tags, damaged
+  // event files (from /runs) and steps skipped while reading a metric (/values).
+  drawProblems() {
+    const rows = [];
+    for (const r of this.selectedRuns()) {
+      const all = [...new Set([...r.problems, ...api.problemsOf(r.run)])];
+      for (const p of all.slice(0, 20)) rows.push(el("li", {}, el("span", {class: "run-ref"}, r.run), ": ", p));
+      if (all.length > 20) rows.push(el("li", {}, el("span", {class: "run-ref"}, r.run), `: and ${all.length - 20} more`));
+    }
+    clear(this.problemsBox);
+    this.problemsBox.hidden = !rows.length;
+    if (!rows.length) return;
+    this.problemsBox.append(el("details", {open: true, role: "status"},
+      el("summary", {}, `Some recorded data cannot be shown (${rows.length})`),
+      el("ul", {}, rows)));
   }
 
   runColor(run) {
@@ -213,6 +239,7 @@ class App {
       v.inited = true;
     }
     if (!this.runsError) this.showBanner(null);
+    this.drawProblems();
     if (!this.state.runs.length) {
       v.root.dataset.state = "ready";
       if (this.runsError) return;

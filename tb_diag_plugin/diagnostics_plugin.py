@@ -25,7 +25,7 @@ from tensorboard.backend import http_util
 from tensorboard.plugins import base_plugin
 from werkzeug import wrappers
 
-from tb_diag_plugin import downsample, metadata, reading
+from tb_diag_plugin import downsample, integrity, metadata, reading
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +121,8 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
 
     def __init__(self, context) -> None:
         self._provider = context.data_provider
+        self._logdir = getattr(context, "logdir", "") or ""
+        self._integrity = integrity.EventFileChecker(background=True)
         self._cache: OrderedDict[tuple, tuple[reading.Series, list[str]]] = OrderedDict()
         self._answers: OrderedDict[tuple, tuple[bytes, str, Optional[str]]] = OrderedDict()
         self._lock = threading.Lock()
@@ -191,6 +193,11 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
         ctx, eid = self._ctx(request)
         return ctx, eid, reading.index_runs(self._provider, ctx, eid)
 
+    def _problems(self, run: str, idx: reading.RunIndex) -> list[str]:
+        """What cannot be shown for `run`: skipped tags, and damage in its event files."""
+        run_dir = integrity.run_directory(self._logdir, run)
+        return idx.problems + (self._integrity.problems(run_dir) if run_dir else [])
+
     def _run(self, request, runs: dict[str, reading.RunIndex]) -> str:
         run = request.args.get("run")
         if run is None:
@@ -207,7 +214,7 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
                 "run": run,
                 "metrics": sorted(idx.tags),
                 "has_structure": idx.structure_tag is not None,
-                "problems": idx.problems,
+                "problems": self._problems(run, idx),
             }
             for run, idx in runs.items()
         ]
@@ -224,7 +231,12 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
             metrics[metric] = {"layers": layers, "layer_types": types}
         return http_util.Respond(
             request,
-            {"run": run, "metrics": metrics, "has_structure": idx.structure_tag is not None, "problems": idx.problems},
+            {
+                "run": run,
+                "metrics": metrics,
+                "has_structure": idx.structure_tag is not None,
+                "problems": self._problems(run, idx),
+            },
             "application/json",
         )
 

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import numpy as np
 from tensorboard import context as tb_context
 
-from tb_diag_plugin import metadata
+from tb_diag_plugin import integrity, metadata
 
 # `downsample` for "every stored sample" (0 would mean none).
 ALL_SAMPLES = 2**62
@@ -208,6 +208,11 @@ class LocalReader:
         self.ctx = tb_context.RequestContext()
         self.experiment_id = ""
         self.index = index_runs(self.provider, self.ctx, self.experiment_id)
+        checker = integrity.EventFileChecker()
+        for run, idx in self.index.items():
+            run_dir = integrity.run_directory(logdir, run)
+            if run_dir:
+                idx.problems.extend(checker.problems(run_dir))
 
     def runs(self) -> list[str]:
         return sorted(self.index)

@@ -59,6 +59,8 @@ def damaged_logdir(tmp_path_factory):
     size = os.path.getsize(path)
     with open(path, "r+b") as f:
         f.truncate(size - 7)
+    old = time.time() - 3600  # a job that died an hour ago, not a writer mid-flush
+    os.utime(path, (old, old))
 
     # A corrupted record in the middle (bytes flipped inside a record's payload).
     path = _write_good(d / "corrupted")
@@ -121,6 +123,56 @@ def test_corrupted_record_never_500(damaged_server):
     if status == 200:
         for step, row in zip(json.loads(body)["steps"], json.loads(body)["values"]):
             assert row == [float(step), step + 1.0, step + 2.0]
+
+
+def test_damaged_event_files_are_named_in_runs(damaged_server):
+    runs = {r["run"]: r for r in damaged_server.plugin("runs")["runs"]}
+    assert runs["good"]["problems"] == []
+    (corrupted,) = runs["corrupted"]["problems"]
+    assert "is damaged" in corrupted and "TensorBoard stops reading this file there" in corrupted
+    (truncated,) = runs["truncated"]["problems"]
+    assert "ends in an incomplete record" in truncated
+    assert damaged_server.plugin("tags?run=corrupted")["problems"] == [corrupted]
+
+
+def test_report_names_damaged_files(damaged_logdir, capsys):
+    import io
+
+    from tb_diag_plugin import report
+
+    report.run(str(damaged_logdir), as_json=True, fail_on=None, out=io.StringIO())
+    notes = capsys.readouterr().err.splitlines()
+    assert any(n.startswith("tb-diag report: corrupted: event file") and "is damaged" in n for n in notes)
+    assert any(n.startswith("tb-diag report: truncated: ") and "incomplete record" in n for n in notes)
+    assert not any(n.startswith("tb-diag report: good:") and "event file" in n for n in notes)
+
+
+def test_tab_shows_what_cannot_be_shown(damaged_logdir, browser):
+    """The problems of the selected runs are visible in the tab, as text, with a marker on each run."""
+    from test_browser import Tab, _all_plugins
+
+    with serve(str(damaged_logdir), plugins=_all_plugins()) as srv:
+        srv.wait_for_runs(5, timeout=120)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        try:
+            tab = Tab(page, srv)
+            box = tab.frame.locator(".run-problems")
+            box.wait_for(state="visible", timeout=30_000)
+            text = box.inner_text()
+            assert "is damaged" in text and "TensorBoard stops reading" in text  # corrupted
+            assert "incomplete record" in text  # truncated
+            assert "newer tb-diag" in text  # mixed: a tag from a newer contract
+            warned = tab.frame.evaluate(
+                "[...document.querySelectorAll('.run-row')].filter(r => r.querySelector('.run-warn'))"
+                ".map(r => r.dataset.run)"
+            )
+            assert set(warned) >= {"corrupted", "truncated", "mixed"} and "good" not in warned
+            tab.screenshot("data-problems.png")
+            tab.select_runs(["good"])
+            assert tab.frame.locator(".run-problems").is_hidden()
+            assert not [e for e in tab.errors if e.startswith("pageerror")]
+        finally:
+            page.close()
 
 
 def test_malformed_tags_are_reported_not_fatal(damaged_server):
