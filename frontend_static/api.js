@@ -54,8 +54,8 @@ export class Values {
     this.stepLast = arrays.step_last;
     this.B = this.stepFirst.length;
     this.mean = arrays.mean;
-    this.min = arrays.min;
-    this.max = arrays.max;
+    this.min = arrays.min || arrays.mean; // rows that are single steps: min = max = mean
+    this.max = arrays.max || arrays.mean;
     this.nonfinite = arrays.nonfinite;
     this.present = arrays.present;
   }
@@ -90,6 +90,8 @@ export class Values {
   }
 }
 
+const TYPED = {float64: Float64Array, float32: Float32Array, uint8: Uint8Array, uint16: Uint16Array};
+
 export function decodeF32(buf) {
   const dv = new DataView(buf);
   const h = dv.getUint32(0, true);
@@ -99,7 +101,8 @@ export function decodeF32(buf) {
   for (const a of header.arrays) {
     const n = a.shape.reduce((x, y) => x * y, 1);
     const off = base + a.offset;
-    const Ctor = a.dtype === "float64" ? Float64Array : Float32Array;
+    const Ctor = TYPED[a.dtype];
+    if (!Ctor) throw new ApiError(0, `unknown array type ${a.dtype} in the answer`);
     const bytes = n * Ctor.BYTES_PER_ELEMENT;
     // Views need aligned offsets; the server aligns, copy if it ever does not.
     arrays[a.name] = off % Ctor.BYTES_PER_ELEMENT === 0 ? new Ctor(buf, off, n) : new Ctor(buf.slice(off, off + bytes));

@@ -28,7 +28,7 @@ class Binned:
     present: np.ndarray  # float32 [B, L]: count of recorded values in the bin (0 = layer absent)
 
 
-def _reduce(arr: np.ndarray, k: int, op: str) -> np.ndarray:
+def _reduce(arr: np.ndarray, k: int, op: str, dtype=None) -> np.ndarray:
     """Reduce consecutive groups of `k` rows (the last group may be shorter).
 
     Reshaping into (bins, k, L) and reducing axis 1 is ~10x faster than
@@ -36,12 +36,32 @@ def _reduce(arr: np.ndarray, k: int, op: str) -> np.ndarray:
     """
     S = arr.shape[0]
     full = S // k
+    kw = {} if dtype is None else {"dtype": dtype}
     parts = []
     if full:
-        parts.append(getattr(arr[: full * k].reshape(full, k, *arr.shape[1:]), op)(axis=1))
+        parts.append(getattr(arr[: full * k].reshape(full, k, *arr.shape[1:]), op)(axis=1, **kw))
     if S > full * k:
-        parts.append(getattr(arr[full * k :], op)(axis=0, keepdims=True))
+        parts.append(getattr(arr[full * k :], op)(axis=0, keepdims=True, **kw))
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def _masked(values: np.ndarray, finite: np.ndarray, present: np.ndarray, k: int):
+    """(mean, min, max, nonfinite, present) per bin over the finite, present cells."""
+    good = finite & present
+    sums = _reduce(np.where(good, values, np.float32(0)), k, "sum", np.float64)
+    counts = _reduce(good, k, "sum", np.float32)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = (sums / counts).astype(np.float32)
+    mn = _reduce(np.where(good, values, np.float32(np.inf)), k, "min")
+    mx = _reduce(np.where(good, values, np.float32(-np.inf)), k, "max")
+    empty = counts == 0
+    # A bin with no finite value has NaN for mean, min and max: the chart
+    # draws it in the non-finite colour (or as absent, from `present`).
+    mean[empty] = np.nan
+    mn[empty] = np.nan
+    mx[empty] = np.nan
+    nonfinite = _reduce(~finite & present, k, "sum", np.float32)
+    return mean, mn, mx, nonfinite, _reduce(present, k, "sum", np.float32)
 
 
 def bin_steps(steps: np.ndarray, values: np.ndarray, present: np.ndarray, points: int) -> Binned:
@@ -63,29 +83,22 @@ def bin_steps(steps: np.ndarray, values: np.ndarray, present: np.ndarray, points
     starts = np.arange(0, S, k)
     ends = np.minimum(starts + k, S) - 1
     first, last = steps[starts], steps[ends]
-    if bool(present.all()) and bool(finite.all()):
-        # The common case (every value recorded and finite): no masks and no
-        # temporaries the size of the run.
-        counts = (ends - starts + 1).astype(np.float32)[:, None]
-        mean = _reduce(values, k, "sum") / counts
-        mn, mx = _reduce(values, k, "min"), _reduce(values, k, "max")
-        return Binned(True, first, last, mean, mn, mx, np.zeros_like(mean),
-                      np.broadcast_to(counts, mean.shape).astype(np.float32))
-    good = finite & present
-    sums = _reduce(np.where(good, values, np.float32(0)).astype(np.float64), k, "sum")
-    counts = _reduce(good.astype(np.float32), k, "sum")
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = (sums / counts).astype(np.float32)
-    mn = _reduce(np.where(good, values, np.float32(np.inf)), k, "min")
-    mx = _reduce(np.where(good, values, np.float32(-np.inf)), k, "max")
-    empty = counts == 0
-    # A bin with no finite value has NaN for mean, min and max: the chart
-    # draws it in the non-finite colour (or as absent, from `present`).
-    mean[empty] = np.nan
-    mn[empty] = np.nan
-    mx[empty] = np.nan
-    nonfinite = _reduce((~finite & present).astype(np.float32), k, "sum")
-    return Binned(True, first, last, mean, mn, mx, nonfinite, _reduce(present.astype(np.float32), k, "sum"))
+    # Every bin is first reduced as if all its cells were recorded and finite
+    # (no masks, no temporaries the size of the run); the bins that hold a
+    # NaN/Inf or an absent cell are then redone with masks, from their rows only.
+    counts = (ends - starts + 1).astype(np.float32)[:, None]
+    mean = (_reduce(values, k, "sum") / counts).astype(np.float32)
+    mn, mx = _reduce(values, k, "min"), _reduce(values, k, "max")
+    nonfinite = np.zeros_like(mean)
+    pres = np.repeat(counts, mean.shape[1], axis=1)
+    row_ok = (finite & present).all(axis=1)
+    if not row_ok.all():
+        bad = np.unique(np.flatnonzero(~row_ok) // k)  # sorted: a short last bin comes last
+        rows = np.concatenate([np.arange(b * k, min((b + 1) * k, S)) for b in bad])
+        redo = _masked(values[rows], finite[rows], np.asarray(present)[rows], k)
+        for out, part in zip((mean, mn, mx, nonfinite, pres), redo):
+            out[bad] = part
+    return Binned(True, first, last, mean, mn, mx, nonfinite, pres)
 
 
 def step_window(steps: np.ndarray, start: Optional[int], end: Optional[int]) -> slice:

@@ -49,6 +49,11 @@ class RunIndex:
     tags: dict[str, list[tuple[str, metadata.PluginData]]] = field(default_factory=dict)
     structure_tag: Optional[str] = None
     problems: list[str] = field(default_factory=list)
+    stamps: dict[str, tuple[int, float]] = field(default_factory=dict)  # tag -> (max step, max wall time)
+
+    def version(self, metric: str) -> tuple:
+        """Changes whenever one of the metric's tags gains a step: a cache key."""
+        return tuple((tag, self.stamps.get(tag)) for tag, _ in self.tags.get(metric, []))
 
     def layers(self, metric: str) -> tuple[list[str], list[str]]:
         names: list[str] = []
@@ -83,6 +88,7 @@ def index_runs(provider, ctx, experiment_id: str) -> dict[str, RunIndex]:
             if pd.kind != metadata.VECTOR:
                 continue
             idx.tags.setdefault(pd.metric, []).append((tag, pd))
+            idx.stamps[tag] = (ts.max_step, ts.max_wall_time)
         for tag in blobs.get(run, {}):
             if tag == metadata.STRUCTURE_TAG:
                 idx.structure_tag = tag
@@ -97,48 +103,126 @@ def read_series(
     """Merge a metric's tags into a Series; returns it with readable problems.
 
     A datum whose length does not match its tag's layer list is skipped and
-    reported, never misattributed to other layers.
+    reported, never misattributed to other layers. Where a step was written
+    twice (a restarted job), the later datum wins.
     """
     entries = index.tags[metric]
     layers, layer_types = index.layers(metric)
     col = {n: j for j, n in enumerate(layers)}
-    tag_cols = {tag: np.array([col[n] for n in pd.layers], dtype=np.int64) for tag, pd in entries}
-    result = provider.read_tensors(
-        ctx,
-        experiment_id=experiment_id,
-        plugin_name=metadata.PLUGIN_NAME,
-        run_tag_filter=_filter(run, [t for t, _ in entries]),
-        downsample=downsample,
-    )
-    data = result.get(run, {})
+    tags = [t for t, _ in entries]
+    columns = _read_raw(provider, ctx, experiment_id, run, tags, downsample, entries)
+    if columns is None:
+        result = provider.read_tensors(
+            ctx,
+            experiment_id=experiment_id,
+            plugin_name=metadata.PLUGIN_NAME,
+            run_tag_filter=_filter(run, tags),
+            downsample=downsample,
+        )
+        data = result.get(run, {})
+        columns = {
+            tag: _columns([d.step for d in data.get(tag, [])], [d.numpy for d in data.get(tag, [])], len(pd.layers))
+            for tag, pd in entries
+        }
     problems: list[str] = []
-    rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    L = len(layers)
-    for tag, _ in entries:
-        cols = tag_cols[tag]
-        bad = 0
-        for datum in data.get(tag, []):
-            arr = _as_vector(datum.numpy)
-            if arr is None or arr.size != cols.size:
-                bad += 1
-                continue
-            vals, pres = rows.get(datum.step, (None, None))
-            if vals is None:
-                vals = np.full(L, np.nan, dtype=np.float32)
-                pres = np.zeros(L, dtype=bool)
-                rows[datum.step] = (vals, pres)
-            vals[cols] = arr
-            pres[cols] = True
+    parts = []  # (steps, matrix, column indices), in tag order: later tags win on overlap
+    for tag, pd in entries:
+        steps, matrix, bad = columns[tag]
         if bad:
             problems.append(f"{metric}: {bad} step(s) of tag {tag!r} have the wrong shape and were skipped")
-    steps = np.array(sorted(rows), dtype=np.int64)
-    if steps.size:
-        values = np.stack([rows[s][0] for s in steps])
-        present = np.stack([rows[s][1] for s in steps])
-    else:
-        values = np.zeros((0, L), dtype=np.float32)
-        present = np.zeros((0, L), dtype=bool)
-    return Series(metric, layers, layer_types, steps, values, present), problems
+        if steps.size:
+            parts.append((*_last_per_step(steps, matrix), np.array([col[n] for n in pd.layers], dtype=np.int64)))
+    return Series(metric, layers, layer_types, *_merge(parts, len(layers))), problems
+
+
+def _columns(steps: list[int], values: list[Any], width: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(steps, matrix [S, width] float32, number skipped) from one tag's data, skipping wrong shapes."""
+    arrays = [_as_vector(v) for v in values]
+    keep = [i for i, a in enumerate(arrays) if a is not None and a.size == width]
+    matrix = np.stack([arrays[i] for i in keep]) if keep else np.zeros((0, width), dtype=np.float32)
+    return np.array([steps[i] for i in keep], dtype=np.int64), matrix, len(arrays) - len(keep)
+
+
+def _last_per_step(steps: np.ndarray, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted unique steps, keeping the last datum written for each."""
+    if steps.size < 2 or bool(np.all(steps[1:] > steps[:-1])):
+        return steps, matrix
+    uniq, first_in_reversed = np.unique(steps[::-1], return_index=True)
+    return uniq, matrix[steps.size - 1 - first_in_reversed]
+
+
+def _merge(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], L: int):
+    """(steps, values, present) of the union of the parts' steps."""
+    if not parts:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, L), dtype=np.float32), np.zeros((0, L), dtype=bool)
+    if len(parts) == 1 and parts[0][2].size == L and bool(np.all(parts[0][2] == np.arange(L))):
+        steps, matrix, _ = parts[0]  # one tag that holds every layer: no copy, nothing absent
+        return steps, matrix, np.broadcast_to(np.True_, matrix.shape)
+    steps = np.unique(np.concatenate([p[0] for p in parts]))
+    values = np.full((steps.size, L), np.nan, dtype=np.float32)
+    present = np.zeros((steps.size, L), dtype=bool)
+    for tag_steps, matrix, cols in parts:
+        rows = np.searchsorted(steps, tag_steps)[:, None]
+        values[rows, cols[None, :]] = matrix
+        present[rows, cols[None, :]] = True
+    return steps, values, present
+
+
+def _read_raw(provider, ctx, experiment_id, run, tags, downsample, entries):
+    """Under TensorBoard's Rust data server: the tensors' bytes straight from its gRPC answer.
+
+    `GrpcDataProvider.read_tensors` turns each step into a numpy array in
+    Python (0.6 s of 1.1 s for 20,000 steps x 500 layers here); joining the
+    raw float32 payloads is one copy. Returns None where this does not apply
+    (another provider, an unexpected TensorBoard version); the caller then
+    uses the public API.
+    """
+    stub = getattr(provider, "_stub", None)
+    if stub is None or type(provider).__name__ != "GrpcDataProvider":
+        return None
+    try:
+        from tensorboard.data.proto import data_provider_pb2
+        from tensorboard.util import tensor_util
+
+        req = data_provider_pb2.ReadTensorsRequest(experiment_id=experiment_id)
+        req.plugin_filter.plugin_name = metadata.PLUGIN_NAME
+        req.run_tag_filter.runs.names[:] = [run]
+        req.run_tag_filter.tags.names[:] = sorted(tags)
+        req.downsample.num_points = downsample
+        res = stub.ReadTensors(req)
+    except Exception:
+        return None
+    found = {}
+    for run_entry in res.runs:
+        if run_entry.run_name != run:
+            continue
+        for tag_entry in run_entry.tags:
+            found[tag_entry.tag_name] = tag_entry.data
+    out = {}
+    for tag, pd in entries:
+        d = found.get(tag)
+        width = len(pd.layers)
+        if d is None:
+            out[tag] = (np.zeros(0, dtype=np.int64), np.zeros((0, width), dtype=np.float32), 0)
+            continue
+        values = list(d.value)
+        contents = [v.tensor_content for v in values]
+        if {v.dtype for v in values} <= {1} and all(len(c) == 4 * width for c in contents):
+            # DT_FLOAT tensors of the right length (the logger's own output): one copy, read-only.
+            matrix = np.frombuffer(b"".join(contents), dtype="<f4").reshape(len(values), width)
+            if not matrix.dtype.isnative:
+                matrix = matrix.astype(np.float32)
+            out[tag] = (np.array(d.step, dtype=np.int64), matrix, 0)
+        else:
+            out[tag] = _columns(list(d.step), [_quiet_ndarray(tensor_util, v) for v in values], width)
+    return out
+
+
+def _quiet_ndarray(tensor_util, value):
+    try:
+        return tensor_util.make_ndarray(value)
+    except Exception:
+        return None
 
 
 def read_structure(provider, ctx, experiment_id: str, run: str) -> Optional[dict[str, Any]]:
@@ -177,7 +261,7 @@ def _as_vector(value: Any) -> Optional[np.ndarray]:
         arr = np.asarray(value)
     except Exception:
         return None
-    if arr.dtype.kind not in "fiu" or arr.ndim > 1:
+    if arr.dtype.kind not in "fiu":
         return None
     return arr.reshape(-1).astype(np.float32, copy=False)
 

@@ -51,6 +51,7 @@ class _Context:
     nan_first: dict[str, int] = field(default_factory=dict)  # source ("loss", "gradients", ...) -> first step
     cutoff: Optional[int] = None  # first step whose values describe a broken model (NaN, or blowing up)
     amp_skipped: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # skipped by design
+    _memo: dict = field(default_factory=dict, repr=False)  # before_cutoff's answers, by series and cutoff
 
     def get(self, kind: str, *metrics: str, why: str = "") -> Optional[list[Series]]:
         """The metrics a rule needs, or None after noting which is missing."""
@@ -64,12 +65,27 @@ class _Context:
         return out
 
     def before_cutoff(self, s: Series) -> tuple[np.ndarray, np.ndarray]:
-        """(steps, values with NaN where absent) before the first NaN/Inf, without AMP-skipped steps."""
-        vals = np.where(s.present, s.values.astype(np.float64), np.nan)
+        """(steps, values with NaN where absent) before the first NaN/Inf, without AMP-skipped steps.
+
+        Several rules ask for the same series: the answer is computed once per
+        cutoff and handed out read-only (a 20k x 500 metric is 80 MB as float64).
+        """
+        key = (id(s), self.cutoff, self.amp_skipped.size)
+        hit = self._memo.get(key)
+        if hit is not None and hit[0] is s:
+            return hit[1]
         keep = np.ones(s.steps.shape, dtype=bool) if self.cutoff is None else s.steps < self.cutoff
         if self.amp_skipped.size:
             keep &= ~np.isin(s.steps, self.amp_skipped)
-        return s.steps[keep], vals[keep]
+        everything = bool(keep.all())
+        vals = (s.values if everything else s.values[keep]).astype(np.float64)
+        all_present = 0 in s.present.strides and s.present.size > 0 and bool(s.present.flat[0])
+        if not all_present:  # `present` is a broadcast True when every cell was recorded
+            vals[~(s.present if everything else s.present[keep])] = np.nan
+        steps = s.steps if everything else s.steps[keep]
+        vals.setflags(write=False)
+        self._memo[key] = (s, (steps, vals))
+        return steps, vals
 
     def add(self, kind: str, severity: str, layers: Sequence[str], first: int, last: int, message: str,
             suggestion: str) -> None:

@@ -74,6 +74,41 @@ def test_binning_all_nonfinite_bin_is_nan():
     assert np.isnan(b.mean).all() and (b.nonfinite == 2).all()
 
 
+@pytest.mark.parametrize("seed, S, L, points", [(0, 103, 3, 10), (1, 1000, 7, 37), (2, 50, 2, 49), (3, 999, 4, 1)])
+def test_binning_matches_a_bin_by_bin_reference(seed, S, L, points):
+    """Random NaN, Inf and absent cells (a whole bin of them too), short last bin: every field as computed by hand."""
+    rng = np.random.default_rng(seed)
+    values = rng.lognormal(size=(S, L)).astype(np.float32)
+    values[rng.random((S, L)) < 0.02] = np.nan
+    values[rng.random((S, L)) < 0.01] = -np.inf
+    present = rng.random((S, L)) > 0.05
+    present[: S // 4, 0] = False
+    values[~present] = np.nan  # absent cells hold NaN, as the reader stores them
+    steps = np.arange(S, dtype=np.int64) * 3
+    b = downsample.bin_steps(steps, values, present, points)
+    k = -(-S // points)
+    assert b.binned == (S > points)
+    for i, lo in enumerate(range(0, S, k) if b.binned else []):
+        hi = min(lo + k, S)
+        assert b.step_first[i] == steps[lo] and b.step_last[i] == steps[hi - 1]
+        for j in range(L):
+            v, p = values[lo:hi, j], present[lo:hi, j]
+            good = v[p & np.isfinite(v)]
+            assert b.present[i, j] == p.sum() and b.nonfinite[i, j] == (p & ~np.isfinite(v)).sum()
+            if good.size:
+                assert b.min[i, j] == good.min() and b.max[i, j] == good.max()
+                assert b.mean[i, j] == pytest.approx(good.astype(np.float64).mean(), rel=1e-5)
+            else:
+                assert np.isnan(b.mean[i, j]) and np.isnan(b.min[i, j]) and np.isnan(b.max[i, j])
+
+
+def test_binning_a_complete_finite_matrix_takes_no_masks():
+    values = np.arange(40, dtype=np.float32).reshape(20, 2)
+    b = downsample.bin_steps(np.arange(20), values, np.broadcast_to(np.True_, (20, 2)), 3)
+    assert list(b.present[:, 0]) == [7, 7, 6] and (b.nonfinite == 0).all()
+    assert b.mean[2, 1] == pytest.approx(np.arange(29, 40, 2).mean())
+
+
 def test_no_binning_when_it_fits():
     values = np.array([[1.0], [np.nan]], dtype=np.float32)
     b = downsample.bin_steps(np.array([0, 5]), values, np.ones((2, 1), bool), 10)

@@ -244,3 +244,28 @@ def test_many_runs_and_concurrent_requests(tmp_path):
     grown_mb = (rss_after - rss_before) / 1024
     print(f"peak RSS grew by {grown_mb:.0f} MB serving 201 runs and 50 concurrent requests")
     assert grown_mb < 2048
+
+
+@pytest.mark.parametrize("load_fast", [False, True], ids=["python_loader", "rust_data_server"])
+def test_restarted_job_and_changed_layer_sets_merge_by_step(tmp_path, load_fast):
+    """A job restarted from step 5 writes steps 5-9 again (the later value wins); a layer that
+    appears at step 10 gets its own tag; both loaders give the same matrix."""
+    w = SummaryWriter(str(tmp_path / "run"))
+    sink = SummarySink(w)
+    for s in range(10):
+        sink.write_vectors(s, [("grad_norm", ["a", "b"], (), np.array([s, -s], dtype=np.float32))])
+    for s in range(5, 15):  # the restarted job
+        layers = ["a", "b"] if s < 10 else ["a", "b", "c"]
+        sink.write_vectors(s, [("grad_norm", layers, (), np.arange(len(layers), dtype=np.float32) + 100 * s)])
+    w.close()
+    with serve(str(tmp_path), load_fast=load_fast) as srv:
+        srv.wait_for_runs(1)
+        deadline = time.time() + 60
+        while (body := srv.plugin("values?run=run&metric=grad_norm&points=1000"))["last_step"] != 14:
+            assert time.time() < deadline, body
+            time.sleep(0.2)
+    assert body["layers"] == ["a", "b", "c"] and body["steps"] == list(range(15))
+    rows = body["values"]
+    assert rows[2] == [2.0, -2.0, None]
+    assert rows[7] == [700.0, 701.0, None]  # the restarted job's value, not the first one's
+    assert rows[12] == [1200.0, 1201.0, 1202.0]
