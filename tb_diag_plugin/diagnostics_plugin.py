@@ -50,6 +50,8 @@ ANSWER_CACHE_BYTES = 64 << 20
 # view's requests arrive together, and each listing is a gRPC round trip
 # (~50 ms under the Rust data server here).
 INDEX_TTL_SECONDS = 1.0
+# A run is read ahead at most this often (seconds).
+READ_AHEAD_INTERVAL = 60.0
 # The order in which the read-ahead reads a run's metrics: the overview's first.
 _READ_AHEAD = ("loss", "grad_norm_total", "learning_rate", "dead_fraction", "grad_norm", "weight_norm",
                "grad_nonfinite", "update_ratio", "grad_max_abs", "act_mean", "act_std", "saturation")
@@ -137,10 +139,11 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
         self._series = cache.ByteLRU(SERIES_CACHE_BYTES)
         self._answers = cache.ByteLRU(ANSWER_CACHE_BYTES)
         self._findings = cache.ByteLRU(16 << 20)
+        self._findings_recent: dict[tuple[str, str], tuple[float, dict]] = {}  # (eid, run) -> (until, answer)
         self._lock = threading.Lock()
         self._listing: dict[str, tuple[float, dict[str, reading.RunIndex]]] = {}
         self._read_ahead: queue.Queue[tuple] = queue.Queue()
-        self._read_ahead_seen: set[tuple] = set()
+        self._read_ahead_seen: dict[tuple[str, str], float] = {}
         self._read_ahead_thread: Optional[threading.Thread] = None
         self._static = importlib.resources.files("tb_diag_plugin.frontend_static")
 
@@ -280,17 +283,17 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
         """Read a run's metrics and findings into the caches in the background (once per data version).
 
         The tab asks for /tags first; by the time the user opens a view its
-        data is in memory. Reading a 20,000-step x 500-layer metric from the
+        data is in memory. At most once a minute per run. Reading a 20,000-step x 500-layer metric from the
         data provider takes about half a second here, which alone would miss
         the 300 ms a view may take.
         """
-        job = (eid, run, tuple(idx.version(m) for m in sorted(idx.tags)))
+        now = time.monotonic()
         with self._lock:
-            if job in self._read_ahead_seen:
+            # A live run changes every few seconds: reading all of it again each
+            # time would keep a core busy; the views re-read what they show.
+            if now - self._read_ahead_seen.get((eid, run), -READ_AHEAD_INTERVAL) < READ_AHEAD_INTERVAL:
                 return
-            self._read_ahead_seen.add(job)
-            if len(self._read_ahead_seen) > 10_000:
-                self._read_ahead_seen = {job}
+            self._read_ahead_seen[(eid, run)] = now
             self._read_ahead.put((ctx, eid, run, idx))
             if self._read_ahead_thread is None or not self._read_ahead_thread.is_alive():
                 self._read_ahead_thread = threading.Thread(
@@ -313,14 +316,36 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
                 logger.debug("read-ahead of run %r failed", run, exc_info=True)
 
     def _findings_of(self, ctx, eid: str, run: str, idx: reading.RunIndex) -> dict:
+        """The run's findings, cached per data version.
+
+        While a run grows, each poll brings a new version; analysing a big run
+        again each time would keep TensorBoard busy, so the previous answer is
+        kept for ten times as long as it took to compute (at most a minute):
+        a 20k x 500 run that takes 4 s is re-analysed every 40 s, a small one
+        at every poll.
+        """
         from tb_diag_plugin import findings
 
+        key = (eid, run, tuple(idx.version(m) for m in sorted(idx.tags)))
+        hit = self._findings.peek(key)
+        if hit is not None:
+            return hit
+        with self._lock:
+            recent = self._findings_recent.get((eid, run))
+        if recent is not None and time.monotonic() < recent[0]:
+            return recent[1]
+
         def compute():
+            t0 = time.monotonic()
             series = {m: self.series(ctx, eid, run, m, idx)[0] for m in idx.tags}
             found, skipped = findings.analyze(series)
-            return {"run": run, "findings": [f.to_dict(run) for f in found], "skipped": skipped}
+            answer = {"run": run, "findings": [f.to_dict(run) for f in found], "skipped": skipped}
+            done = time.monotonic()
+            with self._lock:
+                self._findings_recent[(eid, run)] = (done + min(60.0, 10 * (done - t0)), answer)
+            return answer
 
-        return self._findings.get((eid, run, tuple(idx.version(m) for m in sorted(idx.tags))), compute)
+        return self._findings.get(key, compute)
 
     @_json_route
     def _serve_values(self, request):
