@@ -395,9 +395,10 @@ class Diagnostics:
         keep_norms = reduce or not sharded  # a shard's own norm is not the tensor's
 
         parts: list[torch.Tensor] = []  # everything for the host, concatenated once
-        g_norm = reductions.grouped_norms(grads, device)
-        g_max = reductions.max_abs(grads, device)
+        g_norm, g_max = reductions.norms_and_max_abs(grads, device)
         w_norm = reductions.grouped_norms(weights, device)
+        if self._updates is not None:  # the pre-step hook reuses them: weights are the same until opt.step()
+            self._updates.offer_weight_norms(step, weights, w_norm)
         if sharded and reduce:
             g_norm, g_max, w_norm = distributed.reduce_sharded_norms(
                 g_norm,

@@ -2,10 +2,11 @@
 
 On a logged step the pre-hook copies the parameters that have gradients
 into buffers allocated once (fresh parameter-sized tensors page-fault:
-PERF_NOTES.md) and takes their norms; the post-hook subtracts the new
-values in place and takes the norms of the difference. Nothing is copied on
-steps that are not logged. The result is written at the next `step()` or
-`close()`, under the logged step's number.
+PERF_NOTES.md); their norms are the weight norms `Diagnostics.step()` took
+moments before (taken again only if a weight changed in between); the
+post-hook subtracts the new values in place and takes the norms of the
+difference. Nothing is copied on steps that are not logged. The result is
+written at the next `step()` or `close()`, under the logged step's number.
 """
 
 from __future__ import annotations
@@ -33,21 +34,49 @@ class UpdateRatio:
         self._snapshot: Optional[list[torch.Tensor]] = None
         self._snapshot_params: list[tuple[str, torch.Tensor]] = []
         self._old_norms: Optional[torch.Tensor] = None
+        # (step, `_weight_keys` of every parameter, their local norms) from `offer_weight_norms`.
+        self._offered: Optional[tuple[int, list[tuple[int, int, int]], torch.Tensor]] = None
         self._handles = [
             optimizer.register_step_pre_hook(self._before),
             optimizer.register_step_post_hook(self._after),
         ]
 
+    def offer_weight_norms(self, step: int, weights: Sequence[torch.Tensor], norms: torch.Tensor) -> None:
+        """The norms of `weights` (the local pieces of all `params`, in order) taken at logged step `step`.
+
+        The pre-step hook of that step uses them instead of reading every
+        parameter once more, unless a parameter was modified in place or
+        replaced in between (a version counter or the data pointer moved).
+        """
+        keys = _weight_keys([p for _, p in self._params], weights)
+        self._offered = (step, keys, norms) if len(keys) == len(self._params) == norms.numel() else None
+
+    def _offered_norms(self, idx: list[int], local: list[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The offered norms of parameters `idx` (whose local pieces are `local`) if still true, else None."""
+        offered, self._offered = self._offered, None
+        if offered is None or offered[0] != self.pending:
+            return None
+        _, keys, norms = offered
+        if [keys[i] for i in idx] != _weight_keys([self._params[i][1] for i in idx], local):
+            return None
+        if len(idx) < len(keys):  # parameters without gradients are not stepped
+            norms = norms[torch.tensor(idx, device=norms.device)]
+        return norms.to(self._device())
+
     def _before(self, optimizer, args, kwargs) -> None:
         if self.pending is None:
             return None
         try:
-            params = [(n, p) for n, p in self._params if p.grad is not None]
+            idx = [i for i, (_, p) in enumerate(self._params) if p.grad is not None]
+            params = [self._params[i] for i in idx]
             if self._snapshot is None or [n for n, _ in params] != [n for n, _ in self._snapshot_params]:
                 self._snapshot = [torch.empty_like(reductions._local(p.detach())) for _, p in params]
                 self._snapshot_params = params
-            torch._foreach_copy_(self._snapshot, [reductions._local(p.detach()) for _, p in params])
-            self._old_norms = reductions.grouped_norms(self._snapshot, self._device())
+            local = [reductions._local(p.detach()) for _, p in params]
+            torch._foreach_copy_(self._snapshot, local)
+            self._old_norms = self._offered_norms(idx, local)
+            if self._old_norms is None:
+                self._old_norms = reductions.grouped_norms(self._snapshot, self._device())
         except Exception as e:
             self.pending = None
             self._on_error("update_ratio", e)
@@ -59,8 +88,7 @@ class UpdateRatio:
             return None
         try:
             current = [reductions._local(p.detach()) for _, p in self._snapshot_params]
-            torch._foreach_sub_(self._snapshot, current)  # old - new, in the buffers
-            delta = reductions.grouped_norms(self._snapshot, self._device())
+            delta = reductions.subtract_norms_(self._snapshot, current, self._device())  # old - new, in the buffers
             old, self._old_norms = self._old_norms, None
             if distributed.any_sharded(p for _, p in self._snapshot_params):
                 w = distributed.shard_weights([p for _, p in self._snapshot_params], delta.device)
@@ -88,5 +116,13 @@ class UpdateRatio:
         self._snapshot = None
         self._snapshot_params = []
         self._old_norms = None
+        self._offered = None
         self.pending = None
         self.result = None
+
+
+def _weight_keys(params: Sequence[torch.Tensor], local: Sequence[torch.Tensor]) -> list[tuple[int, int, int]]:
+    """What moves when a parameter is modified in place or replaced (`local`: their local pieces)."""
+    # An in-place op on a DTensor moves its own counter; one on its shard (`to_local()`), the shard's.
+    with torch.no_grad():
+        return [(p._version, reductions._local(p)._version, w.data_ptr()) for p, w in zip(params, local)]

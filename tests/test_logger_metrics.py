@@ -116,6 +116,62 @@ def test_update_ratio_with_sgd_and_learning_rate_per_param_group(tmp_path):
         assert close(at(s, "update_ratio", name, step), want, rel=1e-4), (name, step)
 
 
+def _sgd_ratio(p: torch.Tensor, lr: float) -> float:
+    """Plain SGD: w' = w - lr * g, so |dw| / |w| = lr * |g| / |w| (taken just before opt.step())."""
+    return lr * p.grad.norm().item() / p.detach().norm().item()
+
+
+def test_update_ratio_reuses_step_weight_norms_for_a_subset_of_parameters_with_gradients(tmp_path):
+    # `include` leaves `skip` out; `unused` has no gradient: the reused norms are picked by name.
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"skip": nn.Linear(3, 3), "unused": nn.Linear(3, 3), "a": nn.Linear(3, 2)})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    expected: dict[tuple[str, int], float] = {}
+    writer = SummaryWriter(str(tmp_path))
+    with Diagnostics(model, writer, every=1, optimizer=opt, include=["a.*", "unused.*"]) as diag:
+        for step in range(2):
+            opt.zero_grad()
+            model["a"](model["skip"](torch.randn(8, 3))).pow(2).mean().backward()
+            for name in ("a.weight", "a.bias"):
+                expected[(name, step)] = _sgd_ratio(model.get_parameter(name), 0.1)
+            diag.step(step)
+            opt.step()
+    writer.close()
+
+    s = read(tmp_path)
+    assert s["update_ratio"].layers == ["a.weight", "a.bias"]
+    for (name, step), want in expected.items():
+        assert close(at(s, "update_ratio", name, step), want, rel=1e-4), (name, step)
+
+
+def test_update_ratio_sees_weights_changed_between_step_and_optimizer_step(tmp_path):
+    # The norms step() took are stale once a weight is modified in place or replaced:
+    # the ratio must use the weights the optimizer steps from.
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    expected: dict[tuple[str, int], float] = {}
+    writer = SummaryWriter(str(tmp_path))
+    with Diagnostics(model, writer, every=1, optimizer=opt) as diag:
+        for step in range(2):
+            opt.zero_grad()
+            model(torch.randn(8, 3)).pow(2).mean().backward()
+            diag.step(step)
+            with torch.no_grad():
+                if step == 0:
+                    model.weight.mul_(3.0)  # in place: the version counter moves
+                else:
+                    model.weight.data = model.weight.data * 3.0  # replaced: the data pointer moves
+            for name, p in model.named_parameters():
+                expected[(name, step)] = _sgd_ratio(p, 0.1)
+            opt.step()
+    writer.close()
+
+    s = read(tmp_path)
+    for (name, step), want in expected.items():
+        assert close(at(s, "update_ratio", name, step), want, rel=1e-4), (name, step)
+
+
 def test_single_param_group_learning_rate_has_an_empty_layer(tmp_path):
     model = nn.Linear(2, 1)
     opt = torch.optim.Adam(model.parameters(), lr=3e-4)
@@ -297,3 +353,30 @@ def test_norms_of_mixed_dtypes_and_empty_tensors():
     np.testing.assert_allclose(reductions.grouped_norms(tensors, cpu).numpy(), [5.0, 0.0, 2.0, math.sqrt(65)],
                                rtol=1e-3)
     np.testing.assert_array_equal(reductions.max_abs(tensors, cpu).numpy(), [4.0, 0.0, 2.0, 8.0])
+
+
+def test_fused_norms_and_max_abs_match_the_separate_reductions():
+    # CPU float32 (the fused path), with NaN, inf, a 0-d tensor and a non-contiguous view (the general path).
+    inf, nan = math.inf, math.nan
+    cpu = torch.device("cpu")
+    fused = [torch.tensor([[3.0, -4.0], [0.0, 0.0]]), torch.tensor(-2.5), torch.tensor([1.0, -inf]),
+             torch.tensor([nan, 1.0])]
+    general = fused + [torch.arange(6.0).reshape(2, 3).t()]
+    for tensors in (fused, general):
+        norms, biggest = reductions.norms_and_max_abs(tensors, cpu)
+        np.testing.assert_allclose(norms.numpy(), reductions.grouped_norms(tensors, cpu).numpy(), rtol=1e-6)
+        np.testing.assert_array_equal(biggest.numpy(), reductions.max_abs(tensors, cpu).numpy())
+    norms, biggest = reductions.norms_and_max_abs(general, cpu)
+    np.testing.assert_allclose(norms.numpy(), [5.0, 2.5, inf, nan, math.sqrt(55)], rtol=1e-6)
+    np.testing.assert_array_equal(biggest.numpy(), [4.0, 2.5, inf, nan, 5.0])
+
+
+def test_subtract_norms_updates_the_buffers_and_returns_the_norms_of_the_difference():
+    cpu = torch.device("cpu")
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):  # dot on CPU float32/64, foreach otherwise
+        buffers = [torch.tensor([4.0, 1.0], dtype=dtype), torch.tensor([[2.0]], dtype=dtype)]
+        values = [torch.tensor([1.0, 5.0], dtype=dtype), torch.tensor([[2.0]], dtype=dtype)]
+        norms = reductions.subtract_norms_(buffers, values, cpu)
+        assert norms.dtype == torch.float32
+        np.testing.assert_allclose(norms.numpy(), [5.0, 0.0])
+        assert buffers[0].tolist() == [3.0, -4.0] and buffers[1].tolist() == [[0.0]]

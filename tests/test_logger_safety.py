@@ -184,7 +184,7 @@ def test_a_failing_reduction_in_step_warns_once_and_training_goes_on(tmp_path, m
     def broken(tensors, device):
         raise ValueError("injected reduction failure")
 
-    monkeypatch.setattr(reductions, "max_abs", broken)
+    monkeypatch.setattr(reductions, "norms_and_max_abs", broken)
     model = _Small()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     writer = SummaryWriter(str(tmp_path))
