@@ -62,7 +62,7 @@ class Arm:
     key: str
     label: str
     every: int
-    kind: str  # bare | diag | diag_noact | add_scalar | add_histogram | item | wandb
+    kind: str  # bare | diag | diag_noact | diag_noupd | add_scalar | add_histogram | item | wandb
     model: Any = None
     opt: Any = None
     writer: Any = None
@@ -96,13 +96,14 @@ def build_arms(every: int, with_wandb: bool) -> list[Arm]:
     arms += [
         Arm("diag1", "Diagnostics, every=1", 1, "diag"),
         Arm("diag1_noact", "Diagnostics, every=1, activations off", 1, "diag_noact"),
+        Arm("diag1_noupd", "Diagnostics, every=1, update_ratio off", 1, "diag_noupd"),
     ]
     return arms
 
 
 def setup_arm(arm: Arm, root: str) -> None:
     arm.logdir = os.path.join(root, arm.key)
-    if arm.kind in ("diag", "diag_noact", "add_scalar", "add_histogram"):
+    if arm.kind in ("diag", "diag_noact", "diag_noupd", "add_scalar", "add_histogram"):
         arm.writer = SummaryWriter(arm.logdir)
 
 
@@ -110,8 +111,9 @@ def attach(arm: Arm, model: torch.nn.Module, opt: torch.optim.Optimizer, wandb_m
     arm.model, arm.opt, arm.since_attach = model, opt, 0
     # Start at a logged step: the untimed warm-up steps take the one-off costs.
     arm.step = -(-arm.step // arm.every) * arm.every
-    if arm.kind in ("diag", "diag_noact"):
-        arm.diag = Diagnostics(model, arm.writer, every=arm.every, optimizer=opt, activations=arm.kind == "diag")
+    if arm.kind in ("diag", "diag_noact", "diag_noupd"):
+        arm.diag = Diagnostics(model, arm.writer, every=arm.every, optimizer=opt,
+                               activations=arm.kind != "diag_noact", update_ratio=arm.kind != "diag_noupd")
     if arm.kind == "wandb":
         wandb_mod.watch(model, log="all", log_freq=arm.every)
 
@@ -129,7 +131,7 @@ def after_backward(arm: Arm, step: int, loss: torch.Tensor, wandb_mod) -> None:
     k = arm.kind
     if k == "bare":
         return
-    if k in ("diag", "diag_noact"):
+    if k in ("diag", "diag_noact", "diag_noupd"):
         arm.diag.step(step, loss=loss)
         return
     if not arm.is_logged(step):

@@ -269,3 +269,29 @@ def test_restarted_job_and_changed_layer_sets_merge_by_step(tmp_path, load_fast)
     assert rows[2] == [2.0, -2.0, None]
     assert rows[7] == [700.0, 701.0, None]  # the restarted job's value, not the first one's
     assert rows[12] == [1200.0, 1201.0, 1202.0]
+
+
+def test_fuzzed_route_parameters_never_500(damaged_server):
+    """Random values, types, repeats and encodings for every parameter of every route:
+    200 or a 4xx with a JSON message, never 500, never a traceback."""
+    import random
+    from urllib.parse import quote
+
+    rnd = random.Random(7)
+    runs = [r["run"] for r in damaged_server.plugin("runs")["runs"]]
+    atoms = runs + [
+        "", " ", "0", "-1", "1e3", "NaN", "inf", "9" * 30, "2147483648", "-0", "0x10", "1.5", "true", "null",
+        "grad_norm", "loss", "act_mean", "../etc/passwd", "%00", "\x00", "<script>", "é运行", "a" * 5000,
+        "json", "f32", "csv", "a.weight", "total", "x",
+    ]
+    names = ["run", "metric", "points", "start", "end", "layer", "format", "tag", "step"]
+    routes = ["runs", "tags", "values", "structure", "findings"]
+    for _ in range(400):
+        route = rnd.choice(routes)
+        params = [(rnd.choice(names), rnd.choice(atoms)) for _ in range(rnd.randint(0, 6))]
+        query = "&".join(f"{quote(k)}={quote(v, safe='')}" for k, v in params)
+        status, body, headers = damaged_server.get(f"data/plugin/diagnostics/{route}?{query}")
+        assert status in (200, 400, 404), (route, query[:300], status, body[:300])
+        if status != 200:
+            message = json.loads(body)["error"]
+            assert message and "Traceback" not in message and 'File "' not in message

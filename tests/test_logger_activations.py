@@ -219,3 +219,52 @@ def test_skipped_step_numbers_still_capture_the_logged_forward(tmp_path):
     s = read(tmp_path)
     assert s["act_mean"].steps.tolist() == [0, 20, 40, 60]
     assert np.all(s["act_mean"].present)
+
+
+def test_inner_modules_are_hooked_only_during_a_logged_forward(tmp_path):
+    """Steps that are not logged pay the root's two hooks, nothing per module; logged steps still see every site."""
+    from torch.nn.modules import module as module_hooks
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    base = len(module_hooks._global_forward_hooks)
+    seen = []
+    model[2].register_forward_hook(lambda m, a, o: seen.append(len(module_hooks._global_forward_hooks) - base))
+    writer = SummaryWriter(str(tmp_path))
+    with Diagnostics(model, writer, every=3, optimizer=opt) as diag:
+        for step in range(6):
+            opt.zero_grad()
+            model(torch.randn(16, 4)).sum().backward()
+            diag.step(step)
+            opt.step()
+            hooks = [len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model]
+            assert hooks == [0, 0, 1, 0, 0], (step, hooks)  # only the user's own hook on a child
+            assert len(module_hooks._global_forward_hooks) == base
+    writer.close()
+    assert seen == [1, 0, 0, 1, 0, 0]  # a global hook existed during the logged forwards (steps 0 and 3) only
+    s = read(tmp_path)
+    assert s["dead_fraction"].layers == ["1"] and s["saturation"].layers == ["3"]
+    assert s["dead_fraction"].steps.tolist() == [0, 3]
+
+
+def test_another_models_modules_inside_forward_are_not_sites(tmp_path):
+    """A frozen helper model called inside forward is not this model's: its ReLU counts toward the caller."""
+    helper = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 1)
+
+        def forward(self, x):
+            with torch.no_grad():
+                x = helper(x)
+            return self.fc(x)
+
+    model = Net()
+    writer = SummaryWriter(str(tmp_path))
+    with Diagnostics(model, writer, every=1) as diag:
+        model(torch.randn(8, 4)).sum().backward()
+        diag.step(0)
+    writer.close()
+    assert read(tmp_path)["dead_fraction"].layers == ["relu()"]  # attributed to the root, as before

@@ -105,7 +105,9 @@ def test_wrong_step_arguments_name_the_argument_and_change_nothing(writer, call,
 # ------------------------------------------------------ hostile values, odd models
 
 def test_nonfinite_losses_and_gradients_are_recorded_faithfully(tmp_path):
-    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 1))
+    # Sigmoid, not ReLU: a ReLU unit dead for the whole batch would stop the NaN
+    # (its gradient is masked to 0), making the count below depend on the input.
+    model = nn.Sequential(nn.Linear(3, 3), nn.Sigmoid(), nn.Linear(3, 1))
     writer = SummaryWriter(str(tmp_path))
     with warnings.catch_warnings():
         warnings.simplefilter("error", DiagnosticsWarning)

@@ -1,0 +1,93 @@
+"""Issue 7's big model: 2,000 parameter tensors and 1,000 activation sites, bare vs Diagnostics.
+
+    python benchmarks/wide_model.py [--rounds 8] [--every 20]
+
+One model (1,000 blocks of Linear(2, 2) + F.relu, summed), trained by blocks
+of `every` steps: bare, then Diagnostics attached for the block and removed,
+interleaved per round so drift cancels. Prints the per-round medians: bare
+step, non-logged step, logged step, and the ratio at the given cadence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+
+from tb_diag_logger import Diagnostics
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return F.relu(self.fc(x))
+
+
+class Wide(nn.Module):
+    def __init__(self, n: int = 1000) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block() for _ in range(n))
+
+    def forward(self, x):
+        return torch.stack([b(x) for b in self.blocks]).sum()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--every", type=int, default=20)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    model = Wide()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.randn(4, 2)
+    writer = SummaryWriter(tempfile.mkdtemp())
+
+    def train(n, diag=None, start=0):
+        times = []
+        for s in range(start, start + n):
+            t = time.perf_counter()
+            opt.zero_grad()
+            model(x).backward()
+            if diag is not None:
+                diag.step(s)
+            opt.step()
+            times.append(time.perf_counter() - t)
+        return times
+
+    train(5)
+    rows = []
+    step = 0
+    for r in range(args.rounds):
+        bare = train(args.every)
+        diag = Diagnostics(model, writer, every=args.every, optimizer=opt)
+        train(2, diag, start=step)  # untimed: the first logged step allocates
+        step += args.every
+        timed = train(args.every, diag, start=step)
+        step += args.every
+        diag.close()
+        logged, other = timed[0], timed[1:]
+        b = statistics.median(bare)
+        ratio = ((args.every - 1) * statistics.median(other) + logged) / (args.every * b)
+        rows.append((b, statistics.median(other), logged, ratio))
+        print(f"round {r + 1}: bare {b * 1e3:.1f} ms, not logged {rows[-1][1] * 1e3:.1f} ms, "
+              f"logged {logged * 1e3:.1f} ms, ratio at every={args.every}: {ratio:.3f}")
+    med = [statistics.median(c) for c in zip(*rows)]
+    print(f"median: bare {med[0] * 1e3:.1f} ms, not logged {med[1] * 1e3:.1f} ms ({med[1] / med[0]:.3f}), "
+          f"logged {med[2] * 1e3:.1f} ms, ratio at every={args.every}: {med[3]:.3f} "
+          f"[{min(r[3] for r in rows):.3f}-{max(r[3] for r in rows):.3f}]")
+    writer.close()
+
+
+if __name__ == "__main__":
+    main()
