@@ -222,8 +222,7 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
 
     def _problems(self, run: str, idx: reading.RunIndex) -> list[str]:
         """What cannot be shown for `run`: skipped tags, and damage in its event files."""
-        run_dir = integrity.run_directory(self._logdir, run)
-        return idx.problems + (self._integrity.problems(run_dir) if run_dir else [])
+        return idx.problems + self._integrity.run_problems(self._logdir, run)
 
     def _run(self, request, runs: dict[str, reading.RunIndex]) -> str:
         run = request.args.get("run")
@@ -280,10 +279,10 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
         return series, problems, key
 
     def _start_read_ahead(self, ctx, eid: str, run: str, idx: reading.RunIndex) -> None:
-        """Read a run's metrics and findings into the caches in the background (once per data version).
+        """Read a run's metrics and findings into the caches in the background, at most once a minute per run.
 
         The tab asks for /tags first; by the time the user opens a view its
-        data is in memory. At most once a minute per run. Reading a 20,000-step x 500-layer metric from the
+        data is in memory. Reading a 20,000-step x 500-layer metric from the
         data provider takes about half a second here, which alone would miss
         the 300 ms a view may take.
         """

@@ -36,31 +36,15 @@ INLINE_BYTES = 8 << 20
 _HEADER = struct.Struct("<QI")
 
 
-def _crc32c_table() -> list[int]:
-    table = []
-    for n in range(256):
-        c = n
-        for _ in range(8):
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-        table.append(c)
-    return table
-
-
-_TABLE = _crc32c_table()
-
-
-def _crc32c(data: bytes) -> int:
-    if _FAST_CRC:
-        return google_crc32c.value(data)
-    crc = 0xFFFFFFFF
-    for b in data:
-        crc = _TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
 def masked_crc32c(data: bytes) -> int:
     """TFRecord's masked CRC-32C (Castagnoli) of `data`."""
-    crc = _crc32c(data)
+    if not _FAST_CRC:
+        # TensorBoard's own pure-Python version; imported here, not at start-up
+        # (the tensorflow_stub package takes ~0.6 s to import).
+        from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as slow
+
+        return slow(data)
+    crc = google_crc32c.value(data)
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
@@ -201,6 +185,12 @@ class EventFileChecker:
             f"record {state.records + 1} at byte {state.offset} is damaged: {why}. TensorBoard stops reading "
             f"this file there, so everything written to it after that point is missing{after}"
         )
+
+
+    def run_problems(self, logdir: str, run: str) -> list[str]:
+        """`problems` of the directory of `run` under `logdir`; none where that is not a local directory."""
+        run_dir = run_directory(logdir, run)
+        return self.problems(run_dir) if run_dir else []
 
 
 def run_directory(logdir: str, run: str) -> Optional[str]:

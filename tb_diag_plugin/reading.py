@@ -109,9 +109,9 @@ def read_series(
     entries = index.tags[metric]
     layers, layer_types = index.layers(metric)
     col = {n: j for j, n in enumerate(layers)}
-    tags = [t for t, _ in entries]
-    columns = _read_raw(provider, ctx, experiment_id, run, tags, downsample, entries)
+    columns = _read_raw(provider, ctx, experiment_id, run, entries, downsample)
     if columns is None:
+        tags = [t for t, _ in entries]
         result = provider.read_tensors(
             ctx,
             experiment_id=experiment_id,
@@ -168,7 +168,7 @@ def _merge(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], L: int):
     return steps, values, present
 
 
-def _read_raw(provider, ctx, experiment_id, run, tags, downsample, entries):
+def _read_raw(provider, ctx, experiment_id, run, entries, downsample):
     """Under TensorBoard's Rust data server: the tensors' bytes straight from its gRPC answer.
 
     `GrpcDataProvider.read_tensors` turns each step into a numpy array in
@@ -187,7 +187,7 @@ def _read_raw(provider, ctx, experiment_id, run, tags, downsample, entries):
         req = data_provider_pb2.ReadTensorsRequest(experiment_id=experiment_id)
         req.plugin_filter.plugin_name = metadata.PLUGIN_NAME
         req.run_tag_filter.runs.names[:] = [run]
-        req.run_tag_filter.tags.names[:] = sorted(tags)
+        req.run_tag_filter.tags.names[:] = sorted(t for t, _ in entries)
         req.downsample.num_points = downsample
         res = stub.ReadTensors(req)
     except Exception:
@@ -294,9 +294,7 @@ class LocalReader:
         self.index = index_runs(self.provider, self.ctx, self.experiment_id)
         checker = integrity.EventFileChecker()
         for run, idx in self.index.items():
-            run_dir = integrity.run_directory(logdir, run)
-            if run_dir:
-                idx.problems.extend(checker.problems(run_dir))
+            idx.problems.extend(checker.run_problems(logdir, run))
 
     def runs(self) -> list[str]:
         return sorted(self.index)
