@@ -7,6 +7,8 @@ first time the tab asks for it.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import functools
 import gzip
 import importlib.resources
@@ -18,7 +20,7 @@ import re
 import struct
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 from tensorboard import errors, plugin_util
@@ -52,6 +54,8 @@ ANSWER_CACHE_BYTES = 64 << 20
 INDEX_TTL_SECONDS = 1.0
 # A run is read ahead at most this often (seconds).
 READ_AHEAD_INTERVAL = 60.0
+# The longest the read-ahead waits for the requests in flight before it reads its next metric.
+READ_AHEAD_YIELD_S = 5.0
 # The order in which the read-ahead reads a run's metrics: the overview's first.
 _READ_AHEAD = ("loss", "grad_norm_total", "learning_rate", "dead_fraction", "grad_norm", "weight_norm",
                "grad_nonfinite", "update_ratio", "grad_max_abs", "act_mean", "act_std", "saturation")
@@ -145,6 +149,10 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
         self._read_ahead: queue.Queue[tuple] = queue.Queue()
         self._read_ahead_seen: dict[tuple[str, str], float] = {}
         self._read_ahead_thread: Optional[threading.Thread] = None
+        # Requests being answered: the read-ahead waits while there are any, so
+        # that the view the user is looking at does not share the CPU with it.
+        self._busy = 0
+        self._idle = threading.Condition(self._lock)
         self._static = importlib.resources.files("tb_diag_plugin.frontend_static")
 
     # ---------------------------------------------------------- TBPlugin
@@ -300,6 +308,24 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
                 )
                 self._read_ahead_thread.start()
 
+    @contextlib.contextmanager
+    def _foreground(self) -> Iterator[None]:
+        """Marks a request's work: the read-ahead yields to it."""
+        with self._lock:
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._busy -= 1
+                if not self._busy:
+                    self._idle.notify_all()
+
+    def _wait_idle(self) -> None:
+        """Until no request is being answered (at most READ_AHEAD_YIELD_S, so a busy tab cannot starve it)."""
+        with self._lock:
+            self._idle.wait_for(lambda: self._busy == 0, timeout=READ_AHEAD_YIELD_S)
+
     def _read_ahead_loop(self) -> None:
         while True:
             try:
@@ -309,7 +335,9 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
             try:
                 order = [m for m in _READ_AHEAD if m in idx.tags] + sorted(set(idx.tags) - set(_READ_AHEAD))
                 for metric in order:
+                    self._wait_idle()
                     self.series(ctx, eid, run, metric, idx)
+                self._wait_idle()
                 self._findings_of(ctx, eid, run, idx)
             except Exception:  # the request that needs the data reports the error
                 logger.debug("read-ahead of run %r failed", run, exc_info=True)
@@ -336,7 +364,12 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
 
         def compute():
             t0 = time.monotonic()
-            series = {m: self.series(ctx, eid, run, m, idx)[0] for m in idx.tags}
+            # Two reads at a time: a read mostly waits for the data server (another
+            # process under --load_fast) or numpy, which both leave the GIL free.
+            metrics = sorted(idx.tags)
+            with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="tb-diag-findings") as pool:
+                read = list(pool.map(lambda m: self.series(ctx, eid, run, m, idx)[0], metrics))
+            series = dict(zip(metrics, read))
             found, skipped = findings.analyze(series)
             answer = {"run": run, "findings": [f.to_dict(run) for f in found], "skipped": skipped}
             done = time.monotonic()
@@ -348,6 +381,10 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
 
     @_json_route
     def _serve_values(self, request):
+        with self._foreground():
+            return self._answer_values(request)
+
+    def _answer_values(self, request):
         ctx, eid, runs = self._index(request)
         run = self._run(request, runs)
         metric = request.args.get("metric")
@@ -442,6 +479,10 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
 
     @_json_route
     def _serve_structure(self, request):
+        with self._foreground():
+            return self._answer_structure(request)
+
+    def _answer_structure(self, request):
         ctx, eid, runs = self._index(request)
         run = self._run(request, runs)
         if runs[run].structure_tag is None:
@@ -456,6 +497,10 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
 
     @_json_route
     def _serve_findings(self, request):
+        with self._foreground():
+            return self._answer_findings(request)
+
+    def _answer_findings(self, request):
         ctx, eid, runs = self._index(request)
         run = self._run(request, runs)
         return http_util.Respond(request, self._findings_of(ctx, eid, run, runs[run]), "application/json")

@@ -295,3 +295,60 @@ def test_fuzzed_route_parameters_never_500(damaged_server):
         if status != 200:
             message = json.loads(body)["error"]
             assert message and "Traceback" not in message and 'File "' not in message
+
+
+@pytest.mark.parametrize("load_fast", [False, True], ids=["python_loader", "rust_data_server"])
+def test_fast_read_path_equals_the_public_api(damaged_logdir, tmp_path, load_fast, monkeypatch):
+    """The plugin joins the loaded protos' float32 bytes itself (reading._read_raw); on every
+    metric of every damaged run, and on float64 and wrong-shape tensors, it gives exactly what
+    TensorBoard's public read_tensors gives."""
+    import shutil
+
+    from tensorboard import context as tb_context
+    from tensorboard.plugins.core import core_plugin
+
+    from tb_diag_plugin import reading
+    from tb_diag_plugin.diagnostics_plugin import DiagnosticsLoader
+
+    logdir = tmp_path / "logs"
+    shutil.copytree(damaged_logdir, logdir)
+    w = SummaryWriter(str(logdir / "doubles"))
+    pd = plugin_data_pb2.DiagnosticsPluginData(version=1, metric="grad_norm", layers=["a", "b"]).SerializeToString()
+    for s in range(6):
+        values = [s, -s, 0.5] if s == 3 else [s, -s]  # one step of the wrong shape
+        _raw_summary(w, s, "diagnostics/grad_norm/d", pd, values, dtype="f8" if s % 2 else "f4")
+    w.close()
+    made = []
+
+    class Capturing(DiagnosticsLoader):
+        def load(self, context):
+            made.append(context.data_provider)
+            return super().load(context)
+
+    with serve(str(logdir), load_fast=load_fast, plugins=[core_plugin.CorePluginLoader(), Capturing()]) as srv:
+        srv.wait_for_runs(6, timeout=120)
+        provider, ctx = made[0], tb_context.RequestContext()
+        deadline = time.time() + 60
+        while "doubles" not in (index := reading.index_runs(provider, ctx, "")) or (
+            index["doubles"].stamps.get("diagnostics/grad_norm/d", (0,))[0] != 5
+        ):
+            assert time.time() < deadline
+            time.sleep(0.2)
+        compared = 0
+        for run, idx in index.items():
+            for metric in idx.tags:
+                fast = reading.read_series(provider, ctx, "", run, metric, idx, reading.ALL_SAMPLES)
+                with monkeypatch.context() as m:
+                    m.setattr(reading, "_read_raw", lambda *a: None)
+                    public = reading.read_series(provider, ctx, "", run, metric, idx, reading.ALL_SAMPLES)
+                assert fast[1] == public[1], (run, metric)
+                a, b = fast[0], public[0]
+                assert (a.layers, a.layer_types) == (b.layers, b.layer_types)
+                np.testing.assert_array_equal(a.steps, b.steps)
+                np.testing.assert_array_equal(a.values, b.values)
+                np.testing.assert_array_equal(np.broadcast_to(a.present, a.values.shape), b.present)
+                compared += 1
+    assert compared >= 4
+    doubles = reading.read_series(provider, ctx, "", "doubles", "grad_norm", index["doubles"], reading.ALL_SAMPLES)
+    assert doubles[0].steps.tolist() == [0, 1, 2, 4, 5] and "1 step(s)" in doubles[1][0]
+    assert doubles[0].values[:, 1].tolist() == [0, -1, -2, -4, -5]

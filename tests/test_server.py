@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import struct
@@ -256,8 +257,9 @@ def test_single_step_run(tmp_path):
         assert body["num_steps"] == 1 and body["steps"] == [0]
 
 
-def test_tags_starts_a_read_ahead_that_fills_the_caches(long_run):
-    """After /tags every metric of the run and its findings are in memory, read once each."""
+@contextlib.contextmanager
+def _serve_with_plugin(logdir):
+    """The Rust data server on `logdir`, loaded, with the plugin object that serves it."""
     from tensorboard.plugins.core import core_plugin
 
     from tb_diag_plugin.diagnostics_plugin import DiagnosticsLoader
@@ -269,10 +271,15 @@ def test_tags_starts_a_read_ahead_that_fills_the_caches(long_run):
             made.append(super().load(context))
             return made[-1]
 
-    with serve(str(long_run), load_fast=True, plugins=[core_plugin.CorePluginLoader(), Capturing()]) as srv:
+    with serve(str(logdir), load_fast=True, plugins=[core_plugin.CorePluginLoader(), Capturing()]) as srv:
         srv.wait_for_runs(1, timeout=120)
         _wait_complete(srv, "grad_norm", STEPS)
-        plugin = made[0]
+        yield srv, made[0]
+
+
+def test_tags_starts_a_read_ahead_that_fills_the_caches(long_run):
+    """After /tags every metric of the run and its findings are in memory, read once each."""
+    with _serve_with_plugin(long_run) as (srv, plugin):
         metrics = srv.plugin("tags?run=deep")["metrics"]
         deadline = time.time() + 120
         while len(plugin._findings) == 0:
@@ -284,3 +291,19 @@ def test_tags_starts_a_read_ahead_that_fills_the_caches(long_run):
         before = len(plugin._findings)
         body = srv.plugin("findings?run=deep")
         assert len(plugin._findings) == before and body["run"] == "deep"
+
+
+def test_read_ahead_waits_while_a_request_is_answered(long_run):
+    """The read-ahead yields the CPU to the requests in flight: nothing is read ahead while one
+    is being answered, and it goes on once they are done."""
+    with _serve_with_plugin(long_run) as (srv, plugin):
+        plugin._series._entries.clear()
+        with plugin._foreground():  # as if a view's request were being answered
+            srv.plugin("tags?run=deep")
+            time.sleep(1.5)
+            assert len(plugin._series) == 0, "the read-ahead read while a request was in flight"
+        deadline = time.time() + 120
+        while len(plugin._findings) == 0:
+            assert time.time() < deadline, "the read-ahead never went on"
+            time.sleep(0.1)
+        assert len(plugin._series) == len(srv.plugin("tags?run=deep")["metrics"])

@@ -277,16 +277,23 @@ async function render(app, ctx) {
   panels.begin();
   if (!runs.length) {
     clear(findingsBox).append(message("Select one or more runs on the left.", "info"));
+    findingsBox.dataset.runs = "";
     clear(figuresBox);
     return panels.end();
   }
   const points = 400;
-  const [data, results] = await Promise.all([
-    Promise.all(runs.map((r) => load(r, points))),
-    Promise.all(runs.map((r) => api.findings(r.run).catch((e) => e))),
-  ]);
+  const data = await Promise.all(runs.map((r) => load(r, points)));
   if (ctx.stale()) return;
-  drawFindings(app, runs, results);
+  // Findings read every metric of a run (seconds, the first time, on a 20k-step x 500-layer
+  // run): asked for once the charts' data is in, so they do not compete, and drawn when
+  // they come; until then the previous findings for the same runs stay, or a note says why.
+  const pending = Promise.all(runs.map((r) => api.findings(r.run).catch((e) => e)));
+  const which = runs.map((r) => r.run).join("\n");
+  if (findingsBox.dataset.runs !== which) {
+    clear(findingsBox).append(el("h2", {class: "section-title"}, "Findings"),
+                              message("Analysing the selected runs…", "info"));
+    findingsBox.dataset.state = "loading";
+  }
   drawFigures(app, runs, runs.map((r, k) => headline(r, data[k])));
 
   small(app, "grad_norm_total", "Total gradient norm",
@@ -308,6 +315,10 @@ async function render(app, ctx) {
     stacked(app, r, v, true);
   });
   panels.end();
+  const results = await pending;
+  if (ctx.stale()) return;
+  drawFindings(app, runs, results);
+  findingsBox.dataset.runs = which;
 }
 
 export default {id: "overview", title: "Overview", init, render};
