@@ -1,26 +1,41 @@
 """Activation capture: module activations and functional calls inside forward.
 
-Forward pre/post hooks on the model's own modules keep a stack of the module
-being run; while a logged step's forward runs, a `TorchFunctionMode` sees
-every activation function call (`nn.ReLU` calls `F.relu`, so module and
-functional activations take one path) and attributes it to the module on top
-of the stack. On steps that are not logged the hooks return at once and the
-mode is not active.
+While a logged step's forward runs (the root module's hooks tell when), a
+`TorchFunctionMode` sees every activation function call (`nn.ReLU` calls
+`F.relu`, so module and functional activations take one path) and
+attributes it to the innermost of the model's modules whose `forward` is on
+the Python stack. On steps that are not logged the root's hooks return at
+once and the mode is not active.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import sys
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as module_hooks
 from torch.overrides import TorchFunctionMode
 
 from tb_diag_logger import reductions
+
+
+def _forward_codes(model: nn.Module) -> frozenset:
+    """The code objects of the `forward` methods of the model's modules (and what they wrap)."""
+    codes = set()
+    for m in model.modules():
+        for f in (getattr(type(m), "forward", None), vars(m).get("forward")):
+            f = getattr(f, "__func__", f)
+            while f is not None:
+                code = getattr(f, "__code__", None)
+                if code is not None:
+                    codes.add(code)
+                f = getattr(f, "__wrapped__", None)
+    return frozenset(codes)
 
 
 def _activation_functions() -> dict[Callable, tuple[str, str]]:
@@ -58,6 +73,13 @@ ACTIVATION_MODULES = (
 
 
 _MAX_PENDING = 64  # per-call statistics a site keeps before folding them into one
+# Outputs of at most this many elements are copied and reduced together when
+# the step is logged, one stack per shape, instead of with ~6 torch calls each
+# as they come: a model with many small activation sites (benchmarks/wide_model.py,
+# 1,000 of them) spent most of its logged forward on those calls. They are
+# copied because the model may change an output in place after the activation.
+_DEFER_NUMEL = 4096
+_DEFER_BUDGET = 1 << 22  # elements held at most (16 MB of float32); past it they are reduced at once
 
 
 @dataclass
@@ -86,19 +108,27 @@ class Site:
             return
         y = y.detach()
         total, norm = reductions.moments(y)
+        self.count += y.numel()
+        self._add_reduced(
+            total,
+            norm,
+            reductions.unit_max(y) if self.kind == "relu" else None,
+            reductions.saturated_count(y, self.kind) if self.kind in ("sigmoid", "tanh") else None,
+        )
+
+    def _add_reduced(self, total, norm, unit_max, saturated) -> None:
+        """Add one call's reductions (its element count is already in `count`)."""
         self.sums.append(total)
         self.norms.append(norm)
-        self.count += y.numel()
-        if self.kind == "relu":
-            um = reductions.unit_max(y)
+        if unit_max is not None:
             if self.unit_max is None:
-                self.unit_max = um
-            elif self.unit_max.shape == um.shape:
-                self.unit_max = torch.maximum(self.unit_max, um)
+                self.unit_max = unit_max
+            elif self.unit_max.shape == unit_max.shape:
+                self.unit_max = torch.maximum(self.unit_max, unit_max)
             # A site whose unit count changes between calls keeps its first
             # shape: per-unit identity is lost, the moments still add up.
-        elif self.kind in ("sigmoid", "tanh"):
-            self.saturated.append(reductions.saturated_count(y, self.kind))
+        if saturated is not None:
+            self.saturated.append(saturated)
         self.seen = True
         if len(self.sums) >= _MAX_PENDING:  # many forwards between step() calls: stay bounded
             self._fold()
@@ -134,7 +164,7 @@ class _CaptureMode(TorchFunctionMode):
 
 
 class ActivationCapture:
-    """Owns the forward hooks, the module stack and the per-site statistics."""
+    """Owns the root's forward hooks, the capture mode and the per-site statistics."""
 
     def __init__(
         self,
@@ -144,22 +174,26 @@ class ActivationCapture:
         on_error: Callable[[str, BaseException], None],
     ) -> None:
         self._names = {id(m): n for n, m in model.named_modules()}
+        self._codes = _forward_codes(model)
         self._include = include
         self._exclude = exclude
         self._on_error = on_error
         self.armed = False
         self.sites: dict[str, Site] = {}
         self.order: list[str] = []  # first-seen order, stable across steps
-        self._stack: list[tuple[str, nn.Module, dict]] = []
+        # Per call of a module in this forward: (its frame, activation calls so far by
+        # function). The frame is held until the forward ends, so that its id stays its own.
+        self._calls: dict[int, tuple[FrameType, dict[str, int]]] = {}
         self._mode: Optional[_CaptureMode] = None
         self._depth = 0  # nested calls of the root module
         self._root = model
-        # Only the root is hooked for good. The other modules are seen through
-        # torch's global module hooks, installed for the duration of a logged
-        # forward: idle hooks on every module cost every step (2 x 2,002 of
-        # them made the forward of benchmarks/wide_model.py 28 -> 39 ms), and
-        # registering 4,000 handles per logged step would cost ~45 ms.
-        self._inner: list = []
+        self._deferred: list[tuple[Site, torch.Tensor]] = []  # small outputs, reduced in take()
+        self._deferred_numel = 0
+        # Only the root is hooked. The module that runs an activation is found
+        # from the Python frames when the activation is called: module hooks
+        # (even torch's global ones, installed for a logged forward only) send
+        # every module call down a slow path, which cost benchmarks/wide_model.py
+        # (2,000 modules) 35 ms per logged forward here, more than its activations.
         self._handles = [
             model.register_forward_pre_hook(self._pre),
             model.register_forward_hook(self._post, always_call=True),
@@ -170,19 +204,15 @@ class ActivationCapture:
         if not self.armed:
             return None
         try:
-            if module is self._root:
-                if self._mode is not None:
-                    self._depth += 1
-                elif not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
-                    return None  # an evaluation pass: not training statistics
-                else:
-                    self._mode = _CaptureMode(self)
-                    self._mode.__enter__()
-                    self._stack.clear()
-                    self._depth = 1
-                    self._attach_inner()
             if self._mode is not None:
-                self._stack.append((self._names.get(id(module), "?"), module, {}))
+                self._depth += 1
+            elif not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+                return None  # an evaluation pass: not training statistics
+            else:
+                self._mode = _CaptureMode(self)
+                self._mode.__enter__()
+                self._calls.clear()
+                self._depth = 1
         except Exception as e:  # never into the training loop
             self._on_error("activation hook", e)
         return None
@@ -191,43 +221,35 @@ class ActivationCapture:
         if self._mode is None:
             return None
         try:
-            if self._stack and self._stack[-1][1] is module:
-                self._stack.pop()
-            if module is self._root:
-                self._depth -= 1
-                if self._depth <= 0:
-                    self._exit_mode()
+            self._depth -= 1
+            if self._depth <= 0:
+                self._exit_mode()
         except Exception as e:
             self._on_error("activation hook", e)
-        return None
-
-    def _attach_inner(self) -> None:
-        self._inner.append(module_hooks.register_module_forward_pre_hook(self._inner_pre))
-        try:
-            self._inner.append(module_hooks.register_module_forward_hook(self._inner_post, always_call=True))
-        except TypeError:  # older torch: the root's own hook still clears the stack on an exception
-            self._inner.append(module_hooks.register_module_forward_hook(self._inner_post))
-
-    # Global hooks see every module that runs, this model's or not: only ours count.
-    def _inner_pre(self, module: nn.Module, args) -> None:
-        if module is not self._root and id(module) in self._names:
-            self._pre(module, args)
-        return None
-
-    def _inner_post(self, module: nn.Module, args, output) -> None:
-        if module is not self._root and id(module) in self._names:
-            self._post(module, args, output)
         return None
 
     def _exit_mode(self) -> None:
         mode, self._mode = self._mode, None
         self._depth = 0
-        self._stack.clear()
-        inner, self._inner = self._inner, []
-        for h in inner:
-            h.remove()
+        self._calls.clear()
         if mode is not None:
             mode.__exit__(None, None, None)
+
+    def _caller(self) -> Optional[tuple[nn.Module, dict[str, int]]]:
+        """The innermost call of one of this model's modules on the Python stack, with its activation counts."""
+        frame = sys._getframe(2)
+        codes, names = self._codes, self._names
+        while frame is not None:
+            code = frame.f_code
+            if code in codes and code.co_argcount:
+                module = frame.f_locals.get(code.co_varnames[0])
+                if module is not None and id(module) in names:
+                    call = self._calls.get(id(frame))
+                    if call is None:
+                        call = self._calls[id(frame)] = (frame, {})
+                    return module, call[1]
+            frame = frame.f_back
+        return None
 
     # -- recording
     def _selected(self, name: str) -> bool:
@@ -239,9 +261,11 @@ class ActivationCapture:
         """Attribute one activation call to the module on top of the stack and add its output."""
         try:
             kind, fname = spec
-            if not self._stack:
+            caller = self._caller()
+            if caller is None:
                 return
-            mod_name, module, counts = self._stack[-1]
+            module, counts = caller
+            mod_name = self._names[id(module)]
             if isinstance(module, ACTIVATION_MODULES) and not counts:
                 name, type_name = mod_name, type(module).__name__
                 counts[fname] = 1
@@ -259,16 +283,86 @@ class ActivationCapture:
             if site is None:
                 site = self.sites[name] = Site(name, kind, type_name, mod_name)
                 self.order.append(name)
-            site.add(out)
+            self._add(site, out)
         except Exception as e:
             self._on_error("activation capture", e)
 
+    def _add(self, site: Site, y) -> None:
+        """A small output is copied for `take()` to reduce with the others of its shape; a big one is reduced now."""
+        if not isinstance(y, torch.Tensor) or not y.is_floating_point():
+            return
+        n = y.numel()
+        if n == 0 or n > _DEFER_NUMEL:
+            site.add(y)
+            return
+        self._deferred.append((site, y.detach().clone()))
+        site.count += n
+        site.seen = True
+        self._deferred_numel += n
+        if self._deferred_numel > _DEFER_BUDGET:
+            self._reduce_deferred()
+
+    def _reduce_deferred(self) -> None:
+        """Reduce the copied small outputs: one stack and a few reductions per (shape, dtype, device).
+
+        A statistic that fails loses only its sites for this step (reported once), as when
+        it fails for one call on the way in.
+        """
+        items, self._deferred, self._deferred_numel = self._deferred, [], 0
+        groups: dict[tuple, list[tuple[Site, torch.Tensor]]] = {}
+        for site, y in items:
+            groups.setdefault((tuple(y.shape), y.dtype, y.device), []).append((site, y))
+        with torch.no_grad():
+            for members in groups.values():
+                self._reduce_group([m[0] for m in members], [m[1] for m in members])
+
+    def _reduce_group(self, sites: list[Site], outputs: list[torch.Tensor]) -> None:
+        n = len(sites)
+        unit_max: list = [None] * n
+        saturated: list = [None] * n
+        failed: set[int] = set()
+        try:
+            x = torch.stack(outputs)  # [G, *shape]
+            flat = x.reshape(n, -1)
+            totals = flat.sum(dim=1, dtype=torch.float32).unbind()
+            norms = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float32).unbind()
+        except Exception as e:
+            self._on_error("activation capture", e)
+            for site in sites:
+                site.clear()
+            return
+        relu = [i for i, s in enumerate(sites) if s.kind == "relu"]
+        if relu:
+            try:
+                um = reductions.unit_max(x if len(relu) == n else x[relu], stacked=True)
+                for i, row in zip(relu, um.unbind()):
+                    unit_max[i] = row
+            except Exception as e:
+                self._on_error("activation capture", e)
+                failed.update(relu)
+        for kind in ("sigmoid", "tanh"):
+            rows = [i for i, s in enumerate(sites) if s.kind == kind]
+            if rows:
+                try:
+                    for i, c in zip(rows, reductions.saturated_count(flat[rows], kind, dim=1).unbind()):
+                        saturated[i] = c
+                except Exception as e:
+                    self._on_error("activation capture", e)
+                    failed.update(rows)
+        for i, site in enumerate(sites):
+            if i not in failed:
+                site._add_reduced(totals[i], norms[i], unit_max[i], saturated[i])
+        for i in failed:
+            sites[i].clear()
+
     def take(self) -> list[Site]:
         """The sites seen since the last take, in stable order."""
+        self._reduce_deferred()
         return [self.sites[n] for n in self.order if self.sites[n].seen]
 
     def clear(self) -> None:
         """Forget every site's statistics (after a step)."""
+        self._deferred, self._deferred_numel = [], 0
         for s in self.sites.values():
             s.clear()
 
@@ -279,4 +373,5 @@ class ActivationCapture:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._deferred, self._deferred_numel = [], 0
         self.sites.clear()

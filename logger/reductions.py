@@ -9,7 +9,7 @@ step needs and moves it to the host once.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -187,16 +187,18 @@ def unit_dims(ndim: int) -> tuple[int, ...]:
     return tuple(d for d in range(ndim) if d != 1)
 
 
-def unit_max(y: torch.Tensor) -> torch.Tensor:
-    """Per-unit maximum over the batch, float32, flattened.
+def unit_max(y: torch.Tensor, stacked: bool = False) -> torch.Tensor:
+    """Per-unit maximum over the batch, float32, flattened ([G, units] for `stacked` outputs [G, ...]).
 
     A unit is dead for a batch when this is <= 0: no sample made it positive.
     Float `amax` is used instead of boolean comparisons, which are 5-20x
     slower on CPU (PERF_NOTES.md).
     """
-    dims = unit_dims(y.ndim)
+    lead = 1 if stacked else 0
+    dims = tuple(d + lead for d in unit_dims(y.ndim - lead))
     m = y.amax(dim=dims) if dims else y
-    return m.detach().reshape(-1).to(torch.float32)
+    m = m.detach().to(torch.float32)
+    return m.reshape(y.shape[0], -1) if stacked else m.reshape(-1)
 
 
 def moments(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,14 +207,14 @@ def moments(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return y.sum(dtype=torch.float32), torch.linalg.vector_norm(y, dtype=torch.float32)
 
 
-def saturated_count(y: torch.Tensor, kind: str) -> torch.Tensor:
-    """Number of outputs in the flat tails of a sigmoid or tanh (see the thresholds above)."""
+def saturated_count(y: torch.Tensor, kind: str, dim: Optional[int] = None) -> torch.Tensor:
+    """Number of outputs in the flat tails of a sigmoid or tanh (see the thresholds above), over `dim` or all."""
     y = y.detach()
     if kind == "sigmoid":
         tail = (y - 0.5).abs() >= (0.5 - SIGMOID_TAIL)
     else:
         tail = y.abs() >= TANH_TAIL
-    return tail.sum(dtype=torch.float32)
+    return tail.sum(dtype=torch.float32) if dim is None else tail.sum(dim=dim, dtype=torch.float32)
 
 
 def activation_rows(

@@ -221,8 +221,10 @@ def test_skipped_step_numbers_still_capture_the_logged_forward(tmp_path):
     assert np.all(s["act_mean"].present)
 
 
-def test_inner_modules_are_hooked_only_during_a_logged_forward(tmp_path):
-    """Steps that are not logged pay the root's two hooks, nothing per module; logged steps still see every site."""
+def test_only_the_root_is_hooked_and_no_global_hook_is_installed(tmp_path):
+    """Every step pays the root's two hooks and nothing per module (no module hook, not even a global
+    one during logged forwards: they send every module call down torch's slow path); logged steps
+    still see every site."""
     from torch.nn.modules import module as module_hooks
 
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
@@ -241,7 +243,7 @@ def test_inner_modules_are_hooked_only_during_a_logged_forward(tmp_path):
             assert hooks == [0, 0, 1, 0, 0], (step, hooks)  # only the user's own hook on a child
             assert len(module_hooks._global_forward_hooks) == base
     writer.close()
-    assert seen == [1, 0, 0, 1, 0, 0]  # a global hook existed during the logged forwards (steps 0 and 3) only
+    assert seen == [0] * 6  # not even during the logged forwards (steps 0 and 3)
     s = read(tmp_path)
     assert s["dead_fraction"].layers == ["1"] and s["saturation"].layers == ["3"]
     assert s["dead_fraction"].steps.tolist() == [0, 3]
@@ -268,3 +270,82 @@ def test_another_models_modules_inside_forward_are_not_sites(tmp_path):
         diag.step(0)
     writer.close()
     assert read(tmp_path)["dead_fraction"].layers == ["relu()"]  # attributed to the root, as before
+
+
+class _Mixed(nn.Module):
+    """Sites of every kind and several shapes: 1-D, 2-D, (N, T, D) and (N, C, H, W); one output
+    changed in place after the activation; a child called twice; a ReLU called in a loop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.shared = nn.Sequential(nn.Linear(6, 6), nn.Tanh())
+
+    def forward(self, x, img, seq):
+        h = F.gelu(self.fc(x))
+        h.mul_(0.0)  # in place after the activation: the recorded statistics are of what gelu returned
+        a = self.shared(x) + self.shared(x * 2)
+        b = torch.sigmoid(a * 4)
+        c = F.gelu(self.conv(img)).flatten(1).sum(1, keepdim=True)
+        d = torch.relu(seq - 0.2).sum(dim=(1, 2))
+        e = torch.tanh(x.sum(1) * 3)  # a 1-D output
+        for _ in range(3):
+            e = F.relu(e - 0.5)
+        return (h.sum(1, keepdim=True) + b.sum(1, keepdim=True) + c + d[:, None] + e[:, None]).sum()
+
+
+def _mixed_run(tmp_path, batch: int, every: int = 1):
+    torch.manual_seed(3)
+    model = _Mixed()
+    writer = SummaryWriter(str(tmp_path))
+    with Diagnostics(model, writer, every=every) as diag:
+        for step in range(3):
+            for _ in range(2):  # two forwards per step (gradient accumulation)
+                x, img, seq = torch.randn(batch, 6), torch.randn(batch, 2, 5, 5), torch.randn(batch, 7, 3)
+                model(x, img, seq).backward()
+            diag.step(step)
+    writer.close()
+    return read(tmp_path)
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+def test_small_outputs_reduced_together_match_outputs_reduced_at_once(tmp_path, monkeypatch, batch):
+    """Outputs of up to _DEFER_NUMEL elements are copied and reduced in step(), one stack per shape;
+    every statistic of every site equals what reducing each output as it comes gives, including
+    an output the model changes in place afterwards, a child called twice and repeated calls."""
+    from tb_diag_logger import activations
+
+    together = _mixed_run(tmp_path / "together", batch)
+    monkeypatch.setattr(activations, "_DEFER_NUMEL", 0)
+    at_once = _mixed_run(tmp_path / "at_once", batch)
+    for metric in ("act_mean", "act_std", "dead_fraction", "saturation"):
+        a, b = together[metric], at_once[metric]
+        assert a.layers == b.layers and a.steps.tolist() == b.steps.tolist() == [0, 1, 2], metric
+        np.testing.assert_allclose(a.values, b.values, rtol=2e-5, atol=1e-6, err_msg=metric)
+    assert together["act_mean"].layers == [
+        "gelu()", "shared.1", "sigmoid()", "gelu()#2", "relu()", "tanh()", "relu()#2", "relu()#3", "relu()#4"
+    ]
+    std = dict(zip(together["act_std"].layers, together["act_std"].values[0]))
+    assert std["gelu()"] > 0.05  # gelu's output, not the zeros written into it afterwards
+
+
+def test_small_outputs_beyond_the_budget_are_reduced_on_the_way(tmp_path, monkeypatch):
+    """At most _DEFER_BUDGET elements are held: past it they are reduced at once, with the same result."""
+    from tb_diag_logger import activations
+
+    full = _mixed_run(tmp_path / "full", 4)
+    monkeypatch.setattr(activations, "_DEFER_BUDGET", 40)
+    held = []
+    real = activations.ActivationCapture._reduce_deferred
+
+    def spy(self):
+        held.append(self._deferred_numel)
+        real(self)
+
+    monkeypatch.setattr(activations.ActivationCapture, "_reduce_deferred", spy)
+    bounded = _mixed_run(tmp_path / "bounded", 4)
+    assert max(held) <= 40 + 4 * 3 * 5 * 5  # the budget plus the one output that passed it (the conv's)
+    assert len(held) > 3 * 2
+    for metric in ("act_mean", "act_std", "dead_fraction", "saturation"):
+        np.testing.assert_allclose(bounded[metric].values, full[metric].values, rtol=2e-5, atol=1e-6)

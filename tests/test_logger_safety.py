@@ -157,8 +157,9 @@ def test_memory_is_flat_over_2000_steps(tmp_path, one_thread):
     assert read(tmp_path)["grad_norm"].steps.size == 200
 
 
-def test_a_failing_activation_hook_warns_once_and_training_goes_on(tmp_path, monkeypatch):
-    def broken(y):
+@pytest.mark.parametrize("batch", [2, 512], ids=["small_outputs_reduced_at_step", "big_outputs_reduced_at_once"])
+def test_a_failing_activation_hook_warns_once_and_training_goes_on(tmp_path, monkeypatch, batch):
+    def broken(y, stacked=False):
         raise RuntimeError("injected failure")
 
     monkeypatch.setattr(reductions, "unit_max", broken)
@@ -168,7 +169,7 @@ def test_a_failing_activation_hook_warns_once_and_training_goes_on(tmp_path, mon
         warnings.simplefilter("always")
         with Diagnostics(model, writer, every=1) as diag:
             for step in range(4):
-                model(torch.randn(2, 8)).sum().backward()
+                model(torch.randn(batch, 8)).sum().backward()
                 diag.step(step)
     writer.close()
     messages = _diag_warnings(record)
