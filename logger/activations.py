@@ -86,9 +86,11 @@ _DEFER_BUDGET = 1 << 22  # elements held at most (16 MB of float32); past it the
 class Site:
     """Statistics of one activation site, accumulated over a logged step's forwards.
 
-    Each call adds two or three small device tensors (sum, L2 norm, and the
-    per-unit maxima or the saturated count); they are combined for all
-    sites at once when the step is logged (`distributed.finish_sites`).
+    A call with a big output adds two or three small device tensors here
+    (sum, L2 norm, and the per-unit maxima or the saturated count); small
+    outputs are reduced together into batch records (`ActivationCapture`).
+    Both are combined for all sites at once when the step is logged
+    (`ActivationCapture.totals`).
     """
 
     name: str
@@ -147,6 +149,34 @@ class Site:
         self.seen = False
 
 
+@dataclass
+class _Batch:
+    """The reductions of G small outputs of one shape, reduced together: row i is `sites[i]`'s call."""
+
+    sites: list[Site]
+    sums: torch.Tensor  # [G]
+    norms: torch.Tensor  # [G]
+    unit_max: Optional[torch.Tensor]  # [G, units] when a member is a ReLU site
+    saturated: dict[str, torch.Tensor]  # "sigmoid"/"tanh" -> [G] saturated counts
+
+
+@dataclass
+class SiteTotals:
+    """Every statistic of S sites for one step, as device tensors (see `reductions.activation_rows`)."""
+
+    sums: torch.Tensor  # [S]
+    squares: torch.Tensor  # [S]
+    counts: torch.Tensor  # [S]
+    saturated: torch.Tensor  # [S]
+    saturation_sites: list[int]
+    unit_max: torch.Tensor  # the per-unit maxima of `relu_sites`, one block of unit_counts[k] each
+    unit_counts: list[int]
+    relu_sites: list[int]
+
+
+_MAX_BATCHES = 64  # batch records kept before they are folded into their sites
+
+
 class _CaptureMode(TorchFunctionMode):
     """Active only during a logged step's forward; routes activation calls to the capture."""
 
@@ -189,6 +219,8 @@ class ActivationCapture:
         self._root = model
         self._deferred: list[tuple[Site, torch.Tensor]] = []  # small outputs, reduced in take()
         self._deferred_numel = 0
+        self._batches: list[_Batch] = []
+        self._touched = False  # a site has data since the last clear()
         # Only the root is hooked. The module that runs an activation is found
         # from the Python frames when the activation is called: module hooks
         # (even torch's global ones, installed for a logged forward only) send
@@ -283,6 +315,7 @@ class ActivationCapture:
             if site is None:
                 site = self.sites[name] = Site(name, kind, type_name, mod_name)
                 self.order.append(name)
+            self._touched = True
             self._add(site, out)
         except Exception as e:
             self._on_error("activation capture", e)
@@ -318,42 +351,135 @@ class ActivationCapture:
 
     def _reduce_group(self, sites: list[Site], outputs: list[torch.Tensor]) -> None:
         n = len(sites)
-        unit_max: list = [None] * n
-        saturated: list = [None] * n
-        failed: set[int] = set()
         try:
             x = torch.stack(outputs)  # [G, *shape]
             flat = x.reshape(n, -1)
-            totals = flat.sum(dim=1, dtype=torch.float32).unbind()
-            norms = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float32).unbind()
+            batch = _Batch(
+                sites,
+                flat.sum(dim=1, dtype=torch.float32),
+                torch.linalg.vector_norm(flat, dim=1, dtype=torch.float32),
+                None,
+                {},
+            )
         except Exception as e:
             self._on_error("activation capture", e)
             for site in sites:
                 site.clear()
             return
-        relu = [i for i, s in enumerate(sites) if s.kind == "relu"]
-        if relu:
+        failed: set[int] = set()
+        kinds = {site.kind for site in sites}
+        if "relu" in kinds:
             try:
-                um = reductions.unit_max(x if len(relu) == n else x[relu], stacked=True)
-                for i, row in zip(relu, um.unbind()):
-                    unit_max[i] = row
+                batch.unit_max = reductions.unit_max(x, stacked=True)
             except Exception as e:
                 self._on_error("activation capture", e)
-                failed.update(relu)
+                failed.update(i for i, site in enumerate(sites) if site.kind == "relu")
         for kind in ("sigmoid", "tanh"):
-            rows = [i for i, s in enumerate(sites) if s.kind == kind]
-            if rows:
+            if kind in kinds:
                 try:
-                    for i, c in zip(rows, reductions.saturated_count(flat[rows], kind, dim=1).unbind()):
-                        saturated[i] = c
+                    batch.saturated[kind] = reductions.saturated_count(flat, kind, dim=1)
                 except Exception as e:
                     self._on_error("activation capture", e)
-                    failed.update(rows)
+                    failed.update(i for i, site in enumerate(sites) if site.kind == kind)
+        if failed:  # rare: those sites are missing this step
+            keep = [i for i in range(n) if i not in failed]
+            rows = torch.tensor(keep, device=batch.sums.device, dtype=torch.long)
+            batch = _Batch(
+                [sites[i] for i in keep], batch.sums[rows], batch.norms[rows],
+                None if batch.unit_max is None else batch.unit_max[rows],
+                {k: v[rows] for k, v in batch.saturated.items()},
+            )
+            for i in failed:
+                sites[i].clear()
+        if batch.sites:
+            self._batches.append(batch)
+        if len(self._batches) > _MAX_BATCHES:  # many forwards between step() calls: stay bounded
+            self._fold_batches()
+
+    def _fold_batches(self) -> None:
+        """Move the batch records into their sites' own lists (slow, one view per call; rare)."""
+        batches, self._batches = self._batches, []
+        for b in batches:
+            sums, norms = b.sums.unbind(), b.norms.unbind()
+            unit_max = b.unit_max.unbind() if b.unit_max is not None else None
+            for i, site in enumerate(b.sites):
+                sat = b.saturated.get(site.kind)
+                site._add_reduced(
+                    sums[i], norms[i], unit_max[i] if unit_max is not None and site.kind == "relu" else None,
+                    sat[i] if sat is not None else None,
+                )
+
+    def totals(self, sites: list[Site], device: torch.device) -> SiteTotals:
+        """Every statistic of `sites` (from `take()`) combined: a few ops per batch record, whatever S is."""
+        S = len(sites)
+        pos = {id(site): i for i, site in enumerate(sites)}
+        # Calls reduced one by one (big outputs): their 0-d tensors, stacked once.
+        call_site = [i for i, site in enumerate(sites) for _ in site.sums]
+        sums = torch.zeros(S, device=device)
+        squares = torch.zeros(S, device=device)
+        saturated = torch.zeros(S, device=device)
+        if call_site:
+            idx = torch.tensor(call_site, device=device)
+            sums.index_add_(0, idx, torch.stack([x for site in sites for x in site.sums]).to(device))
+            norms = torch.stack([x for site in sites for x in site.norms]).to(device)
+            squares.index_add_(0, idx, norms * norms)
+        sat_call = [i for i, site in enumerate(sites) for _ in site.saturated]
+        if sat_call:
+            saturated.index_add_(
+                0, torch.tensor(sat_call, device=device),
+                torch.stack([x for site in sites for x in site.saturated]).to(device),
+            )
+        # Per-unit maxima: the first unit count of each ReLU site is its layout.
+        units: dict[int, int] = {}
         for i, site in enumerate(sites):
-            if i not in failed:
-                site._add_reduced(totals[i], norms[i], unit_max[i], saturated[i])
-        for i in failed:
-            sites[i].clear()
+            if site.unit_max is not None:
+                units[i] = site.unit_max.numel()
+        rows_of = []  # per batch: member positions
+        for b in self._batches:
+            at = [pos[id(site)] for site in b.sites]
+            rows_of.append(at)
+            idx = torch.tensor(at, device=device)
+            sums.index_add_(0, idx, b.sums.to(device))
+            squares.index_add_(0, idx, (b.norms * b.norms).to(device))
+            for kind, counts in b.saturated.items():
+                r = [k for k, site in enumerate(b.sites) if site.kind == kind]
+                sat_call += [at[k] for k in r]
+                saturated.index_add_(
+                    0, torch.tensor([at[k] for k in r], device=device),
+                    counts[torch.tensor(r, device=counts.device)].to(device),
+                )
+            if b.unit_max is not None:
+                for k, site in enumerate(b.sites):
+                    if site.kind == "relu":
+                        units.setdefault(at[k], b.unit_max.shape[1])
+        relu_sites = sorted(units)
+        unit_counts = [units[i] for i in relu_sites]
+        offset, start = 0, {}
+        for i, u in zip(relu_sites, unit_counts):
+            start[i] = offset
+            offset += u
+        index, values = [], []
+        for i in relu_sites:
+            um = sites[i].unit_max
+            if um is not None:
+                index.append(torch.arange(start[i], start[i] + um.numel(), device=device))
+                values.append(um.to(device, torch.float32))
+        for b, at in zip(self._batches, rows_of):
+            if b.unit_max is None:
+                continue
+            width = b.unit_max.shape[1]
+            # Rows of ReLU sites whose layout is this width (a site whose unit count changed keeps its first).
+            r = [k for k, site in enumerate(b.sites) if site.kind == "relu" and units.get(at[k]) == width]
+            if not r:
+                continue
+            first = torch.tensor([start[at[k]] for k in r], device=device)
+            index.append((first[:, None] + torch.arange(width, device=device)[None, :]).reshape(-1))
+            values.append(b.unit_max[torch.tensor(r, device=b.unit_max.device)].to(device).reshape(-1))
+        unit_max = torch.full((offset,), float("-inf"), device=device)
+        if index:
+            unit_max.scatter_reduce_(0, torch.cat(index), torch.cat(values), "amax", include_self=True)
+        counts = torch.tensor([float(site.count) for site in sites], device=device)
+        return SiteTotals(sums, squares, counts, saturated, sorted(set(sat_call)), unit_max, unit_counts, relu_sites)
 
     def take(self) -> list[Site]:
         """The sites seen since the last take, in stable order."""
@@ -361,8 +487,12 @@ class ActivationCapture:
         return [self.sites[n] for n in self.order if self.sites[n].seen]
 
     def clear(self) -> None:
-        """Forget every site's statistics (after a step)."""
+        """Forget every site's statistics (after a step; nothing to do after a forward that was not captured)."""
+        if not self._touched:
+            return  # every step calls this: 1,000 sites took 1 ms a step to clear for nothing
+        self._touched = False
         self._deferred, self._deferred_numel = [], 0
+        self._batches = []
         for s in self.sites.values():
             s.clear()
 
@@ -374,4 +504,5 @@ class ActivationCapture:
             h.remove()
         self._handles.clear()
         self._deferred, self._deferred_numel = [], 0
+        self._batches = []
         self.sites.clear()

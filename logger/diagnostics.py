@@ -371,19 +371,27 @@ class Diagnostics:
     # ------------------------------------------------------------- logging
     def _log(self, step: int, loss_items: list[tuple[str, Any]]) -> None:
         """Compute everything on the device (every rank), move it to the host once, write (one rank)."""
+        # Under no_grad rather than with .detach() per tensor: a detach costs a few
+        # microseconds, which is 13 ms per logged step for 2,000 parameters here.
+        with torch.no_grad():
+            self._log_values(step, loss_items)
+
+    def _log_values(self, step: int, loss_items: list[tuple[str, Any]]) -> None:
         device = self._out_device()
         with_grad = [(n, p) for n, p in self._params if p.grad is not None]
         grad_names = [n for n, _ in with_grad]
         weight_names = [n for n, _ in self._params]
-        grads = [reductions.dense_values(reductions._local(p.grad.detach())) for _, p in with_grad]
-        weights = [reductions._local(p.detach()) for _, p in self._params]
+        grads = [reductions.dense_values(reductions._local(p.grad)) for _, p in with_grad]
+        weights = [reductions._local(p) for _, p in self._params]
         sites = self._capture.take() if self._capture is not None else []
+        site_totals = self._capture.totals(sites, device) if sites else None
         sharded = distributed.any_sharded(p for _, p in self._params)
 
         # Under torch.distributed the ranks first agree on what they reduce.
         reduce = True
         if distributed.active():
-            reduce = distributed.agree(self._signature(grad_names, weight_names, sites, loss_items), device)
+            signature = self._signature(grad_names, weight_names, sites, site_totals, loss_items)
+            reduce = distributed.agree(signature, device)
             if not reduce:
                 self._report(
                     "torch.distributed",
@@ -396,9 +404,14 @@ class Diagnostics:
 
         parts: list[torch.Tensor] = []  # everything for the host, concatenated once
         g_norm, g_max = reductions.norms_and_max_abs(grads, device)
-        w_norm = reductions.grouped_norms(weights, device)
+        flat_w = None
+        if reductions.flat_ok(weights):  # many small parameters (see reductions.flatten)
+            flat_w = reductions.flatten(weights)
+            w_norm = reductions.segment_norms(flat_w, reductions.segments(weights), len(weights), device)
+        else:
+            w_norm = reductions.grouped_norms(weights, device)
         if self._updates is not None:  # the pre-step hook reuses them: weights are the same until opt.step()
-            self._updates.offer_weight_norms(step, weights, w_norm)
+            self._updates.offer_weight_norms(step, weights, w_norm, flat_w)
         if sharded and reduce:
             g_norm, g_max, w_norm = distributed.reduce_sharded_norms(
                 g_norm,
@@ -419,7 +432,7 @@ class Diagnostics:
         total = torch.linalg.vector_norm(g_norm).reshape(1) if grads else torch.zeros(0, device=device)
         parts += [g_norm, g_max, w_norm, total]
         if sites:
-            parts.append(distributed.finish_sites(sites, device, reduce))
+            parts.append(distributed.finish_sites(site_totals, reduce))
         loss_names, loss_values, spread_names, spreads = loss_tensors(loss_items, device, reduce)
         parts += [loss_values, spreads]
 
@@ -495,10 +508,10 @@ class Diagnostics:
             tree = module_tree(self.model, {n for n, _ in self._params}, known)
             self._write(self._sink.write_structure, step, tree)
 
-    def _signature(self, grad_names, weight_names, sites, loss_items) -> list[float]:
+    def _signature(self, grad_names, weight_names, sites, site_totals, loss_items) -> list[float]:
         """What the ranks must agree on before reducing (see distributed.agree)."""
         site_names = [f"{s.name}\t{s.kind}" for s in sites]
-        units = sum(s.unit_max.numel() for s in sites if s.unit_max is not None)
+        units = sum(site_totals.unit_counts) if site_totals is not None else 0
         per_sample = [n for n, v in loss_items if is_per_sample(v)]
         return [
             len(grad_names), _name_hash(grad_names),

@@ -125,34 +125,16 @@ def sum_counts(counts: Sequence[int]) -> list[int]:
     return [int(v) for v in t.tolist()]
 
 
-def finish_sites(sites: Sequence, device: torch.device, reduce: bool) -> torch.Tensor:
-    """[dead_fraction, saturation, mean, std] per site (flattened [S * 4]), reduced across ranks when `reduce`.
+def finish_sites(t, reduce: bool) -> torch.Tensor:
+    """[dead_fraction, saturation, mean, std] per site (flattened [S * 4]) from `ActivationCapture.totals`,
+    reduced across ranks when `reduce`.
 
     Per-unit maxima are reduced with MAX, so a unit is dead only when it was
     never positive on any rank's batch; sums, sums of squares, counts and
     saturated counts with SUM. Two collectives, whatever the number of sites.
     """
-    S = len(sites)
-    call_site = torch.tensor([i for i, s in enumerate(sites) for _ in s.sums], device=device)
-    sums = torch.zeros(S, device=device).index_add_(
-        0, call_site, torch.stack([x for s in sites for x in s.sums]).to(device)
-    )
-    norms = torch.stack([x for s in sites for x in s.norms]).to(device)
-    squares = torch.zeros(S, device=device).index_add_(0, call_site, norms * norms)
-    counts = torch.tensor([float(s.count) for s in sites], device=device)
-    sat_sites = [i for i, s in enumerate(sites) if s.saturated]
-    saturated = torch.zeros(S, device=device)
-    if sat_sites:
-        sat_call = torch.tensor([i for i in sat_sites for _ in sites[i].saturated], device=device)
-        sat_vals = torch.stack([x for i in sat_sites for x in sites[i].saturated]).to(device)
-        saturated.index_add_(0, sat_call, sat_vals)
-    relu_sites = [i for i, s in enumerate(sites) if s.unit_max is not None]
-    unit_counts = [sites[i].unit_max.numel() for i in relu_sites]
-    flat = (
-        torch.cat([sites[i].unit_max.to(device, torch.float32) for i in relu_sites])
-        if relu_sites
-        else torch.zeros(0, device=device)
-    )
+    sums, squares, counts, saturated, flat = t.sums, t.squares, t.counts, t.saturated, t.unit_max
+    S = counts.numel()
     if reduce and active():
         d = torch.distributed
         if flat.numel():
@@ -160,7 +142,9 @@ def finish_sites(sites: Sequence, device: torch.device, reduce: bool) -> torch.T
         packed = torch.cat([sums, squares, counts, saturated])
         d.all_reduce(packed, op=d.ReduceOp.SUM)
         sums, squares, counts, saturated = packed.split(S)
-    rows = reductions.activation_rows(flat, unit_counts, relu_sites, sums, squares, counts, saturated, sat_sites)
+    rows = reductions.activation_rows(
+        flat, t.unit_counts, t.relu_sites, sums, squares, counts, saturated, t.saturation_sites
+    )
     return rows.reshape(-1)
 
 

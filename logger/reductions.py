@@ -75,6 +75,66 @@ def _sum_of_squares(t: torch.Tensor) -> torch.Tensor:
     return torch.dot(flat, flat)
 
 
+# Below this many elements per tensor on average, the cost of reducing tensors one kernel
+# at a time is all per-call overhead: such tensors are copied into one flat buffer (one
+# C++ call) and reduced by segment. 2,000 tensors of 2-4 elements (benchmarks/wide_model.py):
+# norms and largest absolute values 25 ms -> 3 ms here.
+_FLAT_MAX_MEAN_NUMEL = 1024
+_segment_cache: dict[tuple, torch.Tensor] = {}
+
+
+def flat_ok(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether `tensors` (two or more, dense, one floating dtype and device) are small enough to flatten."""
+    if len(tensors) < 2:
+        return False
+    first = tensors[0]
+    dtype, device = first.dtype, first.device
+    if not dtype.is_floating_point:
+        return False
+    total = 0
+    for t in tensors:
+        if t.dtype != dtype or t.device != device or t.layout != torch.strided or type(t).__name__ == "DTensor":
+            return False
+        total += t.numel()
+    return total <= _FLAT_MAX_MEAN_NUMEL * len(tensors)
+
+
+def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One new 1-D tensor holding every element of `tensors`, in order (see `flat_ok`)."""
+    from torch._utils import _flatten_dense_tensors
+
+    with torch.no_grad():
+        return _flatten_dense_tensors(list(tensors))
+
+
+def segments(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """For each element of `flatten(tensors)`, the index of its tensor (cached per layout)."""
+    numels = tuple(t.numel() for t in tensors)
+    device = tensors[0].device
+    key = (device, numels)
+    seg = _segment_cache.get(key)
+    if seg is None:
+        if len(_segment_cache) >= 8:
+            _segment_cache.clear()
+        counts = torch.tensor(numels, device=device)
+        seg = _segment_cache[key] = torch.repeat_interleave(torch.arange(len(numels), device=device), counts)
+    return seg
+
+
+def segment_norms(flat: torch.Tensor, seg: torch.Tensor, n: int, out_device: torch.device) -> torch.Tensor:
+    """L2 norm of each of the `n` segments of `flat`, float32 (0 for an empty one); NaN and inf propagate."""
+    x = flat.to(torch.float32)
+    squares = torch.zeros(n, dtype=torch.float32, device=flat.device).index_add_(0, seg, x * x)
+    return squares.sqrt().to(out_device)
+
+
+def segment_max_abs(flat: torch.Tensor, seg: torch.Tensor, n: int, out_device: torch.device) -> torch.Tensor:
+    """Largest absolute element of each segment, float32 (0 for an empty one); NaN propagates."""
+    out = torch.zeros(n, dtype=torch.float32, device=flat.device)
+    out.scatter_reduce_(0, seg, flat.abs().to(torch.float32), "amax", include_self=False)
+    return out.to(out_device)
+
+
 def grouped_norms(tensors: Sequence[torch.Tensor], out_device: torch.device) -> torch.Tensor:
     """L2 norm of each tensor as a float32 vector on `out_device`.
 
@@ -83,6 +143,8 @@ def grouped_norms(tensors: Sequence[torch.Tensor], out_device: torch.device) -> 
     """
     if not tensors:
         return torch.zeros(0, device=out_device)
+    if flat_ok(tensors):
+        return segment_norms(flatten(tensors), segments(tensors), len(tensors), out_device)
     if _streams_on_cpu(tensors):
         return torch.stack([_sum_of_squares(t) for t in tensors]).sqrt().to(out_device, torch.float32)
     groups = _groups(tensors)
@@ -130,6 +192,9 @@ def norms_and_max_abs(
     it from cache: 2.1 ms instead of 2.9 ms for the 16 MB of gradients of
     the benchmark MLP. Elsewhere, the two functions.
     """
+    if flat_ok(tensors):
+        flat, seg = flatten(tensors), segments(tensors)
+        return segment_norms(flat, seg, len(tensors), out_device), segment_max_abs(flat, seg, len(tensors), out_device)
     if not tensors or not _streams_on_cpu(tensors) or not all(t.numel() for t in tensors):
         return grouped_norms(tensors, out_device), max_abs(tensors, out_device)
     squares, lows, highs = [], [], []

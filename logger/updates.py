@@ -11,7 +11,7 @@ written at the next `step()` or `close()`, under the logged step's number.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -31,7 +31,8 @@ class UpdateRatio:
         self._on_error = on_error
         self.pending: Optional[int] = None  # the logged step whose optimizer step to measure
         self.result: Optional[tuple[int, list[str], torch.Tensor]] = None
-        self._snapshot: Optional[list[torch.Tensor]] = None
+        self._snapshot: Optional[list[torch.Tensor]] = None  # one buffer per parameter, or one flat copy
+        self._flat = False
         self._snapshot_params: list[tuple[str, torch.Tensor]] = []
         self._old_norms: Optional[torch.Tensor] = None
         # (step, `_weight_keys` of every parameter, their local norms) from `offer_weight_norms`.
@@ -41,64 +42,102 @@ class UpdateRatio:
             optimizer.register_step_post_hook(self._after),
         ]
 
-    def offer_weight_norms(self, step: int, weights: Sequence[torch.Tensor], norms: torch.Tensor) -> None:
-        """The norms of `weights` (the local pieces of all `params`, in order) taken at logged step `step`.
+    def offer_weight_norms(
+        self, step: int, weights: Sequence[torch.Tensor], norms: torch.Tensor, flat: Optional[torch.Tensor] = None
+    ) -> None:
+        """The norms of `weights` (the local pieces of all `params`, in order) taken at logged step `step`,
+        and `flat`, their `reductions.flatten` copy if one was made.
 
         The pre-step hook of that step uses them instead of reading every
-        parameter once more, unless a parameter was modified in place or
-        replaced in between (a version counter or the data pointer moved).
+        parameter once more (the flat copy is then the snapshot), unless a
+        parameter was modified in place or replaced in between (a version
+        counter or the data pointer moved).
         """
         keys = _weight_keys([p for _, p in self._params], weights)
-        self._offered = (step, keys, norms) if len(keys) == len(self._params) == norms.numel() else None
+        self._offered = (step, keys, norms, flat) if len(keys) == len(self._params) == norms.numel() else None
 
-    def _offered_norms(self, idx: list[int], local: list[torch.Tensor]) -> Optional[torch.Tensor]:
-        """The offered norms of parameters `idx` (whose local pieces are `local`) if still true, else None."""
+    def _take_offer(self, idx: list[int], local: list[torch.Tensor]) -> Optional[tuple[torch.Tensor, Any]]:
+        """(norms of parameters `idx`, whose local pieces are `local`; the flat copy of all of them or None)
+        from the offer if it is still true, else None."""
         offered, self._offered = self._offered, None
         if offered is None or offered[0] != self.pending:
             return None
-        _, keys, norms = offered
+        _, keys, norms, flat = offered
         if [keys[i] for i in idx] != _weight_keys([self._params[i][1] for i in idx], local):
             return None
         if len(idx) < len(keys):  # parameters without gradients are not stepped
             norms = norms[torch.tensor(idx, device=norms.device)]
-        return norms.to(self._device())
+            flat = None
+        return norms, flat
 
     def _before(self, optimizer, args, kwargs) -> None:
         if self.pending is None:
             return None
         try:
-            idx = [i for i, (_, p) in enumerate(self._params) if p.grad is not None]
-            params = [self._params[i] for i in idx]
-            if self._snapshot is None or [n for n, _ in params] != [n for n, _ in self._snapshot_params]:
-                self._snapshot = [torch.empty_like(reductions._local(p.detach())) for _, p in params]
-                self._snapshot_params = params
-            local = [reductions._local(p.detach()) for _, p in params]
-            torch._foreach_copy_(self._snapshot, local)
-            self._old_norms = self._offered_norms(idx, local)
-            if self._old_norms is None:
-                self._old_norms = reductions.grouped_norms(self._snapshot, self._device())
+            with torch.no_grad():
+                self._take_snapshot()
         except Exception as e:
             self.pending = None
             self._on_error("update_ratio", e)
         return None
+
+    def _take_snapshot(self) -> None:
+        idx = [i for i, (_, p) in enumerate(self._params) if p.grad is not None]
+        params = [self._params[i] for i in idx]
+        local = [reductions._local(p) for _, p in params]
+        offer = self._take_offer(idx, local)
+        if offer is not None and offer[1] is not None:
+            # step() flattened these very weights moments ago and nothing has changed them since.
+            self._snapshot, self._snapshot_params, self._flat = [offer[1]], params, True
+            self._old_norms = offer[0].to(self._device())
+            return
+        if reductions.flat_ok(local):
+            # Many small parameters: one flat copy (a fresh one each time: it is small).
+            self._snapshot = [reductions.flatten(local)]
+            self._snapshot_params = params
+            self._flat = True
+        else:
+            if self._flat or self._snapshot is None or [n for n, _ in params] != [n for n, _ in self._snapshot_params]:
+                self._snapshot = [torch.empty_like(w) for w in local]
+                self._snapshot_params = params
+            self._flat = False
+            torch._foreach_copy_(self._snapshot, local)
+        self._old_norms = offer[0].to(self._device()) if offer is not None else None
+        if self._old_norms is None:
+            if self._flat:
+                self._old_norms = reductions.segment_norms(
+                    self._snapshot[0], reductions.segments(local), len(local), self._device()
+                )
+            else:
+                self._old_norms = reductions.grouped_norms(self._snapshot, self._device())
 
     def _after(self, optimizer, args, kwargs) -> None:
         step, self.pending = self.pending, None
         if step is None or self._snapshot is None or self._old_norms is None:
             return None
         try:
-            current = [reductions._local(p.detach()) for _, p in self._snapshot_params]
-            delta = reductions.subtract_norms_(self._snapshot, current, self._device())  # old - new, in the buffers
-            old, self._old_norms = self._old_norms, None
-            if distributed.any_sharded(p for _, p in self._snapshot_params):
-                w = distributed.shard_weights([p for _, p in self._snapshot_params], delta.device)
-                delta, _, old = distributed.reduce_sharded_norms(delta, delta, old, w, w)
-            # ‖w‖ = 0 (a zero-initialised bias): the ratio is undefined, recorded as NaN.
-            ratio = torch.where(old > 0, delta / old.clamp_min(torch.finfo(old.dtype).tiny), float("nan"))
-            self.result = (step, [n for n, _ in self._snapshot_params], ratio)
+            with torch.no_grad():
+                self._measure(step)
         except Exception as e:
             self._on_error("update_ratio", e)
         return None
+
+    def _measure(self, step: int) -> None:
+        current = [reductions._local(p) for _, p in self._snapshot_params]
+        if self._flat:
+            delta = reductions.segment_norms(
+                self._snapshot[0] - reductions.flatten(current), reductions.segments(current), len(current),
+                self._device(),
+            )
+        else:
+            delta = reductions.subtract_norms_(self._snapshot, current, self._device())  # old - new, in the buffers
+        old, self._old_norms = self._old_norms, None
+        if distributed.any_sharded(p for _, p in self._snapshot_params):
+            w = distributed.shard_weights([p for _, p in self._snapshot_params], delta.device)
+            delta, _, old = distributed.reduce_sharded_norms(delta, delta, old, w, w)
+        # ‖w‖ = 0 (a zero-initialised bias): the ratio is undefined, recorded as NaN.
+        ratio = torch.where(old > 0, delta / old.clamp_min(torch.finfo(old.dtype).tiny), float("nan"))
+        self.result = (step, [n for n, _ in self._snapshot_params], ratio)
 
     def _device(self) -> torch.device:
         return self._snapshot[0].device if self._snapshot else torch.device("cpu")
@@ -114,6 +153,7 @@ class UpdateRatio:
             h.remove()
         self._handles.clear()
         self._snapshot = None
+        self._flat = False
         self._snapshot_params = []
         self._old_norms = None
         self._offered = None

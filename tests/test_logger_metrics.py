@@ -16,13 +16,22 @@ from tb_diag_logger import Diagnostics, reductions
 from tb_diag_plugin.reading import LocalReader
 
 
+@pytest.fixture(params=["flat", "per_tensor"])
+def reduction_path(request, monkeypatch):
+    """Both ways of reducing parameters: flattened into one buffer (many small tensors, as in
+    these tests' models) and one tensor at a time (the path of big tensors)."""
+    if request.param == "per_tensor":
+        monkeypatch.setattr(reductions, "_FLAT_MAX_MEAN_NUMEL", 0)
+    return request.param
+
+
 def _set(module: nn.Module, **values) -> None:
     with torch.no_grad():
         for name, v in values.items():
             getattr(module, name).copy_(torch.tensor(v, dtype=torch.float32))
 
 
-def test_gradient_and_weight_norms_match_a_hand_derived_gradient(tmp_path):
+def test_gradient_and_weight_norms_match_a_hand_derived_gradient(tmp_path, reduction_path):
     # One linear layer, loss = 0.5 * sum((xW^T + b - t)^2) / N: dL/dW = r^T x / N, dL/db = sum(r) / N.
     W = np.array([[0.5, -1.0, 2.0], [1.5, 0.0, -0.5]])
     b = np.array([0.1, -0.2])
@@ -85,7 +94,7 @@ def test_nonfinite_gradients_are_counted_and_params_without_grad_are_left_out(tm
     assert at(s, "grad_norm_total", "", 1) == math.inf
 
 
-def test_update_ratio_with_sgd_and_learning_rate_per_param_group(tmp_path):
+def test_update_ratio_with_sgd_and_learning_rate_per_param_group(tmp_path, reduction_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     opt = torch.optim.SGD(
@@ -121,7 +130,7 @@ def _sgd_ratio(p: torch.Tensor, lr: float) -> float:
     return lr * p.grad.norm().item() / p.detach().norm().item()
 
 
-def test_update_ratio_reuses_step_weight_norms_for_a_subset_of_parameters_with_gradients(tmp_path):
+def test_update_ratio_reuses_step_weight_norms_for_a_subset_of_parameters_with_gradients(tmp_path, reduction_path):
     # `include` leaves `skip` out; `unused` has no gradient: the reused norms are picked by name.
     torch.manual_seed(0)
     model = nn.ModuleDict({"skip": nn.Linear(3, 3), "unused": nn.Linear(3, 3), "a": nn.Linear(3, 2)})
@@ -144,7 +153,7 @@ def test_update_ratio_reuses_step_weight_norms_for_a_subset_of_parameters_with_g
         assert close(at(s, "update_ratio", name, step), want, rel=1e-4), (name, step)
 
 
-def test_update_ratio_sees_weights_changed_between_step_and_optimizer_step(tmp_path):
+def test_update_ratio_sees_weights_changed_between_step_and_optimizer_step(tmp_path, reduction_path):
     # The norms step() took are stale once a weight is modified in place or replaced:
     # the ratio must use the weights the optimizer steps from.
     torch.manual_seed(0)
@@ -186,7 +195,7 @@ def test_single_param_group_learning_rate_has_an_empty_layer(tmp_path):
     assert close(at(s, "learning_rate", "", 0), 3e-4)
 
 
-def test_update_ratio_of_zero_weights_is_nan_not_huge(tmp_path):
+def test_update_ratio_of_zero_weights_is_nan_not_huge(tmp_path, reduction_path):
     model = nn.Linear(2, 2)
     with torch.no_grad():
         model.bias.zero_()
@@ -380,3 +389,40 @@ def test_subtract_norms_updates_the_buffers_and_returns_the_norms_of_the_differe
         assert norms.dtype == torch.float32
         np.testing.assert_allclose(norms.numpy(), [5.0, 0.0])
         assert buffers[0].tolist() == [3.0, -4.0] and buffers[1].tolist() == [[0.0]]
+
+
+def test_flattened_reductions_match_the_per_tensor_ones(monkeypatch):
+    """Many small tensors are flattened into one buffer and reduced by segment; NaN, inf, empty,
+    0-d and non-contiguous tensors give what reducing them one at a time gives."""
+    inf, nan = math.inf, math.nan
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    cases = [
+        [torch.tensor([[3.0, -4.0], [0.0, 0.0]]), torch.tensor(-2.5), torch.tensor([1.0, -inf]),
+         torch.tensor([nan, 1.0]), torch.zeros(0), torch.arange(6.0).reshape(2, 3).t()],
+        [torch.randn(n) for n in (1, 7, 300, 2, 64)],
+        [torch.randn(3, 3, dtype=torch.float64), torch.tensor([-9.0], dtype=torch.float64)],
+        [torch.tensor([1.0, -8.0], dtype=torch.bfloat16), torch.tensor([0.5], dtype=torch.bfloat16)],
+    ]
+    for tensors in cases:
+        assert reductions.flat_ok(tensors)
+        flat_n, flat_m = reductions.norms_and_max_abs(tensors, cpu)
+        flat_w = reductions.grouped_norms(tensors, cpu)
+        seg = reductions.segments(tensors)
+        assert seg.numel() == sum(t.numel() for t in tensors)
+        with monkeypatch.context() as m:
+            m.setattr(reductions, "_FLAT_MAX_MEAN_NUMEL", 0)
+            assert not reductions.flat_ok(tensors)
+            one_n, one_m = reductions.norms_and_max_abs(tensors, cpu)
+            one_w = reductions.grouped_norms(tensors, cpu)
+        assert flat_n.dtype == flat_m.dtype == torch.float32
+        # bfloat16: one tensor at a time the norm is rounded to bfloat16; flattened it is summed in float32.
+        rtol = 1e-2 if tensors[0].dtype == torch.bfloat16 else 1e-6
+        np.testing.assert_allclose(flat_n.numpy(), one_n.numpy(), rtol=rtol)
+        np.testing.assert_allclose(flat_w.numpy(), one_w.numpy(), rtol=rtol)
+        np.testing.assert_array_equal(flat_m.numpy(), one_m.numpy())
+    # Mixed dtypes or devices, sparse or integer tensors are never flattened.
+    assert not reductions.flat_ok([torch.zeros(2), torch.zeros(2, dtype=torch.float64)])
+    assert not reductions.flat_ok([torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long)])
+    assert not reductions.flat_ok([torch.zeros(2).to_sparse(), torch.zeros(2)])
+    assert not reductions.flat_ok([torch.zeros(2)])
