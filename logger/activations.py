@@ -13,7 +13,7 @@ from __future__ import annotations
 import fnmatch
 import sys
 from dataclasses import dataclass, field
-from types import FrameType
+from types import CodeType, FrameType
 from typing import Callable, Optional
 
 import torch
@@ -24,18 +24,22 @@ from torch.overrides import TorchFunctionMode
 from tb_diag_logger import reductions
 
 
-def _forward_codes(model: nn.Module) -> frozenset:
-    """The code objects of the `forward` methods of the model's modules (and what they wrap)."""
-    codes = set()
+def _forward_codes(model: nn.Module) -> dict[int, CodeType]:
+    """id -> code object of the `forward` methods of the model's modules (and what they wrap).
+
+    Keyed by id: hashing a code object hashes its contents, every time. The
+    dict holds the code objects, so their ids stay theirs.
+    """
+    codes = {}
     for m in model.modules():
         for f in (getattr(type(m), "forward", None), vars(m).get("forward")):
             f = getattr(f, "__func__", f)
             while f is not None:
                 code = getattr(f, "__code__", None)
                 if code is not None:
-                    codes.add(code)
+                    codes[id(code)] = code
                 f = getattr(f, "__wrapped__", None)
-    return frozenset(codes)
+    return codes
 
 
 def _activation_functions() -> dict[Callable, tuple[str, str]]:
@@ -174,6 +178,10 @@ class SiteTotals:
     relu_sites: list[int]
 
 
+# Activations whose output autograd saves for the backward pass.
+_SAVES_RESULT = frozenset({"relu", "sigmoid", "tanh"})
+_UNKNOWN = object()
+
 _MAX_BATCHES = 64  # batch records kept before they are folded into their sites
 
 
@@ -217,7 +225,12 @@ class ActivationCapture:
         self._mode: Optional[_CaptureMode] = None
         self._depth = 0  # nested calls of the root module
         self._root = model
-        self._deferred: list[tuple[Site, torch.Tensor]] = []  # small outputs, reduced in take()
+        # Small outputs reduced in take(): (site, output, its version when kept or -1 for a copy).
+        self._deferred: list[tuple[Site, torch.Tensor, int]] = []
+        # (id(module), function, n-th call in a call of the module; 0: the activation module) -> site, or None
+        # where it is excluded: names are built once.
+        self._site_of: dict[tuple[int, str, int], Optional[Site]] = {}
+        self._activation_module: dict[int, bool] = {}
         self._deferred_numel = 0
         self._batches: list[_Batch] = []
         self._touched = False  # a site has data since the last clear()
@@ -269,11 +282,11 @@ class ActivationCapture:
 
     def _caller(self) -> Optional[tuple[nn.Module, dict[str, int]]]:
         """The innermost call of one of this model's modules on the Python stack, with its activation counts."""
-        frame = sys._getframe(2)
+        frame = sys._getframe(3)  # above _caller, record and _CaptureMode.__torch_function__
         codes, names = self._codes, self._names
         while frame is not None:
             code = frame.f_code
-            if code in codes and code.co_argcount:
+            if id(code) in codes and code.co_argcount:
                 module = frame.f_locals.get(code.co_varnames[0])
                 if module is not None and id(module) in names:
                     call = self._calls.get(id(frame))
@@ -290,45 +303,74 @@ class ActivationCapture:
         return not any(fnmatch.fnmatchcase(name, p) for p in self._exclude)
 
     def record(self, spec: tuple[str, str], out) -> None:
-        """Attribute one activation call to the module on top of the stack and add its output."""
+        """Attribute one activation call to the innermost of the model's modules running and add its output."""
         try:
             kind, fname = spec
             caller = self._caller()
             if caller is None:
                 return
             module, counts = caller
-            mod_name = self._names[id(module)]
-            if isinstance(module, ACTIVATION_MODULES) and not counts:
-                name, type_name = mod_name, type(module).__name__
+            if not counts and self._is_activation_module(module):
                 counts[fname] = 1
-                if isinstance(module, nn.ReLU6):  # F.hardtanh(x, 0, 6): dead units make sense
-                    kind = "relu"
+                key = (id(module), fname, 0)  # named after the module itself
             else:
                 n = counts.get(fname, 0) + 1
                 counts[fname] = n
-                base = f"{mod_name}.{fname}()" if mod_name else f"{fname}()"
-                name = base if n == 1 else f"{base}#{n}"
-                type_name = f"F.{fname}"
-            if not self._selected(name):
-                return
-            site = self.sites.get(name)
+                key = (id(module), fname, n)
+            site = self._site_of.get(key, _UNKNOWN)
+            if site is _UNKNOWN:
+                site = self._site_of[key] = self._new_site(module, kind, fname, key[2])
             if site is None:
-                site = self.sites[name] = Site(name, kind, type_name, mod_name)
-                self.order.append(name)
+                return  # excluded
             self._touched = True
-            self._add(site, out)
+            self._add(site, out, fname in _SAVES_RESULT)
         except Exception as e:
             self._on_error("activation capture", e)
 
-    def _add(self, site: Site, y) -> None:
-        """A small output is copied for `take()` to reduce with the others of its shape; a big one is reduced now."""
+    def _is_activation_module(self, module: nn.Module) -> bool:
+        hit = self._activation_module.get(id(module))
+        if hit is None:
+            hit = self._activation_module[id(module)] = isinstance(module, ACTIVATION_MODULES)
+        return hit
+
+    def _new_site(self, module: nn.Module, kind: str, fname: str, n: int) -> Optional[Site]:
+        """The site of the n-th call of `fname` in a call of `module` (n = 0: the activation module itself)."""
+        mod_name = self._names[id(module)]
+        if n == 0:
+            name, type_name = mod_name, type(module).__name__
+            if isinstance(module, nn.ReLU6):  # F.hardtanh(x, 0, 6): dead units make sense
+                kind = "relu"
+        else:
+            base = f"{mod_name}.{fname}()" if mod_name else f"{fname}()"
+            name = base if n == 1 else f"{base}#{n}"
+            type_name = f"F.{fname}"
+        if not self._selected(name):
+            return None
+        site = self.sites.get(name)
+        if site is None:
+            site = self.sites[name] = Site(name, kind, type_name, mod_name)
+            self.order.append(name)
+        return site
+
+    def _add(self, site: Site, y, saves_result: bool = False) -> None:
+        """A small output is kept for `take()` to reduce with the others of its shape; a big one is reduced now.
+
+        A small output is copied, since the model may change it in place
+        before step(), unless autograd saved it for the backward pass (the
+        output of relu, sigmoid or tanh of a tensor that requires grad): then
+        changing it in place fails the backward, and its version counter,
+        checked in `take()`, tells if it happened anyway.
+        """
         if not isinstance(y, torch.Tensor) or not y.is_floating_point():
             return
         n = y.numel()
         if n == 0 or n > _DEFER_NUMEL:
             site.add(y)
             return
-        self._deferred.append((site, y.detach().clone()))
+        if saves_result and y.requires_grad:
+            self._deferred.append((site, y, y._version))
+        else:
+            self._deferred.append((site, y.detach().clone(), -1))
         site.count += n
         site.seen = True
         self._deferred_numel += n
@@ -343,8 +385,22 @@ class ActivationCapture:
         """
         items, self._deferred, self._deferred_numel = self._deferred, [], 0
         groups: dict[tuple, list[tuple[Site, torch.Tensor]]] = {}
-        for site, y in items:
+        changed: list[Site] = []
+        for site, y, version in items:
+            if version >= 0 and y._version != version:
+                changed.append(site)
+                continue
             groups.setdefault((tuple(y.shape), y.dtype, y.device), []).append((site, y))
+        if changed:
+            self._on_error(
+                "activation capture",
+                RuntimeError(f"the output of {changed[0].name} was changed in place before step(); "
+                             "its statistics are left out of this step"),
+            )
+            gone = {id(site) for site in changed}
+            groups = {k: kept for k, v in groups.items() if (kept := [m for m in v if id(m[0]) not in gone])}
+            for site in changed:
+                site.clear()
         with torch.no_grad():
             for members in groups.values():
                 self._reduce_group([m[0] for m in members], [m[1] for m in members])

@@ -349,3 +349,36 @@ def test_small_outputs_beyond_the_budget_are_reduced_on_the_way(tmp_path, monkey
     assert len(held) > 3 * 2
     for metric in ("act_mean", "act_std", "dead_fraction", "saturation"):
         np.testing.assert_allclose(bounded[metric].values, full[metric].values, rtol=2e-5, atol=1e-6)
+
+
+def test_a_kept_output_changed_in_place_is_left_out_not_misreported(tmp_path):
+    """relu/sigmoid/tanh outputs autograd saves are kept without a copy until step(); if one is
+    changed in place anyway (here its backward is never needed), its site is left out of that step
+    with one warning, instead of statistics of the changed values."""
+    import warnings
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.out = nn.Linear(4, 1)
+
+        def forward(self, x):
+            h = torch.relu(self.fc(x))
+            h.add_(100.0)  # no error: nothing below needs relu's backward
+            return self.out(torch.tanh(x)).sum()
+
+    model = Net()
+    writer = SummaryWriter(str(tmp_path))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with Diagnostics(model, writer, every=1) as diag:
+            for step in range(2):
+                model(torch.randn(8, 4)).backward()
+                diag.step(step)
+    writer.close()
+    messages = [str(w.message) for w in record if "tb-diag" in str(w.message)]
+    assert len(messages) == 1 and "relu() was changed in place" in messages[0], messages
+    s = read(tmp_path)
+    assert s["act_mean"].layers == ["tanh()"] and s["act_mean"].steps.tolist() == [0, 1]
+    assert "dead_fraction" not in s
