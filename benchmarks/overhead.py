@@ -52,6 +52,13 @@ from torch.utils.tensorboard import SummaryWriter
 from tb_diag_logger import Diagnostics
 from tb_diag_logger.diagnostics import DEFAULT_EVERY
 
+
+def _code_state() -> str:
+    """The git commit measured (see run._git_state)."""
+    from run import _git_state
+
+    return _git_state()
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 WARMUP = 2  # untimed steps after attaching an arm
 
@@ -447,6 +454,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "wandb": wandb_note,
         "loadavg_start": os.getloadavg(),
         "command": "python benchmarks/overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "code": _code_state(),
         "models": {},
     }
     out = args.out or os.path.join(HERE, "results", f"overhead-{device.type}{'-quick' if args.quick else ''}.json")

@@ -218,6 +218,12 @@ def _time_scalars(srv, names: list[str], steps: int, sample: int = 50) -> dict:
             "all_parallel_ms": par, "bytes": sum(g[2] for g in got), "requests": len(paths)}
 
 
+def _code_state() -> str:
+    from run import _git_state
+
+    return _git_state()
+
+
 def _stats(xs: list[float]) -> Optional[dict]:
     if not xs:
         return None
@@ -289,6 +295,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     res: dict[str, Any] = {
         "mode": "quick" if args.quick else "full",
         "command": "python benchmarks/reading.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "code": _code_state(),
         "loadavg_start": os.getloadavg(),
         "passes": passes,
         "configs": [],

@@ -91,7 +91,9 @@ def write_results(quick: bool) -> str:
         f"`torch.set_num_threads({m.get('threads', 2)})`",
         f"- Python {m.get('python', '?')}, torch {m.get('torch', '?')}, tensorboard {m.get('tensorboard', '?')}, "
         f"numpy {m.get('numpy', '?')}; {(cpu or {}).get('wandb', 'wandb: not measured')}",
-        f"- Code: git {_git_state()}",
+        *(f"- Code of the {what} run: git {r['code']}" for what, r in (("overhead", cpu), ("CUDA overhead", cuda),
+                                                                        ("reading", rd)) if r and r.get("code")),
+        *([f"- Code: git {_git_state()}"] if not any(r and r.get("code") for r in (cpu, cuda, rd)) else []),
         f"- Date: {m.get('date', '?')}",
     ]
     if cpu:

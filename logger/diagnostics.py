@@ -123,8 +123,8 @@ class Diagnostics:
         include, exclude: glob patterns over parameter and activation-site
             names (``"encoder.*"``); ``grad_norm_total`` covers the included
             parameters.
-        activations: capture activation statistics (forward hooks and, on
-            logged steps only, a TorchFunctionMode).
+        activations: capture activation statistics (two forward hooks on the
+            root module and, during logged forwards only, a TorchFunctionMode).
         update_ratio: keep one copy of the parameters to measure the update
             size on logged steps (costs memory equal to the parameters).
             ``‖Δw‖/‖w‖`` is NaN for a tensor whose weights were all zero.

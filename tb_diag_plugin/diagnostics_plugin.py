@@ -139,7 +139,7 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
     def __init__(self, context) -> None:
         self._provider = context.data_provider
         self._logdir = getattr(context, "logdir", "") or ""
-        self._integrity = integrity.EventFileChecker(background=True)
+        self._integrity = integrity.EventFileChecker(background=True, pause=self._wait_idle)
         self._series = cache.ByteLRU(SERIES_CACHE_BYTES)
         self._answers = cache.ByteLRU(ANSWER_CACHE_BYTES)
         self._findings = cache.ByteLRU(16 << 20)

@@ -137,6 +137,36 @@ def test_big_files_are_checked_in_the_background(tmp_path, monkeypatch):
     assert len(found) == 1 and "record 21" in found[0]
 
 
+def test_a_background_check_waits_while_told_to(tmp_path, monkeypatch):
+    """The plugin passes a pause (a wait for the requests in flight): the scan calls it every
+    _PAUSE_EVERY records and goes no further until it returns."""
+    import threading
+
+    path = _write(tmp_path, 30)
+    data = bytearray(open(path, "rb").read())
+    data[_record_offsets(path)[20] + 2] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    monkeypatch.setattr(integrity, "INLINE_BYTES", 0)
+    monkeypatch.setattr(integrity, "_PAUSE_EVERY", 4)
+    go = threading.Event()
+    calls = []
+
+    def pause():
+        calls.append(time.time())
+        go.wait(10)
+
+    checker = integrity.EventFileChecker(background=True, pause=pause)
+    assert checker.problems(str(tmp_path)) == []
+    time.sleep(0.5)
+    assert len(calls) == 1 and checker.problems(str(tmp_path)) == []  # held at its first pause
+    go.set()
+    deadline = time.time() + 10
+    while not (found := checker.problems(str(tmp_path))) and time.time() < deadline:
+        time.sleep(0.01)
+    assert len(found) == 1 and "record 21" in found[0]
+    assert len(calls) == 6  # records 0, 4, ..., 20: one pause per 4 records until the damaged one
+
+
 def test_unreadable_directory_or_vanished_file_is_quiet(tmp_path):
     checker = integrity.EventFileChecker()
     assert checker.problems(str(tmp_path / "nope")) == []
