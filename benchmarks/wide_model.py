@@ -1,6 +1,7 @@
 """Issue 7's big model: 2,000 parameter tensors and 1,000 activation sites, bare vs Diagnostics.
 
     python benchmarks/wide_model.py [--rounds 8] [--every 20]
+    python benchmarks/wide_model.py --logged-cost [--samples 40]
 
 One model (1,000 blocks of Linear(2, 2) + F.relu, summed), trained by blocks
 of `every` steps: bare, then Diagnostics attached for the block and removed,
@@ -10,6 +11,14 @@ the same from the fastest step of each kind over all rounds. This model's
 step is Python-bound (2,000 module calls): other processes and garbage
 collection pauses spread its medians far more than the three benchmark
 models', and the fastest steps are the steadier comparison.
+
+`--logged-cost` measures the cost of a logged step more directly: Diagnostics
+with every=2 (a logged step, then the step that writes its update ratio),
+`--samples` of each, then as many bare steps; the fastest logged step plus the
+fastest step after it, minus two fastest bare steps, is the extra time of one
+logged step, and the ratio it implies at every=20 is printed with it. Run it
+against another commit's logger (a `git worktree` of it, with a
+`tb_diag_logger` symlink to its `logger/` on PYTHONPATH) for an A/B.
 """
 
 from __future__ import annotations
@@ -49,6 +58,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--every", type=int, default=20)
+    ap.add_argument("--logged-cost", action="store_true", help="the extra time of one logged step (see above)")
+    ap.add_argument("--samples", type=int, default=40)
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -70,6 +81,10 @@ def main() -> None:
         return times
 
     train(5)
+    if args.logged_cost:
+        logged_cost(train, model, opt, writer, args.samples)
+        writer.close()
+        return
     rows = []
     mins = []  # fastest step of each kind per round: robust to other processes and GC pauses
     step = 0
@@ -96,6 +111,18 @@ def main() -> None:
     print(f"fastest: bare {fb * 1e3:.1f} ms, not logged {fo * 1e3:.1f} ms ({fo / fb:.3f}), logged {fl * 1e3:.1f} ms, "
           f"ratio at every={args.every}: {((args.every - 1) * fo + fl) / (args.every * fb):.3f}")
     writer.close()
+
+
+def logged_cost(train, model, opt, writer, samples: int) -> None:
+    diag = Diagnostics(model, writer, every=2, optimizer=opt)
+    times = train(2 * samples, diag)
+    diag.close()
+    logged, after = times[0::2], times[1::2]
+    bare = train(samples)
+    extra = min(logged) + min(after) - 2 * min(bare)
+    print(f"fastest of {samples}: bare {min(bare) * 1e3:.1f} ms, logged {min(logged) * 1e3:.1f} ms, "
+          f"the step after it {min(after) * 1e3:.1f} ms; extra per logged step {extra * 1e3:.1f} ms, "
+          f"ratio at every=20: {1 + extra / (20 * min(bare)):.3f}")
 
 
 if __name__ == "__main__":
