@@ -117,7 +117,10 @@ def segments(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         if len(_segment_cache) >= 8:
             _segment_cache.clear()
         counts = torch.tensor(numels, device=device)
-        seg = _segment_cache[key] = torch.repeat_interleave(torch.arange(len(numels), device=device), counts)
+        # output_size: on a GPU, repeat_interleave would otherwise sync to learn it.
+        seg = _segment_cache[key] = torch.repeat_interleave(
+            torch.arange(len(numels), device=device), counts, output_size=sum(numels)
+        )
     return seg
 
 
