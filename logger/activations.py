@@ -183,6 +183,7 @@ _SAVES_RESULT = frozenset({"relu", "sigmoid", "tanh"})
 _UNKNOWN = object()
 
 _MAX_BATCHES = 64  # batch records kept before they are folded into their sites
+_MAX_CALLS = 256  # module calls remembered in a forward before the finished ones are dropped
 
 
 class _CaptureMode(TorchFunctionMode):
@@ -291,10 +292,21 @@ class ActivationCapture:
                 if module is not None and id(module) in names:
                     call = self._calls.get(id(frame))
                     if call is None:
+                        if len(self._calls) >= _MAX_CALLS:
+                            self._forget_finished_calls(frame)
                         call = self._calls[id(frame)] = (frame, {})
                     return module, call[1]
             frame = frame.f_back
         return None
+
+    def _forget_finished_calls(self, frame: FrameType) -> None:
+        """Drop the calls whose frames are no longer on the stack: they record nothing more, and
+        their frames (with their locals) need not wait for the end of the forward."""
+        live = set()
+        while frame is not None:
+            live.add(id(frame))
+            frame = frame.f_back
+        self._calls = {k: v for k, v in self._calls.items() if k in live}
 
     # -- recording
     def _selected(self, name: str) -> bool:

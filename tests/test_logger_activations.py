@@ -382,3 +382,43 @@ def test_a_kept_output_changed_in_place_is_left_out_not_misreported(tmp_path):
     s = read(tmp_path)
     assert s["act_mean"].layers == ["tanh()"] and s["act_mean"].steps.tolist() == [0, 1]
     assert "dead_fraction" not in s
+
+
+def test_a_long_forward_holds_a_bounded_number_of_module_calls(tmp_path):
+    """A child called 2,000 times in one forward (an RNN cell, say): the calls remembered to number
+    repeated activations stay bounded, and the names are those of a short forward."""
+    from tb_diag_logger import activations
+
+    class Cell(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, h):
+            return torch.tanh(self.fc(h))
+
+    class Loop(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell = Cell()
+
+        def forward(self, x, steps):
+            h = torch.relu(x)
+            for _ in range(steps):
+                h = self.cell(h)
+            return torch.relu(h).sum()  # the root's second relu: "relu()#2" however long the loop
+
+    model = Loop()
+    held = []
+    model.cell.register_forward_hook(lambda m, a, o: held.append(len(diag._capture._calls)))
+    writer = SummaryWriter(str(tmp_path))
+    with Diagnostics(model, writer, every=1) as diag:
+        model(torch.randn(4, 3), 2000).backward()
+        diag.step(0)
+        model(torch.randn(4, 3), 3).backward()
+        diag.step(1)
+    writer.close()
+    assert max(held) <= activations._MAX_CALLS + 2
+    s = read(tmp_path)
+    assert s["act_mean"].layers == ["relu()", "cell.tanh()", "relu()#2"]
+    assert s["act_mean"].steps.tolist() == [0, 1]
