@@ -49,7 +49,8 @@ class RunIndex:
     tags: dict[str, list[tuple[str, metadata.PluginData]]] = field(default_factory=dict)
     structure_tag: Optional[str] = None
     problems: list[str] = field(default_factory=list)
-    stamps: dict[str, tuple[int, float]] = field(default_factory=dict)  # tag -> (max step, max wall time)
+    # tag -> (max step, max wall time), or (latest step, its wall time, count) under the Python loader
+    stamps: dict[str, tuple] = field(default_factory=dict)
 
     def version(self, metric: str) -> tuple:
         """Changes whenever one of the metric's tags gains a step: a cache key."""
@@ -68,7 +69,14 @@ class RunIndex:
 
 def index_runs(provider, ctx, experiment_id: str) -> dict[str, RunIndex]:
     """Every run that has diagnostics, with its metrics' tags."""
-    listing = provider.list_tensors(ctx, experiment_id=experiment_id, plugin_name=metadata.PLUGIN_NAME)
+    listing = _multiplexer_listing(provider)
+    if listing is None:
+        listing = {
+            run: {tag: (ts.plugin_content, (ts.max_step, ts.max_wall_time)) for tag, ts in tags.items()}
+            for run, tags in provider.list_tensors(
+                ctx, experiment_id=experiment_id, plugin_name=metadata.PLUGIN_NAME
+            ).items()
+        }
     blobs = {}
     try:
         blobs = provider.list_blob_sequences(
@@ -79,22 +87,50 @@ def index_runs(provider, ctx, experiment_id: str) -> dict[str, RunIndex]:
     out: dict[str, RunIndex] = {}
     for run in sorted(set(listing) | set(blobs)):
         idx = RunIndex()
-        for tag, ts in sorted(listing.get(run, {}).items()):
+        for tag, (content, stamp) in sorted(listing.get(run, {}).items()):
             try:
-                pd = metadata.parse_plugin_data(ts.plugin_content)
+                pd = metadata.parse_plugin_data(content)
             except metadata.ContractError as e:
                 idx.problems.append(f"tag {tag!r} skipped: {e}")
                 continue
             if pd.kind != metadata.VECTOR:
                 continue
             idx.tags.setdefault(pd.metric, []).append((tag, pd))
-            idx.stamps[tag] = (ts.max_step, ts.max_wall_time)
+            idx.stamps[tag] = stamp
         for tag in blobs.get(run, {}):
             if tag == metadata.STRUCTURE_TAG:
                 idx.structure_tag = tag
         if idx.tags or idx.structure_tag or idx.problems:
             out[run] = idx
     return out
+
+
+def _multiplexer_listing(provider) -> Optional[dict[str, dict[str, tuple[bytes, tuple]]]]:
+    """Under the Python loader: run -> tag -> (plugin content, stamp) of our tensor tags, or None.
+
+    `list_tensors` there walks every event of every tag in Python to find the
+    largest step (100 ms for one 20,000-step run here, so seconds for a logdir
+    of many runs, at every poll); the latest event's (step, wall time, count)
+    changes whenever a tag gains a step, which is all a stamp is for.
+    """
+    mux = getattr(provider, "_multiplexer", None)
+    index = getattr(provider, "_index", None)
+    if mux is None or index is None or type(provider).__name__ != "MultiplexerDataProvider":
+        return None
+    try:
+        from tensorboard.compat.proto import summary_pb2
+
+        out: dict[str, dict[str, tuple[bytes, tuple]]] = {}
+        for run, tags in index(metadata.PLUGIN_NAME, None, summary_pb2.DATA_CLASS_TENSOR).items():
+            found = out[run] = {}
+            for tag, summary_metadata in tags.items():
+                events = mux.Tensors(run, tag)
+                last = events[-1] if events else None
+                stamp = (last.step, last.wall_time, len(events)) if last is not None else (None, None, 0)
+                found[tag] = (summary_metadata.plugin_data.content, stamp)
+        return out
+    except Exception:  # another TensorBoard version: the public listing
+        return None
 
 
 def read_series(

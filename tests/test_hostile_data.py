@@ -301,7 +301,8 @@ def test_fuzzed_route_parameters_never_500(damaged_server):
 def test_fast_read_path_equals_the_public_api(damaged_logdir, tmp_path, load_fast, monkeypatch):
     """The plugin joins the loaded protos' float32 bytes itself (reading._read_raw); on every
     metric of every damaged run, and on float64 and wrong-shape tensors, it gives exactly what
-    TensorBoard's public read_tensors gives."""
+    TensorBoard's public read_tensors gives. Under the Python loader its listing (no walk over every
+    event) names the same tags, problems and latest steps as list_tensors."""
     import shutil
 
     from tensorboard import context as tb_context
@@ -334,6 +335,14 @@ def test_fast_read_path_equals_the_public_api(damaged_logdir, tmp_path, load_fas
         ):
             assert time.time() < deadline
             time.sleep(0.2)
+        with monkeypatch.context() as m:  # the listing: the Python loader's fast one against list_tensors
+            m.setattr(reading, "_multiplexer_listing", lambda provider: None)
+            public_index = reading.index_runs(provider, ctx, "")
+        assert sorted(public_index) == sorted(index)
+        for run, idx in index.items():
+            other = public_index[run]
+            assert (idx.tags, idx.problems, idx.structure_tag) == (other.tags, other.problems, other.structure_tag), run
+            assert {t: s[0] for t, s in idx.stamps.items()} == {t: s[0] for t, s in other.stamps.items()}, run
         compared = 0
         for run, idx in index.items():
             for metric in idx.tags:
