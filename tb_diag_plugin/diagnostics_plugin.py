@@ -353,7 +353,8 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
         """
         from tb_diag_plugin import findings
 
-        key = (eid, run, tuple(idx.version(m) for m in sorted(idx.tags)))
+        metrics = sorted(m for m in idx.tags if m in findings.METRICS_USED)  # what the rules read
+        key = (eid, run, tuple(idx.version(m) for m in metrics))
         hit = self._findings.peek(key)
         if hit is not None:
             return hit
@@ -366,7 +367,6 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
             t0 = time.monotonic()
             # Two reads at a time: a read mostly waits for the data server (another
             # process under --load_fast) or numpy, which both leave the GIL free.
-            metrics = sorted(idx.tags)
             with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="tb-diag-findings") as pool:
                 read = list(pool.map(lambda m: self.series(ctx, eid, run, m, idx)[0], metrics))
             series = dict(zip(metrics, read))
