@@ -353,8 +353,7 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
         """
         from tb_diag_plugin import findings
 
-        metrics = sorted(m for m in idx.tags if m in findings.METRICS_USED)  # what the rules read
-        key = (eid, run, tuple(idx.version(m) for m in metrics))
+        key = (eid, run, tuple(idx.version(m) for m in sorted(idx.tags)))
         hit = self._findings.peek(key)
         if hit is not None:
             return hit
@@ -367,6 +366,7 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
             t0 = time.monotonic()
             # Two reads at a time: a read mostly waits for the data server (another
             # process under --load_fast) or numpy, which both leave the GIL free.
+            metrics = sorted(idx.tags)
             with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="tb-diag-findings") as pool:
                 read = list(pool.map(lambda m: self.series(ctx, eid, run, m, idx)[0], metrics))
             series = dict(zip(metrics, read))

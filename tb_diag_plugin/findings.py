@@ -82,14 +82,6 @@ def analyze(
     return found, ctx.notes
 
 
-# Every metric a rule reads: the plugin reads only these for /findings (a 20,000-step x
-# 500-layer grad_max_abs alone is ~0.4 s through TensorBoard's data server). A test records
-# what the rules ask for on the labelled runs and checks it is in here.
-METRICS_USED = frozenset({
-    "loss", "loss_p50", "learning_rate", "grad_norm", "grad_norm_total", "grad_nonfinite", "weight_norm",
-    "update_ratio", "act_mean", "dead_fraction", "saturation", "amp_scale", "amp_skipped",
-})
-
 _RULES: tuple[Callable[[_Context], None], ...] = (
     _nonfinite,  # first: sets the cutoff the other rules respect
     _exploding,
@@ -102,4 +94,4 @@ _RULES: tuple[Callable[[_Context], None], ...] = (
     _dominance,
 )
 
-__all__ = ["KINDS", "KIND_METRIC", "METRICS_USED", "SEVERITIES", "Finding", "Thresholds", "analyze"]
+__all__ = ["KINDS", "KIND_METRIC", "SEVERITIES", "Finding", "Thresholds", "analyze"]

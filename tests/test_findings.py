@@ -364,39 +364,3 @@ def test_a_stuck_data_term_under_a_shrinking_regulariser_is_not_decreasing():
     s = {"loss": _series("loss", ["total", "ce", "l2"], np.stack([ce + reg, ce, reg], 1))}
     (f,) = [f for f in analyze(s)[0] if f.kind == "loss_not_decreasing"]
     assert f.layers == ["ce"]
-
-
-class _Recording(dict):
-    """A series dict that remembers which metrics were asked for."""
-
-    def __init__(self, *a, **k) -> None:
-        super().__init__(*a, **k)
-        self.asked: set[str] = set()
-
-    def get(self, key, default=None):
-        self.asked.add(key)
-        return super().get(key, default)
-
-    def __getitem__(self, key):
-        self.asked.add(key)
-        return super().__getitem__(key)
-
-    def __contains__(self, key):
-        self.asked.add(key)
-        return super().__contains__(key)
-
-
-def test_the_plugin_reads_every_metric_the_rules_use(suite):
-    """/findings reads only findings.METRICS_USED: on every labelled run the rules ask for nothing
-    else, and analysing just those gives the same findings and notes as analysing everything."""
-    d, results = suite
-    reader = LocalReader(d)
-    asked: set[str] = set()
-    for name in reader.runs():
-        series = reader.series(name)
-        recording = _Recording(series)
-        assert analyze(recording) == results[name]
-        asked |= recording.asked
-        assert analyze({m: s for m, s in series.items() if m in findings.METRICS_USED}) == results[name], name
-    assert asked <= findings.METRICS_USED, asked - findings.METRICS_USED
-    assert {"grad_norm", "loss", "dead_fraction", "update_ratio"} <= asked
