@@ -404,12 +404,7 @@ class Diagnostics:
 
         parts: list[torch.Tensor] = []  # everything for the host, concatenated once
         g_norm, g_max = reductions.norms_and_max_abs(grads, device)
-        flat_w = None
-        if reductions.flat_ok(weights):  # many small parameters (see reductions.flatten)
-            flat_w = reductions.flatten(weights)
-            w_norm = reductions.segment_norms(flat_w, reductions.segments(weights), len(weights), device)
-        else:
-            w_norm = reductions.grouped_norms(weights, device)
+        w_norm, flat_w = reductions.norms_and_flat(weights, device)  # flat_w: many small parameters
         if self._updates is not None:  # the pre-step hook reuses them: weights are the same until opt.step()
             self._updates.offer_weight_norms(step, weights, w_norm, flat_w)
         if sharded and reduce:

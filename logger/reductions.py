@@ -142,22 +142,31 @@ def grouped_norms(tensors: Sequence[torch.Tensor], out_device: torch.device) -> 
     """L2 norm of each tensor as a float32 vector on `out_device`.
 
     One `torch._foreach_norm` per (device, dtype) group, as clip_grad_norm_
-    does (on CPU, `dot` per tensor: faster there); empty tensors have norm 0.
+    does (on CPU, `dot` per tensor: faster there; many small tensors: one
+    flat copy, see `flat_ok`); empty tensors have norm 0.
     """
+    return norms_and_flat(tensors, out_device)[0]
+
+
+def norms_and_flat(
+    tensors: Sequence[torch.Tensor], out_device: torch.device
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(`grouped_norms(tensors)`, the flat copy they were taken from when the tensors were flattened, else None)."""
     if not tensors:
-        return torch.zeros(0, device=out_device)
+        return torch.zeros(0, device=out_device), None
     if flat_ok(tensors):
-        return segment_norms(flatten(tensors), segments(tensors), len(tensors), out_device)
+        flat = flatten(tensors)
+        return segment_norms(flat, segments(tensors), len(tensors), out_device), flat
     if _streams_on_cpu(tensors):
-        return torch.stack([_sum_of_squares(t) for t in tensors]).sqrt().to(out_device, torch.float32)
+        return torch.stack([_sum_of_squares(t) for t in tensors]).sqrt().to(out_device, torch.float32), None
     groups = _groups(tensors)
     if len(groups) == 1:  # the usual case: no scatter, no index tensor to upload
-        return torch.stack(torch._foreach_norm(list(tensors))).to(out_device, torch.float32)
+        return torch.stack(torch._foreach_norm(list(tensors))).to(out_device, torch.float32), None
     out = torch.empty(len(tensors), dtype=torch.float32, device=out_device)
     for idx in groups:
         norms = torch._foreach_norm([tensors[i] for i in idx])
         out[torch.tensor(idx, device=out_device)] = torch.stack(norms).to(out_device, torch.float32)
-    return out
+    return out, None
 
 
 def max_abs(tensors: Sequence[torch.Tensor], out_device: torch.device) -> torch.Tensor:

@@ -118,6 +118,17 @@ def _json_route(fn: Callable) -> Callable:
     return wrapper
 
 
+def _foreground_route(fn: Callable) -> Callable:
+    """A data route: while it is answered, the background work (read-ahead, integrity scans) waits."""
+
+    @functools.wraps(fn)
+    def wrapper(self, request):
+        with self._foreground():
+            return fn(self, request)
+
+    return wrapper
+
+
 def _arg_int(request, name: str, default: Optional[int], lo: int, hi: int) -> Optional[int]:
     raw = request.args.get(name)
     if raw is None or raw == "":
@@ -380,11 +391,8 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
         return self._findings.get(key, compute)
 
     @_json_route
+    @_foreground_route
     def _serve_values(self, request):
-        with self._foreground():
-            return self._answer_values(request)
-
-    def _answer_values(self, request):
         ctx, eid, runs = self._index(request)
         run = self._run(request, runs)
         metric = request.args.get("metric")
@@ -478,11 +486,8 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
         return body, "application/octet-stream", None
 
     @_json_route
+    @_foreground_route
     def _serve_structure(self, request):
-        with self._foreground():
-            return self._answer_structure(request)
-
-    def _answer_structure(self, request):
         ctx, eid, runs = self._index(request)
         run = self._run(request, runs)
         if runs[run].structure_tag is None:
@@ -496,11 +501,8 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
         return http_util.Respond(request, {"run": run, "structure": doc}, "application/json")
 
     @_json_route
+    @_foreground_route
     def _serve_findings(self, request):
-        with self._foreground():
-            return self._answer_findings(request)
-
-    def _answer_findings(self, request):
         ctx, eid, runs = self._index(request)
         run = self._run(request, runs)
         return http_util.Respond(request, self._findings_of(ctx, eid, run, runs[run]), "application/json")

@@ -105,6 +105,13 @@ def index_runs(provider, ctx, experiment_id: str) -> dict[str, RunIndex]:
     return out
 
 
+def _multiplexer(provider):
+    """The event multiplexer behind TensorBoard's Python loader (`--load_fast false`), or None."""
+    if type(provider).__name__ != "MultiplexerDataProvider":
+        return None
+    return getattr(provider, "_multiplexer", None)
+
+
 def _multiplexer_listing(provider) -> Optional[dict[str, dict[str, tuple[bytes, tuple]]]]:
     """Under the Python loader: run -> tag -> (plugin content, stamp) of our tensor tags, or None.
 
@@ -113,9 +120,9 @@ def _multiplexer_listing(provider) -> Optional[dict[str, dict[str, tuple[bytes, 
     of many runs, at every poll); the latest event's (step, wall time, count)
     changes whenever a tag gains a step, which is all a stamp is for.
     """
-    mux = getattr(provider, "_multiplexer", None)
+    mux = _multiplexer(provider)
     index = getattr(provider, "_index", None)
-    if mux is None or index is None or type(provider).__name__ != "MultiplexerDataProvider":
+    if mux is None or index is None:
         return None
     try:
         from tensorboard.compat.proto import summary_pb2
@@ -271,8 +278,8 @@ def _multiplexer_protos(provider, run, entries, downsample):
     Only when every stored sample is wanted (the loader has already applied
     its retention; `downsample` would otherwise pick a subset).
     """
-    mux = getattr(provider, "_multiplexer", None)
-    if mux is None or type(provider).__name__ != "MultiplexerDataProvider" or downsample != ALL_SAMPLES:
+    mux = _multiplexer(provider)
+    if mux is None or downsample != ALL_SAMPLES:
         return None
     found = {}
     try:
