@@ -140,8 +140,9 @@ def _wait_loaded(provider, kind: str, steps: int, layers: int, timeout: float) -
 
 
 def measure_one(logdir: str, kind: str, steps: int, layers: int, load_fast: bool, passes: int,
-                timeout: float) -> dict:
-    """In this process: start TensorBoard on `logdir`, wait for the run, time the routes."""
+                timeout: float, preload: bool = True) -> dict:
+    """In this process: start TensorBoard on `logdir`, wait for the run (and, with `preload`, for the
+    plugin to have read it, which it does by itself once the run is loaded), time the routes."""
     import eventgen
 
     import tbserver
@@ -154,15 +155,28 @@ def measure_one(logdir: str, kind: str, steps: int, layers: int, load_fast: bool
 
         def load(self, context):
             captured["provider"] = context.data_provider
-            return super().load(context)
+            captured["plugin"] = super().load(context)
+            return captured["plugin"]
 
     tbserver.DiagnosticsLoader = CapturingLoader
-    out: dict[str, Any] = {"rss_before_mb": _rss_mb()}
+    out: dict[str, Any] = {"rss_before_mb": _rss_mb(), "preload": preload}
     t_start = time.perf_counter()
-    with tbserver.serve(logdir, load_fast=load_fast) as srv:
+    extra = [] if preload else ["--diagnostics_preload", "false"]
+    with tbserver.serve(logdir, load_fast=load_fast, extra=extra) as srv:
         t_served = time.perf_counter() - t_start
         out["load_s"] = t_served + _wait_loaded(captured["provider"], kind, steps, layers, timeout)
         out["rss_loaded_mb"] = _rss_mb() + _children_rss_mb("VmRSS")
+        if kind == "diag" and preload:
+            t = time.perf_counter()
+            cpu = time.process_time()
+            while RUN not in captured["plugin"].preloaded_runs():
+                if time.perf_counter() - t > timeout:
+                    raise TimeoutError("the plugin never preloaded the run")
+                time.sleep(0.05)
+            # From loaded to preloaded: includes up to two of the plugin's 5-s looks at the runs.
+            out["preload_s"] = time.perf_counter() - t
+            out["preload_cpu_s"] = time.process_time() - cpu  # this process only (not the Rust data server)
+            out["rss_preloaded_mb"] = _rss_mb() + _children_rss_mb("VmRSS")
         names = eventgen.layer_names(layers)
         if kind == "diag":
             out["views"] = _time_views(srv, names, passes, steps, layers)
@@ -233,15 +247,15 @@ def _stats(xs: list[float]) -> Optional[dict]:
 # ------------------------------------------------------------------ driver
 def _child(args) -> None:
     res = measure_one(args.logdir, args.kind, args.steps, args.layers, args.load_fast == "true", args.passes,
-                      args.timeout)
+                      args.timeout, preload=args.preload == "true")
     print("RESULT " + json.dumps(res), flush=True)
 
 
 def run_child(logdir: str, kind: str, steps: int, layers: int, load_fast: bool, passes: int,
-              timeout: float) -> dict:
+              timeout: float, preload: bool = True) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--logdir", logdir, "--kind", kind,
            "--steps", str(steps), "--layers", str(layers), "--load-fast", "true" if load_fast else "false",
-           "--passes", str(passes), "--timeout", str(timeout)]
+           "--passes", str(passes), "--timeout", str(timeout), "--preload", "true" if preload else "false"]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 300)
     except subprocess.TimeoutExpired:
@@ -270,6 +284,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--layers", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--load-fast", help=argparse.SUPPRESS)
     ap.add_argument("--passes", type=int, default=4, help=argparse.SUPPRESS)
+    ap.add_argument("--preload", default="true", help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=float, default=240, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -322,6 +337,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 log(f"{backend:6} {kind:7} {steps:>6} x {layers:<3}: loaded in "
                     f"{r.get('load_s', float('nan')):.1f} s {r.get('skipped', '')}"
                     f"{r.get('error', '')} ({time.perf_counter() - t:.0f} s, load {os.getloadavg()[0]:.2f})")
+            if steps >= 20_000 and layers >= 500:
+                # The tab opened before the plugin has preloaded the run (or with --diagnostics_preload false).
+                t = time.perf_counter()
+                logdir, size = eventgen.ensure(args.cache_dir, "diag", steps, layers, log)
+                r = run_child(logdir, "diag", steps, layers, backend == "rust", passes,
+                              timeout=600 if backend == "python" else 240, preload=False)
+                r["file_bytes"] = size
+                conf["diag_no_preload"] = r
+                log(f"{backend:6} diag, no preload {steps:>6} x {layers:<3}: ({time.perf_counter() - t:.0f} s)")
             res["configs"].append(conf)
     res["python_scalar_events_per_s"] = python_rate
     res["loadavg_end"] = os.getloadavg()

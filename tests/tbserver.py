@@ -54,6 +54,20 @@ class Server:
 
 
 @contextlib.contextmanager
+def serve_with_plugin(logdir: str, load_fast: bool = False, extra: Sequence[str] = ()) -> Iterator[tuple]:
+    """`serve` with the core and Diagnostics plugins, yielding (server, the DiagnosticsPlugin object)."""
+    made: list = []
+
+    class Capturing(DiagnosticsLoader):
+        def load(self, context):
+            made.append(super().load(context))
+            return made[-1]
+
+    with serve(logdir, load_fast=load_fast, extra=extra, plugins=[core_plugin.CorePluginLoader(), Capturing()]) as srv:
+        yield srv, made[0]
+
+
+@contextlib.contextmanager
 def serve(
     logdir: str, load_fast: bool = False, extra: Sequence[str] = (), plugins: Optional[Sequence] = None
 ) -> Iterator[Server]:

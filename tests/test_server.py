@@ -17,7 +17,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from tb_diag_logger import Diagnostics
 from tb_diag_plugin.reading import LocalReader
-from tbserver import serve
+from tbserver import serve, serve_with_plugin
 
 STEPS = 3000
 DEPTH = 20
@@ -259,22 +259,12 @@ def test_single_step_run(tmp_path):
 
 @contextlib.contextmanager
 def _serve_with_plugin(logdir):
-    """The Rust data server on `logdir`, loaded, with the plugin object that serves it."""
-    from tensorboard.plugins.core import core_plugin
-
-    from tb_diag_plugin.diagnostics_plugin import DiagnosticsLoader
-
-    made = []
-
-    class Capturing(DiagnosticsLoader):
-        def load(self, context):
-            made.append(super().load(context))
-            return made[-1]
-
-    with serve(str(logdir), load_fast=True, plugins=[core_plugin.CorePluginLoader(), Capturing()]) as srv:
+    """The Rust data server on `logdir`, loaded, with the plugin object that serves it; no preload
+    (these tests are about what the tab's requests start)."""
+    with serve_with_plugin(str(logdir), load_fast=True, extra=["--diagnostics_preload", "false"]) as (srv, plugin):
         srv.wait_for_runs(1, timeout=120)
         _wait_complete(srv, "grad_norm", STEPS)
-        yield srv, made[0]
+        yield srv, plugin
 
 
 def test_tags_starts_a_read_ahead_that_fills_the_caches(long_run):
