@@ -173,7 +173,7 @@ def measure_one(logdir: str, kind: str, steps: int, layers: int, load_fast: bool
                 if time.perf_counter() - t > timeout:
                     raise TimeoutError("the plugin never preloaded the run")
                 time.sleep(0.05)
-            # From loaded to preloaded: includes up to two of the plugin's 5-s looks at the runs.
+            # From loaded to preloaded: includes the plugin's looks at the runs (one a second while they change).
             out["preload_s"] = time.perf_counter() - t
             out["preload_cpu_s"] = time.process_time() - cpu  # this process only (not the Rust data server)
             out["rss_preloaded_mb"] = _rss_mb() + _children_rss_mb("VmRSS")

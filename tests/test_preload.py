@@ -59,6 +59,7 @@ def test_a_loaded_run_is_read_before_the_tab_asks(tmp_path, monkeypatch, load_fa
     from the tab; the findings the tab then gets are that cached answer, equal to an analysis of
     the event file."""
     monkeypatch.setattr(diagnostics_plugin, "PRELOAD_POLL_S", 0.2)
+    monkeypatch.setattr(diagnostics_plugin, "PRELOAD_SETTLE_POLL_S", 0.2)
     _run(tmp_path / "r")
     with serve_with_plugin(str(tmp_path), load_fast=load_fast) as (srv, plugin):
         _until(lambda: "r" in plugin.preloaded_runs(), "the preload")
@@ -114,6 +115,7 @@ def test_the_preload_reads_the_newest_runs_first_and_stops_at_its_budget(tmp_pat
 
 def test_preload_off_reads_nothing_until_asked(tmp_path, monkeypatch):
     monkeypatch.setattr(diagnostics_plugin, "PRELOAD_POLL_S", 0.1)
+    monkeypatch.setattr(diagnostics_plugin, "PRELOAD_SETTLE_POLL_S", 0.1)
     _run(tmp_path / "r")
     with serve_with_plugin(str(tmp_path), extra=["--diagnostics_preload", "false"]) as (srv, plugin):
         srv.wait_for_runs(1)
