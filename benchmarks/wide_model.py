@@ -24,34 +24,19 @@ against another commit's logger (a `git worktree` of it, with a
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from tb_diag_logger import Diagnostics
 
-
-class Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(2, 2)
-
-    def forward(self, x):
-        return F.relu(self.fc(x))
-
-
-class Wide(nn.Module):
-    def __init__(self, n: int = 1000) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(Block() for _ in range(n))
-
-    def forward(self, x):
-        return torch.stack([b(x) for b in self.blocks]).sum()
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from _logger_helpers import WideModel as Wide  # noqa: E402  (the same model as the tests')
 
 
 def main() -> None:

@@ -6,7 +6,8 @@
     diag.step(step, loss=loss, losses={"ce": ce, "l2": l2})
 """
 
+from tb_diag_logger.cost import DiagnosticsCostWarning
 from tb_diag_logger.diagnostics import DEFAULT_EVERY, Diagnostics, DiagnosticsWarning
 
-__all__ = ["DEFAULT_EVERY", "Diagnostics", "DiagnosticsWarning"]
+__all__ = ["DEFAULT_EVERY", "Diagnostics", "DiagnosticsCostWarning", "DiagnosticsWarning"]
 __version__ = "0.1.0"

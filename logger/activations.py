@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import sys
+import time
 from dataclasses import dataclass, field
 from types import CodeType, FrameType
 from typing import Callable, Optional
@@ -235,6 +236,10 @@ class ActivationCapture:
         self._deferred_numel = 0
         self._batches: list[_Batch] = []
         self._touched = False  # a site has data since the last clear()
+        self._timing_depth = 0  # nested calls of the root, armed or not
+        self._timing_start: Optional[float] = None
+        self._forward_s = 0.0  # training forwards since the last take_forward_time()
+        self._forward_captured = False
         # Only the root is hooked. The module that runs an activation is found
         # from the Python frames when the activation is called: module hooks
         # (even torch's global ones, installed for a logged forward only) send
@@ -247,6 +252,11 @@ class ActivationCapture:
 
     # -- hooks (return None: anything else would replace the module's output)
     def _pre(self, module: nn.Module, args) -> None:
+        self._timing_depth += 1
+        if self._timing_depth == 1:
+            # Every training forward is timed (two clock reads): what capture adds is a logged
+            # forward's time over the others' (`take_forward_time`).
+            self._timing_start = time.perf_counter() if torch.is_grad_enabled() else None
         if not self.armed:
             return None
         try:
@@ -264,6 +274,11 @@ class ActivationCapture:
         return None
 
     def _post(self, module: nn.Module, args, output) -> None:
+        self._timing_depth = max(0, self._timing_depth - 1)
+        if self._timing_depth == 0 and self._timing_start is not None:
+            self._forward_s += time.perf_counter() - self._timing_start
+            self._forward_captured = self._forward_captured or self._mode is not None
+            self._timing_start = None
         if self._mode is None:
             return None
         try:
@@ -273,6 +288,14 @@ class ActivationCapture:
         except Exception as e:
             self._on_error("activation hook", e)
         return None
+
+    def take_forward_time(self) -> Optional[tuple[float, bool]]:
+        """(seconds of the training forwards since the last call, whether one was captured), or None if none ran."""
+        if not self._forward_s:
+            return None
+        out = (self._forward_s, self._forward_captured)
+        self._forward_s, self._forward_captured = 0.0, False
+        return out
 
     def _exit_mode(self) -> None:
         mode, self._mode = self._mode, None

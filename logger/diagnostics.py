@@ -8,6 +8,7 @@ import functools
 import math
 import numbers
 import os
+import time
 import warnings
 import weakref
 import zlib
@@ -19,6 +20,7 @@ from torch import nn
 
 from tb_diag_logger import amp, distributed, reductions
 from tb_diag_logger.activations import ActivationCapture
+from tb_diag_logger.cost import CostMeter, DiagnosticsCostWarning
 from tb_diag_logger.losses import SPREAD_METRICS, LossLike, check_losses, is_per_sample, loss_tensors
 from tb_diag_logger.structure import module_tree
 from tb_diag_logger.summaries import SummarySink
@@ -201,6 +203,8 @@ class Diagnostics:
         self._last_step: Optional[int] = None
         self._prev_step: Optional[int] = None
         self._structure_sites: Optional[tuple[str, ...]] = None
+        self._cost = CostMeter(self.every)
+        self._prev_logged = False
 
         # Integer parameters (possible with requires_grad=False) have no norms to speak of.
         self._params = [
@@ -296,19 +300,43 @@ class Diagnostics:
 
         self._prev_step, self._last_step = self._last_step, step
         logged = self.should_log(step)
+        forward_extra = self._cost_at_step(logged)
         try:
             self._write(self._ensure_sink)
             self._flush_update_ratio()
             if logged:
+                start = time.perf_counter()
                 self._log(step, loss_items)
+                self._cost.logged(forward_extra, time.perf_counter() - start)
         except Exception as e:
             self._report("step", e)
         finally:
+            self._prev_logged = logged
             if self._capture is not None:
                 self._capture.clear()
                 self._capture.armed = self._predict_next_logged()
             if self._updates is not None:
                 self._updates.pending = step if logged else None
+
+    def _cost_at_step(self, logged: bool) -> Optional[float]:
+        """Feed the cost meter (see `cost.py`); warn once if logging takes a large share of training time.
+        Returns what capture added to this step's forward, for `CostMeter.logged`."""
+        try:
+            if self._prev_logged:  # the step before was logged: its optimizer hooks have run since
+                hooks_s = 0.0
+                if self._updates is not None:
+                    hooks_s, self._updates.cost_s = self._updates.cost_s, 0.0
+                sites = len(self._capture.sites) if self._capture is not None else 0
+                message = self._cost.settle(
+                    hooks_s, lambda: f"{sites} activation sites, {len(self._params)} parameter tensors"
+                )
+                if message is not None:
+                    warnings.warn(message, DiagnosticsCostWarning, stacklevel=3)
+            forward = self._capture.take_forward_time() if self._capture is not None else None
+            return self._cost.step_called(time.perf_counter(), logged, self._prev_logged, forward)
+        except Exception as e:  # a meter must not cost the step its diagnostics
+            self._report("cost meter", e)
+            return None
 
     def close(self) -> None:
         """Write what is pending, remove every hook, close a writer we created. Idempotent."""

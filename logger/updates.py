@@ -11,6 +11,7 @@ written at the next `step()` or `close()`, under the logged step's number.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -31,6 +32,7 @@ class UpdateRatio:
         self._on_error = on_error
         self.pending: Optional[int] = None  # the logged step whose optimizer step to measure
         self.result: Optional[tuple[int, list[str], torch.Tensor]] = None
+        self.cost_s = 0.0  # seconds spent in the hooks since `Diagnostics` last read it
         self._snapshot: Optional[list[torch.Tensor]] = None  # one buffer per parameter, or one flat copy
         self._flat = False
         self._snapshot_params: list[tuple[str, torch.Tensor]] = []
@@ -73,12 +75,14 @@ class UpdateRatio:
     def _before(self, optimizer, args, kwargs) -> None:
         if self.pending is None:
             return None
+        start = time.perf_counter()
         try:
             with torch.no_grad():
                 self._take_snapshot()
         except Exception as e:
             self.pending = None
             self._on_error("update_ratio", e)
+        self.cost_s += time.perf_counter() - start
         return None
 
     def _take_snapshot(self) -> None:
@@ -115,11 +119,13 @@ class UpdateRatio:
         step, self.pending = self.pending, None
         if step is None or self._snapshot is None or self._old_norms is None:
             return None
+        start = time.perf_counter()
         try:
             with torch.no_grad():
                 self._measure(step)
         except Exception as e:
             self._on_error("update_ratio", e)
+        self.cost_s += time.perf_counter() - start
         return None
 
     def _measure(self, step: int) -> None:

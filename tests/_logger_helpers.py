@@ -6,8 +6,32 @@ import math
 from typing import Optional
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 from tb_diag_plugin.reading import LocalReader, Series
+
+
+class _TinyBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return F.relu(self.fc(x))
+
+
+class WideModel(nn.Module):
+    """Issue 7's worst case (benchmarks/wide_model.py): `n` blocks of Linear(2, 2) + a functional relu,
+    so 2n parameter tensors and n activation sites; input [batch, 2]."""
+
+    def __init__(self, n: int = 1000) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(_TinyBlock() for _ in range(n))
+
+    def forward(self, x):
+        return torch.stack([b(x) for b in self.blocks]).sum()
 
 
 def read(logdir, run: str = ".") -> dict[str, Series]:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _logger_helpers import at, close, read, recorded
+from _logger_helpers import WideModel, at, close, read, recorded
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
@@ -187,23 +187,7 @@ def test_empty_models_work(tmp_path):
 
 
 def test_two_thousand_parameter_tensors_and_a_thousand_activation_sites(tmp_path):
-    class Block(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = nn.Linear(2, 2)
-
-        def forward(self, x):
-            return F.relu(self.fc(x))
-
-    class Wide(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.blocks = nn.ModuleList(Block() for _ in range(1000))
-
-        def forward(self, x):
-            return torch.stack([b(x) for b in self.blocks]).sum()
-
-    model = Wide()
+    model = WideModel(1000)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     writer = SummaryWriter(str(tmp_path))
     with Diagnostics(model, writer, every=2, optimizer=opt) as diag:

@@ -1,0 +1,97 @@
+"""What logging costs this training job, measured as it runs: one warning when it is a lot.
+
+The benchmarks measure the logger on three models; a user's model may be
+nothing like them (benchmarks/wide_model.py: 1,000 tiny blocks, where a
+logged step costs as much as a training step). Rather than let such a job
+run slower without a word, the logger times its own parts on each logged
+step: the logged forward over the median of recent forwards that were not
+captured, `step()`'s own work, and the update-ratio hooks. Against the
+median time between two `step()` calls, that gives the share of training
+time diagnostics take at the chosen cadence. Three logged steps in a row
+above COST_WARN_SHARE give one `DiagnosticsCostWarning` naming the parts,
+so that the user can choose a larger `every` or turn the costly part off.
+Nothing is timed but our own hooks and `step()`: an evaluation pass or a
+slow data loader does not count against us.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from typing import Callable, Optional
+
+COST_WARN_SHARE = 0.05  # of training time, at the chosen cadence
+# ... and only if a logged step costs at least this much: a toy model's 1 ms steps make any
+# logging a large share of little time, which nobody needs to be told about.
+COST_WARN_MIN_S = 0.010
+STREAK = 3  # logged steps in a row over it before warning: one slow step is noise
+_WINDOW = 15  # recent steps whose medians are the baseline
+
+
+class DiagnosticsCostWarning(UserWarning):
+    """Logging diagnostics takes a noticeable share of this job's training time (reported once)."""
+
+
+class CostMeter:
+    """Times what logging adds, per logged step, against the steps that were not logged."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self._last_call: Optional[float] = None
+        self._intervals: deque[float] = deque(maxlen=_WINDOW)  # between two step() calls, neither logged
+        self._forwards: deque[float] = deque(maxlen=_WINDOW)  # training forwards that were not captured
+        self._pending: Optional[tuple[Optional[float], float]] = None  # (forward extra, step() work)
+        self._streak = 0
+        self.warned = False
+        # The last logged step measured: forward, step() and update-ratio seconds, and the share.
+        self.last: Optional[dict[str, float]] = None
+
+    def step_called(self, now: float, logged: bool, previous_logged: bool,
+                    forward: Optional[tuple[float, bool]]) -> Optional[float]:
+        """At each `step()`: `forward` is (seconds, captured) of the step's training forwards.
+        Returns what capture added to a captured forward (0 without capture, None before a baseline)."""
+        if self._last_call is not None and not logged and not previous_logged:
+            self._intervals.append(now - self._last_call)
+        self._last_call = now
+        if forward is None:
+            return 0.0
+        seconds, captured = forward
+        if not captured:
+            if not logged:
+                self._forwards.append(seconds)
+            return 0.0
+        if not self._forwards:
+            return None
+        return max(0.0, seconds - statistics.median(self._forwards))
+
+    def logged(self, forward_extra: Optional[float], step_s: float) -> None:
+        """A logged step's forward extra and `step()` work; its update-ratio hooks run after it."""
+        self._pending = (forward_extra, step_s)
+
+    def settle(self, hooks_s: float, detail: Callable[[], str]) -> Optional[str]:
+        """At the `step()` after a logged one: that step's whole cost. The warning's text the first
+        time STREAK logged steps in a row were over COST_WARN_SHARE, else None."""
+        pending, self._pending = self._pending, None
+        if pending is None or pending[0] is None or len(self._intervals) < 3 or self.warned:
+            return None
+        forward_s, step_s = pending
+        cost = forward_s + step_s + hooks_s
+        period = self.every * statistics.median(self._intervals)
+        share = cost / period if period > 0 else 0.0
+        self.last = {"forward_s": forward_s, "step_s": step_s, "update_ratio_s": hooks_s, "share": share}
+        self._streak = self._streak + 1 if share > COST_WARN_SHARE and cost >= COST_WARN_MIN_S else 0
+        if self._streak < STREAK:
+            return None
+        self.warned = True
+        parts = [("activation capture (the logged forward)", forward_s, "activations=False"),
+                 ("step()", step_s, None), ("the update ratio (optimizer hooks)", hooks_s, "update_ratio=False")]
+        biggest = max(parts, key=lambda p: p[1])
+        hint = f"pass a larger every= (now {self.every})"
+        if biggest[2] is not None:
+            hint += f", or {biggest[2]}: {biggest[0]} is the largest part"
+        spent = ", ".join(f"{name} {seconds * 1e3:.0f} ms" for name, seconds, _ in parts)
+        return (
+            f"tb-diag: logging diagnostics takes about {share:.0%} of this job's training time "
+            f"({cost * 1e3:.0f} ms per logged step: {spent}; {detail()}; a step without diagnostics takes "
+            f"{period / self.every * 1e3:.0f} ms). To reduce it, {hint}. Reported once."
+        )

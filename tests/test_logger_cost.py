@@ -1,0 +1,70 @@
+"""The logger measures what it costs the job it runs in, and says so once when that is a lot."""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import torch
+from _logger_helpers import WideModel
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+
+from tb_diag_logger import Diagnostics, DiagnosticsCostWarning, DiagnosticsWarning
+
+
+def _train(tmp_path, model: nn.Module, x: torch.Tensor, every: int, steps: int, between=None):
+    """Train `steps` steps with Diagnostics(every=every); returns it (closed) and the warnings, by kind."""
+    torch.manual_seed(0)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    diag = Diagnostics(model, SummaryWriter(str(tmp_path)), every=every, optimizer=opt)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for s in range(steps):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            diag.step(s)
+            opt.step()
+            if between is not None:
+                between(s)
+    diag.close()
+    cost = [str(w.message) for w in rec if issubclass(w.category, DiagnosticsCostWarning)]
+    failures = [str(w.message) for w in rec if issubclass(w.category, DiagnosticsWarning)]
+    return diag, cost, failures
+
+
+def test_a_costly_model_gets_one_warning_naming_the_parts(tmp_path):
+    torch.manual_seed(0)
+    diag, cost, failures = _train(tmp_path, WideModel(300), torch.randn(4, 2), every=4, steps=40)
+    assert len(cost) == 1, cost
+    assert "300 activation sites" in cost[0] and "every= (now 4)" in cost[0]
+    assert "activation capture" in cost[0] and "update ratio" in cost[0]
+    assert diag._cost.last["share"] > 0.05 and diag._cost.last["forward_s"] > 0
+    assert not failures
+
+
+def test_an_ordinary_model_is_measured_and_not_warned_about(tmp_path):
+    """An MLP whose logged step costs a few percent: measured, no warning; an evaluation pass and a
+    slow pause at every logged step (a data loader, a checkpoint) do not count against the logger."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+
+    def evaluate_and_pause(step: int) -> None:
+        if step % 5 == 0:
+            with torch.no_grad():
+                model(torch.randn(2048, 256))
+            time.sleep(0.05)
+
+    diag, cost, _ = _train(tmp_path, model, torch.randn(512, 256), every=5, steps=60, between=evaluate_and_pause)
+    assert not cost
+    last = diag._cost.last
+    assert last is not None, "the cost was never measured"
+    # The paused and evaluated time is not ours: what is counted is far below the 50 ms pause.
+    assert last["forward_s"] + last["step_s"] + last["update_ratio_s"] < 0.05
+
+
+def test_without_steps_that_are_not_logged_nothing_is_claimed(tmp_path):
+    """every=1: there is no step without diagnostics to compare with, so no share and no warning."""
+    torch.manual_seed(0)
+    diag, cost, _ = _train(tmp_path, WideModel(100), torch.randn(4, 2), every=1, steps=12)
+    assert diag._cost.last is None and not cost
