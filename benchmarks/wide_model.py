@@ -1,7 +1,8 @@
 """Issue 7's big model: 2,000 parameter tensors and 1,000 activation sites, bare vs Diagnostics.
 
     python benchmarks/wide_model.py [--rounds 8] [--every 20]
-    python benchmarks/wide_model.py --logged-cost [--samples 40]
+    python benchmarks/wide_model.py --logged-cost [--samples 40] [--no-activations]
+    python benchmarks/wide_model.py --mode-floor
 
 One model (1,000 blocks of Linear(2, 2) + F.relu, summed), trained by blocks
 of `every` steps: bare, then Diagnostics attached for the block and removed,
@@ -45,6 +46,9 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=20)
     ap.add_argument("--logged-cost", action="store_true", help="the extra time of one logged step (see above)")
     ap.add_argument("--samples", type=int, default=40)
+    ap.add_argument("--no-activations", action="store_true", help="Diagnostics(..., activations=False)")
+    ap.add_argument("--mode-floor", action="store_true",
+                    help="the forward alone, bare and inside an empty TorchFunctionMode (what capture cannot avoid)")
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -66,8 +70,12 @@ def main() -> None:
         return times
 
     train(5)
+    if args.mode_floor:
+        mode_floor(model, x, args.samples)
+        writer.close()
+        return
     if args.logged_cost:
-        logged_cost(train, model, opt, writer, args.samples)
+        logged_cost(train, model, opt, writer, args.samples, activations=not args.no_activations)
         writer.close()
         return
     rows = []
@@ -75,7 +83,7 @@ def main() -> None:
     step = 0
     for r in range(args.rounds):
         bare = train(args.every)
-        diag = Diagnostics(model, writer, every=args.every, optimizer=opt)
+        diag = Diagnostics(model, writer, every=args.every, optimizer=opt, activations=not args.no_activations)
         train(2, diag, start=step)  # untimed: the first logged step allocates
         step += args.every
         timed = train(args.every, diag, start=step)
@@ -98,8 +106,33 @@ def main() -> None:
     writer.close()
 
 
-def logged_cost(train, model, opt, writer, samples: int) -> None:
-    diag = Diagnostics(model, writer, every=2, optimizer=opt)
+def mode_floor(model, x, samples: int) -> None:
+    """The fastest forward of `samples`, bare and inside a TorchFunctionMode that only calls through."""
+    from torch.overrides import TorchFunctionMode
+
+    class CallThrough(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    def fastest(inside_mode: bool) -> float:
+        times = []
+        for _ in range(samples):
+            t = time.perf_counter()
+            if inside_mode:
+                with CallThrough():
+                    model(x)
+            else:
+                model(x)
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    bare, moded = fastest(False), fastest(True)
+    print(f"fastest forward of {samples}: bare {bare * 1e3:.1f} ms, in an empty TorchFunctionMode "
+          f"{moded * 1e3:.1f} ms (+{(moded - bare) * 1e3:.1f} ms)")
+
+
+def logged_cost(train, model, opt, writer, samples: int, activations: bool = True) -> None:
+    diag = Diagnostics(model, writer, every=2, optimizer=opt, activations=activations)
     times = train(2 * samples, diag)
     diag.close()
     logged, after = times[0::2], times[1::2]
