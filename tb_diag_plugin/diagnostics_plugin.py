@@ -62,16 +62,16 @@ READ_AHEAD_YIELD_S = 5.0
 _READ_AHEAD = ("loss", "grad_norm_total", "learning_rate", "dead_fraction", "grad_norm", "weight_norm",
                "grad_nonfinite", "update_ratio", "grad_max_abs", "act_mean", "act_std", "saturation")
 # Preloading: once TensorBoard has loaded a run (its data unchanged between two
-# looks), the plugin reads it as the read-ahead does, so
-# that the tab's first visit finds it in memory: through the data provider a
-# 20,000-step x 500-layer run takes ~3 s to read and analyse (Rust data server
-# here), six times the 300 ms a view may take. TensorBoard itself reads every
-# plugin's data before any tab asks; this is the plugin's share of that load.
-# Runs are preloaded newest first while the series cache holds less than
-# PRELOAD_BYTES; --diagnostics_preload false turns it off.
-# Seconds between two looks at the runs: short while some run changed at the last look (TensorBoard
-# loading it, or a job writing it), so that a run is read about a second after it settles; longer when
-# nothing changes. A look costs ~3 ms of CPU here (one listing; 44 ms of wall time under the Rust server).
+# looks), the plugin reads it as the read-ahead does, so that the tab's first
+# visit finds it in memory: through the data provider a 20,000-step x 500-layer
+# run takes ~3 s to read and analyse (Rust data server here), ten times the
+# 300 ms a view may take. TensorBoard itself reads every plugin's data before
+# any tab asks; this is the plugin's share of that load. Runs are preloaded
+# newest first while the series cache holds less than PRELOAD_BYTES;
+# --diagnostics_preload false turns it off.
+# Seconds between two looks: short while some run changed at the last look (TensorBoard loading it,
+# or a job writing it), so that a run is read about a second after it settles; longer when nothing
+# changes. A look costs ~3 ms of CPU here (one listing; 44 ms of wall time under the Rust server).
 PRELOAD_POLL_S = 5.0
 PRELOAD_SETTLE_POLL_S = 1.0
 PRELOAD_BYTES = SERIES_CACHE_BYTES // 2
@@ -405,7 +405,8 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
 
     def _preload_pass(self, seen: dict[str, tuple]) -> int:
         """One look at the runs: preload those whose data did not change since the last look
-        (`seen`, updated here) and was not preloaded yet, newest first. Returns how many it read."""
+        (`seen`, updated here) and was not preloaded yet, newest first. Returns how many it read;
+        a run that fails to read is not tried again until its data changes."""
         ctx, eid = tb_context.RequestContext(), ""
         runs = self._index_for(ctx, eid)
         settled = []
@@ -414,18 +415,23 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
             if idx.tags and seen.get(run) == version and self._preloaded.get(run) != version:
                 settled.append((_newest_wall_time(idx), run, version))
             seen[run] = version
-        for gone in set(seen) - set(runs):
-            del seen[gone]
+        with self._lock:
+            for gone in set(seen) - set(runs):
+                del seen[gone]
+                self._preloaded.pop(gone, None)
         done = 0
         for _, run, version in sorted(settled, key=lambda t: (-t[0], t[1])):
             if self._series.size >= PRELOAD_BYTES:
                 logger.info("diagnostics preload stopped: %d MiB of series in memory", self._series.size >> 20)
                 break
-            self._read_whole_run(ctx, eid, run, runs[run])
+            try:
+                self._read_whole_run(ctx, eid, run, runs[run])
+                done += 1
+            except Exception:  # this run only: tried again when its data changes; the tab's requests report it
+                logger.debug("preloading run %r failed", run, exc_info=True)
             with self._lock:
                 self._preloaded[run] = version
                 self._read_ahead_seen[(eid, run)] = time.monotonic()
-            done += 1
         return done
 
     def _findings_of(self, ctx, eid: str, run: str, idx: reading.RunIndex) -> dict:

@@ -121,3 +121,27 @@ def test_preload_off_reads_nothing_until_asked(tmp_path, monkeypatch):
         srv.wait_for_runs(1)
         time.sleep(1.0)
         assert plugin._preload_thread is None and len(plugin._series) == 0 and not plugin.preloaded_runs()
+
+
+def test_a_run_that_fails_to_read_does_not_stop_the_others(tmp_path):
+    """One unreadable run costs only itself: the others are preloaded, the look does not raise, and the
+    failed run is not read again until its data changes (no retry loop)."""
+    _run(tmp_path / "bad", seed=1)
+    _run(tmp_path / "good", seed=2)
+    with serve_with_plugin(str(tmp_path), extra=["--diagnostics_preload", "false"]) as (srv, plugin):
+        srv.wait_for_runs(2)
+        tried = []
+        read = plugin._read_whole_run
+
+        def failing_for_bad(ctx, eid, run, idx):
+            tried.append(run)
+            if run == "bad":
+                raise RuntimeError("unreadable")
+            return read(ctx, eid, run, idx)
+
+        plugin._read_whole_run = failing_for_bad
+        seen: dict = {}
+        plugin._preload_pass(seen)
+        assert plugin._preload_pass(seen) == 1
+        assert sorted(tried) == ["bad", "good"] and "good" in plugin.preloaded_runs()
+        assert plugin._preload_pass(seen) == 0 and sorted(tried) == ["bad", "good"]
