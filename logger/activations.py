@@ -225,7 +225,8 @@ class ActivationCapture:
         # function). The frame is held until the forward ends, so that its id stays its own.
         self._calls: dict[int, tuple[FrameType, dict[str, int]]] = {}
         self._mode: Optional[_CaptureMode] = None
-        self._depth = 0  # nested calls of the root module
+        self._depth = 0  # nested calls of the root module running now, captured or not
+        self._mode_depth = 0  # the depth at which the mode was entered: it is left below it
         self._root = model
         # Small outputs reduced in take(): (site, output, its version when kept or -1 for a copy).
         self._deferred: list[tuple[Site, torch.Tensor, int]] = []
@@ -236,7 +237,6 @@ class ActivationCapture:
         self._deferred_numel = 0
         self._batches: list[_Batch] = []
         self._touched = False  # a site has data since the last clear()
-        self._timing_depth = 0  # nested calls of the root, armed or not
         self._timing_start: Optional[float] = None
         self._forward_s = 0.0  # training forwards since the last take_forward_time()
         self._forward_captured = False
@@ -252,8 +252,8 @@ class ActivationCapture:
 
     # -- hooks (return None: anything else would replace the module's output)
     def _pre(self, module: nn.Module, args) -> None:
-        self._timing_depth += 1
-        if self._timing_depth == 1:
+        self._depth += 1
+        if self._depth == 1:
             # Every training forward is timed (two clock reads): what capture adds is a logged
             # forward's time over the others' (`take_forward_time`).
             self._timing_start = time.perf_counter() if torch.is_grad_enabled() else None
@@ -261,30 +261,27 @@ class ActivationCapture:
             return None
         try:
             if self._mode is not None:
-                self._depth += 1
-            elif not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+                return None  # a nested call of the root: already captured
+            if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
                 return None  # an evaluation pass: not training statistics
-            else:
-                self._mode = _CaptureMode(self)
-                self._mode.__enter__()
-                self._calls.clear()
-                self._depth = 1
+            self._mode = _CaptureMode(self)
+            self._mode.__enter__()
+            self._calls.clear()
+            self._mode_depth = self._depth
         except Exception as e:  # never into the training loop
             self._on_error("activation hook", e)
         return None
 
     def _post(self, module: nn.Module, args, output) -> None:
-        self._timing_depth = max(0, self._timing_depth - 1)
-        if self._timing_depth == 0 and self._timing_start is not None:
+        self._depth = max(0, self._depth - 1)
+        if self._depth == 0 and self._timing_start is not None:
             self._forward_s += time.perf_counter() - self._timing_start
             self._forward_captured = self._forward_captured or self._mode is not None
             self._timing_start = None
-        if self._mode is None:
+        if self._mode is None or self._depth >= self._mode_depth:
             return None
         try:
-            self._depth -= 1
-            if self._depth <= 0:
-                self._exit_mode()
+            self._exit_mode()
         except Exception as e:
             self._on_error("activation hook", e)
         return None
@@ -299,7 +296,6 @@ class ActivationCapture:
 
     def _exit_mode(self) -> None:
         mode, self._mode = self._mode, None
-        self._depth = 0
         self._calls.clear()
         if mode is not None:
             mode.__exit__(None, None, None)

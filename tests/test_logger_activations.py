@@ -422,3 +422,29 @@ def test_a_long_forward_holds_a_bounded_number_of_module_calls(tmp_path):
     s = read(tmp_path)
     assert s["act_mean"].layers == ["relu()", "cell.tanh()", "relu()#2"]
     assert s["act_mean"].steps.tolist() == [0, 1]
+
+
+def test_a_root_that_calls_itself_is_captured_until_the_outer_call_returns(tmp_path):
+    """The root module called inside its own forward: the capture stays on until the outermost call
+    returns (the tanh after the inner call is seen), and is off after it."""
+
+    class Recursive(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x, depth: int = 1):
+            h = torch.relu(self.fc(x))
+            if depth:
+                h = self(h, depth - 1)
+            return torch.tanh(h)
+
+    model = Recursive()
+    x = torch.randn(8, 4)
+    with Diagnostics(model, SummaryWriter(str(tmp_path)), every=1) as diag:
+        model(x).sum().backward()
+        capture = diag._capture
+        assert capture._mode is None and capture._depth == 0
+        assert capture.sites["tanh()"].count == 2 * x.numel()  # inner call's and outer call's
+        assert capture.sites["relu()"].count == 2 * x.numel()
+        diag.step(0)
