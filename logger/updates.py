@@ -89,31 +89,24 @@ class UpdateRatio:
         idx = [i for i, (_, p) in enumerate(self._params) if p.grad is not None]
         params = [self._params[i] for i in idx]
         local = [reductions._local(p) for _, p in params]
-        offer = self._take_offer(idx, local)
-        if offer is not None and offer[1] is not None:
-            # step() flattened these very weights moments ago and nothing has changed them since.
-            self._snapshot, self._snapshot_params, self._flat = [offer[1]], params, True
-            self._old_norms = offer[0].to(self._device())
-            return
-        if reductions.flat_ok(local):
-            # Many small parameters: one flat copy (a fresh one each time: it is small).
-            self._snapshot = [reductions.flatten(local)]
-            self._snapshot_params = params
-            self._flat = True
+        # The offer holds these weights' norms (and their flat copy, for many small parameters)
+        # from step() moments ago, if nothing has changed them since.
+        norms, flat = self._take_offer(idx, local) or (None, None)
+        if flat is None and reductions.flat_ok(local):
+            flat = reductions.flatten(local)  # many small parameters: one flat copy (fresh: it is small)
+        if flat is not None:
+            self._snapshot, self._snapshot_params, self._flat = [flat], params, True
+            if norms is None:
+                norms = reductions.segment_norms(flat, reductions.segments(local), len(local), flat.device)
         else:
             if self._flat or self._snapshot is None or [n for n, _ in params] != [n for n, _ in self._snapshot_params]:
                 self._snapshot = [torch.empty_like(w) for w in local]
                 self._snapshot_params = params
             self._flat = False
             torch._foreach_copy_(self._snapshot, local)
-        self._old_norms = offer[0].to(self._device()) if offer is not None else None
-        if self._old_norms is None:
-            if self._flat:
-                self._old_norms = reductions.segment_norms(
-                    self._snapshot[0], reductions.segments(local), len(local), self._device()
-                )
-            else:
-                self._old_norms = reductions.grouped_norms(self._snapshot, self._device())
+            if norms is None:
+                norms = reductions.grouped_norms(self._snapshot, self._device())
+        self._old_norms = norms.to(self._device())
 
     def _after(self, optimizer, args, kwargs) -> None:
         step, self.pending = self.pending, None
