@@ -411,7 +411,7 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
         runs = self._index_for(ctx, eid)
         settled = []
         for run, idx in runs.items():
-            version = tuple(sorted(idx.stamps.items()))
+            version = idx.data_version()
             if idx.tags and seen.get(run) == version and self._preloaded.get(run) != version:
                 settled.append((_newest_wall_time(idx), run, version))
             seen[run] = version
@@ -445,7 +445,7 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
         """
         from tb_diag_plugin import findings
 
-        key = (eid, run, tuple(idx.version(m) for m in sorted(idx.tags)))
+        key = (eid, run, idx.data_version())
         hit = self._findings.peek(key)
         if hit is not None:
             return hit

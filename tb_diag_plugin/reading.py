@@ -56,6 +56,10 @@ class RunIndex:
         """Changes whenever one of the metric's tags gains a step: a cache key."""
         return tuple((tag, self.stamps.get(tag)) for tag, _ in self.tags.get(metric, []))
 
+    def data_version(self) -> tuple:
+        """Changes whenever any of the run's tags gains a step: a cache key for the whole run."""
+        return tuple(sorted(self.stamps.items()))
+
     def layers(self, metric: str) -> tuple[list[str], list[str]]:
         names: list[str] = []
         types: dict[str, str] = {}
