@@ -146,30 +146,19 @@ def measure_one(logdir: str, kind: str, steps: int, layers: int, load_fast: bool
     import eventgen
 
     import tbserver
-    from tb_diag_plugin.diagnostics_plugin import DiagnosticsLoader
 
-    captured: dict[str, Any] = {}
-
-    class CapturingLoader(DiagnosticsLoader):
-        """Keeps the data provider so that loading can be polled without loading the plugin's routes."""
-
-        def load(self, context):
-            captured["provider"] = context.data_provider
-            captured["plugin"] = super().load(context)
-            return captured["plugin"]
-
-    tbserver.DiagnosticsLoader = CapturingLoader
     out: dict[str, Any] = {"rss_before_mb": _rss_mb(), "preload": preload}
     t_start = time.perf_counter()
     extra = [] if preload else ["--diagnostics_preload", "false"]
-    with tbserver.serve(logdir, load_fast=load_fast, extra=extra) as srv:
+    # The plugin object: its data provider is polled for loading without going through the routes.
+    with tbserver.serve_with_plugin(logdir, load_fast=load_fast, extra=extra) as (srv, plugin):
         t_served = time.perf_counter() - t_start
-        out["load_s"] = t_served + _wait_loaded(captured["provider"], kind, steps, layers, timeout)
+        out["load_s"] = t_served + _wait_loaded(plugin._provider, kind, steps, layers, timeout)
         out["rss_loaded_mb"] = _rss_mb() + _children_rss_mb("VmRSS")
         if kind == "diag" and preload:
             t = time.perf_counter()
             cpu = time.process_time()
-            while RUN not in captured["plugin"].preloaded_runs():
+            while RUN not in plugin.preloaded_runs():
                 if time.perf_counter() - t > timeout:
                     raise TimeoutError("the plugin never preloaded the run")
                 time.sleep(0.05)

@@ -55,7 +55,7 @@ class Server:
 
 @contextlib.contextmanager
 def serve_with_plugin(logdir: str, load_fast: bool = False, extra: Sequence[str] = ()) -> Iterator[tuple]:
-    """`serve` with the core and Diagnostics plugins, yielding (server, the DiagnosticsPlugin object)."""
+    """`serve` (core, scalars and Diagnostics plugins), yielding (server, the DiagnosticsPlugin object)."""
     made: list = []
 
     class Capturing(DiagnosticsLoader):
@@ -63,7 +63,8 @@ def serve_with_plugin(logdir: str, load_fast: bool = False, extra: Sequence[str]
             made.append(super().load(context))
             return made[-1]
 
-    with serve(logdir, load_fast=load_fast, extra=extra, plugins=[core_plugin.CorePluginLoader(), Capturing()]) as srv:
+    plugins = [core_plugin.CorePluginLoader(), base_plugin.BasicLoader(scalars_plugin.ScalarsPlugin), Capturing()]
+    with serve(logdir, load_fast=load_fast, extra=extra, plugins=plugins) as srv:
         yield srv, made[0]
 
 
