@@ -294,6 +294,12 @@ class Diagnostics:
         step = int(step)
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
+        if step == self._last_step and self._updates is not None and self._updates.in_closure_step:
+            # LBFGS calls the closure again within one optimizer step: the first call is the step's record,
+            # the later forwards are not the next step's.
+            if self._capture is not None:
+                self._capture.clear()
+            return
         if self._last_step is not None and step <= self._last_step:
             raise ValueError(f"step must increase: got {step} after {self._last_step}")
         loss_items = check_losses(loss, losses)
