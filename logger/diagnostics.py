@@ -22,6 +22,7 @@ from tb_diag_logger import amp, distributed, reductions
 from tb_diag_logger.activations import ActivationCapture
 from tb_diag_logger.cost import CostMeter, DiagnosticsCostWarning
 from tb_diag_logger.losses import SPREAD_METRICS, LossLike, check_losses, is_per_sample, loss_tensors
+from tb_diag_logger.optimizers import unwrap_optimizer
 from tb_diag_logger.structure import module_tree
 from tb_diag_logger.summaries import SummarySink
 from tb_diag_logger.updates import UpdateRatio
@@ -119,7 +120,9 @@ class Diagnostics:
         logdir: alternatively, a directory for a writer that ``Diagnostics``
             creates and closes.
         every: log every ``every``-th step.
-        optimizer: enables ``update_ratio`` and ``learning_rate``.
+        optimizer: enables ``update_ratio`` and ``learning_rate``; a wrapper
+            holding the torch optimizer as ``.optimizer`` (accelerate,
+            Lightning, ZeRO) is unwrapped.
         scaler: a ``torch.amp.GradScaler``, so that scaled gradients are
             recorded unscaled and skipped steps are recorded as such.
         include, exclude: glob patterns over parameter and activation-site
@@ -141,7 +144,7 @@ class Diagnostics:
         *,
         logdir: Optional[Union[str, os.PathLike]] = None,
         every: int = DEFAULT_EVERY,
-        optimizer: Optional[torch.optim.Optimizer] = None,
+        optimizer: Any = None,
         scaler: Any = None,
         include: Union[str, Sequence[str], None] = None,
         exclude: Union[str, Sequence[str], None] = None,
@@ -168,8 +171,8 @@ class Diagnostics:
             raise ValueError("pass either writer or logdir, not both")
         if logdir is not None and not isinstance(logdir, (str, os.PathLike)):
             raise TypeError(f"logdir must be a path, got {type(logdir).__name__}")
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if optimizer is not None:
+            optimizer = unwrap_optimizer(optimizer)  # accelerate/Lightning/ZeRO wrappers: hooks go on the real one
         if scaler is not None and not amp.is_scaler(scaler):
             raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
         if isinstance(write_rank, bool) or not isinstance(write_rank, numbers.Integral) or write_rank < 0:
@@ -227,7 +230,10 @@ class Diagnostics:
 
         self._updates: Optional[UpdateRatio] = None
         if update_ratio and optimizer is not None:
-            self._updates = UpdateRatio(optimizer, self._params, self._report)
+            try:
+                self._updates = UpdateRatio(optimizer, self._params, self._report)
+            except Exception as e:  # an optimizer that refuses hooks costs only this diagnostic
+                self._report("update_ratio", e)
 
         if distributed.initialized():
             self._ensure_sink()
