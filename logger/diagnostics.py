@@ -21,11 +21,12 @@ from torch import nn
 from tb_diag_logger import amp, distributed, reductions
 from tb_diag_logger.activations import ActivationCapture
 from tb_diag_logger.cost import CostMeter, DiagnosticsCostWarning
-from tb_diag_logger.losses import SPREAD_METRICS, LossLike, check_losses, is_per_sample, loss_tensors
+from tb_diag_logger.losses import SPREAD_METRICS, LossLike, check_losses, check_scalar, is_per_sample, loss_tensors
 from tb_diag_logger.optimizers import unwrap_optimizer
 from tb_diag_logger.structure import module_tree
 from tb_diag_logger.summaries import SummarySink
 from tb_diag_logger.updates import UpdateRatio
+from tb_diag_plugin import metadata
 
 DEFAULT_EVERY = 20
 
@@ -208,6 +209,7 @@ class Diagnostics:
         self._structure_sites: Optional[tuple[str, ...]] = None
         self._cost = CostMeter(self.every)
         self._prev_logged = False
+        self._grad_norm_preclip: Optional[LossLike] = None  # step(grad_norm=), for _log_values
 
         # Integer parameters (possible with requires_grad=False) have no norms to speak of.
         self._params = [
@@ -282,6 +284,7 @@ class Diagnostics:
         step: int,
         loss: Optional[LossLike] = None,
         losses: Optional[Mapping[str, LossLike]] = None,
+        grad_norm: Optional[LossLike] = None,
     ) -> None:
         """Record diagnostics for optimizer step `step` if it is a logged step.
 
@@ -290,6 +293,11 @@ class Diagnostics:
         1-D per-sample tensors from ``reduction="none"``, whose spread is
         recorded too). Steps must increase. A failure inside a diagnostic is
         reported once as a `DiagnosticsWarning`, never raised.
+
+        `grad_norm` is the global gradient norm before clipping (a float or a
+        0-d tensor, e.g. what ``torch.nn.utils.clip_grad_norm_`` returns),
+        recorded as ``grad_norm_preclip``; ``grad_norm_total`` is measured
+        here, after clipping, so the two show how much clipping changed.
         """
         if self._closed:
             raise RuntimeError("Diagnostics.step() called after close()")
@@ -303,6 +311,7 @@ class Diagnostics:
         if self._last_step is not None and step <= self._last_step:
             raise ValueError(f"step must increase: got {step} after {self._last_step}")
         loss_items = check_losses(loss, losses)
+        self._grad_norm_preclip = None if grad_norm is None else check_scalar("grad_norm", grad_norm)
 
         self._prev_step, self._last_step = self._last_step, step
         logged = self.should_log(step)
@@ -464,6 +473,9 @@ class Diagnostics:
             parts.append(distributed.finish_sites(site_totals, reduce))
         loss_names, loss_values, spread_names, spreads = loss_tensors(loss_items, device, reduce)
         parts += [loss_values, spreads]
+        preclip = self._grad_norm_preclip  # as given: it is the global norm already
+        if preclip is not None:
+            parts.append(torch.as_tensor(reductions._local(preclip) if torch.is_tensor(preclip) else preclip))
 
         host = torch.cat([p.reshape(-1).to(device=device, dtype=torch.float32) for p in parts]).cpu().numpy()
 
@@ -523,6 +535,8 @@ class Diagnostics:
             sp = take(len(SPREAD_METRICS) * len(spread_names)).reshape(len(spread_names), -1)
             for j, metric in enumerate(SPREAD_METRICS):
                 items.append((metric, spread_names, (), sp[:, j]))
+        if preclip is not None:
+            items.append((metadata.GRAD_NORM_PRECLIP, [""], (), take(1)))
         if self._optimizer is not None:
             groups = self._optimizer.param_groups
             lr_names = [""] if len(groups) == 1 else [f"group{i}" for i in range(len(groups))]
