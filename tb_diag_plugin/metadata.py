@@ -35,6 +35,12 @@ LOSS_SPREAD_METRICS = ("loss_min", "loss_p05", "loss_p25", "loss_p50", "loss_p75
 LOSS_METRICS = ("loss",) + LOSS_SPREAD_METRICS
 ALL_METRICS = PARAM_METRICS + MODEL_METRICS + ACTIVATION_METRICS + LOSS_METRICS
 
+# Whole model, from `Diagnostics.step(grad_norm=)` (the Trainer callback passes the Trainer's):
+# the global gradient norm before clipping; `grad_norm_total` is the one after.
+GRAD_NORM_PRECLIP = "grad_norm_preclip"
+MODEL_METRICS += (GRAD_NORM_PRECLIP,)
+ALL_METRICS += (GRAD_NORM_PRECLIP,)
+
 STRUCTURE_TAG = PLUGIN_NAME + "/_structure"
 
 
