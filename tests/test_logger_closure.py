@@ -50,7 +50,7 @@ def test_closure_steps_record_the_update_ratio_activations_and_loss_of_each_step
                 want_mean[step] = h.mean().item()  # LBFGS's later evaluations (other weights) must not mix in
                 want_loss[step] = F.mse_loss(model[2](h), y).item()
 
-            def closure():
+            def closure(step=step):  # bound now: the loop moves on
                 opt.zero_grad()
                 loss = F.mse_loss(model(x), y)
                 loss.backward()
@@ -86,7 +86,7 @@ def test_a_closure_whose_optimizer_skips_the_snapshot_records_no_stale_ratio(tmp
         for step in range(4):
             before = {n: p.detach().clone() for n, p in model.named_parameters()}
 
-            def closure():
+            def closure(step=step):  # bound now: the loop moves on
                 opt.zero_grad()
                 loss = F.mse_loss(model(x), y)
                 loss.backward()
