@@ -6,6 +6,10 @@ batches and weights the LightningModule saw.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -132,6 +136,17 @@ def test_a_model_whose_relus_are_all_dead_gets_a_dead_relu_finding(tmp_path):
     found, _ = analyze(s)
     dead = [f for f in found if f.kind == "dead_relu"]
     assert dead and "act" in dead[0].layers and dead[0].severity == "error"
+
+
+def test_without_a_tensorboard_logger_it_writes_its_own_events_in_the_log_dir(tmp_path):
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=2, logger=False, default_root_dir=str(tmp_path),
+        callbacks=[DiagnosticsCallback(every=1)], enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Net(), _loader())
+    s = read(tmp_path)
+    assert s["grad_norm"].steps.tolist() == [0, 1]
 
 
 class TwoOptimizers(pl.LightningModule):
@@ -265,3 +280,39 @@ def test_the_readme_lightning_snippet_runs_verbatim(tmp_path, monkeypatch):
     acc = EventAccumulator(str(run_dir))
     acc.Reload()
     assert "train_loss" in acc.Tags()["scalars"]
+
+
+def test_ddp_on_two_cpu_processes_writes_once_with_the_whole_jobs_values(tmp_path):
+    # Lightning's strategy="ddp" runs the worker script again for rank 1 (gloo); its own session, so
+    # that a hang is ended by killing exactly that process group.
+    worker = Path(__file__).resolve().parent / "_lightning_ddp_worker.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    env.pop("MASTER_PORT", None)
+    proc = subprocess.Popen(
+        [sys.executable, str(worker), str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, env=env, start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 0, out[-4000:]
+
+    run_dir = tmp_path / "logs" / "run" / "version_0"
+    assert len(list(tmp_path.rglob("events.out.tfevents.*"))) == 1  # rank 0 only
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    s = read(tmp_path / "logs", "run/version_0")
+    assert s["loss"].steps.tolist() == [0, 1, 2, 3]  # 16 samples, 2 ranks, batch 2
+    for step in range(4):
+        mine = [[e for e in r["seen"] if e[0] == step][0] for r in ranks]
+        weights = mine[0][1]
+        h = torch.relu(torch.cat([m[2] for m in mine]) @ weights["fc1.weight"].T + weights["fc1.bias"])
+        assert at(s, "dead_fraction", "act", step) == pytest.approx(unit_dead_fraction(h.numpy()))  # both ranks
+        assert close(at(s, "loss", "total", step), (mine[0][3] + mine[1][3]) / 2, rel=1e-5)  # mean over ranks
+        later = [e for e in ranks[0]["seen"] if e[0] == step + 1]
+        after = later[0][1] if later else ranks[0]["final"]
+        for name, w in weights.items():
+            assert close(at(s, "update_ratio", name, step), ((after[name] - w).norm() / w.norm()).item(), rel=1e-4)

@@ -38,12 +38,11 @@ from __future__ import annotations
 import importlib
 import numbers
 import sys
-import warnings
 from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from tb_diag_logger.diagnostics import DEFAULT_EVERY, Diagnostics, DiagnosticsWarning, _patterns
+from tb_diag_logger.diagnostics import DEFAULT_EVERY, Diagnostics, _patterns, warn_once
 
 _PACKAGES = ("lightning.pytorch", "pytorch_lightning")
 
@@ -169,16 +168,7 @@ class _DiagnosticsHooks:
             self._report("step", e)
 
     def _report(self, where: str, exc: BaseException) -> None:
-        key = f"{where}:{type(exc).__name__}"
-        if key in self._warned:
-            return
-        self._warned.add(key)
-        warnings.warn(
-            f"tb-diag: the Lightning callback failed while {where} ({type(exc).__name__}: {exc}); "
-            "training continues without these diagnostics. Reported once.",
-            DiagnosticsWarning,
-            stacklevel=2,
-        )
+        warn_once(self._warned, f"the Lightning callback ({where})", exc, stacklevel=2)
 
 
 def _writer_of(trainer: Any) -> tuple[Any, Optional[str]]:
