@@ -54,7 +54,7 @@ def _callback_bases() -> tuple[type, ...]:
     for name in loaded or _PACKAGES:
         try:
             bases.append(importlib.import_module(name).Callback)
-        except ImportError:
+        except Exception:  # not installed, or an install that fails to import: the other package may do
             continue
     if not bases:
         raise ImportError(
