@@ -149,6 +149,32 @@ def test_without_a_tensorboard_logger_it_writes_its_own_events_in_the_log_dir(tm
     assert s["grad_norm"].steps.tolist() == [0, 1]
 
 
+class LbfgsNet(Net):
+    def configure_optimizers(self):
+        return torch.optim.LBFGS(self.parameters(), lr=0.5, max_iter=3)
+
+
+def test_lbfgs_records_each_step_once_from_its_first_closure_evaluation(tmp_path):
+    model = LbfgsNet()
+    trainer = _trainer(tmp_path, DiagnosticsCallback(every=1), max_steps=3)
+    trainer.fit(model, _loader())
+    s = read(tmp_path, "run/version_0")
+    first: dict[int, tuple] = {}
+    for step, weights, batch, loss in model.seen:
+        first.setdefault(step, (weights, batch, loss))
+    assert len(model.seen) > 3  # LBFGS evaluated the closure more than once per step
+    final = {n: p.detach() for n, p in model.named_parameters()}
+    for step in range(3):
+        weights, (x, _), loss = first[step]
+        assert close(at(s, "loss", "total", step), loss, rel=1e-5)
+        for site, (dead, mean) in _hand_activations(model, weights, [x]).items():
+            assert at(s, "dead_fraction", site, step) == pytest.approx(dead), (site, step)
+            assert close(at(s, "act_mean", site, step), mean, rel=1e-5), (site, step)
+        after = first[step + 1][0] if step + 1 in first else final
+        for name, w in weights.items():
+            assert close(at(s, "update_ratio", name, step), ((after[name] - w).norm() / w.norm()).item(), rel=1e-4)
+
+
 class TwoOptimizers(pl.LightningModule):
     """Manual optimisation: `a` and `b` each with its own optimizer, stepped in turn in one training_step."""
 
