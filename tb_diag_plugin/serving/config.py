@@ -42,7 +42,7 @@ class Config:
     # New event-file bytes beyond this are checked for damage in a background thread, not in the request.
     integrity_inline_bytes: int = 8 << 20
     # /findings?partial=true waits at most this long for the findings before it answers with what is ready.
-    findings_wait_s: float = 0.15
+    findings_wait_s: float = 0.1
 
     @property
     def preload_budget(self) -> int:
