@@ -22,6 +22,9 @@ TEST_REQUIRES = [
     "ruff>=0.5",
     "build>=1",
     "pandas>=1.5",  # the export test reads the CSV the way users will
+    # The integrations are tested on the real frameworks (CPU); users install them anyway.
+    "transformers>=5",
+    "accelerate>=1",
 ]
 
 setup(
@@ -31,7 +34,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["tb_diag_plugin", "tb_diag_logger", "tb_diag_plugin.frontend_static"],
+    packages=["tb_diag_plugin", "tb_diag_logger", "tb_diag_logger.integrations", "tb_diag_plugin.frontend_static"],
     package_dir={
         "tb_diag_plugin": "tb_diag_plugin",
         "tb_diag_logger": "logger",

@@ -1,0 +1,1 @@
+"""Callbacks for training frameworks. Each submodule imports its framework; this package imports none."""
