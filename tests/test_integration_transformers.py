@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
 import warnings
@@ -153,3 +155,42 @@ def test_a_trainer_without_the_methods_it_reads_costs_warnings_not_training(tmp_
 def test_importing_the_logger_does_not_import_transformers():
     code = "import sys, tb_diag_logger, tb_diag_logger.integrations; assert 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_under_ddp_one_process_writes_the_loss_the_trainer_gathered(tmp_path):
+    worker = os.path.join(os.path.dirname(__file__), "_hf_ddp_worker.py")
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1",
+                   PYTHONPATH=os.pathsep.join(sys.path))
+        procs.append(subprocess.Popen([sys.executable, worker, str(tmp_path)], env=env, text=True,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    try:
+        errors = [p.communicate(timeout=240)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    for rank, (p, err) in enumerate(zip(procs, errors)):
+        assert p.returncode == 0, f"rank {rank} failed:\n{err[-4000:]}"
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world"] for r in ranks] == [2, 2] and ranks[0]["wrapped"] == "DistributedDataParallel"
+    assert ranks[0]["warnings"] == [] and ranks[1]["warnings"] == []
+    run = _only_run(tmp_path / "tb")  # one event file: process zero's, with the Trainer's scalars in it
+    series = read(run)
+    logs = ranks[0]["logs"]
+    for step in (1, 2, 3):
+        # The Trainer's logged loss is the mean over both processes' batches; so is ours.
+        assert close(at(series, "loss", "total", step), logs[str(step)]["loss"], rel=1e-6)
+        assert close(at(series, "grad_norm_preclip", "", step), logs[str(step)]["grad_norm"], rel=1e-6)
+    assert series["update_ratio"].steps.tolist() == [1, 2, 3]
