@@ -16,8 +16,9 @@ from _logger_helpers import at, close, read
 transformers = pytest.importorskip("transformers")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers.integrations import TensorBoardCallback  # noqa: E402
 
-from tb_diag_logger import DiagnosticsWarning  # noqa: E402
+from tb_diag_logger import Diagnostics, DiagnosticsWarning  # noqa: E402
 from tb_diag_logger.integrations.transformers import DiagnosticsCallback  # noqa: E402
 
 
@@ -27,6 +28,7 @@ class _Witness(TrainerCallback):
     def __init__(self) -> None:
         self.logs: dict[int, dict] = {}
         self.lrs: dict[int, list[float]] = {}
+        self.evals: dict[int, dict] = {}
 
     def on_step_begin(self, args, state, control, lr_scheduler=None, **kwargs):
         # The scheduler steps after the optimizer: what it says now is this step's learning rate.
@@ -36,20 +38,28 @@ class _Witness(TrainerCallback):
         if "loss" in logs:
             self.logs[state.global_step] = dict(logs)
 
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.evals[state.global_step] = dict(metrics)
 
-def _train(tmp_path, lr=5e-4, steps=6, every=2, report_to=("tensorboard",), max_grad_norm=0.5, **cb):
+
+def _train(tmp_path, lr=5e-4, steps=6, every=2, report_to=("tensorboard",), max_grad_norm=0.5, tb_last=False,
+           evaluate=False, **cb):
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=96, n_positions=32,
                                        bos_token_id=0, eos_token_id=0))
     data = [{"input_ids": torch.randint(0, 96, (16,)), "labels": torch.randint(0, 96, (16,))} for _ in range(48)]
+    more = {"eval_strategy": "steps", "eval_steps": 2, "per_device_eval_batch_size": 8} if evaluate else {}
     args = TrainingArguments(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, gradient_accumulation_steps=2,
         logging_steps=1, max_steps=steps, report_to=list(report_to), save_strategy="no", use_cpu=True,
-        disable_tqdm=True, learning_rate=lr, max_grad_norm=max_grad_norm,
+        disable_tqdm=True, learning_rate=lr, max_grad_norm=max_grad_norm, **more,
     )
     witness = _Witness()
-    trainer = Trainer(model=model, args=args, train_dataset=data,
+    trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data[:8] if evaluate else None,
                       callbacks=[DiagnosticsCallback(every=every, **cb), witness])
+    if tb_last:  # the Trainer's TensorBoardCallback after ours: its on_train_begin runs second
+        trainer.remove_callback(TensorBoardCallback)
+        trainer.add_callback(TensorBoardCallback)
     trainer.train()
     return trainer, witness
 
@@ -120,6 +130,29 @@ def test_the_tensorboard_logging_dir_is_shared_with_the_trainer(tmp_path, monkey
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
     assert read(run)["grad_norm_preclip"].steps.tolist() == [1, 2]
+
+
+def test_before_the_trainers_tensorboard_callback_it_still_shares_its_writer(tmp_path):
+    trainer, witness = _train(tmp_path, steps=2, every=1, tb_last=True)
+    names = [type(c).__name__ for c in trainer.callback_handler.callbacks]
+    assert names.index("DiagnosticsCallback") < names.index("TensorBoardCallback")
+    run = _only_run(tmp_path / "out" / "runs")
+    events = EventAccumulator(run, size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
+    assert close(at(read(run), "loss", "total", 2), witness.logs[2]["loss"], rel=1e-6)
+
+
+@pytest.mark.skipif(not hasattr(Diagnostics, "evaluate"), reason="Diagnostics.evaluate() is not on this branch yet")
+def test_the_trainers_evaluation_is_recorded_as_val_loss(tmp_path):
+    _, witness = _train(tmp_path, steps=4, every=2, evaluate=True)
+    series = read(_only_run(tmp_path / "out" / "runs"))
+    assert sorted(witness.evals) == [2, 4]
+    assert series["val_loss"].steps.tolist() == [2, 4]
+    for step, metrics in witness.evals.items():
+        assert close(at(series, "val_loss", "total", step), metrics["eval_loss"], rel=1e-6)
+    # The Trainer's speed numbers are not results of the model.
+    assert "val_metric" not in series or not any("runtime" in n for n in series["val_metric"].layers)
 
 
 @pytest.mark.parametrize(
