@@ -35,6 +35,20 @@ class DiagnosticsWarning(UserWarning):
     """A diagnostic failed; training goes on (reported once per place)."""
 
 
+def report_once(warned: set[str], where: str, exc: BaseException, stacklevel: int = 2) -> None:
+    """Warn with a DiagnosticsWarning once per (`where`, exception type) recorded in `warned`."""
+    key = f"{where}:{type(exc).__name__}"
+    if key in warned:
+        return
+    warned.add(key)
+    warnings.warn(
+        f"tb-diag: {where} failed ({type(exc).__name__}: {exc}); training continues, "
+        "this diagnostic may be missing. Reported once.",
+        DiagnosticsWarning,
+        stacklevel=stacklevel + 1,
+    )
+
+
 def _patterns(value: Union[str, Sequence[str], None], name: str) -> tuple[str, ...]:
     if value is None:
         return ()
@@ -379,16 +393,7 @@ class Diagnostics:
         return not any(fnmatch.fnmatchcase(name, p) for p in self._exclude)
 
     def _report(self, where: str, exc: BaseException) -> None:
-        key = f"{where}:{type(exc).__name__}"
-        if key in self._warned:
-            return
-        self._warned.add(key)
-        warnings.warn(
-            f"tb-diag: {where} failed ({type(exc).__name__}: {exc}); training continues, "
-            "this diagnostic may be missing. Reported once.",
-            DiagnosticsWarning,
-            stacklevel=3,
-        )
+        report_once(self._warned, where, exc, stacklevel=3)
 
     def _write(self, fn: Callable[..., None], *args: Any) -> None:
         """Call a sink method; a failing disk or a removed logdir is one warning, not a crash."""

@@ -27,14 +27,13 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-import warnings
 from typing import Any, Callable, Optional, Sequence, Union
 
 from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.integrations.integration_utils import TensorBoardCallback, default_logdir
 
-from tb_diag_logger.diagnostics import DEFAULT_EVERY, Diagnostics, DiagnosticsWarning
+from tb_diag_logger.diagnostics import DEFAULT_EVERY, Diagnostics, report_once
 
 # Trainer methods whose return values the callback records, first found wins.
 _LOSS_METHODS = ("training_step",)
@@ -158,16 +157,7 @@ class DiagnosticsCallback(TrainerCallback):
             self.diagnostics = None
 
     def _warn(self, where: str, exc: BaseException) -> None:
-        key = f"{where}:{type(exc).__name__}"
-        if key in self._warned:
-            return
-        self._warned.add(key)
-        warnings.warn(
-            f"tb-diag (Trainer callback): {where} failed ({type(exc).__name__}: {exc}); training continues. "
-            "Reported once.",
-            DiagnosticsWarning,
-            stacklevel=2,
-        )
+        report_once(self._warned, f"Trainer callback ({where})", exc)
 
 
 class _TrainerTap:
