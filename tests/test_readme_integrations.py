@@ -34,7 +34,7 @@ def test_readme_hugging_face_trainer_snippet(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=96, n_positions=32,
                                        bos_token_id=0, eos_token_id=0))
-    # 160 samples at the default batch of 8, default 3 epochs: 60 optimizer steps, logged at 20, 40, 60.
+    # 160 samples at the default batch of 8, default 3 epochs: 60 optimizer steps, logged at 1, 20, 40, 60.
     ids = torch.randint(0, 96, (160, 8))
     train_ds = [{"input_ids": row, "labels": row} for row in ids]
     exec(snippet("hf-trainer"), {"model": model, "train_ds": train_ds})
@@ -42,8 +42,8 @@ def test_readme_hugging_face_trainer_snippet(tmp_path, monkeypatch):
     (run,) = [d for d, _, files in os.walk(tmp_path / "out" / "runs") if any("tfevents" in f for f in files)]
     assert len([f for f in os.listdir(run) if "tfevents" in f]) == 1
     series = read(run)
-    assert series["loss"].steps.tolist() == [20, 40, 60]
-    assert series["grad_norm_preclip"].steps.tolist() == [20, 40, 60]
+    assert series["loss"].steps.tolist() == [1, 20, 40, 60]
+    assert series["grad_norm_preclip"].steps.tolist() == [1, 20, 40, 60]
     events = EventAccumulator(run, size_guidance={"scalars": 0})
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [10, 20, 30, 40, 50, 60]

@@ -43,7 +43,7 @@ _GRAD_NORM_METHODS = ("_get_grad_norm", "_clip_grad_norm")
 class DiagnosticsCallback(TrainerCallback):
     """A `transformers.TrainerCallback` that runs `tb_diag_logger.Diagnostics` inside `Trainer.train()`.
 
-    Records, every `every`-th optimizer step: the training loss of the whole
+    Records, at the first and every `every`-th optimizer step: the training loss of the whole
     step (all gradient-accumulation micro-batches, as the Trainer sums it),
     the learning rate of each parameter group, the pre-clip global gradient
     norm the Trainer computes (``grad_norm_preclip``; ``grad_norm_total`` is
@@ -90,7 +90,7 @@ class DiagnosticsCallback(TrainerCallback):
                 writer = _trainer_writer(trainer, args)
                 where = {"writer": writer} if writer is not None else {"logdir": _trainer_logdir(args)}
             model = model if model is not None else getattr(trainer, "model", None)
-            self.diagnostics = Diagnostics(model, optimizer=optimizer, **where, **self._options)
+            self.diagnostics = _TrainerDiagnostics(model, optimizer=optimizer, **where, **self._options)
         except Exception as e:  # a callback must not stop training from starting
             self._warn("setting up", e)
             return
@@ -158,6 +158,18 @@ class DiagnosticsCallback(TrainerCallback):
 
     def _warn(self, where: str, exc: BaseException) -> None:
         report_once(self._warned, f"Trainer callback ({where})", exc)
+
+
+class _TrainerDiagnostics(Diagnostics):
+    """`Diagnostics` that also logs the Trainer's first step, numbered 1.
+
+    Its loss is that of the initial weights: the early level that a
+    diverging run is measured against, which `every` would skip.
+    """
+
+    def should_log(self, step: int) -> bool:
+        """Step 1 and every `every`-th step."""
+        return step == 1 or super().should_log(step)
 
 
 class _TrainerTap:
