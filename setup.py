@@ -25,6 +25,9 @@ TEST_REQUIRES = [
     # The Lightning callback is tested on both packages, real trainings on CPU.
     "lightning>=2.0",
     "pytorch-lightning>=2.0",
+    # transformers and accelerate: the HF integration is tested on the real frameworks (CPU).
+    "transformers>=5",
+    "accelerate>=1",
 ]
 
 setup(

@@ -38,6 +38,7 @@ def test_wheel_contents(wheel):
         "tb_diag_plugin/reading/provider.py",
         "tb_diag_logger/__init__.py",
         "tb_diag_logger/diagnostics.py",
+        "tb_diag_logger/integrations/transformers.py",
     ):
         assert required in names, required
     static = {n for n in names if n.startswith("tb_diag_plugin/frontend_static/")}
