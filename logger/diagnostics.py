@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tb_diag_logger import amp, distributed, reductions
+from tb_diag_logger import amp, distributed, evaluation, reductions
 from tb_diag_logger.activations import ActivationCapture
 from tb_diag_logger.cost import CostMeter, DiagnosticsCostWarning
 from tb_diag_logger.losses import SPREAD_METRICS, LossLike, check_losses, is_per_sample, loss_tensors
@@ -317,6 +317,38 @@ class Diagnostics:
                 self._capture.armed = self._predict_next_logged()
             if self._updates is not None:
                 self._updates.pending = step if logged else None
+
+    def evaluate(
+        self,
+        step: int,
+        loss: Optional[LossLike] = None,
+        metrics: Optional[Mapping[str, LossLike]] = None,
+    ) -> None:
+        """Record a validation result at training step `step` (any step, logged or not).
+
+        `loss` (a scalar tensor or number) is recorded as `val_loss`, layer
+        ``total``; `metrics` (name -> scalar, e.g. ``{"accuracy": 0.91}``) as
+        `val_metric`, one layer per name. Steps must not decrease between
+        `evaluate()` calls (they may lag or lead `step()`). Under
+        torch.distributed pass values already reduced over ranks: only
+        `write_rank` writes. NaN and inf are recorded as they are. Bad
+        arguments raise TypeError/ValueError; a failure while writing is one
+        `DiagnosticsWarning`.
+        """
+        if self._closed:
+            raise RuntimeError("Diagnostics.evaluate() called after close()")
+        step = evaluation.check_step(step)
+        last = getattr(self, "_last_eval_step", None)
+        if last is not None and step < last:
+            raise ValueError(f"step must not decrease between evaluate() calls: got {step} after {last}")
+        items = evaluation.check_evaluation(loss, metrics)
+        self._last_eval_step = step
+        try:
+            self._write(self._ensure_sink)
+            if self._sink is not None:
+                self._write(self._sink.write_vectors, step, evaluation.evaluation_vectors(items))
+        except Exception as e:
+            self._report("evaluate", e)
 
     def _cost_at_step(self, logged: bool) -> Optional[float]:
         """Feed the cost meter (see `cost.py`); warn once if logging takes a large share of training time.
