@@ -120,14 +120,17 @@ class Diagnostics:
         logdir: alternatively, a directory for a writer that ``Diagnostics``
             creates and closes.
         every: log every ``every``-th step.
-        optimizer: enables ``update_ratio`` and ``learning_rate``.
+        optimizer: enables ``update_ratio`` and ``learning_rate``, Adam
+            state (``adam_eps_fraction``, ``update_rms``) and the optimizer's
+            hyper-parameters in the structure document.
         scaler: a ``torch.amp.GradScaler``, so that scaled gradients are
             recorded unscaled and skipped steps are recorded as such.
         include, exclude: glob patterns over parameter and activation-site
             names (``"encoder.*"``); ``grad_norm_total`` covers the included
             parameters.
         activations: capture activation statistics (two forward hooks on the
-            root module and, during logged forwards only, a TorchFunctionMode).
+            root module and, during logged forwards only, a TorchFunctionMode)
+            and the output logits' growth (one more root hook; see logits.py).
         update_ratio: keep one copy of the parameters to measure the update
             size on logged steps (costs memory equal to the parameters).
             ``‖Δw‖/‖w‖`` is NaN for a tensor whose weights were all zero.

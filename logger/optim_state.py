@@ -95,46 +95,93 @@ def _host_steps(steps: list[Any]) -> list[float]:
     return out
 
 
+# Tensors are processed in chunks of at most this many elements, so that the scratch space a
+# logged step needs stays bounded (two chunks' worth) whatever the model's size.
+_CHUNK_NUMEL = 1 << 22
+# On CPU, fresh scratch tensors page-fault on every logged step (a 4M-parameter MLP: 47 ms
+# instead of ~25, PERF_NOTES.md); one flat buffer per dtype is kept and reused there.
+_cpu_scratch: dict[torch.dtype, torch.Tensor] = {}
+
+
+def _scratch(like: Sequence[torch.Tensor], count: int) -> list[list[torch.Tensor]]:
+    """`count` lists of tensors shaped like `like` (one device and dtype), to be overwritten."""
+    first = like[0]
+    total = sum(t.numel() for t in like)
+    if first.device.type != "cpu":
+        return [[torch.empty_like(t) for t in like] for _ in range(count)]  # the caching allocator reuses them
+    buf = _cpu_scratch.get(first.dtype)
+    if buf is None or buf.numel() < count * total:
+        buf = _cpu_scratch[first.dtype] = torch.empty(count * total, dtype=first.dtype)
+    out, offset = [], 0
+    for _ in range(count):
+        views = []
+        for t in like:
+            views.append(buf[offset:offset + t.numel()].view(t.shape))
+            offset += t.numel()
+        out.append(views)
+    return out
+
+
+def _chunks(idx: list[int], numels: list[int]) -> list[list[int]]:
+    """`idx` split into runs of at most `_CHUNK_NUMEL` elements (a bigger tensor alone)."""
+    out: list[list[int]] = []
+    size = 0
+    for i in idx:
+        if not out or size + numels[i] > _CHUNK_NUMEL:
+            out.append([])
+            size = 0
+        out[-1].append(i)
+        size += numels[i]
+    return out
+
+
 def adam_state(
     params: Sequence[tuple[str, torch.Tensor]], optimizer: Optional[torch.optim.Optimizer], out_device: torch.device
 ) -> list[tuple[str, list[str], torch.Tensor]]:
     """[(EPS_FRACTION, names, fractions), (UPDATE_RMS, names, rms)] for the parameters with Adam state
     (empty when there are none); device tensors, for the logged step's one host transfer.
 
-    A few `torch._foreach_*` calls per (device, dtype) group, on two scratch
-    copies of the second moments (no boolean tensors: slow on CPU, PERF_NOTES.md).
+    A dozen `torch._foreach_*` calls per chunk of tensors of one device and
+    dtype, on two scratch copies of the chunk (no boolean tensors: slow on
+    CPU, PERF_NOTES.md).
     """
     if optimizer is None:
         return []
     entries = _adam_entries(params, optimizer)
     steps = _host_steps([e[3] for e in entries])
-    entries = [(e, s) for e, s in zip(entries, steps) if s >= 1]  # no update taken yet: no bias correction
-    if not entries:
+    kept = [(e, t) for e, t in zip(entries, steps) if t >= 1]  # no update taken yet: no bias correction
+    if not kept:
         return []
-    fractions = torch.empty(len(entries), dtype=torch.float32, device=out_device)
-    rms = torch.empty(len(entries), dtype=torch.float32, device=out_device)
+    names = [e[0] for e, _ in kept]
+    m = [e[1] for e, _ in kept]
+    v = [e[2] for e, _ in kept]
+    eps = [e[6] for e, _ in kept]
+    inv_bc1 = [1.0 / (1.0 - e[4] ** t) for e, t in kept]
+    inv_root_bc2 = [1.0 / math.sqrt(1.0 - e[5] ** t) for e, t in kept]
+    numels = [t.numel() for t in m]
+    below = torch.empty(len(kept), dtype=torch.float32, device=out_device)
+    norms = torch.empty(len(kept), dtype=torch.float32, device=out_device)
     groups: dict[tuple, list[int]] = {}
-    for i, ((_, m, _, _, _, _, _), _) in enumerate(entries):
-        groups.setdefault((m.device, m.dtype), []).append(i)
+    for i, t in enumerate(m):
+        groups.setdefault((t.device, t.dtype), []).append(i)
     for idx in groups.values():
-        m = [entries[i][0][1] for i in idx]
-        v = [entries[i][0][2] for i in idx]
-        eps = [entries[i][0][6] for i in idx]
-        bc1 = [1.0 - entries[i][0][4] ** entries[i][1] for i in idx]
-        bc2 = [1.0 - entries[i][0][5] ** entries[i][1] for i in idx]
-        numel = torch.tensor([float(t.numel()) for t in m], device=out_device)
-        root = torch._foreach_sqrt(v)
-        torch._foreach_mul_(root, [1.0 / math.sqrt(b) for b in bc2])  # sqrt(v_hat)
-        scratch = torch._foreach_sub(root, eps)  # negative exactly where sqrt(v_hat) < eps
-        torch._foreach_sign_(scratch)
-        torch._foreach_clamp_max_(scratch, 0.0)  # -1 there, 0 elsewhere (NaN stays NaN)
-        below = torch.stack(torch._foreach_norm(scratch, 1)).to(out_device, torch.float32)
-        torch._foreach_add_(root, eps)  # the update's denominator
-        torch._foreach_copy_(scratch, m)
-        torch._foreach_div_(scratch, root)  # m / (sqrt(v_hat) + eps); 1 / bc1 is applied to the norm
-        norms = torch.stack(torch._foreach_norm(scratch)).to(out_device, torch.float32)
-        at = torch.tensor(idx, device=out_device)
-        fractions[at] = below / numel
-        rms[at] = norms * torch.tensor([1.0 / b for b in bc1], device=out_device) / numel.sqrt()
-    names = [e[0][0] for e in entries]
+        for chunk in _chunks(idx, numels):
+            root, work = _scratch([v[i] for i in chunk], 2)
+            torch._foreach_copy_(root, [v[i] for i in chunk])
+            torch._foreach_sqrt_(root)
+            torch._foreach_mul_(root, [inv_root_bc2[i] for i in chunk])  # sqrt(v_hat)
+            torch._foreach_copy_(work, root)
+            torch._foreach_sub_(work, [eps[i] for i in chunk])  # negative exactly where sqrt(v_hat) < eps
+            torch._foreach_sign_(work)
+            torch._foreach_clamp_max_(work, 0.0)  # -1 there, 0 elsewhere (NaN stays NaN)
+            counts = torch.stack(torch._foreach_norm(work)).to(out_device, torch.float32)  # L2^2 = count
+            torch._foreach_add_(root, [eps[i] for i in chunk])  # the update's denominator
+            torch._foreach_copy_(work, [m[i] for i in chunk])
+            torch._foreach_div_(work, root)  # m / (sqrt(v_hat) + eps); 1 / bc1 is applied to the norm
+            at = torch.tensor(chunk, device=out_device)
+            below[at] = counts * counts
+            norms[at] = torch.stack(torch._foreach_norm(work)).to(out_device, torch.float32)
+    numel = torch.tensor([float(n) for n in numels], device=out_device)
+    fractions = below.round() / numel
+    rms = norms * torch.tensor(inv_bc1, device=out_device) / numel.sqrt()
     return [(EPS_FRACTION, names, fractions), (UPDATE_RMS, names, rms)]
