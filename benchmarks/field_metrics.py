@@ -5,22 +5,24 @@
 On the benchmark Transformer (AdamW, a 1000-way head) and the MLP trained with
 AdamW instead of SGD, measures with `time.thread_time` (CPU time of this
 thread, one torch thread: robust to other processes on a shared machine)
-the median of: a bare training step; `optim_state.adam_state` (the two Adam
-metrics of every tensor); the logit statistics of one forward's output. Prints
-a Markdown table: ms per logged step and the share of a bare step it adds at
-the cadence `every`.
+the median of: a bare training step; a logged step of
+`Diagnostics(every=1, optimizer=opt)` (all metrics); `optim_state.adam_state`
+(the two Adam metrics of every tensor); the logit statistics of one forward's
+output. Prints a Markdown table: ms per logged step, and the CPU-time ratio a
+logged step every `every` steps gives (all metrics, and the new ones' share).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 
 import models
 import torch
 
-from tb_diag_logger import logits, optim_state
+from tb_diag_logger import Diagnostics, logits, optim_state
 
 
 def _median_ms(fn, reps: int) -> float:
@@ -56,10 +58,22 @@ def measure(w: models.Workload, reps: int) -> dict:
             capture._add(out)
             capture.take(cpu)
 
+    with tempfile.TemporaryDirectory() as logdir, Diagnostics(model, logdir=logdir, every=1, optimizer=opt) as diag:
+        counter = iter(range(10**6))
+
+        def logged_step():
+            opt.zero_grad()
+            loss = w.loss(model(x), y)
+            loss.backward()
+            diag.step(next(counter), loss=loss)
+            opt.step()
+
+        logged_ms = _median_ms(logged_step, reps)
     result = {
         "model": w.name,
         "tensors": len(params),
         "bare_ms": _median_ms(step, reps),
+        "logged_ms": logged_ms,
         "adam_ms": _median_ms(lambda: optim_state.adam_state(params, opt, cpu), reps),
         "logits_ms": _median_ms(logit_stats, reps),
         "logits_shape": list(out.shape),
@@ -75,12 +89,15 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     rows = [measure(w, args.reps) for w in models.workloads(8, 64) if w.name in ("MLP", "Transformer")]
-    print(f"| model (tensors) | bare step | adam_state | logit stats | added share at every={args.every} |")
-    print("|---|---|---|---|---|")
+    print(f"| model (tensors), logits | bare step | logged step, all metrics | of which adam_state | logit stats "
+          f"| CPU ratio at every={args.every} | of which the new metrics |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
+        ratio = 1 + (r["logged_ms"] - r["bare_ms"]) / args.every / r["bare_ms"]
         share = (r["adam_ms"] + r["logits_ms"]) / args.every / r["bare_ms"]
-        print(f"| {r['model']} ({r['tensors']}), logits {r['logits_shape']} | {r['bare_ms']:.1f} ms | "
-              f"{r['adam_ms']:.2f} ms | {r['logits_ms']:.2f} ms | {100 * share:.2f} % |")
+        print(f"| {r['model']} ({r['tensors']}), {r['logits_shape']} | {r['bare_ms']:.1f} ms | "
+              f"{r['logged_ms']:.1f} ms | "
+              f"{r['adam_ms']:.2f} ms | {r['logits_ms']:.2f} ms | {ratio:.3f} | +{share:.3f} |")
 
 
 if __name__ == "__main__":
