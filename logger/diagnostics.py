@@ -206,6 +206,7 @@ class Diagnostics:
         self._closed = False
         self._last_step: Optional[int] = None
         self._prev_step: Optional[int] = None
+        self._last_eval_step: Optional[int] = None  # evaluate() has its own order
         self._structure_sites: Optional[tuple[str, ...]] = None
         self._cost = CostMeter(self.every)
         self._prev_logged = False
@@ -347,7 +348,7 @@ class Diagnostics:
         if self._closed:
             raise RuntimeError("Diagnostics.evaluate() called after close()")
         step = evaluation.check_step(step)
-        last = getattr(self, "_last_eval_step", None)
+        last = self._last_eval_step
         if last is not None and step < last:
             raise ValueError(f"step must not decrease between evaluate() calls: got {step} after {last}")
         items = evaluation.check_evaluation(loss, metrics)
