@@ -16,6 +16,7 @@ export const METRICS = {
   act_mean: {label: "Activation mean", scale: "linear", kind: "site", colorscale: "Cividis"},
   act_std: {label: "Activation std", scale: "log", kind: "site"},
   grad_norm_total: {label: "Total gradient norm", scale: "log", kind: "model"},
+  grad_norm_preclip: {label: "Total gradient norm before clipping", scale: "log", kind: "model"},
   learning_rate: {label: "Learning rate", scale: "log", kind: "model"},
   amp_scale: {label: "AMP loss scale", scale: "log", kind: "model"},
   amp_skipped: {label: "AMP skipped steps", scale: "linear", kind: "model"},

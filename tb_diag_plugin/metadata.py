@@ -45,6 +45,12 @@ ALL_METRICS = (
     + PARAM_OPTIMIZER_METRICS + LOGIT_METRICS + VALIDATION_METRICS
 )
 
+# Whole model, from `Diagnostics.step(grad_norm=)` (the Trainer callback passes the Trainer's):
+# the global gradient norm before clipping; `grad_norm_total` is the one after.
+GRAD_NORM_PRECLIP = "grad_norm_preclip"
+MODEL_METRICS += (GRAD_NORM_PRECLIP,)
+ALL_METRICS += (GRAD_NORM_PRECLIP,)
+
 STRUCTURE_TAG = PLUGIN_NAME + "/_structure"
 
 

@@ -119,13 +119,27 @@ async function render(app, ctx) {
   for (const r of runs) runSel.append(el("option", {value: r.run, selected: r.run === chosen}, r.run));
   runSel.value = chosen;
   const run = runs.find((r) => r.run === chosen);
-  const [struct, tags, vals, found] = await Promise.all([
+  // The tree does not wait for the findings: it is drawn from what is ready, and again with their verdicts.
+  const findings = api.findings(run.run).catch(() => null);
+  const [struct, tags, vals] = await Promise.all([
     run.has_structure ? api.structure(run.run).catch((e) => e) : Promise.resolve(null),
     api.tags(run.run).catch((e) => e),
     latest(run.run, run.metrics),
-    api.findings(run.run).catch(() => null),
   ]);
   if (ctx.stale()) return;
+  const early = await Promise.race([findings, Promise.resolve(PENDING)]);
+  draw(app, run, struct, tags, vals, early === PENDING ? null : early);
+  if (early !== PENDING) return;
+  body.dataset.findings = "pending";
+  const found = await findings;
+  if (ctx.stale()) return;
+  draw(app, run, struct, tags, vals, found);
+}
+
+const PENDING = Symbol("pending");
+
+function draw(app, run, struct, tags, vals, found) {
+  body.dataset.findings = found ? "ready" : "unavailable";
   const notes = [];
   let modules;
   if (struct && !(struct instanceof Error) && struct.structure && Array.isArray(struct.structure.modules)) {
