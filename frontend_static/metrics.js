@@ -21,6 +21,14 @@ export const METRICS = {
   amp_scale: {label: "AMP loss scale", scale: "log", kind: "model"},
   amp_skipped: {label: "AMP skipped steps", scale: "linear", kind: "model"},
   loss: {label: "Loss", scale: "linear", kind: "loss"},
+  // Issue 15 (logger/optim_state.py, logits.py, diag.evaluate()).
+  grad_missing: {label: "No gradient (.grad is None)", scale: "linear", kind: "param"},
+  adam_eps_fraction: {label: "Adam: share of entries with √v̂ < eps", scale: "unit", kind: "param"},
+  update_rms: {label: "Adam update RMS m̂/(√v̂+eps)", scale: "log", kind: "param"},
+  logit_max_abs: {label: "Output logits max |z|", scale: "log", kind: "model"},
+  logit_lse: {label: "Output logits mean log-sum-exp", scale: "linear", kind: "model"},
+  val_loss: {label: "Validation loss", scale: "linear", kind: "loss"},
+  val_metric: {label: "Validation metric", scale: "linear", kind: "model"},
 };
 
 export const PARAM_METRICS = ["grad_norm", "grad_max_abs", "grad_nonfinite", "weight_norm", "update_ratio", "grad_to_weight"];

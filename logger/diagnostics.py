@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from tb_diag_logger import amp, distributed, reductions
+from tb_diag_logger import amp, distributed, evaluation, optim_state, reductions
 from tb_diag_logger.activations import ActivationCapture
 from tb_diag_logger.cost import CostMeter, DiagnosticsCostWarning
+from tb_diag_logger.logits import LogitCapture
 from tb_diag_logger.losses import SPREAD_METRICS, LossLike, check_losses, check_scalar, is_per_sample, loss_tensors
 from tb_diag_logger.optimizers import unwrap_optimizer
 from tb_diag_logger.structure import module_tree
@@ -137,16 +138,19 @@ class Diagnostics:
         logdir: alternatively, a directory for a writer that ``Diagnostics``
             creates and closes.
         every: log every ``every``-th step.
-        optimizer: enables ``update_ratio`` and ``learning_rate``; a wrapper
-            holding the torch optimizer as ``.optimizer`` (accelerate,
-            Lightning, ZeRO) is unwrapped.
+        optimizer: enables ``update_ratio`` and ``learning_rate``, Adam
+            state (``adam_eps_fraction``, ``update_rms``) and the optimizer's
+            hyper-parameters in the structure document; a wrapper holding the
+            torch optimizer as ``.optimizer`` (accelerate, Lightning, ZeRO) is
+            unwrapped.
         scaler: a ``torch.amp.GradScaler``, so that scaled gradients are
             recorded unscaled and skipped steps are recorded as such.
         include, exclude: glob patterns over parameter and activation-site
             names (``"encoder.*"``); ``grad_norm_total`` covers the included
             parameters.
         activations: capture activation statistics (two forward hooks on the
-            root module and, during logged forwards only, a TorchFunctionMode).
+            root module and, during logged forwards only, a TorchFunctionMode)
+            and the output logits' growth (one more root hook; see logits.py).
         update_ratio: keep one copy of the parameters to measure the update
             size on logged steps (costs memory equal to the parameters).
             ``‖Δw‖/‖w‖`` is NaN for a tensor whose weights were all zero.
@@ -222,6 +226,7 @@ class Diagnostics:
         self._closed = False
         self._last_step: Optional[int] = None
         self._prev_step: Optional[int] = None
+        self._last_eval_step: Optional[int] = None  # evaluate() has its own order
         self._structure_sites: Optional[tuple[str, ...]] = None
         self._cost = CostMeter(self.every)
         self._prev_logged = False
@@ -245,6 +250,9 @@ class Diagnostics:
         elif activations:
             self._capture = ActivationCapture(self.model, self._include, self._exclude, self._report)
             self._capture.armed = True  # the first forward may belong to a logged step
+        # Output logits ride on the activation capture's arming (logged training forwards only).
+        capture = self._capture
+        self._logits = LogitCapture(self.model, lambda: capture.armed, self._report) if capture is not None else None
 
         self._updates: Optional[UpdateRatio] = None
         if update_ratio and optimizer is not None:
@@ -352,8 +360,42 @@ class Diagnostics:
             if self._capture is not None:
                 self._capture.clear()
                 self._capture.armed = self._predict_next_logged()
+            if self._logits is not None:
+                self._logits.clear()
             if self._updates is not None:
                 self._updates.pending = step if logged else None
+
+    def evaluate(
+        self,
+        step: int,
+        loss: Optional[LossLike] = None,
+        metrics: Optional[Mapping[str, LossLike]] = None,
+    ) -> None:
+        """Record a validation result at training step `step` (any step, logged or not).
+
+        `loss` (a scalar tensor or number) is recorded as `val_loss`, layer
+        ``total``; `metrics` (name -> scalar, e.g. ``{"accuracy": 0.91}``) as
+        `val_metric`, one layer per name. Steps must not decrease between
+        `evaluate()` calls (they may lag or lead `step()`). Under
+        torch.distributed pass values already reduced over ranks: only
+        `write_rank` writes. NaN and inf are recorded as they are. Bad
+        arguments raise TypeError/ValueError; a failure while writing is one
+        `DiagnosticsWarning`.
+        """
+        if self._closed:
+            raise RuntimeError("Diagnostics.evaluate() called after close()")
+        step = evaluation.check_step(step)
+        last = self._last_eval_step
+        if last is not None and step < last:
+            raise ValueError(f"step must not decrease between evaluate() calls: got {step} after {last}")
+        items = evaluation.check_evaluation(loss, metrics)
+        self._last_eval_step = step
+        try:
+            self._write(self._ensure_sink)
+            if self._sink is not None:
+                self._write(self._sink.write_vectors, step, evaluation.evaluation_vectors(items))
+        except Exception as e:
+            self._report("evaluate", e)
 
     def _cost_at_step(self, logged: bool) -> Optional[float]:
         """Feed the cost meter (see `cost.py`); warn once if logging takes a large share of training time.
@@ -389,6 +431,8 @@ class Diagnostics:
             self._report("close", e)
         if self._capture is not None:
             self._capture.close()
+        if self._logits is not None:
+            self._logits.close()
         if self._updates is not None:
             self._updates.close()
         if self._sink is not None:
@@ -486,6 +530,10 @@ class Diagnostics:
             parts.append(distributed.finish_sites(site_totals, reduce))
         loss_names, loss_values, spread_names, spreads = loss_tensors(loss_items, device, reduce)
         parts += [loss_values, spreads]
+        # Issue 15: the head's logits (the writing rank's batch) and Adam's state (not for shards).
+        field = self._logits.take(device) if self._logits is not None else []
+        field += optim_state.adam_state(self._params, self._optimizer, device) if not sharded else []
+        parts += [values for _, _, values in field]
         preclip = self._grad_norm_preclip  # as given: it is the global norm already
         if preclip is not None:
             parts.append(torch.as_tensor(reductions._local(preclip) if torch.is_tensor(preclip) else preclip))
@@ -548,8 +596,12 @@ class Diagnostics:
             sp = take(len(SPREAD_METRICS) * len(spread_names)).reshape(len(spread_names), -1)
             for j, metric in enumerate(SPREAD_METRICS):
                 items.append((metric, spread_names, (), sp[:, j]))
+        items += [(metric, names, (), take(len(names))) for metric, names, _ in field]
         if preclip is not None:
             items.append((metadata.GRAD_NORM_PRECLIP, [""], (), take(1)))
+        if W:  # a parameter the optimizer holds may never get a gradient (a detached branch)
+            missing = np.array([p.grad is None for _, p in self._params], "f4")
+            items.append((optim_state.GRAD_MISSING, weight_names, (), missing))
         if self._optimizer is not None:
             groups = self._optimizer.param_groups
             lr_names = [""] if len(groups) == 1 else [f"group{i}" for i in range(len(groups))]
@@ -561,7 +613,7 @@ class Diagnostics:
         if self._structure_sites is None or not set(site_names) <= set(self._structure_sites):
             self._structure_sites = tuple(sorted(set(site_names) | set(self._structure_sites or ())))
             known = [self._capture.sites[n] for n in self._capture.order] if self._capture is not None else []
-            tree = module_tree(self.model, {n for n, _ in self._params}, known)
+            tree = module_tree(self.model, {n for n, _ in self._params}, known, self._optimizer)
             self._write(self._sink.write_structure, step, tree)
 
     def _signature(self, grad_names, weight_names, sites, site_totals, loss_items) -> list[float]:

@@ -309,7 +309,8 @@ def activation_rows(
     `unit_max_flat` holds the per-unit maxima of the `relu_sites`, one block of
     `unit_counts[k]` values per site; `sums`, `squares` (sums of squares),
     `counts` and `saturated` are [S]. A few vectorised ops whatever S is.
-    NaN where a statistic does not apply (dead units of a sigmoid, say).
+    NaN where a statistic does not apply (dead units of a sigmoid, say), and
+    every statistic NaN for a site whose outputs were not all finite.
     """
     S = counts.numel()
     device = counts.device
@@ -332,7 +333,10 @@ def activation_rows(
     if saturation_sites:
         idx = torch.tensor(list(saturation_sites), device=device)
         sat[idx] = saturated[idx] / n[idx]
-    return torch.stack([dead, sat, mean, var.sqrt()], dim=1)
+    rows = torch.stack([dead, sat, mean, var.sqrt()], dim=1)
+    # Unknown is never zero: NaN compares false, so a site with a NaN/Inf output read 0 % dead.
+    # The sum of its outputs is non-finite exactly then (or when finite ones overflow it).
+    return rows.masked_fill(~torch.isfinite(sums)[:, None], float("nan"))
 
 
 def spread(v: torch.Tensor) -> torch.Tensor:

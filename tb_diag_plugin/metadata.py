@@ -33,7 +33,17 @@ ACTIVATION_METRICS = ("dead_fraction", "saturation", "act_mean", "act_std")
 # Loss, per component ("total" for `loss=`), and the spread of per-sample components:
 LOSS_SPREAD_METRICS = ("loss_min", "loss_p05", "loss_p25", "loss_p50", "loss_p75", "loss_p95", "loss_max")
 LOSS_METRICS = ("loss",) + LOSS_SPREAD_METRICS
-ALL_METRICS = PARAM_METRICS + MODEL_METRICS + ACTIVATION_METRICS + LOSS_METRICS
+# Per parameter, from the optimizer's view (issue 15): 1.0 where `.grad` is None at a logged step;
+# Adam-family state: share of entries with sqrt(v_hat) < eps, RMS of m_hat / (sqrt(v_hat) + eps).
+PARAM_OPTIMIZER_METRICS = ("grad_missing", "adam_eps_fraction", "update_rms")
+# Output head (layer = the head module's qualified name): max |logit|, mean log-sum-exp over the last dim.
+LOGIT_METRICS = ("logit_max_abs", "logit_lse")
+# `Diagnostics.evaluate()`: val_loss (layer "total"), val_metric (layer = the user's metric name).
+VALIDATION_METRICS = ("val_loss", "val_metric")
+ALL_METRICS = (
+    PARAM_METRICS + MODEL_METRICS + ACTIVATION_METRICS + LOSS_METRICS
+    + PARAM_OPTIMIZER_METRICS + LOGIT_METRICS + VALIDATION_METRICS
+)
 
 # Whole model, from `Diagnostics.step(grad_norm=)` (the Trainer callback passes the Trainer's):
 # the global gradient norm before clipping; `grad_norm_total` is the one after.

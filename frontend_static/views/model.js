@@ -92,12 +92,12 @@ function diagnose(vals, name, kind) {
     const d = get("dead_fraction");
     const s = get("saturation");
     const a = get("act_mean");
-    if (a && a.bad) issues.push(["error", "non-finite activations"]);
+    if ((a && a.bad) || (d && d.bad) || (s && s.bad)) issues.push(["error", "non-finite activations (statistics unknown)"]);
     if (d && d.x >= 0.9) issues.push(["error", `${fmtPct(d.x)} dead`]);
     else if (d && d.x >= 0.5) issues.push(["warning", `${fmtPct(d.x)} dead`]);
     if (s && s.x >= 0.5) issues.push(["warning", `${fmtPct(s.x)} saturated`]);
-    if (!issues.length && d) issues.push(["ok", `${fmtPct(d.x)} dead`]);
-    if (!issues.length && s) issues.push(["ok", `${fmtPct(s.x)} saturated`]);
+    if (!issues.length && d && !d.bad) issues.push(["ok", `${fmtPct(d.x)} dead`]);
+    if (!issues.length && s && !s.bad) issues.push(["ok", `${fmtPct(s.x)} saturated`]);
   }
   return issues;
 }

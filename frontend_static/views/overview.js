@@ -56,20 +56,24 @@ async function load(r, points) {
   return out;
 }
 
-// Mean over activation sites of the dead fraction, per row.
+// Mean over activation sites of the dead fraction, per row; null (unknown, never 0) where a
+// site's value is NaN/Inf: its activations were not finite.
 function deadShare(v) {
   const out = new Array(v.B).fill(null);
   for (let i = 0; i < v.B; i++) {
     let s = 0;
     let n = 0;
+    let unknown = false;
     for (let j = 0; j < v.L; j++) {
+      if (!v.has(i, j)) continue;
       const x = v.at(i, j);
-      if (v.has(i, j) && Number.isFinite(x)) {
+      if (v.bad(i, j) || !Number.isFinite(x)) unknown = true;
+      else {
         s += x;
         n++;
       }
     }
-    out[i] = n ? s / n : null;
+    out[i] = n && !unknown ? s / n : null;
   }
   return out;
 }
@@ -106,7 +110,7 @@ function headline(r, d) {
     firstBad = Math.min(firstBad, scanBad(d.grad_norm_total, 0));
   }
   if (ok(d.learning_rate)) f.lr = lastFinite(d.learning_rate.column(0))?.v ?? null;
-  if (ok(d.dead_fraction)) f.dead = lastFinite(deadShare(d.dead_fraction))?.v ?? null;
+  if (ok(d.dead_fraction)) f.dead = deadShare(d.dead_fraction).at(-1);  // the last row: unknown stays unknown
   f.firstBad = Number.isFinite(firstBad) ? firstBad : null;
   return f;
 }
