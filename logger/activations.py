@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -76,6 +77,11 @@ ACTIVATION_FUNCTIONS = _activation_functions()
 ACTIVATION_MODULES = (
     nn.ReLU, nn.Hardtanh, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.ELU, nn.Mish,
 )
+
+# Modules that build a smooth activation out of tanh or sigmoid (transformers'
+# NewGELUActivation is 0.5x(1 + tanh(...)), QuickGELU is x * sigmoid(1.702x)):
+# the inner call's saturation says nothing about the activation, so it is not a site.
+_SMOOTH_ACTIVATION = re.compile(r"gelu|silu|swish|mish", re.IGNORECASE)
 
 
 _MAX_PENDING = 64  # per-call statistics a site keeps before folding them into one
@@ -235,6 +241,7 @@ class ActivationCapture:
         # where it is excluded: names are built once.
         self._site_of: dict[tuple[int, str, int], Optional[Site]] = {}
         self._activation_module: dict[int, bool] = {}
+        self._smooth_activation: dict[int, bool] = {}
         self._deferred_numel = 0
         self._batches: list[_Batch] = []
         self._touched = False  # a site has data since the last clear()
@@ -378,6 +385,8 @@ class ActivationCapture:
             if caller is None:
                 return
             module, counts = caller
+            if kind in ("sigmoid", "tanh") and self._is_smooth_activation(module):
+                return
             if not counts and self._is_activation_module(module):
                 counts[fname] = 1
                 key = (id(module), fname, 0)  # named after the module itself
@@ -399,6 +408,12 @@ class ActivationCapture:
         hit = self._activation_module.get(id(module))
         if hit is None:
             hit = self._activation_module[id(module)] = isinstance(module, ACTIVATION_MODULES)
+        return hit
+
+    def _is_smooth_activation(self, module: nn.Module) -> bool:
+        hit = self._smooth_activation.get(id(module))
+        if hit is None:
+            hit = self._smooth_activation[id(module)] = bool(_SMOOTH_ACTIVATION.search(type(module).__name__))
         return hit
 
     def _new_site(self, module: nn.Module, kind: str, fname: str, n: int) -> Optional[Site]:
