@@ -51,7 +51,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.steps < 1:
             print("tb-diag demo: --steps must be >= 1", file=sys.stderr)
             return 2
-        from tb_diag_plugin import demo
+        from tb_diag_logger import demo  # torch: imported only when a demo is asked for
 
         t0 = time.perf_counter()
         print(f"tb-diag demo: training {len(demo.RUNS)} small models on the CPU")

@@ -146,8 +146,29 @@ def test_tensorboard_side_imports_neither_torch_nor_plotly():
     import sys
 
     code = (
-        "import sys, tb_diag_plugin.diagnostics_plugin, tb_diag_plugin.findings, tb_diag_plugin.export;"
+        "import sys, tb_diag_plugin.diagnostics_plugin, tb_diag_plugin.findings, tb_diag_plugin.export,"
+        " tb_diag_plugin.cli;"
         "print('torch' in sys.modules, 'plotly' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_cli_demo_trains_through_the_logger_side(tmp_path):
+    """`tb-diag demo` imports the demo (and torch) from tb_diag_logger only when asked for."""
+    import subprocess
+    import sys
+
+    from tb_diag_plugin.reading import LocalReader
+
+    code = (
+        "import sys; from tb_diag_plugin import cli; status = cli.main(sys.argv[1:]);"
+        "print(sorted(m for m in sys.modules if m.endswith('demo'))); sys.exit(status)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, "demo", "--logdir", str(tmp_path), "--steps", "3"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "['tb_diag_logger.demo']" in proc.stdout
+    reader = LocalReader(str(tmp_path))
+    for run in ("healthy", "vanishing_sigmoid", "dying_relu", "diverging"):
+        assert reader.series(run)["loss"].steps.tolist() == [0, 2]  # every=2 of 3 steps
