@@ -59,8 +59,7 @@ READ_AHEAD_INTERVAL = 60.0
 # The longest the read-ahead waits for the requests in flight before it reads its next metric.
 READ_AHEAD_YIELD_S = 5.0
 # The order in which the read-ahead reads a run's metrics: the overview's first.
-_READ_AHEAD = ("loss", "grad_norm_total", "learning_rate", "dead_fraction", "grad_norm", "weight_norm",
-               "grad_nonfinite", "update_ratio", "grad_max_abs", "act_mean", "act_std", "saturation")
+_READ_AHEAD = metadata.OVERVIEW_METRICS + tuple(m for m in metadata.ALL_METRICS if m not in metadata.OVERVIEW_METRICS)
 # Preloading: once TensorBoard has loaded a run (its data unchanged between two
 # looks), the plugin reads it as the read-ahead does, so that the tab's first
 # visit finds it in memory: through the data provider a 20,000-step x 500-layer
@@ -213,6 +212,7 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
             "/values": self._serve_values,
             "/structure": self._serve_structure,
             "/findings": self._serve_findings,
+            "/contract": self._serve_contract,
         }
 
     def is_active(self) -> bool:
@@ -304,6 +304,10 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
             for run, idx in runs.items()
         ]
         return http_util.Respond(request, {"runs": body}, "application/json")
+
+    @_json_route
+    def _serve_contract(self, request):
+        return http_util.Respond(request, metadata.contract_dict(), "application/json")
 
     @_json_route
     def _serve_tags(self, request):
@@ -463,7 +467,8 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
                 read = list(pool.map(lambda m: self.series(ctx, eid, run, m, idx)[0], metrics))
             series = dict(zip(metrics, read))
             found, skipped = findings.analyze(series)
-            answer = {"run": run, "findings": [f.to_dict(run) for f in found], "skipped": skipped}
+            answer = {"run": run, "findings": [f.to_dict(run) for f in found], "skipped": skipped,
+                      "layers": findings.layer_verdicts(found, series)}
             done = time.monotonic()
             with self._lock:
                 self._findings_recent[(eid, run)] = (done + min(60.0, 10 * (done - t0)), answer)

@@ -24,7 +24,8 @@ The public surface lives here. The package imports numpy and the contract
 only (no TensorBoard, no torch): `series` (what the rules read), `thresholds`
 (every constant a rule uses, documented), `context` (the `Rule` declaration,
 `Finding`, the shared context and helpers), `rules/` (one module per family)
-and `registry` (the registered rules, ordered by their declared dependencies).
+`registry` (the registered rules, ordered by their declared dependencies)
+and `verdicts` (what the findings say per layer, for the model view).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from tb_diag_plugin.findings.context import Finding, Rule, _Context
 from tb_diag_plugin.findings.registry import ORDER, RULES, ordered
 from tb_diag_plugin.findings.series import Series
 from tb_diag_plugin.findings.thresholds import Thresholds
+from tb_diag_plugin.findings.verdicts import layer_verdicts
 
 # The kinds the registered rules report, in the contract's order.
 KINDS = tuple(k for k in metadata.FINDING_KINDS if any(k in r.kinds for r in ORDER))
@@ -61,4 +63,7 @@ def analyze(
     return found, ctx.notes
 
 
-__all__ = ["KINDS", "RULES", "SEVERITIES", "SEVERITY_RANK", "Finding", "Rule", "Series", "Thresholds", "analyze"]
+__all__ = [
+    "KINDS", "RULES", "SEVERITIES", "SEVERITY_RANK", "Finding", "Rule", "Series", "Thresholds", "analyze",
+    "layer_verdicts",
+]
