@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-try:  # C implementation: about 1 GB/s; the pure-Python fallback would take minutes on big runs
+try:  # the C implementation: the pure-Python fallback is too slow for big runs (benchmarks/RESULTS.md)
     import google_crc32c
 
     _FAST_CRC = getattr(google_crc32c, "implementation", "") == "c"
@@ -29,9 +29,8 @@ except ImportError:  # pragma: no cover - depends on the platform's wheels
 # next flush (SummaryWriter flushes every 120 s by default): an incomplete tail
 # is reported only once the file has not changed for longer than that.
 STALE_SECONDS = 150.0
-# New bytes up to this size are checked inside the request (~5 ms per 8 MB);
-# beyond it (a 20k-step x 500-layer run is 230 MB, about 1 s) a background
-# thread checks them and the answer appears on the tab's next poll.
+# New bytes up to this size are checked inside the request, cheaply; more (a
+# big run's first look) go to a background thread, answered on the next poll.
 INLINE_BYTES = 8 << 20
 _HEADER = struct.Struct("<QI")
 
@@ -42,8 +41,7 @@ _PAUSE_EVERY = 512  # records between two calls of a background scan's `pause`
 def masked_crc32c(data: bytes) -> int:
     """TFRecord's masked CRC-32C (Castagnoli) of `data`."""
     if not _FAST_CRC:
-        # TensorBoard's own pure-Python version; imported here, not at start-up
-        # (the tensorflow_stub package takes ~0.6 s to import).
+        # TensorBoard's own pure-Python version; imported here, not at start-up (a slow import).
         from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as slow
 
         return slow(data)
