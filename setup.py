@@ -11,7 +11,7 @@ INSTALL_REQUIRES = [
     "numpy>=1.23",
     "plotly>=5",
     # CRC-32C in C, to find the damaged event records that TensorBoard silently
-    # stops at (tb_diag_plugin/integrity.py); without it only lengths are checked.
+    # stops at (tb_diag_plugin/reading/integrity.py); without it only lengths are checked.
     "google-crc32c>=1.5",
 ]
 
@@ -22,6 +22,9 @@ TEST_REQUIRES = [
     "ruff>=0.5",
     "build>=1",
     "pandas>=1.5",  # the export test reads the CSV the way users will
+    # The Lightning callback is tested on both packages, real trainings on CPU.
+    "lightning>=2.0",
+    "pytorch-lightning>=2.0",
 ]
 
 setup(
@@ -31,13 +34,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=[
-        "tb_diag_plugin",
-        "tb_diag_plugin.findings",
-        "tb_diag_plugin.findings.rules",
-        "tb_diag_logger",
-        "tb_diag_plugin.frontend_static",
-    ],
+    packages=["tb_diag_plugin", "tb_diag_plugin.findings", "tb_diag_plugin.findings.rules", "tb_diag_plugin.reading",
+              "tb_diag_plugin.serving", "tb_diag_logger", "tb_diag_logger.integrations",
+              "tb_diag_plugin.frontend_static"],
     package_dir={
         "tb_diag_plugin": "tb_diag_plugin",
         "tb_diag_logger": "logger",

@@ -17,7 +17,7 @@ real in-process TensorBoard (tests/tbserver.py: core, scalars and Diagnostics
 plugins). The event files are synthetic but written exactly as the logger and
 `add_scalar` write them (benchmarks/eventgen.py) and cached between runs.
 
-    python benchmarks/reading.py [--quick] [--cache-dir DIR] [--out FILE]
+    python benchmarks/reading.py [--quick] [--size 20000x500 --backend rust] [--cache-dir DIR] [--out FILE]
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 RUN = "run"
+POLL = "poll:"  # a request repeated until its answer is complete
 PARAM_METRICS = ("grad_norm", "grad_max_abs", "grad_nonfinite", "weight_norm", "update_ratio")
 
 
@@ -89,7 +90,9 @@ def _views(layers: list[str], steps: int) -> list[tuple[str, list[str], str]]:
         ("tab start: /runs + /tags", [d + "runs", d + f"tags?run={RUN}"], "all"),
         ("overview: 4 headline series", [v + m + "&points=1000" for m in ("loss", "grad_norm_total",
                                                                         "learning_rate", "dead_fraction")], "all"),
-        ("overview: /findings", [d + f"findings?run={RUN}"], "first"),
+        # As the tab asks: at once with what is ready, then again until complete (api.js `findings`).
+        ("overview: /findings", [d + f"findings?run={RUN}&partial=true"], "first"),
+        ("(reference) overview: findings complete (polled)", [POLL + d + f"findings?run={RUN}&partial=true"], "first"),
         ("gradient flow: grad_norm heatmap", [v + "grad_norm&points=1000"], "all"),
         ("gradient flow: grad/weight heatmap", [v + "grad_norm&points=1000", v + "weight_norm&points=1000"], "all"),
         ("gradient flow: click a step (profile)", [v + f"grad_norm&points=1&start={mid}&end={mid}"], "all"),
@@ -107,10 +110,22 @@ def _views(layers: list[str], steps: int) -> list[tuple[str, list[str], str]]:
     return out
 
 
+def _poll(srv, path: str) -> tuple[float, int, int]:
+    """GET `path` every 100 ms until its JSON says complete (as api.js polls /findings): (ms, status, bytes)."""
+    t = time.perf_counter()
+    while True:
+        status, body, _ = srv.get(path, timeout=300)
+        if status != 200 or json.loads(body).get("complete") is not False:
+            return (time.perf_counter() - t) * 1e3, status, len(body)
+        time.sleep(0.1)
+
+
 def _visit(srv, reqs: list[str]) -> tuple[float, int, set]:
     """All of a view's requests at once, 6 at a time, as the tab's Promise.all does: (ms, bytes, statuses)."""
     t = time.perf_counter()
-    if len(reqs) == 1:
+    if len(reqs) == 1 and reqs[0].startswith(POLL):
+        got = [_poll(srv, reqs[0][len(POLL):])]
+    elif len(reqs) == 1:
         got = [_get(srv, reqs[0])]
     else:
         with concurrent.futures.ThreadPoolExecutor(min(6, len(reqs))) as ex:
@@ -153,12 +168,12 @@ def measure_one(logdir: str, kind: str, steps: int, layers: int, load_fast: bool
     # The plugin object: its data provider is polled for loading without going through the routes.
     with tbserver.serve_with_plugin(logdir, load_fast=load_fast, extra=extra) as (srv, plugin):
         t_served = time.perf_counter() - t_start
-        out["load_s"] = t_served + _wait_loaded(plugin._provider, kind, steps, layers, timeout)
+        out["load_s"] = t_served + _wait_loaded(plugin.store.provider, kind, steps, layers, timeout)
         out["rss_loaded_mb"] = _rss_mb() + _children_rss_mb("VmRSS")
         if kind == "diag" and preload:
             t = time.perf_counter()
             cpu = time.process_time()
-            while RUN not in plugin.preloaded_runs():
+            while RUN not in plugin.preloader.preloaded_runs():
                 if time.perf_counter() - t > timeout:
                     raise TimeoutError("the plugin never preloaded the run")
                 time.sleep(0.05)
@@ -265,6 +280,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--python-scalar-limit", type=int, default=100_000,
                     help="largest per-layer scalar run (events) loaded with the Python loader; "
                          "above it the time is estimated from the measured rate")
+    ap.add_argument("--size", action="append", default=None, metavar="STEPSxLAYERS",
+                    help="measure only these runs (e.g. 20000x500; repeatable), under --backend")
+    ap.add_argument("--backend", choices=("rust", "python", "both"), default="both")
+    ap.add_argument("--diag-only", action="store_true", help="skip the per-layer scalars comparison")
     # Internal: one measurement in a fresh process.
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--logdir", help=argparse.SUPPRESS)
@@ -296,8 +315,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
         # whole benchmark near 15 minutes (its 1k and 20k runs bracket them).
         python_sizes = [(1000, 50), (20_000, 50), (1000, 500), (20_000, 500)]
         passes = 2
+    if args.size:
+        sizes = python_sizes = [tuple(int(x) for x in size.split("x")) for size in args.size]
+    backends = ("rust", "python") if args.backend == "both" else (args.backend,)
     res: dict[str, Any] = {
-        "mode": "quick" if args.quick else "full",
+        "mode": "quick" if args.quick else "sizes" if args.size else "full",
         "command": "python benchmarks/reading.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "code": _code_state(),
         "loadavg_start": os.getloadavg(),
@@ -306,10 +328,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     }
     t_all = time.perf_counter()
     python_rate = None  # scalar events per second under the Python loader, once measured
-    for backend in ("rust", "python"):
+    for backend in backends:
         for steps, layers in sizes if backend == "rust" else python_sizes:
             conf: dict[str, Any] = {"steps": steps, "layers": layers, "backend": backend}
-            for kind in ("diag", "scalars"):
+            for kind in ("diag",) if args.diag_only else ("diag", "scalars"):
                 logdir, size = eventgen.ensure(args.cache_dir, kind, steps, layers, log)
                 events = steps * layers if kind == "scalars" else steps
                 if backend == "python" and kind == "scalars" and events > args.python_scalar_limit:
@@ -339,7 +361,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     res["python_scalar_events_per_s"] = python_rate
     res["loadavg_end"] = os.getloadavg()
     res["seconds"] = time.perf_counter() - t_all
-    out = args.out or os.path.join(HERE, "results", f"reading{'-quick' if args.quick else ''}.json")
+    suffix = "-quick" if args.quick else "-sizes" if args.size else ""
+    out = args.out or os.path.join(HERE, "results", f"reading{suffix}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(res, f, indent=1)

@@ -169,8 +169,15 @@ export function structure(run) {
   return cached(JSON.stringify(run) + "|structure", () => getJSON("structure", {run}));
 }
 
+// The server answers at once with what is ready (partial=true); ask again until the findings are complete.
 export function findings(run) {
-  return cached(JSON.stringify(run) + "|findings", () => getJSON("findings", {run}));
+  return cached(JSON.stringify(run) + "|findings", async () => {
+    for (let wait = 200; ; wait = Math.min(2000, wait * 2)) {
+      const body = await getJSON("findings", {run, partial: "true"});
+      if (body.complete !== false) return body;
+      await new Promise((resolve) => setTimeout(resolve, wait));
+    }
+  });
 }
 
 export function runs() {

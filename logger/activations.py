@@ -11,11 +11,12 @@ once and the mode is not active.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import sys
 import time
 from dataclasses import dataclass, field
 from types import CodeType, FrameType
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -257,6 +258,11 @@ class ActivationCapture:
             # Every training forward is timed (two clock reads): what capture adds is a logged
             # forward's time over the others' (`take_forward_time`).
             self._timing_start = time.perf_counter() if torch.is_grad_enabled() else None
+        self._arm()
+        return None
+
+    def _arm(self) -> None:
+        """Enter the mode at the outermost entry of a logged training forward (`self._depth` already counts it)."""
         if not self.armed:
             return None
         try:
@@ -278,6 +284,11 @@ class ActivationCapture:
             self._forward_s += time.perf_counter() - self._timing_start
             self._forward_captured = self._forward_captured or self._mode is not None
             self._timing_start = None
+        self._disarm()
+        return None
+
+    def _disarm(self) -> None:
+        """Leave the mode when the entry that entered it returns (`self._depth` already counts it out)."""
         if self._mode is None or self._depth >= self._mode_depth:
             return None
         try:
@@ -285,6 +296,32 @@ class ActivationCapture:
         except Exception as e:
             self._on_error("activation hook", e)
         return None
+
+    def wrap_entry(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """`fn`, a bound method of the root module that training calls instead of its `forward` (a
+        LightningModule's `training_step`), made an entry like the root's forward: capture is armed
+        around it, and activation calls in its own body are attributed to the root. Not timed for the
+        cost meter: it may hold more than a forward (backward and the optimizer step, in Lightning's
+        manual optimisation)."""
+        func = getattr(fn, "__func__", fn)
+        code = getattr(func, "__code__", None)
+        if code is not None:
+            self._codes[id(code)] = code
+
+        @functools.wraps(fn)
+        def entry(*args: Any, **kwargs: Any) -> Any:
+            self._depth += 1
+            self._arm()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._depth = max(0, self._depth - 1)
+                try:
+                    self._disarm()
+                except Exception as e:
+                    self._on_error("activation hook", e)
+
+        return entry
 
     def take_forward_time(self) -> Optional[tuple[float, bool]]:
         """(seconds of the training forwards since the last call, whether one was captured), or None if none ran."""

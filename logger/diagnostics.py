@@ -21,16 +21,34 @@ from torch import nn
 from tb_diag_logger import amp, distributed, reductions
 from tb_diag_logger.activations import ActivationCapture
 from tb_diag_logger.cost import CostMeter, DiagnosticsCostWarning
-from tb_diag_logger.losses import SPREAD_METRICS, LossLike, check_losses, is_per_sample, loss_tensors
+from tb_diag_logger.losses import SPREAD_METRICS, LossLike, check_losses, check_scalar, is_per_sample, loss_tensors
+from tb_diag_logger.optimizers import unwrap_optimizer
 from tb_diag_logger.structure import module_tree
 from tb_diag_logger.summaries import SummarySink
 from tb_diag_logger.updates import UpdateRatio
+from tb_diag_plugin import metadata
 
 DEFAULT_EVERY = 20
 
 
 class DiagnosticsWarning(UserWarning):
     """A diagnostic failed; training goes on (reported once per place)."""
+
+
+def warn_once(warned: set[str], where: str, exc: BaseException, stacklevel: int = 2) -> None:
+    """One `DiagnosticsWarning` per place and exception type (`warned` remembers them): training goes on.
+
+    `stacklevel` as `warnings.warn` would count it from the caller."""
+    key = f"{where}:{type(exc).__name__}"
+    if key in warned:
+        return
+    warned.add(key)
+    warnings.warn(
+        f"tb-diag: {where} failed ({type(exc).__name__}: {exc}); training continues, "
+        "this diagnostic may be missing. Reported once.",
+        DiagnosticsWarning,
+        stacklevel=stacklevel + 1,
+    )
 
 
 def _patterns(value: Union[str, Sequence[str], None], name: str) -> tuple[str, ...]:
@@ -119,7 +137,9 @@ class Diagnostics:
         logdir: alternatively, a directory for a writer that ``Diagnostics``
             creates and closes.
         every: log every ``every``-th step.
-        optimizer: enables ``update_ratio`` and ``learning_rate``.
+        optimizer: enables ``update_ratio`` and ``learning_rate``; a wrapper
+            holding the torch optimizer as ``.optimizer`` (accelerate,
+            Lightning, ZeRO) is unwrapped.
         scaler: a ``torch.amp.GradScaler``, so that scaled gradients are
             recorded unscaled and skipped steps are recorded as such.
         include, exclude: glob patterns over parameter and activation-site
@@ -141,7 +161,7 @@ class Diagnostics:
         *,
         logdir: Optional[Union[str, os.PathLike]] = None,
         every: int = DEFAULT_EVERY,
-        optimizer: Optional[torch.optim.Optimizer] = None,
+        optimizer: Any = None,
         scaler: Any = None,
         include: Union[str, Sequence[str], None] = None,
         exclude: Union[str, Sequence[str], None] = None,
@@ -168,8 +188,8 @@ class Diagnostics:
             raise ValueError("pass either writer or logdir, not both")
         if logdir is not None and not isinstance(logdir, (str, os.PathLike)):
             raise TypeError(f"logdir must be a path, got {type(logdir).__name__}")
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if optimizer is not None:
+            optimizer = unwrap_optimizer(optimizer)  # accelerate/Lightning/ZeRO wrappers: hooks go on the real one
         if scaler is not None and not amp.is_scaler(scaler):
             raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
         if isinstance(write_rank, bool) or not isinstance(write_rank, numbers.Integral) or write_rank < 0:
@@ -205,6 +225,7 @@ class Diagnostics:
         self._structure_sites: Optional[tuple[str, ...]] = None
         self._cost = CostMeter(self.every)
         self._prev_logged = False
+        self._grad_norm_preclip: Optional[LossLike] = None  # step(grad_norm=), for _log_values
 
         # Integer parameters (possible with requires_grad=False) have no norms to speak of.
         self._params = [
@@ -227,7 +248,10 @@ class Diagnostics:
 
         self._updates: Optional[UpdateRatio] = None
         if update_ratio and optimizer is not None:
-            self._updates = UpdateRatio(optimizer, self._params, self._report)
+            try:
+                self._updates = UpdateRatio(optimizer, self._params, self._report)
+            except Exception as e:  # an optimizer that refuses hooks costs only this diagnostic
+                self._report("update_ratio", e)
 
         if distributed.initialized():
             self._ensure_sink()
@@ -276,6 +300,7 @@ class Diagnostics:
         step: int,
         loss: Optional[LossLike] = None,
         losses: Optional[Mapping[str, LossLike]] = None,
+        grad_norm: Optional[LossLike] = None,
     ) -> None:
         """Record diagnostics for optimizer step `step` if it is a logged step.
 
@@ -284,6 +309,11 @@ class Diagnostics:
         1-D per-sample tensors from ``reduction="none"``, whose spread is
         recorded too). Steps must increase. A failure inside a diagnostic is
         reported once as a `DiagnosticsWarning`, never raised.
+
+        `grad_norm` is the global gradient norm before clipping (a float or a
+        0-d tensor, e.g. what ``torch.nn.utils.clip_grad_norm_`` returns),
+        recorded as ``grad_norm_preclip``; ``grad_norm_total`` is measured
+        here, after clipping, so the two show how much clipping changed.
         """
         if self._closed:
             raise RuntimeError("Diagnostics.step() called after close()")
@@ -294,9 +324,16 @@ class Diagnostics:
         step = int(step)
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
+        if step == self._last_step and self._updates is not None and self._updates.in_closure_step:
+            # LBFGS calls the closure again within one optimizer step: the first call is the step's record,
+            # the later forwards are not the next step's.
+            if self._capture is not None:
+                self._capture.clear()
+            return
         if self._last_step is not None and step <= self._last_step:
             raise ValueError(f"step must increase: got {step} after {self._last_step}")
         loss_items = check_losses(loss, losses)
+        self._grad_norm_preclip = None if grad_norm is None else check_scalar("grad_norm", grad_norm)
 
         self._prev_step, self._last_step = self._last_step, step
         logged = self.should_log(step)
@@ -364,16 +401,7 @@ class Diagnostics:
         return not any(fnmatch.fnmatchcase(name, p) for p in self._exclude)
 
     def _report(self, where: str, exc: BaseException) -> None:
-        key = f"{where}:{type(exc).__name__}"
-        if key in self._warned:
-            return
-        self._warned.add(key)
-        warnings.warn(
-            f"tb-diag: {where} failed ({type(exc).__name__}: {exc}); training continues, "
-            "this diagnostic may be missing. Reported once.",
-            DiagnosticsWarning,
-            stacklevel=3,
-        )
+        warn_once(self._warned, where, exc, stacklevel=3)
 
     def _write(self, fn: Callable[..., None], *args: Any) -> None:
         """Call a sink method; a failing disk or a removed logdir is one warning, not a crash."""
@@ -458,6 +486,9 @@ class Diagnostics:
             parts.append(distributed.finish_sites(site_totals, reduce))
         loss_names, loss_values, spread_names, spreads = loss_tensors(loss_items, device, reduce)
         parts += [loss_values, spreads]
+        preclip = self._grad_norm_preclip  # as given: it is the global norm already
+        if preclip is not None:
+            parts.append(torch.as_tensor(reductions._local(preclip) if torch.is_tensor(preclip) else preclip))
 
         host = torch.cat([p.reshape(-1).to(device=device, dtype=torch.float32) for p in parts]).cpu().numpy()
 
@@ -517,6 +548,8 @@ class Diagnostics:
             sp = take(len(SPREAD_METRICS) * len(spread_names)).reshape(len(spread_names), -1)
             for j, metric in enumerate(SPREAD_METRICS):
                 items.append((metric, spread_names, (), sp[:, j]))
+        if preclip is not None:
+            items.append((metadata.GRAD_NORM_PRECLIP, [""], (), take(1)))
         if self._optimizer is not None:
             groups = self._optimizer.param_groups
             lr_names = [""] if len(groups) == 1 else [f"group{i}" for i in range(len(groups))]

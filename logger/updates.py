@@ -7,6 +7,12 @@ moments before (taken again only if a weight changed in between); the
 post-hook subtracts the new values in place and takes the norms of the
 difference. Nothing is copied on steps that are not logged. The result is
 written at the next `step()` or `close()`, under the logged step's number.
+
+Closure-driven steps (`opt.step(closure)`: LBFGS, Lightning) run the forward
+and backward, and so `Diagnostics.step()`, inside the optimizer's step, after
+the pre-hook. The pre-hook then wraps the closure: the snapshot is taken when
+its first call returns, i.e. of the weights right before the update (LBFGS
+calls it again at new weights: ‖Δw‖ spans the whole step).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ class UpdateRatio:
         on_error: Callable[[str, BaseException], None],
     ) -> None:
         self._params = list(params)
+        self.in_closure_step = False  # an `opt.step(closure)` is running and has called its closure
         self._on_error = on_error
         self.pending: Optional[int] = None  # the logged step whose optimizer step to measure
         self.result: Optional[tuple[int, list[str], torch.Tensor]] = None
@@ -39,7 +46,15 @@ class UpdateRatio:
         self._old_norms: Optional[torch.Tensor] = None
         # (step, `_weight_keys` of every parameter, their local norms) from `offer_weight_norms`.
         self._offered: Optional[tuple[int, list[tuple[int, int, int]], torch.Tensor]] = None
-        self._handles = [
+        self._handles: list[Any] = []
+        self.watch(optimizer)
+
+    def watch(self, optimizer: torch.optim.Optimizer) -> None:
+        """Measure the steps of `optimizer` too (one more optimizer over some of the same parameters).
+
+        Only the parameters that the stepping optimizer holds are measured.
+        """
+        self._handles += [
             optimizer.register_step_pre_hook(self._before),
             optimizer.register_step_post_hook(self._after),
         ]
@@ -72,21 +87,47 @@ class UpdateRatio:
             flat = None
         return norms, flat
 
-    def _before(self, optimizer, args, kwargs) -> None:
+    def _before(self, optimizer, args, kwargs) -> Optional[tuple[tuple, dict]]:
+        self.in_closure_step = False
+        # `args` starts with the optimizer itself (torch passes the step's own *args).
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if callable(closure):  # the gradients (and the step() call) come from inside it: snapshot after it
+            self.in_closure_step = True
+            wrapped = self._after_closure(optimizer, closure)
+            if "closure" in kwargs:
+                return args, {**kwargs, "closure": wrapped}
+            return (args[0], wrapped, *args[2:]), kwargs
+        self._snapshot_now(optimizer)
+        return None
+
+    def _after_closure(self, optimizer: torch.optim.Optimizer, closure: Callable[[], Any]) -> Callable[[], Any]:
+        first = True
+
+        def closure_then_snapshot() -> Any:
+            nonlocal first
+            out = closure()
+            if first:  # later calls (LBFGS) run at weights the step has already moved
+                first = False
+                self._snapshot_now(optimizer)
+            return out
+
+        return closure_then_snapshot
+
+    def _snapshot_now(self, optimizer: torch.optim.Optimizer) -> None:
         if self.pending is None:
-            return None
+            return
         start = time.perf_counter()
         try:
             with torch.no_grad():
-                self._take_snapshot()
+                self._take_snapshot(optimizer)
         except Exception as e:
             self.pending = None
             self._on_error("update_ratio", e)
         self.cost_s += time.perf_counter() - start
-        return None
 
-    def _take_snapshot(self) -> None:
-        idx = [i for i, (_, p) in enumerate(self._params) if p.grad is not None]
+    def _take_snapshot(self, optimizer: torch.optim.Optimizer) -> None:
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        idx = [i for i, (_, p) in enumerate(self._params) if p.grad is not None and id(p) in held]
         params = [self._params[i] for i in idx]
         local = [reductions._local(p) for _, p in params]
         # The offer holds these weights' norms (and their flat copy, for many small parameters)
@@ -109,6 +150,7 @@ class UpdateRatio:
         self._old_norms = norms.to(self._device())
 
     def _after(self, optimizer, args, kwargs) -> None:
+        self.in_closure_step = False
         step, self.pending = self.pending, None
         if step is None or self._snapshot is None or self._old_norms is None:
             return None

@@ -185,6 +185,12 @@ def contract_dict() -> dict:
     }
 
 
+# Whole model, from `Diagnostics.step(grad_norm=)` (the Trainer callback passes the Trainer's):
+# the global gradient norm before clipping; `grad_norm_total` is the one after.
+GRAD_NORM_PRECLIP = "grad_norm_preclip"
+MODEL_METRICS += (GRAD_NORM_PRECLIP,)
+ALL_METRICS += (GRAD_NORM_PRECLIP,)
+
 STRUCTURE_TAG = PLUGIN_NAME + "/_structure"
 
 

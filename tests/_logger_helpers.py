@@ -13,6 +13,25 @@ from torch import nn
 from tb_diag_plugin.reading import LocalReader, Series
 
 
+def train_small(writer, steps: range, seed: int = 0) -> None:
+    """A few steps of a tiny MLP (ReLU and sigmoid sites) logged at every step through `writer`, flushed."""
+    from tb_diag_logger import Diagnostics
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.Sigmoid(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    diag = Diagnostics(model, writer, every=1, optimizer=opt)
+    x = torch.randn(16, 4)
+    for step in steps:
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        diag.step(step, loss=loss)
+        opt.step()
+    diag.close()
+    writer.flush()
+
+
 class _TinyBlock(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -15,7 +15,7 @@ from tensorboard.plugins import base_plugin
 from tensorboard.plugins.core import core_plugin
 from tensorboard.plugins.scalar import scalars_plugin
 
-from tb_diag_plugin.diagnostics_plugin import DiagnosticsLoader
+from tb_diag_plugin.diagnostics_plugin import Config, DiagnosticsLoader
 
 
 class Server:
@@ -54,8 +54,11 @@ class Server:
 
 
 @contextlib.contextmanager
-def serve_with_plugin(logdir: str, load_fast: bool = False, extra: Sequence[str] = ()) -> Iterator[tuple]:
-    """`serve` (core, scalars and Diagnostics plugins), yielding (server, the DiagnosticsPlugin object)."""
+def serve_with_plugin(
+    logdir: str, load_fast: bool = False, extra: Sequence[str] = (), config: Optional[Config] = None
+) -> Iterator[tuple]:
+    """`serve` (core, scalars and Diagnostics plugins), yielding (server, the DiagnosticsPlugin object);
+    `config` sets what no flag does. The plugin is closed (every thread of it stopped) on exit."""
     made: list = []
 
     class Capturing(DiagnosticsLoader):
@@ -63,9 +66,13 @@ def serve_with_plugin(logdir: str, load_fast: bool = False, extra: Sequence[str]
             made.append(super().load(context))
             return made[-1]
 
-    plugins = [core_plugin.CorePluginLoader(), base_plugin.BasicLoader(scalars_plugin.ScalarsPlugin), Capturing()]
+    plugins = [core_plugin.CorePluginLoader(), base_plugin.BasicLoader(scalars_plugin.ScalarsPlugin),
+               Capturing(config)]
     with serve(logdir, load_fast=load_fast, extra=extra, plugins=plugins) as srv:
-        yield srv, made[0]
+        try:
+            yield srv, made[0]
+        finally:
+            made[0].close()
 
 
 @contextlib.contextmanager

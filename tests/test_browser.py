@@ -729,3 +729,34 @@ def test_empty_logdir_says_so_until_a_run_appears(browser, tmp_path):
             own.assert_clean()
         finally:
             context.close()
+
+
+def test_model_view_draws_the_tree_before_the_findings(browser, tmp_path):
+    """The model view does not wait for the findings: while they cannot be computed (background work held
+    by a request in flight) the tree is drawn and says its verdicts are pending; they are added when ready."""
+    from tb_diag_plugin.diagnostics_plugin import Config
+    from tbserver import serve_with_plugin
+
+    _train(tmp_path / "r", steps=12)
+    config = Config(read_ahead_yield_s=600, findings_wait_s=0.0)
+    with serve_with_plugin(str(tmp_path), extra=["--diagnostics_preload", "false"], config=config) as (srv, plugin):
+        srv.wait_for_runs(1)
+        context = browser.new_context(viewport={"width": 1440, "height": 1000})
+        try:
+            page = context.new_page()
+            with plugin.store.foreground():  # the read-ahead, which computes the findings, waits
+                page.goto(srv.url + "#diagnostics")
+                frame = Tab._find_frame(type("Page", (), {"page": page})())
+                frame.click('[data-tab="model"]')
+                frame.wait_for_function("document.querySelectorAll('.tree .node').length > 0", timeout=60_000)
+                assert len(plugin.store.findings_cache) == 0, "the tree waited for the findings"
+                names = frame.evaluate("[...document.querySelectorAll('.tree .node')].map(n => n.dataset.module)")
+                structure = srv.plugin("structure?run=r")["structure"]["modules"]
+                assert names == [m["name"] for m in structure]
+                assert frame.evaluate("document.querySelector('.model-body').dataset.findings") == "pending"
+            frame.wait_for_function("document.querySelector('[data-view=\"model\"]').dataset.state === 'ready'",
+                                    timeout=60_000)
+            assert frame.evaluate("document.querySelector('.model-body').dataset.findings") == "ready"
+            assert len(plugin.store.findings_cache) == 1
+        finally:
+            context.close()

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from tensorboard.compat.proto import summary_pb2
 
-from tb_diag_plugin import downsample, metadata, plugin_data_pb2
+from tb_diag_plugin import metadata, plugin_data_pb2
 from tb_diag_plugin.diagnostics_plugin import DEFAULT_SAMPLES, DiagnosticsLoader
+from tb_diag_plugin.reading import downsample
 
 
 def test_metadata_round_trip():

@@ -298,8 +298,8 @@ def test_fuzzed_route_parameters_never_500(damaged_server):
 
 
 @pytest.mark.parametrize("load_fast", [False, True], ids=["python_loader", "rust_data_server"])
-def test_fast_read_path_equals_the_public_api(damaged_logdir, tmp_path, load_fast, monkeypatch):
-    """The plugin joins the loaded protos' float32 bytes itself (reading._read_raw); on every
+def test_fast_read_path_equals_the_public_api(damaged_logdir, tmp_path, load_fast):
+    """The plugin joins the loaded protos' float32 bytes itself (reading.provider); on every
     metric of every damaged run, and on float64 and wrong-shape tensors, it gives exactly what
     TensorBoard's public read_tensors gives. Under the Python loader its listing (no walk over every
     event) names the same tags, problems and latest steps as list_tensors."""
@@ -335,9 +335,8 @@ def test_fast_read_path_equals_the_public_api(damaged_logdir, tmp_path, load_fas
         ):
             assert time.time() < deadline
             time.sleep(0.2)
-        with monkeypatch.context() as m:  # the listing: the Python loader's fast one against list_tensors
-            m.setattr(reading, "_multiplexer_listing", lambda provider: None)
-            public_index = reading.index_runs(provider, ctx, "")
+        # the listing: the Python loader's fast one against list_tensors
+        public_index = reading.index_runs(provider, ctx, "", internals=())
         assert sorted(public_index) == sorted(index)
         for run, idx in index.items():
             other = public_index[run]
@@ -347,9 +346,7 @@ def test_fast_read_path_equals_the_public_api(damaged_logdir, tmp_path, load_fas
         for run, idx in index.items():
             for metric in idx.tags:
                 fast = reading.read_series(provider, ctx, "", run, metric, idx, reading.ALL_SAMPLES)
-                with monkeypatch.context() as m:
-                    m.setattr(reading, "_read_raw", lambda *a: None)
-                    public = reading.read_series(provider, ctx, "", run, metric, idx, reading.ALL_SAMPLES)
+                public = reading.read_series(provider, ctx, "", run, metric, idx, reading.ALL_SAMPLES, internals=())
                 assert fast[1] == public[1], (run, metric)
                 a, b = fast[0], public[0]
                 assert (a.layers, a.layer_types) == (b.layers, b.layer_types)

@@ -12,7 +12,7 @@ from tensorboard.compat.tensorflow_stub import pywrap_tensorflow
 from torch.utils.tensorboard import SummaryWriter
 
 from tb_diag_logger.summaries import SummarySink
-from tb_diag_plugin import integrity
+from tb_diag_plugin.reading import integrity
 
 LAYERS = ["a.weight", "a.bias"]
 
@@ -122,13 +122,12 @@ def test_run_directory_is_local_only(tmp_path):
     assert integrity.run_directory("", "a") is None
 
 
-def test_big_files_are_checked_in_the_background(tmp_path, monkeypatch):
+def test_big_files_are_checked_in_the_background(tmp_path):
     path = _write(tmp_path, 30)
     data = bytearray(open(path, "rb").read())
     data[_record_offsets(path)[20] + 2] ^= 0xFF
     open(path, "wb").write(bytes(data))
-    monkeypatch.setattr(integrity, "INLINE_BYTES", 0)
-    checker = integrity.EventFileChecker(background=True)
+    checker = integrity.EventFileChecker(background=True, inline_bytes=0)
     first = checker.problems(str(tmp_path))
     deadline = time.time() + 10
     while not (found := checker.problems(str(tmp_path))) and time.time() < deadline:
@@ -137,17 +136,15 @@ def test_big_files_are_checked_in_the_background(tmp_path, monkeypatch):
     assert len(found) == 1 and "record 21" in found[0]
 
 
-def test_a_background_check_waits_while_told_to(tmp_path, monkeypatch):
+def test_a_background_check_waits_while_told_to(tmp_path):
     """The plugin passes a pause (a wait for the requests in flight): the scan calls it every
-    _PAUSE_EVERY records and goes no further until it returns."""
+    `pause_every` records and goes no further until it returns."""
     import threading
 
     path = _write(tmp_path, 30)
     data = bytearray(open(path, "rb").read())
     data[_record_offsets(path)[20] + 2] ^= 0xFF
     open(path, "wb").write(bytes(data))
-    monkeypatch.setattr(integrity, "INLINE_BYTES", 0)
-    monkeypatch.setattr(integrity, "_PAUSE_EVERY", 4)
     go = threading.Event()
     calls = []
 
@@ -155,7 +152,7 @@ def test_a_background_check_waits_while_told_to(tmp_path, monkeypatch):
         calls.append(time.time())
         go.wait(10)
 
-    checker = integrity.EventFileChecker(background=True, pause=pause)
+    checker = integrity.EventFileChecker(background=True, pause=pause, inline_bytes=0, pause_every=4)
     assert checker.problems(str(tmp_path)) == []
     time.sleep(0.5)
     assert len(calls) == 1 and checker.problems(str(tmp_path)) == []  # held at its first pause

@@ -34,6 +34,8 @@ def test_wheel_contents(wheel):
         "tb_diag_plugin/plugin_data.proto",
         "tb_diag_plugin/plugin_data_pb2.py",
         "tb_diag_plugin/http_api.md",
+        "tb_diag_plugin/serving/store.py",
+        "tb_diag_plugin/reading/provider.py",
         "tb_diag_logger/__init__.py",
         "tb_diag_logger/diagnostics.py",
     ):

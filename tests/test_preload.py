@@ -5,30 +5,13 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
-from torch import nn
+from _logger_helpers import train_small as _write
 from torch.utils.tensorboard import SummaryWriter
 
-from tb_diag_logger import Diagnostics
-from tb_diag_plugin import diagnostics_plugin, findings
+from tb_diag_plugin import findings
+from tb_diag_plugin.diagnostics_plugin import Config
 from tb_diag_plugin.reading import LocalReader
 from tbserver import serve_with_plugin
-
-
-def _write(writer: SummaryWriter, steps: range, seed: int = 0) -> None:
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.Sigmoid(), nn.Linear(8, 1))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    diag = Diagnostics(model, writer, every=1, optimizer=opt)
-    x = torch.randn(16, 4)
-    for step in steps:
-        loss = model(x).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        diag.step(step, loss=loss)
-        opt.step()
-    diag.close()
-    writer.flush()
 
 
 def _run(path, steps: range = range(40), seed: int = 0) -> None:
@@ -50,26 +33,25 @@ def _until(cond, what: str, timeout: float = 90):
 def _metrics(plugin, run: str) -> set[str]:
     from tensorboard import context
 
-    return set(plugin._index_for(context.RequestContext(), "")[run].tags)
+    return set(plugin.store.index(context.RequestContext(), "")[run].tags)
 
 
 @pytest.mark.parametrize("load_fast", [False, True], ids=["python_loader", "rust_data_server"])
-def test_a_loaded_run_is_read_before_the_tab_asks(tmp_path, monkeypatch, load_fast):
+def test_a_loaded_run_is_read_before_the_tab_asks(tmp_path, load_fast):
     """Once the run stops changing, every metric and the findings are in memory without a request
     from the tab; the findings the tab then gets are that cached answer, equal to an analysis of
     the event file."""
-    monkeypatch.setattr(diagnostics_plugin, "PRELOAD_POLL_S", 0.2)
-    monkeypatch.setattr(diagnostics_plugin, "PRELOAD_SETTLE_POLL_S", 0.2)
     _run(tmp_path / "r")
-    with serve_with_plugin(str(tmp_path), load_fast=load_fast) as (srv, plugin):
-        _until(lambda: "r" in plugin.preloaded_runs(), "the preload")
-        assert plugin._read_ahead_thread is None, "something but the preload read the run"
-        cached = {key[2] for key in plugin._series._entries if key[1] == "r"}
+    config = Config(preload_poll_s=0.2, preload_settle_poll_s=0.2)
+    with serve_with_plugin(str(tmp_path), load_fast=load_fast, config=config) as (srv, plugin):
+        _until(lambda: "r" in plugin.preloader.preloaded_runs(), "the preload")
+        assert plugin.read_ahead.thread is None, "something but the preload read the run"
+        cached = {key[2] for key in plugin.store.series_cache._entries if key[1] == "r"}
         assert cached == _metrics(plugin, "r") and len(cached) >= 8
-        answers = len(plugin._findings)
+        answers = len(plugin.store.findings_cache)
         assert answers == 1
         body = srv.plugin("findings?run=r")
-        assert len(plugin._findings) == answers, "the findings were computed again"
+        assert len(plugin.store.findings_cache) == answers, "the findings were computed again"
         expected, _ = findings.analyze(LocalReader(str(tmp_path)).series("r"))
         assert sorted(f["rule"] for f in body["findings"]) == sorted(f.rule for f in expected)
 
@@ -80,47 +62,47 @@ def test_the_preload_waits_for_a_run_to_settle_and_reads_it_again_when_it_grows(
     writer = SummaryWriter(str(tmp_path / "live"))
     _write(writer, range(20))
     with serve_with_plugin(str(tmp_path), extra=["--diagnostics_preload", "false"]) as (srv, plugin):
-        assert plugin._preload_thread is None
+        assert plugin.preloader.thread is None
         srv.wait_for_runs(1)
         seen: dict = {}
-        assert plugin._preload_pass(seen) == 0  # first look: not yet known to be settled
-        assert plugin._preload_pass(seen) == 1
-        first = plugin.preloaded_runs()["live"]
-        assert plugin._preload_pass(seen) == 0  # nothing new
+        assert plugin.preloader.look(seen) == 0  # first look: not yet known to be settled
+        assert plugin.preloader.look(seen) == 1
+        first = plugin.preloader.preloaded_runs()["live"]
+        assert plugin.preloader.look(seen) == 0  # nothing new
         _write(writer, range(20, 30), seed=1)
         _until(lambda: srv.plugin("values?run=live&metric=grad_norm")["num_steps"] == 30, "the new steps")
-        time.sleep(diagnostics_plugin.INDEX_TTL_SECONDS)
-        assert plugin._preload_pass(seen) == 0, "a run was read while it was changing"
-        assert plugin._preload_pass(seen) == 1
-        assert plugin.preloaded_runs()["live"] != first
+        time.sleep(plugin.config.index_ttl_s)
+        assert plugin.preloader.look(seen) == 0, "a run was read while it was changing"
+        assert plugin.preloader.look(seen) == 1
+        assert plugin.preloader.preloaded_runs()["live"] != first
         answer = srv.plugin("findings?run=live")
         assert answer["run"] == "live"
     writer.close()
 
 
-def test_the_preload_reads_the_newest_runs_first_and_stops_at_its_budget(tmp_path, monkeypatch):
-    monkeypatch.setattr(diagnostics_plugin, "PRELOAD_BYTES", 1)
+def test_the_preload_reads_the_newest_runs_first_and_stops_at_its_budget(tmp_path):
     _run(tmp_path / "older", seed=1)
     time.sleep(1.1)  # wall times one second apart
     _run(tmp_path / "newer", seed=2)
-    with serve_with_plugin(str(tmp_path), extra=["--diagnostics_preload", "false"]) as (srv, plugin):
+    config = Config(preload_bytes=1)
+    with serve_with_plugin(str(tmp_path), extra=["--diagnostics_preload", "false"], config=config) as (srv, plugin):
         srv.wait_for_runs(2)
         seen: dict = {}
-        plugin._preload_pass(seen)
-        assert plugin._preload_pass(seen) == 1
-        assert set(plugin.preloaded_runs()) == {"newer"}
-        assert plugin._series.size > 0
-        assert {key[1] for key in plugin._series._entries} == {"newer"}
+        plugin.preloader.look(seen)
+        assert plugin.preloader.look(seen) == 1
+        assert set(plugin.preloader.preloaded_runs()) == {"newer"}
+        assert plugin.store.series_cache.size > 0
+        assert {key[1] for key in plugin.store.series_cache._entries} == {"newer"}
 
 
-def test_preload_off_reads_nothing_until_asked(tmp_path, monkeypatch):
-    monkeypatch.setattr(diagnostics_plugin, "PRELOAD_POLL_S", 0.1)
-    monkeypatch.setattr(diagnostics_plugin, "PRELOAD_SETTLE_POLL_S", 0.1)
+def test_preload_off_reads_nothing_until_asked(tmp_path):
     _run(tmp_path / "r")
-    with serve_with_plugin(str(tmp_path), extra=["--diagnostics_preload", "false"]) as (srv, plugin):
+    config = Config(preload_poll_s=0.1, preload_settle_poll_s=0.1)
+    with serve_with_plugin(str(tmp_path), extra=["--diagnostics_preload", "false"], config=config) as (srv, plugin):
         srv.wait_for_runs(1)
         time.sleep(1.0)
-        assert plugin._preload_thread is None and len(plugin._series) == 0 and not plugin.preloaded_runs()
+        assert plugin.preloader.thread is None and len(plugin.store.series_cache) == 0
+        assert not plugin.preloader.preloaded_runs()
 
 
 def test_a_run_that_fails_to_read_does_not_stop_the_others(tmp_path):
@@ -131,7 +113,7 @@ def test_a_run_that_fails_to_read_does_not_stop_the_others(tmp_path):
     with serve_with_plugin(str(tmp_path), extra=["--diagnostics_preload", "false"]) as (srv, plugin):
         srv.wait_for_runs(2)
         tried = []
-        read = plugin._read_whole_run
+        read = plugin.preloader.read_run
 
         def failing_for_bad(ctx, eid, run, idx):
             tried.append(run)
@@ -139,9 +121,9 @@ def test_a_run_that_fails_to_read_does_not_stop_the_others(tmp_path):
                 raise RuntimeError("unreadable")
             return read(ctx, eid, run, idx)
 
-        plugin._read_whole_run = failing_for_bad
+        plugin.preloader.read_run = failing_for_bad
         seen: dict = {}
-        plugin._preload_pass(seen)
-        assert plugin._preload_pass(seen) == 1
-        assert sorted(tried) == ["bad", "good"] and "good" in plugin.preloaded_runs()
-        assert plugin._preload_pass(seen) == 0 and sorted(tried) == ["bad", "good"]
+        plugin.preloader.look(seen)
+        assert plugin.preloader.look(seen) == 1
+        assert sorted(tried) == ["bad", "good"] and "good" in plugin.preloader.preloaded_runs()
+        assert plugin.preloader.look(seen) == 0 and sorted(tried) == ["bad", "good"]

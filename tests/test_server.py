@@ -304,28 +304,28 @@ def test_tags_starts_a_read_ahead_that_fills_the_caches(long_run):
     with _serve_with_plugin(long_run) as (srv, plugin):
         metrics = srv.plugin("tags?run=deep")["metrics"]
         deadline = time.time() + 120
-        while len(plugin._findings) == 0:
+        while len(plugin.store.findings_cache) == 0:
             assert time.time() < deadline, "the read-ahead never finished"
             time.sleep(0.1)
-        cached = {key[2] for key in plugin._series._entries}
+        cached = {key[2] for key in plugin.store.series_cache._entries}
         assert cached == set(metrics)
         # The answer the tab then gets is the cached one, equal to a fresh analysis.
-        before = len(plugin._findings)
+        before = len(plugin.store.findings_cache)
         body = srv.plugin("findings?run=deep")
-        assert len(plugin._findings) == before and body["run"] == "deep"
+        assert len(plugin.store.findings_cache) == before and body["run"] == "deep"
 
 
 def test_read_ahead_waits_while_a_request_is_answered(long_run):
     """The read-ahead yields the CPU to the requests in flight: nothing is read ahead while one
     is being answered, and it goes on once they are done."""
     with _serve_with_plugin(long_run) as (srv, plugin):
-        plugin._series._entries.clear()
-        with plugin._foreground():  # as if a view's request were being answered
+        plugin.store.series_cache._entries.clear()
+        with plugin.store.foreground():  # as if a view's request were being answered
             srv.plugin("tags?run=deep")
             time.sleep(1.5)
-            assert len(plugin._series) == 0, "the read-ahead read while a request was in flight"
+            assert len(plugin.store.series_cache) == 0, "the read-ahead read while a request was in flight"
         deadline = time.time() + 120
-        while len(plugin._findings) == 0:
+        while len(plugin.store.findings_cache) == 0:
             assert time.time() < deadline, "the read-ahead never went on"
             time.sleep(0.1)
-        assert len(plugin._series) == len(srv.plugin("tags?run=deep")["metrics"])
+        assert len(plugin.store.series_cache) == len(srv.plugin("tags?run=deep")["metrics"])

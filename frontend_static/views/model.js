@@ -89,12 +89,28 @@ async function render(app, ctx) {
   for (const r of runs) runSel.append(el("option", {value: r.run, selected: r.run === chosen}, r.run));
   runSel.value = chosen;
   const run = runs.find((r) => r.run === chosen);
-  const [struct, tags, found] = await Promise.all([
+  // The tree does not wait for the findings: it is drawn from what is ready, and again with their verdicts.
+  const findings = api.findings(run.run).catch((e) => e);
+  const [struct, tags] = await Promise.all([
     run.has_structure ? api.structure(run.run).catch((e) => e) : Promise.resolve(null),
     api.tags(run.run).catch((e) => e),
-    api.findings(run.run).catch((e) => e),
   ]);
   if (ctx.stale()) return;
+  const early = await Promise.race([findings, Promise.resolve(PENDING)]);
+  draw(app, run, struct, tags, early === PENDING ? null : early);
+  if (early !== PENDING) return;
+  body.dataset.findings = "pending";
+  const found = await findings;
+  if (ctx.stale()) return;
+  draw(app, run, struct, tags, found);
+}
+
+const PENDING = Symbol("pending");
+
+// `found`: the /findings answer, an Error, or null while it is pending.
+function draw(app, run, struct, tags, found) {
+  const analysed = found != null && !(found instanceof Error);
+  body.dataset.findings = analysed ? "ready" : found ? "unavailable" : "pending";
   const notes = [];
   let modules;
   if (struct && !(struct instanceof Error) && struct.structure && Array.isArray(struct.structure.modules)) {
@@ -106,8 +122,8 @@ async function render(app, ctx) {
     modules = tags instanceof Error ? [] : modulesFromTags(tags);
   }
   // The findings' per-layer verdicts (the server's rules), folded into their modules.
-  const analysed = found && !(found instanceof Error);
-  if (!analysed) notes.push(`Findings for “${run.run}” are not available${found ? ` (${found.message})` : ""}: nodes are not coloured.`);
+  if (found instanceof Error) notes.push(`Findings for “${run.run}” are not available (${found.message}): nodes are not coloured.`);
+  else if (!analysed) notes.push(`Analysing “${run.run}”: each node is coloured once its findings are ready.`);
   const fromFindings = verdictsByModule(analysed ? found.layers || {} : {});
   const own = new Map();
   for (const m of modules) {

@@ -29,13 +29,13 @@ except ImportError:  # pragma: no cover - depends on the platform's wheels
 # next flush (SummaryWriter flushes every 120 s by default): an incomplete tail
 # is reported only once the file has not changed for longer than that.
 STALE_SECONDS = 150.0
-# New bytes up to this size are checked inside the request, cheaply; more (a
-# big run's first look) go to a background thread, answered on the next poll.
+# New bytes up to this size are checked inside the request; beyond it a
+# background thread checks them and the answer appears on the tab's next poll.
 INLINE_BYTES = 8 << 20
 _HEADER = struct.Struct("<QI")
 
 
-_PAUSE_EVERY = 512  # records between two calls of a background scan's `pause`
+PAUSE_EVERY = 512  # records between two calls of a background scan's `pause`
 
 
 def masked_crc32c(data: bytes) -> int:
@@ -79,14 +79,21 @@ class EventFileChecker:
         verify_data: Optional[bool] = None,
         background: bool = False,
         pause: Optional[Callable[[], None]] = None,
+        inline_bytes: int = INLINE_BYTES,
+        pause_every: int = PAUSE_EVERY,
     ) -> None:
-        """`pause`, if given, is called by a background scan every few hundred records: the plugin
-        passes a wait for the requests in flight, so that the scan does not slow the view being drawn."""
+        """`pause`, if given, is called by a background scan every `pause_every` records: the plugin
+        passes a wait for the requests in flight, so that the scan does not slow the view being drawn.
+        New bytes beyond `inline_bytes` in one file are checked in the background (with `background`)."""
         # Without a fast CRC only the lengths' checksums are verified: that finds
         # truncation and damaged headers, not a flipped byte inside a record.
         self.verify_data = _FAST_CRC if verify_data is None else verify_data
         self.background = background
         self._pause = pause
+        self.inline_bytes = inline_bytes
+        self.pause_every = pause_every
+        self._closed = threading.Event()
+        self._threads: set[threading.Thread] = set()
         self._files: dict[str, _FileState] = {}
         self._busy: set[str] = set()  # files a background scan is reading
         self._lock = threading.Lock()
@@ -120,12 +127,16 @@ class EventFileChecker:
             if state is None or st.st_size < state.size:  # new, or rewritten from scratch
                 state = self._files[path] = _FileState()
             stale = state.corrupt is None and (st.st_size != state.size or st.st_mtime != state.mtime)
-            if stale and self.background and st.st_size - state.offset > INLINE_BYTES:
+            if stale and self.background and st.st_size - state.offset > self.inline_bytes:
+                if self._closed.is_set():
+                    return None
                 self._busy.add(path)
-                threading.Thread(
+                thread = threading.Thread(
                     target=self._scan_in_background, args=(path, state, st), daemon=True,
                     name="tb-diag-integrity",
-                ).start()
+                )
+                self._threads.add(thread)
+                thread.start()
                 return None
             if stale:
                 self._scan(path, state, st.st_size)
@@ -141,6 +152,15 @@ class EventFileChecker:
         finally:
             with self._lock:
                 self._busy.discard(path)
+                self._threads.discard(threading.current_thread())
+
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Stop the background scans (each at its next pause point) and wait for them."""
+        self._closed.set()
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(timeout)
 
     @staticmethod
     def _describe(state: _FileState, st: os.stat_result, now: float) -> Optional[str]:
@@ -164,7 +184,9 @@ class EventFileChecker:
     def _walk(self, f, path: str, state: _FileState, size: int, pause: Optional[Callable[[], None]] = None) -> None:
         f.seek(state.offset)
         while state.offset + _HEADER.size <= size:
-            if pause is not None and state.records % _PAUSE_EVERY == 0:
+            if pause is not None and state.records % self.pause_every == 0:
+                if self._closed.is_set():
+                    return  # closed: the scan is left unfinished
                 pause()
             header = f.read(_HEADER.size)
             if len(header) < _HEADER.size:

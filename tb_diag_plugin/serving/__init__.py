@@ -1,0 +1,1 @@
+"""What serves the tab: configuration, the run store and its caches, background reading, wire formats."""

@@ -1,0 +1,167 @@
+"""The run store: what the plugin has read through the data provider, cached per data version.
+
+TensorBoard's own plugins keep no state (the data provider is the store);
+this one caches for speed, so the caches, the listing, the integrity checker
+and the bookkeeping that lets background work yield to requests live here,
+in one object with a `close()`. No threads of its own but the integrity
+checker's; the background readers (`background`) fill it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import threading
+import time
+from typing import Any, Iterator, Optional
+
+from tb_diag_plugin import cache
+from tb_diag_plugin.reading import ALL_SAMPLES, RunIndex, Series, index_runs, integrity, read_series
+from tb_diag_plugin.serving.config import Config
+
+
+class RunStore:
+    """Listings, merged series, encoded answers and findings of the runs behind one data provider."""
+
+    def __init__(self, provider: Any, logdir: str, config: Config) -> None:
+        self.provider = provider
+        self.logdir = logdir
+        self.config = config
+        self.series_cache = cache.ByteLRU(config.series_cache_bytes)
+        self.answers = cache.ByteLRU(config.answer_cache_bytes)
+        self.findings_cache = cache.ByteLRU(config.findings_cache_bytes)
+        self._findings_recent: dict[tuple[str, str], tuple[float, dict]] = {}  # (eid, run) -> (until, answer)
+        self._lock = threading.Lock()
+        self._findings_put = threading.Condition(self._lock)
+        self._listing: dict[str, tuple[float, dict[str, RunIndex]]] = {}
+        # Requests being answered: background work waits while there are any, so that the view the
+        # user is looking at does not share the CPU with it.
+        self._busy = 0
+        self._idle = threading.Condition(self._lock)
+        self.closed = threading.Event()
+        self.integrity = integrity.EventFileChecker(
+            background=True, pause=self.wait_idle, inline_bytes=config.integrity_inline_bytes
+        )
+
+    # ------------------------------------------------------------ runs
+    def index(self, ctx, eid: str) -> dict[str, RunIndex]:
+        """The runs with diagnostics, listed at most once per `config.index_ttl_s`."""
+        now = time.monotonic()
+        with self._lock:
+            hit = self._listing.get(eid)
+        if hit is not None and now - hit[0] < self.config.index_ttl_s:
+            return hit[1]
+        runs = index_runs(self.provider, ctx, eid)
+        with self._lock:
+            self._listing[eid] = (now, runs)
+        return runs
+
+    def problems(self, run: str, idx: RunIndex) -> list[str]:
+        """What cannot be shown for `run`: skipped tags, and damage in its event files."""
+        return idx.problems + self.integrity.run_problems(self.logdir, run)
+
+    # ---------------------------------------------------------- series
+    def series(self, ctx, eid: str, run: str, metric: str, idx: RunIndex) -> tuple[Series, list[str]]:
+        """A metric's merged series and its problems, cached until one of its tags gains a step."""
+        return self.series_and_key(ctx, eid, run, metric, idx)[:2]
+
+    def series_and_key(self, ctx, eid: str, run: str, metric: str, idx: RunIndex):
+        """(series, problems, cache key): the key names the data version the series was read at."""
+        key = (eid, run, metric, idx.version(metric))
+        series, problems = self.series_cache.get(
+            key, lambda: read_series(self.provider, ctx, eid, run, metric, idx, ALL_SAMPLES)
+        )
+        return series, problems, key
+
+    # -------------------------------------------------------- findings
+    def findings(self, ctx, eid: str, run: str, idx: RunIndex) -> dict:
+        """The run's findings answer, cached per data version.
+
+        While a run grows each poll brings a new version; the previous answer is kept for ten times
+        as long as it took to compute (at most a minute), so a big live run is not re-analysed at
+        every poll while a small one is.
+        """
+        from tb_diag_plugin import findings
+
+        key = (eid, run, idx.data_version())
+        hit = self.findings_cache.peek(key)
+        if hit is not None:
+            return hit
+        recent = self._recent(eid, run, fresh=True)
+        if recent is not None:
+            return recent
+
+        def compute():
+            t0 = time.monotonic()
+            # Two reads at a time: a read mostly waits for the data server or numpy, which free the GIL.
+            metrics = sorted(idx.tags)
+            with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="tb-diag-findings") as pool:
+                read = list(pool.map(lambda m: self.series(ctx, eid, run, m, idx)[0], metrics))
+            series = dict(zip(metrics, read))
+            found, skipped = findings.analyze(series)
+            answer = {"run": run, "findings": [f.to_dict(run) for f in found], "skipped": skipped,
+                      "layers": findings.layer_verdicts(found, series)}
+            done = time.monotonic()
+            with self._lock:
+                self._findings_recent[(eid, run)] = (done + min(60.0, 10 * (done - t0)), answer)
+            return answer
+
+        answer = self.findings_cache.get(key, compute)
+        with self._findings_put:
+            self._findings_put.notify_all()
+        return answer
+
+    def findings_if_ready(self, eid: str, run: str, idx: RunIndex, timeout: float) -> tuple[Optional[dict], bool]:
+        """(answer, complete) without computing: the findings of the run's current data if they are
+        computed within `timeout` seconds (by someone else), else the latest answer for an older
+        version of the run (or None) with complete=False."""
+        key = (eid, run, idx.data_version())
+        deadline = time.monotonic() + timeout
+        while True:
+            hit = self.findings_cache.peek(key)
+            if hit is not None:
+                return hit, True
+            recent = self._recent(eid, run, fresh=True)
+            if recent is not None:
+                return recent, True
+            left = deadline - time.monotonic()
+            if left <= 0 or self.closed.is_set():
+                return self._recent(eid, run, fresh=False), False
+            with self._findings_put:
+                self._findings_put.wait(left)
+
+    def _recent(self, eid: str, run: str, fresh: bool) -> Optional[dict]:
+        with self._lock:
+            recent = self._findings_recent.get((eid, run))
+        if recent is None or (fresh and time.monotonic() >= recent[0]):
+            return None
+        return recent[1]
+
+    # ------------------------------------------ requests and background
+    @contextlib.contextmanager
+    def foreground(self) -> Iterator[None]:
+        """Marks a request's work: background work yields to it."""
+        with self._lock:
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._busy -= 1
+                if not self._busy:
+                    self._idle.notify_all()
+
+    def wait_idle(self) -> None:
+        """Until no request is being answered (at most `config.read_ahead_yield_s`, so a busy tab
+        cannot starve background work), or the store is closed."""
+        with self._lock:
+            self._idle.wait_for(lambda: self._busy == 0 or self.closed.is_set(),
+                                timeout=self.config.read_ahead_yield_s)
+
+    def close(self) -> None:
+        """Wake every waiter and stop the integrity checker's scans; the caches stay readable."""
+        self.closed.set()
+        with self._lock:
+            self._idle.notify_all()
+            self._findings_put.notify_all()
+        self.integrity.close()

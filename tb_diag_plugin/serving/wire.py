@@ -1,0 +1,158 @@
+"""What goes over HTTP: query arguments in, JSON errors and the /values answer (JSON or f32) out."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import struct
+from typing import Callable, Optional
+
+import numpy as np
+from tensorboard import errors
+from tensorboard.backend import http_util
+from werkzeug import wrappers
+
+from tb_diag_plugin.reading import Series, downsample
+
+logger = logging.getLogger(__name__)
+
+
+def json_route(fn: Callable) -> Callable:
+    """Turn typed errors and bad input into 4xx JSON; never a traceback."""
+
+    @functools.wraps(fn)
+    @wrappers.Request.application
+    def wrapper(self, request):
+        try:
+            return fn(self, request)
+        except errors.PublicError as e:
+            return http_util.Respond(
+                request, {"error": str(e)}, "application/json", code=e.http_code
+            )
+        except Exception as e:  # a bug of ours: logged in full, answered without a traceback
+            logger.exception("diagnostics route %s failed", request.path)
+            return http_util.Respond(
+                request, {"error": f"internal error ({type(e).__name__}); see the TensorBoard log"},
+                "application/json", code=500,
+            )
+
+    return wrapper
+
+
+def arg_int(request, name: str, default: Optional[int], lo: int, hi: int) -> Optional[int]:
+    """The integer query argument `name`, or `default`; InvalidArgumentError outside [lo, hi]."""
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise errors.InvalidArgumentError(f"{name} must be an integer, got {raw[:40]!r}") from None
+    if not lo <= value <= hi:
+        raise errors.InvalidArgumentError(f"{name} must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def arg_bool(request, name: str) -> bool:
+    """The query argument `name` as true/false (absent: false)."""
+    raw = request.args.get(name, "false")
+    if raw not in ("true", "false"):
+        raise errors.InvalidArgumentError(f"{name} must be true or false, got {raw[:20]!r}")
+    return raw == "true"
+
+
+def respond(request, body: bytes, content_type: str, encoding: Optional[str]):
+    return http_util.Respond(request, body, content_type, content_encoding=encoding)
+
+
+def values_answer(run: str, metric: str, series: Series, problems: list[str], points: int,
+                  start: Optional[int], end: Optional[int], fmt: str, wanted: list[str]):
+    """(body, content type, content encoding) of a /values answer: the layers `wanted` (all when empty)
+    between steps `start` and `end`, binned to at most `points` rows."""
+    cols = np.arange(len(series.layers))
+    if wanted:
+        pos = {n: j for j, n in enumerate(series.layers)}
+        missing = [w for w in wanted if w not in pos]
+        if missing:
+            raise errors.NotFoundError(f"metric {metric!r} has no layer {missing[0][:200]!r}")
+        cols = np.array([pos[w] for w in wanted], dtype=np.int64)
+    window = downsample.step_window(series.steps, start, end)
+    values, present = series.values[window], series.present[window]  # views, not copies
+    if wanted:
+        values, present = values[:, cols], present[:, cols]
+    b = downsample.bin_steps(series.steps[window], values, present, points)
+    header = {
+        "run": run,
+        "metric": metric,
+        "layers": [series.layers[j] for j in cols],
+        "layer_types": [series.layer_types[j] for j in cols],
+        "num_steps": int(series.steps.size),
+        "first_step": int(series.steps[0]) if series.steps.size else None,
+        "last_step": int(series.steps[-1]) if series.steps.size else None,
+        "binned": b.binned,
+        "problems": problems,
+    }
+    if fmt == "f32":
+        return _f32_body(header, b)
+    absent = b.present == 0
+    header.update(
+        steps=b.step_first.tolist(),
+        step_last=b.step_last.tolist(),
+        values=_json_matrix(b.mean, absent),
+    )
+    if b.binned:
+        header.update(min=_json_matrix(b.min, absent), max=_json_matrix(b.max, absent),
+                      nonfinite=b.nonfinite.astype(np.int64).tolist())
+    return json.dumps(_cleanse(header), allow_nan=False).encode("utf-8"), "application/json", None
+
+
+def _f32_body(header: dict, b: downsample.Binned):
+    # Not gzipped: float32 values barely compress. The counts go as the smallest unsigned type that
+    # holds them, and min/max only when rows are bins (else they equal mean).
+    arrays = [("step_first", b.step_first.astype(np.float64)), ("step_last", b.step_last.astype(np.float64)),
+              ("mean", b.mean)]
+    if b.binned:
+        arrays += [("min", b.min), ("max", b.max)]
+    arrays += [("nonfinite", _counts(b.nonfinite)), ("present", _counts(b.present))]
+    offset = 0
+    layout = []
+    chunks = []
+    for name, arr in arrays:
+        dtype = np.dtype(arr.dtype).newbyteorder("<")
+        data = np.ascontiguousarray(arr, dtype=dtype).tobytes()
+        layout.append({"name": name, "dtype": np.dtype(arr.dtype).name, "shape": list(arr.shape), "offset": offset})
+        chunks.append(data)
+        offset += len(data)
+        pad = -offset % 8  # every array starts 8-byte aligned, so the browser can view it in place
+        chunks.append(b"\0" * pad)
+        offset += pad
+    header["arrays"] = layout
+    head = json.dumps(header, allow_nan=False).encode("utf-8")
+    head += b" " * (-(len(head) + 4) % 8)
+    body = struct.pack("<I", len(head)) + head + b"".join(chunks)
+    return body, "application/octet-stream", None
+
+
+def _counts(a: np.ndarray) -> np.ndarray:
+    """Whole-number counts in the smallest of uint8, uint16 or float32 that holds them."""
+    top = float(a.max()) if a.size else 0.0
+    if top <= 255:
+        return a.astype(np.uint8)
+    if top <= 65535:
+        return a.astype(np.uint16)
+    return a.astype(np.float32)
+
+
+def _cleanse(obj):
+    """TensorBoard's JSON convention: NaN and infinities as strings."""
+    from tensorboard.backend import json_util
+
+    return json_util.Cleanse(obj)
+
+
+def _json_matrix(values: np.ndarray, absent: np.ndarray) -> list:
+    """Rows as lists; absent cells null, non-finite cells as TensorBoard's JSON strings."""
+    out = values.astype(object)
+    out[absent] = None
+    return out.tolist()
