@@ -184,17 +184,19 @@ export function runs() {
   return getJSON("runs");
 }
 
-// Cheap change detection for live updates: the newest step of a small metric.
-export async function stamp(run, metrics) {
-  const probe = ["loss", "grad_norm_total", "learning_rate"].find((m) => metrics.includes(m)) || metrics[0];
+// Cheap change detection for live updates: the newest step of a small metric
+// (the first of `probes` the run records).
+export async function stamp(run, metrics, probes) {
+  const probe = probes.find((m) => metrics.includes(m)) || metrics[0];
   if (!probe) return "empty";
   const body = await getJSON("values", {run, metric: probe, points: 1});
   return `${probe}:${body.num_steps}:${body.last_step}:${metrics.length}`;
 }
 
-// Gradient-to-weight ratio from grad_norm and weight_norm, matched by layer
-// name and step. For bins it is the ratio of the bin means.
-export function ratio(g, w) {
+// A derived metric (`metric`, e.g. the gradient-to-weight ratio) as the ratio
+// g / w of two recorded ones, matched by layer name and step. For bins it is
+// the ratio of the bin means.
+export function ratio(g, w, metric) {
   const layers = g.layers.filter((n) => w.layers.includes(n));
   const gi = layers.map((n) => g.layerIndex(n));
   const wi = layers.map((n) => w.layerIndex(n));
@@ -217,7 +219,7 @@ export function ratio(g, w) {
     }
   }
   return new Values(
-    {run: g.run, metric: "grad_to_weight", layers, layer_types: layers.map(() => ""), num_steps: g.numSteps,
+    {run: g.run, metric, layers, layer_types: layers.map(() => ""), num_steps: g.numSteps,
      first_step: g.firstStep, last_step: g.lastStep, binned: g.binned, problems: g.problems},
     {step_first: g.stepFirst, step_last: g.stepLast, mean, min: mean, max: mean, nonfinite, present},
   );

@@ -3,6 +3,7 @@
 import * as api from "./api.js";
 import {el, clear, message} from "./dom.js";
 import {runColorFor, theme} from "./charts.js";
+import {OVERVIEW_METRICS} from "./metrics.js";
 import overview from "./views/overview.js";
 import gradients from "./views/gradients.js";
 import activations from "./views/activations.js";
@@ -282,7 +283,7 @@ class App {
     try {
       let changed = await this.refreshRuns();
       const runs = this.selectedRuns();
-      const stamps = await Promise.all(runs.map((r) => api.stamp(r.run, r.metrics).catch(() => null)));
+      const stamps = await Promise.all(runs.map((r) => api.stamp(r.run, r.metrics, OVERVIEW_METRICS).catch(() => null)));
       runs.forEach((r, i) => {
         // A run seen for the first time may have grown since it was drawn.
         if (stamps[i] != null && this.stamps.get(r.run) !== stamps[i]) {

@@ -16,10 +16,11 @@ from typing import Any, Mapping, Optional, Union
 import torch
 
 from tb_diag_logger import distributed, reductions
+from tb_diag_plugin import metadata
 
 LossLike = Union[torch.Tensor, float, int]
 
-SPREAD_METRICS = ("loss_min", "loss_p05", "loss_p25", "loss_p50", "loss_p75", "loss_p95", "loss_max")
+SPREAD_METRICS = metadata.LOSS_SPREAD_METRICS  # min, the reductions.QUANTILES, max
 
 
 def is_per_sample(value: Any) -> bool:

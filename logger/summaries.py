@@ -63,7 +63,10 @@ class SummarySink:
         return fw
 
     def write_vectors(self, step: int, items: Sequence[tuple[str, Sequence[str], Sequence[str], np.ndarray]]) -> None:
-        """Write (metric, layers, layer_types, values) items as one event."""
+        """Write (metric, layers, layer_types, values) items as one event; every metric is one of the contract's."""
+        unknown = [m for m, _, _, _ in items if m not in metadata.METRICS or metadata.METRICS[m].needs]
+        if unknown:
+            raise ValueError(f"metric {unknown[0]!r} is not in the contract (tb_diag_plugin/metadata.py)")
         fw = self._file_writer()
         summary = summary_pb2.Summary()
         for metric, layers, layer_types, values in items:

@@ -8,6 +8,8 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from tb_diag_plugin import metadata
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tb-diag", description="TensorBoard Diagnostics: why training goes wrong.")
@@ -21,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("logdir")
     report.add_argument("--json", action="store_true", help="a JSON list of findings")
     report.add_argument(
-        "--fail-on", choices=("info", "warning", "error"), default=None,
+        "--fail-on", choices=metadata.SEVERITIES[::-1], default=None,
         help="exit with status 1 when a finding at or above this severity exists",
     )
 
@@ -51,7 +53,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.steps < 1:
             print("tb-diag demo: --steps must be >= 1", file=sys.stderr)
             return 2
-        from tb_diag_plugin import demo
+        from tb_diag_logger import demo  # torch: imported only when a demo is asked for
 
         t0 = time.perf_counter()
         print(f"tb-diag demo: training {len(demo.RUNS)} small models on the CPU")

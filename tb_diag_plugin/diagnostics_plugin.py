@@ -109,6 +109,7 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
             "/values": self._serve_values,
             "/structure": self._serve_structure,
             "/findings": self._serve_findings,
+            "/contract": self._serve_contract,
         }
 
     def is_active(self) -> bool:
@@ -157,6 +158,10 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
         _, _, runs = self._runs(request)
         body = [{**self._summary(run, idx), "metrics": sorted(idx.tags)} for run, idx in runs.items()]
         return http_util.Respond(request, {"runs": body}, "application/json")
+
+    @wire.json_route
+    def _serve_contract(self, request):
+        return http_util.Respond(request, metadata.contract_dict(), "application/json")
 
     @wire.json_route
     def _serve_tags(self, request):
@@ -231,6 +236,6 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
         if not complete:
             self.read_ahead.request(ctx, eid, run, idx, now=True)
             answer, complete = self.store.findings_if_ready(eid, run, idx, self.config.findings_wait_s)
-        answer = answer or {"run": run, "findings": [], "skipped": []}
+        answer = answer or {"run": run, "findings": [], "skipped": [], "layers": {}}
         return http_util.Respond(request, {**answer, "complete": complete}, "application/json")
 

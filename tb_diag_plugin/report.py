@@ -14,9 +14,9 @@ import sys
 import textwrap
 from typing import Optional, TextIO
 
-from tb_diag_plugin import findings, reading
+from tb_diag_plugin import findings, metadata, reading
 
-FAIL_LEVELS = ("info", "warning", "error")
+FAIL_LEVELS = metadata.SEVERITIES[::-1]  # the least severe first, as --help lists them
 
 
 def run(logdir: str, as_json: bool, fail_on: Optional[str], out: TextIO) -> int:

@@ -23,7 +23,7 @@ ARTIFACTS = os.path.join(os.path.dirname(__file__), "..", "docs", "screenshots")
 @pytest.fixture(scope="session")
 def demo_logdir(tmp_path_factory):
     """The demo's four runs (fewer steps than `tb-diag demo`, same models)."""
-    from tb_diag_plugin import demo
+    from tb_diag_logger import demo
 
     d = tmp_path_factory.mktemp("demo")
     demo.write_demo(str(d), steps=240, every=2, quiet=True)

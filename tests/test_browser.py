@@ -591,11 +591,21 @@ def test_model_tree_and_layer_drilldown(tab, ui_server):
         for p in mod["params"]:
             assert "[" + "×".join(map(str, p["shape"])) + "]" in node["text"]
     by_name = {n["name"]: n for n in nodes}
-    dead = values(ui_server, run, "dead_fraction")
-    for site, frac in zip(dead["layers"], dead["values"][-1]):
-        if num(frac) >= 0.9:
-            assert by_name[site]["status"] == "error", site
-    assert by_name[""]["status"] == "error"  # the root shows the worst below it
+    # The tree shows the findings' own verdicts (one rules engine), folded into modules.
+    found = ui_server.plugin(f"findings?run={run}")
+    rank = {"ok": 3, "info": 2, "warning": 1, "error": 0}
+    named: dict[str, str] = {}
+    for f in found["findings"]:
+        for n in f["layers"]:
+            mod = n.rsplit(".", 1)[0] if n.endswith((".weight", ".bias")) else n  # the demo's sites are nn.ReLU modules
+            if mod in by_name and rank[f["severity"]] < rank.get(named.get(mod, "ok"), 3):
+                named[mod] = f["severity"]
+    assert any(f["kind"] == "dead_relu" for f in found["findings"])
+    assert {k: v for k, v in named.items() if k} == {
+        n["name"]: n["status"] for n in nodes if n["name"] and n["status"] != "ok"}
+    assert all(by_name[m["name"]]["status"] == "ok" for m in structure if m["params"] and m["name"] not in named)
+    worst = min(named.values(), key=rank.__getitem__)
+    assert by_name[""]["status"] == worst == "error"  # the root shows the worst below it
     tab.screenshot("model.png")
 
     tab.frame.locator('.tree .node[data-module="2"]').click()

@@ -147,8 +147,70 @@ def test_tensorboard_side_imports_neither_torch_nor_plotly():
     import sys
 
     code = (
-        "import sys, tb_diag_plugin.diagnostics_plugin, tb_diag_plugin.findings, tb_diag_plugin.export;"
+        "import sys, tb_diag_plugin.diagnostics_plugin, tb_diag_plugin.findings, tb_diag_plugin.export,"
+        " tb_diag_plugin.cli;"
         "print('torch' in sys.modules, 'plotly' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_cli_demo_trains_through_the_logger_side(tmp_path):
+    """`tb-diag demo` imports the demo (and torch) from tb_diag_logger only when asked for."""
+    import subprocess
+    import sys
+
+    from tb_diag_plugin.reading import LocalReader
+
+    code = (
+        "import sys; from tb_diag_plugin import cli; status = cli.main(sys.argv[1:]);"
+        "print(sorted(m for m in sys.modules if m.endswith('demo'))); sys.exit(status)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, "demo", "--logdir", str(tmp_path), "--steps", "3"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "['tb_diag_logger.demo']" in proc.stdout
+    reader = LocalReader(str(tmp_path))
+    for run in ("healthy", "vanishing_sigmoid", "dying_relu", "diverging"):
+        assert reader.series(run)["loss"].steps.tolist() == [0, 2]  # every=2 of 3 steps
+
+
+def test_the_logger_writes_only_contract_metrics(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from tb_diag_logger.summaries import SummarySink
+    from tb_diag_plugin.reading import LocalReader
+
+    w = SummaryWriter(str(tmp_path))
+    sink = SummarySink(w)
+    one = np.array([1.0], dtype=np.float32)
+    with pytest.raises(ValueError, match="'grad_nrom' is not in the contract"):
+        sink.write_vectors(0, [("loss", ["total"], (), one), ("grad_nrom", ["a.weight"], (), one)])
+    with pytest.raises(ValueError, match="grad_to_weight"):  # derived in the tab, never recorded
+        sink.write_vectors(0, [("grad_to_weight", ["a.weight"], (), one)])
+    sink.write_vectors(1, [("loss", ["total"], (), one)])
+    w.close()
+    series = LocalReader(str(tmp_path)).series(".")
+    assert list(series) == ["loss"] and series["loss"].steps.tolist() == [1]  # the refused step wrote nothing
+
+
+def test_contract_names_are_consistent():
+    names = [m.name for m in metadata.METRIC_SPECS]
+    assert len(names) == len(set(names))
+    for m in metadata.METRIC_SPECS:
+        assert m.layer_kind in metadata.LAYER_KINDS and m.scale in metadata.SCALES and m.view in metadata.VIEWS, m
+        assert all(n in metadata.METRICS and not metadata.METRICS[n].needs for n in m.needs), m
+    assert set(metadata.FINDING_VIEW) == set(metadata.FINDING_KINDS)
+    for view, metric in metadata.FINDING_VIEW.values():
+        assert view in metadata.VIEWS and (metric is None or metric in metadata.METRICS)
+    assert [metadata.SEVERITY_RANK[s] for s in metadata.SEVERITIES] == [0, 1, 2]
+    assert set(metadata.OVERVIEW_METRICS) <= set(metadata.ALL_METRICS)
+    # The logger's spread order is its quantiles': min, 5/25/50/75/95 %, max.
+    assert metadata.LOSS_SPREAD_METRICS == ("loss_min", "loss_p05", "loss_p25", "loss_p50", "loss_p75", "loss_p95",
+                                            "loss_max")
+    for agreed in ("grad_norm_preclip", "val_loss", "val_metric", "grad_missing", "logit_max_abs", "logit_lse",
+                   "adam_eps_fraction", "update_rms"):
+        assert agreed in metadata.ALL_METRICS
+    for agreed in ("loss_diverged", "overfitting", "underfitting", "no_gradient", "weight_norm_growth",
+                   "weight_decay_equilibrium", "gradient_clipping", "logit_growth", "adam_eps"):
+        assert agreed in metadata.FINDING_KINDS

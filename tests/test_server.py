@@ -234,6 +234,38 @@ def test_loss_components_and_dead_fraction(demo_server):
     assert total[-10:].mean() < total[:10].mean() / 2
 
 
+def test_contract_route_is_the_contract(demo_server):
+    from tb_diag_plugin import metadata
+
+    body = demo_server.plugin("contract")
+    assert body == json.loads(json.dumps(metadata.contract_dict()))
+    assert [m["name"] for m in body["metrics"]][:3] == ["grad_norm", "grad_max_abs", "grad_nonfinite"]
+    assert body["finding_view"]["nonfinite"] == {"view": "gradients", "metric": "grad_norm"}
+    assert set(body["finding_view"]) == set(body["finding_kinds"])
+
+
+@pytest.mark.parametrize("run", ["dying_relu", "diverging", "vanishing_sigmoid"])
+def test_findings_carry_each_named_layers_worst_verdict(demo_server, run):
+    body = demo_server.plugin(f"findings?run={run}")
+    tags = demo_server.plugin(f"tags?run={run}")["metrics"]
+    assert body["findings"], run
+    rank = {"error": 0, "warning": 1, "info": 2}
+    order = demo_server.plugin("contract")["finding_kinds"]
+    expect: dict[str, str] = {}
+    for f in body["findings"]:
+        for n in f["layers"]:
+            if n not in expect or rank[f["severity"]] < rank[expect[n]]:
+                expect[n] = f["severity"]
+    assert {n: v["severity"] for n, v in body["layers"].items()} == expect
+    for n, v in body["layers"].items():
+        assert {f["kind"] for f in body["findings"] if n in f["layers"]} == set(v["kinds"])
+        assert v["kinds"] == sorted(v["kinds"], key=order.index)
+        if n in tags.get("grad_norm", {}).get("layers", []):
+            assert v["layer_kind"] == "param", n
+        elif n in tags.get("dead_fraction", {}).get("layers", []):
+            assert v["layer_kind"] == "site", n
+
+
 def test_diverging_demo_reaches_nan(demo_server):
     body = demo_server.plugin("values?run=diverging&metric=loss&points=100000")
     assert any(r[0] == "NaN" for r in body["values"])

@@ -1,10 +1,9 @@
 // The layers x steps form shared by Gradient flow and Activations: a heatmap
 // per selected run, a metric switch, a layer search, and a per-step profile
 // (the values of every layer at the step clicked in a heatmap).
-import * as api from "../api.js";
 import {el} from "../dom.js";
 import {ACCENT, NONFINITE, Panels, alpha, esc, heatmapHeight, heatmapTraces, layout} from "../charts.js";
-import {METRICS, hasMetric, label, missingText, moduleOf} from "../metrics.js";
+import {METRICS, colorscale, fetchMetric, hasMetric, label, missingText, moduleOf} from "../metrics.js";
 
 export function heatmapView({id, title, metrics, kind, profileTitle, intro}) {
   const view = {id, title};
@@ -36,18 +35,6 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro}) {
   // The ratio is computed once per pair of (cached) inputs, so that a
   // re-render with the same data can skip redrawing the heatmap.
   const ratios = new WeakMap();
-
-  async function fetchMetric(run, m, opts) {
-    if (m === "grad_to_weight") {
-      const [g, w] = await Promise.all([api.values(run, "grad_norm", opts), api.values(run, "weight_norm", opts)]);
-      const hit = ratios.get(g);
-      if (hit && hit.w === w) return hit.r;
-      const r = api.ratio(g, w);
-      ratios.set(g, {w, r});
-      return r;
-    }
-    return api.values(run, m, opts);
-  }
 
   view.setMetric = (m) => {
     if (metrics.includes(m)) metric = m;
@@ -91,7 +78,7 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro}) {
     const width = Math.max(320, (panels.root.clientWidth || 900) - 140);
     const points = Math.max(40, Math.min(1000, Math.round(width / 2)));
     const data = await Promise.all(runs.map((r) =>
-      hasMetric(r, metric) ? fetchMetric(r.run, metric, {points}).catch((e) => e) : Promise.resolve(null)));
+      hasMetric(r, metric) ? fetchMetric(r.run, metric, {points}, ratios).catch((e) => e) : Promise.resolve(null)));
     if (ctx.stale()) return;
     const match = matcher();
     let shown = 0;
@@ -135,7 +122,7 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro}) {
         return;
       }
       const labels = cols.map((j) => layerLabel(v, j));
-      const {traces, anyBad, badRows, firstBad} = heatmapTraces(v, cols, labels, {scale: info.scale, metricLabel: label(metric), colorscale: info.colorscale});
+      const {traces, anyBad, badRows, firstBad} = heatmapTraces(v, cols, labels, {scale: info.scale, metricLabel: label(metric), colorscale: colorscale(metric)});
       const notes = [`${v.numSteps} logged step${v.numSteps === 1 ? "" : "s"} (${v.firstStep}–${v.lastStep}), ${cols.length} layers`];
       if (v.binned) notes.push(`steps binned to ${v.B} columns: colour is the bin mean, hover and profile show the range`);
       if (info.scale === "log") notes.push("log colour scale");
@@ -185,7 +172,7 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro}) {
       ? ` at step ${step.lo}${app.state.step ? "" : " (latest; click a heatmap cell to choose)"}`
       : ` over steps ${step.lo}–${step.hi} (bin mean, bars show min–max)`;
     const rows = await Promise.all(runs.map((r, k) => (data[k] && !(data[k] instanceof Error)
-      ? fetchMetric(r.run, metric, {start: step.lo, end: step.hi, points: 1}).catch((e) => e) : null)));
+      ? fetchMetric(r.run, metric, {start: step.lo, end: step.hi, points: 1}, ratios).catch((e) => e) : null)));
     if (ctx.stale()) return;
     // Layers line up by name across runs, in the first run's model order.
     const order = [];

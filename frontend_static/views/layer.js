@@ -1,9 +1,9 @@
-// Layer drill-down: every metric of one module (its parameters and its
-// activation sites) over steps, the selected runs overlaid.
+// Layer drill-down: every metric of one module (its parameters, its
+// activation sites, its own output) over steps, the selected runs overlaid.
 import * as api from "../api.js";
 import {el, clear} from "../dom.js";
 import {NONFINITE, Panels, alpha, esc, layout} from "../charts.js";
-import {METRICS, PARAM_METRICS, SITE_METRICS, label, moduleOf} from "../metrics.js";
+import {METRICS, MODULE_METRICS, PARAM_METRICS, SITE_METRICS, fetchMetric, isDerived, label, moduleOf, needsOf} from "../metrics.js";
 
 let panels;
 let picker;
@@ -21,14 +21,6 @@ function init(root, app) {
   panels = new Panels(grid);
 }
 
-async function fetchMetric(run, m, opts) {
-  if (m === "grad_to_weight") {
-    const [g, w] = await Promise.all([api.values(run, "grad_norm", opts), api.values(run, "weight_norm", opts)]);
-    return api.ratio(g, w);
-  }
-  return api.values(run, m, opts);
-}
-
 async function render(app, ctx) {
   const t = app.theme();
   const runs = app.selectedRuns();
@@ -42,24 +34,25 @@ async function render(app, ctx) {
   if (ctx.stale()) return;
   // Every module that owns a series, in model order (first run first).
   const modules = [];
-  const members = new Map(); // module -> {params: Set, sites: Set, types: Map}
+  const members = new Map(); // module -> {param: [], site: [], module: [], types: Map}
   const add = (mod, kind, n, type) => {
     if (!members.has(mod)) {
-      members.set(mod, {params: [], sites: [], types: new Map()});
+      members.set(mod, {param: [], site: [], module: [], types: new Map()});
       modules.push(mod);
     }
     const e = members.get(mod);
-    const list = kind === "param" ? e.params : e.sites;
+    const list = e[kind];
     if (!list.includes(n)) list.push(n);
     if (type) e.types.set(n, type);
   };
   for (const tg of tagList) {
     if (!tg) continue;
-    for (const m of ["grad_norm", "weight_norm", "update_ratio"]) for (const n of tg.metrics[m]?.layers || []) add(moduleOf(n, "param"), "param", n);
+    for (const m of PARAM_METRICS) for (const n of tg.metrics[m]?.layers || []) add(moduleOf(n, "param"), "param", n);
     for (const m of SITE_METRICS) {
       const info = tg.metrics[m];
       if (info) info.layers.forEach((n, j) => add(moduleOf(n, "site"), "site", n, info.layer_types[j]));
     }
+    for (const m of MODULE_METRICS) for (const n of tg.metrics[m]?.layers || []) add(moduleOf(n, "module"), "module", n);
   }
   if (!modules.length) {
     clear(picker);
@@ -83,17 +76,20 @@ async function render(app, ctx) {
   clear(heading).append(
     el("h2", {class: "section-title"}, "Layer ", el("q", {}, layer === "" ? "(model)" : layer)),
     el("p", {class: "muted small"},
-      mem.params.length ? `parameters: ${mem.params.join(", ")}` : "no tracked parameters",
+      mem.param.length ? `parameters: ${mem.param.join(", ")}` : "no tracked parameters",
       " · ",
-      mem.sites.length ? `activation sites: ${mem.sites.map((s) => (mem.types.get(s) ? `${s} (${mem.types.get(s)})` : s)).join(", ")}` : "no activation sites"));
+      mem.site.length ? `activation sites: ${mem.site.map((s) => (mem.types.get(s) ? `${s} (${mem.types.get(s)})` : s)).join(", ")}` : "no activation sites"));
   heading.dataset.layer = layer;
   const points = Math.max(40, Math.min(1500, Math.round(((panels.root.clientWidth || 900) / 2) - 60)));
+  // A chart per metric of the module's members that some selected run records.
+  const recorded = (m) => tagList.some((tg) => tg && needsOf(m).every((x) => tg.metrics[x]));
   const plan = [];
-  for (const m of PARAM_METRICS) if (mem.params.length) plan.push([m, "param", mem.params]);
-  for (const m of SITE_METRICS) if (mem.sites.length) plan.push([m, "site", mem.sites]);
+  for (const [kind, metrics] of [["param", PARAM_METRICS], ["site", SITE_METRICS], ["module", MODULE_METRICS]]) {
+    for (const m of metrics) if (mem[kind].length && recorded(m)) plan.push([m, kind, mem[kind]]);
+  }
   const results = await Promise.all(plan.map(([m, , names]) => Promise.all(runs.map((r, k) => {
     const tg = tagList[k];
-    const needs = METRICS[m].needs || [m];
+    const needs = needsOf(m);
     if (!tg || !needs.every((x) => tg.metrics[x])) return null;
     const have = names.filter((n) => needs.every((x) => tg.metrics[x].layers.includes(n)));
     if (!have.length) return null;
@@ -115,7 +111,7 @@ async function render(app, ctx) {
         const j = v.layerIndex(n);
         if (j < 0) return;
         const legendName = names.length > 1 ? `${r.run} · ${n.slice(layer ? layer.length + 1 : 0) || n}` : r.run;
-        if (v.binned && m !== "grad_to_weight") {
+        if (v.binned && !isDerived(m)) {
           traces.push({type: "scatter", mode: "lines", x, y: v.column(j, "min").map(fin), line: {width: 0}, hoverinfo: "skip", showlegend: false, meta: {run: r.run, layer: n, role: "min"}});
           traces.push({type: "scatter", mode: "lines", x, y: v.column(j, "max").map(fin), line: {width: 0}, fill: "tonexty",
                        fillcolor: alpha(color, 0.13), hoverinfo: "skip", showlegend: false, meta: {run: r.run, layer: n, role: "max"}});

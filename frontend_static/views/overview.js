@@ -3,28 +3,13 @@
 import * as api from "../api.js";
 import {el, clear, fmt, fmtPct, message} from "../dom.js";
 import {Panels, alpha, esc, layout, seriesColor} from "../charts.js";
-import {moduleOf} from "../metrics.js";
+import {OVERVIEW_METRICS, SEVERITY_RANK, findingLayerKind, findingTarget, moduleOf} from "../metrics.js";
 
 let findingsBox;
 let showAll = false;
 const FIRST_FINDINGS = 4;
 let figuresBox;
 let panels;
-
-const SEVERITY = {error: 0, warning: 1, info: 2};
-
-// Where a finding's evidence is drawn: [view, metric of that view].
-const FINDING_VIEW = {
-  nonfinite: ["gradients", "grad_norm"],
-  exploding_gradient: ["gradients", "grad_norm"],
-  vanishing_gradient: ["gradients", "grad_norm"],
-  update_ratio: ["gradients", "update_ratio"],
-  dead_relu: ["activations", "dead_fraction"],
-  saturated_activation: ["activations", "saturation"],
-  loss_spike: ["loss", null],
-  loss_not_decreasing: ["loss", null],
-  loss_component_dominance: ["loss", null],
-};
 
 function init(root) {
   findingsBox = el("section", {class: "findings", "aria-label": "Findings"});
@@ -44,7 +29,7 @@ function lastFinite(arr) {
 }
 
 async function load(r, points) {
-  const want = ["loss", "grad_norm_total", "learning_rate", "dead_fraction"].filter((m) => r.metrics.includes(m));
+  const want = OVERVIEW_METRICS.filter((m) => r.metrics.includes(m));
   const out = {};
   await Promise.all(want.map(async (m) => {
     try {
@@ -146,7 +131,7 @@ function drawFindings(app, runs, results) {
     const res = results[k];
     if (res instanceof Error) failed.push([r.run, res]);
     else {
-      for (const f of res.findings || []) items.push({...f, run: r.run});
+      for (const f of res.findings || []) items.push({...f, run: r.run, verdicts: res.layers || {}});
       for (const s of res.skipped || []) skipped.push(`${r.run}: ${s}`);
     }
   });
@@ -157,20 +142,17 @@ function drawFindings(app, runs, results) {
     findingsBox.append(message(`Findings are not available${who} (${why}); the headline figures below summarise each run.`, "warn"));
   }
   if (failed.length === runs.length) return;
-  items.sort((a, b) => (SEVERITY[a.severity] ?? 3) - (SEVERITY[b.severity] ?? 3));
+  items.sort((a, b) => (SEVERITY_RANK[a.severity] ?? 3) - (SEVERITY_RANK[b.severity] ?? 3));
   if (!items.length) {
     findingsBox.append(message("No problems found in the selected runs.", "ok"));
   }
   const list = el("ul", {class: "finding-list"});
   items.forEach((f, n) => {
     const layers = Array.isArray(f.layers) ? f.layers : [];
-    const target = FINDING_VIEW[f.kind] || ["overview", null];
+    const target = findingTarget(f.kind);
     const go = () => {
       const patch = {view: target[0]};
-      if (layers.length) {
-        const kind = target[0] === "activations" ? "site" : "param";
-        patch.layer = moduleOf(layers[0], kind);
-      }
+      if (layers.length) patch.layer = moduleOf(layers[0], f.verdicts[layers[0]]?.layer_kind || findingLayerKind(f.kind));
       if (Number.isFinite(f.first_step) && target[0] !== "loss") patch.step = {lo: f.first_step, hi: f.first_step};
       app.openMetric(target[0], target[1], patch);
     };

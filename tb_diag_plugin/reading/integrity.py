@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-try:  # C implementation: about 1 GB/s; the pure-Python fallback would take minutes on big runs
+try:  # the C implementation: the pure-Python fallback is too slow for big runs (benchmarks/RESULTS.md)
     import google_crc32c
 
     _FAST_CRC = getattr(google_crc32c, "implementation", "") == "c"
@@ -41,8 +41,7 @@ PAUSE_EVERY = 512  # records between two calls of a background scan's `pause`
 def masked_crc32c(data: bytes) -> int:
     """TFRecord's masked CRC-32C (Castagnoli) of `data`."""
     if not _FAST_CRC:
-        # TensorBoard's own pure-Python version; imported here, not at start-up
-        # (the tensorflow_stub package takes ~0.6 s to import).
+        # TensorBoard's own pure-Python version; imported here, not at start-up (a slow import).
         from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as slow
 
         return slow(data)

@@ -97,8 +97,10 @@ class RunStore:
             metrics = sorted(idx.tags)
             with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="tb-diag-findings") as pool:
                 read = list(pool.map(lambda m: self.series(ctx, eid, run, m, idx)[0], metrics))
-            found, skipped = findings.analyze(dict(zip(metrics, read)))
-            answer = {"run": run, "findings": [f.to_dict(run) for f in found], "skipped": skipped}
+            series = dict(zip(metrics, read))
+            found, skipped = findings.analyze(series)
+            answer = {"run": run, "findings": [f.to_dict(run) for f in found], "skipped": skipped,
+                      "layers": findings.layer_verdicts(found, series)}
             done = time.monotonic()
             with self._lock:
                 self._findings_recent[(eid, run)] = (done + min(60.0, 10 * (done - t0)), answer)

@@ -1,6 +1,7 @@
 """`tb-diag demo`: small CPU trainings, healthy and broken, for the tab to show.
 
-Imports torch when it runs (TensorBoard itself never imports this module).
+On the training side (it imports torch when it runs); the CLI imports it only
+for `tb-diag demo`, so TensorBoard and `tb-diag report` never load torch.
 Each run is a few seconds on a 2-core CPU, with synthetic data so nothing is
 downloaded.
 """
