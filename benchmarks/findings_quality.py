@@ -83,7 +83,9 @@ def evaluate(logdir: str, seeds: list[int], jobs: int, cases: Optional[list[str]
     t1 = time.perf_counter()
     for case_name, seed, secs in timings:
         case = pathologies.ALL[case_name]
-        found, notes = findings.analyze(reader.series(f"{case_name}__s{seed}"))
+        run = f"{case_name}__s{seed}"
+        model = findings.ModelInfo.from_structure(reader.structure(run))
+        found, notes = findings.analyze(reader.series(run), model=model)
         runs.append({"case": case, "seed": seed, "train_s": secs, "findings": found, "notes": notes})
     return {"runs": runs, "train_s": train_s, "analyze_s": time.perf_counter() - t1, "seeds": seeds,
             "variant_seeds": list(variant_seeds)}

@@ -443,7 +443,7 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
         a 20k x 500 run that takes 4 s is re-analysed every 40 s, a small one
         at every poll.
         """
-        from tb_diag_plugin import findings
+        from tb_diag_plugin import findings, model_info
 
         key = (eid, run, idx.data_version())
         hit = self._findings.peek(key)
@@ -462,7 +462,10 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
             with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="tb-diag-findings") as pool:
                 read = list(pool.map(lambda m: self.series(ctx, eid, run, m, idx)[0], metrics))
             series = dict(zip(metrics, read))
-            found, skipped = findings.analyze(series)
+            model, unread = model_info.read_model(
+                lambda: reading.read_structure(self._provider, ctx, eid, run) if idx.structure_tag else None)
+            found, skipped = findings.analyze(series, model=model)
+            skipped = unread + skipped
             answer = {"run": run, "findings": [f.to_dict(run) for f in found], "skipped": skipped}
             done = time.monotonic()
             with self._lock:

@@ -11,6 +11,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from tb_diag_plugin.model_info import ModelInfo
 from tb_diag_plugin.reading import Series
 from tb_diag_plugin.thresholds import Thresholds
 
@@ -52,6 +53,8 @@ class _Context:
     cutoff: Optional[int] = None  # first step whose values describe a broken model (NaN, or blowing up)
     amp_skipped: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # skipped by design
     _memo: dict = field(default_factory=dict, repr=False)  # before_cutoff's answers, by series and cutoff
+    model: ModelInfo = field(default_factory=ModelInfo)  # what the structure document says (empty: unknown)
+    primary: list[int] = field(default_factory=list)  # indices into findings: causes others may follow from
 
     def get(self, kind: str, *metrics: str, why: str = "") -> Optional[list[Series]]:
         """The metrics a rule needs, or None after noting which is missing."""
@@ -90,6 +93,10 @@ class _Context:
     def add(self, kind: str, severity: str, layers: Sequence[str], first: int, last: int, message: str,
             suggestion: str) -> None:
         self.findings.append(Finding(kind, severity, list(layers), int(first), int(last), message, suggestion))
+
+    def mark_primary(self) -> None:
+        """The finding just added is a cause: symptoms that start with or after it fold below it."""
+        self.primary.append(len(self.findings) - 1)
 
 
 def _quiet(fn: Callable, *args, **kwargs):

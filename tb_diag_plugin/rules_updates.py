@@ -7,6 +7,7 @@ from typing import Optional
 
 import numpy as np
 
+from tb_diag_plugin import advice
 from tb_diag_plugin.rules_common import _Context, _fmt, _is_bias, _lr_text, _persistent, _quiet
 
 
@@ -56,9 +57,10 @@ def _update_ratio(ctx: _Context) -> None:
             f"Updates too large: the median weight tensor's norm grew {_fmt(g)}x by step {at} "
             f"(healthy runs: under 2x); update ratios median {_fmt(float(np.nanmedian(med)))}, "
             f"up to {_fmt(float(np.nanmax(med)))}.",
-            f"The learning rate{_lr_text(ctx)} is too high: lower it about 10x, or add weight decay, "
-            "warm-up and gradient clipping.",
+            f"The learning rate{advice.lr_of(ctx.model, _lr_text(ctx))} is too high: lower it about 10x, "
+            "or add weight decay, warm-up and gradient clipping.",
         )
+        ctx.mark_primary()
         return
     if high.sum() >= need:
         hit = np.flatnonzero(high)
@@ -69,10 +71,10 @@ def _update_ratio(ctx: _Context) -> None:
             "update_ratio", "error" if peak >= 1.0 else "warning", layers, int(steps[hit[0]]), int(steps[hit[-1]]),
             f"Updates too large: the median weight tensor changes by {_fmt(float(np.median(med[hit])))} of its "
             f"norm per step (up to {_fmt(peak)}) on {hit.size} of {steps.size} logged steps; healthy is ~1e-3.",
-            f"The learning rate{_lr_text(ctx)} is too high: lower it about "
-            f"{_fmt(10 ** max(1, round(math.log10(max(peak, 1e-12) / 1e-3) - 0.5)))}x, or add warm-up "
-            "and gradient clipping.",
+            advice.lr_too_high(ctx.model, _lr_text(ctx),
+                               _fmt(10 ** max(1, round(math.log10(max(peak, 1e-12) / 1e-3) - 0.5)))),
         )
+        ctx.mark_primary()
         return
 
     # Too small: even the fastest-moving tensor barely moves, on most of the run.
