@@ -443,7 +443,8 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
         a 20k x 500 run that takes 4 s is re-analysed every 40 s, a small one
         at every poll.
         """
-        from tb_diag_plugin import findings, model_info
+        from tb_diag_plugin import findings
+        from tb_diag_plugin.findings import model_info
 
         key = (eid, run, idx.data_version())
         hit = self._findings.peek(key)

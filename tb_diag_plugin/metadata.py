@@ -1,18 +1,22 @@
 """The data contract: plugin name, summary metadata and tag naming.
 
-Shared by the logger (which writes) and the plugin (which reads). Imports
-neither torch nor TensorBoard's server code, so both sides can use it.
+Shared by the logger (which writes), the plugin and the findings (which read),
+and the tab (through the `/contract` route): the one place that names the
+metrics, the finding kinds, the severities and the views. Imports neither torch
+nor TensorBoard (only protobuf; TensorBoard's summary proto when building
+metadata), so every side can use it.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Sequence
-
-from tensorboard.compat.proto import summary_pb2
+from typing import TYPE_CHECKING, Sequence
 
 from tb_diag_plugin import plugin_data_pb2
+
+if TYPE_CHECKING:
+    from tensorboard.compat.proto import summary_pb2
 
 PLUGIN_NAME = "diagnostics"
 
@@ -24,26 +28,164 @@ PROTO_VERSION = 1
 VECTOR = plugin_data_pb2.DiagnosticsPluginData.VECTOR
 STRUCTURE = plugin_data_pb2.DiagnosticsPluginData.STRUCTURE
 
-# Metric names (DESIGN.md). Per parameter tensor:
-PARAM_METRICS = ("grad_norm", "grad_max_abs", "grad_nonfinite", "weight_norm", "update_ratio")
-# Whole model:
-MODEL_METRICS = ("grad_norm_total", "learning_rate", "amp_scale", "amp_skipped")
-# Per activation site:
-ACTIVATION_METRICS = ("dead_fraction", "saturation", "act_mean", "act_std")
-# Loss, per component ("total" for `loss=`), and the spread of per-sample components:
-LOSS_SPREAD_METRICS = ("loss_min", "loss_p05", "loss_p25", "loss_p50", "loss_p75", "loss_p95", "loss_max")
-LOSS_METRICS = ("loss",) + LOSS_SPREAD_METRICS
-# Per parameter, from the optimizer's view (issue 15): 1.0 where `.grad` is None at a logged step;
-# Adam-family state: share of entries with sqrt(v_hat) < eps, RMS of m_hat / (sqrt(v_hat) + eps).
-PARAM_OPTIMIZER_METRICS = ("grad_missing", "adam_eps_fraction", "update_rms")
-# Output head (layer = the head module's qualified name): max |logit|, mean log-sum-exp over the last dim.
-LOGIT_METRICS = ("logit_max_abs", "logit_lse")
-# `Diagnostics.evaluate()`: val_loss (layer "total"), val_metric (layer = the user's metric name).
-VALIDATION_METRICS = ("val_loss", "val_metric")
-ALL_METRICS = (
-    PARAM_METRICS + MODEL_METRICS + ACTIVATION_METRICS + LOSS_METRICS
-    + PARAM_OPTIMIZER_METRICS + LOGIT_METRICS + VALIDATION_METRICS
+# What each layer of a metric is: a parameter tensor ("0.weight"), the whole model (""
+# or a parameter group), an activation site, a loss component ("total" for `loss=`) or
+# evaluation metric by name, or a module (the model's output head).
+LAYER_KINDS = ("param", "model", "site", "loss", "module")
+# The tab's views, in tab order; a metric's `view` is the one whose chart offers it
+# ("layer": only in a layer's drill-down).
+VIEWS = ("overview", "gradients", "activations", "loss", "model", "layer")
+# How values are drawn: log axis, linear axis, or a share in [0, 1].
+SCALES = ("log", "linear", "unit")
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric: its name (in tags), what its layers are, its unit, how and where it is drawn."""
+
+    name: str
+    layer_kind: str  # one of LAYER_KINDS
+    label: str
+    unit: str  # "" for a plain number
+    scale: str  # one of SCALES
+    view: str  # one of VIEWS
+    missing: str = ""  # why a run may lack it, for the tab
+    needs: tuple[str, ...] = ()  # derived in the tab from these recorded metrics; () when recorded
+    signed: bool = False  # values may be negative (a diverging colour scale)
+
+    def to_dict(self) -> dict:
+        """JSON-safe dict for the tab (the `/contract` route)."""
+        return {
+            "name": self.name, "layer_kind": self.layer_kind, "label": self.label, "unit": self.unit,
+            "scale": self.scale, "view": self.view, "missing": self.missing, "needs": list(self.needs),
+            "signed": self.signed,
+        }
+
+
+_PER_SAMPLE = "per-sample loss spread (pass losses={'ce': per_sample_ce} with one value per sample)"
+# Every metric (DESIGN.md, "Metric names"), in the order the tab lists them.
+METRIC_SPECS = (
+    MetricSpec("grad_norm", "param", "Gradient L2 norm", "", "log", "gradients"),
+    MetricSpec("grad_max_abs", "param", "Gradient max |g|", "", "log", "gradients"),
+    MetricSpec("grad_nonfinite", "param", "Non-finite gradient elements", "elements", "linear", "layer"),
+    MetricSpec("weight_norm", "param", "Weight L2 norm", "", "log", "gradients"),
+    MetricSpec("update_ratio", "param", "Update ratio \u2016\u0394w\u2016/\u2016w\u2016", "", "log", "gradients",
+               missing="no update_ratio recorded (pass optimizer= to Diagnostics)"),
+    MetricSpec("grad_to_weight", "param", "Gradient-to-weight ratio \u2016g\u2016/\u2016w\u2016", "", "log",
+               "gradients", needs=("grad_norm", "weight_norm")),
+    MetricSpec("grad_missing", "param", "Gradient missing (.grad is None)", "", "unit", "layer"),
+    MetricSpec("adam_eps_fraction", "param", "Share of entries with \u221av\u0302 < eps", "", "unit", "layer",
+               missing="no adam_eps_fraction recorded (Adam-family optimizers only)"),
+    MetricSpec("update_rms", "param", "Adam update RMS m\u0302/(\u221av\u0302+eps)", "", "log", "layer",
+               missing="no update_rms recorded (Adam-family optimizers only)"),
+    MetricSpec("dead_fraction", "site", "Dead-unit fraction", "", "unit", "activations",
+               missing="no dead_fraction recorded (no ReLU-family activations were seen)"),
+    MetricSpec("saturation", "site", "Saturated fraction", "", "unit", "activations",
+               missing="no saturation recorded (no sigmoid/tanh activations were seen)"),
+    MetricSpec("act_mean", "site", "Activation mean", "", "linear", "activations", signed=True),
+    MetricSpec("act_std", "site", "Activation std", "", "log", "activations"),
+    MetricSpec("logit_max_abs", "module", "Logit max |z|", "", "log", "layer"),
+    MetricSpec("logit_lse", "module", "Logit log-sum-exp (mean)", "nats", "linear", "layer", signed=True),
+    MetricSpec("grad_norm_total", "model", "Total gradient norm", "", "log", "overview"),
+    MetricSpec("grad_norm_preclip", "model", "Total gradient norm before clipping", "", "log", "overview"),
+    MetricSpec("learning_rate", "model", "Learning rate", "", "log", "overview"),
+    MetricSpec("amp_scale", "model", "AMP loss scale", "", "log", "layer"),
+    MetricSpec("amp_skipped", "model", "AMP skipped steps", "", "linear", "layer"),
+    MetricSpec("loss", "loss", "Loss", "", "linear", "loss", signed=True),
+    MetricSpec("loss_min", "loss", "Loss, per-sample minimum", "", "linear", "loss", _PER_SAMPLE, signed=True),
+    MetricSpec("loss_p05", "loss", "Loss, per-sample 5th percentile", "", "linear", "loss", _PER_SAMPLE, signed=True),
+    MetricSpec("loss_p25", "loss", "Loss, per-sample 25th percentile", "", "linear", "loss", _PER_SAMPLE, signed=True),
+    MetricSpec("loss_p50", "loss", "Loss, per-sample median", "", "linear", "loss", _PER_SAMPLE, signed=True),
+    MetricSpec("loss_p75", "loss", "Loss, per-sample 75th percentile", "", "linear", "loss", _PER_SAMPLE, signed=True),
+    MetricSpec("loss_p95", "loss", "Loss, per-sample 95th percentile", "", "linear", "loss", _PER_SAMPLE, signed=True),
+    MetricSpec("loss_max", "loss", "Loss, per-sample maximum", "", "linear", "loss", _PER_SAMPLE, signed=True),
+    MetricSpec("val_loss", "loss", "Validation loss", "", "linear", "loss", signed=True,
+               missing="no val_loss recorded (call diag.evaluate(step, loss=...))"),
+    MetricSpec("val_metric", "loss", "Validation metric", "", "linear", "loss", signed=True,
+               missing="no val_metric recorded (call diag.evaluate(step, metrics={...}))"),
 )
+METRICS = {m.name: m for m in METRIC_SPECS}
+
+
+def _names(layer_kind: str, recorded: bool = True) -> tuple[str, ...]:
+    return tuple(m.name for m in METRIC_SPECS if m.layer_kind == layer_kind and not (recorded and m.needs))
+
+
+# Recorded metric names by what their layers are:
+PARAM_METRICS = _names("param")
+MODEL_METRICS = _names("model")
+ACTIVATION_METRICS = _names("site")
+MODULE_METRICS = _names("module")
+LOSS_SPREAD_METRICS = tuple(m.name for m in METRIC_SPECS if m.missing == _PER_SAMPLE)
+LOSS_METRICS = _names("loss")
+ALL_METRICS = tuple(m.name for m in METRIC_SPECS if not m.needs)
+# `Diagnostics.evaluate()` (branch diaglog): val_loss (layer "total"), val_metric (layer = the user's metric name).
+VALIDATION_METRICS = ("val_loss", "val_metric")
+# The overview's charts, read first (the read-ahead, the overview's table).
+OVERVIEW_METRICS = ("loss", "grad_norm_total", "learning_rate", "dead_fraction")
+
+# Findings: severities worst first, and every kind a rule may report. At equal severity
+# and first step, findings sort in this order: causes (gradients, units) before symptoms
+# (the loss).
+SEVERITIES = ("error", "warning", "info")
+SEVERITY_RANK = {s: i for i, s in enumerate(SEVERITIES)}
+FINDING_KINDS = (
+    "nonfinite",
+    "exploding_gradient",
+    "vanishing_gradient",
+    "no_gradient",
+    "gradient_clipping",
+    "dead_relu",
+    "saturated_activation",
+    "logit_growth",
+    "update_ratio",
+    "adam_eps",
+    "weight_norm_growth",
+    "weight_decay_equilibrium",
+    "loss_spike",
+    "loss_diverged",
+    "loss_not_decreasing",
+    "loss_component_dominance",
+    "overfitting",
+    "underfitting",
+)
+# The view and metric a finding of each kind opens (metric None: the view's default).
+FINDING_VIEW = {
+    "nonfinite": ("gradients", "grad_norm"),
+    "exploding_gradient": ("gradients", "grad_norm"),
+    "vanishing_gradient": ("gradients", "grad_norm"),
+    "no_gradient": ("gradients", "grad_norm"),
+    "gradient_clipping": ("overview", "grad_norm_preclip"),
+    "dead_relu": ("activations", "dead_fraction"),
+    "saturated_activation": ("activations", "saturation"),
+    "logit_growth": ("layer", "logit_max_abs"),
+    "update_ratio": ("gradients", "update_ratio"),
+    "adam_eps": ("layer", "adam_eps_fraction"),
+    "weight_norm_growth": ("gradients", "weight_norm"),
+    "weight_decay_equilibrium": ("gradients", "weight_norm"),
+    "loss_spike": ("loss", None),
+    "loss_diverged": ("loss", None),
+    "loss_not_decreasing": ("loss", None),
+    "loss_component_dominance": ("loss", None),
+    "overfitting": ("loss", None),
+    "underfitting": ("loss", None),
+}
+
+
+def contract_dict() -> dict:
+    """The names the tab needs, JSON-safe: metrics, views, severities, finding kinds and their links."""
+    return {
+        "version": PROTO_VERSION,
+        "metrics": [m.to_dict() for m in METRIC_SPECS],
+        "layer_kinds": list(LAYER_KINDS),
+        "views": list(VIEWS),
+        "overview_metrics": list(OVERVIEW_METRICS),
+        "loss_spread_metrics": list(LOSS_SPREAD_METRICS),
+        "severities": list(SEVERITIES),
+        "finding_kinds": list(FINDING_KINDS),
+        "finding_view": {k: {"view": v, "metric": m} for k, (v, m) in FINDING_VIEW.items()},
+    }
+
 
 STRUCTURE_TAG = PLUGIN_NAME + "/_structure"
 
@@ -82,6 +224,9 @@ def create_summary_metadata(
     kind: int = VECTOR,
 ) -> summary_pb2.SummaryMetadata:
     """SummaryMetadata for one tag, carrying the metric and its layer names."""
+    # Here, not at the top: the findings import this contract where TensorBoard may be absent.
+    from tensorboard.compat.proto import summary_pb2
+
     if layer_types and len(layer_types) != len(layers):
         raise ValueError("layer_types must be empty or as long as layers")
     content = plugin_data_pb2.DiagnosticsPluginData(

@@ -16,30 +16,10 @@ import numpy as np
 from tensorboard import context as tb_context
 
 from tb_diag_plugin import integrity, metadata
+from tb_diag_plugin.findings.series import Series
 
 # `downsample` for "every stored sample" (0 would mean none).
 ALL_SAMPLES = 2**62
-
-
-@dataclass
-class Series:
-    """One metric of one run: values[i, j] is layer j at steps[i].
-
-    `present` is False where a layer had no value at a step (it was not in
-    that step's layer set); such cells hold NaN, which is distinct from a
-    recorded NaN only through `present`.
-    """
-
-    metric: str
-    layers: list[str]
-    layer_types: list[str]
-    steps: np.ndarray  # int64 [S]
-    values: np.ndarray  # float32 [S, L]
-    present: np.ndarray  # bool [S, L]
-
-    def layer(self, name: str) -> np.ndarray:
-        """Values of one layer over steps (NaN where absent)."""
-        return self.values[:, self.layers.index(name)]
 
 
 @dataclass

@@ -14,7 +14,8 @@ import sys
 import textwrap
 from typing import Optional, TextIO
 
-from tb_diag_plugin import findings, model_info, reading
+from tb_diag_plugin import findings, reading
+from tb_diag_plugin.findings import model_info
 
 FAIL_LEVELS = ("info", "warning", "error")
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from tb_diag_plugin.findings import KINDS, ModelInfo, Thresholds, analyze
-from tb_diag_plugin.model_info import read_model
-from tb_diag_plugin.reading import Series
+from tb_diag_plugin.findings.model_info import read_model
+from tb_diag_plugin.findings.series import Series
 
 
 def _series(metric, layers, values, steps=None):

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from tb_diag_plugin import advice
-from tb_diag_plugin.rules_common import _Context, _loss_total, _lr_text, _pct, _persistent, _quiet, _window
-from tb_diag_plugin.thresholds import Thresholds
+from tb_diag_plugin.findings import advice
+from tb_diag_plugin.findings.context import Rule, _Context, _loss_total, _lr_text, _pct, _persistent, _quiet, _window
+from tb_diag_plugin.findings.rules.gradients import CUTOFF
+from tb_diag_plugin.findings.thresholds import Thresholds
 
 
 def _dead_relu(ctx: _Context) -> None:
@@ -100,3 +101,7 @@ def _improved_after(loss: tuple[np.ndarray, np.ndarray, list[str]], step: int, t
     at = float(np.median(before[-w:]))
     end = float(np.median(after[-w:]))
     return at > 0 and end <= at * (1 - th.saturation_improved)
+
+
+DEAD_RELU = Rule("dead_relu", ("dead_relu",), ("dead_fraction",), _dead_relu, after=CUTOFF)
+SATURATED = Rule("saturated_activation", ("saturated_activation",), ("saturation", "loss"), _saturated, after=CUTOFF)

@@ -7,8 +7,9 @@ from typing import Optional
 
 import numpy as np
 
-from tb_diag_plugin import advice
-from tb_diag_plugin.rules_common import _Context, _fmt, _loss_total, _lr_text, _window
+from tb_diag_plugin.findings import advice
+from tb_diag_plugin.findings.context import Rule, _Context, _fmt, _loss_total, _lr_text, _window
+from tb_diag_plugin.findings.rules.gradients import CUTOFF
 
 # Findings that explain a loss stuck high better than "the model is too small" does.
 _OPTIMISATION_KINDS = frozenset({
@@ -114,3 +115,9 @@ def _underfitting(ctx: _Context) -> None:
         "while gradients and update sizes look healthy.",
         advice.underfitting(ctx.model, _lr_text(ctx)),
     )
+
+
+OVERFITTING = Rule("overfitting", ("overfitting",), ("val_loss", "loss"), _overfitting, after=CUTOFF)
+# Last: it holds only where no rule on the optimisation explains a loss stuck high.
+UNDERFITTING = Rule("underfitting", ("underfitting",), ("val_loss", "loss", "learning_rate"), _underfitting,
+                    after=tuple(sorted(_OPTIMISATION_KINDS)))

@@ -7,8 +7,9 @@ from typing import Optional
 
 import numpy as np
 
-from tb_diag_plugin import advice
-from tb_diag_plugin.rules_common import _Context, _fmt, _is_bias, _lr_text, _persistent, _quiet
+from tb_diag_plugin.findings import advice
+from tb_diag_plugin.findings.context import Rule, _Context, _fmt, _is_bias, _lr_text, _persistent, _quiet
+from tb_diag_plugin.findings.rules.gradients import CUTOFF
 
 
 def _update_ratio(ctx: _Context) -> None:
@@ -133,3 +134,9 @@ def _has_grad(ctx: _Context, steps: np.ndarray, names: list[str]) -> np.ndarray:
     pres = g.present[rows[:, None], cols[None, :]]
     alive = pres & np.isfinite(vals) & (vals > 0)
     return np.where(known, alive, True)
+
+
+UPDATE_RATIO = Rule(
+    "update_ratio", ("update_ratio",), ("update_ratio", "weight_norm", "grad_norm", "learning_rate"),
+    _update_ratio, after=CUTOFF,
+)

@@ -9,8 +9,9 @@ from typing import Optional
 
 import numpy as np
 
-from tb_diag_plugin.rules_common import _Context, _fmt, _loss_total, _lr_text, _window
-from tb_diag_plugin.thresholds import Thresholds
+from tb_diag_plugin.findings.context import Rule, _Context, _fmt, _loss_total, _lr_text, _window
+from tb_diag_plugin.findings.rules.gradients import CUTOFF
+from tb_diag_plugin.findings.thresholds import Thresholds
 
 
 def _relative_decrease(v: np.ndarray, th: Thresholds) -> Optional[tuple[float, float, float]]:
@@ -230,3 +231,13 @@ def _dominance(ctx: _Context) -> None:
 
 def _pow10(x: float) -> float:
     return 10.0 ** max(1, math.ceil(math.log10(max(x, 1.0))))
+
+
+LOSS_SPIKE = Rule("loss_spike", ("loss_spike",), ("loss",), _loss_spike, after=CUTOFF)
+LOSS_NOT_DECREASING = Rule(
+    "loss_not_decreasing", ("loss_not_decreasing",), ("loss", "loss_p50", "learning_rate"), _loss_not_decreasing,
+    after=CUTOFF,
+)
+DOMINANCE = Rule(
+    "loss_component_dominance", ("loss_component_dominance",), ("loss", "loss_p50"), _dominance, after=CUTOFF,
+)

@@ -6,8 +6,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from tb_diag_plugin import advice
-from tb_diag_plugin.rules_common import _Context, _fmt, _is_bias, _lr_text, _names, _persistent, _quiet, _window
+from tb_diag_plugin.findings import advice
+from tb_diag_plugin.findings.context import (
+    Rule,
+    _Context,
+    _fmt,
+    _is_bias,
+    _lr_text,
+    _names,
+    _persistent,
+    _quiet,
+    _window,
+)
+from tb_diag_plugin.findings.rules.gradients import CUTOFF
 
 
 def _no_gradient(ctx: _Context) -> None:
@@ -200,3 +211,13 @@ def _logit_growth(ctx: _Context) -> None:
             "softmax saturates, gradients through it vanish, and low precision overflows.",
             f"Lower the learning rate{advice.lr_of(ctx.model, _lr_text(ctx))}; {z}.",
         )
+
+
+# After dead_relu: an all-zero gradient behind dead units is its consequence, not a detached branch.
+NO_GRADIENT = Rule("no_gradient", ("no_gradient",), ("grad_missing", "grad_norm", "weight_norm"), _no_gradient,
+                   after=CUTOFF + ("dead_relu",))
+GRADIENT_CLIPPING = Rule("gradient_clipping", ("gradient_clipping",),
+                         ("grad_norm_preclip", "grad_norm_total", "learning_rate"), _gradient_clipping, after=CUTOFF)
+ADAM_EPS = Rule("adam_eps", ("adam_eps",), ("adam_eps_fraction", "grad_norm"), _adam_eps, after=CUTOFF)
+LOGIT_GROWTH = Rule("logit_growth", ("logit_growth",), ("logit_max_abs", "logit_lse", "learning_rate"),
+                    _logit_growth, after=CUTOFF)

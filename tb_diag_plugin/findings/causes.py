@@ -4,7 +4,7 @@ and say what they follow from, so that the first line a user reads is the cause.
 
 from __future__ import annotations
 
-from tb_diag_plugin.rules_common import Finding, _Context
+from tb_diag_plugin.findings.context import Finding, _Context
 
 # Kinds that a diverging or blown-up run shows as a consequence (small LayerNorm-gain gradients
 # next to a blown-up embedding, a loss that does not decrease because it diverged, ...).

@@ -8,9 +8,9 @@ from typing import Optional
 
 import numpy as np
 
-from tb_diag_plugin import advice
-from tb_diag_plugin.reading import Series
-from tb_diag_plugin.rules_common import (
+from tb_diag_plugin.findings import advice
+from tb_diag_plugin.findings.context import (
+    Rule,
     _Context,
     _fmt,
     _is_bias,
@@ -21,7 +21,8 @@ from tb_diag_plugin.rules_common import (
     _sibling_weight,
     _window,
 )
-from tb_diag_plugin.thresholds import Thresholds
+from tb_diag_plugin.findings.series import Series
+from tb_diag_plugin.findings.thresholds import Thresholds
 
 
 def _nonfinite(ctx: _Context) -> None:
@@ -419,3 +420,22 @@ def _without_l2(ctx: _Context, steps: np.ndarray, gv: np.ndarray,
     decay = np.where(np.isfinite(wm), floor[:, None] * wm, 0.0)
     data = np.sqrt(np.clip(gv**2 - decay**2, 0.0, None))
     return np.where(has[:, None], data, gv), float(np.median(floor[has]))
+
+
+# The NaN/Inf cutoff: `nonfinite` sets it, `exploding_gradient` moves it back to where the
+# blow-up began; every rule that judges a healthy-looking stretch runs after both.
+NONFINITE = Rule(
+    "nonfinite", ("nonfinite",),
+    ("loss", "grad_norm", "grad_nonfinite", "weight_norm", "act_mean", "amp_skipped", "amp_scale",
+     "grad_norm_total"),
+    _nonfinite,
+)
+EXPLODING = Rule(
+    "exploding_gradient", ("exploding_gradient",), ("grad_norm", "grad_norm_total", "weight_norm", "loss"),
+    _exploding, after=("nonfinite",),
+)
+CUTOFF = ("nonfinite", "exploding_gradient")
+VANISHING = Rule(
+    "vanishing_gradient", ("vanishing_gradient",), ("grad_norm", "weight_norm", "saturation"), _vanishing,
+    after=CUTOFF,
+)

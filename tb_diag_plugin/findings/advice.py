@@ -9,8 +9,8 @@ LayerNorm) and names what does (the layers, the optimizer's own values).
 
 from __future__ import annotations
 
-from tb_diag_plugin.model_info import GATED_TYPES, ModelInfo
-from tb_diag_plugin.rules_common import _fmt, _names
+from tb_diag_plugin.findings.context import _fmt, _names
+from tb_diag_plugin.findings.model_info import GATED_TYPES, ModelInfo
 
 
 def lr_of(model: ModelInfo, lr_text: str = "") -> str:

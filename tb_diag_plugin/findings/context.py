@@ -1,6 +1,6 @@
-"""What every findings rule shares: the `Finding` it reports, the `_Context` it reads and
-writes (series, thresholds, the NaN cutoff), and helpers for persistence, windows and
-the wording of messages."""
+"""What every findings rule shares: the `Rule` declaration, the `Finding` it reports, the
+`_Context` it reads and writes (series, thresholds, the NaN cutoff), and helpers for
+persistence, windows and the wording of messages."""
 
 from __future__ import annotations
 
@@ -11,9 +11,26 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from tb_diag_plugin.model_info import ModelInfo
-from tb_diag_plugin.reading import Series
-from tb_diag_plugin.thresholds import Thresholds
+from tb_diag_plugin.findings.model_info import ModelInfo
+from tb_diag_plugin.findings.series import Series
+from tb_diag_plugin.findings.thresholds import Thresholds
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule as data: what it reports, what it reads, what must run before it.
+
+    `check` reads `ctx.series` and `ctx.th` and adds findings (or a note when a
+    metric it needs is missing). `after` names the rules whose results on the
+    context it uses (the NaN cutoff, the AMP-skipped steps); the registry runs
+    those first and refuses a rule whose dependency is not registered.
+    """
+
+    name: str
+    kinds: tuple[str, ...]  # finding kinds it may report (the contract's FINDING_KINDS)
+    metrics: tuple[str, ...]  # metrics it reads (the contract's METRICS)
+    check: Callable[[_Context], None]
+    after: tuple[str, ...] = ()
 
 
 @dataclass

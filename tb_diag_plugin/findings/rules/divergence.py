@@ -7,8 +7,19 @@ from typing import Optional
 
 import numpy as np
 
-from tb_diag_plugin import advice
-from tb_diag_plugin.rules_common import _Context, _fmt, _is_bias, _loss_total, _lr_text, _names, _quiet, _window
+from tb_diag_plugin.findings import advice
+from tb_diag_plugin.findings.context import (
+    Rule,
+    _Context,
+    _fmt,
+    _is_bias,
+    _loss_total,
+    _lr_text,
+    _names,
+    _quiet,
+    _window,
+)
+from tb_diag_plugin.findings.rules.gradients import CUTOFF
 
 
 def _loss_diverged(ctx: _Context) -> None:
@@ -204,3 +215,13 @@ def _shrink_without_optimizer(ctx: _Context) -> None:
         "the loss; pass optimizer= to Diagnostics so that the report can quote them.",
     )
     ctx.mark_primary()
+
+
+LOSS_DIVERGED = Rule("loss_diverged", ("loss_diverged",), ("loss", "learning_rate", "grad_norm_preclip"),
+                     _loss_diverged, after=CUTOFF)
+WEIGHT_NORM_GROWTH = Rule("weight_norm_growth", ("weight_norm_growth",), ("weight_norm", "learning_rate"),
+                          _weight_norm_growth, after=CUTOFF)
+WEIGHT_DECAY_EQUILIBRIUM = Rule(
+    "weight_decay_equilibrium", ("weight_decay_equilibrium",), ("weight_norm", "update_ratio", "learning_rate"),
+    _weight_decay_equilibrium, after=CUTOFF,
+)

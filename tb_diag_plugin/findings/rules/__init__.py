@@ -1,0 +1,1 @@
+"""The findings rules, one module per family of what they judge; `registry` lists them."""
