@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from tb_diag_logger import amp, distributed, evaluation, reductions
+from tb_diag_logger import amp, distributed, evaluation, optim_state, reductions
 from tb_diag_logger.activations import ActivationCapture
 from tb_diag_logger.cost import CostMeter, DiagnosticsCostWarning
+from tb_diag_logger.logits import LogitCapture
 from tb_diag_logger.losses import SPREAD_METRICS, LossLike, check_losses, is_per_sample, loss_tensors
 from tb_diag_logger.structure import module_tree
 from tb_diag_logger.summaries import SummarySink
@@ -224,6 +225,9 @@ class Diagnostics:
         elif activations:
             self._capture = ActivationCapture(self.model, self._include, self._exclude, self._report)
             self._capture.armed = True  # the first forward may belong to a logged step
+        # Output logits ride on the activation capture's arming (logged training forwards only).
+        capture = self._capture
+        self._logits = LogitCapture(self.model, lambda: capture.armed, self._report) if capture is not None else None
 
         self._updates: Optional[UpdateRatio] = None
         if update_ratio and optimizer is not None:
@@ -315,6 +319,8 @@ class Diagnostics:
             if self._capture is not None:
                 self._capture.clear()
                 self._capture.armed = self._predict_next_logged()
+            if self._logits is not None:
+                self._logits.clear()
             if self._updates is not None:
                 self._updates.pending = step if logged else None
 
@@ -384,6 +390,8 @@ class Diagnostics:
             self._report("close", e)
         if self._capture is not None:
             self._capture.close()
+        if self._logits is not None:
+            self._logits.close()
         if self._updates is not None:
             self._updates.close()
         if self._sink is not None:
@@ -490,6 +498,10 @@ class Diagnostics:
             parts.append(distributed.finish_sites(site_totals, reduce))
         loss_names, loss_values, spread_names, spreads = loss_tensors(loss_items, device, reduce)
         parts += [loss_values, spreads]
+        # Issue 15: the head's logits (the writing rank's batch) and Adam's state (not for shards).
+        field = self._logits.take(device) if self._logits is not None else []
+        field += optim_state.adam_state(self._params, self._optimizer, device) if not sharded else []
+        parts += [values for _, _, values in field]
 
         host = torch.cat([p.reshape(-1).to(device=device, dtype=torch.float32) for p in parts]).cpu().numpy()
 
@@ -549,6 +561,10 @@ class Diagnostics:
             sp = take(len(SPREAD_METRICS) * len(spread_names)).reshape(len(spread_names), -1)
             for j, metric in enumerate(SPREAD_METRICS):
                 items.append((metric, spread_names, (), sp[:, j]))
+        items += [(metric, names, (), take(len(names))) for metric, names, _ in field]
+        if W:  # a parameter the optimizer holds may never get a gradient (a detached branch)
+            missing = np.array([p.grad is None for _, p in self._params], "f4")
+            items.append((optim_state.GRAD_MISSING, weight_names, (), missing))
         if self._optimizer is not None:
             groups = self._optimizer.param_groups
             lr_names = [""] if len(groups) == 1 else [f"group{i}" for i in range(len(groups))]
@@ -560,7 +576,7 @@ class Diagnostics:
         if self._structure_sites is None or not set(site_names) <= set(self._structure_sites):
             self._structure_sites = tuple(sorted(set(site_names) | set(self._structure_sites or ())))
             known = [self._capture.sites[n] for n in self._capture.order] if self._capture is not None else []
-            tree = module_tree(self.model, {n for n, _ in self._params}, known)
+            tree = module_tree(self.model, {n for n, _ in self._params}, known, self._optimizer)
             self._write(self._sink.write_structure, step, tree)
 
     def _signature(self, grad_names, weight_names, sites, site_totals, loss_items) -> list[float]:

@@ -27,6 +27,7 @@ HOSTILE = "<img src=x onerror=\"window.__xss=1\"> & 'q' “ünï” 运行"
 DEMO_RUNS = ["diverging", "dying_relu", "healthy", "vanishing_sigmoid"]
 FRAME_URL = "plugin_entry.html?name=diagnostics"
 SPIKE_STEP = 60
+VAL_STEPS = [0, 30, 66]
 
 
 # ----------------------------------------------------------------- data
@@ -115,6 +116,8 @@ def ui_logdir(request, tmp_path_factory):
     for step in range(0, 90, 3):
         value = 1.0 / (1 + 0.05 * step) * (10.0 if step == SPIKE_STEP else 1.0)
         sink.write_vectors(step, [("loss", ["total"], [""], np.array([value], dtype=np.float32))])
+        if step in VAL_STEPS:  # a validation loss, as diag.evaluate() writes it
+            sink.write_vectors(step, [("val_loss", ["total"], (), np.array([value * 1.5], dtype=np.float32))])
     w.close()
     return d
 
@@ -405,6 +408,9 @@ def test_overview_findings_first_then_figures(tab, ui_server):
         bad = [s for s, a, b in zip(loss["steps"], total, grad) if not (math.isfinite(a) and math.isfinite(b))]
         assert figures[run]["firstBad"] == (str(bad[0]) if bad else "")
     assert figures["diverging"]["firstBad"] != ""  # the demo's diverging run does reach NaN
+    dead = values(ui_server, "diverging", "dead_fraction", points=400)["values"][-1]
+    assert any(math.isnan(num(v)) for v in dead)  # its activations are NaN by the end...
+    assert figures["diverging"]["dead"] == ""  # ...so the dead share is unknown ("–"), never 0 %
 
     chart = tab.chart("grad_norm_total")
     body = values(ui_server, "healthy", "grad_norm_total", points=400)
@@ -555,6 +561,10 @@ def test_loss_view_components_spread_spikes_nonfinite(tab, ui_server):
     assert bad and trace(total, run="diverging", role="nonfinite")["x"] == bad
     # The spike written into loss_only is marked, and nothing else there.
     assert trace(total, run="loss_only", role="spike")["x"] == [SPIKE_STEP]
+    # The validation loss (val_loss) is drawn over the training total.
+    val = values(ui_server, "loss_only", "val_loss")
+    t = trace(total, run="loss_only", role="validation")
+    assert t["x"] == val["steps"] == VAL_STEPS and all(same(a, num(b[0])) for a, b in zip(t["y"], val["values"]))
     scale = tab.frame.locator("[data-view=loss] select")
     scale.select_option("log")
     tab.wait_ready("loss")

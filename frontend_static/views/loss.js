@@ -52,7 +52,9 @@ async function render(app, ctx) {
       await Promise.all(PERCENTILES.filter((m) => r.metrics.includes(m)).map(async (m) => {
         pct[m] = await api.values(r.run, m, {points});
       }));
-      return {v, pct};
+      // Validation loss from diag.evaluate(), drawn over the training total.
+      const val = r.metrics.includes("val_loss") ? await api.values(r.run, "val_loss", {points}) : null;
+      return {v, pct, val};
     } catch (e) {
       return e;
     }
@@ -132,9 +134,25 @@ async function render(app, ctx) {
         notes.push(`${r.run}: non-finite from step ${x[badAt[0]]}`);
       }
       if (v.numSteps === 1) notes.push(`${r.run}: a single logged step so far`);
+      const vj = c === "total" && d.val ? d.val.layerIndex("total") : -1;
+      if (vj >= 0) {
+        const vy = d.val.column(vj).map((y) => (y != null && Number.isFinite(y) ? y : null));
+        for (const y of vy) {
+          if (y == null) continue;
+          if (y <= 0) allPositive = false;
+          lo = Math.min(lo, y);
+          hi = Math.max(hi, y);
+        }
+        traces.push({type: "scatter", mode: "lines+markers", name: `${esc(r.run)} (validation)`, x: Array.from(d.val.stepFirst), y: vy,
+                     line: {color, width: 1.6, dash: "dash"}, marker: {color, size: 6, symbol: "diamond"},
+                     meta: {...meta, role: "validation"},
+                     hovertemplate: `${esc(r.run)}<br>step %{x}<br>validation loss = %{y:.5g}<extra></extra>`});
+        if (!notes.includes("validation")) notes.push("validation");
+      }
     });
     const spreadNote = notes.includes("spread") ? ["bands: per-sample spread over the logged batch"] : [];
-    const other = notes.filter((n) => n !== "spread");
+    if (notes.includes("validation")) spreadNote.push("dashed: validation loss (diag.evaluate)");
+    const other = notes.filter((n) => n !== "spread" && n !== "validation");
     p.note.append(el("span", {class: "muted small"}, [...spreadNote, ...other].join(" · ")));
     if (!traces.some((tr) => tr.meta?.role === "value")) {
       panels.notice(p, "No run has this component.");

@@ -1,0 +1,110 @@
+"""Output-logit growth: `logit_max_abs` and `logit_lse` of the model's output, on logged steps only.
+
+The logits are the root module's output: a tensor, the `.logits` of a
+Hugging Face `ModelOutput` (or a dict's ``"logits"``), or the first float
+tensor of a tuple such as nanoGPT's ``(logits, loss)``. They are recorded
+under the name of the head that produced them: the last module (in module
+order) with ``out_features`` equal to the logits' last dimension (an LM's
+``lm_head``, a classifier's last ``nn.Linear``), else the last module with
+parameters of its own. One forward hook on the root returns at once unless
+the activation capture is armed for a logged step; training forwards only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from tb_diag_plugin import metadata
+
+MAX_ABS, LSE = metadata.LOGIT_METRICS
+
+
+def logits_of(output: Any) -> Optional[torch.Tensor]:
+    """The logits in a forward's output (see the module docstring), or None."""
+    if isinstance(output, torch.Tensor):
+        found = output
+    elif isinstance(getattr(output, "logits", None), torch.Tensor):
+        found = output.logits
+    elif isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor):
+        found = output["logits"]
+    elif isinstance(output, (tuple, list)):
+        found = next((t for t in output if isinstance(t, torch.Tensor) and t.is_floating_point() and t.ndim), None)
+    else:
+        found = None
+    if found is None or not found.is_floating_point() or found.ndim == 0 or found.numel() == 0:
+        return None
+    return found
+
+
+def head_name(model: nn.Module, width: int) -> str:
+    """The qualified name of the module that most likely produced logits of last dimension `width`."""
+    last_with_params = ""
+    head = None
+    for name, m in model.named_modules():
+        if getattr(m, "out_features", None) == width:
+            head = name
+        if next(m.parameters(recurse=False), None) is not None:
+            last_with_params = name
+    return head if head is not None else last_with_params
+
+
+class LogitCapture:
+    """Owns the root's forward hook and the logged step's running logit statistics."""
+
+    def __init__(self, model: nn.Module, armed: Callable[[], bool], on_error: Callable[[str, BaseException], None]):
+        self._model = model
+        self._armed = armed
+        self._on_error = on_error
+        self._names: dict[int, str] = {}  # last dimension -> head name
+        self._stats: dict[str, list[torch.Tensor]] = {}  # head -> [max |logit|, sum of row LSEs, rows]
+        self._handle = model.register_forward_hook(self._post)
+
+    def _post(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not self._armed() or not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+            return None  # not a logged step's training forward
+        try:
+            y = logits_of(output)
+            if y is not None:
+                with torch.no_grad():
+                    self._add(y.detach())
+        except Exception as e:  # never into the training loop
+            self._on_error("logit statistics", e)
+        return None
+
+    def _add(self, y: torch.Tensor) -> None:
+        width = y.shape[-1]
+        name = self._names.get(width)
+        if name is None:
+            name = self._names[width] = head_name(self._model, width)
+        lo, hi = torch.aminmax(y)
+        biggest = torch.maximum(hi, -lo).to(torch.float32)
+        lse = torch.logsumexp(y.to(torch.float32), dim=-1).sum()
+        rows = torch.tensor(float(y.numel() // width), device=y.device)
+        old = self._stats.get(name)
+        if old is None:
+            self._stats[name] = [biggest, lse, rows]
+        else:  # several forwards before step(): gradient accumulation
+            self._stats[name] = [torch.maximum(old[0], biggest), old[1] + lse, old[2] + rows]
+
+    def take(self, device: torch.device) -> list[tuple[str, list[str], torch.Tensor]]:
+        """[(MAX_ABS, heads, values), (LSE, heads, mean LSE per row)] of this step's forwards, or []."""
+        stats, self._stats = self._stats, {}
+        if not stats:
+            return []
+        names = list(stats)
+        biggest = torch.stack([stats[n][0].to(device) for n in names])
+        lse = torch.stack([(stats[n][1] / stats[n][2]).to(device) for n in names])
+        return [(MAX_ABS, names, biggest), (LSE, names, lse)]
+
+    def clear(self) -> None:
+        """Forget what this step's forwards left (a step that was not logged)."""
+        self._stats = {}
+
+    def close(self) -> None:
+        """Remove the hook."""
+        self._handle.remove()
+        self._stats = {}
