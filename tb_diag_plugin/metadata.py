@@ -119,8 +119,12 @@ MODULE_METRICS = _names("module")
 LOSS_SPREAD_METRICS = tuple(m.name for m in METRIC_SPECS if m.missing == _PER_SAMPLE)
 LOSS_METRICS = _names("loss")
 ALL_METRICS = tuple(m.name for m in METRIC_SPECS if not m.needs)
-# `Diagnostics.evaluate()` (branch diaglog): val_loss (layer "total"), val_metric (layer = the user's metric name).
+# Names the logger (branch diaglog) unpacks, in the order it unpacks them. `Diagnostics.evaluate()`:
+# val_loss (layer "total"), val_metric (layer = the user's metric name); per parameter from the
+# optimizer's view: .grad None, Adam-family state; the output head: max |logit|, mean log-sum-exp.
 VALIDATION_METRICS = ("val_loss", "val_metric")
+PARAM_OPTIMIZER_METRICS = ("grad_missing", "adam_eps_fraction", "update_rms")
+LOGIT_METRICS = ("logit_max_abs", "logit_lse")
 # The overview's charts, read first (the read-ahead, the overview's table).
 OVERVIEW_METRICS = ("loss", "grad_norm_total", "learning_rate", "dead_fraction")
 

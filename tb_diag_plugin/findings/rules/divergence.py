@@ -146,13 +146,12 @@ def _weight_decay_equilibrium(ctx: _Context) -> None:
         _, uv = ctx.before_cutoff(ur)
         cols = [j for j, n in enumerate(ur.layers) if not _is_bias(n)] or list(range(len(ur.layers)))
         pinned = float(_quiet(np.nanmedian, uv[:, cols]))
-    if not ((shrink is not None and shrink[0] <= th.decay_shrink) or (pinned is not None and pinned >= 1e-2)):
-        return
+    if shrink is None or shrink[0] > th.decay_shrink:
+        return  # weights that hold or grow are not pinned by the decay (a high lr with default decay)
     steps = ctx.series["weight_norm"].steps if "weight_norm" in ctx.series else np.zeros(1, dtype=np.int64)
     what = []
-    if shrink is not None:
-        what.append(f"the median weight tensor's norm went to {_fmt(shrink[0])}x its start")
-    if pinned is not None:
+    what.append(f"the median weight tensor's norm went to {_fmt(shrink[0])}x its start")
+    if pinned is not None and pinned >= 1e-2:
         what.append(f"update ratios stay at {_fmt(pinned)} (healthy ~1e-3): each step undoes the decay")
     layers = list(ctx.series["weight_norm"].layers) if "weight_norm" in ctx.series else []
     ctx.add(
