@@ -72,7 +72,7 @@ def run(lr: float, wd: float = 0.0, clip: float = 0.0, warmup: int = 0, cosine: 
                 st = opt.state[ps[i]]
                 v_hat = st["exp_avg_sq"] / (1 - 0.999 ** float(st["step"]))
                 fr.append(float((v_hat.sqrt() < 1e-8).float().mean()))
-        loss_v.append(float(loss))
+        loss_v.append(float(loss.detach()))
         pre_v.append(pre)
         post_v.append(post)
         logit_v.append(float(out.detach().abs().max()))

@@ -567,6 +567,36 @@ def overfitting_memorised(g: torch.Generator) -> Training:
     return Training(m, opt, loss, steps=160, every=2, val=val, eval_every=10)
 
 
+def adam_eps_too_large(g: torch.Generator) -> Training:
+    """Adam with eps 1.0 (a typo for 1e-8) on gradients of ~1e-2: eps, not the gradient, sets every step."""
+    _seed_model(g)
+    m = _mlp(16, 64, 3, nn.ReLU)
+    return _ce_training(m, torch.optim.Adam(m.parameters(), lr=1e-2, eps=1.0), g)
+
+
+def underfitting_linear(g: torch.Generator) -> Training:
+    """A linear classifier for labels that are mostly XORs of feature signs: one bit of three is linear."""
+    _seed_model(g)
+    m = nn.Linear(16, 8)
+    _init_normal(m, 0.5, g, bias=0.0)  # weights of the size training gives them: updates stay ~1e-2 of them
+    x = torch.randn(2048, 16, generator=g)
+    b = (x[:, :5] > 0).long()
+    y = 4 * (b[:, 0] ^ b[:, 1]) + 2 * (b[:, 2] ^ b[:, 3]) + b[:, 4]
+    xt, yt, xv, yv = x[:1536], y[:1536], x[1536:], y[1536:]
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+
+    def loss(step: int) -> LossOut:
+        idx = torch.randint(0, 1536, (256,), generator=g)
+        ce = F.cross_entropy(m(xt[idx]), yt[idx], reduction="none")
+        return ce.mean(), {"ce": ce}
+
+    def val() -> torch.Tensor:
+        with torch.no_grad():
+            return F.cross_entropy(m(xv), yv)
+
+    return Training(m, opt, loss, steps=200, val=val, eval_every=10)
+
+
 def _spike_at(steps: tuple[int, ...], fn):
     def corrupt(step, xb, yb):
         return fn(xb, yb) if step in steps else (xb, yb)
@@ -668,7 +698,7 @@ def _cases() -> dict[str, Case]:
         Case("nonfinite_log_zero", nonfinite_log_zero, ("nonfinite",), {"nonfinite": ("total",)},
              allowed=("loss_not_decreasing",)),
         Case("update_ratio_lr_too_high", update_ratio_lr_too_high, ("update_ratio",), {},
-             allowed=("loss_not_decreasing", "loss_spike", "exploding_gradient")),
+             allowed=("loss_not_decreasing", "loss_spike", "exploding_gradient", "weight_norm_growth")),
         Case("update_ratio_lr_too_low", update_ratio_lr_too_low, ("update_ratio",), {},
              allowed=("loss_not_decreasing",)),
         Case("update_ratio_adam_tiny_lr", update_ratio_adam_tiny_lr, ("update_ratio",), {},
@@ -692,6 +722,9 @@ def _cases() -> dict[str, Case]:
         Case("weight_decay_equilibrium", weight_decay_equilibrium, ("weight_decay_equilibrium",), {},
              allowed=("loss_not_decreasing", "update_ratio", "vanishing_gradient", "adam_eps", "dead_relu")),
         Case("overfitting_memorised", overfitting_memorised, ("overfitting",), {"overfitting": ("val_loss",)}),
+        Case("adam_eps_too_large", adam_eps_too_large, ("adam_eps",), {"adam_eps": ("0.weight",)},
+             allowed=("loss_not_decreasing", "update_ratio")),
+        Case("underfitting_linear", underfitting_linear, ("underfitting",), {"underfitting": ("total",)}),
     ]
     return {c.name: c for c in cases}
 

@@ -43,6 +43,11 @@ def fold_symptoms(ctx: _Context) -> None:
 
 
 def _earliest_before(causes: list[Finding], f: Finding):
-    """The earliest cause that began no later than `f` did, or None."""
-    before = [c for c in causes if c.first_step <= f.first_step]
+    """The earliest cause that began no later than `f` did (or in the first tenth of its span), or None.
+
+    The slack: a symptom judged over the whole run starts at the first logged step, while a cause
+    that rules leave Adam's first step out of shows from the second.
+    """
+    slack = (f.last_step - f.first_step) // 10
+    before = [c for c in causes if c.first_step <= f.first_step + slack]
     return min(before, key=lambda c: c.first_step) if before else None

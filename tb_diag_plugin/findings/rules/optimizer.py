@@ -162,6 +162,7 @@ def _adam_eps(ctx: _Context) -> None:
         f"Lower eps{eps_text} to 1e-8 or below the gradients' RMS (under fp16/bf16 1e-6 to 1e-8 is usual), or "
         "check why the gradients are so small (loss scaled down, vanishing gradients).",
     )
+    ctx.mark_primary()  # a loss that barely moves follows from it
 
 
 def _gets_gradient(ctx: _Context, names: list[str]) -> dict[str, bool]:
