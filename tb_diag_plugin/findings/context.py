@@ -196,6 +196,30 @@ def _loss_total(ctx: _Context) -> Optional[tuple[np.ndarray, np.ndarray, list[st
     return steps[ok], v[ok], names
 
 
+def _weights_over_start(ctx: _Context, names: Optional[Sequence[str]] = None):
+    """(steps, [steps x tensors] weight norm over its first value) before the cutoff, or None.
+
+    Weight tensors `names` (default: every one that is not a bias) whose first
+    norm is at least `min_weight_norm`; a ratio to a near-zero start means nothing.
+    """
+    w = ctx.series.get("weight_norm")
+    if w is None or not w.steps.size:
+        return None
+    steps, wv = ctx.before_cutoff(w)
+    if names is None:
+        cols = [j for j, n in enumerate(w.layers) if not _is_bias(n)]
+    else:
+        cols = [w.layers.index(n) for n in names if n in w.layers]
+    if steps.size < 2 or not cols:
+        return None
+    wv = wv[:, cols]
+    first = wv[0]
+    keep = np.isfinite(first) & (first >= ctx.th.min_weight_norm)
+    if not keep.any():
+        return None
+    return steps, wv[:, keep] / first[keep]
+
+
 def _lr_text(ctx: _Context) -> str:
     lr = ctx.series.get("learning_rate")
     if lr is None or not lr.steps.size:

@@ -17,6 +17,7 @@ from tb_diag_plugin.findings.context import (
     _lr_text,
     _names,
     _quiet,
+    _weights_over_start,
     _window,
 )
 from tb_diag_plugin.findings.rules.gradients import CUTOFF
@@ -178,20 +179,11 @@ def _peak_lr(ctx: _Context) -> Optional[list[float]]:
 
 def _median_shrink(ctx: _Context) -> Optional[tuple[float, int]]:
     """(the median weight tensor's norm at the end over its start, last step) or None."""
-    s = ctx.series.get("weight_norm")
-    if s is None or s.steps.size < 2:
+    got = _weights_over_start(ctx)
+    if got is None:
         return None
-    steps, wv = ctx.before_cutoff(s)
-    cols = [j for j, n in enumerate(s.layers) if not _is_bias(n)]
-    if not cols or steps.size < 2:
-        return None
-    wv = wv[:, cols]
-    first = wv[0]
-    keep = np.isfinite(first) & (first >= ctx.th.min_weight_norm)
-    if not keep.any():
-        return None
-    w = _window(steps.size, ctx.th)
-    end = _quiet(np.nanmedian, wv[-w:, keep], axis=0) / first[keep]
+    steps, ratio = got
+    end = _quiet(np.nanmedian, ratio[-_window(steps.size, ctx.th):], axis=0)
     return float(np.nanmedian(end)), int(steps[-1])
 
 

@@ -29,6 +29,17 @@ def _val_loss(ctx: _Context) -> Optional[tuple[np.ndarray, np.ndarray]]:
     return steps[ok], col[ok]
 
 
+def _both_losses(ctx: _Context, kind: str):
+    """(validation (steps, values), training loss as `_loss_total` gives it), or None after a note."""
+    val = _val_loss(ctx)
+    train = _loss_total(ctx)
+    if val is None or train is None:
+        ctx.notes.append(f"{kind}: not checked, needs 'val_loss' (diag.evaluate(step, loss=val_loss)) "
+                         "and the training loss")
+        return None
+    return val, train
+
+
 def _train_at(train: tuple[np.ndarray, np.ndarray, list[str]], at: np.ndarray, th) -> np.ndarray:
     """The training loss around each of `at`'s steps: the median of the logged values up to it (a window)."""
     steps, v, _ = train
@@ -44,12 +55,10 @@ def _train_at(train: tuple[np.ndarray, np.ndarray, list[str]], at: np.ndarray, t
 def _overfitting(ctx: _Context) -> None:
     """Validation loss rising from its best while the training loss still falls."""
     th = ctx.th
-    val = _val_loss(ctx)
-    train = _loss_total(ctx)
-    if val is None or train is None:
-        ctx.notes.append("overfitting: not checked, needs 'val_loss' (diag.evaluate(step, loss=val_loss)) "
-                         "and the training loss")
+    both = _both_losses(ctx, "overfitting")
+    if both is None:
         return
+    val, train = both
     vs, vv = val
     if vv.size < th.overfit_min_evals:
         return
@@ -84,12 +93,10 @@ def _overfitting(ctx: _Context) -> None:
 def _underfitting(ctx: _Context) -> None:
     """Training and validation loss both flat and high while the optimisation itself looks healthy."""
     th = ctx.th
-    val = _val_loss(ctx)
-    train = _loss_total(ctx)
-    if val is None or train is None:
-        ctx.notes.append("underfitting: not checked, needs 'val_loss' (diag.evaluate(step, loss=val_loss)) "
-                         "and the training loss")
+    both = _both_losses(ctx, "underfitting")
+    if both is None:
         return
+    val, train = both
     steps, v, _ = train
     vs, vv = val
     if v.size < th.loss_min_points or vv.size < 2:

@@ -8,7 +8,16 @@ from typing import Optional
 import numpy as np
 
 from tb_diag_plugin.findings import advice
-from tb_diag_plugin.findings.context import Rule, _Context, _fmt, _is_bias, _lr_text, _persistent, _quiet
+from tb_diag_plugin.findings.context import (
+    Rule,
+    _Context,
+    _fmt,
+    _is_bias,
+    _lr_text,
+    _persistent,
+    _quiet,
+    _weights_over_start,
+)
 from tb_diag_plugin.findings.rules.gradients import CUTOFF
 
 
@@ -100,19 +109,11 @@ def _update_ratio(ctx: _Context) -> None:
 
 def _weight_growth(ctx: _Context, names: list[str]) -> Optional[tuple[float, int]]:
     """(largest growth of the median weight tensor's norm over its first value, the step), or None."""
-    w = ctx.series.get("weight_norm")
-    if w is None or not w.steps.size:
+    got = _weights_over_start(ctx, names)
+    if got is None:
         return None
-    steps, wv = ctx.before_cutoff(w)
-    cols = [w.layers.index(n) for n in names if n in w.layers]
-    if steps.size < 2 or not cols:
-        return None
-    wv = wv[:, cols]
-    first = wv[0]
-    keep = np.isfinite(first) & (first >= ctx.th.min_weight_norm)
-    if not keep.any():
-        return None
-    growth = _quiet(np.nanmedian, wv[:, keep] / first[keep], axis=1)
+    steps, ratio = got
+    growth = _quiet(np.nanmedian, ratio, axis=1)
     if not np.isfinite(growth).any():
         return None
     i = int(np.nanargmax(growth))
