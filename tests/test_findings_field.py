@@ -5,12 +5,18 @@ before symptoms; advice chosen from the model's own structure."""
 
 from __future__ import annotations
 
+import io
+import json
+
 import numpy as np
 import pytest
 
+import pathologies
+from tb_diag_plugin import report
 from tb_diag_plugin.findings import KINDS, ModelInfo, Thresholds, analyze
 from tb_diag_plugin.findings.model_info import read_model
 from tb_diag_plugin.findings.series import Series
+from tbserver import serve
 
 
 def _series(metric, layers, values, steps=None):
@@ -350,3 +356,27 @@ def test_advice_differs_by_architecture(kind, series, transformer_has, mlp_has):
     b = _one(_found(series(), model=mlp), kind).suggestion
     assert a != b and transformer_has in a and mlp_has in b
     assert "sigmoid" not in a.lower() and "add normalisation" not in a.lower()  # GELU + LayerNorm only
+
+
+# ---------------------------------------------------------------- the callers pass the model
+def test_route_and_report_tell_a_detached_branch_from_a_frozen_one(tmp_path):
+    """The same gradient-less encoder: a warning where the optimizer holds it, nothing where it is frozen.
+
+    Only the structure document tells them apart, so this shows that `/findings` and `tb-diag report`
+    read it and hand it to the rules.
+    """
+    pathologies.train(pathologies.CASES["no_gradient_detached_branch"], str(tmp_path), name="detached")
+    pathologies.train(pathologies.CASES["healthy_frozen_backbone"], str(tmp_path), name="frozen")
+    out = io.StringIO()
+    report.run(str(tmp_path), True, None, out)
+    by_run = {}
+    for d in json.loads(out.getvalue()):
+        by_run.setdefault(d["run"], []).append(d)
+    with serve(str(tmp_path)) as srv:
+        srv.wait_for_runs(2)
+        for run in ("detached", "frozen"):
+            routed = srv.plugin(f"findings?run={run}")["findings"]
+            assert routed == by_run.get(run, []), run
+    (f,) = [d for d in by_run["detached"] if d["kind"] == "no_gradient"]
+    assert f["severity"] == "warning" and {"encoder.0.weight", "encoder.2.weight"} <= set(f["layers"])
+    assert not [d for d in by_run.get("frozen", []) if d["kind"] == "no_gradient"]
