@@ -83,7 +83,9 @@ def evaluate(logdir: str, seeds: list[int], jobs: int, cases: Optional[list[str]
     t1 = time.perf_counter()
     for case_name, seed, secs in timings:
         case = pathologies.ALL[case_name]
-        found, notes = findings.analyze(reader.series(f"{case_name}__s{seed}"))
+        run = f"{case_name}__s{seed}"
+        model = findings.ModelInfo.from_structure(reader.structure(run))
+        found, notes = findings.analyze(reader.series(run), model=model)
         runs.append({"case": case, "seed": seed, "train_s": secs, "findings": found, "notes": notes})
     return {"runs": runs, "train_s": train_s, "analyze_s": time.perf_counter() - t1, "seeds": seeds,
             "variant_seeds": list(variant_seeds)}
@@ -224,6 +226,16 @@ def markdown(result: dict, command: str) -> str:
         "with other names give an `info` finding, not a warning.",
         "- `update_ratio` and `learning_rate` need `optimizer=`; activation rules need `activations=True` "
         "(the default) and a model that is not `torch.compile`d; `report` says which rules could not run.",
+        "- `gradient_clipping` and `logit_growth` have no labelled run: the first needs the pre-clip norm "
+        "(`diag.step(..., grad_norm=clip_grad_norm_(...))`), and no CPU-cheap run kept its logits above 100 "
+        "(the lr-1 GPT peaked at 122 and fell back to 64); `tests/test_findings_field.py` checks both on "
+        "hand-built series.",
+        "- `weight_decay_equilibrium` quotes lr x weight_decay from the optimizer's settings in the "
+        "structure document (`optimizer=`); without them only a collapse of the weights to a tenth of their "
+        "start is named (the suite's wd-30 MLP settles at 0.22x and would be missed).",
+        "- `no_gradient` is a warning where the structure document says the optimizer holds the "
+        "parameters; where it does not say (older recordings) it is info, since a frozen backbone looks "
+        "the same. `overfitting` and `underfitting` need `diag.evaluate(step, loss=val_loss)`.",
         "",
         "## Every run", "", "| case | seed | expected | fired (warning/error) | verdict |",
               "|---|---|---|---|---|"]

@@ -15,6 +15,7 @@ import textwrap
 from typing import Optional, TextIO
 
 from tb_diag_plugin import findings, metadata, reading
+from tb_diag_plugin.findings import model_info
 
 FAIL_LEVELS = metadata.SEVERITIES[::-1]  # the least severe first, as --help lists them
 
@@ -34,10 +35,12 @@ def run(logdir: str, as_json: bool, fail_on: Optional[str], out: TextIO) -> int:
     reader = reading.LocalReader(logdir)
     results = []  # (run, findings, notes)
     for name in reader.runs():
+        model, unread = model_info.read_model(lambda run=name: reader.structure(run))
         try:
-            found, notes = findings.analyze(reader.series(name))
+            found, notes = findings.analyze(reader.series(name), model=model)
         except Exception as e:  # one unreadable run must not hide the others
             found, notes = [], [f"could not analyse this run: {type(e).__name__}: {e}"]
+        notes = unread + notes
         notes = list(reader.index[name].problems) + notes
         results.append((name, found, notes))
 

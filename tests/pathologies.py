@@ -16,6 +16,7 @@ core.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from dataclasses import dataclass, field
@@ -42,6 +43,9 @@ class Training:
     every: int = 2
     sched: Optional[object] = None
     scaler: Optional[object] = None
+    clip: Optional[float] = None  # clip_grad_norm_ threshold; its pre-clip norm goes to diag.step(grad_norm=)
+    val: Optional[Callable[[], torch.Tensor]] = None  # the validation loss, for diag.evaluate()
+    eval_every: int = 10
 
 
 @dataclass(frozen=True)
@@ -285,6 +289,102 @@ def healthy_residual_amp(g: torch.Generator) -> Training:
     return Training(m, opt, loss, steps=120, scaler=scaler)
 
 
+class TinyGPT(nn.Module):
+    """A nanoGPT-shaped causal LM: token + position embeddings, pre-norm blocks (causal attention,
+    GELU MLP), a final LayerNorm and an untied head."""
+
+    def __init__(self, vocab: int = 32, d: int = 32, blocks: int = 2, seq: int = 16) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(seq, d)
+        self.blocks = nn.ModuleList(_GPTBlock(d) for _ in range(blocks))
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        h = self.tok(t) + self.pos(torch.arange(t.shape[1]))
+        for b in self.blocks:
+            h = b(h)
+        return self.head(self.ln_f(h))
+
+
+class _GPTBlock(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, 4, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[1]
+        mask = torch.triu(torch.ones(t, t, dtype=torch.bool), 1)
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+def _gpt_training(g: torch.Generator, opt_fn: Callable[[nn.Module], torch.optim.Optimizer], *, steps: int = 120,
+                  warmup: int = 0, cosine: bool = False, clip: Optional[float] = None) -> Training:
+    """Next token of arithmetic sequences mod 32 (learnable: the stride shows in the first two tokens)."""
+    _seed_model(g)
+    m = TinyGPT()
+    opt = opt_fn(m)
+    sched = None
+    if warmup or cosine:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * (
+            0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)) if cosine else 1.0))
+
+    def loss(step: int) -> LossOut:
+        start = torch.randint(0, 32, (16, 1), generator=g)
+        stride = torch.randint(1, 4, (16, 1), generator=g)
+        seq = (start + stride * torch.arange(17)) % 32
+        ce = F.cross_entropy(m(seq[:, :-1]).reshape(-1, 32), seq[:, 1:].reshape(-1))
+        return ce, {"ce": ce}
+
+    return Training(m, opt, loss, steps=steps, sched=sched, clip=clip)
+
+
+def healthy_gpt(g: torch.Generator) -> Training:
+    """nanoGPT's recipe: AdamW (wd 0.1), linear warm-up, cosine decay, clip_grad_norm_ at 1.0."""
+    return _gpt_training(g, lambda m: torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.1),
+                         warmup=10, cosine=True, clip=1.0)
+
+
+def healthy_fp16_overflow(g: torch.Generator) -> Training:
+    """fp16 autocast with GradScaler(init_scale=2**32): the first steps overflow and are skipped by design."""
+    _seed_model(g)
+    m = _mlp(16, 64, 3, nn.ReLU)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    x, y = _teacher(g)
+    batch = _batches(g, x, y)
+
+    def loss(step: int) -> LossOut:
+        xb, yb = batch(step)
+        with torch.autocast("cpu", dtype=torch.float16):
+            logits = m(xb)
+        ce = F.cross_entropy(logits.float(), yb)
+        return ce, {"ce": ce}
+
+    return Training(m, opt, loss, steps=120, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**32))
+
+
+class _FrozenBackbone(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = _mlp(16, 64, 2, nn.ReLU, out=64)
+        self.head = nn.Linear(64, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.backbone(x)))
+
+
+def healthy_frozen_backbone(g: torch.Generator) -> Training:
+    """Fine-tuning a head on a backbone frozen on purpose (requires_grad False, not in the optimizer)."""
+    _seed_model(g)
+    m = _FrozenBackbone()
+    m.backbone.requires_grad_(False)
+    return _ce_training(m, torch.optim.Adam(m.head.parameters(), lr=3e-3), g)
+
+
 # ------------------------------------------------------------ pathologies
 def vanishing_sigmoid(g: torch.Generator) -> Training:
     """20 sigmoid layers: each multiplies the gradient by at most 1/4.
@@ -415,6 +515,88 @@ def update_ratio_adam_tiny_lr(g: torch.Generator) -> Training:
     return _ce_training(m, torch.optim.Adam(m.parameters(), lr=1e-9), g, steps=80)
 
 
+def gpt_lr_blowup(g: torch.Generator) -> Training:
+    """The small GPT at AdamW lr 1, no clipping: the loss jumps ~30x within a few steps and stays, no NaN."""
+    return _gpt_training(g, lambda m: torch.optim.AdamW(m.parameters(), lr=1.0))
+
+
+class _DetachedEncoder(nn.Module):
+    """A textbook bug: the encoder's output is .detach()ed, so the encoder never gets a gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 32))
+        self.head = nn.Sequential(nn.ReLU(), nn.Linear(32, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x).detach())
+
+
+def no_gradient_detached_branch(g: torch.Generator) -> Training:
+    _seed_model(g)
+    m = _DetachedEncoder()
+    return _ce_training(m, torch.optim.Adam(m.parameters(), lr=3e-3), g)
+
+
+def weight_decay_equilibrium(g: torch.Generator) -> Training:
+    """AdamW at lr 1e-2 with weight decay 30: lr x wd = 0.3 per step pins the weights near 0."""
+    _seed_model(g)
+    m = _mlp(16, 64, 3, nn.ReLU)
+    return _ce_training(m, torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=30.0), g)
+
+
+def overfitting_memorised(g: torch.Generator) -> Training:
+    """64 training samples (a quarter of the labels wrong) memorised by a 512-wide MLP; a held-out set."""
+    _seed_model(g)
+    x, y = _teacher(g, n=576)
+    noisy = y.clone()
+    flip = torch.rand(576, generator=g) < 0.25
+    noisy[flip] = torch.randint(0, 4, (int(flip.sum()),), generator=g)
+    xt, yt, xv, yv = x[:64], noisy[:64], x[64:], y[64:]
+    m = _mlp(16, 512, 2, nn.ReLU)
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+
+    def loss(step: int) -> LossOut:
+        ce = F.cross_entropy(m(xt), yt, reduction="none")
+        return ce.mean(), {"ce": ce}
+
+    def val() -> torch.Tensor:
+        with torch.no_grad():
+            return F.cross_entropy(m(xv), yv)
+
+    return Training(m, opt, loss, steps=160, every=2, val=val, eval_every=10)
+
+
+def adam_eps_too_large(g: torch.Generator) -> Training:
+    """Adam with eps 1.0 (a typo for 1e-8) on gradients of ~1e-2: eps, not the gradient, sets every step."""
+    _seed_model(g)
+    m = _mlp(16, 64, 3, nn.ReLU)
+    return _ce_training(m, torch.optim.Adam(m.parameters(), lr=1e-2, eps=1.0), g)
+
+
+def underfitting_linear(g: torch.Generator) -> Training:
+    """A linear classifier for labels that are mostly XORs of feature signs: one bit of three is linear."""
+    _seed_model(g)
+    m = nn.Linear(16, 8)
+    _init_normal(m, 0.5, g, bias=0.0)  # weights of the size training gives them: updates stay ~1e-2 of them
+    x = torch.randn(2048, 16, generator=g)
+    b = (x[:, :5] > 0).long()
+    y = 4 * (b[:, 0] ^ b[:, 1]) + 2 * (b[:, 2] ^ b[:, 3]) + b[:, 4]
+    xt, yt, xv, yv = x[:1536], y[:1536], x[1536:], y[1536:]
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+
+    def loss(step: int) -> LossOut:
+        idx = torch.randint(0, 1536, (256,), generator=g)
+        ce = F.cross_entropy(m(xt[idx]), yt[idx], reduction="none")
+        return ce.mean(), {"ce": ce}
+
+    def val() -> torch.Tensor:
+        with torch.no_grad():
+            return F.cross_entropy(m(xv), yv)
+
+    return Training(m, opt, loss, steps=200, val=val, eval_every=10)
+
+
 def _spike_at(steps: tuple[int, ...], fn):
     def corrupt(step, xb, yb):
         return fn(xb, yb) if step in steps else (xb, yb)
@@ -490,6 +672,9 @@ def _cases() -> dict[str, Case]:
         Case("healthy_regression", healthy_regression, note="MSE to ~0, SGD momentum, cosine to 0, every step"),
         Case("healthy_easy_weight_decay", healthy_easy_weight_decay, note="CE to ~0 under a larger L2 term"),
         Case("healthy_residual_amp", healthy_residual_amp, note="8 residual LayerNorm blocks, bf16 + GradScaler"),
+        Case("healthy_gpt", healthy_gpt, note="small GPT, AdamW, warm-up, cosine, clip 1.0"),
+        Case("healthy_fp16_overflow", healthy_fp16_overflow, note="fp16 + GradScaler(2**32): first steps skipped"),
+        Case("healthy_frozen_backbone", healthy_frozen_backbone, note="backbone frozen on purpose, head trained"),
         Case("vanishing_sigmoid", vanishing_sigmoid, ("vanishing_gradient",), {"vanishing_gradient": first_linear},
              allowed=("loss_not_decreasing", "update_ratio", "saturated_activation")),
         Case("vanishing_tanh_tiny_init", vanishing_tanh_tiny_init, ("vanishing_gradient",),
@@ -498,12 +683,12 @@ def _cases() -> dict[str, Case]:
              {"exploding_gradient": first_linear}, allowed=("nonfinite", "update_ratio", "loss_not_decreasing")),
         Case("exploding_lr_growth", exploding_lr_growth, ("exploding_gradient",), {},
              allowed=("nonfinite", "update_ratio", "loss_not_decreasing", "dead_relu", "loss_spike",
-                      "vanishing_gradient")),
+                      "vanishing_gradient", "weight_norm_growth", "loss_diverged")),
         Case("dead_relu_negative_bias", dead_relu_negative_bias, ("dead_relu",), {"dead_relu": ("1", "3", "5")},
              allowed=("vanishing_gradient", "loss_not_decreasing")),
         Case("dead_relu_high_lr", dead_relu_high_lr, ("dead_relu",), {},
              allowed=("vanishing_gradient", "loss_not_decreasing", "update_ratio", "loss_spike",
-                      "exploding_gradient")),
+                      "exploding_gradient", "weight_norm_growth")),
         Case("saturated_sigmoid_large_init", saturated_sigmoid_large_init, ("saturated_activation",),
              {"saturated_activation": ("1",)}, allowed=("vanishing_gradient", "loss_not_decreasing")),
         Case("saturated_tanh_unscaled_input", saturated_tanh_unscaled_input, ("saturated_activation",),
@@ -513,7 +698,7 @@ def _cases() -> dict[str, Case]:
         Case("nonfinite_log_zero", nonfinite_log_zero, ("nonfinite",), {"nonfinite": ("total",)},
              allowed=("loss_not_decreasing",)),
         Case("update_ratio_lr_too_high", update_ratio_lr_too_high, ("update_ratio",), {},
-             allowed=("loss_not_decreasing", "loss_spike", "exploding_gradient")),
+             allowed=("loss_not_decreasing", "loss_spike", "exploding_gradient", "weight_norm_growth")),
         Case("update_ratio_lr_too_low", update_ratio_lr_too_low, ("update_ratio",), {},
              allowed=("loss_not_decreasing",)),
         Case("update_ratio_adam_tiny_lr", update_ratio_adam_tiny_lr, ("update_ratio",), {},
@@ -529,6 +714,17 @@ def _cases() -> dict[str, Case]:
              {"loss_component_dominance": ("l2",)}, allowed=("loss_not_decreasing", "dead_relu")),
         Case("dominance_aux_penalty", dominance_aux_penalty, ("loss_component_dominance",),
              {"loss_component_dominance": ("penalty",)}, allowed=("loss_not_decreasing",)),
+        Case("gpt_lr_blowup", gpt_lr_blowup, ("loss_diverged",), {"loss_diverged": ("total",)},
+             allowed=("update_ratio", "weight_norm_growth", "exploding_gradient", "logit_growth",
+                      "loss_not_decreasing"), note="small GPT, AdamW lr 1, no clipping: no NaN"),
+        Case("no_gradient_detached_branch", no_gradient_detached_branch, ("no_gradient",),
+             {"no_gradient": ("encoder.0.weight", "encoder.2.weight")}, allowed=("loss_not_decreasing",)),
+        Case("weight_decay_equilibrium", weight_decay_equilibrium, ("weight_decay_equilibrium",), {},
+             allowed=("loss_not_decreasing", "update_ratio", "vanishing_gradient", "adam_eps", "dead_relu")),
+        Case("overfitting_memorised", overfitting_memorised, ("overfitting",), {"overfitting": ("val_loss",)}),
+        Case("adam_eps_too_large", adam_eps_too_large, ("adam_eps",), {"adam_eps": ("0.weight",)},
+             allowed=("loss_not_decreasing", "update_ratio")),
+        Case("underfitting_linear", underfitting_linear, ("underfitting",), {"underfitting": ("total",)}),
     ]
     return {c.name: c for c in cases}
 
@@ -689,7 +885,8 @@ def _variants() -> dict[str, Case]:
         Case("v_saturated_sigmoid_init2", _v_mlp(act=nn.Sigmoid, init_std=2.0), ("saturated_activation",),
              {"saturated_activation": ("1",)}, allowed=("loss_not_decreasing", "vanishing_gradient")),
         Case("v_nonfinite_sgd10", _v_mlp(opt="sgd", lr=10.0, momentum=0.9, every=1, steps=60), ("nonfinite",),
-             allowed=("exploding_gradient", "update_ratio", "dead_relu", "loss_not_decreasing")),
+             allowed=("exploding_gradient", "update_ratio", "dead_relu", "loss_not_decreasing",
+                      "weight_norm_growth")),
         Case("v_update_ratio_adam01_every1", _v_mlp(lr=0.1, every=1, steps=100), ("update_ratio",),
              allowed=("dead_relu", "exploding_gradient", "loss_spike", "loss_not_decreasing")),
         Case("v_update_ratio_adam01_every10", _v_mlp(lr=0.1, every=10), ("update_ratio",),
@@ -723,21 +920,32 @@ def train(case: Case, logdir: str, seed: int = 0, name: Optional[str] = None) ->
     tr = case.build(g)
     path = os.path.join(logdir, name or case.name)
     writer = SummaryWriter(path)
+    takes_norm = "grad_norm" in inspect.signature(Diagnostics.step).parameters
     with Diagnostics(tr.model, writer, every=tr.every, optimizer=tr.opt, scaler=tr.scaler) as diag:
         for step in range(tr.steps):
             loss, parts = tr.loss(step)
             tr.opt.zero_grad()
+            extra = {}
             if tr.scaler is not None:
                 tr.scaler.scale(loss).backward()
-                diag.step(step, loss=loss, losses=parts)
+            else:
+                loss.backward()
+            if tr.clip is not None:
+                if tr.scaler is not None:
+                    tr.scaler.unscale_(tr.opt)
+                pre = torch.nn.utils.clip_grad_norm_(tr.model.parameters(), tr.clip)
+                if takes_norm:  # the pre-clip norm, where the logger takes it
+                    extra["grad_norm"] = pre
+            diag.step(step, loss=loss, losses=parts, **extra)
+            if tr.scaler is not None:
                 tr.scaler.step(tr.opt)
                 tr.scaler.update()
             else:
-                loss.backward()
-                diag.step(step, loss=loss, losses=parts)
                 tr.opt.step()
             if tr.sched is not None:
                 tr.sched.step()
+            if tr.val is not None and (step + 1) % tr.eval_every == 0:
+                diag.evaluate(step, loss=tr.val())
     writer.close()
     return path
 

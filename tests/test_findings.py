@@ -20,7 +20,7 @@ import pytest
 
 from pathologies import CASES, train_all
 from tb_diag_plugin import findings, report
-from tb_diag_plugin.findings import Finding, Thresholds, analyze
+from tb_diag_plugin.findings import Finding, ModelInfo, Thresholds, analyze
 from tb_diag_plugin.reading import LocalReader, Series
 
 HEALTHY = [n for n, c in CASES.items() if c.healthy]
@@ -35,7 +35,8 @@ def suite(tmp_path_factory):
     train_all(d, seed=0)
     reader = LocalReader(d)
     assert sorted(reader.runs()) == sorted(CASES)
-    return d, {name: analyze(reader.series(name)) for name in reader.runs()}
+    return d, {name: analyze(reader.series(name), model=ModelInfo.from_structure(reader.structure(name)))
+               for name in reader.runs()}
 
 
 def _fired(found: list[Finding]) -> dict[str, set[str]]:
@@ -338,7 +339,9 @@ def test_cli_report(suite):
     )
     assert proc.returncode == 1, proc.stderr
     kinds = {d["kind"] for d in json.loads(proc.stdout)}
-    assert kinds >= set(findings.KINDS)
+    # No labelled run clips on most steps (that needs diag.step(grad_norm=)) or grows its logits without
+    # bound; tests/test_findings_field.py checks those two rules on hand-built series.
+    assert kinds >= set(findings.KINDS) - {"gradient_clipping", "logit_growth"}
 
 
 def test_l2_term_does_not_hide_vanishing_gradients():

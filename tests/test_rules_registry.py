@@ -124,7 +124,7 @@ def test_a_new_rule_is_one_declaration_and_a_registry_entry():
     def flat_loss(ctx) -> None:
         ctx.add("underfitting", "info", ["total"], 0, 0, "flat", "try more")
 
-    extra = Rule("underfitting", ("underfitting",), ("loss",), flat_loss, after=("nonfinite",))
+    extra = Rule("flat_loss", ("underfitting",), ("loss",), flat_loss, after=("nonfinite",))
     steps = np.arange(10, dtype=np.int64)
     v = np.ones((10, 1), dtype=np.float32)
     series = {"loss": Series("loss", ["total"], [""], steps, v, np.ones(v.shape, dtype=bool))}

@@ -33,7 +33,9 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from tb_diag_plugin import metadata
+from tb_diag_plugin.findings.causes import fold_symptoms
 from tb_diag_plugin.findings.context import Finding, Rule, _Context
+from tb_diag_plugin.findings.model_info import ModelInfo
 from tb_diag_plugin.findings.registry import ORDER, RULES, ordered
 from tb_diag_plugin.findings.series import Series
 from tb_diag_plugin.findings.thresholds import Thresholds
@@ -47,23 +49,30 @@ _KIND_RANK = {k: i for i, k in enumerate(metadata.FINDING_KINDS)}
 
 
 def analyze(
-    series: dict[str, Series], thresholds: Optional[Thresholds] = None, rules: Optional[Sequence[Rule]] = None
+    series: dict[str, Series], thresholds: Optional[Thresholds] = None, rules: Optional[Sequence[Rule]] = None,
+    model: Optional[ModelInfo] = None,
 ) -> tuple[list[Finding], list[str]]:
     """Run every registered rule (or these `rules`, ordered by dependency) over one run's series.
 
-    Returns the findings sorted worst first (error, warning, info; then the
-    earliest first step) and readable notes on rules that could not run
-    because a metric is missing or too short.
+    `model` (`ModelInfo.from_structure(structure document)`) lets the advice
+    fit the model and tells parameters frozen on purpose from broken ones;
+    without it the advice is general. Returns the findings sorted worst first
+    (error, warning, info; then the earliest first step), with symptoms of a
+    diagnosed cause folded below it, and readable notes on rules that could
+    not run because a metric is missing or too short.
     """
-    ctx = _Context(series, thresholds or Thresholds())
+    if model is not None and not isinstance(model, ModelInfo):
+        raise TypeError(f"model must be a ModelInfo or None, got {type(model).__name__}")
+    ctx = _Context(series, thresholds or Thresholds(), model=model or ModelInfo())
     for rule in ORDER if rules is None else ordered(rules):
         rule.check(ctx)
+    fold_symptoms(ctx)
     # Worst first; at equal severity and step, in the contract's order of kinds (causes before symptoms).
     found = sorted(ctx.findings, key=lambda f: (SEVERITY_RANK.get(f.severity, 9), f.first_step, _KIND_RANK[f.kind]))
     return found, ctx.notes
 
 
 __all__ = [
-    "KINDS", "RULES", "SEVERITIES", "SEVERITY_RANK", "Finding", "Rule", "Series", "Thresholds", "analyze",
+    "KINDS", "RULES", "SEVERITIES", "SEVERITY_RANK", "Finding", "ModelInfo", "Rule", "Series", "Thresholds", "analyze",
     "layer_verdicts",
 ]

@@ -11,6 +11,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from tb_diag_plugin.findings.model_info import ModelInfo
 from tb_diag_plugin.findings.series import Series
 from tb_diag_plugin.findings.thresholds import Thresholds
 
@@ -69,6 +70,8 @@ class _Context:
     cutoff: Optional[int] = None  # first step whose values describe a broken model (NaN, or blowing up)
     amp_skipped: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # skipped by design
     _memo: dict = field(default_factory=dict, repr=False)  # before_cutoff's answers, by series and cutoff
+    model: ModelInfo = field(default_factory=ModelInfo)  # what the structure document says (empty: unknown)
+    primary: list[int] = field(default_factory=list)  # indices into findings: causes others may follow from
 
     def get(self, kind: str, *metrics: str, why: str = "") -> Optional[list[Series]]:
         """The metrics a rule needs, or None after noting which is missing."""
@@ -107,6 +110,10 @@ class _Context:
     def add(self, kind: str, severity: str, layers: Sequence[str], first: int, last: int, message: str,
             suggestion: str) -> None:
         self.findings.append(Finding(kind, severity, list(layers), int(first), int(last), message, suggestion))
+
+    def mark_primary(self) -> None:
+        """The finding just added is a cause: symptoms that start with or after it fold below it."""
+        self.primary.append(len(self.findings) - 1)
 
 
 def _quiet(fn: Callable, *args, **kwargs):
@@ -187,6 +194,30 @@ def _loss_total(ctx: _Context) -> Optional[tuple[np.ndarray, np.ndarray, list[st
         names = list(s.layers)
     ok = np.isfinite(v)
     return steps[ok], v[ok], names
+
+
+def _weights_over_start(ctx: _Context, names: Optional[Sequence[str]] = None):
+    """(steps, [steps x tensors] weight norm over its first value) before the cutoff, or None.
+
+    Weight tensors `names` (default: every one that is not a bias) whose first
+    norm is at least `min_weight_norm`; a ratio to a near-zero start means nothing.
+    """
+    w = ctx.series.get("weight_norm")
+    if w is None or not w.steps.size:
+        return None
+    steps, wv = ctx.before_cutoff(w)
+    if names is None:
+        cols = [j for j, n in enumerate(w.layers) if not _is_bias(n)]
+    else:
+        cols = [w.layers.index(n) for n in names if n in w.layers]
+    if steps.size < 2 or not cols:
+        return None
+    wv = wv[:, cols]
+    first = wv[0]
+    keep = np.isfinite(first) & (first >= ctx.th.min_weight_norm)
+    if not keep.any():
+        return None
+    return steps, wv[:, keep] / first[keep]
 
 
 def _lr_text(ctx: _Context) -> str:

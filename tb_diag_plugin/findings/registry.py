@@ -12,7 +12,7 @@ from typing import Sequence
 
 from tb_diag_plugin import metadata
 from tb_diag_plugin.findings.context import Rule
-from tb_diag_plugin.findings.rules import activations, gradients, loss, updates
+from tb_diag_plugin.findings.rules import activations, divergence, generalisation, gradients, loss, optimizer, updates
 
 RULES: tuple[Rule, ...] = (
     gradients.NONFINITE,
@@ -24,6 +24,15 @@ RULES: tuple[Rule, ...] = (
     loss.LOSS_SPIKE,
     loss.LOSS_NOT_DECREASING,
     loss.DOMINANCE,
+    divergence.LOSS_DIVERGED,
+    divergence.WEIGHT_NORM_GROWTH,
+    divergence.WEIGHT_DECAY_EQUILIBRIUM,
+    optimizer.NO_GRADIENT,
+    optimizer.GRADIENT_CLIPPING,
+    optimizer.ADAM_EPS,
+    optimizer.LOGIT_GROWTH,
+    generalisation.OVERFITTING,
+    generalisation.UNDERFITTING,
 )
 
 

@@ -135,6 +135,98 @@ class Thresholds:
             half its starting value (once the data is fitted, a weight-decay
             term larger than a near-zero data loss is normal).
         dominance_min_fraction (0.1): on at least this share of logged steps.
+
+    loss_diverged, weight_norm_growth, logit_growth, gradient_clipping,
+    adam_eps: measured with `benchmarks/divergence.py` (the suite's TinyGPT,
+    AdamW, 120 steps on CPU, every quantity computed from torch directly) and
+    on the suite's runs through the logger.
+        diverge_ratio (3): the loss stands at 3x its early level (the first
+            value, or the early median if lower) or more ... Healthy runs
+            (the suite; GPTs with warm-up + cosine at lr 6e-4 and 3e-3)
+            never rose above 1.01x their start; AdamW at lr 0.3 peaked at
+            1.6x (3.1x at d 48) and ended at 0.82x; at lr 1 it peaked at
+            37.5x and ended at 27.9x, no NaN.
+        diverge_persist (0.8): ... on this share of the logged steps from the
+            onset to the end, and the last window's median too (a spike comes
+            back; loss_spike reports it).
+        diverge_min_after (3): logged steps at or after the onset.
+        diverge_error_ratio (5): the median loss since the onset at 5x the
+            early level or more ("grew tens of times and stayed"): error. For
+            cross-entropy the start is about chance level, so 5x is far worse
+            than guessing. The suite's lr-1 GPT sat at 9.8-12.6x through the
+            logger (peaks 80-93x); the issue's nanoGPT at lr 3 at 2-75x.
+
+    weight_norm_growth (weight tensors, norm at start >= min_weight_norm)
+        weight_growth_ratio (10): a tensor's norm at 10x its start (or 10x a
+            tenth of the median tensor's start, for tiny initialisations) on
+            the last logged steps. Healthy GPTs grew at most 1.6x per tensor,
+            the suite's healthy runs 1.75x (median tensor); AdamW at lr 0.03
+            4.2x (it still learned), at lr 0.3 9.2x, at lr 1 10.8x (5x within
+            10 steps; through the logger 17-63x at the end).
+        weight_growth_error (100): 100x: error.
+
+    weight_decay_equilibrium
+        decay_product_high (1e-2): lr x weight_decay per step. Usual: AdamW
+            6e-4 x 0.1 = 6e-5 (nanoGPT), 1e-3 x 0.05; SGD 0.1 x 5e-4 = 5e-5;
+            ViT-style 3e-3 x 0.3 = 1e-3. At 1e-2 decay alone halves a weight
+            in 70 steps. AdamW lr 1e-2, wd 30 (0.3) shrank the GPT's median
+            weight tensor to 3.5e-6 of its start (update ratios 0.094) with
+            the loss at 0.94x its start.
+        decay_shrink (0.5): ... and the median weight tensor's norm ends at
+            half its start or less (AdamW wd 30 lr 1e-2: 0.22x on the suite's
+            MLP, update ratios pinned at 0.01-0.03, Adam's steps pushing
+            against the decay). Weights that grow are not pinned: the GPT at
+            lr 1 with AdamW's default decay 0.01 (product 0.01) grew 20x.
+        decay_collapse (0.1): without the optimizer's settings (an older
+            recording), the median weight tensor ending at a tenth of its
+            start or less is named as likely decay. Healthy runs ended at
+            0.43-1.9x (the least: Adam, coupled wd 1e-2, a 256-wide MLP,
+            update ratios 0.013-0.02); AdamW wd 30 at lr 1e-2 went to 3.5e-6x
+            (GPT) but only to 0.24x (the suite's MLP, which this alone
+            therefore misses), an L2 term of 1.0 to 0.23x.
+
+    no_gradient
+        (no constant) a parameter the optimizer holds whose gradient was
+            None (grad_missing 1) or exactly 0 on every logged step before the
+            cutoff; frozen on purpose (requires_grad False, or in no optimizer
+            group) is never flagged.
+
+    gradient_clipping
+        clip_share (0.5): clipping (grad_norm_total below grad_norm_preclip
+            by more than 0.1 %) changed at least half of the logged steps ...
+        clip_min_points (5): ... of at least this many. The healthy GPTs
+            with clip 1.0 at lr 6e-4 and 3e-3 clipped 0 % of their steps
+            (pre-clip norm p90 0.61-0.62); at lr 1 the pre-clip norm's median
+            was 49.
+
+    logit_growth
+        logit_max (100): max |logit| of the output layer at 100 or more on
+            persistent steps ... Healthy GPTs reached 2.4-18.5 (the last at
+            lr 0.03, loss 0.13), the lr-1 GPT 374.
+        logit_growth (10): ... and 10x its start.
+
+    adam_eps
+        adam_eps_fraction (0.5): at least half of a weight tensor's entries
+            have sqrt(v_hat) < eps on persistent steps (while it gets a
+            gradient). Every GPT run above: 0 on weight tensors; the
+            attention's packed in_proj_bias reads 1/3 (the key bias gets no
+            gradient by construction), so biases are left out.
+
+    overfitting (needs val_loss, from diag.evaluate)
+        overfit_min_evals (4): validation points needed.
+        overfit_rise (0.1): the last validation losses stand 10 % or more
+            above the best one ...
+        (train) ... while the training loss at the end is at least
+            loss_min_decrease below its value at the best validation step.
+        overfit_gap_open (0.25): the gap opened at the first evaluation
+            after the narrowest gap where the gap had covered a quarter of
+            its growth.
+
+    underfitting (needs val_loss)
+        underfit_high (0.5): the training loss ends above half its start ...
+        underfit_flat (0.05): ... and fell by under 5 % over the second half
+            of the run; validation within underfit_gap (0.2) of training;
+            and no gradient, update or activation finding explains it.
     """
 
     persist_fraction: float = 0.5
@@ -170,6 +262,26 @@ class Thresholds:
     dominance_ratio: float = 10.0
     dominance_unlearned: float = 0.5
     dominance_min_fraction: float = 0.1
+    diverge_ratio: float = 3.0
+    diverge_persist: float = 0.8
+    diverge_min_after: int = 3
+    diverge_error_ratio: float = 5.0
+    weight_growth_ratio: float = 10.0
+    weight_growth_error: float = 100.0
+    decay_product_high: float = 1e-2
+    decay_shrink: float = 0.5
+    decay_collapse: float = 0.1
+    clip_share: float = 0.5
+    clip_min_points: int = 5
+    logit_max: float = 100.0
+    logit_growth: float = 10.0
+    adam_eps_fraction: float = 0.5
+    overfit_min_evals: int = 4
+    overfit_rise: float = 0.1
+    overfit_gap_open: float = 0.25
+    underfit_high: float = 0.5
+    underfit_flat: float = 0.05
+    underfit_gap: float = 0.2
 
     def replace(self, **changes: float) -> Thresholds:
         """A copy with some fields changed; unknown names raise TypeError."""

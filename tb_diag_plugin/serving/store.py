@@ -16,7 +16,7 @@ import time
 from typing import Any, Iterator, Optional
 
 from tb_diag_plugin import cache
-from tb_diag_plugin.reading import ALL_SAMPLES, RunIndex, Series, index_runs, integrity, read_series
+from tb_diag_plugin.reading import ALL_SAMPLES, RunIndex, Series, index_runs, integrity, read_series, read_structure
 from tb_diag_plugin.serving.config import Config
 
 
@@ -82,6 +82,7 @@ class RunStore:
         every poll while a small one is.
         """
         from tb_diag_plugin import findings
+        from tb_diag_plugin.findings import model_info
 
         key = (eid, run, idx.data_version())
         hit = self.findings_cache.peek(key)
@@ -98,7 +99,10 @@ class RunStore:
             with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="tb-diag-findings") as pool:
                 read = list(pool.map(lambda m: self.series(ctx, eid, run, m, idx)[0], metrics))
             series = dict(zip(metrics, read))
-            found, skipped = findings.analyze(series)
+            model, unread = model_info.read_model(
+                lambda: read_structure(self.provider, ctx, eid, run) if idx.structure_tag else None)
+            found, skipped = findings.analyze(series, model=model)
+            skipped = unread + skipped
             answer = {"run": run, "findings": [f.to_dict(run) for f in found], "skipped": skipped,
                       "layers": findings.layer_verdicts(found, series)}
             done = time.monotonic()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from tb_diag_plugin.findings.context import Rule, _Context, _loss_total, _pct, _persistent, _quiet, _window
+from tb_diag_plugin.findings import advice
+from tb_diag_plugin.findings.context import Rule, _Context, _loss_total, _lr_text, _pct, _persistent, _quiet, _window
 from tb_diag_plugin.findings.rules.gradients import CUTOFF
 from tb_diag_plugin.findings.thresholds import Thresholds
 
@@ -36,8 +37,7 @@ def _dead_relu(ctx: _Context) -> None:
         "dead_relu", severity, layers, int(steps[first]), int(steps[last]),
         f"Dead ReLU units (never positive on a logged batch) since step {int(steps[first])}: {shares}"
         + (f" and {len(hits) - 6} more" if len(hits) > 6 else "") + ".",
-        "Dead units get no gradient and never recover: lower the learning rate, check the initialisation "
-        "(kaiming, biases not negative), add normalisation before the ReLU, or use LeakyReLU/GELU.",
+        advice.dead_relu(ctx.model, _lr_text(ctx)),
     )
 
 
@@ -79,9 +79,7 @@ def _saturated(ctx: _Context) -> None:
                 "saturated_activation", severity, layers, first, last,
                 f"Saturated sigmoid/tanh outputs (in the flat tails, gradient under 5 % of its peak) {since}: "
                 f"{shares}.",
-                "The inputs to these activations are too large: scale the initialisation down "
-                "(xavier_uniform_), standardise the input features, add normalisation before the "
-                "activation, or lower the learning rate; ReLU/GELU do not saturate.",
+                advice.saturated(ctx.model),
             )
         else:
             ctx.add(

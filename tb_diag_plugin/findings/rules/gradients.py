@@ -8,11 +8,13 @@ from typing import Optional
 
 import numpy as np
 
+from tb_diag_plugin.findings import advice
 from tb_diag_plugin.findings.context import (
     Rule,
     _Context,
     _fmt,
     _is_bias,
+    _lr_text,
     _names,
     _persistent,
     _quiet,
@@ -95,6 +97,7 @@ def _nonfinite(ctx: _Context) -> None:
         + f"; {steps_bad} logged step(s) affected, last at {last}.",
         suggestion,
     )
+    ctx.mark_primary()
 
 
 def _amp_by_design(ctx: _Context, steps: np.ndarray) -> np.ndarray:
@@ -247,10 +250,9 @@ def _exploding(ctx: _Context) -> None:
     ctx.add(
         "exploding_gradient", severity, layers, first, last,
         f"Exploding gradients in {_names(layers)}: " + "; ".join(detail) + ".",
-        "Lower the learning rate, clip gradients (torch.nn.utils.clip_grad_norm_(params, 1.0)), use a "
-        "scaled initialisation (kaiming_normal_ for ReLU, xavier for tanh) and normalisation layers "
-        "(BatchNorm/LayerNorm) or residual connections in deep stacks.",
+        advice.exploding(ctx.model, _lr_text(ctx)),
     )
+    ctx.mark_primary()
 
 
 def _overflow(ctx: _Context, g: Series, th: Thresholds) -> Optional[tuple[list[str], str]]:
@@ -367,9 +369,7 @@ def _vanishing(ctx: _Context) -> None:
             "vanishing_gradient", "warning", vanishing, int(steps[first]), int(steps[last]),
             f"{len(vanishing)} tensor(s) ({_names(vanishing)}) get gradients {rng} those of "
             f"{g.layers[int(lead)]} (median over steps) from step {int(steps[first])}.{hint}",
-            "Use ReLU/GELU instead of sigmoid/tanh in hidden layers, He/Xavier initialisation "
-            "(weights neither tiny nor huge), normalisation (BatchNorm/LayerNorm) or residual connections; "
-            "a shallower network also helps.",
+            advice.vanishing(ctx.model, _lr_text(ctx)),
         )
     if redundant:
         first = min(spans[n][0] for n in redundant)
@@ -380,15 +380,7 @@ def _vanishing(ctx: _Context) -> None:
             "A bias followed by normalisation (BatchNorm/LayerNorm subtracts it again) has no effect.",
             "If the layer feeds a normalisation layer, construct it with bias=False; nothing else changes.",
         )
-    if no_grad:
-        first = min(spans[n][0] for n in no_grad)
-        last = max(spans[n][1] for n in no_grad)
-        ctx.add(
-            "vanishing_gradient", "info", no_grad, int(steps[first]), int(steps[last]),
-            f"{_names(no_grad)} received an exactly zero gradient on every logged step.",
-            "If they should learn: check that they are used in forward and that the units feeding them "
-            "are not dead (see dead_relu); unused parameters are better removed or frozen (requires_grad=False).",
-        )
+    # Exactly zero on every logged step (`no_grad`): the no_gradient rule names those.
 
 
 def _without_l2(ctx: _Context, steps: np.ndarray, gv: np.ndarray,

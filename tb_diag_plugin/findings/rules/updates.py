@@ -7,7 +7,17 @@ from typing import Optional
 
 import numpy as np
 
-from tb_diag_plugin.findings.context import Rule, _Context, _fmt, _is_bias, _lr_text, _persistent, _quiet
+from tb_diag_plugin.findings import advice
+from tb_diag_plugin.findings.context import (
+    Rule,
+    _Context,
+    _fmt,
+    _is_bias,
+    _lr_text,
+    _persistent,
+    _quiet,
+    _weights_over_start,
+)
 from tb_diag_plugin.findings.rules.gradients import CUTOFF
 
 
@@ -57,9 +67,10 @@ def _update_ratio(ctx: _Context) -> None:
             f"Updates too large: the median weight tensor's norm grew {_fmt(g)}x by step {at} "
             f"(healthy runs: under 2x); update ratios median {_fmt(float(np.nanmedian(med)))}, "
             f"up to {_fmt(float(np.nanmax(med)))}.",
-            f"The learning rate{_lr_text(ctx)} is too high: lower it about 10x, or add weight decay, "
-            "warm-up and gradient clipping.",
+            f"The learning rate{advice.lr_of(ctx.model, _lr_text(ctx))} is too high: lower it about 10x, "
+            "or add weight decay, warm-up and gradient clipping.",
         )
+        ctx.mark_primary()
         return
     if high.sum() >= need:
         hit = np.flatnonzero(high)
@@ -70,10 +81,10 @@ def _update_ratio(ctx: _Context) -> None:
             "update_ratio", "error" if peak >= 1.0 else "warning", layers, int(steps[hit[0]]), int(steps[hit[-1]]),
             f"Updates too large: the median weight tensor changes by {_fmt(float(np.median(med[hit])))} of its "
             f"norm per step (up to {_fmt(peak)}) on {hit.size} of {steps.size} logged steps; healthy is ~1e-3.",
-            f"The learning rate{_lr_text(ctx)} is too high: lower it about "
-            f"{_fmt(10 ** max(1, round(math.log10(max(peak, 1e-12) / 1e-3) - 0.5)))}x, or add warm-up "
-            "and gradient clipping.",
+            advice.lr_too_high(ctx.model, _lr_text(ctx),
+                               _fmt(10 ** max(1, round(math.log10(max(peak, 1e-12) / 1e-3) - 0.5)))),
         )
+        ctx.mark_primary()
         return
 
     # Too small: even the fastest-moving tensor barely moves, on most of the run.
@@ -98,19 +109,11 @@ def _update_ratio(ctx: _Context) -> None:
 
 def _weight_growth(ctx: _Context, names: list[str]) -> Optional[tuple[float, int]]:
     """(largest growth of the median weight tensor's norm over its first value, the step), or None."""
-    w = ctx.series.get("weight_norm")
-    if w is None or not w.steps.size:
+    got = _weights_over_start(ctx, names)
+    if got is None:
         return None
-    steps, wv = ctx.before_cutoff(w)
-    cols = [w.layers.index(n) for n in names if n in w.layers]
-    if steps.size < 2 or not cols:
-        return None
-    wv = wv[:, cols]
-    first = wv[0]
-    keep = np.isfinite(first) & (first >= ctx.th.min_weight_norm)
-    if not keep.any():
-        return None
-    growth = _quiet(np.nanmedian, wv[:, keep] / first[keep], axis=1)
+    steps, ratio = got
+    growth = _quiet(np.nanmedian, ratio, axis=1)
     if not np.isfinite(growth).any():
         return None
     i = int(np.nanargmax(growth))
