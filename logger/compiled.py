@@ -5,11 +5,13 @@ Python frames, which a compiled graph cannot hold. Here each activation
 module (``nn.ReLU``, ``nn.GELU``, ``nn.Tanh``, ...) gets a forward hook
 instead. Dynamo inlines module hooks, so the hook's reductions (sum, L2
 norm, per-unit maxima or the saturated count) become part of the compiled
-graph and its ``records.append`` a side effect replayed after it. The hook
-first reads one Python bool (`_Flag.armed`); dynamo guards on it, so there
-are two graphs, one with the reductions for logged steps and one without
-them for the others: one extra compilation, not one per step, and no graph
-break (`tests/test_compiled.py` counts both).
+graph, and storing them on the site's accumulator a side effect replayed
+after it. The hook first reads one Python bool (`_Flag.armed`); dynamo
+guards on it, so there are two graphs, one with the reductions for logged
+steps and one without them for the others (a third under gradient
+accumulation, for the micro-batches after the first): a bounded number of
+compilations, not one per step, and no graph break (`tests/test_compiled.py`
+counts both).
 
 Limits (README "Compiled models"): functional activations (``F.gelu(x)``
 inside ``forward``) have no module to hook and are not captured; hooks must
@@ -20,7 +22,6 @@ and keeps running a graph compiled without them.
 
 from __future__ import annotations
 
-import fnmatch
 from typing import Callable
 
 import torch
@@ -35,9 +36,19 @@ _MISSES_BEFORE_WARNING = 2
 
 
 class _Flag:
-    """The one value the hooks read; dynamo guards on it and keeps a graph per value."""
+    """The values the hooks read or set: dynamo guards on `armed` and keeps a graph per value."""
 
     armed = False
+    ran = False  # set by the root's hook on an armed forward: the hooks are in the graph
+
+
+class _Accum:
+    """One site's running statistics since the last step, as device tensors the hooks replace (or None)."""
+
+    __slots__ = ("total", "squares", "count", "extra")
+
+    def __init__(self) -> None:
+        self.total = self.squares = self.count = self.extra = None
 
 
 def _kind(module: nn.Module) -> str:
@@ -51,23 +62,48 @@ def _kind(module: nn.Module) -> str:
     return "other"
 
 
-def _hook(flag: _Flag, records: list, index: int, kind: str) -> Callable:
-    """A forward hook that appends (site index, sum, norm, unit maxima or saturated count, numel) when armed."""
+def _hook(flag: _Flag, acc: _Accum, kind: str) -> Callable:
+    """A forward hook that, when armed, folds the output's reductions into `acc`.
+
+    New tensors are assigned to `acc`'s attributes rather than appended to a
+    list: dynamo guards on a list's length when it appends, which would make
+    one graph per micro-batch under gradient accumulation; here the guards
+    see only whether `acc` is empty (two armed graphs at most).
+    """
 
     def hook(module: nn.Module, args, output) -> None:
-        if not flag.armed or not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+        # Grad mode is off under inference_mode too (is_inference_mode_enabled() would break the graph).
+        if not flag.armed or not torch.is_grad_enabled():
             return None  # a step that is not logged, or an evaluation pass
         if not isinstance(output, torch.Tensor) or not output.is_floating_point() or output.numel() == 0:
             return None
         y = output.detach()
         total, norm = reductions.moments(y)
+        count = torch.full((), y.numel(), dtype=torch.float64, device=y.device)
         extra = None
         if kind == "relu":
             extra = reductions.unit_max(y)
         elif kind in ("sigmoid", "tanh"):
             extra = reductions.saturated_count(y, kind)
-        records.append((index, total, norm, extra, y.numel()))
+        if acc.total is None:
+            acc.total, acc.squares, acc.count, acc.extra = total, norm * norm, count, extra
+        else:
+            acc.total, acc.squares, acc.count = acc.total + total, acc.squares + norm * norm, acc.count + count
+            if kind == "relu":
+                if acc.extra.shape == extra.shape:  # a site whose unit count changes keeps its first layout
+                    acc.extra = torch.maximum(acc.extra, extra)
+            elif extra is not None:
+                acc.extra = acc.extra + extra
         return None  # anything else would replace the module's output
+
+    return hook
+
+
+def _root_hook(flag: _Flag) -> Callable:
+    def hook(module: nn.Module, args, output) -> None:
+        if flag.armed and torch.is_grad_enabled():
+            flag.ran = True
+        return None
 
     return hook
 
@@ -82,21 +118,21 @@ class CompiledCapture(ActivationCapture):
         exclude: tuple[str, ...],
         on_error: Callable[[str, BaseException], None],
     ) -> None:
-        # Not ActivationCapture.__init__: no root hooks, no TorchFunctionMode. What
+        # Not ActivationCapture.__init__: no root timing hooks, no TorchFunctionMode. What
         # `totals()`, `close()` and `clear()` read is set here.
         self._on_error = on_error
         self._include, self._exclude = include, exclude
         self._flag = _Flag()
-        self._records: list = []  # filled by the hooks, after each compiled forward
         self.sites: dict[str, Site] = {}
         self.order: list[str] = []
-        self._site_list: list[Site] = []
+        self._accums: list[tuple[Site, _Accum]] = []
         self._batches: list = []
         self._deferred: list = []
         self._deferred_numel = 0
         self._calls: dict = {}
         self._mode = None
         self._touched = False
+        self._dirty = False  # armed since the last clear(): the accumulators may hold data
         self._misses = 0
         self._handles = []
         for name, module in model.named_modules():
@@ -105,10 +141,11 @@ class CompiledCapture(ActivationCapture):
             site = Site(name, _kind(module), type(module).__name__, name)
             self.sites[name] = site
             self.order.append(name)
-            self._handles.append(
-                module.register_forward_hook(_hook(self._flag, self._records, len(self._site_list), site.kind))
-            )
-            self._site_list.append(site)
+            acc = _Accum()
+            self._handles.append(module.register_forward_hook(_hook(self._flag, acc, site.kind)))
+            self._accums.append((site, acc))
+        if self._handles:
+            self._handles.append(model.register_forward_hook(_root_hook(self._flag)))
 
     @property
     def armed(self) -> bool:
@@ -117,49 +154,58 @@ class CompiledCapture(ActivationCapture):
     @armed.setter
     def armed(self, value: bool) -> None:
         self._flag.armed = bool(value)
-
-    def _selected(self, name: str) -> bool:
-        if self._include and not any(fnmatch.fnmatchcase(name, p) for p in self._include):
-            return False
-        return not any(fnmatch.fnmatchcase(name, p) for p in self._exclude)
+        self._dirty = self._dirty or self._flag.armed
 
     def take_forward_time(self) -> None:
         """No forward timing: a clock read inside the compiled region would break its graph."""
         return None
 
     def take(self) -> list[Site]:
-        """Move the hooks' records into their sites; the sites seen since the last take, in stable order."""
-        records = list(self._records)
-        self._records.clear()
-        if records:
-            self._misses = 0
+        """Move the accumulators into their sites; the sites seen since the last take, in stable order."""
+        self._check_hooks_ran()
+        full = [(site, acc) for site, acc in self._accums if acc.total is not None]
+        if full:
             self._touched = True
-        elif self._handles:
-            self._misses += 1
-            if self._misses == _MISSES_BEFORE_WARNING:
-                self._on_error(
-                    "activation capture of the compiled model",
-                    RuntimeError(
-                        "its activation hooks did not run: the model was compiled before Diagnostics was "
-                        "created (dynamo does not guard on module hooks). Create Diagnostics before the "
-                        "first forward, or call torch._dynamo.reset() after creating it"
-                    ),
-                )
-        for index, total, norm, extra, numel in records:
-            site = self._site_list[index]
-            site.count += int(numel)
-            if site.kind == "relu":
-                site._add_reduced(total, norm, extra, None)
-            else:
-                site._add_reduced(total, norm, None, extra)
+            counts = torch.stack([acc.count for _, acc in full]).tolist()  # one transfer for every site
+            for (site, acc), count in zip(full, counts):
+                site.count += int(count)
+                norm = acc.squares.sqrt()
+                if site.kind == "relu":
+                    site._add_reduced(acc.total, norm, acc.extra, None)
+                else:
+                    site._add_reduced(acc.total, norm, None, acc.extra)
+                acc.__init__()
         return [self.sites[n] for n in self.order if self.sites[n].seen]
 
+    def _check_hooks_ran(self) -> None:
+        """Say once if two logged steps in a row ran no armed forward through the hooked graph."""
+        if not self._handles:
+            return
+        if self._flag.ran:
+            self._misses = 0
+            return
+        self._misses += 1
+        if self._misses == _MISSES_BEFORE_WARNING:
+            self._on_error(
+                "activation capture of the compiled model",
+                RuntimeError(
+                    "its activation hooks did not run: the model was probably compiled before Diagnostics "
+                    "was created (dynamo does not guard on module hooks). Create Diagnostics before the "
+                    "first forward, or call torch._dynamo.reset() after creating it"
+                ),
+            )
+
     def clear(self) -> None:
-        """Forget this step's records and statistics."""
-        self._records.clear()
+        """Forget this step's statistics (nothing to do when no forward was armed since the last clear)."""
+        if self._dirty:
+            self._dirty = self._flag.armed
+            self._flag.ran = False
+            for _, acc in self._accums:
+                acc.__init__()
         super().clear()
 
     def close(self) -> None:
-        """Disarm and remove every hook (the compiled graph keeps its copy until it recompiles)."""
+        """Disarm and remove every hook (a compiled graph keeps its copy, disarmed, until it recompiles)."""
         super().close()
-        self._records.clear()
+        for _, acc in self._accums:
+            acc.__init__()
