@@ -13,11 +13,15 @@ accumulation, for the micro-batches after the first): a bounded number of
 compilations, not one per step, and no graph break (`tests/test_compiled.py`
 counts both).
 
+Dynamo does not guard on module hooks by default: a graph compiled before
+the hooks existed, or for another instance of the same class, would be run
+without them. The capture turns those guards on
+(``torch._dynamo.config.skip_nnmodule_hook_guards = False``, for the process).
+
 Limits (README "Compiled models"): functional activations (``F.gelu(x)``
-inside ``forward``) have no module to hook and are not captured; hooks must
-be in place before the model's first compiled forward, since dynamo does not
-guard on module hooks (``torch._dynamo.config.skip_nnmodule_hook_guards``)
-and keeps running a graph compiled without them.
+inside ``forward``) have no module to hook and are not captured; a graph
+compiled before ``Diagnostics`` existed keeps running without the hooks
+(reported once).
 """
 
 from __future__ import annotations
@@ -36,10 +40,9 @@ _MISSES_BEFORE_WARNING = 2
 
 
 class _Flag:
-    """The values the hooks read or set: dynamo guards on `armed` and keeps a graph per value."""
+    """The value the hooks read: dynamo guards on `armed` and keeps a graph per value."""
 
     armed = False
-    ran = False  # set by the root's hook on an armed forward: the hooks are in the graph
 
 
 class _Accum:
@@ -99,15 +102,6 @@ def _hook(flag: _Flag, acc: _Accum, kind: str) -> Callable:
     return hook
 
 
-def _root_hook(flag: _Flag) -> Callable:
-    def hook(module: nn.Module, args, output) -> None:
-        if flag.armed and torch.is_grad_enabled():
-            flag.ran = True
-        return None
-
-    return hook
-
-
 class CompiledCapture(ActivationCapture):
     """`ActivationCapture` for compiled models: the same sites, names and totals, from traced module hooks."""
 
@@ -145,7 +139,9 @@ class CompiledCapture(ActivationCapture):
             self._handles.append(module.register_forward_hook(_hook(self._flag, acc, site.kind)))
             self._accums.append((site, acc))
         if self._handles:
-            self._handles.append(model.register_forward_hook(_root_hook(self._flag)))
+            # By default dynamo does not guard on module hooks: a graph compiled before the hooks existed,
+            # or for another instance of the same class, would run without them (or with that one's).
+            torch._dynamo.config.skip_nnmodule_hook_guards = False
 
     @property
     def armed(self) -> bool:
@@ -162,8 +158,8 @@ class CompiledCapture(ActivationCapture):
 
     def take(self) -> list[Site]:
         """Move the accumulators into their sites; the sites seen since the last take, in stable order."""
-        self._check_hooks_ran()
         full = [(site, acc) for site, acc in self._accums if acc.total is not None]
+        self._check_hooks_ran(bool(full))
         if full:
             self._touched = True
             counts = torch.stack([acc.count for _, acc in full]).tolist()  # one transfer for every site
@@ -177,11 +173,9 @@ class CompiledCapture(ActivationCapture):
                 acc.__init__()
         return [self.sites[n] for n in self.order if self.sites[n].seen]
 
-    def _check_hooks_ran(self) -> None:
-        """Say once if two logged steps in a row ran no armed forward through the hooked graph."""
-        if not self._handles:
-            return
-        if self._flag.ran:
+    def _check_hooks_ran(self, recorded: bool) -> None:
+        """Say once when two logged steps in a row recorded nothing from any hooked module."""
+        if recorded or not self._handles:
             self._misses = 0
             return
         self._misses += 1
@@ -189,9 +183,10 @@ class CompiledCapture(ActivationCapture):
             self._on_error(
                 "activation capture of the compiled model",
                 RuntimeError(
-                    "its activation hooks did not run: the model was probably compiled before Diagnostics "
-                    "was created (dynamo does not guard on module hooks). Create Diagnostics before the "
-                    "first forward, or call torch._dynamo.reset() after creating it"
+                    "no activation module recorded anything on two logged steps: they do not run in a training "
+                    "forward, or the model was compiled before Diagnostics was created (a graph compiled without "
+                    "the hooks). Create Diagnostics before the first forward, or call torch._dynamo.reset() "
+                    "after creating it"
                 ),
             )
 
@@ -199,7 +194,6 @@ class CompiledCapture(ActivationCapture):
         """Forget this step's statistics (nothing to do when no forward was armed since the last clear)."""
         if self._dirty:
             self._dirty = self._flag.armed
-            self._flag.ran = False
             for _, acc in self._accums:
                 acc.__init__()
         super().clear()

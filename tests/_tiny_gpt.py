@@ -27,7 +27,8 @@ class _MLP(nn.Module):
         super().__init__()
         self.functional = functional
         self.c_fc = nn.Linear(d, 4 * d)
-        self.gelu = nn.GELU()
+        if not functional:
+            self.gelu = nn.GELU()
         self.c_proj = nn.Linear(4 * d, d)
 
     def forward(self, x):

@@ -208,9 +208,10 @@ def test_functional_gelu_in_a_compiled_model_is_not_captured_and_nothing_breaks(
     assert "act_mean" not in s and s["grad_norm"].steps.tolist() == [0, 5]
 
 
-def test_hooks_added_after_the_first_compiled_forward_are_reported(tmp_path):
+def test_a_graph_compiled_before_diagnostics_is_reported(tmp_path, monkeypatch):
     _fresh_dynamo()
-    # (a model of our own's root hook makes dynamo recompile, and the hooks work; a Sequential's does not)
+    # dynamo's default, as in a process where no Diagnostics of a compiled model was created yet
+    monkeypatch.setattr(torch._dynamo.config, "skip_nnmodule_hook_guards", True)
     net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
     compiled = torch.compile(net, backend="eager")
     compiled(torch.randn(2, 6)).sum().backward()  # compiled without the hooks: dynamo will not see them
@@ -230,7 +231,7 @@ def test_hooks_added_after_the_first_compiled_forward_are_reported(tmp_path):
 
 def _readme_snippet(marker: str) -> str:
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    m = re.search(re.escape(marker) + r"\s*```python\n(.*?)```", text, re.S)
+    m = re.search(re.escape(marker) + r"[^\n]*-->\s*```python\n(.*?)```", text, re.S)
     assert m, f"no python block after {marker} in README.md"
     return m.group(1)
 
@@ -238,7 +239,7 @@ def _readme_snippet(marker: str) -> str:
 def test_the_readme_compiled_models_snippet_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _fresh_dynamo()
-    exec(compile(_readme_snippet("<!-- test:compiled-models -->"), "README.md", "exec"), {"__name__": "__readme__"})
+    exec(compile(_readme_snippet("<!-- test:compiled-models"), "README.md", "exec"), {"__name__": "__readme__"})
     _fresh_dynamo()
     s = read(tmp_path / "runs" / "compiled")
     assert s["dead_fraction"].layers == ["1"] and s["act_mean"].steps.tolist() == [0, 10]
