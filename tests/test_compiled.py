@@ -288,3 +288,31 @@ def test_gradient_accumulation_adds_one_graph_whatever_the_number_of_micro_batch
     for step in (0, 2, 4):
         for metric, layer in [("act_mean", "sigmoid"), ("saturation", "tanh"), ("dead_fraction", "relu")]:
             assert close(at(got, metric, layer, step), at(want, metric, layer, step), rel=1e-5), (metric, step)
+
+
+def test_another_instance_of_the_class_neither_reuses_nor_feeds_the_hooked_graph(tmp_path, monkeypatch):
+    # Without hook guards, dynamo serves any instance of the class from the first graph it compiled:
+    # b would run a's graph (no hooks), or a would run b's (its activations added to b's statistics).
+    monkeypatch.setattr(torch._dynamo.config, "skip_nnmodule_hook_guards", True)
+    _fresh_dynamo()
+    torch.manual_seed(0)
+    a, b = _Net(), _Net()
+    twin = copy.deepcopy(b)
+    x = torch.randn(4, 6)
+    compiled_b = torch.compile(b, backend="eager")
+    with Diagnostics(compiled_b, logdir=str(tmp_path / "compiled"), every=1) as diag:
+        compiled_a = torch.compile(a, backend="eager")
+        for step in range(3):
+            compiled_a(5 * x).sum().backward()  # the bare instance runs first, armed
+            compiled_b(x).sum().backward()
+            diag.step(step)
+    _fresh_dynamo()
+    with Diagnostics(twin, logdir=str(tmp_path / "eager"), every=1) as diag:
+        for step in range(3):
+            twin(x).sum().backward()
+            diag.step(step)
+    got, want = read(tmp_path / "compiled"), read(tmp_path / "eager")
+    for step in range(3):
+        for layer in SITES:
+            assert close(at(got, "act_mean", layer, step), at(want, "act_mean", layer, step), rel=1e-5), layer
+        assert close(at(got, "dead_fraction", "relu", step), at(want, "dead_fraction", "relu", step))
