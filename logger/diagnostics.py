@@ -20,6 +20,7 @@ from torch import nn
 
 from tb_diag_logger import amp, distributed, evaluation, optim_state, reductions
 from tb_diag_logger.activations import ActivationCapture
+from tb_diag_logger.compiled import CompiledCapture
 from tb_diag_logger.cost import CostMeter, DiagnosticsCostWarning
 from tb_diag_logger.logits import LogitCapture
 from tb_diag_logger.losses import SPREAD_METRICS, LossLike, check_losses, check_scalar, is_per_sample, loss_tensors
@@ -127,9 +128,11 @@ class Diagnostics:
     the synchronised gradients, under FSDP2 (``fully_shard``) they are
     computed from the shards and reduced, never gathered.
 
-    ``torch.compile``: a compiled model gets gradient, weight, update and
-    loss diagnostics; activation capture is turned off with one warning
-    (hooks and a TorchFunctionMode inside a compiled graph would break it).
+    ``torch.compile``: create ``Diagnostics`` with the compiled model before
+    its first forward. Activation modules (``nn.ReLU``, ``nn.GELU``, ...) get
+    forward hooks that dynamo compiles into the graph (one extra graph for
+    logged steps, no graph breaks); functional activations (``F.gelu``
+    inside ``forward``) are not captured in a compiled model.
 
     Args:
         model: the module being trained (DDP, DataParallel and
@@ -239,16 +242,10 @@ class Diagnostics:
             if self._selected(n) and (p.is_floating_point() or p.is_complex())
         ]
         self._capture: Optional[ActivationCapture] = None
-        if activations and compiled:
-            warnings.warn(
-                "tb-diag: the model is torch.compile'd; activation capture is disabled "
-                "(hooks and a TorchFunctionMode would break the compiled graph). Gradient, "
-                "weight and loss diagnostics still work. Pass activations=False to silence this.",
-                DiagnosticsWarning,
-                stacklevel=2,
-            )
-        elif activations:
-            self._capture = ActivationCapture(self.model, self._include, self._exclude, self._report)
+        if activations:
+            # A compiled graph cannot hold the eager capture's TorchFunctionMode: traced module hooks instead.
+            kind = CompiledCapture if compiled else ActivationCapture
+            self._capture = kind(self.model, self._include, self._exclude, self._report)
             self._capture.armed = True  # the first forward may belong to a logged step
         # Output logits ride on the activation capture's arming (logged training forwards only).
         capture = self._capture
