@@ -249,7 +249,9 @@ class Diagnostics:
             self._capture.armed = True  # the first forward may belong to a logged step
         # Output logits ride on the activation capture's arming (logged training forwards only).
         capture = self._capture
-        self._logits = LogitCapture(self.model, lambda: capture.armed, self._report) if capture is not None else None
+        # On a compiled model the hook goes on the compiled wrapper, whose hooks run outside the graph.
+        outer = model if compiled and isinstance(getattr(model, "_orig_mod", None), nn.Module) else self.model
+        self._logits = LogitCapture(outer, lambda: capture.armed, self._report) if capture is not None else None
 
         self._updates: Optional[UpdateRatio] = None
         if update_ratio and optimizer is not None:

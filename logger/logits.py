@@ -52,6 +52,12 @@ def head_name(model: nn.Module, width: int) -> str:
     return head if head is not None else last_with_params
 
 
+def _compiling() -> bool:
+    """Inside a graph dynamo traces (`model.compile()` in place): no logits, rather than a graph break."""
+    check = getattr(getattr(torch, "compiler", None), "is_compiling", None) or torch._dynamo.is_compiling
+    return bool(check())
+
+
 class LogitCapture:
     """Owns the root's forward hook and the logged step's running logit statistics."""
 
@@ -64,7 +70,7 @@ class LogitCapture:
         self._handle = model.register_forward_hook(self._post)
 
     def _post(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not self._armed() or not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+        if _compiling() or not self._armed() or not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
             return None  # not a logged step's training forward
         try:
             y = logits_of(output)
