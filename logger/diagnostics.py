@@ -251,7 +251,9 @@ class Diagnostics:
         capture = self._capture
         # On a compiled model the hook goes on the compiled wrapper, whose hooks run outside the graph.
         outer = model if compiled and isinstance(getattr(model, "_orig_mod", None), nn.Module) else self.model
-        self._logits = LogitCapture(outer, lambda: capture.armed, self._report) if capture is not None else None
+        self._logits = None
+        if capture is not None:
+            self._logits = LogitCapture(self.model, lambda: capture.armed, self._report, hook_on=outer)
 
         self._updates: Optional[UpdateRatio] = None
         if update_ratio and optimizer is not None:

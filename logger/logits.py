@@ -61,13 +61,16 @@ def _compiling() -> bool:
 class LogitCapture:
     """Owns the root's forward hook and the logged step's running logit statistics."""
 
-    def __init__(self, model: nn.Module, armed: Callable[[], bool], on_error: Callable[[str, BaseException], None]):
+    def __init__(self, model: nn.Module, armed: Callable[[], bool], on_error: Callable[[str, BaseException], None],
+                 hook_on: Optional[nn.Module] = None):
+        """`model` names the head; `hook_on` (default: `model`) is where the forward hook goes, e.g. a
+        compiled wrapper, whose hooks run outside the graph."""
         self._model = model
         self._armed = armed
         self._on_error = on_error
         self._names: dict[int, str] = {}  # last dimension -> head name
         self._stats: dict[str, list[torch.Tensor]] = {}  # head -> [max |logit|, sum of row LSEs, rows]
-        self._handle = model.register_forward_hook(self._post)
+        self._handle = (model if hook_on is None else hook_on).register_forward_hook(self._post)
 
     def _post(self, module: nn.Module, args: Any, output: Any) -> None:
         if _compiling() or not self._armed() or not torch.is_grad_enabled() or torch.is_inference_mode_enabled():

@@ -316,3 +316,15 @@ def test_another_instance_of_the_class_neither_reuses_nor_feeds_the_hooked_graph
         for layer in SITES:
             assert close(at(got, "act_mean", layer, step), at(want, "act_mean", layer, step), rel=1e-5), layer
         assert close(at(got, "dead_fraction", "relu", step), at(want, "dead_fraction", "relu", step))
+
+
+def test_compiled_model_records_the_uncompiled_twins_logit_statistics(runs):
+    """The output-logit statistics come from a hook on the compiled wrapper (no graph break, counted above)."""
+    compiled, eager = runs[0], runs[1]
+    for metric in ("logit_max_abs", "logit_lse"):
+        assert compiled[metric].steps.tolist() == LOGGED, metric
+        assert compiled[metric].layers == eager[metric].layers, metric
+        layer = eager[metric].layers[0]
+        for step in LOGGED:
+            got, want = at(compiled, metric, layer, step), at(eager, metric, layer, step)
+            assert close(got, want, rel=1e-4, abs_=1e-5), (metric, step, got, want)
