@@ -520,6 +520,11 @@ def gpt_lr_blowup(g: torch.Generator) -> Training:
     return _gpt_training(g, lambda m: torch.optim.AdamW(m.parameters(), lr=1.0))
 
 
+def gradient_clipping_lr_too_high(g: torch.Generator) -> Training:
+    """The small GPT at AdamW lr 0.3 with clip_grad_norm_ at 1.0: clipping hides a learning rate ~100x too high."""
+    return _gpt_training(g, lambda m: torch.optim.AdamW(m.parameters(), lr=0.3), clip=1.0)
+
+
 class _DetachedEncoder(nn.Module):
     """A textbook bug: the encoder's output is .detach()ed, so the encoder never gets a gradient."""
 
@@ -717,6 +722,11 @@ def _cases() -> dict[str, Case]:
         Case("gpt_lr_blowup", gpt_lr_blowup, ("loss_diverged",), {"loss_diverged": ("total",)},
              allowed=("update_ratio", "weight_norm_growth", "exploding_gradient", "logit_growth",
                       "loss_not_decreasing"), note="small GPT, AdamW lr 1, no clipping: no NaN"),
+        Case("gradient_clipping_lr_too_high", gradient_clipping_lr_too_high, ("gradient_clipping",),
+             {"gradient_clipping": ("grad_norm_preclip",)},
+             allowed=("update_ratio", "weight_norm_growth", "loss_diverged", "loss_not_decreasing",
+                      "exploding_gradient", "logit_growth"),
+             note="small GPT, AdamW lr 0.3, clip 1.0: clipped on most steps"),
         Case("no_gradient_detached_branch", no_gradient_detached_branch, ("no_gradient",),
              {"no_gradient": ("encoder.0.weight", "encoder.2.weight")}, allowed=("loss_not_decreasing",)),
         Case("weight_decay_equilibrium", weight_decay_equilibrium, ("weight_decay_equilibrium",), {},
