@@ -12,11 +12,20 @@ above COST_WARN_SHARE give one `DiagnosticsCostWarning` naming the parts,
 so that the user can choose a larger `every` or turn the costly part off.
 Nothing is timed but our own hooks and `step()`: an evaluation pass or a
 slow data loader does not count against us.
+
+Every time is CPU time of this process (`clock`), not wall time: on a busy
+machine another job stretches the wall time of whatever we happen to be
+running, and a logged step that waited for a core is not an expensive one.
+A logged step counts against us only when its cost also stands out of the
+spread of the steps that were not logged (their interquartile range): when
+the machine makes unlogged steps vary by more than logging adds, we cannot
+tell, and say nothing.
 """
 
 from __future__ import annotations
 
 import statistics
+import time
 from collections import deque
 from typing import Callable, Optional
 
@@ -26,6 +35,8 @@ COST_WARN_SHARE = 0.05  # of training time, at the chosen cadence
 COST_WARN_MIN_S = 0.010
 STREAK = 3  # logged steps in a row over it before warning: one slow step is noise
 _WINDOW = 15  # recent steps whose medians are the baseline
+# CPU seconds of the whole process (every thread torch computes in): what the job spends, not what it waits.
+clock = time.process_time
 
 
 class DiagnosticsCostWarning(UserWarning):
@@ -79,7 +90,10 @@ class CostMeter:
         period = self.every * statistics.median(self._intervals)
         share = cost / period if period > 0 else 0.0
         self.last = {"forward_s": forward_s, "step_s": step_s, "update_ratio_s": hooks_s, "share": share}
-        self._streak = self._streak + 1 if share > COST_WARN_SHARE and cost >= COST_WARN_MIN_S else 0
+        noise = _spread(self._intervals)  # a whole unlogged step's own variation: it holds the forward's
+        costly = share > COST_WARN_SHARE and cost >= COST_WARN_MIN_S and cost > noise
+        self.last["noise_s"] = noise
+        self._streak = self._streak + 1 if costly else 0
         if self._streak < STREAK:
             return None
         self.warned = True
@@ -95,3 +109,11 @@ class CostMeter:
             f"({cost * 1e3:.0f} ms per logged step: {spent}; {detail()}; a step without diagnostics takes "
             f"{period / self.every * 1e3:.0f} ms). To reduce it, {hint}. Reported once."
         )
+
+
+def _spread(seconds: deque[float]) -> float:
+    """Interquartile range: how much a step varies by itself, without the one outlier."""
+    if len(seconds) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(seconds, n=4)
+    return q3 - q1

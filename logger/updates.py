@@ -11,12 +11,11 @@ written at the next `step()` or `close()`, under the logged step's number.
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from tb_diag_logger import distributed, reductions
+from tb_diag_logger import cost, distributed, reductions
 
 
 class UpdateRatio:
@@ -75,14 +74,14 @@ class UpdateRatio:
     def _before(self, optimizer, args, kwargs) -> None:
         if self.pending is None:
             return None
-        start = time.perf_counter()
+        start = cost.clock()
         try:
             with torch.no_grad():
                 self._take_snapshot()
         except Exception as e:
             self.pending = None
             self._on_error("update_ratio", e)
-        self.cost_s += time.perf_counter() - start
+        self.cost_s += cost.clock() - start
         return None
 
     def _take_snapshot(self) -> None:
@@ -112,13 +111,13 @@ class UpdateRatio:
         step, self.pending = self.pending, None
         if step is None or self._snapshot is None or self._old_norms is None:
             return None
-        start = time.perf_counter()
+        start = cost.clock()
         try:
             with torch.no_grad():
                 self._measure(step)
         except Exception as e:
             self._on_error("update_ratio", e)
-        self.cost_s += time.perf_counter() - start
+        self.cost_s += cost.clock() - start
         return None
 
     def _measure(self, step: int) -> None:
