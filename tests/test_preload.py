@@ -15,9 +15,12 @@ from tb_diag_plugin.reading import LocalReader
 from tbserver import serve_with_plugin
 
 
-def _write(writer: SummaryWriter, steps: range, seed: int = 0) -> None:
+def _write(writer: SummaryWriter, steps: range, seed: int = 0, dead: bool = False) -> None:
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.Sigmoid(), nn.Linear(8, 1))
+    if dead:  # every ReLU unit off from the start: a run with findings to compare
+        with torch.no_grad():
+            model[0].bias.fill_(-100.0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     diag = Diagnostics(model, writer, every=1, optimizer=opt)
     x = torch.randn(16, 4)
@@ -31,9 +34,9 @@ def _write(writer: SummaryWriter, steps: range, seed: int = 0) -> None:
     writer.flush()
 
 
-def _run(path, steps: range = range(40), seed: int = 0) -> None:
+def _run(path, steps: range = range(40), seed: int = 0, dead: bool = False) -> None:
     writer = SummaryWriter(str(path))
-    _write(writer, steps, seed)
+    _write(writer, steps, seed, dead)
     writer.close()
 
 
@@ -60,7 +63,7 @@ def test_a_loaded_run_is_read_before_the_tab_asks(tmp_path, monkeypatch, load_fa
     the event file."""
     monkeypatch.setattr(diagnostics_plugin, "PRELOAD_POLL_S", 0.2)
     monkeypatch.setattr(diagnostics_plugin, "PRELOAD_SETTLE_POLL_S", 0.2)
-    _run(tmp_path / "r")
+    _run(tmp_path / "r", dead=True)
     with serve_with_plugin(str(tmp_path), load_fast=load_fast) as (srv, plugin):
         _until(lambda: "r" in plugin.preloaded_runs(), "the preload")
         assert plugin._read_ahead_thread is None, "something but the preload read the run"
@@ -71,7 +74,14 @@ def test_a_loaded_run_is_read_before_the_tab_asks(tmp_path, monkeypatch, load_fa
         body = srv.plugin("findings?run=r")
         assert len(plugin._findings) == answers, "the findings were computed again"
         expected, _ = findings.analyze(LocalReader(str(tmp_path)).series("r"))
-        assert sorted(f["rule"] for f in body["findings"]) == sorted(f.rule for f in expected)
+        def facts(kind, severity, layers, first_step, last_step):
+            return (kind, severity, tuple(layers), first_step, last_step)
+
+        got = sorted(facts(*(f[k] for k in ("kind", "severity", "layers", "first_step", "last_step")))
+                     for f in body["findings"])
+        want = sorted(facts(f.kind, f.severity, f.layers, f.first_step, f.last_step) for f in expected)
+        assert want and "dead_relu" in {w[0] for w in want}, want
+        assert got == want
 
 
 def test_the_preload_waits_for_a_run_to_settle_and_reads_it_again_when_it_grows(tmp_path):
