@@ -19,12 +19,18 @@ running, and a logged step that waited for a core is not an expensive one.
 A logged step counts against us only when its cost also stands out of the
 spread of the steps that were not logged (their interquartile range): when
 the machine makes unlogged steps vary by more than logging adds, we cannot
-tell, and say nothing.
+tell, and say nothing. CPU time is not enough on its own: threads that wait
+for a descheduled peer spin, so a contended machine inflates the CPU time of
+many small operations (logging) more than of a few large ones (training). So
+where Linux tells how long the training thread waited for a CPU since the
+last logged step, a machine that kept it waiting over BUSY_WAIT of the time
+is too busy to tell, and nothing is counted.
 """
 
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from collections import deque
 from typing import Callable, Optional
@@ -37,6 +43,7 @@ STREAK = 3  # logged steps in a row over it before warning: one slow step is noi
 _WINDOW = 15  # recent steps whose medians are the baseline
 # CPU seconds of the whole process (every thread torch computes in): what the job spends, not what it waits.
 clock = time.process_time
+BUSY_WAIT = 0.10  # of the wall time spent waiting for a CPU: another job competes for the cores
 
 
 class DiagnosticsCostWarning(UserWarning):
@@ -46,13 +53,15 @@ class DiagnosticsCostWarning(UserWarning):
 class CostMeter:
     """Times what logging adds, per logged step, against the steps that were not logged."""
 
-    def __init__(self, every: int) -> None:
+    def __init__(self, every: int, run_delay: Optional[Callable[[], Optional[float]]] = None) -> None:
         self.every = every
+        self._run_delay = run_delay or _run_delay  # seconds this thread waited for a CPU, or None
         self._last_call: Optional[float] = None
         self._intervals: deque[float] = deque(maxlen=_WINDOW)  # between two step() calls, neither logged
         self._forwards: deque[float] = deque(maxlen=_WINDOW)  # training forwards that were not captured
         self._pending: Optional[tuple[Optional[float], float]] = None  # (forward extra, step() work)
         self._streak = 0
+        self._waits = (threading.get_ident(), time.monotonic(), self._run_delay())  # at the last settle
         self.warned = False
         # The last logged step measured: forward, step() and update-ratio seconds, and the share.
         self.last: Optional[dict[str, float]] = None
@@ -83,6 +92,7 @@ class CostMeter:
         """At the `step()` after a logged one: that step's whole cost. The warning's text the first
         time STREAK logged steps in a row were over COST_WARN_SHARE, else None."""
         pending, self._pending = self._pending, None
+        waited = self._waited_share()
         if pending is None or pending[0] is None or len(self._intervals) < 3 or self.warned:
             return None
         forward_s, step_s = pending
@@ -92,7 +102,8 @@ class CostMeter:
         self.last = {"forward_s": forward_s, "step_s": step_s, "update_ratio_s": hooks_s, "share": share}
         noise = _spread(self._intervals)  # a whole unlogged step's own variation: it holds the forward's
         costly = share > COST_WARN_SHARE and cost >= COST_WARN_MIN_S and cost > noise
-        self.last["noise_s"] = noise
+        costly = costly and (waited is None or waited <= BUSY_WAIT)
+        self.last.update(noise_s=noise, waited=-1.0 if waited is None else waited)
         self._streak = self._streak + 1 if costly else 0
         if self._streak < STREAK:
             return None
@@ -109,6 +120,23 @@ class CostMeter:
             f"({cost * 1e3:.0f} ms per logged step: {spent}; {detail()}; a step without diagnostics takes "
             f"{period / self.every * 1e3:.0f} ms). To reduce it, {hint}. Reported once."
         )
+
+    def _waited_share(self) -> Optional[float]:
+        """Share of the wall time since the last call that this thread waited for a CPU (None: unknown)."""
+        ident, now, delay = threading.get_ident(), time.monotonic(), self._run_delay()
+        (was, then, before), self._waits = self._waits, (ident, now, delay)
+        if delay is None or before is None or was != ident or now <= then or delay < before:
+            return None  # unknown, or another thread's counter
+        return (delay - before) / (now - then)
+
+
+def _run_delay() -> Optional[float]:
+    """Seconds the calling thread has waited on a run queue (Linux schedstat); None where not available."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _spread(seconds: deque[float]) -> float:
