@@ -14,7 +14,6 @@ import fnmatch
 import functools
 import re
 import sys
-import time
 from dataclasses import dataclass, field
 from types import CodeType, FrameType
 from typing import Any, Callable, Optional
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from tb_diag_logger import reductions
+from tb_diag_logger import cost, reductions
 
 
 def _forward_codes(model: nn.Module) -> dict[int, CodeType]:
@@ -264,7 +263,7 @@ class ActivationCapture:
         if self._depth == 1:
             # Every training forward is timed (two clock reads): what capture adds is a logged
             # forward's time over the others' (`take_forward_time`).
-            self._timing_start = time.perf_counter() if torch.is_grad_enabled() else None
+            self._timing_start = cost.clock() if torch.is_grad_enabled() else None
         self._arm()
         return None
 
@@ -288,7 +287,7 @@ class ActivationCapture:
     def _post(self, module: nn.Module, args, output) -> None:
         self._depth = max(0, self._depth - 1)
         if self._depth == 0 and self._timing_start is not None:
-            self._forward_s += time.perf_counter() - self._timing_start
+            self._forward_s += cost.clock() - self._timing_start
             self._forward_captured = self._forward_captured or self._mode is not None
             self._timing_start = None
         self._disarm()

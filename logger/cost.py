@@ -12,11 +12,26 @@ above COST_WARN_SHARE give one `DiagnosticsCostWarning` naming the parts,
 so that the user can choose a larger `every` or turn the costly part off.
 Nothing is timed but our own hooks and `step()`: an evaluation pass or a
 slow data loader does not count against us.
+
+Every time is CPU time of this process (`clock`), not wall time: on a busy
+machine another job stretches the wall time of whatever we happen to be
+running, and a logged step that waited for a core is not an expensive one.
+A logged step counts against us only when its cost also stands out of the
+spread of the steps that were not logged (their interquartile range): when
+the machine makes unlogged steps vary by more than logging adds, we cannot
+tell, and say nothing. CPU time is not enough on its own: threads that wait
+for a descheduled peer spin, so a contended machine inflates the CPU time of
+many small operations (logging) more than of a few large ones (training). So
+where Linux tells how long the training thread waited for a CPU since the
+last logged step, a machine that kept it waiting over BUSY_WAIT of the time
+is too busy to tell, and nothing is counted.
 """
 
 from __future__ import annotations
 
 import statistics
+import threading
+import time
 from collections import deque
 from typing import Callable, Optional
 
@@ -26,6 +41,9 @@ COST_WARN_SHARE = 0.05  # of training time, at the chosen cadence
 COST_WARN_MIN_S = 0.010
 STREAK = 3  # logged steps in a row over it before warning: one slow step is noise
 _WINDOW = 15  # recent steps whose medians are the baseline
+# CPU seconds of the whole process (every thread torch computes in): what the job spends, not what it waits.
+clock = time.process_time
+BUSY_WAIT = 0.10  # of the wall time spent waiting for a CPU: another job competes for the cores
 
 
 class DiagnosticsCostWarning(UserWarning):
@@ -35,13 +53,15 @@ class DiagnosticsCostWarning(UserWarning):
 class CostMeter:
     """Times what logging adds, per logged step, against the steps that were not logged."""
 
-    def __init__(self, every: int) -> None:
+    def __init__(self, every: int, run_delay: Optional[Callable[[], Optional[float]]] = None) -> None:
         self.every = every
+        self._run_delay = run_delay or _run_delay  # seconds this thread waited for a CPU, or None
         self._last_call: Optional[float] = None
         self._intervals: deque[float] = deque(maxlen=_WINDOW)  # between two step() calls, neither logged
         self._forwards: deque[float] = deque(maxlen=_WINDOW)  # training forwards that were not captured
         self._pending: Optional[tuple[Optional[float], float]] = None  # (forward extra, step() work)
         self._streak = 0
+        self._waits = (threading.get_ident(), time.monotonic(), self._run_delay())  # at the last settle
         self.warned = False
         # The last logged step measured: forward, step() and update-ratio seconds, and the share.
         self.last: Optional[dict[str, float]] = None
@@ -72,6 +92,7 @@ class CostMeter:
         """At the `step()` after a logged one: that step's whole cost. The warning's text the first
         time STREAK logged steps in a row were over COST_WARN_SHARE, else None."""
         pending, self._pending = self._pending, None
+        waited = self._waited_share()
         if pending is None or pending[0] is None or len(self._intervals) < 3 or self.warned:
             return None
         forward_s, step_s = pending
@@ -79,7 +100,11 @@ class CostMeter:
         period = self.every * statistics.median(self._intervals)
         share = cost / period if period > 0 else 0.0
         self.last = {"forward_s": forward_s, "step_s": step_s, "update_ratio_s": hooks_s, "share": share}
-        self._streak = self._streak + 1 if share > COST_WARN_SHARE and cost >= COST_WARN_MIN_S else 0
+        noise = _spread(self._intervals)  # a whole unlogged step's own variation: it holds the forward's
+        costly = share > COST_WARN_SHARE and cost >= COST_WARN_MIN_S and cost > noise
+        costly = costly and (waited is None or waited <= BUSY_WAIT)
+        self.last.update(noise_s=noise, waited=-1.0 if waited is None else waited)
+        self._streak = self._streak + 1 if costly else 0
         if self._streak < STREAK:
             return None
         self.warned = True
@@ -95,3 +120,28 @@ class CostMeter:
             f"({cost * 1e3:.0f} ms per logged step: {spent}; {detail()}; a step without diagnostics takes "
             f"{period / self.every * 1e3:.0f} ms). To reduce it, {hint}. Reported once."
         )
+
+    def _waited_share(self) -> Optional[float]:
+        """Share of the wall time since the last call that this thread waited for a CPU (None: unknown)."""
+        ident, now, delay = threading.get_ident(), time.monotonic(), self._run_delay()
+        (was, then, before), self._waits = self._waits, (ident, now, delay)
+        if delay is None or before is None or was != ident or now <= then or delay < before:
+            return None  # unknown, or another thread's counter
+        return (delay - before) / (now - then)
+
+
+def _run_delay() -> Optional[float]:
+    """Seconds the calling thread has waited on a run queue (Linux schedstat); None where not available."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _spread(seconds: deque[float]) -> float:
+    """Interquartile range: how much a step varies by itself, without the one outlier."""
+    if len(seconds) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(seconds, n=4)
+    return q3 - q1

@@ -8,7 +8,6 @@ import functools
 import math
 import numbers
 import os
-import time
 import warnings
 import weakref
 import zlib
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tb_diag_logger import amp, distributed, evaluation, optim_state, reductions
+from tb_diag_logger import amp, cost, distributed, evaluation, optim_state, reductions
 from tb_diag_logger.activations import ActivationCapture
 from tb_diag_logger.compiled import CompiledCapture
 from tb_diag_logger.cost import CostMeter, DiagnosticsCostWarning
@@ -351,9 +350,9 @@ class Diagnostics:
             self._write(self._ensure_sink)
             self._flush_update_ratio()
             if logged:
-                start = time.perf_counter()
+                start = cost.clock()
                 self._log(step, loss_items)
-                self._cost.logged(forward_extra, time.perf_counter() - start)
+                self._cost.logged(forward_extra, cost.clock() - start)
         except Exception as e:
             self._report("step", e)
         finally:
@@ -413,7 +412,7 @@ class Diagnostics:
                 if message is not None:
                     warnings.warn(message, DiagnosticsCostWarning, stacklevel=3)
             forward = self._capture.take_forward_time() if self._capture is not None else None
-            return self._cost.step_called(time.perf_counter(), logged, self._prev_logged, forward)
+            return self._cost.step_called(cost.clock(), logged, self._prev_logged, forward)
         except Exception as e:  # a meter must not cost the step its diagnostics
             self._report("cost meter", e)
             return None

@@ -17,12 +17,11 @@ calls it again at new weights: ‖Δw‖ spans the whole step).
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from tb_diag_logger import distributed, reductions
+from tb_diag_logger import cost, distributed, reductions
 
 
 class UpdateRatio:
@@ -116,14 +115,14 @@ class UpdateRatio:
     def _snapshot_now(self, optimizer: torch.optim.Optimizer) -> None:
         if self.pending is None:
             return
-        start = time.perf_counter()
+        start = cost.clock()
         try:
             with torch.no_grad():
                 self._take_snapshot(optimizer)
         except Exception as e:
             self.pending = None
             self._on_error("update_ratio", e)
-        self.cost_s += time.perf_counter() - start
+        self.cost_s += cost.clock() - start
 
     def _take_snapshot(self, optimizer: torch.optim.Optimizer) -> None:
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -154,13 +153,13 @@ class UpdateRatio:
         step, self.pending = self.pending, None
         if step is None or self._snapshot is None or self._old_norms is None:
             return None
-        start = time.perf_counter()
+        start = cost.clock()
         try:
             with torch.no_grad():
                 self._measure(step)
         except Exception as e:
             self._on_error("update_ratio", e)
-        self.cost_s += time.perf_counter() - start
+        self.cost_s += cost.clock() - start
         return None
 
     def _measure(self, step: int) -> None:

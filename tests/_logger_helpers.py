@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional
+import subprocess
+import sys
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -13,12 +16,17 @@ from torch import nn
 from tb_diag_plugin.reading import LocalReader, Series
 
 
-def train_small(writer, steps: range, seed: int = 0) -> None:
-    """A few steps of a tiny MLP (ReLU and sigmoid sites) logged at every step through `writer`, flushed."""
+def train_small(writer, steps: range, seed: int = 0, dead: bool = False) -> None:
+    """A few steps of a tiny MLP (ReLU and sigmoid sites) logged at every step through `writer`, flushed.
+
+    `dead`: every ReLU unit off from the start, a run with findings."""
     from tb_diag_logger import Diagnostics
 
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.Sigmoid(), nn.Linear(8, 1))
+    if dead:
+        with torch.no_grad():
+            model[0].bias.fill_(-100.0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     diag = Diagnostics(model, writer, every=1, optimizer=opt)
     x = torch.randn(16, 4)
@@ -96,3 +104,14 @@ def unit_dead_fraction(y: np.ndarray, unit_axis: Optional[int] = None) -> float:
     units = np.moveaxis(y, unit_axis, 0).reshape(y.shape[unit_axis], -1)
     dead = sum(1 for u in units if not any(v > 0 for v in u))
     return dead / units.shape[0]
+
+
+@contextlib.contextmanager
+def cpu_hog() -> Iterator[subprocess.Popen]:
+    """Another CPU-heavy job beside the test (a busy loop in a subprocess), as on a shared machine."""
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()

@@ -255,7 +255,8 @@ class Tab:
         assert self.page.evaluate("window.__xss") is None
 
     def screenshot(self, name, height=None):
-        """Save the page to docs/screenshots/; `height="content"` grows the window to fit the view."""
+        """Save the page to ARTIFACTS (tests/artifacts/, or docs/screenshots/ from docs/make_screenshots.py);
+        `height="content"` grows the window to fit the view."""
         os.makedirs(ARTIFACTS, exist_ok=True)
         self.page.mouse.move(5, 995)  # no hover label or modebar in the picture
         self.frame.evaluate("document.activeElement && document.activeElement.blur()")

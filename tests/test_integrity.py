@@ -129,8 +129,8 @@ def test_big_files_are_checked_in_the_background(tmp_path):
     open(path, "wb").write(bytes(data))
     checker = integrity.EventFileChecker(background=True, inline_bytes=0)
     first = checker.problems(str(tmp_path))
-    deadline = time.time() + 10
-    while not (found := checker.problems(str(tmp_path))) and time.time() < deadline:
+    deadline = time.monotonic() + 120  # only bounds a hang
+    while not (found := checker.problems(str(tmp_path))) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert first == []  # the check is running: the answer comes with a later call
     assert len(found) == 1 and "record 21" in found[0]
@@ -149,16 +149,18 @@ def test_a_background_check_waits_while_told_to(tmp_path):
     calls = []
 
     def pause():
-        calls.append(time.time())
-        go.wait(10)
+        calls.append(1)
+        paused.set()
+        go.wait(120)
 
+    paused = threading.Event()
     checker = integrity.EventFileChecker(background=True, pause=pause, inline_bytes=0, pause_every=4)
     assert checker.problems(str(tmp_path)) == []
-    time.sleep(0.5)
+    assert paused.wait(120), "the scan never paused"
     assert len(calls) == 1 and checker.problems(str(tmp_path)) == []  # held at its first pause
     go.set()
-    deadline = time.time() + 10
-    while not (found := checker.problems(str(tmp_path))) and time.time() < deadline:
+    deadline = time.monotonic() + 120  # only bounds a hang
+    while not (found := checker.problems(str(tmp_path))) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert len(found) == 1 and "record 21" in found[0]
     assert len(calls) == 6  # records 0, 4, ..., 20: one pause per 4 records until the damaged one
