@@ -77,10 +77,16 @@ ACTIVATION_MODULES = (
     nn.ReLU, nn.Hardtanh, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.ELU, nn.Mish,
 )
 
-# Modules that build a smooth activation out of tanh or sigmoid (transformers'
-# NewGELUActivation is 0.5x(1 + tanh(...)), QuickGELU is x * sigmoid(1.702x)):
-# the inner call's saturation says nothing about the activation, so it is not a site.
+# Modules outside torch.nn that build a smooth activation out of tanh or sigmoid
+# (transformers' NewGELUActivation is 0.5x(1 + tanh(...)), QuickGELU x * sigmoid(1.702x)):
+# the module's output is the site; the calls inside it are not (an inner tanh's
+# saturation says nothing about a GELU).
 _SMOOTH_ACTIVATION = re.compile(r"gelu|silu|swish|mish", re.IGNORECASE)
+
+
+def is_smooth_activation(module: nn.Module) -> bool:
+    """A GELU/SiLU-like activation module that torch.nn does not define (its output is one site)."""
+    return not isinstance(module, ACTIVATION_MODULES) and bool(_SMOOTH_ACTIVATION.search(type(module).__name__))
 
 
 _MAX_PENDING = 64  # per-call statistics a site keeps before folding them into one
@@ -256,6 +262,10 @@ class ActivationCapture:
             model.register_forward_pre_hook(self._pre),
             model.register_forward_hook(self._post, always_call=True),
         ]
+        # A hand-built activation module's output has no function call to catch: a hook of its own
+        # (a few modules, not every module).
+        self._handles += [m.register_forward_hook(self._smooth_post) for m in model.modules() if
+                          self._is_smooth_activation(m)]
 
     # -- hooks (return None: anything else would replace the module's output)
     def _pre(self, module: nn.Module, args) -> None:
@@ -384,8 +394,8 @@ class ActivationCapture:
             if caller is None:
                 return
             module, counts = caller
-            if kind in ("sigmoid", "tanh") and self._is_smooth_activation(module):
-                return
+            if self._is_smooth_activation(module):
+                return  # the module's own output is the site (`_smooth_post`)
             if not counts and self._is_activation_module(module):
                 counts[fname] = 1
                 key = (id(module), fname, 0)  # named after the module itself
@@ -412,8 +422,24 @@ class ActivationCapture:
     def _is_smooth_activation(self, module: nn.Module) -> bool:
         hit = self._smooth_activation.get(id(module))
         if hit is None:
-            hit = self._smooth_activation[id(module)] = bool(_SMOOTH_ACTIVATION.search(type(module).__name__))
+            hit = self._smooth_activation[id(module)] = is_smooth_activation(module)
         return hit
+
+    def _smooth_post(self, module: nn.Module, args, output) -> None:
+        """The output of a GELU/SiLU-like module, during a captured forward: a site named after the module."""
+        if self._mode is None or not isinstance(output, torch.Tensor):
+            return None
+        try:
+            key = (id(module), "output", 0)
+            site = self._site_of.get(key, _UNKNOWN)
+            if site is _UNKNOWN:
+                site = self._site_of[key] = self._new_site(module, "other", "output", 0)
+            if site is not None:
+                self._touched = True
+                self._add(site, output)
+        except Exception as e:  # never into the training loop
+            self._on_error("activation capture", e)
+        return None
 
     def _new_site(self, module: nn.Module, kind: str, fname: str, n: int) -> Optional[Site]:
         """The site of the n-th call of `fname` in a call of `module` (n = 0: the activation module itself)."""

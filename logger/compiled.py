@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from tb_diag_logger import reductions
-from tb_diag_logger.activations import ACTIVATION_MODULES, ActivationCapture, Site
+from tb_diag_logger.activations import ACTIVATION_MODULES, ActivationCapture, Site, is_smooth_activation
 
 # Logged steps in a row whose compiled forwards recorded nothing before the
 # capture says its hooks are not in the graph.
@@ -130,7 +130,7 @@ class CompiledCapture(ActivationCapture):
         self._misses = 0
         self._handles = []
         for name, module in model.named_modules():
-            if not isinstance(module, ACTIVATION_MODULES) or not self._selected(name):
+            if not (isinstance(module, ACTIVATION_MODULES) or is_smooth_activation(module)) or not self._selected(name):
                 continue
             site = Site(name, _kind(module), type(module).__name__, name)
             self.sites[name] = site

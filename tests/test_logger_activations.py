@@ -448,3 +448,31 @@ def test_a_root_that_calls_itself_is_captured_until_the_outer_call_returns(tmp_p
         assert capture.sites["tanh()"].count == 2 * x.numel()  # inner call's and outer call's
         assert capture.sites["relu()"].count == 2 * x.numel()
         diag.step(0)
+
+
+def test_a_hand_built_gelu_module_is_one_site_and_its_inner_tanh_is_none(tmp_path):
+    """transformers' NewGELUActivation is 0.5x(1 + tanh(...)): the module's output is the site (as for
+    nn.GELU), its inner tanh is not (its saturation would blame GPT-2's GELU for what a tanh layer does)."""
+    from transformers.activations import NewGELUActivation
+
+    class Tanh(nn.Module):  # an activation written by hand with torch.tanh: a real tanh site
+        def forward(self, x):
+            return torch.tanh(x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), NewGELUActivation(), nn.Linear(8, 8), Tanh(), nn.Linear(8, 1))
+    outs = []
+    model[1].register_forward_hook(lambda m, a, y: outs.append(y.detach().double()))
+    writer = SummaryWriter(str(tmp_path))
+    with Diagnostics(model, writer, every=1) as diag:
+        for step in range(2):
+            model(torch.randn(8, 4)).sum().backward()
+            diag.step(step)
+            model.zero_grad()
+    writer.close()
+    s = read(tmp_path)
+    assert sorted(s["act_mean"].layers) == ["1", "3.tanh()"]
+    assert s["saturation"].layers == ["3.tanh()"]
+    for step in range(2):
+        assert close(at(s, "act_mean", "1", step), float(outs[step].mean()), rel=1e-5)
+        assert close(at(s, "act_std", "1", step), float(outs[step].std()), rel=1e-4)
