@@ -342,3 +342,35 @@ def test_ddp_on_two_cpu_processes_writes_once_with_the_whole_jobs_values(tmp_pat
         after = later[0][1] if later else ranks[0]["final"]
         for name, w in weights.items():
             assert close(at(s, "update_ratio", name, step), ((after[name] - w).norm() / w.norm()).item(), rel=1e-4)
+
+
+class ValidatedNet(Net):
+    """Net with a validation loop that logs `val_loss` and `val_mae`, as Lightning users write it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.val_seen: list[tuple[int, float, float]] = []
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        out = self.fc3(F.relu(self.fc2(self.act(self.fc1(x)))))
+        loss, mae = F.mse_loss(out, y), (out - y).abs().mean()
+        self.log("val_loss", loss)
+        self.log("val_mae", mae)
+        if not self.trainer.sanity_checking:
+            self.val_seen.append((self.trainer.global_step, loss.item(), mae.item()))
+        return loss
+
+
+def test_lightnings_validation_is_recorded_as_val_loss_at_the_global_step(tmp_path):
+    model = ValidatedNet()
+    trainer = _trainer(tmp_path, DiagnosticsCallback(every=2), num_sanity_val_steps=1)
+    trainer.fit_loop.max_epochs = 2
+    trainer.fit(model, _loader(), _loader(n=2, batch=2, seed=1))  # one validation batch: its loss is the epoch's
+    s = read(tmp_path, "run/version_0")
+    want = {step: (loss, mae) for step, loss, mae in model.val_seen}
+    assert sorted(want) == [6, 12]  # after each epoch of 6 optimizer steps; the sanity check is not recorded
+    assert s["val_loss"].steps.tolist() == [6, 12]
+    for step, (loss, mae) in want.items():
+        assert close(at(s, "val_loss", "total", step), loss, rel=1e-5)
+        assert close(at(s, "val_metric", "val_mae", step), mae, rel=1e-5)

@@ -167,8 +167,41 @@ class _DiagnosticsHooks:
         except Exception as e:  # never into the training loop
             self._report("step", e)
 
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        """The validation the user logs (`self.log("val_loss", ...)` in `validation_step`) at `global_step`:
+        the first logged `val*` number whose name holds "loss" becomes `val_loss`, the other `val*`
+        numbers `val_metric`s. Lightning's sanity check before training is left out."""
+        diag = self.diagnostics
+        if diag is None or getattr(trainer, "sanity_checking", False):
+            return
+        try:
+            loss, metrics = _validation_numbers(getattr(trainer, "callback_metrics", {}) or {})
+            if loss is not None or metrics:
+                diag.evaluate(trainer.global_step, loss=loss, metrics=metrics or None)
+        except Exception as e:  # never into the training loop
+            self._report("evaluate", e)
+
     def _report(self, where: str, exc: BaseException) -> None:
         warn_once(self._warned, f"the Lightning callback ({where})", exc, stacklevel=2)
+
+
+def _validation_numbers(logged: Any) -> tuple[Optional[float], dict[str, float]]:
+    """(validation loss, other validation numbers) from Lightning's `callback_metrics`."""
+    loss, metrics = None, {}
+    for name, value in logged.items():
+        if not str(name).startswith("val"):
+            continue
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                continue
+            value = float(value.detach().float().item())
+        elif not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        if loss is None and "loss" in str(name):
+            loss = float(value)
+        else:
+            metrics[str(name)] = float(value)
+    return loss, metrics
 
 
 def _writer_of(trainer: Any) -> tuple[Any, Optional[str]]:
