@@ -189,6 +189,15 @@ def test_weight_decay_far_above_the_usual_range_is_named_with_its_numbers():
     assert others and all(g.severity == "info" and "weight_decay_equilibrium" in g.message for g in others)
 
 
+def test_decay_pinned_by_a_huge_learning_rate_blames_the_learning_rate_not_a_usual_decay():
+    _, s = _pinned_run()
+    by_decay = _found(s, model=_model_with(1e-2, 30.0))[0]
+    by_lr = _found(s, model=_model_with(1.0, 0.1))[0]
+    assert by_decay.kind == by_lr.kind == "weight_decay_equilibrium"
+    assert "Lower weight_decay" in by_decay.suggestion and "learning rate" not in by_decay.suggestion
+    assert "learning rate (1) is too high" in by_lr.suggestion and "Lower weight_decay" not in by_lr.suggestion
+
+
 def test_usual_weight_decay_is_not_flagged():
     _, s = _pinned_run()
     assert "weight_decay_equilibrium" not in {f.kind for f in _found(s, model=_model_with(1e-3, 0.1))}

@@ -172,6 +172,11 @@ class Thresholds:
             in 70 steps. AdamW lr 1e-2, wd 30 (0.3) shrank the GPT's median
             weight tensor to 3.5e-6 of its start (update ratios 0.094) with
             the loss at 0.94x its start.
+        decay_usual_wd (0.3): a weight_decay at or below this (ViT-style
+            AdamW 0.3 and everything usual below it) is not itself the fault:
+            the product is high because the learning rate is (the small GPT
+            at AdamW lr 1, wd 0.1: product 0.1, weights shrank to 0.0015x),
+            and the advice is to lower the learning rate, not the decay.
         decay_shrink (0.5): ... and the median weight tensor's norm ends at
             half its start or less (AdamW wd 30 lr 1e-2: 0.22x on the suite's
             MLP, update ratios pinned at 0.01-0.03, Adam's steps pushing
@@ -269,6 +274,7 @@ class Thresholds:
     weight_growth_ratio: float = 10.0
     weight_growth_error: float = 100.0
     decay_product_high: float = 1e-2
+    decay_usual_wd: float = 0.3
     decay_shrink: float = 0.5
     decay_collapse: float = 0.1
     clip_share: float = 0.5

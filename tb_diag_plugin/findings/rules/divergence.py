@@ -155,14 +155,24 @@ def _weight_decay_equilibrium(ctx: _Context) -> None:
     if pinned is not None and pinned >= 1e-2:
         what.append(f"update ratios stay at {_fmt(pinned)} (healthy ~1e-3): each step undoes the decay")
     layers = list(ctx.series["weight_norm"].layers) if "weight_norm" in ctx.series else []
+    of = f" of {ctx.model.optimizer}" if ctx.model.optimizer else ""
+    if wd <= th.decay_usual_wd:  # a usual decay: the learning rate makes the product large
+        suggestion = (
+            f"The learning rate ({_fmt(lr)}) is too high: weight_decay{of} ({_fmt(wd)}) is usual, but each step "
+            f"decays the weights by lr x weight_decay. Lower the learning rate to about {_fmt(1e-4 / max(wd, 1e-12))} "
+            "or below (so that lr x weight_decay is ~1e-4), with warm-up and gradient clipping."
+        )
+    else:
+        suggestion = (
+            f"Lower weight_decay{of} to about {_fmt(1e-4 / max(lr, 1e-12))} (so that lr x weight_decay is ~1e-4; "
+            "AdamW typically 0.01-0.1), and exclude biases and normalisation gains from it."
+        )
     ctx.add(
         "weight_decay_equilibrium", "warning", [n for n in layers if not _is_bias(n)] or layers,
         int(steps[0]), int(steps[-1]),
         f"Weight decay dominates: lr x weight_decay = {_fmt(lr)} x {_fmt(wd)} = {_fmt(prod)} per step "
         f"(usual: 1e-5 to 1e-3), so the weights sit at an equilibrium forced by the decay; " + "; ".join(what) + ".",
-        f"Lower weight_decay{' of ' + ctx.model.optimizer if ctx.model.optimizer else ''} to about "
-        f"{_fmt(1e-4 / max(lr, 1e-12))} (so that lr x weight_decay is ~1e-4; AdamW typically 0.01-0.1), "
-        "and exclude biases and normalisation gains from it.",
+        suggestion,
     )
     ctx.mark_primary()
 
