@@ -82,6 +82,15 @@ def _unwrap(model: nn.Module) -> tuple[nn.Module, bool]:
     return model, compiled
 
 
+def check_every(every: Any) -> int:
+    """`every` as a positive int; TypeError/ValueError naming it otherwise (Diagnostics and the callbacks)."""
+    if isinstance(every, bool) or not isinstance(every, numbers.Integral):
+        raise TypeError(f"every must be a positive int, got {every!r}")
+    if every < 1:
+        raise ValueError(f"every must be >= 1, got {every}")
+    return int(every)
+
+
 def _name_hash(names: Sequence[str]) -> float:
     return float(zlib.crc32("\n".join(names).encode("utf-8")))
 
@@ -177,10 +186,7 @@ class Diagnostics:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if isinstance(every, bool) or not isinstance(every, numbers.Integral):
-            raise TypeError(f"every must be a positive int, got {every!r}")
-        if every < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
+        check_every(every)
         if isinstance(writer, (str, os.PathLike)):
             raise TypeError(
                 f"writer must be a torch.utils.tensorboard.SummaryWriter, got the path {os.fspath(writer)!r}: "
@@ -325,13 +331,7 @@ class Diagnostics:
         """
         if self._closed:
             raise RuntimeError("Diagnostics.step() called after close()")
-        if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_floating_point():
-            step = int(step.item())
-        if isinstance(step, bool) or not isinstance(step, numbers.Integral):
-            raise TypeError(f"step must be an int, got {type(step).__name__}")
-        step = int(step)
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
+        step = evaluation.check_step(step)
         if step == self._last_step and self._updates is not None and self._updates.in_closure_step:
             # LBFGS calls the closure again within one optimizer step: the first call is the step's record,
             # the later forwards are not the next step's.

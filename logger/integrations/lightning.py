@@ -36,13 +36,12 @@ How it maps onto Lightning's loop (2.x):
 from __future__ import annotations
 
 import importlib
-import numbers
 import sys
 from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from tb_diag_logger.diagnostics import DEFAULT_EVERY, Diagnostics, _patterns, warn_once
+from tb_diag_logger.diagnostics import DEFAULT_EVERY, Diagnostics, _patterns, check_every, warn_once
 
 _PACKAGES = ("lightning.pytorch", "pytorch_lightning")
 
@@ -77,13 +76,9 @@ class _DiagnosticsHooks:
         update_ratio: bool = True,
     ) -> None:
         """Record diagnostics every `every` optimizer steps; the options are those of `Diagnostics`."""
-        if isinstance(every, bool) or not isinstance(every, numbers.Integral):
-            raise TypeError(f"every must be a positive int, got {every!r}")
-        if every < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
+        self.every = check_every(every)
         _patterns(include, "include")
         _patterns(exclude, "exclude")
-        self.every = int(every)
         self._options = {
             "include": include, "exclude": exclude, "activations": bool(activations),
             "update_ratio": bool(update_ratio),
