@@ -26,6 +26,10 @@ from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
 from tb_diag_logger.summaries import SummarySink
 
+# The per-parameter metrics of a synthetic run (what the logger of issue 6 wrote): the layer drill-down
+# of `reading.py` asks for each of them.
+PARAM_METRICS = ("grad_norm", "grad_max_abs", "grad_nonfinite", "weight_norm", "update_ratio")
+
 
 def _crc_table() -> np.ndarray:
     poly = 0x82F63B78
@@ -151,7 +155,7 @@ def write_diagnostics_run(run_dir: str, num_steps: int, num_layers: int, chunk: 
         for n in layers
     ]
     sink.write_structure(0, {"version": 1, "modules": modules})
-    param_metrics = ("grad_norm", "grad_max_abs", "grad_nonfinite", "weight_norm", "update_ratio")
+    param_metrics = PARAM_METRICS
     size = 0
     path = event_path(run_dir)
     t0 = 1.7e9

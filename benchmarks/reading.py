@@ -39,7 +39,6 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 RUN = "run"
 POLL = "poll:"  # a request repeated until its answer is complete
-PARAM_METRICS = ("grad_norm", "grad_max_abs", "grad_nonfinite", "weight_norm", "update_ratio")
 
 
 # ------------------------------------------------------------ measurements
@@ -82,6 +81,8 @@ def _views(layers: list[str], steps: int) -> list[tuple[str, list[str], str]]:
     """Each view of the tab and the requests it makes (frontend_static/views/*.js), with when
     to time it: "all" passes, "once" (first visit and one warm repeat: slow, and the tab caches
     it client-side), "first" (first visit only)."""
+    import eventgen
+
     d = "data/plugin/diagnostics/"
     v = d + "values?run=" + RUN + "&format=f32&metric="
     one = urllib.parse.quote(layers[len(layers) // 2])
@@ -101,8 +102,8 @@ def _views(layers: list[str], steps: int) -> list[tuple[str, list[str], str]]:
         ("model: structure + 6 metrics", [d + f"structure?run={RUN}"] + [
             v + m + "&points=200" for m in ("grad_norm", "grad_nonfinite", "weight_norm", "update_ratio",
                                             "dead_fraction", "act_mean")], "all"),
-        ("layer drill-down: 5 metrics of one layer", [v + m + "&points=1000&layer=" + one for m in PARAM_METRICS],
-         "all"),
+        ("layer drill-down: 5 metrics of one layer",
+         [v + m + "&points=1000&layer=" + one for m in eventgen.PARAM_METRICS], "all"),
     ]
     if steps >= 20_000:
         out.append(("(reference) grad_norm heatmap as JSON", [d + f"values?run={RUN}&metric=grad_norm&points=1000"],

@@ -144,6 +144,58 @@ def test_thresholds_are_overridable(suite):
         Thresholds().replace(no_such_threshold=1.0)
 
 
+class _Recording(dict):
+    """A run's series that remembers which metrics were asked for."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.asked: set[str] = set()
+
+    def get(self, key, default=None):
+        self.asked.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.asked.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self.asked.add(key)
+        return super().__contains__(key)
+
+    def _everything(self, *a, **k):
+        raise AssertionError("a rule walked over every series instead of asking for the ones it declares")
+
+    items = keys = values = __iter__ = _everything
+
+
+def test_each_rule_reads_only_the_metrics_it_declares(suite):
+    # The plugin reads only findings.INPUTS for /findings: a rule reading an undeclared metric would
+    # silently see it missing there while `report` (which reads everything) sees it.
+    from tb_diag_plugin.findings.context import _Context
+    from tb_diag_plugin.findings.registry import ORDER
+
+    reader = LocalReader(suite[0])
+    for name in reader.runs():
+        series = _Recording(reader.series(name))
+        ctx = _Context(series, Thresholds(), model=ModelInfo.from_structure(reader.structure(name)))
+        for rule in ORDER:
+            series.asked.clear()
+            rule.check(ctx)
+            extra = series.asked - set(rule.metrics)
+            assert not extra, f"{name}: rule {rule.name} reads {sorted(extra)} without declaring it"
+
+
+def test_findings_from_the_inputs_alone_equal_findings_from_everything(suite):
+    reader = LocalReader(suite[0])
+    assert "grad_max_abs" not in findings.INPUTS  # something really is left out
+    for name in reader.runs():
+        everything = reader.series(name)
+        inputs = {m: s for m, s in everything.items() if m in findings.INPUTS}
+        model = ModelInfo.from_structure(reader.structure(name))
+        assert analyze(inputs, model=model) == suite[1][name], name
+
+
 # ------------------------------------------------------------- hand-built series
 def _series(metric: str, layers: list[str], values, steps=None, types=None) -> Series:
     v = np.asarray(values, dtype=np.float32).reshape(len(values), len(layers))

@@ -134,3 +134,40 @@ def test_a_run_that_fails_to_read_does_not_stop_the_others(tmp_path):
         assert plugin.preloader.look(seen) == 1
         assert sorted(tried) == ["bad", "good"] and "good" in plugin.preloader.preloaded_runs()
         assert plugin.preloader.look(seen) == 0 and sorted(tried) == ["bad", "good"]
+
+
+def test_background_reads_the_findings_inputs_then_the_findings_then_the_rest(tmp_path):
+    """Event order, not time: the findings come right after the metrics their rules declare, are
+    computed from those alone, and every other metric is read after them."""
+    from tensorboard import context
+
+    from tb_diag_plugin.serving.background import read_whole_run
+
+    _run(tmp_path / "r", dead=True)
+    with serve_with_plugin(str(tmp_path), extra=["--diagnostics_preload", "false"]) as (srv, plugin):
+        srv.wait_for_runs(1)
+        store, ctx = plugin.store, context.RequestContext()
+        idx = store.index(ctx, "")["r"]
+        events: list[str] = []
+        series, answer = store.series, store.findings
+
+        def recording_series(ctx, eid, run, metric, idx):
+            events.append(metric)
+            return series(ctx, eid, run, metric, idx)
+
+        def recording_findings(ctx, eid, run, idx):
+            events.append("<findings>")
+            out = answer(ctx, eid, run, idx)
+            events.append("</findings>")
+            return out
+
+        store.series, store.findings = recording_series, recording_findings
+        read_whole_run(store, ctx, "", "r", idx)
+        start, end = events.index("<findings>"), events.index("</findings>")
+        before, during, after = set(events[:start]), set(events[start + 1:end]), set(events[end + 1:])
+        inputs = set(idx.tags) & findings.INPUTS
+        others = set(idx.tags) - findings.INPUTS
+        assert inputs and others, (inputs, others)  # the run has both kinds
+        assert before == inputs and during <= inputs and after == others
+        body = srv.plugin("findings?run=r")
+        assert "dead_relu" in {f["kind"] for f in body["findings"]}

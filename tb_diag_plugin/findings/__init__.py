@@ -43,6 +43,9 @@ from tb_diag_plugin.findings.verdicts import layer_verdicts
 
 # The kinds the registered rules report, in the contract's order.
 KINDS = tuple(k for k in metadata.FINDING_KINDS if any(k in r.kinds for r in ORDER))
+# The metrics the registered rules read, from their declarations: all a caller must read for `analyze`
+# (the plugin reads no other metric for the findings; tests/test_rules_registry.py holds rules to it).
+INPUTS: frozenset[str] = frozenset(m for r in ORDER for m in r.metrics)
 SEVERITIES = metadata.SEVERITIES
 SEVERITY_RANK = metadata.SEVERITY_RANK
 _KIND_RANK = {k: i for i, k in enumerate(metadata.FINDING_KINDS)}
@@ -73,6 +76,6 @@ def analyze(
 
 
 __all__ = [
-    "KINDS", "RULES", "SEVERITIES", "SEVERITY_RANK", "Finding", "ModelInfo", "Rule", "Series", "Thresholds", "analyze",
-    "layer_verdicts",
+    "INPUTS", "KINDS", "RULES", "SEVERITIES", "SEVERITY_RANK", "Finding", "ModelInfo", "Rule", "Series", "Thresholds",
+    "analyze", "layer_verdicts",
 ]

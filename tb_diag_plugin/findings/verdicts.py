@@ -6,33 +6,31 @@ from typing import Mapping, Sequence
 
 from tb_diag_plugin import metadata
 from tb_diag_plugin.findings.context import Finding
-from tb_diag_plugin.findings.series import Series
 
 
-def layer_kinds(series: Mapping[str, Series]) -> dict[str, str]:
-    """Layer name -> what it is (the contract's LAYER_KINDS), from the metrics that record it.
+def layer_kinds(layers: Mapping[str, Sequence[str]]) -> dict[str, str]:
+    """Layer name -> what it is (the contract's LAYER_KINDS), from the metrics that record it
+    (`layers`: metric -> its layer names, as a run's listing gives them).
 
     Metrics are looked at in the contract's order, so a name recorded both
     per parameter and elsewhere counts as a parameter.
     """
     out: dict[str, str] = {}
     for spec in metadata.METRIC_SPECS:
-        s = series.get(spec.name)
-        if s is None:
-            continue
-        for name in s.layers:
+        for name in layers.get(spec.name, ()):
             out.setdefault(name, spec.layer_kind)
     return out
 
 
-def layer_verdicts(found: Sequence[Finding], series: Mapping[str, Series]) -> dict[str, dict]:
-    """Per layer named by a finding: its worst severity, the kinds that name it, and its layer kind.
+def layer_verdicts(found: Sequence[Finding], layers: Mapping[str, Sequence[str]]) -> dict[str, dict]:
+    """Per layer named by a finding: its worst severity, the kinds that name it, and its layer kind
+    (`layers`: metric -> its layer names).
 
     JSON-safe: ``{"0.weight": {"severity": "error", "kinds": ["nonfinite", ...],
     "layer_kind": "param"}}``, kinds in the contract's order. A layer no
     recorded metric holds takes the layer kind of the metric its finding opens.
     """
-    kinds_of = layer_kinds(series)
+    kinds_of = layer_kinds(layers)
     rank = {k: i for i, k in enumerate(metadata.FINDING_KINDS)}
     out: dict[str, dict] = {}
     for f in found:

@@ -1,7 +1,8 @@
 """Background reading: the read-ahead (a run the tab opened) and the preload (a run TensorBoard loaded).
 
-Both read a run's every metric into the store and then its findings, so that
-the tab's views find them in memory; both yield to the requests in flight
+Both read what the findings need, then the findings, then the run's other
+metrics into the store, so that the tab's findings come first and its views
+find their data in memory; both yield to the requests in flight
 (`RunStore.wait_idle`) before each metric, and both stop with `close()`.
 """
 
@@ -26,21 +27,33 @@ logger = logging.getLogger(__name__)
 _SMALL_FIRST = {m: i for i, m in enumerate(metadata.LOSS_METRICS + metadata.MODEL_METRICS + metadata.ALL_METRICS)}
 
 
-def read_order(idx: RunIndex) -> list[str]:
-    """The order in which a run's metrics are read: the contract's small metrics first, unknown ones last."""
-    return sorted(idx.tags, key=lambda m: (_SMALL_FIRST.get(m, len(_SMALL_FIRST)), m))
+def read_order(idx: RunIndex) -> tuple[list[str], list[str]]:
+    """(the findings' inputs, the other metrics) of a run, each in the order they are read: the
+    contract's small metrics first, unknown ones last."""
+    from tb_diag_plugin.findings import INPUTS  # the rules: not needed at TensorBoard's start-up
+
+    order = sorted(idx.tags, key=lambda m: (_SMALL_FIRST.get(m, len(_SMALL_FIRST)), m))
+    return [m for m in order if m in INPUTS], [m for m in order if m not in INPUTS]
 
 
 def read_whole_run(store: RunStore, ctx, eid: str, run: str, idx: RunIndex) -> None:
-    """Every metric of a run into the store, then its findings; yielding to the requests in flight before each."""
-    for metric in read_order(idx):
+    """What the findings read, the findings, then every other metric of a run into the store;
+    yielding to the requests in flight before each."""
+    inputs, others = read_order(idx)
+    for metric in inputs:
         store.wait_idle()
         if store.closed.is_set():
             return
         store.series(ctx, eid, run, metric, idx)
     store.wait_idle()
-    if not store.closed.is_set():
-        store.findings(ctx, eid, run, idx)
+    if store.closed.is_set():
+        return
+    store.findings(ctx, eid, run, idx)
+    for metric in others:
+        store.wait_idle()
+        if store.closed.is_set():
+            return
+        store.series(ctx, eid, run, metric, idx)
 
 
 class ReadAhead:

@@ -94,8 +94,9 @@ class RunStore:
 
         def compute():
             t0 = time.monotonic()
-            # Two reads at a time: a read mostly waits for the data server or numpy, which free the GIL.
-            metrics = sorted(idx.tags)
+            # Only what the rules read; two reads at a time: a read mostly waits for the data server or
+            # numpy, which free the GIL.
+            metrics = sorted(m for m in idx.tags if m in findings.INPUTS)
             with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="tb-diag-findings") as pool:
                 read = list(pool.map(lambda m: self.series(ctx, eid, run, m, idx)[0], metrics))
             series = dict(zip(metrics, read))
@@ -103,8 +104,9 @@ class RunStore:
                 lambda: read_structure(self.provider, ctx, eid, run) if idx.structure_tag else None)
             found, skipped = findings.analyze(series, model=model)
             skipped = unread + skipped
+            layers = {m: idx.layers(m)[0] for m in idx.tags}
             answer = {"run": run, "findings": [f.to_dict(run) for f in found], "skipped": skipped,
-                      "layers": findings.layer_verdicts(found, series)}
+                      "layers": findings.layer_verdicts(found, layers)}
             done = time.monotonic()
             with self._lock:
                 self._findings_recent[(eid, run)] = (done + min(60.0, 10 * (done - t0)), answer)

@@ -103,5 +103,5 @@ def _improved_after(loss: tuple[np.ndarray, np.ndarray, list[str]], step: int, t
     return at > 0 and end <= at * (1 - th.saturation_improved)
 
 
-DEAD_RELU = Rule("dead_relu", ("dead_relu",), ("dead_fraction",), _dead_relu, after=CUTOFF)
+DEAD_RELU = Rule("dead_relu", ("dead_relu",), ("dead_fraction", "learning_rate"), _dead_relu, after=CUTOFF)
 SATURATED = Rule("saturated_activation", ("saturated_activation",), ("saturation", "loss"), _saturated, after=CUTOFF)

@@ -36,7 +36,7 @@ def _nonfinite(ctx: _Context) -> None:
         bad = grad.present & ~np.isfinite(grad.values)
         nf = ctx.series.get("grad_nonfinite")
         if nf is not None and nf.layers == grad.layers and np.array_equal(nf.steps, grad.steps):
-            bad |= nf.present & (np.nan_to_num(nf.values, nan=1.0) > 0)
+            bad |= nf.present & ~(nf.values <= 0)  # a count above zero, or unknown (NaN)
         by_design = _amp_by_design(ctx, grad.steps)
         ctx.amp_skipped = grad.steps[by_design]
         bad &= ~by_design[:, None]
@@ -431,11 +431,13 @@ NONFINITE = Rule(
     _nonfinite,
 )
 EXPLODING = Rule(
-    "exploding_gradient", ("exploding_gradient",), ("grad_norm", "grad_norm_total", "weight_norm", "loss"),
+    "exploding_gradient", ("exploding_gradient",),
+    ("grad_norm", "grad_norm_total", "weight_norm", "loss", "learning_rate"),
     _exploding, after=("nonfinite",),
 )
 CUTOFF = ("nonfinite", "exploding_gradient")
 VANISHING = Rule(
-    "vanishing_gradient", ("vanishing_gradient",), ("grad_norm", "weight_norm", "saturation"), _vanishing,
+    "vanishing_gradient", ("vanishing_gradient",), ("grad_norm", "weight_norm", "saturation", "learning_rate"),
+    _vanishing,
     after=CUTOFF,
 )
