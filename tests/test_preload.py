@@ -171,3 +171,22 @@ def test_background_reads_the_findings_inputs_then_the_findings_then_the_rest(tm
         assert before == inputs and during <= inputs and after == others
         body = srv.plugin("findings?run=r")
         assert "dead_relu" in {f["kind"] for f in body["findings"]}
+
+
+def test_read_order_puts_the_one_column_metrics_first():
+    """The overview's loss, total norm and learning rate are cheap: the background reads them before any
+    per-layer metric (a 500-layer one takes a data server hundreds of ms), then the rest by the contract."""
+    from tb_diag_plugin import metadata
+    from tb_diag_plugin.reading import RunIndex
+    from tb_diag_plugin.serving.background import read_order
+
+    recorded = list(metadata.ALL_METRICS)
+    inputs, others = read_order(RunIndex(tags={m: [] for m in reversed(recorded)}))
+    assert sorted(inputs + others) == sorted(recorded)
+    assert set(inputs) == findings.INPUTS & set(recorded) and not set(others) & findings.INPUTS
+    for part in (inputs, others):
+        kinds = [metadata.METRICS[m].layer_kind for m in part]
+        small = [i for i, k in enumerate(kinds) if k in ("loss", "model")]
+        large = [i for i, k in enumerate(kinds) if k not in ("loss", "model")]
+        assert not small or not large or max(small) < min(large), list(zip(part, kinds))
+    assert inputs[0] == "loss"

@@ -24,7 +24,9 @@ from tb_diag_plugin.serving.store import RunStore
 logger = logging.getLogger(__name__)
 
 # One-column metrics (the whole model's and the loss) first: they are cheap and the overview draws them.
-_SMALL_FIRST = {m: i for i, m in enumerate(metadata.LOSS_METRICS + metadata.MODEL_METRICS + metadata.ALL_METRICS)}
+_SMALL_FIRST: dict[str, int] = {}
+for _m in metadata.LOSS_METRICS + metadata.MODEL_METRICS + metadata.ALL_METRICS:
+    _SMALL_FIRST.setdefault(_m, len(_SMALL_FIRST))  # a name's first place: ALL_METRICS repeats the small ones
 
 
 def read_order(idx: RunIndex) -> tuple[list[str], list[str]]:
