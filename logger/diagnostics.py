@@ -477,6 +477,7 @@ class Diagnostics:
             self._log_values(step, loss_items)
 
     def _log_values(self, step: int, loss_items: list[tuple[str, Any]]) -> None:
+        """One logged step: every value reduced on the device, brought to the host in one copy, written."""
         device = self._out_device()
         with_grad = [(n, p) for n, p in self._params if p.grad is not None]
         grad_names = [n for n, _ in with_grad]
@@ -486,20 +487,7 @@ class Diagnostics:
         sites = self._capture.take() if self._capture is not None else []
         site_totals = self._capture.totals(sites, device) if sites else None
         sharded = distributed.any_sharded(p for _, p in self._params)
-
-        # Under torch.distributed the ranks first agree on what they reduce.
-        reduce = True
-        if distributed.active():
-            signature = self._signature(grad_names, weight_names, sites, site_totals, loss_items)
-            reduce = distributed.agree(signature, device)
-            if not reduce:
-                self._report(
-                    "torch.distributed",
-                    RuntimeError(
-                        "ranks disagree on parameters with gradients, activation sites or loss names; "
-                        "recording rank-local values on such steps"
-                    ),
-                )
+        reduce = self._ranks_agree(grad_names, weight_names, sites, site_totals, loss_items, device)
         keep_norms = reduce or not sharded  # a shard's own norm is not the tensor's
 
         parts: list[torch.Tensor] = []  # everything for the host, concatenated once
@@ -538,19 +526,11 @@ class Diagnostics:
         if preclip is not None:
             parts.append(torch.as_tensor(reductions._local(preclip) if torch.is_tensor(preclip) else preclip))
 
-        host = torch.cat([p.reshape(-1).to(device=device, dtype=torch.float32) for p in parts]).cpu().numpy()
-
-        off = 0
-
-        def take(n: int) -> np.ndarray:
-            nonlocal off
-            out = host[off : off + n]
-            off += n
-            return out
-
-        scaler_vals = take(scaler_parts)
+        # Read back in the order gathered above.
+        host = _Host(torch.cat([p.reshape(-1).to(device=device, dtype=torch.float32) for p in parts]).cpu().numpy())
+        scaler_vals = host.take(scaler_parts)
         P, W = len(grads), len(weights)
-        gn, gm, wn, tot = take(P), take(P), take(W), take(1 if grads else 0)
+        gn, gm, wn, tot = host.take(P), host.take(P), host.take(W), host.take(1 if grads else 0)
         nonfinite = np.zeros(P, dtype=np.float32)
         bad = [i for i in range(P) if not math.isfinite(gn[i])]
         if bad:  # only here: counting over every tensor is slow (PERF_NOTES.md)
@@ -561,7 +541,7 @@ class Diagnostics:
         if self._sink is None:
             return  # not the writing rank: the collectives above were its share
 
-        items: list[tuple[str, Sequence[str], Sequence[str], np.ndarray]] = []
+        items: list[_Item] = []
         if P and keep_norms:
             items += [
                 ("grad_norm", grad_names, (), gn),
@@ -572,34 +552,38 @@ class Diagnostics:
         if W and keep_norms:
             items.append(("weight_norm", weight_names, (), wn))
         if self._scaler is not None:
-            if scaler_parts == 2:
-                skipped = float(scaler_vals[1] > 0 or not np.isfinite(scaler_vals[1]))
-            else:  # not unscaled yet: the scaler will skip exactly when a gradient is not finite
-                skipped = float(bool(bad))
-            items.append(("amp_scale", [""], (), scaler_vals[:1]))
-            items.append(("amp_skipped", [""], (), np.array([skipped])))
+            items += _amp_items(scaler_vals, any_nonfinite=bool(bad))
         if sites:
-            block = take(4 * len(sites)).reshape(len(sites), 4)
-            names = [s.name for s in sites]
-            types = [s.type_name for s in sites]
-            relu = [i for i, s in enumerate(sites) if s.kind == "relu"]
-            sat = [i for i, s in enumerate(sites) if s.kind in ("sigmoid", "tanh")]
-            if relu:
-                items.append(("dead_fraction", [names[i] for i in relu], [types[i] for i in relu], block[relu, 0]))
-            if sat:
-                items.append(("saturation", [names[i] for i in sat], [types[i] for i in sat], block[sat, 1]))
-            items.append(("act_mean", names, types, block[:, 2]))
-            items.append(("act_std", names, types, block[:, 3]))
-        if loss_names:
-            items.append(("loss", loss_names, (), take(len(loss_names))))
-        if spread_names:
-            sp = take(len(SPREAD_METRICS) * len(spread_names)).reshape(len(spread_names), -1)
-            for j, metric in enumerate(SPREAD_METRICS):
-                items.append((metric, spread_names, (), sp[:, j]))
-        items += [(metric, names, (), take(len(names))) for metric, names, _ in field]
+            items += _site_items(sites, host.take(4 * len(sites)).reshape(len(sites), 4))
+        items += _loss_items(host, loss_names, spread_names)
+        items += [(metric, names, (), host.take(len(names))) for metric, names, _ in field]
         if preclip is not None:
-            items.append((metadata.GRAD_NORM_PRECLIP, [""], (), take(1)))
-        if W:  # a parameter the optimizer holds may never get a gradient (a detached branch)
+            items.append((metadata.GRAD_NORM_PRECLIP, [""], (), host.take(1)))
+        items += self._parameter_state_items(weight_names)
+        self._write(self._sink.write_vectors, step, items)
+        self._write_structure_if_new(step, sites)
+
+    def _ranks_agree(self, grad_names, weight_names, sites, site_totals, loss_items, device) -> bool:
+        """Under torch.distributed, whether the ranks reduce this step's values together (they must hold
+        the same parameters with gradients, sites and loss names); True without torch.distributed."""
+        if not distributed.active():
+            return True
+        signature = self._signature(grad_names, weight_names, sites, site_totals, loss_items)
+        if distributed.agree(signature, device):
+            return True
+        self._report(
+            "torch.distributed",
+            RuntimeError(
+                "ranks disagree on parameters with gradients, activation sites or loss names; "
+                "recording rank-local values on such steps"
+            ),
+        )
+        return False
+
+    def _parameter_state_items(self, weight_names: list[str]) -> list[_Item]:
+        """Which parameters got no gradient (a detached branch), and each parameter group's learning rate."""
+        items: list[_Item] = []
+        if weight_names:
             missing = np.array([p.grad is None for _, p in self._params], "f4")
             items.append((optim_state.GRAD_MISSING, weight_names, (), missing))
         if self._optimizer is not None:
@@ -607,14 +591,17 @@ class Diagnostics:
             lr_names = [""] if len(groups) == 1 else [f"group{i}" for i in range(len(groups))]
             lrs = np.array([_to_float(g.get("lr", float("nan"))) for g in groups])
             items.append(("learning_rate", lr_names, (), lrs))
-        self._write(self._sink.write_vectors, step, items)
+        return items
 
+    def _write_structure_if_new(self, step: int, sites: list) -> None:
+        """The model's structure, again whenever a step shows an activation site it did not list."""
         site_names = tuple(s.name for s in sites)
-        if self._structure_sites is None or not set(site_names) <= set(self._structure_sites):
-            self._structure_sites = tuple(sorted(set(site_names) | set(self._structure_sites or ())))
-            known = [self._capture.sites[n] for n in self._capture.order] if self._capture is not None else []
-            tree = module_tree(self.model, {n for n, _ in self._params}, known, self._optimizer)
-            self._write(self._sink.write_structure, step, tree)
+        if self._structure_sites is not None and set(site_names) <= set(self._structure_sites):
+            return
+        self._structure_sites = tuple(sorted(set(site_names) | set(self._structure_sites or ())))
+        known = [self._capture.sites[n] for n in self._capture.order] if self._capture is not None else []
+        tree = module_tree(self.model, {n for n, _ in self._params}, known, self._optimizer)
+        self._write(self._sink.write_structure, step, tree)
 
     def _signature(self, grad_names, weight_names, sites, site_totals, loss_items) -> list[float]:
         """What the ranks must agree on before reducing (see distributed.agree)."""
@@ -645,6 +632,58 @@ class Diagnostics:
             self._sink.close() if self._own_writer else self._sink.flush()
         except Exception:
             pass  # the interpreter is going away: nothing left to warn
+
+
+# (metric, layer names, layer types, values): one vector the summary sink writes.
+_Item = tuple[str, Sequence[str], Sequence[str], np.ndarray]
+
+
+class _Host:
+    """A logged step's values on the host, handed out in the order they were gathered."""
+
+    def __init__(self, values: np.ndarray) -> None:
+        self.values = values
+        self.offset = 0
+
+    def take(self, n: int) -> np.ndarray:
+        out = self.values[self.offset : self.offset + n]
+        self.offset += n
+        return out
+
+
+def _amp_items(scaler_vals: np.ndarray, any_nonfinite: bool) -> list[_Item]:
+    """The GradScaler's scale and whether it skips this step."""
+    if scaler_vals.size == 2:
+        skipped = float(scaler_vals[1] > 0 or not np.isfinite(scaler_vals[1]))
+    else:  # not unscaled yet: the scaler will skip exactly when a gradient is not finite
+        skipped = float(any_nonfinite)
+    return [("amp_scale", [""], (), scaler_vals[:1]), ("amp_skipped", [""], (), np.array([skipped]))]
+
+
+def _site_items(sites: list, block: np.ndarray) -> list[_Item]:
+    """Activation metrics from each site's [dead, saturated, mean, std] row: dead_fraction for the
+    ReLU family, saturation for sigmoid/tanh, mean and std for every site."""
+    names = [s.name for s in sites]
+    types = [s.type_name for s in sites]
+    relu = [i for i, s in enumerate(sites) if s.kind == "relu"]
+    sat = [i for i, s in enumerate(sites) if s.kind in ("sigmoid", "tanh")]
+    items: list[_Item] = []
+    if relu:
+        items.append(("dead_fraction", [names[i] for i in relu], [types[i] for i in relu], block[relu, 0]))
+    if sat:
+        items.append(("saturation", [names[i] for i in sat], [types[i] for i in sat], block[sat, 1]))
+    return items + [("act_mean", names, types, block[:, 2]), ("act_std", names, types, block[:, 3])]
+
+
+def _loss_items(host: _Host, loss_names: list[str], spread_names: list[str]) -> list[_Item]:
+    """The loss components, then each per-sample spread statistic over the per-sample components."""
+    items: list[_Item] = []
+    if loss_names:
+        items.append(("loss", loss_names, (), host.take(len(loss_names))))
+    if spread_names:
+        sp = host.take(len(SPREAD_METRICS) * len(spread_names)).reshape(len(spread_names), -1)
+        items += [(metric, spread_names, (), sp[:, j]) for j, metric in enumerate(SPREAD_METRICS)]
+    return items
 
 
 def _flush_at_exit(ref: weakref.ReferenceType[Diagnostics]) -> None:
