@@ -169,13 +169,17 @@ export function structure(run) {
   return cached(JSON.stringify(run) + "|structure", () => getJSON("structure", {run}));
 }
 
-// The server answers at once with what is ready (partial=true); ask again until the findings are complete.
+// The server answers at once with what is ready (partial=true); then the tab asks again, and the server
+// holds each of those requests until the findings are complete (or wait_ms has passed), so that they
+// show the moment they are computed.
 export function findings(run) {
   return cached(JSON.stringify(run) + "|findings", async () => {
-    for (let wait = 200; ; wait = Math.min(2000, wait * 2)) {
-      const body = await getJSON("findings", {run, partial: "true"});
+    for (let ask = {run, partial: "true"}; ; ask = {run, partial: "true", wait_ms: "3000"}) {
+      const asked = Date.now();
+      const body = await getJSON("findings", ask);
       if (body.complete !== false) return body;
-      await new Promise((resolve) => setTimeout(resolve, wait));
+      // A server that did not wait (one without wait_ms, or shutting down) is not asked in a tight loop.
+      if (ask.wait_ms && Date.now() - asked < 1000) await new Promise((resolve) => setTimeout(resolve, 1000));
     }
   });
 }

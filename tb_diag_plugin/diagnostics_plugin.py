@@ -223,19 +223,25 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
 
     @wire.json_route
     def _serve_findings(self, request):
-        if not wire.arg_bool(request, "partial"):
+        partial = wire.arg_bool(request, "partial")
+        max_wait_ms = int(self.config.findings_max_wait_s * 1000)
+        wait_ms = wire.arg_int(request, "wait_ms", None, 0, max_wait_ms)
+        if not partial:
+            if wait_ms is not None:
+                raise errors.InvalidArgumentError("wait_ms needs partial=true")
             with self.store.foreground():
                 ctx, eid, runs = self._runs(request)
                 run = self._run(request, runs)
                 return http_util.Respond(request, self.store.findings(ctx, eid, run, runs[run]), "application/json")
-        # The tab's way: at once, with what is ready; the read-ahead computes the rest.
+        # The tab's way: with what is ready, after at most `wait_ms`; the read-ahead computes the rest.
         ctx, eid, runs = self._runs(request)
         run = self._run(request, runs)
         idx = runs[run]
         answer, complete = self.store.findings_if_ready(eid, run, idx, 0)
         if not complete:
             self.read_ahead.request(ctx, eid, run, idx, now=True)
-            answer, complete = self.store.findings_if_ready(eid, run, idx, self.config.findings_wait_s)
+            wait = self.config.findings_wait_s if wait_ms is None else wait_ms / 1000
+            answer, complete = self.store.findings_if_ready(eid, run, idx, wait)
         answer = answer or {"run": run, "findings": [], "skipped": [], "layers": {}}
         return http_util.Respond(request, {**answer, "complete": complete}, "application/json")
 

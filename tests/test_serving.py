@@ -73,3 +73,27 @@ def test_partial_findings_answer_at_once_and_complete_later(tmp_path):
         assert [(f["kind"], f["layers"]) for f in done["findings"]] == [(f.kind, list(f.layers)) for f in expected]
         status, body, _ = srv.get("data/plugin/diagnostics/findings?run=r&partial=maybe")
         assert status == 400 and b"partial must be true or false" in body
+
+
+def test_a_waiting_findings_request_answers_the_moment_they_are_computed(tmp_path):
+    """/findings?partial=true&wait_ms=N (the tab's second ask) is held while the findings compute and
+    answers with them, complete, in that one request: no polling interval between them and the tab."""
+    _run(tmp_path / "r")
+    config = Config(read_ahead_yield_s=600, findings_max_wait_s=120)
+    with serve_with_plugin(str(tmp_path), extra=["--diagnostics_preload", "false"], config=config) as (srv, plugin):
+        srv.wait_for_runs(1, timeout=120)
+        got: list = []
+        with plugin.store.foreground():  # background work waits until this block ends
+            ask = "findings?run=r&partial=true&wait_ms=120000"
+            asking = threading.Thread(target=lambda: got.append(srv.plugin(ask)))
+            asking.start()
+            _until(lambda: ("", "r") in plugin.read_ahead._queued, "the request to start the read-ahead")
+            assert not got, "answered before the findings could be computed"
+        asking.join(150)
+        assert got and got[0]["complete"] is True
+        assert got[0] == {**srv.plugin("findings?run=r"), "complete": True}
+        for query, why in (("wait_ms=10", b"wait_ms needs partial=true"),
+                           ("partial=true&wait_ms=120001", b"wait_ms must be between 0 and 120000"),
+                           ("partial=true&wait_ms=soon", b"wait_ms must be an integer")):
+            status, body, _ = srv.get("data/plugin/diagnostics/findings?run=r&" + query)
+            assert status == 400 and why in body, (query, body)

@@ -41,8 +41,10 @@ class Config:
     preload_max_failures: int = 300
     # New event-file bytes beyond this are checked for damage in a background thread, not in the request.
     integrity_inline_bytes: int = 8 << 20
-    # /findings?partial=true waits at most this long for the findings before it answers with what is ready.
+    # /findings?partial=true waits at most this long for the findings before it answers with what is ready,
     findings_wait_s: float = 0.1
+    # and at most this long when the tab asks again with wait_ms (it holds one request while they compute).
+    findings_max_wait_s: float = 5.0
 
     @property
     def preload_budget(self) -> int:
