@@ -4,17 +4,17 @@
 
 Each visit is cold: a fresh TensorBoard (`--diagnostics_preload false`, so
 nothing is read before the tab asks) in a process of its own, started once the
-run's event file exists, and the visit begins as soon as the data provider
-has every step. The visit is what the tab does: `/runs` and `/tags`, the
+run's event file exists, and the visit begins as soon as the data provider has
+every step. The visit is what the tab does: `/runs` and `/tags`, the
 overview's four series at once, then `/findings?partial=true` asked the way
 that version's `api.js` asks (this tree: again with `wait_ms`; a baseline from
 before `wait_ms`: again after 200, 400, 800... ms). Reported per version:
 milliseconds from the visit's start to the overview's series, to the first
-findings answer, and to the complete findings, as medians over `--reps`
-visits; the versions alternate, so drift hits both. With `--baseline` the
-other version is that commit, checked out in a temporary git worktree.
-Results: benchmarks/results/cold_findings.json.
-"""
+findings answer, and to the complete findings, then the time of the gradient
+flow and the model views opened after them, as medians over `--reps` visits;
+the versions alternate, so drift hits both. With `--baseline` the other
+version is that commit, checked out in a temporary git worktree. Results:
+benchmarks/results/cold_findings.json."""
 
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RUN = "run"
 OVERVIEW = ("loss", "grad_norm_total", "learning_rate", "dead_fraction")
+GRADIENTS = ("grad_norm", "weight_norm")  # frontend_static/views/gradients.js: the grad/weight heatmap
+MODEL = ("grad_norm", "grad_nonfinite", "weight_norm", "update_ratio", "dead_fraction", "act_mean")  # model.js
 
 
 def _visit(srv, client: str) -> dict[str, float]:
@@ -68,6 +70,13 @@ def _visit(srv, client: str) -> dict[str, float]:
     out["findings_complete_ms"] = ms()
     out["findings_asks"] = asks
     out["findings"] = len(body["findings"])
+    # Then two views as the user would open them next; each timed from its own start.
+    for view, metrics in (("gradients", GRADIENTS), ("model", MODEL)):
+        t = time.perf_counter()
+        paths = [d + f"values?run={RUN}&format=f32&points=1000&metric={m}" for m in metrics]
+        with concurrent.futures.ThreadPoolExecutor(6) as ex:
+            list(ex.map(get, paths + ([d + f"structure?run={RUN}"] if view == "model" else [])))
+        out[f"{view}_view_ms"] = round((time.perf_counter() - t) * 1e3, 1)
     return out
 
 
@@ -159,15 +168,16 @@ def main(argv: Optional[list[str]] = None) -> dict:
         if tmp:
             subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", tmp], capture_output=True)
     res["loadavg_end"] = os.getloadavg()
-    keys = ("overview_ms", "findings_first_ms", "findings_complete_ms")
+    keys = ("overview_ms", "findings_first_ms", "findings_complete_ms", "gradients_view_ms", "model_view_ms")
     res["medians"] = {name: {k: statistics.median(v[k] for v in visits) for k in keys}
                       for name, visits in res["visits"].items()}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
     print(f"\n{args.size}, {args.backend}, {args.reps} cold visits each (median [min-max] ms from the visit's start):")
-    print("| version | overview series | first /findings answer | findings complete |")
-    print("|---|---|---|---|")
+    print("| version | overview series | first /findings answer | findings complete | then: gradient flow view"
+          " | then: model view |")
+    print("|---|---|---|---|---|---|")
     for name, visits in res["visits"].items():
         cells = [f"{statistics.median(v[k] for v in visits):.0f} [{min(v[k] for v in visits):.0f}–"
                  f"{max(v[k] for v in visits):.0f}]" for k in keys]
