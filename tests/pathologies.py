@@ -521,8 +521,12 @@ def gpt_lr_blowup(g: torch.Generator) -> Training:
 
 
 def gradient_clipping_lr_too_high(g: torch.Generator) -> Training:
-    """The small GPT at AdamW lr 0.3 with clip_grad_norm_ at 1.0: clipping hides a learning rate ~100x too high."""
-    return _gpt_training(g, lambda m: torch.optim.AdamW(m.parameters(), lr=0.3), clip=1.0)
+    """The small GPT at AdamW lr 0.5 with clip_grad_norm_ at 1.0: clipping hides a learning rate ~100x too high.
+
+    At lr 0.3 one seed in five clipped only 42 % of its logged steps (the others 60-70 %): not "most steps";
+    at 0.5 every seed of 0-4 clips 93-98 %.
+    """
+    return _gpt_training(g, lambda m: torch.optim.AdamW(m.parameters(), lr=0.5), clip=1.0)
 
 
 class _DetachedEncoder(nn.Module):
@@ -726,7 +730,7 @@ def _cases() -> dict[str, Case]:
              {"gradient_clipping": ("grad_norm_preclip",)},
              allowed=("update_ratio", "weight_norm_growth", "loss_diverged", "loss_not_decreasing",
                       "exploding_gradient", "logit_growth"),
-             note="small GPT, AdamW lr 0.3, clip 1.0: clipped on most steps"),
+             note="small GPT, AdamW lr 0.5, clip 1.0: clipped on most steps"),
         Case("no_gradient_detached_branch", no_gradient_detached_branch, ("no_gradient",),
              {"no_gradient": ("encoder.0.weight", "encoder.2.weight")}, allowed=("loss_not_decreasing",)),
         Case("weight_decay_equilibrium", weight_decay_equilibrium, ("weight_decay_equilibrium",), {},
