@@ -304,7 +304,8 @@ def test_tags_starts_a_read_ahead_that_fills_the_caches(long_run):
     with _serve_with_plugin(long_run) as (srv, plugin):
         metrics = srv.plugin("tags?run=deep")["metrics"]
         deadline = time.time() + 120
-        while len(plugin.store.findings_cache) == 0:
+        # The findings come before the metrics no rule reads: wait for both.
+        while len(plugin.store.findings_cache) == 0 or len(plugin.store.series_cache) < len(metrics):
             assert time.time() < deadline, "the read-ahead never finished"
             time.sleep(0.1)
         cached = {key[2] for key in plugin.store.series_cache._entries}
@@ -325,7 +326,8 @@ def test_read_ahead_waits_while_a_request_is_answered(long_run):
             time.sleep(1.5)
             assert len(plugin.store.series_cache) == 0, "the read-ahead read while a request was in flight"
         deadline = time.time() + 120
-        while len(plugin.store.findings_cache) == 0:
+        metrics = srv.plugin("tags?run=deep")["metrics"]
+        while len(plugin.store.findings_cache) == 0 or len(plugin.store.series_cache) < len(metrics):
             assert time.time() < deadline, "the read-ahead never went on"
             time.sleep(0.1)
-        assert len(plugin.store.series_cache) == len(srv.plugin("tags?run=deep")["metrics"])
+        assert {key[2] for key in plugin.store.series_cache._entries} == set(metrics)
