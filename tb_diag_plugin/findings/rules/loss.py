@@ -28,10 +28,10 @@ def _relative_decrease(v: np.ndarray, th: Thresholds) -> Optional[tuple[float, f
 
 def _loss_spike(ctx: _Context) -> None:
     th = ctx.th
-    s = ctx.series.get("loss")
-    if s is None or not s.steps.size:
-        ctx.notes.append("loss_spike: not checked, no 'loss' recorded (pass loss= to diag.step)")
+    got = ctx.get("loss_spike", "loss", why="pass loss= to diag.step")
+    if got is None:
         return
+    (s,) = got
     steps, vals = ctx.before_cutoff(s)
     names = ["total"] if "total" in s.layers else list(s.layers)
     for name in names:

@@ -93,12 +93,12 @@ def _no_gradient(ctx: _Context) -> None:
 def _gradient_clipping(ctx: _Context) -> None:
     """Clipping that changes most logged steps: the step size is the problem, not outliers."""
     th = ctx.th
-    pre = ctx.series.get("grad_norm_preclip")
-    post = ctx.series.get("grad_norm_total")
-    if pre is None or not pre.steps.size:
-        ctx.notes.append("gradient_clipping: not checked, no 'grad_norm_preclip' recorded "
-                         "(diag.step(step, loss=loss, grad_norm=clip_grad_norm_(...)))")
+    got = ctx.get("gradient_clipping", "grad_norm_preclip",
+                  why="diag.step(step, loss=loss, grad_norm=clip_grad_norm_(...))")
+    if got is None:
         return
+    (pre,) = got
+    post = ctx.series.get("grad_norm_total")
     if post is None or not post.steps.size:
         return
     psteps, pv = ctx.before_cutoff(pre)
@@ -176,10 +176,10 @@ def _gets_gradient(ctx: _Context, names: list[str]) -> dict[str, bool]:
 def _logit_growth(ctx: _Context) -> None:
     """The output layer's logits growing without bound: what z-loss exists for."""
     th = ctx.th
-    s = ctx.series.get("logit_max_abs")
-    if s is None or not s.steps.size:
-        ctx.notes.append("logit_growth: not checked, no 'logit_max_abs' recorded")
+    got = ctx.get("logit_growth", "logit_max_abs")
+    if got is None:
         return
+    (s,) = got
     steps, v = ctx.before_cutoff(s)
     if steps.size < 2:
         return
