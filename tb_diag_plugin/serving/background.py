@@ -8,6 +8,7 @@ find their data in memory; both yield to the requests in flight
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -42,20 +43,14 @@ def read_whole_run(store: RunStore, ctx, eid: str, run: str, idx: RunIndex) -> N
     """What the findings read, the findings, then every other metric of a run into the store;
     yielding to the requests in flight before each."""
     inputs, others = read_order(idx)
-    for metric in inputs:
+    work = [functools.partial(store.series, ctx, eid, run, m, idx) for m in inputs]
+    work.append(functools.partial(store.findings, ctx, eid, run, idx))
+    work += [functools.partial(store.series, ctx, eid, run, m, idx) for m in others]
+    for read in work:
         store.wait_idle()
         if store.closed.is_set():
             return
-        store.series(ctx, eid, run, metric, idx)
-    store.wait_idle()
-    if store.closed.is_set():
-        return
-    store.findings(ctx, eid, run, idx)
-    for metric in others:
-        store.wait_idle()
-        if store.closed.is_set():
-            return
-        store.series(ctx, eid, run, metric, idx)
+        read()
 
 
 class ReadAhead:
