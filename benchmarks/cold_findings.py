@@ -31,10 +31,9 @@ from typing import Any, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-RUN = "run"
-OVERVIEW = ("loss", "grad_norm_total", "learning_rate", "dead_fraction")
-GRADIENTS = ("grad_norm", "weight_norm")  # frontend_static/views/gradients.js: the grad/weight heatmap
-MODEL = ("grad_norm", "grad_nonfinite", "weight_norm", "update_ratio", "dead_fraction", "act_mean")  # model.js
+sys.path.insert(0, HERE)
+
+from reading import GRADIENT_FLOW_SERIES, MODEL_VIEW_SERIES, OVERVIEW_SERIES, RUN, _wait_loaded  # noqa: E402
 
 
 def _visit(srv, client: str) -> dict[str, float]:
@@ -53,8 +52,8 @@ def _visit(srv, client: str) -> dict[str, float]:
     get(d + "runs")
     get(d + f"tags?run={RUN}")
     out = {"tab_start_ms": ms()}
-    with concurrent.futures.ThreadPoolExecutor(len(OVERVIEW)) as ex:
-        list(ex.map(get, [d + f"values?run={RUN}&format=f32&points=1000&metric={m}" for m in OVERVIEW]))
+    with concurrent.futures.ThreadPoolExecutor(len(OVERVIEW_SERIES)) as ex:
+        list(ex.map(get, [d + f"values?run={RUN}&format=f32&points=1000&metric={m}" for m in OVERVIEW_SERIES]))
     out["overview_ms"] = ms()
     body = json.loads(get(d + f"findings?run={RUN}&partial=true"))
     out["findings_first_ms"] = ms()
@@ -71,29 +70,13 @@ def _visit(srv, client: str) -> dict[str, float]:
     out["findings_asks"] = asks
     out["findings"] = len(body["findings"])
     # Then two views as the user would open them next; each timed from its own start.
-    for view, metrics in (("gradients", GRADIENTS), ("model", MODEL)):
+    for view, metrics in (("gradients", GRADIENT_FLOW_SERIES), ("model", MODEL_VIEW_SERIES)):
         t = time.perf_counter()
         paths = [d + f"values?run={RUN}&format=f32&points=1000&metric={m}" for m in metrics]
         with concurrent.futures.ThreadPoolExecutor(6) as ex:
             list(ex.map(get, paths + ([d + f"structure?run={RUN}"] if view == "model" else [])))
         out[f"{view}_view_ms"] = round((time.perf_counter() - t) * 1e3, 1)
     return out
-
-
-def _wait_loaded(provider, steps: int, timeout: float = 600) -> None:
-    from tensorboard import context as tb_context
-
-    ctx = tb_context.RequestContext()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            tags = provider.list_tensors(ctx, experiment_id="", plugin_name="diagnostics").get(RUN, {})
-            if len(tags) >= 11 and all(ts.max_step == steps - 1 for ts in tags.values()):
-                return
-        except Exception:  # the Rust server may not answer yet
-            pass
-        time.sleep(0.05)
-    raise TimeoutError("the run was not loaded in time")
 
 
 def _child(args) -> None:
@@ -103,15 +86,15 @@ def _child(args) -> None:
 
     with tbserver.serve_with_plugin(args.logdir, load_fast=args.backend == "rust",
                                     extra=["--diagnostics_preload", "false"]) as (srv, plugin):
-        _wait_loaded(plugin.store.provider, args.steps)
+        _wait_loaded(plugin.store.provider, "diag", args.steps, args.layers, timeout=600)
         result = _visit(srv, args.client)
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def _run_child(tree: str, client: str, logdir: str, steps: int, backend: str) -> dict:
+def _run_child(tree: str, client: str, logdir: str, steps: int, layers: int, backend: str) -> dict:
     env = {**os.environ, "PYTHONPATH": tree + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--tree", tree, "--client", client,
-           "--logdir", logdir, "--steps", str(steps), "--backend", backend]
+           "--logdir", logdir, "--steps", str(steps), "--layers", str(layers), "--backend", backend]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tree)
     for line in p.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -134,12 +117,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--client", help=argparse.SUPPRESS)
     ap.add_argument("--logdir", help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--layers", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         _child(args)
         return {}
 
-    sys.path.insert(0, HERE)
     import eventgen
 
     steps, layers = (int(x) for x in args.size.split("x"))
@@ -161,7 +144,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         for rep in range(args.reps):
             for name in names if rep % 2 == 0 else names[::-1]:
                 tree, client = versions[name]
-                r = _run_child(tree, client, logdir, steps, args.backend)
+                r = _run_child(tree, client, logdir, steps, layers, args.backend)
                 res["visits"][name].append(r)
                 print(f"{name:20} rep {rep}: {r}", file=sys.stderr, flush=True)
     finally:

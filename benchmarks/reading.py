@@ -39,6 +39,10 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 RUN = "run"
 POLL = "poll:"  # a request repeated until its answer is complete
+# The series views ask for (frontend_static/views/*.js); cold_findings.py times the same views.
+OVERVIEW_SERIES = ("loss", "grad_norm_total", "learning_rate", "dead_fraction")
+GRADIENT_FLOW_SERIES = ("grad_norm", "weight_norm")  # the grad/weight heatmap
+MODEL_VIEW_SERIES = ("grad_norm", "grad_nonfinite", "weight_norm", "update_ratio", "dead_fraction", "act_mean")
 
 
 # ------------------------------------------------------------ measurements
@@ -89,19 +93,17 @@ def _views(layers: list[str], steps: int) -> list[tuple[str, list[str], str]]:
     mid = steps // 2
     out = [
         ("tab start: /runs + /tags", [d + "runs", d + f"tags?run={RUN}"], "all"),
-        ("overview: 4 headline series", [v + m + "&points=1000" for m in ("loss", "grad_norm_total",
-                                                                        "learning_rate", "dead_fraction")], "all"),
+        ("overview: 4 headline series", [v + m + "&points=1000" for m in OVERVIEW_SERIES], "all"),
         # As the tab asks: at once with what is ready, then again until complete (api.js `findings`).
         ("overview: /findings", [d + f"findings?run={RUN}&partial=true"], "first"),
         ("(reference) overview: findings complete (polled)", [POLL + d + f"findings?run={RUN}&partial=true"], "first"),
         ("gradient flow: grad_norm heatmap", [v + "grad_norm&points=1000"], "all"),
-        ("gradient flow: grad/weight heatmap", [v + "grad_norm&points=1000", v + "weight_norm&points=1000"], "all"),
+        ("gradient flow: grad/weight heatmap", [v + m + "&points=1000" for m in GRADIENT_FLOW_SERIES], "all"),
         ("gradient flow: click a step (profile)", [v + f"grad_norm&points=1&start={mid}&end={mid}"], "all"),
         ("activations: dead_fraction heatmap", [v + "dead_fraction&points=1000"], "all"),
         ("loss", [v + "loss&points=1000"], "all"),
         ("model: structure + 6 metrics", [d + f"structure?run={RUN}"] + [
-            v + m + "&points=200" for m in ("grad_norm", "grad_nonfinite", "weight_norm", "update_ratio",
-                                            "dead_fraction", "act_mean")], "all"),
+            v + m + "&points=200" for m in MODEL_VIEW_SERIES], "all"),
         ("layer drill-down: 5 metrics of one layer",
          [v + m + "&points=1000&layer=" + one for m in eventgen.PARAM_METRICS], "all"),
     ]
