@@ -41,7 +41,8 @@ TOTAL_LOSS = "total"
 # What an activation site is, for what it records: "relu" (dead units), "sigmoid" and "tanh"
 # (saturation), "other" (mean and std only).
 ACTIVATION_KINDS = ("relu", "sigmoid", "tanh", "other")
-SATURATING_KINDS = ("sigmoid", "tanh")
+DEAD_UNIT_KINDS = ("relu",)  # the kinds that record dead_fraction
+SATURATING_KINDS = ("sigmoid", "tanh")  # the kinds that record saturation
 # An activation site's name: the activation module's own qualified name ("enc.act"), or the
 # n-th call of a function inside a module's forward: "enc.relu()", "enc.relu()#2" ("relu()" at
 # the root). One pattern, read by Python and the tab (JavaScript) alike: group 1 is the module.
@@ -78,7 +79,7 @@ class MetricSpec:
 
 
 _PER_SAMPLE = "per-sample loss spread (pass losses={'ce': per_sample_ce} with one value per sample)"
-# Every metric (DESIGN.md, "Metric names"), in the order the tab lists them.
+# Every metric, in the order the tab lists them.
 METRIC_SPECS = (
     MetricSpec("grad_norm", "param", "Gradient L2 norm", "", "log", "gradients"),
     MetricSpec("grad_max_abs", "param", "Gradient max |g|", "", "log", "gradients"),
@@ -211,6 +212,7 @@ def contract_dict() -> dict:
         "version": PROTO_VERSION,
         "total_loss": TOTAL_LOSS,
         "activation_kinds": list(ACTIVATION_KINDS),
+        "dead_unit_kinds": list(DEAD_UNIT_KINDS),
         "saturating_kinds": list(SATURATING_KINDS),
         "structure_version": STRUCTURE_VERSION,
         "site_name_pattern": SITE_NAME_PATTERN,

@@ -141,6 +141,7 @@ def test_contract_route_carries_the_facts():
     assert body["total_loss"] == metadata.TOTAL_LOSS
     assert body["activation_kinds"] == list(metadata.ACTIVATION_KINDS)
     assert set(body["saturating_kinds"]) < set(body["activation_kinds"])
+    assert set(body["dead_unit_kinds"]) < set(body["activation_kinds"])
     assert body["structure_version"] == metadata.STRUCTURE_VERSION
     assert body["site_name_pattern"] == metadata.SITE_NAME_PATTERN
 
