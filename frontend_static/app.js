@@ -2,7 +2,7 @@
 // (layer, step), theme and live polling. Each view lives in views/*.js.
 import * as api from "./api.js";
 import {el, clear, message} from "./dom.js";
-import {runColorFor, theme} from "./charts.js";
+import {assignRunColours, runColorFor, theme} from "./charts.js";
 import {OVERVIEW_METRICS, moduleOf} from "./metrics.js";
 import overview from "./views/overview.js";
 import gradients from "./views/gradients.js";
@@ -127,6 +127,7 @@ class App {
       body.runs.some((r, i) => r.run !== this.state.runs[i]?.run || r.metrics.length !== this.state.runs[i]?.metrics.length ||
                               r.problems.join("\n") !== this.state.runs[i]?.problems.join("\n"));
     this.state.runs = body.runs;
+    assignRunColours(body.runs.map((r) => r.run));
     const names = new Set(body.runs.map((r) => r.run));
     for (const r of [...this.state.selected]) if (!names.has(r)) this.state.selected.delete(r);
     if (first || before.size === 0) {

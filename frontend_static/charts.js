@@ -15,12 +15,60 @@ export function seriesColor(i) {
   return SERIES_COLORS[i % SERIES_COLORS.length];
 }
 
-// A run's colour depends on its name only (FNV-1a of its UTF-8 bytes into
-// RUN_COLORS), so it is the same after a reload and when other runs appear.
-export function runColorFor(run) {
+// A run keeps its colour: the first time this browser sees a run, it gets the
+// palette slot of its name's hash (FNV-1a of the UTF-8 bytes), or the next slot
+// that no other listed run holds; the choice is kept (localStorage), so it
+// survives reloads, and runs that appear later never move the others.
+const STORE = "tb-diag.run-colours";
+let slots = null; // run name -> index into RUN_COLORS
+
+export function hashSlot(run) {
   let h = 0x811c9dc5;
   for (const b of new TextEncoder().encode(String(run))) h = Math.imul(h ^ b, 0x01000193) >>> 0;
-  return RUN_COLORS[h % RUN_COLORS.length];
+  return h % RUN_COLORS.length;
+}
+
+function loadSlots() {
+  try {
+    const kept = JSON.parse(window.localStorage.getItem(STORE) || "{}");
+    return new Map(Object.entries(kept).filter(([, k]) => Number.isInteger(k) && k >= 0 && k < RUN_COLORS.length));
+  } catch (e) {
+    return new Map(); // storage blocked: colours still follow the names
+  }
+}
+
+// Give each listed run (in the server's order) its colour, once.
+export function assignRunColours(names) {
+  slots = slots || loadSlots();
+  const used = new Set(names.filter((n) => slots.has(n)).map((n) => slots.get(n)));
+  let changed = false;
+  for (const n of names) {
+    if (slots.has(n)) continue;
+    const k = hashSlot(n);
+    let free = k;
+    for (let p = 0; p < RUN_COLORS.length; p++) {
+      if (!used.has((k + p) % RUN_COLORS.length)) {
+        free = (k + p) % RUN_COLORS.length;
+        break;
+      }
+    }
+    slots.set(n, free);
+    used.add(free);
+    changed = true;
+  }
+  if (!changed) return;
+  const keep = [...slots].slice(-2000); // bounded: the runs given a colour last
+  slots = new Map(keep);
+  try {
+    window.localStorage.setItem(STORE, JSON.stringify(Object.fromEntries(keep)));
+  } catch (e) {
+    // storage full or blocked: the colours hold for this page
+  }
+}
+
+export function runColorFor(run) {
+  slots = slots || loadSlots();
+  return RUN_COLORS[slots.get(run) ?? hashSlot(run)];
 }
 
 // A legend entry per run on a chart that overlays runs: the first "value"

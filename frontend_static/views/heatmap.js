@@ -111,8 +111,12 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro, help
         shapes.push({type: "line", xref: "x", yref: "paper", x0: step.lo, x1: step.lo, y0: 0, y1: 1,
                      line: {color: ACCENT, width: 2}});
       }
+      // One frame around each run of adjacent chosen rows.
       cols.forEach((j, row) => {
-        if (app.isChosen(r.run, v.layers[j], kind)) {
+        if (!app.isChosen(r.run, v.layers[j], kind)) return;
+        const last = shapes.at(-1);
+        if (last && last.type === "rect" && last.y1 === row - 0.5) last.y1 = row + 0.5;
+        else {
           shapes.push({type: "rect", xref: "paper", yref: "y", x0: 0, x1: 1, y0: row - 0.5, y1: row + 0.5,
                        line: {color: ACCENT, width: 2}, fillcolor: "rgba(0,0,0,0)"});
         }

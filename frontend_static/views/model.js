@@ -28,7 +28,8 @@ function init(root, app) {
     el("div", {class: "toolbar"}, el("label", {class: "tool"}, "Run ", runSel), legend),
     el("p", {class: "intro muted"}, "The model's modules in order, with their type, parameter count and shapes. " +
        "Each node is coloured by the worst finding that names its parameters or activation sites (its own or its " +
-       "children's), from the same rules as the Overview's findings. " +
+       "children's), from the same rules as the Overview's findings; an activation site whose recorded values went " +
+       "NaN/Inf is marked so, from the step it first did. " +
        "Click a node to open its series."),
     body);
 }
