@@ -28,6 +28,8 @@ DEMO_RUNS = ["diverging", "dying_relu", "healthy", "vanishing_sigmoid"]
 FRAME_URL = "plugin_entry.html?name=diagnostics"
 SPIKE_STEP = 60
 VAL_STEPS = [0, 30, 66]
+# Pictures of what a test checked, to look at (git-ignored; never the README's).
+CHECKS = os.path.join(os.path.dirname(__file__), "artifacts")
 
 
 # ----------------------------------------------------------------- data
@@ -254,10 +256,11 @@ class Tab:
         assert self.frame.evaluate("window.__xss") is None
         assert self.page.evaluate("window.__xss") is None
 
-    def screenshot(self, name, height=None):
-        """Save the page to ARTIFACTS (tests/artifacts/, or docs/screenshots/ from docs/make_screenshots.py);
+    def screenshot(self, name, height=None, folder=ARTIFACTS):
+        """Save the page to `folder`: ARTIFACTS (tests/artifacts/, or docs/screenshots/ from
+        docs/make_screenshots.py), or CHECKS for pictures that are not the README's;
         `height="content"` grows the window to fit the view."""
-        os.makedirs(ARTIFACTS, exist_ok=True)
+        os.makedirs(folder, exist_ok=True)
         self.page.mouse.move(5, 995)  # no hover label or modebar in the picture
         self.frame.evaluate("document.activeElement && document.activeElement.blur()")
         size = self.page.viewport_size
@@ -267,7 +270,7 @@ class Tab:
         if height:
             self.page.set_viewport_size({"width": size["width"], "height": height})
         self.page.wait_for_timeout(700)  # Plotly redraws after a resize
-        self.page.screenshot(path=os.path.join(ARTIFACTS, name))
+        self.page.screenshot(path=os.path.join(folder, name))
         if height:
             self.page.set_viewport_size(size)
             self.page.wait_for_timeout(300)
@@ -797,7 +800,7 @@ def test_finding_click_marks_exactly_its_layers_in_its_own_run(tab, ui_server):
         marked = {layers[i] for i in _marked_rows(tab.chart(f"gradients:{run}"))}
         # exactly the tensors the finding names, in its own run; nothing in the others (which have 0.weight too)
         assert marked == (set(finding["layers"]) if run == "vanishing_sigmoid" else set()), run
-    tab.screenshot("finding_marks.png", height="content")
+    tab.screenshot("finding_marks.png", height="content", folder=CHECKS)
 
     tab.show("overview")
     dead = next(f for f in ui_server.plugin("findings?run=dying_relu")["findings"] if f["kind"] == "dead_relu")
@@ -934,6 +937,8 @@ def test_run_colours_stay_with_the_run_and_every_overlay_has_a_legend(tab, ui_se
         other.assert_clean()
     finally:
         context.close()
+    # the module's page sees the new run too (and adds it to its selection) before the next test chooses runs
+    tab.frame.wait_for_function("tbDiag.state.runs.some(r => r.run === 'another run')", timeout=60_000)
     tab.assert_clean()
 
 
@@ -941,6 +946,8 @@ def test_model_view_marks_nonfinite_activation_sites(tab, ui_server):
     run = "diverging"
     tab.select_runs([run])
     tab.show("model")
+    tab.frame.locator("[data-view=model] .toolbar select").select_option(run)
+    tab.wait_ready("model")
     tab.frame.wait_for_function("document.querySelector('.model-body').dataset.findings === 'ready'", timeout=60_000)
     # Independently: the first step at which each site has a NaN/Inf value in any site metric.
     first = {}
@@ -967,7 +974,7 @@ def test_model_view_marks_nonfinite_activation_sites(tab, ui_server):
     assert quiet, "every NaN site is named by a finding: nothing left to check"
     for site in quiet:
         assert nodes[site]["status"] == "nonfinite" and f"NaN/Inf from step {first[site]}" in nodes[site]["text"]
-    tab.screenshot("model_nonfinite.png")
+    tab.screenshot("model_nonfinite.png", folder=CHECKS)
     tab.assert_clean()
 
 
@@ -1000,7 +1007,7 @@ def test_help_text_and_axes_follow_the_metric(tab, ui_server):
     tab.select_runs(["vanishing_sigmoid"])
     select.select_option("saturation")
     tab.wait_ready("activations")
-    tab.screenshot("saturation.png", height="content")
+    tab.screenshot("saturation.png", height="content", folder=CHECKS)
     tab.assert_clean()
 
 
@@ -1027,7 +1034,7 @@ def test_loss_component_share_leaves_nan_steps_blank(tab, ui_server):
                 assert same(t["customdata"][i], 100 * abs(r[c]) / total, rel=1e-4)
                 assert same(t["y"][i], sum(100 * abs(x) / total for x in r[: c + 1]), rel=1e-4)
     assert f"{len(nan_rows)} logged steps with a NaN/Inf component left blank" in chart["panel"]
-    tab.screenshot("components_nan.png")
+    tab.screenshot("components_nan.png", folder=CHECKS)
     tab.assert_clean()
 
 
@@ -1061,7 +1068,7 @@ def test_overview_does_not_grow_with_the_runs(tab):
     many = charts()
     assert many["panels"] == one["panels"] == 5  # four headline signals and one loss-component chart
     assert many["height"] <= one["height"] + 30
-    tab.screenshot("overview_many.png", height="content")
+    tab.screenshot("overview_many.png", height="content", folder=CHECKS)
     tab.assert_clean()
 
 

@@ -250,7 +250,7 @@ function small(app, key, title, traces, {logY = false, yTitle = "", missing = ""
 // Per row, each component's |value| (or its share of their sum, in %) and the running sum the
 // stacked areas are drawn to; a row where a component is absent or NaN/Inf is a gap (null) for
 // every component: an unknown share is never drawn as 0 %.
-export function componentStack(v, comps, share) {
+function componentStack(v, comps, share) {
   const own = comps.map(() => new Array(v.B).fill(null));
   const top = comps.map(() => new Array(v.B).fill(null));
   for (let i = 0; i < v.B; i++) {
