@@ -144,6 +144,7 @@ function draw(app, runs, loaded, found) {
       // A spike step inside a bin of steps is drawn at the bin's peak.
       const peak = v.binned ? v.column(j, "max").map((y) => (Number.isFinite(y) ? y : null)) : finite;
       const sp = (found ? spikeSteps(found[k]).get(c) || [] : []).map((s) => [s, v.rowOfStep(s)]).filter(([, i]) => i >= 0);
+      if (found && found[k] == null && c === components[0]) notes.push(`${r.run}: findings not available, spikes not marked`);
       if (sp.length) {
         traces.push({type: "scatter", mode: "markers", name: "spike", x: sp.map(([s]) => s), y: sp.map(([, i]) => peak[i]),
                      marker: {symbol: "circle-open", size: 13, line: {width: 2.5}, color: t.fg}, meta: {...meta, role: "spike"},
