@@ -19,6 +19,8 @@ from torch import nn
 
 from tb_diag_logger import amp, cost, distributed, evaluation, optim_state, reductions
 from tb_diag_logger.activations import ActivationCapture
+from tb_diag_logger.collectors.between import BetweenSteps
+from tb_diag_logger.collectors.wiring import STEP_ORDER_ADVICE, WiringChecks
 from tb_diag_logger.compiled import CompiledCapture
 from tb_diag_logger.cost import CostMeter, DiagnosticsCostWarning
 from tb_diag_logger.logits import LogitCapture
@@ -183,6 +185,7 @@ class Diagnostics:
         activations: bool = True,
         update_ratio: bool = True,
         write_rank: int = 0,
+        grad_norm_every_step: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -267,6 +270,14 @@ class Diagnostics:
             except Exception as e:  # an optimizer that refuses hooks costs only this diagnostic
                 self._report("update_ratio", e)
 
+        # --- issue 22 collectors (wiring checks, between-steps accumulators): the one place they are wired.
+        self._wiring = WiringChecks(self.model, self._params, optimizer, self._report, hook_on=outer)
+        self._wiring.arm(True)  # the first step may be a logged one
+        self._between = BetweenSteps(self._params, measure_grad_norm=grad_norm_every_step, amp=scaler is not None)
+        self._collectors = [self._wiring, self._between]
+        self._grads_unknown = False  # this step's gradients are not its own (step() before backward())
+        # --- end of issue 22 wiring
+
         if distributed.initialized():
             self._ensure_sink()
         # else: decided at the first step(), so that a Diagnostics created before
@@ -346,6 +357,7 @@ class Diagnostics:
         self._prev_step, self._last_step = self._last_step, step
         logged = self.should_log(step)
         forward_extra = self._cost_at_step(logged)
+        self._step_collectors(step, loss_items, logged)
         try:
             self._write(self._ensure_sink)
             self._flush_update_ratio()
@@ -364,6 +376,29 @@ class Diagnostics:
                 self._logits.clear()
             if self._updates is not None:
                 self._updates.pending = step if logged else None
+            try:
+                self._wiring.arm(self._predict_next_logged())
+            except Exception as e:
+                self._report("wiring checks", e)
+
+    def _step_collectors(self, step: int, loss_items: list[tuple[str, Any]], logged: bool) -> None:
+        """Issue 22, at every step(): the accumulators (no host sync) and the step-order check (host only)."""
+        try:
+            total = next((v for n, v in loss_items if n == "total"), None)
+            self._between.observe(step, total, self._grad_norm_preclip)
+            problem = self._wiring.order_problem()
+        except Exception as e:
+            self._report("wiring checks", e)
+            problem = None
+        self._grads_unknown = problem is not None
+        if problem is not None and "step order" not in self._warned:
+            self._warned.add("step order")
+            warnings.warn(
+                f"tb-diag: diag.step({step}) was called where {problem}: {STEP_ORDER_ADVICE}. "
+                "The gradient metrics of such steps are not recorded. Reported once.",
+                DiagnosticsWarning,
+                stacklevel=3,
+            )
 
     def evaluate(
         self,
@@ -435,6 +470,8 @@ class Diagnostics:
             self._logits.close()
         if self._updates is not None:
             self._updates.close()
+        for collector in self._collectors:
+            collector.close()
         if self._sink is not None:
             self._write(self._sink.close if self._own_writer else self._sink.flush)
 
@@ -479,7 +516,8 @@ class Diagnostics:
     def _log_values(self, step: int, loss_items: list[tuple[str, Any]]) -> None:
         """One logged step: every value reduced on the device, brought to the host in one copy, written."""
         device = self._out_device()
-        with_grad = [(n, p) for n, p in self._params if p.grad is not None]
+        # Issue 22: gradients that are not this step's (step() before backward()) are not recorded.
+        with_grad = [(n, p) for n, p in self._params if p.grad is not None and not self._grads_unknown]
         grad_names = [n for n, _ in with_grad]
         weight_names = [n for n, _ in self._params]
         grads = [reductions.dense_values(reductions._local(p.grad)) for _, p in with_grad]
@@ -525,6 +563,8 @@ class Diagnostics:
         preclip = self._grad_norm_preclip  # as given: it is the global norm already
         if preclip is not None:
             parts.append(torch.as_tensor(reductions._local(preclip) if torch.is_tensor(preclip) else preclip))
+        collector_parts = [(c, c.parts(step)) for c in self._collectors]  # issue 22
+        parts += [part.values for _, cparts in collector_parts for part in cparts]
 
         # Read back in the order gathered above.
         host = _Host(torch.cat([p.reshape(-1).to(device=device, dtype=torch.float32) for p in parts]).cpu().numpy())
@@ -559,6 +599,10 @@ class Diagnostics:
         items += [(metric, names, (), host.take(len(names))) for metric, names, _ in field]
         if preclip is not None:
             items.append((metadata.GRAD_NORM_PRECLIP, [""], (), host.take(1)))
+        for collector, cparts in collector_parts:  # issue 22: split by the parts' own lengths
+            values = {part.metric: host.take(len(part.names)) for part in cparts}
+            items += [(part.metric, part.names, part.types, values[part.metric]) for part in cparts]
+            items += collector.finish(step, values)
         items += self._parameter_state_items(weight_names)
         self._write(self._sink.write_vectors, step, items)
         self._write_structure_if_new(step, sites)
@@ -583,7 +627,7 @@ class Diagnostics:
     def _parameter_state_items(self, weight_names: list[str]) -> list[_Item]:
         """Which parameters got no gradient (a detached branch), and each parameter group's learning rate."""
         items: list[_Item] = []
-        if weight_names:
+        if weight_names and not self._grads_unknown:
             missing = np.array([p.grad is None for _, p in self._params], "f4")
             items.append((optim_state.GRAD_MISSING, weight_names, (), missing))
         if self._optimizer is not None:

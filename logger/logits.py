@@ -1,4 +1,6 @@
-"""Output-logit growth: `logit_max_abs` and `logit_lse` of the model's output, on logged steps only.
+"""Output-logit growth: `logit_max_abs` and `logit_lse` of the model's output, on logged steps only;
+`logit_min`, `logit_max` and `logit_rowsum_dev` (max over rows of |row sum - 1|) say whether the output
+is already squashed (sigmoid outputs in [0, 1], softmax rows summing to 1) before a loss that squashes it.
 
 The logits are the root module's output: a tensor, the `.logits` of a
 Hugging Face `ModelOutput` (or a dict's ``"logits"``), or the first float
@@ -21,6 +23,7 @@ from torch import nn
 from tb_diag_plugin import metadata
 
 MAX_ABS, LSE = metadata.LOGIT_METRICS
+LOGIT_MIN, LOGIT_MAX, ROWSUM_DEV = metadata.LOGIT_RANGE_METRICS
 
 
 def logits_of(output: Any) -> Optional[torch.Tensor]:
@@ -69,7 +72,8 @@ class LogitCapture:
         self._armed = armed
         self._on_error = on_error
         self._names: dict[int, str] = {}  # last dimension -> head name
-        self._stats: dict[str, list[torch.Tensor]] = {}  # head -> [max |logit|, sum of row LSEs, rows]
+        # head -> [max |logit|, sum of row LSEs, rows, min, max, max |row sum - 1|]
+        self._stats: dict[str, list[torch.Tensor]] = {}
         self._handle = (model if hook_on is None else hook_on).register_forward_hook(self._post)
 
     def _post(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -90,24 +94,36 @@ class LogitCapture:
         if name is None:
             name = self._names[width] = head_name(self._model, width)
         lo, hi = torch.aminmax(y)
-        biggest = torch.maximum(hi, -lo).to(torch.float32)
-        lse = torch.logsumexp(y.to(torch.float32), dim=-1).sum()
+        lo, hi = lo.to(torch.float32), hi.to(torch.float32)
+        biggest = torch.maximum(hi, -lo)
+        y32 = y.to(torch.float32)
+        lse = torch.logsumexp(y32, dim=-1).sum()
+        # Rows that already sum to 1 are probabilities (a softmax head): ~0 here.
+        rowsum_dev = (y32.sum(dim=-1) - 1).abs().amax()
         rows = torch.tensor(float(y.numel() // width), device=y.device)
         old = self._stats.get(name)
         if old is None:
-            self._stats[name] = [biggest, lse, rows]
+            self._stats[name] = [biggest, lse, rows, lo, hi, rowsum_dev]
         else:  # several forwards before step(): gradient accumulation
-            self._stats[name] = [torch.maximum(old[0], biggest), old[1] + lse, old[2] + rows]
+            self._stats[name] = [
+                torch.maximum(old[0], biggest), old[1] + lse, old[2] + rows,
+                torch.minimum(old[3], lo), torch.maximum(old[4], hi), torch.maximum(old[5], rowsum_dev),
+            ]
 
     def take(self, device: torch.device) -> list[tuple[str, list[str], torch.Tensor]]:
-        """[(MAX_ABS, heads, values), (LSE, heads, mean LSE per row)] of this step's forwards, or []."""
+        """[(MAX_ABS, heads, values), (LSE, heads, mean LSE per row), (LOGIT_MIN, ...), (LOGIT_MAX, ...),
+        (ROWSUM_DEV, heads, max over rows of |row sum - 1|)] of this step's forwards, or []."""
         stats, self._stats = self._stats, {}
         if not stats:
             return []
         names = list(stats)
         biggest = torch.stack([stats[n][0].to(device) for n in names])
         lse = torch.stack([(stats[n][1] / stats[n][2]).to(device) for n in names])
-        return [(MAX_ABS, names, biggest), (LSE, names, lse)]
+        extra = [
+            (metric, names, torch.stack([stats[n][k].to(device) for n in names]))
+            for k, metric in ((3, LOGIT_MIN), (4, LOGIT_MAX), (5, ROWSUM_DEV))
+        ]
+        return [(MAX_ABS, names, biggest), (LSE, names, lse), *extra]
 
     def clear(self) -> None:
         """Forget what this step's forwards left (a step that was not logged)."""
