@@ -169,6 +169,10 @@ class Diagnostics:
             ``‖Δw‖/‖w‖`` is NaN for a tensor whose weights were all zero.
         write_rank: under torch.distributed, the rank that writes (the
             others only take part in the reductions).
+        grad_norm_every_step: measure the global gradient norm at every
+            step, for ``grad_norm_max_between`` (one pass over the
+            gradients per step); without it that metric comes from
+            ``step(grad_norm=)`` only, NaN when not passed.
     """
 
     def __init__(
@@ -207,6 +211,8 @@ class Diagnostics:
             optimizer = unwrap_optimizer(optimizer)  # accelerate/Lightning/ZeRO wrappers: hooks go on the real one
         if scaler is not None and not amp.is_scaler(scaler):
             raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        if not isinstance(grad_norm_every_step, bool):
+            raise TypeError(f"grad_norm_every_step must be a bool, got {grad_norm_every_step!r}")
         if isinstance(write_rank, bool) or not isinstance(write_rank, numbers.Integral) or write_rank < 0:
             raise ValueError(f"write_rank must be a rank (an int >= 0), got {write_rank!r}")
         include_p = _patterns(include, "include")

@@ -103,6 +103,7 @@ class WiringChecks(Collector):
         self._ref: Optional[torch.Tensor] = None  # the probe's gradient after the previous optimizer step
         self._fired = False  # a backward has reached the probe since the reference was taken
         self._value: Optional[torch.Tensor] = None  # what the latest such backward saw
+        self._order_wrong = False  # this step() came before its backward (`order_problem`)
         self._handles: list[Any] = []
         if optimizer is not None:
             self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
@@ -177,11 +178,13 @@ class WiringChecks(Collector):
     def order_problem(self) -> Optional[str]:
         """Why the gradients at this `step()` cannot be this step's, or None (host-side, no sync): no
         parameter that requires grad has one. Stops at the first gradient found (the usual case)."""
+        self._order_wrong = False
         trainable = False
         for _, p in self._params:
             if p.grad is not None:
                 return None
             trainable = trainable or p.requires_grad
+        self._order_wrong = trainable  # this step's backward has not run: grad_carried is not known
         return "no parameter has a gradient (.grad is None)" if trainable else None
 
     def parts(self, step: int) -> list[Part]:
@@ -190,7 +193,8 @@ class WiringChecks(Collector):
             return []
         if self._probe.grad is None:
             self._repick()  # the probe got no gradient this step (a frozen or unused tensor)
-        value = self._value if self._value is not None else torch.full((1,), float("nan"))
+        known = self._value is not None and not self._order_wrong
+        value = self._value if known else torch.full((1,), float("nan"))
         return [Part(GRAD_CARRIED, [""], value)]
 
     def finish(self, step: int, host: dict[str, np.ndarray]) -> list[Item]:
