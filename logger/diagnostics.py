@@ -20,7 +20,7 @@ from torch import nn
 from tb_diag_logger import amp, cost, distributed, evaluation, optim_state, reductions
 from tb_diag_logger.activations import ActivationCapture
 from tb_diag_logger.collectors.between import BetweenSteps
-from tb_diag_logger.collectors.wiring import STEP_ORDER_ADVICE, WiringChecks
+from tb_diag_logger.collectors.wiring import STEP_ORDER_ADVICE, WiringChecks, managed_by_engine
 from tb_diag_logger.compiled import CompiledCapture
 from tb_diag_logger.cost import CostMeter, DiagnosticsCostWarning
 from tb_diag_logger.logits import LogitCapture
@@ -207,6 +207,7 @@ class Diagnostics:
             raise ValueError("pass either writer or logdir, not both")
         if logdir is not None and not isinstance(logdir, (str, os.PathLike)):
             raise TypeError(f"logdir must be a path, got {type(logdir).__name__}")
+        engine = managed_by_engine(model, optimizer)  # issue 22: before the wrappers are unwrapped
         if optimizer is not None:
             optimizer = unwrap_optimizer(optimizer)  # accelerate/Lightning/ZeRO wrappers: hooks go on the real one
         if scaler is not None and not amp.is_scaler(scaler):
@@ -277,7 +278,8 @@ class Diagnostics:
                 self._report("update_ratio", e)
 
         # --- issue 22 collectors (wiring checks, between-steps accumulators): the one place they are wired.
-        self._wiring = WiringChecks(self.model, self._params, optimizer, self._report, hook_on=outer)
+        engine = engine or managed_by_engine(params=self._params)
+        self._wiring = WiringChecks(self.model, self._params, optimizer, self._report, hook_on=outer, engine=engine)
         self._wiring.arm(True)  # the first step may be a logged one
         self._between = BetweenSteps(self._params, measure_grad_norm=grad_norm_every_step, amp=scaler is not None)
         self._collectors = [self._wiring, self._between]

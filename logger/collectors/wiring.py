@@ -61,6 +61,22 @@ def is_mode_sensitive(module: nn.Module) -> bool:
     return False
 
 
+def managed_by_engine(*objects: Any, params: Sequence[tuple[str, torch.Tensor]] = ()) -> bool:
+    """Whether a DeepSpeed engine owns the gradients and the optimizer's tensors (ZeRO: gradients are not
+    in `.grad`, the torch optimizer holds flat partitions): the step order and the orphans say nothing there."""
+    for obj in objects:
+        for _ in range(16):  # wrappers nest a few deep: `.module` of a model, `.optimizer` of an optimizer
+            if obj is None:
+                break
+            if type(obj).__module__.split(".")[0] == "deepspeed":
+                return True
+            try:
+                obj = getattr(obj, "module" if isinstance(obj, nn.Module) else "optimizer", None)
+            except Exception:  # a property of a half-built wrapper may raise anything
+                break
+    return any(hasattr(p, "ds_id") for _, p in params)  # ZeRO-3's partitioned parameters
+
+
 def carried_value(grad: Optional[torch.Tensor], ref: Optional[torch.Tensor]) -> torch.Tensor:
     """1-element float tensor: 0 when `grad` (what a backward is about to add to) is None or zero, 1 when
     it equals `ref` (the gradient right after the previous optimizer step), NaN when neither is known."""
@@ -87,12 +103,15 @@ class WiringChecks(Collector):
         optimizer: Optional[torch.optim.Optimizer],
         on_error: Callable[[str, BaseException], None],
         hook_on: Optional[nn.Module] = None,
+        engine: bool = False,
     ) -> None:
         """`params` are the (name, parameter) pairs diagnostics cover; `hook_on` (default `model`) is where
-        the root's forward pre-hook goes (a compiled wrapper, whose hooks run outside the graph)."""
+        the root's forward pre-hook goes (a compiled wrapper, whose hooks run outside the graph); `engine`:
+        an engine owns the gradients and the optimizer's tensors (`managed_by_engine`)."""
         self._model = model
         self._params = list(params)
-        self._optimizer = optimizer
+        self._engine = engine
+        self._optimizer = None if engine else optimizer
         self._on_error = on_error
         self.armed = False
         held = optimizer_params(optimizer)
@@ -179,6 +198,8 @@ class WiringChecks(Collector):
         """Why the gradients at this `step()` cannot be this step's, or None (host-side, no sync): no
         parameter that requires grad has one. Stops at the first gradient found (the usual case)."""
         self._order_wrong = False
+        if self._engine:
+            return None
         trainable = False
         for _, p in self._params:
             if p.grad is not None:
