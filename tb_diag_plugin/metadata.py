@@ -99,26 +99,6 @@ METRIC_SPECS = (
     MetricSpec("loss_p75", "loss", "Loss, per-sample 75th percentile", "", "linear", "loss", _PER_SAMPLE, signed=True),
     MetricSpec("loss_p95", "loss", "Loss, per-sample 95th percentile", "", "linear", "loss", _PER_SAMPLE, signed=True),
     MetricSpec("loss_max", "loss", "Loss, per-sample maximum", "", "linear", "loss", _PER_SAMPLE, signed=True),
-    # Issue 22: the loop's wiring on logged steps, and what happened between logged steps.
-    MetricSpec("grad_carried", "model", "Gradients carried over from the previous optimizer step", "", "unit",
-               "layer", missing="no grad_carried recorded (pass optimizer= to Diagnostics)"),
-    MetricSpec("eval_in_train", "module", "Module in eval mode during a training forward", "", "unit", "layer",
-               missing="no eval_in_train recorded (no BatchNorm/Dropout-like modules)"),
-    MetricSpec("train_in_eval", "module", "Module in training mode during a no_grad forward", "", "unit", "layer",
-               missing="no train_in_eval recorded (no BatchNorm/Dropout-like modules)"),
-    MetricSpec("logit_min", "module", "Logit min z", "", "linear", "layer", signed=True),
-    MetricSpec("logit_max", "module", "Logit max z", "", "linear", "layer", signed=True),
-    MetricSpec("logit_rowsum_dev", "module", "Logit rows: max |sum - 1|", "", "log", "layer"),
-    MetricSpec("grad_norm_max_between", "model", "Largest total gradient norm since the previous logged step", "",
-               "log", "overview"),
-    MetricSpec("loss_max_between", "loss", "Largest loss since the previous logged step", "", "linear", "loss",
-               signed=True),
-    MetricSpec("loss_min_between", "loss", "Smallest loss since the previous logged step", "", "linear", "loss",
-               signed=True),
-    MetricSpec("nonfinite_first_step", "model", "First step with a non-finite loss or gradient norm", "step",
-               "linear", "layer"),
-    MetricSpec("optimizer_orphans", "model", "Optimizer tensors that are not model parameters", "tensors",
-               "linear", "layer", missing="no optimizer_orphans recorded (pass optimizer= to Diagnostics)"),
     MetricSpec("val_loss", "loss", "Validation loss", "", "linear", "loss", signed=True,
                missing="no val_loss recorded (call diag.evaluate(step, loss=...))"),
     MetricSpec("val_metric", "loss", "Validation metric", "", "linear", "loss", signed=True,
@@ -211,8 +191,6 @@ GRAD_NORM_PRECLIP = METRICS["grad_norm_preclip"].name
 # per parameter, the optimizer's view; the output head; `Diagnostics.evaluate()`.
 PARAM_OPTIMIZER_METRICS = tuple(METRICS[n].name for n in ("grad_missing", "adam_eps_fraction", "update_rms"))
 LOGIT_METRICS = tuple(METRICS[n].name for n in ("logit_max_abs", "logit_lse"))
-# The head's output range and whether its rows already sum to 1 (issue 22).
-LOGIT_RANGE_METRICS = tuple(METRICS[n].name for n in ("logit_min", "logit_max", "logit_rowsum_dev"))
 VALIDATION_METRICS = tuple(METRICS[n].name for n in ("val_loss", "val_metric"))
 
 STRUCTURE_TAG = PLUGIN_NAME + "/_structure"
