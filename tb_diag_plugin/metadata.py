@@ -231,6 +231,8 @@ GRAD_NORM_PRECLIP = METRICS["grad_norm_preclip"].name
 # per parameter, the optimizer's view; the output head; `Diagnostics.evaluate()`.
 PARAM_OPTIMIZER_METRICS = tuple(METRICS[n].name for n in ("grad_missing", "adam_eps_fraction", "update_rms"))
 LOGIT_METRICS = tuple(METRICS[n].name for n in ("logit_max_abs", "logit_lse"))
+# The head's output range and whether its rows already sum to 1 (issue 22).
+LOGIT_RANGE_METRICS = tuple(METRICS[n].name for n in ("logit_min", "logit_max", "logit_rowsum_dev"))
 VALIDATION_METRICS = tuple(METRICS[n].name for n in ("val_loss", "val_metric"))
 
 STRUCTURE_TAG = PLUGIN_NAME + "/_structure"
