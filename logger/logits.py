@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from tb_diag_logger import hooks
 from tb_diag_plugin import metadata
 
 MAX_ABS, LSE = metadata.LOGIT_METRICS
@@ -74,7 +75,7 @@ class LogitCapture:
         self._names: dict[int, str] = {}  # last dimension -> head name
         # head -> [max |logit|, sum of row LSEs, rows, min, max, max |row sum - 1|]
         self._stats: dict[str, list[torch.Tensor]] = {}
-        self._handle = (model if hook_on is None else hook_on).register_forward_hook(self._post)
+        self._handle = hooks.forward_hook(model if hook_on is None else hook_on, self._post)
 
     def _post(self, module: nn.Module, args: Any, output: Any) -> None:
         if _compiling() or not self._armed() or not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
