@@ -8,6 +8,7 @@ logger).
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -92,7 +93,8 @@ def test_grad_carried_without_optimizer_uses_the_previous_step_call(tmp_path):
 
 
 def test_tensor_hook_only_while_a_logged_step_is_coming(tmp_path):
-    """The probe's hook exists from the step() before a logged step to it, never after close()."""
+    """The probe's hook exists from the step() before a logged step to it, never after close(); a copy
+    of the model made while it is there carries none of it and trains."""
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     diag = Diagnostics(model, logdir=tmp_path, every=5, optimizer=opt)
@@ -108,6 +110,9 @@ def test_tensor_hook_only_while_a_logged_step_is_coming(tmp_path):
         diag.step(step)
         opt.step()
         counts[step] = hooked()
+    twin = copy.deepcopy(model)
+    assert sum(len(p._backward_hooks or {}) for p in twin.parameters()) == 0
+    F.cross_entropy(twin(x), y).backward()
     diag.close()
     assert counts == {s: int(s == 4 or s == 9) for s in range(10)}
     assert hooked() == 0

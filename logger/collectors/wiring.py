@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tb_diag_logger import hooks
 from tb_diag_logger.collectors import Collector, Item, Part
 from tb_diag_logger.optim_state import optimizer_params
 from tb_diag_plugin import metadata
@@ -132,7 +133,7 @@ class WiringChecks(Collector):
         self._train_seen: set[int] = set()
         self._trained = False  # a grad-enabled forward of the logged step ran
         if self._modes:
-            self._handles.append((model if hook_on is None else hook_on).register_forward_pre_hook(self._pre))
+            self._handles.append(hooks.forward_pre_hook(model if hook_on is None else hook_on, self._pre))
 
     # -- arming (from Diagnostics.step(): the next step is likely a logged one)
     def arm(self, on: bool) -> None:
