@@ -6,7 +6,9 @@ per-step update is timed on its own, many times over: with the loss only
 (what every `Diagnostics.step()` does), and with the global gradient norm
 measured too (`grad_norm_every_step=True`). The ratio is one plus that extra
 time over the bare step; the default cadence's logged steps are not part of
-it (see benchmarks/overhead.py). On a GPU the update runs under
+it (see benchmarks/overhead.py). The last figure is all that issue 22 adds
+to a `Diagnostics.step()` that is not logged (the accumulators from the
+loss, the step-order check, disarming the wiring hooks). On a GPU the update runs under
 `torch.cuda.set_sync_debug_mode("error")`: a host synchronisation raises.
 
     python benchmarks/between_steps.py [--device cpu|cuda] [--steps N] [--repeat R]
@@ -18,12 +20,15 @@ import argparse
 import functools
 import os
 import statistics
+import tempfile
 import time
 
 import models
 import torch
 
+from tb_diag_logger import Diagnostics
 from tb_diag_logger.collectors.between import BetweenSteps
+from tb_diag_logger.diagnostics import DEFAULT_EVERY
 
 
 def _median_ms(fn, n: int, sync) -> float:
@@ -47,7 +52,10 @@ def bench(workload, device: torch.device, steps: int, repeat: int) -> dict:
     params = list(model.named_parameters())
     loss_only = BetweenSteps(params, measure_grad_norm=False, amp=False)
     with_norm = BetweenSteps(params, measure_grad_norm=True, amp=False)
-    bare, extra_loss, extra_norm = [], [], []
+    # Everything issue 22 adds to an unlogged Diagnostics.step() (accumulators, step-order check, disarming).
+    diag = Diagnostics(model, logdir=tempfile.mkdtemp(prefix="tbdiag-between-"), every=DEFAULT_EVERY,
+                       optimizer=opt)
+    bare, extra_loss, extra_norm, extra_step = [], [], [], []
     for step in range(steps):
         x, y = batches[step % len(batches)]
         sync()
@@ -63,15 +71,25 @@ def bench(workload, device: torch.device, steps: int, repeat: int) -> dict:
         try:
             extra_loss.append(_median_ms(functools.partial(loss_only.observe, step, loss, None), repeat, sync))
             extra_norm.append(_median_ms(functools.partial(with_norm.observe, step, loss, None), repeat, sync))
+            extra_step.append(_median_ms(functools.partial(_issue22_step_work, diag, step, loss), repeat, sync))
         finally:
             if device.type == "cuda":
                 torch.cuda.set_sync_debug_mode(0)
+    diag.close()
     b = statistics.median(bare[2:])
+    es = statistics.median(extra_step[2:])
     el, en = statistics.median(extra_loss[2:]), statistics.median(extra_norm[2:])
     return {
         "model": workload.name, "bare_ms": b, "bare_ms_min": min(bare[2:]), "bare_ms_max": max(bare[2:]),
         "loss_only_ms": el, "with_norm_ms": en, "ratio_loss_only": 1 + el / b, "ratio_with_norm": 1 + en / b,
+        "step_work_ms": es, "ratio_step_work": 1 + es / b,
     }
+
+
+def _issue22_step_work(diag: Diagnostics, step: int, loss: torch.Tensor) -> None:
+    """What issue 22 adds to an unlogged `Diagnostics.step()`: the accumulators, the order check, disarming."""
+    diag._step_collectors(step, [("total", loss)], False)
+    diag._wiring.arm(False)
 
 
 def main() -> None:
@@ -93,7 +111,8 @@ def main() -> None:
         print(
             f"{r['model']:12s} bare {r['bare_ms']:.1f} ms (min {r['bare_ms_min']:.1f}, max {r['bare_ms_max']:.1f}); "
             f"accumulators: loss only +{r['loss_only_ms'] * 1e3:.0f} us ({r['ratio_loss_only']:.4f}), "
-            f"with the global gradient norm +{r['with_norm_ms'] * 1e3:.0f} us ({r['ratio_with_norm']:.4f})"
+            f"with the global gradient norm +{r['with_norm_ms'] * 1e3:.0f} us ({r['ratio_with_norm']:.4f}); "
+            f"all issue-22 work of an unlogged step() +{r['step_work_ms'] * 1e3:.0f} us ({r['ratio_step_work']:.4f})"
         )
     print(f"load at the end {os.getloadavg()[0]:.2f}")
 

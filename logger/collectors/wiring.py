@@ -78,11 +78,12 @@ def managed_by_engine(*objects: Any, params: Sequence[tuple[str, torch.Tensor]] 
     return any(hasattr(p, "ds_id") for _, p in params)  # ZeRO-3's partitioned parameters
 
 
-def carried_value(grad: Optional[torch.Tensor], ref: Optional[torch.Tensor]) -> torch.Tensor:
-    """1-element float tensor: 0 when `grad` (what a backward is about to add to) is None or zero, 1 when
-    it equals `ref` (the gradient right after the previous optimizer step), NaN when neither is known."""
+def carried_value(grad: Optional[torch.Tensor], ref: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """1-element float tensor on `device`: 0 when `grad` (what a backward is about to add to) is None or
+    zero, 1 when it equals `ref` (the gradient right after the previous optimizer step), NaN when neither
+    is known. Made where it is used: a host-to-device copy would wait for the GPU."""
     if grad is None:
-        return torch.zeros(1)
+        return torch.zeros(1, device=device)
     g = grad.detach()
     zero = (g == 0).all()
     if ref is None or ref.shape != g.shape or ref.device != g.device:
@@ -177,7 +178,7 @@ class WiringChecks(Collector):
         self._fired = True
         try:
             with torch.no_grad():
-                self._value = carried_value(self._probe.grad, self._ref).to(grad.device)
+                self._value = carried_value(self._probe.grad, self._ref, grad.device)
         except Exception as e:
             self._on_error("grad_carried", e)
         return None  # anything else would replace the gradient
@@ -216,7 +217,7 @@ class WiringChecks(Collector):
         if self._probe.grad is None:
             self._repick()  # the probe got no gradient this step (a frozen or unused tensor)
         known = self._value is not None and not self._order_wrong
-        value = self._value if known else torch.full((1,), float("nan"))
+        value = self._value if known else torch.full((1,), float("nan"), device=self._probe.device)
         return [Part(GRAD_CARRIED, [""], value)]
 
     def finish(self, step: int, host: dict[str, np.ndarray]) -> list[Item]:
