@@ -291,7 +291,8 @@ class Diagnostics:
         engine = engine or managed_by_engine(params=self._params)
         self._wiring = WiringChecks(self.model, self._params, optimizer, self._report, hook_on=outer, engine=engine)
         self._wiring.arm(True)  # the first step may be a logged one
-        self._between = BetweenSteps(self._params, measure_grad_norm=grad_norm_every_step, amp=scaler is not None)
+        self._between = BetweenSteps(self._params, measure_grad_norm=grad_norm_every_step, amp=scaler is not None,
+                                     grad_scale=self._grad_scale if scaler is not None else None)
         self._collectors = [self._wiring, self._between]
         self._grads_unknown = False  # this step's gradients are not its own (step() before backward())
         # --- end of issue 22 wiring
@@ -398,6 +399,12 @@ class Diagnostics:
                 self._wiring.arm(self._predict_next_logged())
             except Exception as e:
                 self._report("wiring checks", e)
+
+    def _grad_scale(self, device: torch.device) -> Optional[torch.Tensor]:
+        """The GradScaler's scale while the gradients are still multiplied by it, else None (no host sync)."""
+        if amp.already_unscaled(self._scaler, self._optimizer):
+            return None
+        return amp.scale_tensor(self._scaler, device)
 
     def _step_collectors(self, step: int, loss_items: list[tuple[str, Any]], logged: bool) -> None:
         """Issue 22, at every step(): the accumulators (no host sync) and the step-order check (host only)."""

@@ -357,3 +357,33 @@ def test_python_float_losses_count_too(tmp_path):
 def test_bad_grad_norm_every_step_is_a_type_error(tmp_path):
     with pytest.raises(TypeError, match="grad_norm_every_step"):
         Diagnostics(_mlp(), logdir=tmp_path, grad_norm_every_step="yes")
+
+
+def test_amp_overflow_steps_are_the_scalers_and_norms_are_unscaled(tmp_path):
+    """fp16 on CPU with a GradScaler starting at 2**20: the first backwards overflow and the scaler skips
+    them; they are not non-finite steps, and the measured norms are those of the unscaled gradients."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20)
+    diag = Diagnostics(model, logdir=tmp_path, every=10, optimizer=opt, scaler=scaler, grad_norm_every_step=True)
+    norms, skipped = {}, 0
+    for step in range(21):
+        x, y = _batch(step)
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scale = scaler.get_scale()
+        # By hand: the unscaled global norm (inf where the fp16 backward overflowed).
+        norms[step] = math.sqrt(sum(float(((p.grad.double() / scale) ** 2).sum()) for p in model.parameters()))
+        skipped += not math.isfinite(norms[step])
+        diag.step(step, loss=loss)
+        scaler.step(opt)
+        scaler.update()
+    diag.close()
+    series = read(tmp_path)
+    assert skipped >= 1  # the run did overflow
+    for end in (10, 20):
+        assert math.isnan(at(series, "nonfinite_first_step", "", end))
+        window = [norms[s] for s in range(end - 9, end + 1) if math.isfinite(norms[s])]
+        assert close(at(series, "grad_norm_max_between", "", end), max(window), rel=1e-4)

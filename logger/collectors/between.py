@@ -22,7 +22,7 @@ first non-finite step.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
@@ -45,12 +45,20 @@ def _state(value: float, device: torch.device) -> torch.Tensor:
 class BetweenSteps(Collector):
     """`loss_max_between`, `loss_min_between`, `grad_norm_max_between`, `nonfinite_first_step`."""
 
-    def __init__(self, params: Sequence[tuple[str, torch.Tensor]], measure_grad_norm: bool, amp: bool) -> None:
+    def __init__(
+        self,
+        params: Sequence[tuple[str, torch.Tensor]],
+        measure_grad_norm: bool,
+        amp: bool,
+        grad_scale: Optional[Callable[[torch.device], Optional[torch.Tensor]]] = None,
+    ) -> None:
         """`params`: the (name, parameter) pairs whose gradients make the global norm; `amp`: a GradScaler
-        is in use (non-finite gradients are its skipped steps, not a problem)."""
+        is in use (non-finite gradients are its skipped steps, not a problem); `grad_scale(device)`: what
+        the gradients are multiplied by now (a GradScaler's scale before `unscale_`), or None."""
         self._params = [p for _, p in params]
         self._measure = measure_grad_norm
         self._amp = amp
+        self._grad_scale = grad_scale
         self._reset()
 
     def _reset(self) -> None:
@@ -125,7 +133,9 @@ class BetweenSteps(Collector):
         grads = [reductions.dense_values(reductions._local(p.grad)) for p in self._params if p.grad is not None]
         if not grads or any(type(p.grad).__name__ == "DTensor" for p in self._params if p.grad is not None):
             return None  # a shard's norm is not the model's (pass grad_norm=)
-        return torch.linalg.vector_norm(reductions.grouped_norms(grads, grads[0].device))
+        norm = torch.linalg.vector_norm(reductions.grouped_norms(grads, grads[0].device))
+        scale = self._grad_scale(norm.device) if self._grad_scale is not None else None
+        return norm if scale is None else norm / scale.reshape(())
 
     def parts(self, step: int) -> list[Part]:
         """The accumulators since the previous logged step (device values; then started again). NaN where
