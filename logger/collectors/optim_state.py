@@ -20,6 +20,8 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
+from tb_diag_logger import reductions
+from tb_diag_logger.collectors import Collector, Part
 from tb_diag_plugin import metadata
 
 GRAD_MISSING, EPS_FRACTION, UPDATE_RMS = metadata.PARAM_OPTIMIZER_METRICS
@@ -161,10 +163,7 @@ def adam_state(
     numels = [t.numel() for t in m]
     below = torch.empty(len(kept), dtype=torch.float32, device=out_device)
     norms = torch.empty(len(kept), dtype=torch.float32, device=out_device)
-    groups: dict[tuple, list[int]] = {}
-    for i, t in enumerate(m):
-        groups.setdefault((t.device, t.dtype), []).append(i)
-    for idx in groups.values():
+    for idx in reductions.groups(m):
         for chunk in _chunks(idx, numels):
             root, work = _scratch([v[i] for i in chunk], 2)
             torch._foreach_copy_(root, [v[i] for i in chunk])
@@ -185,3 +184,18 @@ def adam_state(
     fractions = below.round() / numel
     rms = norms * torch.tensor(inv_bc1, device=out_device) / numel.sqrt()
     return [(EPS_FRACTION, names, fractions), (UPDATE_RMS, names, rms)]
+
+
+class AdamState(Collector):
+    """`adam_eps_fraction` and `update_rms` of the parameters with Adam state (not of shards: a shard's
+    share of entries is not the tensor's)."""
+
+    def __init__(self, params: Sequence[tuple[str, torch.Tensor]], optimizer: torch.optim.Optimizer) -> None:
+        self.params = list(params)
+        self.optimizer = optimizer
+
+    def parts(self, step: int) -> list[Part]:
+        if self.ctx.sharded:
+            return []
+        return [Part(metric, names, values) for metric, names, values in
+                adam_state(self.params, self.optimizer, self.ctx.device)]
