@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from tb_diag_logger import cost, reductions
+from tb_diag_logger import cost, hooks, reductions
 
 
 def _forward_codes(model: nn.Module) -> dict[int, CodeType]:
@@ -257,12 +257,12 @@ class ActivationCapture:
         # every module call down a slow path, which cost benchmarks/wide_model.py
         # (2,000 modules) more per logged forward than its activations did.
         self._handles = [
-            model.register_forward_pre_hook(self._pre),
-            model.register_forward_hook(self._post, always_call=True),
+            hooks.forward_pre_hook(model, self._pre),
+            hooks.forward_hook(model, self._post, always_call=True),
         ]
         # A hand-built activation module's output has no function call to catch: a hook of its own
         # (a few modules, not every module).
-        self._handles += [m.register_forward_hook(self._smooth_post) for m in model.modules() if
+        self._handles += [hooks.forward_hook(m, self._smooth_post) for m in model.modules() if
                           self._is_smooth_activation(m)]
 
     # -- hooks (return None: anything else would replace the module's output)

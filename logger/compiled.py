@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from tb_diag_logger import reductions
+from tb_diag_logger import hooks, reductions
 from tb_diag_logger.activations import ACTIVATION_MODULES, Site, SiteTotals, is_smooth_activation, site_totals
 
 # Logged steps in a row whose compiled forwards recorded nothing before the
@@ -130,7 +130,7 @@ class CompiledCapture:
             self.sites[name] = site
             self.order.append(name)
             acc = _Accum()
-            self._handles.append(module.register_forward_hook(_hook(self._flag, acc, site.kind)))
+            self._handles.append(hooks.forward_hook(module, _hook(self._flag, acc, site.kind)))
             self._accums.append((site, acc))
         if self._handles:
             # By default dynamo does not guard on module hooks: a graph compiled before the hooks existed,

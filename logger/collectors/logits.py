@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from tb_diag_logger import hooks
 from tb_diag_logger.collectors import Collector, Part
 from tb_diag_plugin import metadata
 
@@ -71,7 +72,7 @@ class LogitCapture(Collector):
         self._on_error = on_error
         self._names: dict[int, str] = {}  # last dimension -> head name
         self._stats: dict[str, list[torch.Tensor]] = {}  # head -> [max |logit|, sum of row LSEs, rows]
-        self._handle = (model if hook_on is None else hook_on).register_forward_hook(self._post)
+        self._handle = hooks.forward_hook(model if hook_on is None else hook_on, self._post)
 
     def _post(self, module: nn.Module, args: Any, output: Any) -> None:
         if _compiling() or not self._armed() or not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
