@@ -50,8 +50,8 @@ def bench(workload, device: torch.device, steps: int, repeat: int) -> dict:
     batches = [workload.batch(g, device) for _ in range(4)]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     params = list(model.named_parameters())
-    loss_only = BetweenSteps(params, measure_grad_norm=False, amp=False)
-    with_norm = BetweenSteps(params, measure_grad_norm=True, amp=False)
+    loss_only = BetweenSteps(params, measure_grad_norm=False)
+    with_norm = BetweenSteps(params, measure_grad_norm=True)
     # Everything issue 22 adds to an unlogged Diagnostics.step() (accumulators, step-order check, disarming).
     diag = Diagnostics(model, logdir=tempfile.mkdtemp(prefix="tbdiag-between-"), every=DEFAULT_EVERY,
                        optimizer=opt)
@@ -88,7 +88,8 @@ def bench(workload, device: torch.device, steps: int, repeat: int) -> dict:
 
 def _issue22_step_work(diag: Diagnostics, step: int, loss: torch.Tensor) -> None:
     """What issue 22 adds to an unlogged `Diagnostics.step()`: the accumulators, the order check, disarming."""
-    diag._step_collectors(step, [("total", loss)], False)
+    diag._losses.items = [("total", loss)]
+    diag._step_issue22(step)
     diag._wiring.arm(False)
 
 

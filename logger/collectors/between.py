@@ -22,7 +22,7 @@ first non-finite step.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -45,20 +45,13 @@ def _state(value: float, device: torch.device) -> torch.Tensor:
 class BetweenSteps(Collector):
     """`loss_max_between`, `loss_min_between`, `grad_norm_max_between`, `nonfinite_first_step`."""
 
-    def __init__(
-        self,
-        params: Sequence[tuple[str, torch.Tensor]],
-        measure_grad_norm: bool,
-        amp: bool,
-        grad_scale: Optional[Callable[[torch.device], Optional[torch.Tensor]]] = None,
-    ) -> None:
-        """`params`: the (name, parameter) pairs whose gradients make the global norm; `amp`: a GradScaler
-        is in use (non-finite gradients are its skipped steps, not a problem); `grad_scale(device)`: what
-        the gradients are multiplied by now (a GradScaler's scale before `unscale_`), or None."""
+    def __init__(self, params: Sequence[tuple[str, torch.Tensor]], measure_grad_norm: bool, amp: Any = None) -> None:
+        """`params`: the (name, parameter) pairs whose gradients make the global norm; `amp`: the `AmpState`
+        of a GradScaler (it unscales a measured norm; non-finite gradients are its skipped steps)."""
         self._params = [p for _, p in params]
         self._measure = measure_grad_norm
         self._amp = amp
-        self._grad_scale = grad_scale
+        self._plan = reductions.Planner()  # made again only when the gradients' layout changes
         self._reset()
 
     def _reset(self) -> None:
@@ -106,7 +99,7 @@ class BetweenSteps(Collector):
         self._norm_seen = True
         if not isinstance(norm, torch.Tensor):
             norm = float(norm)
-            if math.isfinite(norm) or not self._amp:
+            if math.isfinite(norm) or self._amp is None:
                 self._host_norm = max(self._host_norm, norm) if not math.isnan(norm) else self._host_norm
                 if not math.isfinite(norm):
                     self._host_first = min(self._host_first, step)
@@ -115,10 +108,10 @@ class BetweenSteps(Collector):
         if self._norm_max is None:
             self._norm_max = _state(-math.inf, v.device)
         v = v.to(self._norm_max.dtype)
-        if self._amp:  # the scaler skips such steps
+        if self._amp is not None:  # the scaler skips such steps
             v = torch.where(torch.isfinite(v), v, float("nan"))
         torch.fmax(self._norm_max, v, out=self._norm_max)
-        if not self._amp:
+        if self._amp is None:
             self._first_nonfinite(step, v)
 
     def _first_nonfinite(self, step: int, v: torch.Tensor) -> None:
@@ -133,9 +126,8 @@ class BetweenSteps(Collector):
         grads = [reductions.dense_values(reductions._local(p.grad)) for p in self._params if p.grad is not None]
         if not grads or any(type(p.grad).__name__ == "DTensor" for p in self._params if p.grad is not None):
             return None  # a shard's norm is not the model's (pass grad_norm=)
-        norm = torch.linalg.vector_norm(reductions.grouped_norms(grads, grads[0].device))
-        scale = self._grad_scale(norm.device) if self._grad_scale is not None else None
-        return norm if scale is None else norm / scale.reshape(())
+        norm = torch.linalg.vector_norm(self._plan(grads).norms(grads, grads[0].device)[0]).reshape(1)
+        return norm if self._amp is None else self._amp.unscale(norm, norm)[0]
 
     def parts(self, step: int) -> list[Part]:
         """The accumulators since the previous logged step (device values; then started again). NaN where

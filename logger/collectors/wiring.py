@@ -38,7 +38,7 @@ from torch import nn
 
 from tb_diag_logger import hooks
 from tb_diag_logger.collectors import Collector, Item, Part
-from tb_diag_logger.optim_state import optimizer_params
+from tb_diag_logger.collectors.optim_state import optimizer_params
 from tb_diag_plugin import metadata
 
 GRAD_CARRIED = metadata.METRICS["grad_carried"].name

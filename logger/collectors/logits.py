@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from tb_diag_logger import hooks
+from tb_diag_logger.collectors import Collector, Part
 from tb_diag_plugin import metadata
 
 MAX_ABS, LSE = metadata.LOGIT_METRICS
@@ -62,7 +63,7 @@ def _compiling() -> bool:
     return bool(check())
 
 
-class LogitCapture:
+class LogitCapture(Collector):
     """Owns the root's forward hook and the logged step's running logit statistics."""
 
     def __init__(self, model: nn.Module, armed: Callable[[], bool], on_error: Callable[[str, BaseException], None],
@@ -111,20 +112,21 @@ class LogitCapture:
                 torch.minimum(old[3], lo), torch.maximum(old[4], hi), torch.maximum(old[5], rowsum_dev),
             ]
 
-    def take(self, device: torch.device) -> list[tuple[str, list[str], torch.Tensor]]:
-        """[(MAX_ABS, heads, values), (LSE, heads, mean LSE per row), (LOGIT_MIN, ...), (LOGIT_MAX, ...),
-        (ROWSUM_DEV, heads, max over rows of |row sum - 1|)] of this step's forwards, or []."""
+    def parts(self, step: int) -> list[Part]:
+        """`MAX_ABS`, `LSE` (mean LSE per row), `LOGIT_MIN`, `LOGIT_MAX` and `ROWSUM_DEV` (max over rows of
+        |row sum - 1|) per head of this step's forwards (the writing rank's batch)."""
         stats, self._stats = self._stats, {}
         if not stats:
             return []
+        device = self.ctx.device
         names = list(stats)
         biggest = torch.stack([stats[n][0].to(device) for n in names])
         lse = torch.stack([(stats[n][1] / stats[n][2]).to(device) for n in names])
         extra = [
-            (metric, names, torch.stack([stats[n][k].to(device) for n in names]))
+            Part(metric, names, torch.stack([stats[n][k].to(device) for n in names]))
             for k, metric in ((3, LOGIT_MIN), (4, LOGIT_MAX), (5, ROWSUM_DEV))
         ]
-        return [(MAX_ABS, names, biggest), (LSE, names, lse), *extra]
+        return [Part(MAX_ABS, names, biggest), Part(LSE, names, lse), *extra]
 
     def clear(self) -> None:
         """Forget what this step's forwards left (a step that was not logged)."""
