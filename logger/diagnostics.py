@@ -57,6 +57,16 @@ class Diagnostics:
     update ratio of the optimizer step that follows. Other steps cost
     nothing: the forward hooks return at once and no tensor is touched.
 
+    Between logged steps, every ``step()`` updates a few device-side
+    accumulators without a host synchronisation (the loss's maximum and
+    minimum, the gradient norm's maximum when it is known, the first
+    non-finite step), read with the next logged step. On logged steps the
+    loop's wiring is checked: whether the gradients were reset since the
+    previous optimizer step (``grad_carried``), modules in the wrong mode,
+    optimizer tensors that are not the model's; a ``step()`` called where
+    no parameter has a gradient (before ``backward()``) warns once and
+    records no gradient metrics for that step (collectors/wiring.py).
+
     Gradient accumulation: run the forward/backward passes of all
     micro-batches, then call ``step()`` once, before ``optimizer.step()``.
     The gradient metrics are those of the accumulated ``.grad`` (what the
