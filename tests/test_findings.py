@@ -172,13 +172,13 @@ class _Recording(dict):
 def test_each_rule_reads_only_the_metrics_it_declares(suite):
     # The plugin reads only findings.INPUTS for /findings: a rule reading an undeclared metric would
     # silently see it missing there while `report` (which reads everything) sees it.
-    from tb_diag_plugin.findings.context import _Context
+    from tb_diag_plugin.findings.context import Context
     from tb_diag_plugin.findings.registry import ORDER
 
     reader = LocalReader(suite[0])
     for name in reader.runs():
         series = _Recording(reader.series(name))
-        ctx = _Context(series, Thresholds(), model=ModelInfo.from_structure(reader.structure(name)))
+        ctx = Context(series, Thresholds(), model=ModelInfo.from_structure(reader.structure(name)))
         for rule in ORDER:
             series.asked.clear()
             rule.check(ctx)

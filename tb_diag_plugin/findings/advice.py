@@ -9,7 +9,7 @@ LayerNorm) and names what does (the layers, the optimizer's own values).
 
 from __future__ import annotations
 
-from tb_diag_plugin.findings.context import _fmt, _names
+from tb_diag_plugin.findings.context import fmt, layer_list
 from tb_diag_plugin.findings.model_info import GATED_TYPES, ModelInfo
 
 
@@ -21,7 +21,7 @@ def lr_of(model: ModelInfo, lr_text: str = "") -> str:
     if not lrs:
         return ""
     lo, hi = min(lrs), max(lrs)
-    return f" ({_fmt(lo)})" if lo == hi else f" ({_fmt(lo)}-{_fmt(hi)})"
+    return f" ({fmt(lo)})" if lo == hi else f" ({fmt(lo)}-{fmt(hi)})"
 
 
 def _opt(model: ModelInfo) -> str:
@@ -38,14 +38,14 @@ def vanishing(model: ModelInfo, lr_text: str = "") -> str:
     sat = model.saturating
     if sat:
         recurrent = any(model.module_types.get(n) in GATED_TYPES for n in sat)
-        parts.append(f"Replace the sigmoid/tanh activations ({_names(sat, 3)}) in hidden layers with ReLU/GELU"
+        parts.append(f"Replace the sigmoid/tanh activations ({layer_list(sat, 3)}) in hidden layers with ReLU/GELU"
                      + (" (for recurrent cells: gradient clipping and a shorter unroll, or attention)"
                         if recurrent else ""))
     parts.append("use He/Xavier initialisation (weights neither tiny nor huge)")
     if not model.has_norm:
         parts.append("add normalisation (BatchNorm/LayerNorm) or residual connections")
     else:
-        parts.append(f"the model already normalises ({_names(model.norm_layers, 2)}): small gradients "
+        parts.append(f"the model already normalises ({layer_list(model.norm_layers, 2)}): small gradients "
                      f"there usually follow from over-large updates elsewhere, so check the learning "
                      f"rate{lr_of(model, lr_text)} and its warm-up first")
     text = "; ".join(parts) + "."
@@ -116,7 +116,7 @@ def overfitting(model: ModelInfo, best_step: int) -> str:
     parts = [f"Stop early (keep the checkpoint of step {best_step}, the best validation loss)"]
     wd = model.hyper("weight_decay")
     if model.known and model.groups:
-        parts.append(f"raise weight decay (now {_fmt(max(wd))})" if wd and max(wd) > 0 else "add weight decay")
+        parts.append(f"raise weight decay (now {fmt(max(wd))})" if wd and max(wd) > 0 else "add weight decay")
     else:
         parts.append("add weight decay")
     if model.known and "Dropout" not in model.type_names:
