@@ -127,6 +127,12 @@ class Thresholds:
             many logged steps; a jump that stays is divergence, reported by
             the other rules.
 
+        loss_jump (10): a loss at 10x the median of the values before it (one
+            value is enough: a jump right after the first logged step) that
+            also rises by spike_min_rise of its level is a jump, whether or
+            not it comes back (nanoGPT at lr 3: 4.3 -> 1,050 at step 10).
+            Minibatch noise in the suite never reached 5x.
+
     loss_not_decreasing
         loss_min_decrease (0.05): the end-of-run loss must be at least 5 %
             below the start. Healthy runs of the suite and its variants fell
@@ -329,6 +335,7 @@ class Thresholds:
     spike_over_max: float = 1.5
     spike_min_rise: float = 0.5
     spike_recovery: int = 10
+    loss_jump: float = 10.0
     loss_min_decrease: float = 0.05
     loss_min_points: int = 8
     dominance_ratio: float = 10.0

@@ -39,6 +39,7 @@ def _loss_spike(ctx: Context) -> None:
         st, v = steps[ok], v[ok]
         spikes = _spikes(v, th)
         if not spikes:
+            _jump(ctx, name, st, v)
             continue
         worst = max(spikes, key=lambda t: t[1])
         at = ", ".join(str(int(st[i])) for i, _ in spikes[:5]) + (" ..." if len(spikes) > 5 else "")
@@ -49,6 +50,41 @@ def _loss_spike(ctx: Context) -> None:
             "Look at the batches of those steps (corrupt samples, wrong labels, outliers); clip gradients "
             "(clip_grad_norm_) so one batch cannot throw the weights far, or lower the learning rate.",
         )
+
+
+def _jump(ctx: Context, name: str, st: np.ndarray, v: np.ndarray) -> None:
+    """A jump of `loss_jump` times the level before it, even right after the first logged step (the
+    baseline may be a single value), whether or not it came back; unless loss_diverged reported it."""
+    th = ctx.th
+    if v.size < 2 or any(f.kind == "loss_diverged" and f.severity != "info" for f in ctx.findings):
+        return
+    level = abs(float(np.median(v[: window(v.size, th)])))
+    best = None
+    for i in range(1, v.size):
+        base = float(np.median(v[max(0, i - th.spike_window): i]))
+        if base > 0 and v[i] >= th.loss_jump * base and v[i] - base >= th.spike_min_rise * min(level, base):
+            if best is None or v[i] / base > best[1]:
+                best = (i, float(v[i]) / base, base)
+    if best is None:
+        return
+    i, ratio, base = best
+    start = float(v[0])
+    after = v[i + 1:]
+    back = np.flatnonzero(after <= max(start, base) * 1.5) if after.size else np.zeros(0, dtype=np.int64)
+    if back.size:
+        how = f"and came back to {fmt(float(after[back[0]]))} by step {int(st[i + 1 + back[0]])}"
+    elif after.size:
+        how = f"and never returned to its start ({fmt(start)}; {fmt(float(v[-1]))} at the end)"
+    else:
+        how = "at the last logged step"
+    ctx.add(
+        "loss_spike", "warning", [name], int(st[i]), int(st[-1] if not back.size else st[i + 1 + back[0]]),
+        f"Loss jumped: '{name}' went from {fmt(base)} to {fmt(float(v[i]))} ({fmt(ratio)}×) at step {int(st[i])}, "
+        f"{how}.",
+        "A jump this large in one step is an over-large update: lower the learning rate"
+        f"{lr_text(ctx)}, add a warm-up and clip gradients (torch.nn.utils.clip_grad_norm_(params, 1.0)); "
+        "check the batch of that step for outliers.",
+    )
 
 
 def _spikes(v: np.ndarray, th: Thresholds) -> list[tuple[int, float]]:

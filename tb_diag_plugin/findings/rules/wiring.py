@@ -239,7 +239,7 @@ def _learning_rate(ctx: Context) -> None:
         if frozen:
             msg += f"; the loss has barely moved since ({frozen})"
         ctx.add(
-            "lr_collapsed", severity, [n for n, *_ in collapsed], int(st[i]), int(st[-1]), msg + ".",
+            "lr_collapsed", severity, [n for n, *_ in collapsed], int(st[ip]), int(st[-1]), msg + ".",
             "A scheduler meant per epoch (StepLR, ExponentialLR, MultiStepLR) stepped once per batch decays many "
             "times too fast: call scheduler.step() once per epoch, after the epoch's batches, or give it step "
             "counts in batches (step_size × batches per epoch).",
