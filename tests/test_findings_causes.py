@@ -176,7 +176,10 @@ def test_squashed_outputs_with_a_loss_below_the_double_squash_floor_are_fine():
     # log(p) + NLLLoss reaches a loss no CrossEntropyLoss over probabilities can: the pairing is right.
     assert "output_loss_mismatch" not in _kinds(analyze(_squashed(0.2))[0])
     f = _one(analyze(_squashed(0.6, rows=False))[0], "output_loss_mismatch")
+    assert f.severity == "warning"
     assert f.message.startswith("Output already a sigmoid:") and "BCEWithLogitsLoss" in f.suggestion
+    # Between the floors (0.313 to 0.5) BCELoss on a sigmoid fits as well: a note only.
+    assert _one(analyze(_squashed(0.4, rows=False))[0], "output_loss_mismatch").severity == "info"
     assert "output_loss_mismatch" not in _kinds(analyze(_squashed(0.1, rows=False))[0])  # BCELoss on sigmoid
 
 

@@ -322,7 +322,8 @@ def test_the_first_line_is_the_cause_small_layernorm_gradients_fold_below_it():
     found = _found(s, model=GPT)
     assert found[0].kind == "loss_diverged" and found[0].severity == "error"
     v = _one(found, "vanishing_gradient")
-    assert v.severity == "info" and v.message.startswith("Probably a consequence of loss_diverged")
+    assert v.severity == "info" and v.message.startswith("Vanishing gradients: ")
+    assert "Probably a consequence of loss diverged (the loss_diverged finding, from step 100)." in v.message
 
 
 # ---------------------------------------------------------------- advice fits the model

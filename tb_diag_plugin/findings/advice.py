@@ -21,7 +21,7 @@ def lr_of(model: ModelInfo, lr_text: str = "") -> str:
     if not lrs:
         return ""
     lo, hi = min(lrs), max(lrs)
-    return f" ({fmt(lo)})" if lo == hi else f" ({fmt(lo)}-{fmt(hi)})"
+    return f" ({fmt(lo)})" if lo == hi else f" (from {fmt(lo)} to {fmt(hi)})"
 
 
 def _opt(model: ModelInfo) -> str:
@@ -52,14 +52,15 @@ def vanishing(model: ModelInfo, lr_text: str = "") -> str:
     return text[0].upper() + text[1:]
 
 
-def exploding(model: ModelInfo, lr_text: str = "") -> str:
-    """Gradients that grow without bound or dwarf the weights."""
+def exploding(model: ModelInfo, lr_text: str = "", clipping: bool = False) -> str:
+    """Gradients that grow without bound or dwarf the weights (`clipping`: the run already clips)."""
+    clip = ("lower the clip threshold (the run already clips, and it did not hold them)" if clipping else
+            "clip gradients (torch.nn.utils.clip_grad_norm_(params, 1.0))")
     if not model.known:
-        return ("Lower the learning rate, clip gradients (torch.nn.utils.clip_grad_norm_(params, 1.0)), use a "
+        return (f"Lower the learning rate, {clip}, use a "
                 "scaled initialisation (kaiming_normal_ for ReLU, xavier for tanh) and normalisation layers "
                 "(BatchNorm/LayerNorm) or residual connections in deep stacks.")
-    parts = [f"Lower the learning rate{lr_of(model, lr_text)}{_opt(model)}",
-             "clip gradients (torch.nn.utils.clip_grad_norm_(params, 1.0))"]
+    parts = [f"Lower the learning rate{lr_of(model, lr_text)}{_opt(model)}", clip]
     if model.is_transformer:
         parts.append("add a learning-rate warm-up")
     if model.relu_family:
@@ -93,12 +94,12 @@ def lr_too_high(model: ModelInfo, lr_text: str, factor: str) -> str:
         extra = f"warm-up and gradient clipping ({model.optimizer} usually runs at 1e-4 to 3e-3)"
     elif model.known and model.optimizer == "SGD":
         extra = "warm-up, gradient clipping, or momentum 0.9 with a smaller step"
-    return f"The learning rate{lr_of(model, lr_text)} is too high: lower it about {factor}x, or add {extra}."
+    return f"The learning rate{lr_of(model, lr_text)} is too high: lower it about {factor}×, or add {extra}."
 
 
 def diverged(model: ModelInfo, lr_text: str, clipping: bool) -> str:
     """A loss that rose far above its start and stayed there."""
-    parts = [f"Lower the learning rate{lr_of(model, lr_text)}{_opt(model)} 3-10x and restart from a checkpoint "
+    parts = [f"Lower the learning rate{lr_of(model, lr_text)}{_opt(model)} 3 to 10× and restart from a checkpoint "
              "before the onset"]
     if clipping:
         parts.append("gradient clipping alone did not hold it: lower the clip threshold too")

@@ -274,6 +274,11 @@ class Thresholds:
             own sigmoid/softmax to such outputs can reach; a loss that ends
             below floor x squash_floor_tolerance (0.98) does not apply one
             (BCELoss, log + NLLLoss), and nothing is reported.
+        sigmoid_balanced_floor (0.5): for values in [0, 1] that are not rows
+            of probabilities, a warning only when the loss stays at or above
+            (0.313 + 0.693) / 2, the least a double sigmoid allows with
+            balanced labels; between the two floors BCELoss on a sigmoid fits
+            as well, and it is a note (info).
 
     gradient_spike (global and per tensor)
         grad_spike_window (20): each logged gradient norm is compared with
@@ -366,6 +371,7 @@ class Thresholds:
     rowsum_tolerance: float = 1e-3
     sigmoid_loss_floor: float = 0.313
     squash_floor_tolerance: float = 0.98
+    sigmoid_balanced_floor: float = 0.5
     grad_spike_window: int = 20
     grad_spike_ratio: float = 4.0
     grad_spike_z: float = 6.0

@@ -152,7 +152,7 @@ def _weight_decay_equilibrium(ctx: Context) -> None:
         return  # weights that hold or grow are not pinned by the decay (a high lr with default decay)
     steps = ctx.series["weight_norm"].steps if "weight_norm" in ctx.series else np.zeros(1, dtype=np.int64)
     what = []
-    what.append(f"the median weight tensor's norm went to {fmt(shrink[0])}x its start")
+    what.append(f"the median weight tensor's norm went to {fmt(shrink[0])}× its start")
     if pinned is not None and pinned >= 1e-2:
         what.append(f"update ratios stay at {fmt(pinned)} (healthy ~1e-3): each step undoes the decay")
     layers = list(ctx.series["weight_norm"].layers) if "weight_norm" in ctx.series else []
@@ -210,7 +210,7 @@ def _shrink_without_optimizer(ctx: Context) -> None:
     layers = [n for n in wn.layers if not is_bias(n)] or list(wn.layers)
     ctx.add(
         "weight_decay_equilibrium", "warning", layers, int(wn.steps[0]), shrink[1],
-        f"The weights collapse: the median weight tensor's norm went to {fmt(shrink[0])}x its start. The run "
+        f"The weights collapse: the median weight tensor's norm went to {fmt(shrink[0])}× its start. The run "
         "does not record the optimizer's settings, but weight decay far above the usual range (lr x "
         "weight_decay over ~1e-3 per step) does exactly this.",
         "Check weight_decay (AdamW typically 0.01-0.1 at lr ~1e-3; lr x weight_decay ~1e-4) and any L2 term in "

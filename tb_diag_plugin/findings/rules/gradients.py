@@ -90,7 +90,7 @@ def _nonfinite(ctx: Context) -> None:
               "batch; torch.autograd.set_detect_anomaly(True) names the operation")
     if before is not None:
         cause = f"{before} before it"
-        suggestion = (f"The run diverged: lower the learning rate (try 10x lower), {clip} or a warm-up, and check "
+        suggestion = (f"The run diverged: lower the learning rate (try 10× lower), {clip} or a warm-up, and check "
                       "the initialisation.")
     elif _watched_before(ctx, first):
         cause = "with no growth of the gradients or the loss before it"
@@ -297,7 +297,7 @@ def _exploding(ctx: Context) -> None:
     ctx.add(
         "exploding_gradient", severity, layers, first, last,
         f"Exploding gradients: in {layer_list(layers)}, " + "; ".join(detail) + ".",
-        advice.exploding(ctx.model, lr_text(ctx)),
+        advice.exploding(ctx.model, lr_text(ctx), "grad_norm_preclip" in ctx.series),
     )
     ctx.mark_primary()
 
@@ -331,7 +331,7 @@ def _overflow(ctx: Context, g: Series, th: Thresholds) -> Optional[tuple[list[st
         why += f" while the loss was still finite ({fmt(loss_ok)})"
     if grown.any():
         least = float(np.nanmin(row[grown] / base[grown]))
-        why += f"; {int(grown.sum())} layer(s) were at {fmt(least)}x or more of their start"
+        why += f"; {int(grown.sum())} layer(s) were at {fmt(least)}× their start or more"
     return names or list(g.layers), why
 
 
@@ -482,12 +482,12 @@ def _without_l2(ctx: Context, steps: np.ndarray, gv: np.ndarray,
 NONFINITE = Rule(
     "nonfinite", ("nonfinite",),
     ("loss", "grad_norm", "grad_nonfinite", "weight_norm", "act_mean", "amp_skipped", "amp_scale",
-     "grad_norm_total"),
+     "grad_norm_total", "grad_norm_max_between", "loss_max_between", "nonfinite_first_step"),
     _nonfinite, severities=("error",), consequence_of=("grad_not_reset", "lr_unbounded"),
 )
 EXPLODING = Rule(
     "exploding_gradient", ("exploding_gradient",),
-    ("grad_norm", "grad_norm_total", "weight_norm", "loss", "learning_rate"),
+    ("grad_norm", "grad_norm_total", "weight_norm", "loss", "learning_rate", "grad_norm_preclip"),
     _exploding, after=("nonfinite",), severities=("error", "warning"),
     consequence_of=("not_in_optimizer", "grad_not_reset", "lr_unbounded"),
 )

@@ -257,9 +257,9 @@ def _dominance(ctx: Context) -> None:
                 "loss_component_dominance", "warning" if known else "info", [a, b],
                 int(st[hit[0]]), int(st[hit[-1]]),
                 f"One loss term dominates: '{a}' is {fmt(typical)}× '{b}' (median over {hit.size} logged steps, "
-                f"{int(st[hit[0]])}-{int(st[hit[-1]])}) while '{b}' went from {fmt(b0)} to {fmt(b_end)}"
+                f"from step {int(st[hit[0]])} to {int(st[hit[-1]])}) while '{b}' went from {fmt(b0)} to {fmt(b_end)}"
                 + ("" if known else "; if '" + b + "' is the data term it is being swamped") + ".",
-                f"Scale '{a}' down (its coefficient is too large; try about {fmt(_pow10(typical))}x smaller) "
+                f"Scale '{a}' down (its coefficient is too large; try about {fmt(_pow10(typical))}× smaller) "
                 f"so that '{b}' drives the gradients; typical weight decay is 1e-4 to 1e-2.",
             )
 

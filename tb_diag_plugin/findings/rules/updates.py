@@ -64,10 +64,10 @@ def _update_ratio(ctx: Context) -> None:
         g, at = growth
         ctx.add(
             "update_ratio", "warning", names, int(steps[0]), at,
-            f"Updates too large: the median weight tensor's norm grew {fmt(g)}x by step {at} "
+            f"Updates too large: the median weight tensor's norm grew {fmt(g)}× by step {at} "
             f"(healthy runs: under 2x); update ratios median {fmt(float(np.nanmedian(med)))}, "
             f"up to {fmt(float(np.nanmax(med)))}.",
-            f"The learning rate{advice.lr_of(ctx.model, lr_text(ctx))} is too high: lower it about 10x, "
+            f"The learning rate{advice.lr_of(ctx.model, lr_text(ctx))} is too high: lower it about 10×, "
             "or add weight decay, warm-up and gradient clipping.",
         )
         ctx.mark_primary()
@@ -102,7 +102,7 @@ def _update_ratio(ctx: Context) -> None:
              "per step") + f" on {int(sel.sum())} of {steps.size} logged steps; healthy is ~1e-3.",
             (f"The learning rate{lr} is 0 or the optimizer does not own these parameters." if zero else
              f"The learning rate{lr} is far too low: raise it about "
-             f"{fmt(10 ** max(1, round(math.log10(1e-3 / max(typical, 1e-30)) - 0.5)))}x"
+             f"{fmt(10 ** max(1, round(math.log10(1e-3 / max(typical, 1e-30)) - 0.5)))}×"
              " (or check the schedule and that the optimizer owns these parameters)."),
         )
 

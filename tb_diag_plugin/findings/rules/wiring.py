@@ -331,8 +331,12 @@ def _output_loss_mismatch(ctx: Context) -> None:
             msg = f"Output already a sigmoid: {where}{evidence}."
             tip = ("nn.BCEWithLogitsLoss applies the sigmoid itself: return the raw logits (remove the final "
                    "sigmoid), or keep the sigmoid and use nn.BCELoss (less stable numerically).")
-        ctx.add("output_loss_mismatch", "warning", [n], first, last, msg, tip)
-        ctx.mark_primary()
+        # Over values in [0, 1] a logistic loss cannot go below 0.313 (label 1) and 0.693 (label 0): a loss
+        # between that and the balanced-label floor fits BCELoss on a sigmoid as well, so it is only a note.
+        severity = "warning" if rows or end_loss is None or end_loss >= th.sigmoid_balanced_floor else "info"
+        ctx.add("output_loss_mismatch", severity, [n], first, last, msg, tip)
+        if severity == "warning":
+            ctx.mark_primary()
 
 
 NOT_IN_OPTIMIZER = Rule("not_in_optimizer", ("not_in_optimizer",),
@@ -346,4 +350,4 @@ LEARNING_RATE = Rule("learning_rate", ("lr_collapsed", "lr_unbounded", "lr_zero"
                      _learning_rate, after=("nonfinite",), severities=("error", "warning"))
 OUTPUT_LOSS_MISMATCH = Rule("output_loss_mismatch", ("output_loss_mismatch",),
                             ("logit_min", "logit_max", "logit_rowsum_dev", "logit_lse", "loss"),
-                            _output_loss_mismatch, after=CUTOFF, severities=("warning",))
+                            _output_loss_mismatch, after=CUTOFF, severities=("warning", "info"))
