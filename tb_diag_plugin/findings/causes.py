@@ -40,10 +40,15 @@ def fold_symptoms(ctx: Context) -> None:
         causes.discard(i)
         ctx.findings[i] = Finding(
             f.kind, "info", f.layers, f.first_step, f.last_step,
-            f"{f.message} Probably a consequence of {headline(cause).lower()} (the {cause.kind} finding, "
+            f"{f.message} Probably a consequence of {_lower(headline(cause))} (the {cause.kind} finding, "
             f"from step {cause.first_step}).",
             f"Fix the {cause.kind} finding first. " + f.suggestion,
         )
+
+
+def _lower(text: str) -> str:
+    """'Loss diverged' -> 'loss diverged' inside a sentence; names ('NaN/Inf', "Adam's eps") stay."""
+    return text if text[1:2].isupper() or text.split(" ")[0] in ("NaN/Inf", "Adam's") else text[:1].lower() + text[1:]
 
 
 def _earliest_before(causes: list[Finding], f: Finding, kinds: tuple[str, ...]) -> Optional[Finding]:

@@ -268,8 +268,8 @@ def _pow10(x: float) -> float:
     return 10.0 ** max(1, math.ceil(math.log10(max(x, 1.0))))
 
 
-LOSS_SPIKE = Rule("loss_spike", ("loss_spike",), ("loss",), _loss_spike, after=CUTOFF + ("loss_diverged",),
-                  severities=("warning",), consequence_of=CAUSE_KINDS)
+LOSS_SPIKE = Rule("loss_spike", ("loss_spike",), ("loss", "learning_rate"), _loss_spike,
+                  after=CUTOFF + ("loss_diverged",), severities=("warning",), consequence_of=CAUSE_KINDS)
 LOSS_NOT_DECREASING = Rule(
     "loss_not_decreasing", ("loss_not_decreasing",), ("loss", "loss_p50", "learning_rate"), _loss_not_decreasing,
     after=CUTOFF, severities=("warning",), consequence_of=CAUSE_KINDS,

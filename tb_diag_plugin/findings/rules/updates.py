@@ -140,5 +140,6 @@ def _has_grad(ctx: Context, steps: np.ndarray, names: list[str]) -> np.ndarray:
 UPDATE_RATIO = Rule(
     "update_ratio", ("update_ratio",), ("update_ratio", "weight_norm", "grad_norm", "learning_rate"),
     _update_ratio, after=CUTOFF, severities=("error", "warning"),
-    consequence_of=("weight_decay_equilibrium", "lr_unbounded", "grad_not_reset"),
+    consequence_of=("weight_decay_equilibrium", "lr_unbounded", "grad_not_reset", "lr_zero", "lr_collapsed",
+                    "not_in_optimizer"),
 )
