@@ -333,6 +333,6 @@ WIRING_CAUSES = ("not_in_optimizer", "grad_not_reset", "module_mode", "lr_collap
                  "output_loss_mismatch")
 # Every kind a rule marks as a cause (`Context.mark_primary`): what plain symptoms follow from.
 CAUSE_KINDS = WIRING_CAUSES + (
-    "nonfinite", "exploding_gradient", "dead_relu", "update_ratio", "adam_eps", "loss_diverged",
+    "nonfinite", "exploding_gradient", "vanishing_gradient", "dead_relu", "update_ratio", "adam_eps", "loss_diverged",
     "weight_norm_growth", "weight_decay_equilibrium", "no_gradient",
 )

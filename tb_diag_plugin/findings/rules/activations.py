@@ -116,6 +116,7 @@ def _improved_after(loss: tuple[np.ndarray, np.ndarray, list[str]], step: int, t
 
 
 DEAD_RELU = Rule("dead_relu", ("dead_relu",), ("dead_fraction", "learning_rate"), _dead_relu, after=CUTOFF,
-                 severities=("error", "warning"), consequence_of=("weight_decay_equilibrium",))
+                 severities=("error", "warning"),
+                 consequence_of=("weight_decay_equilibrium", "lr_unbounded", "grad_not_reset"))
 SATURATED = Rule("saturated_activation", ("saturated_activation",), ("saturation", "loss"), _saturated, after=CUTOFF,
                  severities=("warning", "info"), consequence_of=CAUSE_KINDS)

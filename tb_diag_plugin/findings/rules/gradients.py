@@ -414,7 +414,7 @@ def _vanishing(ctx: Context) -> None:
             hint = (f" The model has {len(sat.layers)} {'/'.join(types)} activation site(s): their derivative "
                     "is at most 1/4 (sigmoid) or 1 (tanh) and far less in saturation.")
         if l2 is not None:
-            hint += (f" An L2 term in the loss gives every weight a gradient of {fmt(l2)} x its norm; "
+            hint += (f" An L2 term in the loss gives every weight a gradient of {fmt(l2)}× its norm; "
                      "beyond that, these tensors get almost nothing from the data.")
         vanishing = ctx.in_model_order(vanishing)
         weights = [n for n in g.layers if not is_bias(n)]
@@ -427,6 +427,8 @@ def _vanishing(ctx: Context) -> None:
             f"those of '{g.layers[int(lead)]}' (median over the logged steps) from step {int(steps[first])}.{hint}",
             advice.vanishing(ctx.model, lr_text(ctx)),
         )
+        if severe:
+            ctx.mark_primary()  # a network that cannot learn explains a loss that does not fall
     if redundant:
         first = min(spans[n][0] for n in redundant)
         last = max(spans[n][1] for n in redundant)
