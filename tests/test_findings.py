@@ -17,6 +17,7 @@ import sys
 
 import numpy as np
 import pytest
+from test_findings_causes import HEADLINES
 
 from pathologies import CASES, train_all
 from tb_diag_plugin import findings, report
@@ -103,6 +104,16 @@ def test_confident_sigmoid_output_is_info_not_saturation(suite):
     found = suite[1]["healthy_tanh_bce"][0]
     sat = [f for f in found if f.kind == "saturated_activation"]
     assert [f.severity for f in sat] == ["info"] and sat[0].layers == ["1"]
+
+
+def test_every_finding_starts_with_its_problem_in_plain_words(suite):
+    assert set(HEADLINES) == set(findings.KINDS)
+    seen = set()
+    for name, (found, _) in suite[1].items():
+        for f in found:
+            assert f.message.startswith(HEADLINES[f.kind]), (name, f.kind, f.message)
+            seen.add(f.kind)
+    assert len(seen) >= 15  # the suite exercises most rules; test_findings_causes.py pins the others
 
 
 def test_findings_sorted_worst_first(suite):

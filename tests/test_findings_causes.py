@@ -15,6 +15,36 @@ from tb_diag_plugin.findings.context import Context, layer_list, natural_key
 from tb_diag_plugin.findings.series import Series
 from tb_diag_plugin.findings.thresholds import Thresholds
 
+# Each kind's headline: the problem in plain words, first (a rule may have more than one).
+HEADLINES = {
+    "not_in_optimizer": ("Parameters never updated: ",),
+    "grad_not_reset": ("Gradients never reset: ",),
+    "module_mode": ("Module in the wrong mode: ",),
+    "lr_collapsed": ("Learning rate collapsed: ",),
+    "lr_unbounded": ("Learning rate unbounded: ",),
+    "lr_zero": ("Learning rate zero: ",),
+    "output_loss_mismatch": ("Output already a softmax: ", "Output already a sigmoid: "),
+    "nonfinite": ("NaN/Inf: ",),
+    "exploding_gradient": ("Exploding gradients: ",),
+    "gradient_spike": ("Gradient spikes: ",),
+    "vanishing_gradient": ("Vanishing gradients: ", "Bias without effect: "),
+    "no_gradient": ("No gradient: ",),
+    "gradient_clipping": ("Clipping on most steps: ",),
+    "dead_relu": ("Dead ReLUs: ",),
+    "saturated_activation": ("Saturated activations: ", "Confident outputs: "),
+    "logit_growth": ("Logits growing: ",),
+    "update_ratio": ("Updates too large: ", "Updates too small: "),
+    "adam_eps": ("Adam's eps too large: ",),
+    "weight_norm_growth": ("Weight norms run away: ",),
+    "weight_decay_equilibrium": ("Weight decay dominates: ", "Weights collapse: "),
+    "loss_spike": ("Loss spikes: ", "Loss jumped: "),
+    "loss_diverged": ("Loss diverged: ",),
+    "loss_not_decreasing": ("Loss not decreasing: ",),
+    "loss_component_dominance": ("One loss term dominates: ",),
+    "overfitting": ("Overfitting: ",),
+    "underfitting": ("Underfitting: ",),
+}
+
 
 def _series(metric, layers, values, steps=None):
     v = np.asarray(values, dtype=np.float32)
@@ -44,6 +74,7 @@ def _doc(params, held, types=None, optimizer="SGD", lr=0.1, eps=None):
 def _one(found, kind):
     hits = [f for f in found if f.kind == kind]
     assert len(hits) == 1, [(f.kind, f.severity, f.message) for f in found]
+    assert hits[0].message.startswith(HEADLINES[kind]), hits[0].message
     return hits[0]
 
 

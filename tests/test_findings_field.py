@@ -10,6 +10,7 @@ import json
 
 import numpy as np
 import pytest
+from test_findings_causes import HEADLINES
 
 import pathologies
 from tb_diag_plugin import report
@@ -67,6 +68,7 @@ def _found(series, model=None, **th):
 
 def _one(found, kind):
     (f,) = [f for f in found if f.kind == kind]
+    assert f.message.startswith(HEADLINES[kind]), f.message  # the problem in plain words, first
     return f
 
 

@@ -210,7 +210,7 @@ def _shrink_without_optimizer(ctx: Context) -> None:
     layers = [n for n in wn.layers if not is_bias(n)] or list(wn.layers)
     ctx.add(
         "weight_decay_equilibrium", "warning", layers, int(wn.steps[0]), shrink[1],
-        f"The weights collapse: the median weight tensor's norm went to {fmt(shrink[0])}× its start. The run "
+        f"Weights collapse: the median weight tensor's norm went to {fmt(shrink[0])}× its start. The run "
         "does not record the optimizer's settings, but weight decay far above the usual range (lr x "
         "weight_decay over ~1e-3 per step) does exactly this.",
         "Check weight_decay (AdamW typically 0.01-0.1 at lr ~1e-3; lr x weight_decay ~1e-4) and any L2 term in "

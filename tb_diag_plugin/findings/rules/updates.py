@@ -97,7 +97,7 @@ def _update_ratio(ctx: Context) -> None:
         zero = typical == 0
         ctx.add(
             "update_ratio", "warning", names, int(steps[span[0]]), int(steps[span[1]]),
-            ("Weights do not change at all: update ratio 0" if zero else
+            ("Updates too small: the weights do not change at all (update ratio 0)" if zero else
              f"Updates too small: the fastest-moving weight tensor changes by {fmt(typical)} of its norm "
              "per step") + f" on {int(sel.sum())} of {steps.size} logged steps; healthy is ~1e-3.",
             (f"The learning rate{lr} is 0 or the optimizer does not own these parameters." if zero else
