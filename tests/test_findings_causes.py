@@ -300,6 +300,8 @@ def test_nonfinite_claims_no_growth_only_where_the_steps_before_were_observed():
     assert "with no growth of the gradients or the loss before it" in f.message and "log(0)" in f.suggestion
     f = _nan_run(every=10, between=np.r_[np.full(19, 0.6), 0.6])
     assert "with no growth of the gradients or the loss before it" in f.message
+    f = _nan_run(every=10, between=np.r_[np.full(19, 0.6), np.nan])  # the maximum swallowed the NaN
+    assert "were not observed" in f.message
     f = _nan_run(every=10, between=np.r_[np.full(18, 0.6), 5e16, 5e16])
     assert "gradients grew" in f.message and "diverged" in f.suggestion
 

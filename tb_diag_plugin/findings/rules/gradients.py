@@ -130,8 +130,8 @@ def _first_between(ctx: Context, step: int) -> Optional[int]:
 
 
 def _watched_before(ctx: Context, step: int) -> bool:
-    """Whether every step before `step` was observed: logged one by one, or covered by the between-steps
-    maxima (finite) of the gradient norm and the loss."""
+    """Whether every step before `step` was observed: logged one by one, or covered by finite
+    between-steps maxima of the gradient norm and the loss."""
     prev = _logged_before(ctx, step)
     if prev is None:
         return False
@@ -142,7 +142,8 @@ def _watched_before(ctx: Context, step: int) -> bool:
         if s is None or not s.steps.size:
             return False
         row = np.flatnonzero(s.steps == step)
-        if not row.size or not s.present[row[0], 0]:
+        # NaN: not measured, or a maximum that a non-finite value swallowed: growth before it is unknown.
+        if not row.size or not s.present[row[0], 0] or not np.isfinite(s.values[row[0], 0]):
             return False
     return True
 
