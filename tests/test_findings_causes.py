@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tb_diag_plugin.findings import ModelInfo, Rule, analyze
-from tb_diag_plugin.findings.context import Context, layer_list, natural_key
+from tb_diag_plugin.findings.context import Context, fmt, layer_list, natural_key
 from tb_diag_plugin.findings.series import Series
 from tb_diag_plugin.findings.thresholds import Thresholds
 
@@ -267,6 +267,21 @@ def test_a_spike_between_logged_steps_is_seen_through_the_between_maximum():
          "grad_norm_max_between": _series("grad_norm_max_between", [""], between)}
     f = _one(analyze(s)[0], "gradient_spike")
     assert f.first_step == 200 and "steps 200, 400" in f.message
+
+
+def test_one_tensor_spiking_far_above_its_median_is_named_even_when_the_total_hides_it():
+    # word_language_model's tanh RNN without clipping: the recurrent weight's gradient at 19.2 against a
+    # median of 2.3e-4, while the decoder's large gradient keeps the total norm calm.
+    n = 100
+    rec = _noisy(n, 4) * 2.3e-4
+    rec[60] = 19.2
+    dec = _noisy(n, 5) * 1e3
+    s = {"grad_norm_total": _series("grad_norm_total", [""], np.sqrt(rec ** 2 + dec ** 2)),
+         "grad_norm": _series("grad_norm", ["rnn.weight_hh_l0", "decoder.weight"], np.stack([rec, dec], 1))}
+    f = _one(analyze(s, model=LSTM)[0], "gradient_spike")
+    assert f.layers == ["rnn.weight_hh_l0"] and f.first_step == 600
+    ratio = 19.2 / np.exp(np.median(np.log(rec[40:60])))  # against the median of the 20 logged steps before
+    assert f"'rnn.weight_hh_l0' jumped to up to {fmt(ratio)}× their own running median" in f.message
 
 
 # ---------------------------------------------------------------- loss jumps, and what NaN may claim

@@ -120,10 +120,18 @@ def _gradient_spike(ctx: Context) -> None:
                      f"{steps.size} logged steps (spike score {pct(len(global_hits) / max(1, steps.size))}; steps "
                      f"{at}), the largest at step {worst[0]}")
     if first_tensors:
+        hits = tensor_strong or per
         lead = first_tensors[0]
-        lr_ = max(r for _, r in (tensor_strong or per)[lead])
-        parts.append(f"first to spike: {layer_list(first_tensors)} ('{lead}' up to {fmt(lr_)}× its own running "
-                     "median)")
+        top = max(r for _, r in hits[lead])
+        if global_hits:
+            parts.append(f"first to spike: {layer_list(first_tensors)} ('{lead}' up to {fmt(top)}× its own "
+                         "running median)")
+        else:
+            at = sorted({s for h in hits.values() for s, _ in h})
+            parts.append(f"{layer_list(first_tensors)} jumped to up to {fmt(top)}× their own running median "
+                         f"('{lead}' first, at step {hits[lead][0][0]}) on {len(at)} of {steps.size} logged steps "
+                         f"(steps {', '.join(str(s) for s in at[:5])}{' ...' if len(at) > 5 else ''}); the total "
+                         "norm hides them")
     finite = tv[np.isfinite(tv)]
     spike_idx = {i for i, _ in found}
     calm = np.array([x for i, x in enumerate(tv) if i not in spike_idx and np.isfinite(x)])

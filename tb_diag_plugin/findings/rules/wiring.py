@@ -104,7 +104,7 @@ def _grad_not_reset(ctx: Context) -> None:
     keep = steps < ctx.cutoff if ctx.cutoff is not None else np.ones(steps.shape, dtype=bool)
     steps, v = steps[keep], v[keep]
     valid = np.isfinite(v)
-    span = persistent(v >= 0.5, valid, th)
+    span = persistent(np.where(valid, v, 0.0) >= 0.5, valid, th)
     if span is None:
         return
     carried = int((v[valid] >= 0.5).sum())
@@ -154,7 +154,9 @@ def _module_mode(ctx: Context) -> None:
         valid = np.isfinite(v)
         hits = []
         for j, n in enumerate(s.layers):
-            on = (v[:, j] >= 0.5) & valid[:, j]
+            on = (np.where(valid[:, j], v[:, j], 0.0) >= 0.5)
+            if not on.any():
+                continue
             # An evaluation comes every few logged steps: twice is a habit, not one odd forward.
             need = 2 if metric == "train_in_eval" else None
             if (need is not None and on.sum() >= min(need, int(valid[:, j].sum()))) or (
