@@ -294,6 +294,17 @@ def test_a_loss_jump_right_after_the_first_logged_step_counts():
     assert "never returned to its start" in f.message
 
 
+def test_a_loss_jump_between_logged_steps_is_seen_through_the_between_maximum():
+    loss = np.linspace(2.0, 1.0, 30)
+    between = loss * 1.05
+    between[12] = 40.0  # a batch between logged steps 110 and 120
+    s = {"loss": _series("loss", ["total"], loss),
+         "loss_max_between": _series("loss_max_between", ["total"], between)}
+    f = _one(analyze(s)[0], "loss_spike")
+    assert "to 40 (" in f.message and "between steps 110 and 120" in f.message
+    assert "loss_spike" not in _kinds(analyze({"loss": s["loss"]})[0])  # unseen without it
+
+
 def _nan_run(every=10, between=None):
     n = 20
     g = np.full(n, 0.5)

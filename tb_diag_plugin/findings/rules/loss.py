@@ -39,7 +39,7 @@ def _loss_spike(ctx: Context) -> None:
         st, v = steps[ok], v[ok]
         spikes = _spikes(v, th)
         if not spikes:
-            _jump(ctx, name, st, v)
+            _jump(ctx, name, st, v, _between(ctx, name, st))
             continue
         worst = max(spikes, key=lambda t: t[1])
         at = ", ".join(str(int(st[i])) for i, _ in spikes[:5]) + (" ..." if len(spikes) > 5 else "")
@@ -52,22 +52,37 @@ def _loss_spike(ctx: Context) -> None:
         )
 
 
-def _jump(ctx: Context, name: str, st: np.ndarray, v: np.ndarray) -> None:
+def _between(ctx: Context, name: str, st: np.ndarray) -> Optional[np.ndarray]:
+    """The largest loss since the previous logged step, at each of `st` (NaN where not recorded)."""
+    s = ctx.series.get("loss_max_between")
+    if s is None or name not in s.layers or not s.steps.size:
+        return None
+    out = np.full(st.shape, np.nan)
+    _, a, b = np.intersect1d(st, s.steps, return_indices=True)
+    out[a] = np.where(s.present[b, s.layers.index(name)], s.values[b, s.layers.index(name)], np.nan)
+    return out
+
+
+def _jump(ctx: Context, name: str, st: np.ndarray, v: np.ndarray, peak: Optional[np.ndarray] = None) -> None:
     """A jump of `loss_jump` times the level before it, even right after the first logged step (the
-    baseline may be a single value), whether or not it came back; unless loss_diverged reported it."""
+    baseline may be a single value), whether or not it came back; unless loss_diverged reported it.
+    `peak`, the largest loss since the previous logged step, shows a jump that fell between them."""
     th = ctx.th
     if v.size < 2 or any(f.kind == "loss_diverged" and f.severity != "info" for f in ctx.findings):
         return
     level = abs(float(np.median(v[: window(v.size, th)])))
+    top = v if peak is None else np.fmax(v, np.where(np.isfinite(peak), peak, np.nan))
     best = None
     for i in range(1, v.size):
         base = float(np.median(v[max(0, i - th.spike_window): i]))
-        if base > 0 and v[i] >= th.loss_jump * base and v[i] - base >= th.spike_min_rise * min(level, base):
-            if best is None or v[i] / base > best[1]:
-                best = (i, float(v[i]) / base, base)
+        if base > 0 and top[i] >= th.loss_jump * base and top[i] - base >= th.spike_min_rise * min(level, base):
+            if best is None or top[i] / base > best[1]:
+                best = (i, float(top[i]) / base, base)
     if best is None:
         return
     i, ratio, base = best
+    hidden = top[i] > v[i]  # the jump fell on a step that was not logged
+    where = f"between steps {int(st[i - 1])} and {int(st[i])}" if hidden else f"at step {int(st[i])}"
     start = float(v[0])
     after = v[i + 1:]
     back = np.flatnonzero(after <= max(start, base) * 1.5) if after.size else np.zeros(0, dtype=np.int64)
@@ -79,8 +94,7 @@ def _jump(ctx: Context, name: str, st: np.ndarray, v: np.ndarray) -> None:
         how = "at the last logged step"
     ctx.add(
         "loss_spike", "warning", [name], int(st[i]), int(st[-1] if not back.size else st[i + 1 + back[0]]),
-        f"Loss jumped: '{name}' went from {fmt(base)} to {fmt(float(v[i]))} ({fmt(ratio)}×) at step {int(st[i])}, "
-        f"{how}.",
+        f"Loss jumped: '{name}' went from {fmt(base)} to {fmt(float(top[i]))} ({fmt(ratio)}×) {where}, {how}.",
         "A jump this large in one step is an over-large update: lower the learning rate"
         f"{lr_text(ctx)}, add a warm-up and clip gradients (torch.nn.utils.clip_grad_norm_(params, 1.0)); "
         "check the batch of that step for outliers.",
@@ -268,7 +282,7 @@ def _pow10(x: float) -> float:
     return 10.0 ** max(1, math.ceil(math.log10(max(x, 1.0))))
 
 
-LOSS_SPIKE = Rule("loss_spike", ("loss_spike",), ("loss", "learning_rate"), _loss_spike,
+LOSS_SPIKE = Rule("loss_spike", ("loss_spike",), ("loss", "learning_rate", "loss_max_between"), _loss_spike,
                   after=CUTOFF + ("loss_diverged",), severities=("warning",), consequence_of=CAUSE_KINDS)
 LOSS_NOT_DECREASING = Rule(
     "loss_not_decreasing", ("loss_not_decreasing",), ("loss", "loss_p50", "learning_rate"), _loss_not_decreasing,
