@@ -238,7 +238,7 @@ def test_recurrent_gradient_spikes_name_the_tensor_and_a_clip_threshold():
          "grad_norm": _series("grad_norm", ["rnn.weight_hh_l0", "fc.weight"], per)}
     f = _one(analyze(s, model=LSTM)[0], "gradient_spike")
     assert f.severity == "warning" and f.layers[0] == "rnn.weight_hh_l0" and "fc.weight" not in f.layers
-    assert f.message.startswith("Gradient spikes: the total gradient norm jumped to from")
+    assert f.message.startswith("Gradient spikes: the total gradient norm jumped to between")
     assert "spike score" in f.message
     clip = float(f.suggestion.split("clip_grad_norm_(model.parameters(), ")[1].split(")")[0])
     calm = np.delete(tot, np.arange(15, n, 15))

@@ -65,7 +65,7 @@ def _update_ratio(ctx: Context) -> None:
         ctx.add(
             "update_ratio", "warning", names, int(steps[0]), at,
             f"Updates too large: the median weight tensor's norm grew {fmt(g)}× by step {at} "
-            f"(healthy runs: under 2x); update ratios median {fmt(float(np.nanmedian(med)))}, "
+            f"(healthy runs: under 2×); update ratios median {fmt(float(np.nanmedian(med)))}, "
             f"up to {fmt(float(np.nanmax(med)))}.",
             f"The learning rate{advice.lr_of(ctx.model, lr_text(ctx))} is too high: lower it about 10×, "
             "or add weight decay, warm-up and gradient clipping.",
