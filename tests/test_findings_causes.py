@@ -29,7 +29,7 @@ HEADLINES = {
     "gradient_spike": ("Gradient spikes: ",),
     "vanishing_gradient": ("Vanishing gradients: ", "Bias without effect: "),
     "no_gradient": ("No gradient: ",),
-    "gradient_clipping": ("Clipping on most steps: ",),
+    "gradient_clipping": ("Clipping on most steps: ", "Clipping scaled gradients: "),
     "dead_relu": ("Dead ReLUs: ",),
     "saturated_activation": ("Saturated activations: ", "Confident outputs: "),
     "logit_growth": ("Logits growing: ",),
@@ -282,6 +282,20 @@ def test_one_tensor_spiking_far_above_its_median_is_named_even_when_the_total_hi
     assert f.layers == ["rnn.weight_hh_l0"] and f.first_step == 600
     ratio = 19.2 / np.exp(np.median(np.log(rec[40:60])))  # against the median of the 20 logged steps before
     assert f"'rnn.weight_hh_l0' jumped to up to {fmt(ratio)}× their own running median" in f.message
+
+
+def test_clipping_before_unscale_under_amp_names_unscale():
+    n = 20
+    scale = np.full(n, 65536.0)
+    pre = 65536.0 * np.full(n, 1.1)  # the scaled gradients' norm
+    s = {"grad_norm_preclip": _series("grad_norm_preclip", [""], pre),
+         "grad_norm_total": _series("grad_norm_total", [""], np.full(n, 1.0)),
+         "amp_scale": _series("amp_scale", [""], scale)}
+    f = _one(analyze(s)[0], "gradient_clipping")
+    assert f.severity == "error" and "scaler.unscale_(optimizer)" in f.suggestion
+    s["grad_norm_preclip"] = _series("grad_norm_preclip", [""], np.full(n, 1.5))  # unscaled: clipping on most steps
+    f = _one(analyze(s)[0], "gradient_clipping")
+    assert f.severity == "warning" and f.message.startswith("Clipping on most steps: ")
 
 
 # ---------------------------------------------------------------- loss jumps, and what NaN may claim
