@@ -298,6 +298,25 @@ def test_clipping_before_unscale_under_amp_names_unscale():
     assert f.severity == "warning" and f.message.startswith("Clipping on most steps: ")
 
 
+def test_a_clipped_recurrent_language_model_that_learns_is_not_warned_about_its_recipe():
+    # word_language_model's defaults: SGD at lr 20 with clip 0.25, so every step is clipped and moves the
+    # weights by ~20 % of their norm, while the loss falls.
+    n = 50
+    names = ["rnn.weight_hh_l0", "fc.weight"]
+    s = {"grad_norm_preclip": _series("grad_norm_preclip", [""], np.full(n, 0.6)),
+         "grad_norm_total": _series("grad_norm_total", [""], np.full(n, 0.25)),
+         "update_ratio": _series("update_ratio", names, np.full((n, 2), 0.2)),
+         "weight_norm": _series("weight_norm", names, np.ones((n, 2))),
+         "loss": _series("loss", ["total"], np.linspace(6.0, 4.5, n))}
+    kinds = _kinds(analyze(s, model=LSTM)[0])
+    assert kinds["gradient_clipping"] == "info" and kinds["update_ratio"] == "info"
+    # The same numbers in a model without recurrence, or with a loss that does not fall, are warnings.
+    assert _kinds(analyze(s)[0])["gradient_clipping"] == "warning"
+    s["loss"] = _series("loss", ["total"], np.full(n, 6.0))
+    kinds = _kinds(analyze(s, model=LSTM)[0])
+    assert kinds["gradient_clipping"] == "warning" and kinds["update_ratio"] == "warning"
+
+
 # ---------------------------------------------------------------- loss jumps, and what NaN may claim
 def test_a_loss_jump_right_after_the_first_logged_step_counts():
     # nanoGPT's train.py at lr 3: the jump, then a level that never returns to the start but is no

@@ -14,7 +14,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from tb_diag_plugin import metadata
-from tb_diag_plugin.findings.model_info import ModelInfo
+from tb_diag_plugin.findings.model_info import GATED_TYPES, ModelInfo
 from tb_diag_plugin.findings.series import Series
 from tb_diag_plugin.findings.thresholds import Thresholds
 
@@ -302,6 +302,37 @@ def lr_text(ctx: Context) -> str:
     first = first[np.isfinite(first)]
     climbs = first.size and float(first.max()) == lo and hi >= 100 * max(lo, 1e-30)
     return f" (scheduled {'to climb ' if climbs else ''}from {fmt(lo)} to {fmt(hi)})"
+
+
+def clipped_share(ctx: Context) -> Optional[float]:
+    """The share of logged steps (before the cutoff) whose gradient norm clipping changed, or None."""
+    pre, post = ctx.series.get("grad_norm_preclip"), ctx.series.get("grad_norm_total")
+    if pre is None or post is None or not pre.steps.size or not post.steps.size:
+        return None
+    psteps, pv = ctx.before_cutoff(pre)
+    qsteps, qv = ctx.before_cutoff(post)
+    _, pi, qi = np.intersect1d(psteps, qsteps, return_indices=True)
+    p, q = pv[pi, 0], qv[qi, 0]
+    ok = np.isfinite(p) & np.isfinite(q) & (p > 0)
+    if ok.sum() < ctx.th.clip_min_points:
+        return None
+    return float((q[ok] < p[ok] * (1 - 1e-3)).mean())
+
+
+def clipping_by_design(ctx: Context) -> bool:
+    """A recurrent model clipped on most steps while its loss falls: the recipe of RNN language models
+    (SGD at lr ~20 with clip 0.25, pytorch/examples' word_language_model), where the clip threshold is
+    meant to set the step size."""
+    if not any(t in GATED_TYPES for t in ctx.model.module_types.values()):
+        return False
+    share = clipped_share(ctx)
+    got = loss_total(ctx)
+    if share is None or share < ctx.th.clip_share or got is None or got[1].size < ctx.th.loss_min_points:
+        return False
+    v = got[1]
+    w = window(v.size, ctx.th)
+    start, end = float(np.median(v[:w])), float(np.median(v[-w:]))
+    return start > 0 and end <= (1 - ctx.th.loss_min_decrease) * start
 
 
 def total_grad(ctx: Context) -> Optional[tuple[np.ndarray, np.ndarray]]:
