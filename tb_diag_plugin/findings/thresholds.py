@@ -211,8 +211,8 @@ class Thresholds:
         clip_share (0.5): clipping (grad_norm_total below grad_norm_preclip
             by more than 0.1 %) changed at least half of the logged steps ...
         clip_min_points (5): ... of at least this many.
-        (by design) a recurrent model (LSTM/GRU/RNN) clipped on clip_share
-            of its steps while its loss falls by loss_min_decrease is the
+        (by design) a recurrent model (LSTM/GRU/RNN) whose gradients are
+            clipped while its loss falls by loss_min_decrease is the
             recipe of RNN language models (pytorch/examples'
             word_language_model: SGD at lr 20, clip 0.25): clipping, and the
             large update ratios it sets (0.12-0.22 median there), are info.

@@ -86,7 +86,8 @@ def _update_ratio(ctx: Context) -> None:
             f"Updates too large: the median weight tensor changes by {fmt(float(np.median(med[hit])))} of its "
             f"norm per step (up to {fmt(peak)}) on {hit.size} of {steps.size} logged steps; healthy is ~1e-3.",
             advice.lr_too_high(ctx.model, lr_text(ctx),
-                               fmt(10 ** max(1, round(math.log10(max(peak, 1e-12) / 1e-3) - 0.5)))),
+                               fmt(10 ** max(1, round(math.log10(max(peak, 1e-12) / 1e-3) - 0.5))),
+                               "grad_norm_preclip" in ctx.series),
         )
         if severity != "info":
             ctx.mark_primary()
