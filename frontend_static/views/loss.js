@@ -5,7 +5,7 @@
 import * as api from "../api.js";
 import {el} from "../dom.js";
 import {NONFINITE, Panels, RUN_LEGEND, alpha, esc, layout, runLegend} from "../charts.js";
-import {PERCENTILES} from "../metrics.js";
+import {PERCENTILES, TOTAL_LOSS} from "../metrics.js";
 
 let panels;
 let scaleSel;
@@ -99,9 +99,9 @@ function draw(app, runs, loaded, found) {
     const p = panels.panel("problems", "Missing", {wide: true});
     panels.notice(p, problems.join("; ") + ".");
   }
-  components.sort((a, b) => (a === "total" ? -1 : b === "total" ? 1 : 0));
+  components.sort((a, b) => (a === TOTAL_LOSS ? -1 : b === TOTAL_LOSS ? 1 : 0));
   for (const c of components) {
-    const p = panels.panel("loss:" + c, c === "total" ? "Total loss" : [el("h3", {}, "Loss component: ", el("q", {}, c))], {wide: components.length === 1});
+    const p = panels.panel("loss:" + c, c === TOTAL_LOSS ? "Total loss" : [el("h3", {}, "Loss component: ", el("q", {}, c))], {wide: components.length === 1});
     p.box.dataset.component = c;
     const traces = [];
     const notes = [];
@@ -160,7 +160,7 @@ function draw(app, runs, loaded, found) {
         notes.push(`${r.run}: non-finite from step ${x[badAt[0]]}`);
       }
       if (v.numSteps === 1) notes.push(`${r.run}: a single logged step so far`);
-      const vj = c === "total" && d.val ? d.val.layerIndex("total") : -1;
+      const vj = c === TOTAL_LOSS && d.val ? d.val.layerIndex(TOTAL_LOSS) : -1;
       if (vj >= 0) {
         const vy = d.val.column(vj).map((y) => (y != null && Number.isFinite(y) ? y : null));
         for (const y of vy) {

@@ -3,7 +3,7 @@
 import * as api from "../api.js";
 import {el, clear, fmt, fmtPct, message} from "../dom.js";
 import {Panels, RUN_LEGEND, alpha, esc, layout, runLegend, seriesColor} from "../charts.js";
-import {OVERVIEW_METRICS, SEVERITY_RANK, findingLayerKind, findingTarget, moduleOf} from "../metrics.js";
+import {OVERVIEW_METRICS, SEVERITY_RANK, TOTAL_LOSS, findingLayerKind, findingTarget, moduleOf} from "../metrics.js";
 
 let findingsBox;
 let showAll = false;
@@ -83,7 +83,7 @@ function headline(r, d) {
     return Infinity;
   };
   if (ok(d.loss)) {
-    const j = Math.max(0, d.loss.layerIndex("total"));
+    const j = Math.max(0, d.loss.layerIndex(TOTAL_LOSS));
     const col = d.loss.column(j);
     f.loss = lastFinite(col)?.v ?? null;
     const mins = finite(d.loss.column(j, "min")).filter((x) => x != null);
@@ -276,7 +276,7 @@ function components(app, runs, data) {
   const p = panels.panel("components", "Loss components");
   if (!have.length) return panels.notice(p, "No loss recorded: pass loss= to diag.step.");
   if (!have.some((r) => r.run === compRun)) {
-    compRun = (have.find((r, k) => data[runs.indexOf(r)].loss.layers.filter((n) => n !== "total").length > 1) || have[0]).run;
+    compRun = (have.find((r, k) => data[runs.indexOf(r)].loss.layers.filter((n) => n !== TOTAL_LOSS).length > 1) || have[0]).run;
   }
   const runSel = el("select", {"aria-label": "Run of the loss components", class: "comp-run", onchange: (e) => {
     compRun = e.target.value;
@@ -293,7 +293,7 @@ function components(app, runs, data) {
   p.box.dataset.mode = compMode;
   const r = have.find((x) => x.run === compRun);
   const v = data[runs.indexOf(r)].loss;
-  const comps = v.layers.map((n, j) => [n, j]).filter(([n]) => n !== "total");
+  const comps = v.layers.map((n, j) => [n, j]).filter(([n]) => n !== TOTAL_LOSS);
   if (comps.length < 2) return panels.notice(p, `“${r.run}” records ${comps.length ? "one component" : "no components"}: pass losses={"ce": ..., "l2": ...} to see how they add up.`);
   const share = compMode === "share";
   const x = Array.from(v.stepFirst);
@@ -344,7 +344,7 @@ async function render(app, ctx) {
         lineTraces(app, runs, data, "grad_norm_total", () => [[0, "", ""]]),
         {logY: true, missing: "No grad_norm_total recorded."});
   small(app, "loss_total", "Loss",
-        lineTraces(app, runs, data, "loss", (v) => [[Math.max(0, v.layerIndex("total")), "", ""]]),
+        lineTraces(app, runs, data, "loss", (v) => [[Math.max(0, v.layerIndex(TOTAL_LOSS)), "", ""]]),
         {logY: "auto", missing: "No loss recorded: pass loss= to diag.step."});
   small(app, "learning_rate", "Learning rate",
         lineTraces(app, runs, data, "learning_rate", (v) => v.layers.map((n, j) => [j, v.L > 1 ? n : "", ["solid", "dash", "dot", "dashdot"][j % 4]])),

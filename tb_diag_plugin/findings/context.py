@@ -256,9 +256,9 @@ def loss_total(ctx: Context) -> Optional[tuple[np.ndarray, np.ndarray, list[str]
     if s is None or not s.steps.size:
         return None
     steps, vals = ctx.before_cutoff(s)
-    if "total" in s.layers:
-        v = vals[:, s.layers.index("total")]
-        names = ["total"]
+    if metadata.TOTAL_LOSS in s.layers:
+        v = vals[:, s.layers.index(metadata.TOTAL_LOSS)]
+        names = [metadata.TOTAL_LOSS]
     else:
         v = vals.sum(axis=1)  # NaN where a component is absent
         names = list(s.layers)

@@ -7,6 +7,7 @@ from typing import Optional
 
 import numpy as np
 
+from tb_diag_plugin import metadata
 from tb_diag_plugin.findings import advice
 from tb_diag_plugin.findings.context import (
     CUTOFF,
@@ -51,7 +52,7 @@ def _loss_diverged(ctx: Context) -> None:
     level = float(np.median(v[i0:]))
     peak = float(v[i0:].max())
     severity = "error" if level >= th.diverge_error_ratio * base else "warning"
-    name = "total" if names == ["total"] else " + ".join(names)
+    name = metadata.TOTAL_LOSS if names == [metadata.TOTAL_LOSS] else " + ".join(names)
     clipping = "grad_norm_preclip" in ctx.series
     ctx.add(
         "loss_diverged", severity, names, int(steps[i0]), int(steps[-1]),

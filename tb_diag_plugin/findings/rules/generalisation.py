@@ -7,6 +7,7 @@ from typing import Optional
 
 import numpy as np
 
+from tb_diag_plugin import metadata
 from tb_diag_plugin.findings import advice
 from tb_diag_plugin.findings.context import CUTOFF, Context, Rule, fmt, loss_total, lr_text, window
 
@@ -26,7 +27,7 @@ def _val_loss(ctx: Context) -> Optional[tuple[np.ndarray, np.ndarray]]:
     if s is None or not s.steps.size:
         return None
     steps, v = ctx.before_cutoff(s)
-    col = v[:, s.layers.index("total")] if "total" in s.layers else v[:, 0]
+    col = v[:, s.layers.index(metadata.TOTAL_LOSS)] if metadata.TOTAL_LOSS in s.layers else v[:, 0]
     ok = np.isfinite(col)
     return steps[ok], col[ok]
 
@@ -84,7 +85,7 @@ def _overfitting(ctx: Context) -> None:
             break
     severity = "warning"
     ctx.add(
-        "overfitting", severity, ["val_loss", "total"], int(vs[opened]), int(vs[-1]),
+        "overfitting", severity, ["val_loss", metadata.TOTAL_LOSS], int(vs[opened]), int(vs[-1]),
         f"Overfitting: the validation loss was best at step {int(vs[best])} ({fmt(float(vv[best]))}) and rose "
         f"to {fmt(recent)} while the training loss fell from {fmt(float(tr[best]))} to {fmt(float(tr[-1]))}; "
         f"the gap between them opened at step {int(vs[opened])} ({fmt(g0)} -> {fmt(g_end)}).",
@@ -118,7 +119,7 @@ def _underfitting(ctx: Context) -> None:
     if not np.isfinite(tend) or abs(vend - tend) > th.underfit_gap * max(abs(tend), 1e-12):
         return  # a gap between them is the other problem
     ctx.add(
-        "underfitting", "warning", ["total", "val_loss"], int(steps[v.size // 2]), int(steps[-1]),
+        "underfitting", "warning", [metadata.TOTAL_LOSS, "val_loss"], int(steps[v.size // 2]), int(steps[-1]),
         f"Underfitting: the training loss is flat at {fmt(end)} ({fmt(100 * end / start)} % of its start "
         f"{fmt(start)}) over the second half of the run and the validation loss matches it ({fmt(vend)}), "
         "while gradients and update sizes look healthy.",

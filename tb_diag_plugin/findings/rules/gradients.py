@@ -8,6 +8,7 @@ from typing import Optional
 
 import numpy as np
 
+from tb_diag_plugin import metadata
 from tb_diag_plugin.findings import advice
 from tb_diag_plugin.findings.context import (
     CAUSE_KINDS,
@@ -194,9 +195,9 @@ def _growth_before(ctx: Context, first_bad: int) -> Optional[str]:
             keep = (steps < first_bad) & np.isfinite(v)
         found.append(("gradients", _growth(v[keep], ctx.th)))
     loss = ctx.series.get("loss")
-    if loss is not None and "total" in loss.layers and loss.steps.size:
-        v = np.where(loss.present[:, loss.layers.index("total")],
-                     loss.values[:, loss.layers.index("total")].astype(np.float64), np.nan)
+    if loss is not None and metadata.TOTAL_LOSS in loss.layers and loss.steps.size:
+        v = np.where(loss.present[:, loss.layers.index(metadata.TOTAL_LOSS)],
+                     loss.values[:, loss.layers.index(metadata.TOTAL_LOSS)].astype(np.float64), np.nan)
         found.append(("the loss", _growth(v[(loss.steps <= first_bad) & np.isfinite(v)], ctx.th)))
     grew = [(what, g) for what, g in found if g is not None and g >= 10]
     if not grew:
@@ -319,10 +320,10 @@ def _overflow(ctx: Context, g: Series, th: Thresholds) -> Optional[tuple[list[st
     grown = np.isfinite(row) & (row >= th.explode_growth * base)
     loss = ctx.series.get("loss")
     loss_ok = None
-    if loss is not None and "total" in loss.layers:
+    if loss is not None and metadata.TOTAL_LOSS in loss.layers:
         lr = np.flatnonzero(loss.steps == step)
-        if lr.size and loss.present[lr[0], loss.layers.index("total")]:
-            v = float(loss.values[lr[0], loss.layers.index("total")])
+        if lr.size and loss.present[lr[0], loss.layers.index(metadata.TOTAL_LOSS)]:
+            v = float(loss.values[lr[0], loss.layers.index(metadata.TOTAL_LOSS)])
             loss_ok = v if math.isfinite(v) else None
     if not grown.any() and loss_ok is None:
         return None

@@ -9,6 +9,7 @@ from typing import Optional
 
 import numpy as np
 
+from tb_diag_plugin import metadata
 from tb_diag_plugin.findings.context import CAUSE_KINDS, CUTOFF, Context, Rule, fmt, loss_total, lr_text, window
 from tb_diag_plugin.findings.thresholds import Thresholds
 
@@ -32,7 +33,7 @@ def _loss_spike(ctx: Context) -> None:
         return
     (s,) = got
     steps, vals = ctx.before_cutoff(s)
-    names = ["total"] if "total" in s.layers else list(s.layers)
+    names = [metadata.TOTAL_LOSS] if metadata.TOTAL_LOSS in s.layers else list(s.layers)
     for name in names:
         v = vals[:, s.layers.index(name)]
         ok = np.isfinite(v)
@@ -161,7 +162,7 @@ def _loss_not_decreasing(ctx: Context) -> None:
         ctx.notes.append("loss_not_decreasing: not checked, no 'loss' recorded (pass loss= to diag.step)")
         return
     steps, v, names = loss
-    name = "total" if names == ["total"] else " + ".join(names)
+    name = metadata.TOTAL_LOSS if names == [metadata.TOTAL_LOSS] else " + ".join(names)
     dec = _relative_decrease(v, th)
     if dec is None:
         if v.size < th.loss_min_points:
@@ -192,13 +193,13 @@ def _loss_not_decreasing(ctx: Context) -> None:
 def _stuck_data_term(ctx: Context, total_start: float):
     """(name, steps, start, end, decrease) of a data term, at least half the loss, that does not fall."""
     s = ctx.series.get("loss")
-    if s is None or "total" not in s.layers or abs(total_start) <= 0:
+    if s is None or metadata.TOTAL_LOSS not in s.layers or abs(total_start) <= 0:
         return None
     spread = ctx.series.get("loss_p50")
     per_sample = set(spread.layers) if spread is not None else set()
     steps, vals = ctx.before_cutoff(s)
     for j, n in enumerate(s.layers):
-        if n == "total" or _role(n, n in per_sample) != "data":
+        if n == metadata.TOTAL_LOSS or _role(n, n in per_sample) != "data":
             continue
         ok = np.isfinite(vals[:, j])
         dec = _relative_decrease(vals[ok, j], ctx.th)
@@ -231,7 +232,7 @@ def _role(name: str, per_sample: bool) -> str:
 def _dominance(ctx: Context) -> None:
     th = ctx.th
     s = ctx.series.get("loss")
-    comps = [n for n in (s.layers if s is not None else []) if n != "total"]
+    comps = [n for n in (s.layers if s is not None else []) if n != metadata.TOTAL_LOSS]
     if s is None or len(comps) < 2:
         ctx.notes.append("loss_component_dominance: not checked, needs two or more components "
                          "(diag.step(..., losses={'ce': ce, 'l2': l2}))")
