@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import atexit
-import functools
 import os
 import warnings
-import weakref
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -38,6 +35,7 @@ from tb_diag_logger.collectors.validation import Validation, check_step
 from tb_diag_logger.compiled import CompiledCapture
 from tb_diag_logger.cost import CostMeter, DiagnosticsCostWarning
 from tb_diag_logger.optimizers import unwrap_optimizer
+from tb_diag_logger.output import Output
 from tb_diag_logger.structure import module_tree
 from tb_diag_logger.summaries import SummarySink
 
@@ -150,13 +148,7 @@ class Diagnostics:
         reductions.choose([], impl)  # a ValueError naming the choices, not a warning on a logged step
         optimizer = unwrap_optimizer(optimizer) if optimizer is not None else None  # hooks go on the real one
         selected = Selection(_patterns(include, "include"), _patterns(exclude, "exclude"))
-        self._write_rank = int(write_rank)
-        self._writer_arg = writer
-        self._logdir = os.fspath(logdir) if logdir is not None else None
-        self._sink: Optional[SummarySink] = None
-        self._sink_ready = False
-        self._own_writer = False
-        self._exit_hook: Optional[Callable[[], None]] = None
+        self._out = Output(writer, logdir, write_rank, self._report, before_exit=self._write_late)
         self._optimizer = optimizer
         self._warned: set[str] = set()
         self._closed = False
@@ -200,9 +192,7 @@ class Diagnostics:
             self._add(LearningRate(optimizer))
         self._validation = self._add(Validation())
         if distributed.initialized():
-            self._ensure_sink()
-        # else: decided at the first step(), so that a Diagnostics created before
-        # init_process_group still lets only `write_rank` write (and create files).
+            self._out.ensure()  # else at the first step(): init_process_group may come after us
 
     def _add(self, collector: Any) -> Any:
         """Register a collector: it reads the orchestrator's step context; the order is the write order."""
@@ -210,27 +200,10 @@ class Diagnostics:
         self.collectors.append(collector)
         return collector
 
-    def _ensure_sink(self) -> None:
-        """Decide once whether this process writes; create our own writer only on the writing rank."""
-        if self._sink_ready:
-            return
-        self._sink_ready = True
-        writer, self._writer_arg = self._writer_arg, None
-        if distributed.rank() != self._write_rank:
-            if not distributed.initialized():
-                self._report("write_rank", ValueError(
-                    f"write_rank={self._write_rank} but torch.distributed is not initialized: nothing is written"))
-            return
-        if writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(self._logdir)
-            self._own_writer = True
-        self._sink = SummarySink(writer)
-        # Events still queued in the writer when the program ends (an uncaught
-        # KeyboardInterrupt) before close() are flushed at exit.
-        self._exit_hook = functools.partial(_flush_at_exit, weakref.ref(self))
-        atexit.register(self._exit_hook)
+    @property
+    def _sink(self) -> Optional[SummarySink]:
+        """The summary sink on the writing rank, None on the others (and before the first step())."""
+        return self._out.sink
 
     # ------------------------------------------------------------------ api
     def __enter__(self) -> Diagnostics:
@@ -281,7 +254,7 @@ class Diagnostics:
         logged = self.should_log(step)
         forward_extra = self._cost_at_step(logged)
         try:
-            self._write(self._ensure_sink)
+            self._out.ensure()
             self._write_late()
             if logged:
                 start = cost.clock()
@@ -320,7 +293,7 @@ class Diagnostics:
             raise RuntimeError("Diagnostics.evaluate() called after close()")
         self._validation.record(step, loss, metrics)
         try:
-            self._write(self._ensure_sink)
+            self._out.ensure()
             self._write_late()
         except Exception as e:
             self._report("evaluate", e)
@@ -330,9 +303,6 @@ class Diagnostics:
         if self._closed:
             return
         self._closed = True
-        if self._exit_hook is not None:
-            atexit.unregister(self._exit_hook)
-            self._exit_hook = None
         try:
             self._write_late()
         except Exception as e:
@@ -342,8 +312,7 @@ class Diagnostics:
                 c.close()
             except Exception as e:
                 self._report("close", e)
-        if self._sink is not None:
-            self._write(self._sink.close if self._own_writer else self._sink.flush)
+        self._out.close()
 
     # ------------------------------------------------------------- logging
     def _log(self, step: int) -> None:
@@ -389,7 +358,7 @@ class Diagnostics:
                 observe(step, items)
             except Exception as e:  # an observer's failure costs only itself
                 self._report("an observer of the logged values", e)
-        self._write(self._sink.write_vectors, step, items)
+        self._out.write("write_vectors", step, items)
 
     def _write_late(self) -> None:
         """What collectors measured for an earlier step since (the update ratio, an evaluation)."""
@@ -406,7 +375,7 @@ class Diagnostics:
         self._structure_sites = seen | (self._structure_sites or set())
         known = [self._capture.sites[n] for n in self._capture.order] if self._capture is not None else []
         tree = module_tree(self.model, {n for n, _ in self._params}, known, self._optimizer)
-        self._write(self._sink.write_structure, step, tree)
+        self._out.write("write_structure", step, tree)
 
     # ------------------------------------------------------------- helpers
     def _cost_at_step(self, logged: bool) -> Optional[float]:
@@ -438,25 +407,3 @@ class Diagnostics:
 
     def _report(self, where: str, exc: BaseException) -> None:
         warn_once(self._warned, where, exc, stacklevel=3)
-
-    def _write(self, fn: Callable[..., None], *args: Any) -> None:
-        """Call a sink method; a failing disk or a removed logdir is one warning, not a crash."""
-        try:
-            fn(*args)
-        except Exception as e:
-            self._report("writing the event file", e)
-
-    def _flush_at_exit(self) -> None:
-        if self._closed or self._sink is None:
-            return
-        try:
-            self._write_late()
-            self._sink.close() if self._own_writer else self._sink.flush()
-        except Exception:
-            pass  # the interpreter is going away: nothing left to warn
-
-
-def _flush_at_exit(ref: weakref.ReferenceType[Diagnostics]) -> None:
-    diag = ref()
-    if diag is not None:
-        diag._flush_at_exit()
