@@ -255,12 +255,13 @@ class Diagnostics:
         forward_extra = self._cost_at_step(logged)
         try:
             self._out.ensure()
-            self._write_late()
             if logged:
                 start = cost.clock()
                 with torch.no_grad():  # rather than a .detach() per tensor: one call, not thousands
                     self._log(step)
                 self._cost.logged(forward_extra, cost.clock() - start)
+            else:
+                self._write_late()
         except Exception as e:
             self._report("step", e)
         finally:
@@ -323,18 +324,20 @@ class Diagnostics:
         ctx.sharded = distributed.any_sharded(p for _, p in self._params)
         ctx.writes = self._sink is not None
         ctx.reduce = self._ranks_agree()
-        parts: list[Part] = [p for c in self.collectors for p in c.parts(step)]
-        values = [p.values.reshape(-1).to(device=ctx.device, dtype=torch.float32) for p in parts]
-        flat = torch.cat(values).cpu().numpy() if values else np.zeros(0, np.float32)
-        host: dict[str, np.ndarray] = {}
-        offset = 0
-        for p, v in zip(parts, values):
-            host[p.metric] = flat[offset:offset + v.numel()]
-            offset += v.numel()
-        items: list[Item] = [(p.metric, p.names, p.types, host[p.metric]) for p in parts if p.write and len(p.names)]
+        late = self._take_late()  # an earlier step's values ride in this step's transfer
+        try:
+            parts: list[Part] = [p for c in self.collectors for p in c.parts(step)]
+        except Exception:
+            self._write_late(late)  # not lost with this step's
+            raise
+        values = _to_host([p for _, ps in late for p in ps] + parts, ctx.device)
+        late_values, values = values[:len(values) - len(parts)], values[len(values) - len(parts):]
+        host = {p.metric: v for p, v in zip(parts, values)}
+        items: list[Item] = [(p.metric, p.names, p.types, v) for p, v in zip(parts, values) if p.write and len(p.names)]
         for c in self.collectors:
             items += c.finish(step, host)
         if self._sink is not None:  # not the writing rank: the collectives above were its share
+            self._emit_late(late, late_values)
             self._emit(step, items)
             self._write_structure_if_new(step)
 
@@ -360,12 +363,21 @@ class Diagnostics:
                 self._report("an observer of the logged values", e)
         self._out.write("write_vectors", step, items)
 
-    def _write_late(self) -> None:
-        """What collectors measured for an earlier step since (the update ratio, an evaluation)."""
-        late = [entry for c in self.collectors for entry in c.late()]
-        if self._sink is not None:
-            for step, items in late:
-                self._emit(step, items)
+    def _take_late(self) -> list[tuple[int, list[Part]]]:
+        return [entry for c in self.collectors for entry in c.late()]
+
+    def _write_late(self, late: Optional[list[tuple[int, list[Part]]]] = None) -> None:
+        """What collectors measured for an earlier step since (the update ratio, an evaluation), in a
+        copy of its own: on a step that is not logged, at evaluate() and at close()."""
+        late = self._take_late() if late is None else late
+        if late and self._sink is not None:
+            self._emit_late(late, _to_host([p for _, ps in late for p in ps], self._norms.device()))
+
+    def _emit_late(self, late: list[tuple[int, list[Part]]], values: list[np.ndarray]) -> None:
+        at = 0
+        for step, parts in late:
+            self._emit(step, [(p.metric, p.names, p.types, v) for p, v in zip(parts, values[at:at + len(parts)])])
+            at += len(parts)
 
     def _write_structure_if_new(self, step: int) -> None:
         """The model's structure, again whenever a step shows an activation site it did not list."""
@@ -407,3 +419,12 @@ class Diagnostics:
 
     def _report(self, where: str, exc: BaseException) -> None:
         warn_once(self._warned, where, exc, stacklevel=3)
+
+
+def _to_host(parts: Sequence[Part], device: torch.device) -> list[np.ndarray]:
+    """Every part's values on the host, in ONE device-to-host copy, split by the lengths they declared."""
+    values = [p.values.reshape(-1).to(device=device, dtype=torch.float32) for p in parts]
+    if not values:
+        return []
+    flat = torch.cat(values).cpu().numpy()
+    return np.split(flat, np.cumsum([v.numel() for v in values])[:-1].tolist())
