@@ -92,3 +92,36 @@ def test_adam_state_of_big_and_small_tensors_matches_a_float64_computation(amsgr
         assert out[optim_state.EPS_FRACTION][name] == pytest.approx(np.mean(root < 1e-3), abs=1e-6)
         rms = np.sqrt(np.mean((m / bc1 / (root + 1e-3)) ** 2))
         assert out[optim_state.UPDATE_RMS][name] == pytest.approx(rms, rel=1e-5)
+
+
+class _HostReads(torch.overrides.TorchFunctionMode):
+    """Counts the calls that bring a tensor's values to the host (a synchronisation on a GPU)."""
+
+    READS = {torch.Tensor.cpu, torch.Tensor.item, torch.Tensor.tolist}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_logged_step_reads_its_values_on_the_host_once(tmp_path):
+    """every=1 with Adam, activations, logits, a per-sample loss and the update ratio of the step before:
+    one host read per step() (the update ratio and Adam's state ride in it)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    reads = []
+    with Diagnostics(model, logdir=str(tmp_path), every=1, optimizer=opt) as diag:
+        for step in range(4):
+            opt.zero_grad()
+            per_sample = model(torch.randn(6, 4)).pow(2).mean(1)
+            per_sample.mean().backward()
+            with _HostReads() as mode:
+                diag.step(step, loss=per_sample.mean(), losses={"ps": per_sample.detach()})
+            reads.append(mode.count)
+            opt.step()
+    assert reads == [1, 1, 1, 1]
