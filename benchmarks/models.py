@@ -1,4 +1,4 @@
-"""The three CPU models of PERF_NOTES.md, in plain torch, with their synthetic batches."""
+"""The three CPU models of the overhead benchmark, in plain torch, with their synthetic batches."""
 
 from __future__ import annotations
 
