@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from tb_diag_logger import hooks, reductions
-from tb_diag_logger.activations import ACTIVATION_MODULES, Site, SiteTotals, is_smooth_activation, site_totals
+from tb_diag_logger.activations import ACTIVATION_MODULES, is_smooth_activation
+from tb_diag_logger.site_stats import Site, SiteTotals, site_totals
 
 # Logged steps in a row whose compiled forwards recorded nothing before the
 # capture says its hooks are not in the graph.
@@ -170,9 +171,9 @@ class CompiledCapture:
                 site.count += int(count)
                 norm = acc.squares.sqrt()
                 if site.kind == "relu":
-                    site._add_reduced(acc.total, norm, acc.extra, None)
+                    site.add_reduced(acc.total, norm, acc.extra, None)
                 else:
-                    site._add_reduced(acc.total, norm, None, acc.extra)
+                    site.add_reduced(acc.total, norm, None, acc.extra)
                 acc.__init__()
         return [self.sites[n] for n in self.order if self.sites[n].seen]
 

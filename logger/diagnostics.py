@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import atexit
-import functools
 import os
 import warnings
-import weakref
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -40,6 +37,7 @@ from tb_diag_logger.collectors.wiring import STEP_ORDER_ADVICE, WiringChecks, ma
 from tb_diag_logger.compiled import CompiledCapture
 from tb_diag_logger.cost import CostMeter, DiagnosticsCostWarning
 from tb_diag_logger.optimizers import unwrap_optimizer
+from tb_diag_logger.output import Output
 from tb_diag_logger.structure import module_tree
 from tb_diag_logger.summaries import SummarySink
 from tb_diag_plugin import metadata
@@ -171,13 +169,7 @@ class Diagnostics:
         engine = managed_by_engine(outer, optimizer)  # issue 22: before the wrappers are unwrapped
         optimizer = unwrap_optimizer(optimizer) if optimizer is not None else None  # hooks go on the real one
         selected = Selection(_patterns(include, "include"), _patterns(exclude, "exclude"))
-        self._write_rank = int(write_rank)
-        self._writer_arg = writer
-        self._logdir = os.fspath(logdir) if logdir is not None else None
-        self._sink: Optional[SummarySink] = None
-        self._sink_ready = False
-        self._own_writer = False
-        self._exit_hook: Optional[Callable[[], None]] = None
+        self._out = Output(writer, logdir, write_rank, self._report, before_exit=self._write_late)
         self._optimizer = optimizer
         self._warned: set[str] = set()
         self._closed = False
@@ -229,9 +221,7 @@ class Diagnostics:
         self._between = self._add(BetweenSteps(self._params, measure_grad_norm=grad_norm_every_step, amp=amp))
         # --- end of issue 22
         if distributed.initialized():
-            self._ensure_sink()
-        # else: decided at the first step(), so that a Diagnostics created before
-        # init_process_group still lets only `write_rank` write (and create files).
+            self._out.ensure()  # else at the first step(): init_process_group may come after us
 
     def _add(self, collector: Any) -> Any:
         """Register a collector: it reads the orchestrator's step context; the order is the write order."""
@@ -239,27 +229,10 @@ class Diagnostics:
         self.collectors.append(collector)
         return collector
 
-    def _ensure_sink(self) -> None:
-        """Decide once whether this process writes; create our own writer only on the writing rank."""
-        if self._sink_ready:
-            return
-        self._sink_ready = True
-        writer, self._writer_arg = self._writer_arg, None
-        if distributed.rank() != self._write_rank:
-            if not distributed.initialized():
-                self._report("write_rank", ValueError(
-                    f"write_rank={self._write_rank} but torch.distributed is not initialized: nothing is written"))
-            return
-        if writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(self._logdir)
-            self._own_writer = True
-        self._sink = SummarySink(writer)
-        # Events still queued in the writer when the program ends (an uncaught
-        # KeyboardInterrupt) before close() are flushed at exit.
-        self._exit_hook = functools.partial(_flush_at_exit, weakref.ref(self))
-        atexit.register(self._exit_hook)
+    @property
+    def _sink(self) -> Optional[SummarySink]:
+        """The summary sink on the writing rank, None on the others (and before the first step())."""
+        return self._out.sink
 
     # ------------------------------------------------------------------ api
     def __enter__(self) -> Diagnostics:
@@ -311,13 +284,14 @@ class Diagnostics:
         forward_extra = self._cost_at_step(logged)
         self._step_issue22(step)
         try:
-            self._write(self._ensure_sink)
-            self._write_late()
+            self._out.ensure()
             if logged:
                 start = cost.clock()
                 with torch.no_grad():  # rather than a .detach() per tensor: one call, not thousands
                     self._log(step)
                 self._cost.logged(forward_extra, cost.clock() - start)
+            else:
+                self._write_late()
         except Exception as e:
             self._report("step", e)
         finally:
@@ -376,7 +350,7 @@ class Diagnostics:
             raise RuntimeError("Diagnostics.evaluate() called after close()")
         self._validation.record(step, loss, metrics)
         try:
-            self._write(self._ensure_sink)
+            self._out.ensure()
             self._write_late()
         except Exception as e:
             self._report("evaluate", e)
@@ -386,9 +360,6 @@ class Diagnostics:
         if self._closed:
             return
         self._closed = True
-        if self._exit_hook is not None:
-            atexit.unregister(self._exit_hook)
-            self._exit_hook = None
         try:
             self._write_late()
         except Exception as e:
@@ -398,8 +369,7 @@ class Diagnostics:
                 c.close()
             except Exception as e:
                 self._report("close", e)
-        if self._sink is not None:
-            self._write(self._sink.close if self._own_writer else self._sink.flush)
+        self._out.close()
 
     # ------------------------------------------------------------- logging
     def _log(self, step: int) -> None:
@@ -410,18 +380,21 @@ class Diagnostics:
         ctx.sharded = distributed.any_sharded(p for _, p in self._params)
         ctx.writes = self._sink is not None
         ctx.reduce = self._ranks_agree()
-        parts: list[Part] = [p for c in self.collectors for p in c.parts(step)]
-        values = [p.values.reshape(-1).to(device=ctx.device, dtype=torch.float32) for p in parts]
-        flat = torch.cat(values).cpu().numpy() if values else np.zeros(0, np.float32)
-        host: dict[str, np.ndarray] = {}
-        offset = 0
-        for p, v in zip(parts, values):
-            host[p.metric] = flat[offset:offset + v.numel()]
-            offset += v.numel()
-        items: list[Item] = [(p.metric, p.names, p.types, host[p.metric]) for p in parts if p.write and len(p.names)]
+        late = self._take_late()  # an earlier step's values ride in this step's transfer
+        try:
+            parts: list[Part] = [p for c in self.collectors for p in c.parts(step)]
+        except Exception:
+            self._write_late(late)  # not lost with this step's
+            raise
+        late_parts = [p for _, ps in late for p in ps]
+        values = _to_host(late_parts + parts, ctx.device)
+        late_values, values = values[:len(late_parts)], values[len(late_parts):]
+        host = {p.metric: v for p, v in zip(parts, values)}
+        items: list[Item] = [(p.metric, p.names, p.types, v) for p, v in zip(parts, values) if p.write and len(p.names)]
         for c in self.collectors:
             items += c.finish(step, host)
         if self._sink is not None:  # not the writing rank: the collectives above were its share
+            self._emit_late(late, late_values)
             self._emit(step, items)
             self._write_structure_if_new(step)
 
@@ -445,14 +418,25 @@ class Diagnostics:
                 observe(step, items)
             except Exception as e:  # an observer's failure costs only itself
                 self._report("an observer of the logged values", e)
-        self._write(self._sink.write_vectors, step, items)
+        self._out.write("write_vectors", step, items)
 
-    def _write_late(self) -> None:
-        """What collectors measured for an earlier step since (the update ratio, an evaluation)."""
-        late = [entry for c in self.collectors for entry in c.late()]
-        if self._sink is not None:
-            for step, items in late:
-                self._emit(step, items)
+    def _take_late(self) -> list[tuple[int, list[Part]]]:
+        """Every collector's (step, parts) of earlier steps, once."""
+        return [entry for c in self.collectors for entry in c.late()]
+
+    def _write_late(self, late: Optional[list[tuple[int, list[Part]]]] = None) -> None:
+        """What collectors measured for an earlier step since (the update ratio, an evaluation), in a
+        copy of its own: on a step that is not logged, at evaluate() and at close()."""
+        late = self._take_late() if late is None else late
+        if late and self._sink is not None:
+            self._emit_late(late, _to_host([p for _, ps in late for p in ps], self._norms.device()))
+
+    def _emit_late(self, late: list[tuple[int, list[Part]]], values: list[np.ndarray]) -> None:
+        """Write each earlier step's parts under its own step, from their host `values` (in order)."""
+        at = 0
+        for step, parts in late:
+            self._emit(step, [(p.metric, p.names, p.types, v) for p, v in zip(parts, values[at:at + len(parts)])])
+            at += len(parts)
 
     def _write_structure_if_new(self, step: int) -> None:
         """The model's structure, again whenever a step shows an activation site it did not list."""
@@ -462,7 +446,7 @@ class Diagnostics:
         self._structure_sites = seen | (self._structure_sites or set())
         known = [self._capture.sites[n] for n in self._capture.order] if self._capture is not None else []
         tree = module_tree(self.model, {n for n, _ in self._params}, known, self._optimizer)
-        self._write(self._sink.write_structure, step, tree)
+        self._out.write("write_structure", step, tree)
 
     # ------------------------------------------------------------- helpers
     def _cost_at_step(self, logged: bool) -> Optional[float]:
@@ -495,24 +479,11 @@ class Diagnostics:
     def _report(self, where: str, exc: BaseException) -> None:
         warn_once(self._warned, where, exc, stacklevel=3)
 
-    def _write(self, fn: Callable[..., None], *args: Any) -> None:
-        """Call a sink method; a failing disk or a removed logdir is one warning, not a crash."""
-        try:
-            fn(*args)
-        except Exception as e:
-            self._report("writing the event file", e)
 
-    def _flush_at_exit(self) -> None:
-        if self._closed or self._sink is None:
-            return
-        try:
-            self._write_late()
-            self._sink.close() if self._own_writer else self._sink.flush()
-        except Exception:
-            pass  # the interpreter is going away: nothing left to warn
-
-
-def _flush_at_exit(ref: weakref.ReferenceType[Diagnostics]) -> None:
-    diag = ref()
-    if diag is not None:
-        diag._flush_at_exit()
+def _to_host(parts: Sequence[Part], device: torch.device) -> list[np.ndarray]:
+    """Every part's values on the host, in ONE device-to-host copy, split by the lengths they declared."""
+    values = [p.values.reshape(-1).to(device=device, dtype=torch.float32) for p in parts]
+    if not values:
+        return []
+    flat = torch.cat(values).cpu().numpy()
+    return np.split(flat, np.cumsum([v.numel() for v in values])[:-1].tolist())

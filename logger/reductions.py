@@ -55,7 +55,7 @@ def groups(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
 # How a list of tensors is reduced (see `Plan`).
 IMPLEMENTATIONS = ("flat", "stream", "foreach")
 # "flat" below this many elements per tensor on average: reducing one kernel at a time is all
-# per-call overhead there (benchmarks/RESULTS.md, "Wide model").
+# per-call overhead there (benchmarks/RESULTS.md, "Targets missed, and why": the 2,000-tensor model).
 FLAT_MAX_MEAN_NUMEL = 1024
 # "stream" from this many elements per tensor on average: BLAS `dot` reads a CPU tensor once at
 # memory speed, faster than `_foreach_norm` there; below it the Python loop of calls dominates.
@@ -226,11 +226,6 @@ def _sum_of_squares(t: torch.Tensor) -> torch.Tensor:
 
 
 _segment_cache: dict[tuple, torch.Tensor] = {}
-
-
-def flat_ok(tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether `tensors` would be flattened (see `Plan`)."""
-    return choose(tensors) == "flat"
 
 
 def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

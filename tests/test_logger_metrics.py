@@ -403,7 +403,7 @@ def test_flattened_reductions_match_the_per_tensor_ones():
         [torch.tensor([1.0, -8.0], dtype=torch.bfloat16), torch.tensor([0.5], dtype=torch.bfloat16)],
     ]
     for tensors in cases:
-        assert reductions.flat_ok(tensors)
+        assert reductions.choose(tensors) == "flat"
         flat_n, flat_m = reductions.norms_and_max_abs(tensors, cpu)
         flat_w = reductions.grouped_norms(tensors, cpu)
         seg = reductions.segments(tensors)
@@ -417,7 +417,7 @@ def test_flattened_reductions_match_the_per_tensor_ones():
         np.testing.assert_allclose(flat_w.numpy(), one_w.numpy(), rtol=rtol)
         np.testing.assert_array_equal(flat_m.numpy(), one_m.numpy())
     # Mixed dtypes or devices, sparse or integer tensors are never flattened.
-    assert not reductions.flat_ok([torch.zeros(2), torch.zeros(2, dtype=torch.float64)])
-    assert not reductions.flat_ok([torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long)])
-    assert not reductions.flat_ok([torch.zeros(2).to_sparse(), torch.zeros(2)])
-    assert not reductions.flat_ok([torch.zeros(2)])
+    assert reductions.choose([torch.zeros(2), torch.zeros(2, dtype=torch.float64)]) != "flat"
+    assert reductions.choose([torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long)]) != "flat"
+    assert reductions.choose([torch.zeros(2).to_sparse(), torch.zeros(2)]) != "flat"
+    assert reductions.choose([torch.zeros(2)]) != "flat"

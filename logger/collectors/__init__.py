@@ -7,8 +7,11 @@ on a logged step, says what it measured::
         def signature(self) -> Sequence[float]       # what ranks must agree on before reducing together
         def parts(self, step) -> list[Part]          # device tensors, under torch.no_grad(), no host sync
         def finish(self, step, host) -> list[Item]   # host-side derivations from every part's values
-        def late(self) -> list[tuple[int, list[Item]]]  # values of an earlier step known only now
+        def late(self) -> list[tuple[int, list[Part]]]  # values of an earlier step known only now
+        def clear(self) -> None                      # after every step(): forget what its forwards left
         def close(self) -> None                      # remove every hook; nothing outlives it
+
+Every method has a default that records nothing; a family overrides what it needs.
 
 `Diagnostics` calls `parts` on every collector, concatenates their values,
 moves them to the host in ONE copy and splits it by the lengths the parts
@@ -21,7 +24,12 @@ collectives. Reducing across ranks is the collector's own business, inside
 (`signature`), `self.ctx.device` where the values go.
 
 Adding a metric: its `MetricSpec` in `tb_diag_plugin/metadata.py`, and one
-`Part` (or `Item`) returned by the collector of its family.
+`Part` (or `Item`) returned by the collector of its family. A metric belongs
+to one collector (`host` is keyed by metric). A new family: a `Collector`
+subclass, registered in `Diagnostics.__init__` with `self._add(...)` (the
+order of registration is the order of writing). Everything a step writes
+passes `Diagnostics._emit`, where `Diagnostics.observers` see `(step, items)`
+first (in-process findings).
 """
 
 from __future__ import annotations
@@ -77,8 +85,9 @@ class Collector:
         """Items derived on the host from every part's values (`host[metric]`), on every rank."""
         return []
 
-    def late(self) -> list[tuple[int, list[Item]]]:
-        """(step, items) measured since the last call for an earlier step (the update ratio), once."""
+    def late(self) -> list[tuple[int, list[Part]]]:
+        """(step, parts) measured since the last call for an earlier step (the update ratio), once; they
+        ride in the next logged step's transfer, or get one of their own on other steps and at close()."""
         return []
 
     def clear(self) -> None:

@@ -171,7 +171,7 @@ def _blocked(m: torch.Tensor, v: torch.Tensor, thr: float) -> tuple[torch.Tensor
         r, w = root[:vb.numel()], work[:vb.numel()]
         torch.sqrt(vb, out=r)
         torch.sub(r, thr, out=w)
-        w.sign_().clamp_max_(0.0)  # -1 where sqrt(v) < thr, 0 elsewhere, NaN stays NaN
+        w.sign_().clamp_max_(0.0)  # -1 where sqrt(v) < thr, 0 elsewhere
         below.append(w.sum())
         r.add_(thr)
         torch.div(mb, r, out=r)
@@ -223,7 +223,7 @@ def adam_state(
             torch._foreach_copy_(work, root)
             torch._foreach_sub_(work, [thr[i] for i in chunk])
             torch._foreach_sign_(work)
-            torch._foreach_clamp_max_(work, 0.0)  # -1 where sqrt(v) < thr, 0 elsewhere (NaN stays NaN)
+            torch._foreach_clamp_max_(work, 0.0)  # -1 where sqrt(v) < thr, 0 elsewhere
             counts = torch.stack(torch._foreach_norm(work))  # L2^2 = count
             torch._foreach_add_(root, [thr[i] for i in chunk])
             torch._foreach_copy_(work, [m[i] for i in chunk])
@@ -240,7 +240,8 @@ def adam_state(
     numel = torch.tensor([float(k) for k in numels], dtype=torch.float64, device=out_device)
     fractions = (-below).round() / numel
     rms = squares.sqrt() * scale / numel.sqrt()
-    fractions = torch.where(scale.isnan(), torch.nan, fractions)
+    # Unknown is never a number: a NaN in the state (or no bias correction yet) makes both NaN.
+    fractions = torch.where(scale.isnan() | squares.isnan(), torch.nan, fractions)
     return [(EPS_FRACTION, names, fractions.to(torch.float32)), (UPDATE_RMS, names, rms.to(torch.float32))]
 
 

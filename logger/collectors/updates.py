@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from tb_diag_logger import cost, distributed, reductions
-from tb_diag_logger.collectors import Collector, Item
+from tb_diag_logger.collectors import Collector, Part
 
 UPDATE_RATIO = "update_ratio"
 
@@ -195,13 +195,13 @@ class UpdateRatio(Collector):
         result, self.result = self.result, None
         return result
 
-    def late(self) -> list[tuple[int, list[Item]]]:
-        """The ratio of the last logged step's optimizer step, once it has run (its own host copy)."""
+    def late(self) -> list[tuple[int, list[Part]]]:
+        """The ratio of the last logged step's optimizer step, once it has run."""
         result = self.take()
         if result is None:
             return []
         step, names, ratio = result
-        return [(step, [(UPDATE_RATIO, names, (), ratio.cpu().numpy())])]
+        return [(step, [Part(UPDATE_RATIO, names, ratio)])]
 
     def close(self) -> None:
         """Remove the optimizer hooks and drop the snapshot buffers."""

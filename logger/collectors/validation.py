@@ -15,7 +15,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import torch
 
-from tb_diag_logger.collectors import Collector, Item
+from tb_diag_logger.collectors import Collector, Part
 from tb_diag_logger.collectors.losses import check_scalar
 from tb_diag_plugin import metadata
 
@@ -67,7 +67,7 @@ class Validation(Collector):
     """`val_loss` and `val_metric` from `Diagnostics.evaluate()`: written at the evaluation's own step."""
 
     def __init__(self) -> None:
-        self._pending: list[tuple[int, list[Item]]] = []
+        self._pending: list[tuple[int, list[Part]]] = []
         self.last_step: Optional[int] = None  # evaluate() has its own order, apart from step()'s
 
     def record(self, step: int, loss: Any, metrics: Optional[Mapping[str, Any]]) -> None:
@@ -77,8 +77,9 @@ class Validation(Collector):
             raise ValueError(f"step must not decrease between evaluate() calls: got {step} after {self.last_step}")
         items = check_evaluation(loss, metrics)
         self.last_step = step
-        self._pending.append((step, evaluation_vectors(items)))
+        self._pending.append((step, [Part(metric, names, torch.from_numpy(values))
+                                     for metric, names, _, values in evaluation_vectors(items)]))
 
-    def late(self) -> list[tuple[int, list[Item]]]:
+    def late(self) -> list[tuple[int, list[Part]]]:
         pending, self._pending = self._pending, []
         return pending
