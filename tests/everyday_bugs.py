@@ -383,7 +383,7 @@ def _imbalanced(g: torch.Generator, weights: str) -> Training:
     counts = torch.bincount(y, minlength=2).float()
     w = counts / counts.sum() if weights == "inverted" else counts.sum() / (2 * counts)
     m = _mlp(16, 64, 2, nn.ReLU, out=2)
-    return _classify(m, torch.optim.Adam(m.parameters(), lr=1e-3), g, data=(x, y), val=True,
+    return _classify(m, torch.optim.Adam(m.parameters(), lr=1e-3), g, data=(x, y),
                      loss_fn=lambda out, t: F.cross_entropy(out, t, weight=w))
 
 
@@ -671,15 +671,23 @@ def gpt_no_zero_grad(g: torch.Generator) -> Training:
 
 # ===================================================================== fine-tuning, frozen backbone
 def _finetune(g: torch.Generator, *, replace: str) -> Training:
+    """A backbone pretrained (80 Adam steps, not logged) on the task, then frozen; a head trained on top."""
     _seed_model(g)
     m = _FrozenBackbone()
+    x, y = _teacher(g, n=4096)
+    pre = torch.optim.Adam(m.parameters(), lr=3e-3)
+    for _ in range(80):
+        idx = torch.randint(0, 4096, (64,), generator=g)
+        pre.zero_grad()
+        F.cross_entropy(m(x[idx]), y[idx]).backward()
+        pre.step()
     m.backbone.requires_grad_(False)
     if replace == "before":
         m.head = nn.Linear(64, 4)
     opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=3e-3)
     if replace == "after":  # a new head for the new classes, after the optimizer was built
         m.head = nn.Linear(64, 4)
-    return _classify(m, opt, g)
+    return _classify(m, opt, g, data=(x, y))
 
 
 def finetune_head_replaced_after_optimizer(g: torch.Generator) -> Training:
@@ -735,6 +743,10 @@ _BLOWUP = ("exploding_gradient", "nonfinite", "update_ratio", "loss_diverged", "
            "dead_relu", "loss_not_decreasing", "gradient_spike", "vanishing_gradient", "saturated_activation",
            "logit_growth", "overfitting")
 _CNN_BN = ("bn1", "bn2")
+# Cause words shared by several bugs.
+_PER_EPOCH = ("schedul", "per epoch|per batch|every batch|each batch")
+_NOT_HELD = ("optimizer", "never updated|in no optimizer|not in the optimizer|after replacing")
+_SPIKE = ("spike|jump|outlier", "clip")
 
 
 def _catalogue() -> dict[str, Bug]:
@@ -744,22 +756,22 @@ def _catalogue() -> dict[str, Bug]:
         B("healthy_mlp_loop", healthy_mlp_loop, family="mlp"),
         B("mlp_no_zero_grad", mlp_no_zero_grad, ("grad_not_reset",), allowed=_BLOWUP, cause=("zero_grad",),
           twin="healthy_mlp_loop", family="mlp"),
-        B("mlp_lr_int_zero", mlp_lr_int_zero, ("lr_zero",), allowed=_MISC_LR, cause=("learning rate",),
+        B("mlp_lr_int_zero", mlp_lr_int_zero, ("lr_zero",), allowed=_MISC_LR, cause=("learning rate", "zero|is 0"),
           twin="healthy_mlp_loop", family="mlp"),
         B("mlp_scheduler_per_batch", mlp_scheduler_per_batch, ("lr_collapsed",), allowed=_MISC_LR,
-          cause=("schedul",), twin="healthy_mlp_scheduler_per_epoch", family="mlp"),
+          cause=_PER_EPOCH, twin="healthy_mlp_scheduler_per_epoch", family="mlp"),
         B("healthy_mlp_scheduler_per_epoch", healthy_mlp_scheduler_per_epoch, family="mlp"),
         B("mlp_warmup_exponential", mlp_warmup_exponential, ("lr_unbounded",), allowed=_BLOWUP,
           cause=("learning rate", "schedul|grow|exponential"), twin="healthy_mlp_warmup_capped", family="mlp"),
         B("healthy_mlp_warmup_capped", healthy_mlp_warmup_capped, family="mlp"),
         B("mlp_softmax_into_cross_entropy", mlp_softmax_into_cross_entropy, ("output_loss_mismatch",),
           {"output_loss_mismatch": ("4",)}, allowed=("loss_not_decreasing", "underfitting"),
-          cause=("softmax",), twin="healthy_mlp_log_softmax_nll", family="mlp"),
+          cause=("softmax", "logits|crossentropy|cross_entropy"), twin="healthy_mlp_log_softmax_nll", family="mlp"),
         B("healthy_mlp_log_softmax_nll", healthy_mlp_log_softmax_nll, family="mlp",
           note="bait: log-probabilities from nn.LogSoftmax into nll_loss"),
         B("mlp_sigmoid_into_bce_with_logits", mlp_sigmoid_into_bce_with_logits, ("output_loss_mismatch",),
           {"output_loss_mismatch": ("4",)}, allowed=("loss_not_decreasing", "underfitting"),
-          cause=("sigmoid",), twin="healthy_mlp_bce_with_logits", family="mlp"),
+          cause=("sigmoid", "logits"), twin="healthy_mlp_bce_with_logits", family="mlp"),
         B("healthy_mlp_bce_with_logits", healthy_mlp_bce_with_logits, family="mlp"),
         B("mlp_unnormalised_inputs", mlp_unnormalised_inputs, ("dead_relu",), allowed=_BLOWUP,
           cause=("input",), twin="healthy_mlp_loop", family="mlp",
@@ -797,7 +809,7 @@ def _catalogue() -> dict[str, Bug]:
         # ---- residual
         B("healthy_resnet", healthy_resnet, family="residual"),
         B("resnet_scheduler_per_batch", resnet_scheduler_per_batch, ("lr_collapsed",), allowed=_MISC_LR,
-          cause=("schedul",), twin="healthy_resnet_scheduler_per_epoch", family="residual"),
+          cause=_PER_EPOCH, twin="healthy_resnet_scheduler_per_epoch", family="residual"),
         B("healthy_resnet_scheduler_per_epoch", healthy_resnet_scheduler_per_epoch, family="residual"),
         B("resnet_eval_before_training", resnet_eval_before_training, ("module_mode",),
           {"module_mode": ("blocks.0.4", "blocks.3.4")}, allowed=("overfitting",), cause=("train()",),
@@ -805,10 +817,10 @@ def _catalogue() -> dict[str, Bug]:
         B("resnet_no_zero_grad", resnet_no_zero_grad, ("grad_not_reset",), allowed=_BLOWUP,
           cause=("zero_grad",), twin="healthy_resnet", family="residual"),
         # ---- recurrent
-        B("rnn_tanh_no_clip", rnn_tanh_no_clip, ("gradient_spike",), allowed=_BLOWUP, cause=("clip",),
+        B("rnn_tanh_no_clip", rnn_tanh_no_clip, ("gradient_spike",), allowed=_BLOWUP, cause=_SPIKE,
           twin="healthy_rnn_tanh_clipped", family="rnn"),
         B("healthy_rnn_tanh_clipped", healthy_rnn_tanh_clipped, family="rnn"),
-        B("lstm_no_clip", lstm_no_clip, ("gradient_spike",), allowed=_BLOWUP, cause=("clip",),
+        B("lstm_no_clip", lstm_no_clip, ("gradient_spike",), allowed=_BLOWUP, cause=_SPIKE,
           twin="healthy_lstm_clipped", family="rnn"),
         B("healthy_lstm_clipped", healthy_lstm_clipped, family="rnn"),
         B("lstm_padding_embedding_trains", lstm_padding_embedding_trains, (), twin="healthy_lstm_padding_idx",
@@ -819,10 +831,10 @@ def _catalogue() -> dict[str, Bug]:
         B("gpt_head_rebuilt_after_optimizer", gpt_head_rebuilt_after_optimizer, ("not_in_optimizer",),
           {"not_in_optimizer": ("head.weight",)},
           allowed=("loss_not_decreasing", "underfitting", "gradient_clipping"),
-          cause=("optimizer",), twin="healthy_gpt_loop", family="gpt"),
+          cause=_NOT_HELD, twin="healthy_gpt_loop", family="gpt"),
         B("gpt_softmax_into_cross_entropy", gpt_softmax_into_cross_entropy, ("output_loss_mismatch",),
           {"output_loss_mismatch": ("head",)}, allowed=("loss_not_decreasing", "gradient_clipping"),
-          cause=("softmax",), twin="healthy_gpt_loop", family="gpt"),
+          cause=("softmax", "logits|crossentropy|cross_entropy"), twin="healthy_gpt_loop", family="gpt"),
         B("gpt_diag_step_before_backward", gpt_diag_step_before_backward, (), warns=("backward",),
           twin="healthy_gpt_loop", family="gpt", note="no finding may fire: the warning at the call says it"),
         B("gpt_no_zero_grad", gpt_no_zero_grad, ("grad_not_reset",), allowed=_BLOWUP + ("gradient_clipping",),
@@ -831,10 +843,10 @@ def _catalogue() -> dict[str, Bug]:
         B("healthy_finetune_head_replaced_before", healthy_finetune_head_replaced_before, family="finetune"),
         B("finetune_head_replaced_after_optimizer", finetune_head_replaced_after_optimizer,
           ("not_in_optimizer",), {"not_in_optimizer": ("head.weight", "head.bias")},
-          allowed=("loss_not_decreasing", "underfitting"), cause=("optimizer",),
+          allowed=("loss_not_decreasing", "underfitting"), cause=_NOT_HELD,
           twin="healthy_finetune_head_replaced_before", family="finetune"),
         B("finetune_scheduler_per_batch", finetune_scheduler_per_batch, ("lr_collapsed",), allowed=_MISC_LR,
-          cause=("schedul",), twin="healthy_finetune_head_replaced_before", family="finetune"),
+          cause=_PER_EPOCH, twin="healthy_finetune_head_replaced_before", family="finetune"),
         # ---- AMP
         B("healthy_amp_unscale_then_clip", healthy_amp_unscale_then_clip, family="amp"),
         B("amp_clip_scaled_gradients", amp_clip_scaled_gradients, ("gradient_clipping",),
