@@ -338,6 +338,13 @@ def markdown(result: dict, command: str) -> str:
         "- `no_gradient` is a warning where the structure document says the optimizer holds the "
         "parameters; where it does not say (older recordings) it is info, since a frozen backbone looks "
         "the same. `overfitting` and `underfitting` need `diag.evaluate(step, loss=val_loss)`.",
+        "- Everyday bugs whose cause the logger does not record (labels paired with the wrong inputs, a "
+        "loader that repeats one batch, a target broadcast against the output, a loss summed instead of "
+        "averaged, Dropout's rate, inverted class weights, a padding row that trains) are labelled with the "
+        "symptom they show, or with nothing where the run looks healthy; they have no cause words and count "
+        "against the *cause named* share only in its denominator of broken runs.",
+        "- The recurrent twins are pytorch/examples' word_language_model recipe (SGD at lr 20, "
+        "clip_grad_norm_ at 0.25), which clips on most steps by design.",
         "",
         "## Every run", "", "| case | seed | expected | fired (warning/error) | verdict |",
               "|---|---|---|---|---|"]
