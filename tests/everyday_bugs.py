@@ -611,11 +611,18 @@ def healthy_lstm_padding_idx(g: torch.Generator) -> Training:
 
 
 # ===================================================================== small GPT
+class _ProbGPT(TinyGPT):
+    """TinyGPT whose forward returns probabilities (softmax added for sampling, and left in for training)."""
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return super().forward(t).softmax(-1)
+
+
 def _gpt(g: torch.Generator, *, rebuild_head: str = "", softmax: bool = False, diag_first: bool = False,
          zero_grad: bool = True) -> Training:
     """The small GPT on arithmetic sequences mod 32, AdamW, warm-up + cosine, clip 1.0."""
     _seed_model(g)
-    m = TinyGPT()
+    m = _ProbGPT() if softmax else TinyGPT()
     if rebuild_head == "before":
         m.head = nn.Linear(32, 32, bias=False)
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.1)
@@ -629,10 +636,7 @@ def _gpt(g: torch.Generator, *, rebuild_head: str = "", softmax: bool = False, d
         start = torch.randint(0, 32, (16, 1), generator=g)
         stride = torch.randint(1, 4, (16, 1), generator=g)
         seq = (start + stride * torch.arange(17)) % 32
-        out = m(seq[:, :-1])
-        if softmax:
-            out = out.softmax(-1)
-        ce = F.cross_entropy(out.reshape(-1, 32), seq[:, 1:].reshape(-1))
+        ce = F.cross_entropy(m(seq[:, :-1]).reshape(-1, 32), seq[:, 1:].reshape(-1))
         return ce, {"ce": ce}
 
     return Training(m, opt, loss, steps=steps, every=4, sched=sched,
@@ -651,8 +655,8 @@ def gpt_head_rebuilt_after_optimizer(g: torch.Generator) -> Training:
 
 
 def gpt_softmax_into_cross_entropy(g: torch.Generator) -> Training:
-    """The Softmax-then-CrossEntropy forum classic on a language model: ``logits.softmax(-1)`` (meant for
-    sampling) passed to F.cross_entropy."""
+    """The Softmax-then-CrossEntropy forum classic on a language model: ``.softmax(-1)`` added to the
+    model's forward for sampling, so training passes probabilities to F.cross_entropy."""
     return _gpt(g, softmax=True)
 
 
@@ -800,7 +804,8 @@ def _catalogue() -> dict[str, Bug]:
         # ---- CNN with BatchNorm
         B("healthy_cnn_eval_toggle", healthy_cnn_eval_toggle, family="cnn"),
         B("cnn_eval_never_undone", cnn_eval_never_undone, ("module_mode",), {"module_mode": _CNN_BN},
-          allowed=("loss_not_decreasing", "overfitting"), cause=("train()",), twin="healthy_cnn_eval_toggle",
+          allowed=("loss_not_decreasing", "overfitting", "dead_relu", "update_ratio"), cause=("train()",),
+          twin="healthy_cnn_eval_toggle",
           family="cnn"),
         B("cnn_validation_in_train_mode", cnn_validation_in_train_mode, ("module_mode",),
           {"module_mode": _CNN_BN}, cause=("eval()",), twin="healthy_cnn_eval_toggle", family="cnn"),
