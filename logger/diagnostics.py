@@ -42,6 +42,7 @@ from tb_diag_logger.cost import CostMeter, DiagnosticsCostWarning
 from tb_diag_logger.optimizers import unwrap_optimizer
 from tb_diag_logger.structure import module_tree
 from tb_diag_logger.summaries import SummarySink
+from tb_diag_plugin import metadata
 
 DEFAULT_EVERY = 20
 
@@ -56,6 +57,16 @@ class Diagnostics:
     since the previous ``step()`` call, the loss and its components, and the
     update ratio of the optimizer step that follows. Other steps cost
     nothing: the forward hooks return at once and no tensor is touched.
+
+    Between logged steps, every ``step()`` updates a few device-side
+    accumulators without a host synchronisation (the loss's maximum and
+    minimum, the gradient norm's maximum when it is known, the first
+    non-finite step), read with the next logged step. On logged steps the
+    loop's wiring is checked: whether the gradients were reset since the
+    previous optimizer step (``grad_carried``), modules in the wrong mode,
+    optimizer tensors that are not the model's; a ``step()`` called where
+    no parameter has a gradient (before ``backward()``) warns once and
+    records no gradient metrics for that step (collectors/wiring.py).
 
     Gradient accumulation: run the forward/backward passes of all
     micro-batches, then call ``step()`` once, before ``optimizer.step()``.
@@ -328,7 +339,7 @@ class Diagnostics:
         A step() called where no parameter has a gradient (before backward()) warns once at the user's
         call, and that step records no gradient metrics (`StepContext.grads_valid`)."""
         try:
-            total = next((v for n, v in self._losses.items if n == "total"), None)  # `loss=` (check_losses)
+            total = next((v for n, v in self._losses.items if n == metadata.TOTAL_LOSS), None)  # `loss=` (check_losses)
             self._between.observe(step, total, self._preclip.value)
             problem = self._wiring.order_problem()
         except Exception as e:

@@ -29,7 +29,7 @@ HEADLINES = {
     "gradient_spike": ("Gradient spikes: ",),
     "vanishing_gradient": ("Vanishing gradients: ", "Bias without effect: "),
     "no_gradient": ("No gradient: ",),
-    "gradient_clipping": ("Clipping on most steps: ",),
+    "gradient_clipping": ("Clipping on most steps: ", "Clipping scaled gradients: "),
     "dead_relu": ("Dead ReLUs: ",),
     "saturated_activation": ("Saturated activations: ", "Confident outputs: "),
     "logit_growth": ("Logits growing: ",),
@@ -238,7 +238,7 @@ def test_recurrent_gradient_spikes_name_the_tensor_and_a_clip_threshold():
          "grad_norm": _series("grad_norm", ["rnn.weight_hh_l0", "fc.weight"], per)}
     f = _one(analyze(s, model=LSTM)[0], "gradient_spike")
     assert f.severity == "warning" and f.layers[0] == "rnn.weight_hh_l0" and "fc.weight" not in f.layers
-    assert f.message.startswith("Gradient spikes: the total gradient norm jumped to from")
+    assert f.message.startswith("Gradient spikes: the total gradient norm jumped to between")
     assert "spike score" in f.message
     clip = float(f.suggestion.split("clip_grad_norm_(model.parameters(), ")[1].split(")")[0])
     calm = np.delete(tot, np.arange(15, n, 15))
@@ -282,6 +282,39 @@ def test_one_tensor_spiking_far_above_its_median_is_named_even_when_the_total_hi
     assert f.layers == ["rnn.weight_hh_l0"] and f.first_step == 600
     ratio = 19.2 / np.exp(np.median(np.log(rec[40:60])))  # against the median of the 20 logged steps before
     assert f"'rnn.weight_hh_l0' jumped to up to {fmt(ratio)}× their own running median" in f.message
+
+
+def test_clipping_before_unscale_under_amp_names_unscale():
+    n = 20
+    scale = np.full(n, 65536.0)
+    pre = 65536.0 * np.full(n, 1.1)  # the scaled gradients' norm
+    s = {"grad_norm_preclip": _series("grad_norm_preclip", [""], pre),
+         "grad_norm_total": _series("grad_norm_total", [""], np.full(n, 1.0)),
+         "amp_scale": _series("amp_scale", [""], scale)}
+    f = _one(analyze(s)[0], "gradient_clipping")
+    assert f.severity == "error" and "scaler.unscale_(optimizer)" in f.suggestion
+    s["grad_norm_preclip"] = _series("grad_norm_preclip", [""], np.full(n, 1.5))  # unscaled: clipping on most steps
+    f = _one(analyze(s)[0], "gradient_clipping")
+    assert f.severity == "warning" and f.message.startswith("Clipping on most steps: ")
+
+
+def test_a_clipped_recurrent_language_model_that_learns_is_not_warned_about_its_recipe():
+    # word_language_model's defaults: SGD at lr 20 with clip 0.25, so every step is clipped and moves the
+    # weights by ~20 % of their norm, while the loss falls.
+    n = 50
+    names = ["rnn.weight_hh_l0", "fc.weight"]
+    s = {"grad_norm_preclip": _series("grad_norm_preclip", [""], np.full(n, 0.6)),
+         "grad_norm_total": _series("grad_norm_total", [""], np.full(n, 0.25)),
+         "update_ratio": _series("update_ratio", names, np.full((n, 2), 0.2)),
+         "weight_norm": _series("weight_norm", names, np.ones((n, 2))),
+         "loss": _series("loss", ["total"], np.linspace(6.0, 4.5, n))}
+    kinds = _kinds(analyze(s, model=LSTM)[0])
+    assert kinds["gradient_clipping"] == "info" and kinds["update_ratio"] == "info"
+    # The same numbers in a model without recurrence, or with a loss that does not fall, are warnings.
+    assert _kinds(analyze(s)[0])["gradient_clipping"] == "warning"
+    s["loss"] = _series("loss", ["total"], np.full(n, 6.0))
+    kinds = _kinds(analyze(s, model=LSTM)[0])
+    assert kinds["gradient_clipping"] == "warning" and kinds["update_ratio"] == "warning"
 
 
 # ---------------------------------------------------------------- loss jumps, and what NaN may claim

@@ -147,8 +147,8 @@ class BetweenSteps(Collector):
                 lo_t = torch.fmin(lo_t, self._loss_min.to(device))
             none = hi_t == -math.inf  # only NaN losses
             out += [
-                Part(LOSS_MAX, ["total"], hi_t.masked_fill(none, math.nan)),
-                Part(LOSS_MIN, ["total"], lo_t.masked_fill(none, math.nan)),
+                Part(LOSS_MAX, [metadata.TOTAL_LOSS], hi_t.masked_fill(none, math.nan)),
+                Part(LOSS_MIN, [metadata.TOTAL_LOSS], lo_t.masked_fill(none, math.nan)),
             ]
         first = _state(self._host_first, device)
         if self._first is not None:

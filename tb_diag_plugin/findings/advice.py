@@ -87,8 +87,13 @@ def saturated(model: ModelInfo) -> str:
             "ReLU/GELU do not saturate.")
 
 
-def lr_too_high(model: ModelInfo, lr_text: str, factor: str) -> str:
-    """Updates far larger than ~1e-3 of the weights."""
+def lr_too_high(model: ModelInfo, lr_text: str, factor: str, clipping: bool = False) -> str:
+    """Updates far larger than ~1e-3 of the weights (`clipping`: the run already clips)."""
+    if model.known and not clipping and any(t in GATED_TYPES for t in model.module_types.values()):
+        # Recurrent nets at a large SGD rate learn fine once clipped (word_language_model: lr 20, clip 0.25).
+        return (f"Clip the gradient norm before optimizer.step() (torch.nn.utils.clip_grad_norm_(params, 0.25), as "
+                f"recurrent nets need: their gradients spike), or lower the learning rate{lr_of(model, lr_text)} "
+                f"about {factor}×.")
     extra = "warm-up and gradient clipping"
     if model.known and model.adam_family:
         extra = f"warm-up and gradient clipping ({model.optimizer} usually runs at 1e-4 to 3e-3)"

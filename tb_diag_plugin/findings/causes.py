@@ -42,7 +42,7 @@ def fold_symptoms(ctx: Context) -> None:
             f.kind, "info", f.layers, f.first_step, f.last_step,
             f"{f.message} Probably a consequence of {_lower(headline(cause))} (the {cause.kind} finding, "
             f"from step {cause.first_step}).",
-            f"Fix the {cause.kind} finding first. " + f.suggestion,
+            f"Fix the {cause.kind} finding first. " + f.suggestion, f.steps,
         )
 
 

@@ -14,7 +14,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from tb_diag_plugin import metadata
-from tb_diag_plugin.findings.model_info import ModelInfo
+from tb_diag_plugin.findings.model_info import GATED_TYPES, ModelInfo
 from tb_diag_plugin.findings.series import Series
 from tb_diag_plugin.findings.thresholds import Thresholds
 
@@ -54,6 +54,7 @@ class Finding:
     last_step: int
     message: str
     suggestion: str
+    steps: Optional[list[int]] = None  # the steps of discrete events (loss_spike: each spike), else None
 
     def to_dict(self, run: str) -> dict:
         """JSON-safe dict with exactly the keys of DESIGN.md's `report --json`."""
@@ -66,6 +67,7 @@ class Finding:
             "last_step": int(self.last_step),
             "message": self.message,
             "suggestion": self.suggestion,
+            **({"steps": [int(s) for s in self.steps]} if self.steps is not None else {}),
         }
 
 
@@ -122,14 +124,16 @@ class Context:
         return steps, vals
 
     def add(self, kind: str, severity: str, layers: Sequence[str], first: int, last: int, message: str,
-            suggestion: str) -> None:
-        """Report a finding; ValueError for a kind or severity the running rule did not declare."""
+            suggestion: str, steps: Optional[Sequence[int]] = None) -> None:
+        """Report a finding (`steps`: the steps it marks, loss_spike only); ValueError for a kind or
+        severity the running rule did not declare."""
         allowed = self.rule.severities if self.rule is not None else metadata.SEVERITIES
         if severity not in allowed:
             raise ValueError(f"finding {kind!r}: severity {severity!r} is not one of {list(allowed)}")
         if self.rule is not None and kind not in self.rule.kinds:
             raise ValueError(f"rule {self.rule.name!r} reported {kind!r}, which it does not declare")
-        self.findings.append(Finding(kind, severity, unique(layers), int(first), int(last), message, suggestion))
+        self.findings.append(Finding(kind, severity, unique(layers), int(first), int(last), message, suggestion,
+                                     None if steps is None else [int(s) for s in steps]))
         self.rule_of.append(self.rule)
 
     def in_model_order(self, names: Sequence[str]) -> list[str]:
@@ -302,6 +306,37 @@ def lr_text(ctx: Context) -> str:
     first = first[np.isfinite(first)]
     climbs = first.size and float(first.max()) == lo and hi >= 100 * max(lo, 1e-30)
     return f" (scheduled {'to climb ' if climbs else ''}from {fmt(lo)} to {fmt(hi)})"
+
+
+def clipped_share(ctx: Context) -> Optional[float]:
+    """The share of logged steps (before the cutoff) whose gradient norm clipping changed, or None."""
+    pre, post = ctx.series.get("grad_norm_preclip"), ctx.series.get("grad_norm_total")
+    if pre is None or post is None or not pre.steps.size or not post.steps.size:
+        return None
+    psteps, pv = ctx.before_cutoff(pre)
+    qsteps, qv = ctx.before_cutoff(post)
+    _, pi, qi = np.intersect1d(psteps, qsteps, return_indices=True)
+    p, q = pv[pi, 0], qv[qi, 0]
+    ok = np.isfinite(p) & np.isfinite(q) & (p > 0)
+    if ok.sum() < ctx.th.clip_min_points:
+        return None
+    return float((q[ok] < p[ok] * (1 - 1e-3)).mean())
+
+
+def clipping_by_design(ctx: Context) -> bool:
+    """A recurrent model whose gradients are clipped (on some logged step) while its loss falls: the recipe
+    of RNN language models (SGD at lr ~20 with clip 0.25, pytorch/examples' word_language_model), where the
+    clip threshold is meant to bound the step size."""
+    if not any(t in GATED_TYPES for t in ctx.model.module_types.values()):
+        return False
+    share = clipped_share(ctx)
+    got = loss_total(ctx)
+    if not share or got is None or got[1].size < ctx.th.loss_min_points:
+        return False
+    v = got[1]
+    w = window(v.size, ctx.th)
+    start, end = float(np.median(v[:w])), float(np.median(v[-w:]))
+    return start > 0 and end <= (1 - ctx.th.loss_min_decrease) * start
 
 
 def total_grad(ctx: Context) -> Optional[tuple[np.ndarray, np.ndarray]]:

@@ -210,7 +210,18 @@ class Thresholds:
     gradient_clipping
         clip_share (0.5): clipping (grad_norm_total below grad_norm_preclip
             by more than 0.1 %) changed at least half of the logged steps ...
-        clip_min_points (5): ... of at least this many. The healthy GPTs
+        clip_min_points (5): ... of at least this many.
+        (by design) a recurrent model (LSTM/GRU/RNN) whose gradients are
+            clipped while its loss falls by loss_min_decrease is the
+            recipe of RNN language models (pytorch/examples'
+            word_language_model: SGD at lr 20, clip 0.25): clipping, and the
+            large update ratios it sets (0.12-0.22 median there), are info.
+        clip_scaled_share (1e-3): under AMP, a pre-clip norm whose median is
+            at least this share of the median loss scale is of the scaled
+            gradients (clip_grad_norm_ before scaler.unscale_): an error, the
+            updates shrink by the scale. Unscaled gradient norms are O(1)
+            against scales of 2^10 to 2^16 (1e-5 to 1e-3 of them); scaled
+            ones are 0.1-10x the scale. The healthy GPTs
             with clip 1.0 at lr 6e-4 and 3e-3 clipped 0 % of their steps
             (pre-clip norm p90 0.61-0.62); at lr 1 the pre-clip norm's median
             was 49.
@@ -358,6 +369,7 @@ class Thresholds:
     decay_collapse: float = 0.1
     clip_share: float = 0.5
     clip_min_points: int = 5
+    clip_scaled_share: float = 1e-3
     logit_max: float = 100.0
     logit_growth: float = 10.0
     adam_eps_fraction: float = 0.5

@@ -18,7 +18,6 @@ from tb_diag_plugin.findings.context import (
     loss_total,
     lr_text,
     quiet,
-    span,
     weights_over_start,
     window,
 )
@@ -100,9 +99,10 @@ def _weight_norm_growth(ctx: Context) -> None:
     fast = _fastest_tenfold(steps, growth[:, hit])
     ctx.add(
         "weight_norm_growth", severity, layers, int(steps[onset]), int(steps[-1]),
-        f"Weight norms run away: {len(layers)} tensor(s) ({layer_list(layers)}) at "
-        f"{span(float(np.min(tail[hit])), float(np.max(tail[hit])))}× their start at the end "
-        f"(up to {fmt(worst)}×){fast}; healthy runs stay under 2×.",
+        f"Weight norms run away: {len(layers)} tensor(s) ({layer_list(layers)}) end at "
+        + (f"{fmt(float(np.min(tail[hit])))}×" if len(hit) == 1 else
+           f"between {fmt(float(np.min(tail[hit])))}× and {fmt(float(np.max(tail[hit])))}×")
+        + f" their start (up to {fmt(worst)}×){fast}; healthy runs stay under 2×.",
         f"The updates are too large for these weights: lower the learning rate"
         f"{advice.lr_of(ctx.model, lr_text(ctx))}, add weight decay and gradient clipping.",
     )

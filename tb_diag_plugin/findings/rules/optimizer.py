@@ -12,6 +12,7 @@ from tb_diag_plugin.findings.context import (
     CUTOFF,
     Context,
     Rule,
+    clipping_by_design,
     fmt,
     is_bias,
     layer_list,
@@ -117,6 +118,30 @@ def _gradient_clipping(ctx: Context) -> None:
     p50, p90 = float(np.median(p)), float(np.percentile(p, 90))
     limit = float(np.median(q[clipped]))
     hit = np.flatnonzero(clipped)
+    scale = ctx.series.get("amp_scale")
+    s50 = float(quiet(np.nanmedian, ctx.before_cutoff(scale)[1])) if scale is not None and scale.steps.size else 0.0
+    if s50 >= 2 and p50 >= th.clip_scaled_share * s50:
+        # Under a GradScaler the .grad tensors hold loss-scale x the gradient until scaler.unscale_(): a pre-clip
+        # norm of the loss scale's order is that product, so clipping cuts the true gradient by the scale.
+        ctx.add(
+            "gradient_clipping", "error", ["grad_norm_preclip"], int(common[hit[0]]), int(common[hit[-1]]),
+            f"Clipping scaled gradients: the pre-clip norm (median {fmt(p50)}) is of the order of the AMP loss "
+            f"scale ({fmt(s50)}), so clip_grad_norm_ sees the gradients still multiplied by it and cuts every step "
+            f"({int(clipped.sum())} of {common.size} logged steps) to ~{fmt(limit)}: the updates shrink by the scale.",
+            "Call scaler.unscale_(optimizer) after scaler.scale(loss).backward() and before clip_grad_norm_, then "
+            "scaler.step(optimizer) and scaler.update().",
+        )
+        return
+    if clipping_by_design(ctx):
+        ctx.add(
+            "gradient_clipping", "info", ["grad_norm_preclip"], int(common[hit[0]]), int(common[hit[-1]]),
+            f"Clipping on most steps: gradient clipping changed {int(clipped.sum())} of {common.size} logged steps "
+            f"(pre-clip norm median {fmt(p50)}, cut to ~{fmt(limit)}) in a recurrent model whose loss falls: the "
+            "usual recipe for recurrent language models, where the clip threshold sets the step size.",
+            f"Nothing to fix while the loss falls. To let the learning rate set the step instead, clip near the "
+            f"pre-clip norm's 90th percentile (clip_grad_norm_(params, {fmt(p90)})).",
+        )
+        return
     ctx.add(
         "gradient_clipping", "warning", ["grad_norm_preclip"], int(common[hit[0]]), int(common[hit[-1]]),
         f"Clipping on most steps: gradient clipping changed {int(clipped.sum())} of {common.size} logged steps "
@@ -235,8 +260,9 @@ def _logit_growth(ctx: Context) -> None:
 NO_GRADIENT = Rule("no_gradient", ("no_gradient",), ("grad_missing", "grad_norm", "weight_norm"), _no_gradient,
                    after=CUTOFF + ("dead_relu",), severities=("warning", "info"))
 GRADIENT_CLIPPING = Rule("gradient_clipping", ("gradient_clipping",),
-                         ("grad_norm_preclip", "grad_norm_total", "learning_rate"), _gradient_clipping, after=CUTOFF,
-                         severities=("warning",))
+                         ("grad_norm_preclip", "grad_norm_total", "learning_rate", "amp_scale", "loss"),
+                         _gradient_clipping,
+                         after=CUTOFF, severities=("error", "warning", "info"))
 # eps swamps the update wherever the gradient itself is (near) zero: dead units, a gradient that
 # vanished or never arrives, a learning rate at zero; those are the cause, not eps.
 ADAM_EPS = Rule("adam_eps", ("adam_eps",), ("adam_eps_fraction", "grad_norm", "grad_missing"), _adam_eps,

@@ -115,7 +115,7 @@ def _gradient_spike(ctx: Context) -> None:
         rs = [r for _, r in global_hits]
         worst = max(global_hits, key=lambda t: t[1])
         at = ", ".join(str(s) for s, _ in global_hits[:5]) + (" ..." if len(global_hits) > 5 else "")
-        size = f"{fmt(min(rs))}×" if len(rs) == 1 else f"from {fmt(min(rs))}× to {fmt(max(rs))}×"
+        size = f"{fmt(min(rs))}×" if len(rs) == 1 else f"between {fmt(min(rs))}× and {fmt(max(rs))}×"
         parts.append(f"the total gradient norm jumped to {size} its running median on {len(global_hits)} of "
                      f"{steps.size} logged steps (spike score {pct(len(global_hits) / max(1, steps.size))}; steps "
                      f"{at}), the largest at step {worst[0]}")

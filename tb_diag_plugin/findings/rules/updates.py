@@ -12,6 +12,7 @@ from tb_diag_plugin.findings.context import (
     CUTOFF,
     Context,
     Rule,
+    clipping_by_design,
     fmt,
     is_bias,
     lr_text,
@@ -65,7 +66,7 @@ def _update_ratio(ctx: Context) -> None:
         ctx.add(
             "update_ratio", "warning", names, int(steps[0]), at,
             f"Updates too large: the median weight tensor's norm grew {fmt(g)}× by step {at} "
-            f"(healthy runs: under 2x); update ratios median {fmt(float(np.nanmedian(med)))}, "
+            f"(healthy runs: under 2×); update ratios median {fmt(float(np.nanmedian(med)))}, "
             f"up to {fmt(float(np.nanmax(med)))}.",
             f"The learning rate{advice.lr_of(ctx.model, lr_text(ctx))} is too high: lower it about 10×, "
             "or add weight decay, warm-up and gradient clipping.",
@@ -77,14 +78,19 @@ def _update_ratio(ctx: Context) -> None:
         per = quiet(np.nanmedian, uv[hit], axis=0)
         layers = [n for n, r in zip(names, per) if r > th.update_ratio_high] or names
         peak = float(np.nanmax(med[hit]))
+        severity = "error" if peak >= 1.0 else "warning"
+        if severity == "warning" and clipping_by_design(ctx):
+            severity = "info"  # lr x clip threshold is the step a clipped recurrent LM is meant to take
         ctx.add(
-            "update_ratio", "error" if peak >= 1.0 else "warning", layers, int(steps[hit[0]]), int(steps[hit[-1]]),
+            "update_ratio", severity, layers, int(steps[hit[0]]), int(steps[hit[-1]]),
             f"Updates too large: the median weight tensor changes by {fmt(float(np.median(med[hit])))} of its "
             f"norm per step (up to {fmt(peak)}) on {hit.size} of {steps.size} logged steps; healthy is ~1e-3.",
             advice.lr_too_high(ctx.model, lr_text(ctx),
-                               fmt(10 ** max(1, round(math.log10(max(peak, 1e-12) / 1e-3) - 0.5)))),
+                               fmt(10 ** max(1, round(math.log10(max(peak, 1e-12) / 1e-3) - 0.5))),
+                               "grad_norm_preclip" in ctx.series),
         )
-        ctx.mark_primary()
+        if severity != "info":
+            ctx.mark_primary()
         return
 
     # Too small: even the fastest-moving tensor barely moves, on most of the run.
@@ -138,8 +144,9 @@ def _has_grad(ctx: Context, steps: np.ndarray, names: list[str]) -> np.ndarray:
 
 
 UPDATE_RATIO = Rule(
-    "update_ratio", ("update_ratio",), ("update_ratio", "weight_norm", "grad_norm", "learning_rate"),
-    _update_ratio, after=CUTOFF, severities=("error", "warning"),
+    "update_ratio", ("update_ratio",),
+    ("update_ratio", "weight_norm", "grad_norm", "learning_rate", "grad_norm_preclip", "grad_norm_total", "loss"),
+    _update_ratio, after=CUTOFF, severities=("error", "warning", "info"),
     consequence_of=("weight_decay_equilibrium", "lr_unbounded", "grad_not_reset", "lr_zero", "lr_collapsed",
                     "not_in_optimizer"),
 )
