@@ -40,13 +40,11 @@ TRAINED = (
 )
 
 # What each trained case still waits for, with rules22 and wiring22 merged (branch: what is missing).
+# amp_clip_scaled_gradients and healthy_rnn_tanh_clipped left this list with rules22's 710d256/a52e72f.
 # Keep it true: these are strict xfails. Before that merge, every wiring bug here waited too.
 WAITS = {
-    "amp_clip_scaled_gradients": "rules22 (gradient_clipping fires; its words do not say to unscale_ first)",
     "rnn_tanh_no_clip": "wiring22/rules22 (grad_norm_max_between is NaN unless the per-step norm is asked "
                         "for, and 0-1 spikes fall on logged steps: gradient_spike needs 2)",
-    "healthy_rnn_tanh_clipped": "rules22 (word_language_model's lr 20 + clip 0.25 draws gradient_clipping "
-                                "and update_ratio warnings)",
 }
 
 
