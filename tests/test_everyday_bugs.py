@@ -1,0 +1,132 @@
+"""The catalogue of everyday loop bugs (`tests/everyday_bugs.py`, issue 22 point 6).
+
+The catalogue's shape is checked without training; a handful of its cases
+are trained at seed 0 through the real logger, read back as `tb-diag report`
+reads them, and judged on their labels: the labelled kinds fire (warning or
+error) on the labelled layers, nothing outside `kinds` + `allowed` fires, the
+expected `DiagnosticsWarning` is raised, and the most severe finding names the
+cause in its words. Healthy twins must produce nothing above info. Cases that
+today's rules or logger cannot get right yet are listed in `WAITS` with the
+branch they wait for; they run as strict xfails, so a case that starts passing
+fails the test until it is taken off the list.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+
+import pytest
+import torch
+
+from everyday_bugs import BROKEN, BUGS, HEALTHY, Bug, names_cause, train
+from tb_diag_logger import DiagnosticsWarning
+from tb_diag_plugin import findings, metadata
+from tb_diag_plugin.findings.context import Finding
+from tb_diag_plugin.reading import LocalReader
+
+# The kinds issue 22 names (BRANCHES.md); rules22 adds them to metadata.FINDING_KINDS.
+NEW_KINDS = ("not_in_optimizer", "grad_not_reset", "module_mode", "lr_collapsed", "lr_unbounded", "lr_zero",
+             "output_loss_mismatch", "gradient_spike")
+
+# Trained at seed 0 by `test_case_at_seed_0`.
+TRAINED = (
+    "healthy_mlp_loop", "healthy_mlp_log_softmax_nll", "healthy_cnn_eval_toggle",
+    "healthy_finetune_head_replaced_before", "healthy_amp_unscale_then_clip",
+    "mlp_labels_off_by_one", "regression_broadcast_target", "regression_loss_summed",
+    "mlp_no_zero_grad", "mlp_scheduler_per_batch", "mlp_lr_int_zero", "mlp_softmax_into_cross_entropy",
+    "cnn_eval_never_undone", "finetune_head_replaced_after_optimizer", "amp_clip_scaled_gradients",
+    "gpt_diag_step_before_backward", "rnn_tanh_no_clip", "healthy_rnn_tanh_clipped",
+)
+
+# What each trained case still waits for, with rules22 and wiring22 merged (branch: what is missing).
+# amp_clip_scaled_gradients and healthy_rnn_tanh_clipped left this list with rules22's 710d256/a52e72f.
+# Keep it true: these are strict xfails. Before that merge, every wiring bug here waited too.
+WAITS = {
+    "rnn_tanh_no_clip": "wiring22/rules22 (grad_norm_max_between is NaN unless the per-step norm is asked "
+                        "for, and 0-1 spikes fall on logged steps: gradient_spike needs 2)",
+}
+
+
+# ------------------------------------------------------------------ the catalogue's shape
+def test_catalogue_size_and_families():
+    assert len(BROKEN) >= 25 and len(HEALTHY) >= 10
+    families = {BUGS[n].family for n in BROKEN}
+    assert {"mlp", "cnn", "residual", "rnn", "gpt", "finetune", "amp"} <= families
+
+
+def test_every_label_is_a_known_kind_and_every_twin_exists():
+    known = set(metadata.FINDING_KINDS) | set(NEW_KINDS)
+    for name, bug in BUGS.items():
+        assert set(bug.kinds) | set(bug.allowed) <= known, name
+        assert set(bug.layers) <= set(bug.kinds), name
+        if bug.twin:
+            assert BUGS[bug.twin].healthy, (name, bug.twin)
+        if not bug.healthy:
+            # A bug says what must be found, or why its cause cannot be seen, and names its source.
+            assert bug.kinds or bug.warns or bug.beyond, name
+            assert len(inspect.getdoc(bug.build) or "") > 40, name
+    # Each wiring kind of issue 22 has a labelled bug.
+    labelled = {k for n in BROKEN for k in BUGS[n].kinds}
+    assert set(NEW_KINDS) <= labelled
+
+
+def test_waits_names_only_trained_cases():
+    assert set(WAITS) <= set(TRAINED) and set(TRAINED) <= set(BUGS)
+
+
+def _finding(severity: str, message: str, suggestion: str = "", kind: str = "loss_not_decreasing") -> Finding:
+    return Finding(kind, severity, [], 0, 1, message, suggestion)
+
+
+def test_names_cause_reads_only_the_most_severe_findings():
+    bug = BUGS["mlp_no_zero_grad"]
+    assert bug.cause == ("zero_grad",)
+    named = _finding("warning", "Gradients never reset", "call optimizer.zero_grad() before backward()")
+    assert names_cause(bug, [named])
+    # An error elsewhere outranks it: the user reads the error first.
+    assert not names_cause(bug, [named, _finding("error", "Exploding gradients in 0.weight")])
+    assert not names_cause(bug, [_finding("info", "zero_grad missing?")])
+    either = Bug("x", bug.build, ("lr_unbounded",), cause=("learning rate", "schedul|exponential"))
+    assert names_cause(either, [_finding("error", "Learning rate grows exponentially")])
+    assert not names_cause(either, [_finding("error", "Learning rate is large")])
+
+
+# ------------------------------------------------------------------ trained at seed 0
+def _judge(bug: Bug, found: list, said: list[str]) -> list[str]:
+    """What is wrong with a run against its labels (empty: nothing)."""
+    fired: dict[str, set[str]] = {}
+    for f in found:
+        if f.severity in ("warning", "error"):
+            fired.setdefault(f.kind, set()).update(f.layers)
+    if bug.healthy:
+        return [f"{f.kind} at {f.severity}" for f in found if f.severity != "info"]
+    problems = [f"missed {k}" for k in bug.kinds if k not in fired]
+    problems += [f"{k} misses layers {sorted(set(bug.layers.get(k, ())) - fired[k])}"
+                 for k in bug.kinds if k in fired and not set(bug.layers.get(k, ())) <= fired[k]]
+    problems += [f"false alarm {k}" for k in fired if k not in bug.kinds and k not in bug.allowed]
+    text = " ".join(said).lower()
+    problems += [f"no DiagnosticsWarning naming {w!r}" for w in bug.warns if w.lower() not in text]
+    if bug.cause and not names_cause(bug, found):
+        problems.append(f"no severe finding names the cause {bug.cause}")
+    return problems
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.xfail(reason="waits for " + WAITS[n], strict=True)) if n in WAITS else n
+    for n in TRAINED
+])
+def test_case_at_seed_0(name, tmp_path):
+    bug = BUGS[name]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train(bug, str(tmp_path), seed=0)
+    finally:
+        torch.set_num_threads(threads)
+    said = [str(w.message) for w in caught if issubclass(w.category, DiagnosticsWarning)]
+    reader = LocalReader(str(tmp_path))
+    found, _ = findings.analyze(reader.series(name), model=findings.ModelInfo.from_structure(reader.structure(name)))
+    assert _judge(bug, found, said) == []
