@@ -130,7 +130,10 @@ class Diagnostics:
         grad_norm_every_step: measure the global gradient norm at every
             step, for ``grad_norm_max_between`` (one pass over the
             gradients per step); without it that metric comes from
-            ``step(grad_norm=)`` only, NaN when not passed.
+            ``step(grad_norm=)`` only, NaN when not passed. None (the
+            default): on for recurrent models (an ``nn.RNNBase`` inside),
+            whose gradient spikes fall between logged steps and whose
+            steps make the extra pass cheap, off otherwise.
         impl: for tests and benchmarks, how parameter norms are reduced
             (``"flat"``, ``"stream"`` or ``"foreach"``, see
             ``reductions.Plan``); None chooses per parameter layout.
@@ -155,7 +158,7 @@ class Diagnostics:
         activations: bool = True,
         update_ratio: bool = True,
         write_rank: int = 0,
-        grad_norm_every_step: bool = False,
+        grad_norm_every_step: Optional[bool] = None,
         impl: Optional[str] = None,
     ) -> None:
         outer = model
@@ -164,8 +167,8 @@ class Diagnostics:
         check_output(writer, logdir, write_rank)
         check_scaler(scaler)
         reductions.choose([], impl)  # a ValueError naming the choices, not a warning on a logged step
-        if not isinstance(grad_norm_every_step, bool):
-            raise TypeError(f"grad_norm_every_step must be a bool, got {grad_norm_every_step!r}")
+        if grad_norm_every_step is not None and not isinstance(grad_norm_every_step, bool):
+            raise TypeError(f"grad_norm_every_step must be a bool or None, got {grad_norm_every_step!r}")
         engine = managed_by_engine(outer, optimizer)  # issue 22: before the wrappers are unwrapped
         optimizer = unwrap_optimizer(optimizer) if optimizer is not None else None  # hooks go on the real one
         selected = Selection(_patterns(include, "include"), _patterns(exclude, "exclude"))
@@ -218,6 +221,8 @@ class Diagnostics:
         self._wiring = self._add(WiringChecks(self.model, self._params, optimizer, self._report, hook_on=root,
                                               engine=engine or managed_by_engine(params=self._params)))
         self._wiring.arm(True)  # the first step may be a logged one
+        if grad_norm_every_step is None:
+            grad_norm_every_step = any(isinstance(m, nn.RNNBase) for m in self.model.modules())
         self._between = self._add(BetweenSteps(self._params, measure_grad_norm=grad_norm_every_step, amp=amp))
         # --- end of issue 22
         if distributed.initialized():

@@ -354,6 +354,40 @@ def test_python_float_losses_count_too(tmp_path):
     assert close(at(series, "loss_min_between", "total", 4), min(losses[s] for s in range(1, 5)))
 
 
+class _TinyLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn = nn.LSTM(4, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(self.rnn(x)[0][-1])
+
+
+@pytest.mark.parametrize("model_fn, measured", [(_TinyLSTM, True), (_mlp, False)])
+def test_recurrent_models_measure_the_gradient_norm_at_every_step_by_default(tmp_path, model_fn, measured):
+    """The default (None) measures the per-step norm for a model with an nn.RNNBase inside, not otherwise."""
+    model = model_fn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    diag = Diagnostics(model, logdir=tmp_path, every=5, optimizer=opt)
+    norms = []
+    for step in range(6):
+        g = torch.Generator().manual_seed(step)
+        x, y = (torch.randn(6, 5, 4, generator=g), torch.randint(0, 3, (5,), generator=g)) if measured else _batch(step)
+        opt.zero_grad()
+        F.cross_entropy(model(x) * (1 + 20 * (step == 3)), y).backward()  # step 3: a spike between logged steps
+        norms.append(math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in model.parameters())))
+        diag.step(step)
+        opt.step()
+    diag.close()
+    got = at(read(tmp_path), "grad_norm_max_between", "", 5)
+    if measured:
+        assert close(got, max(norms[1:6]), rel=1e-4) and max(norms[1:6]) == norms[3]
+    else:
+        assert math.isnan(got)
+
+
 def test_bad_grad_norm_every_step_is_a_type_error(tmp_path):
     with pytest.raises(TypeError, match="grad_norm_every_step"):
         Diagnostics(_mlp(), logdir=tmp_path, grad_norm_every_step="yes")

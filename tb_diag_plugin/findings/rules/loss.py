@@ -100,6 +100,7 @@ def _jump(ctx: Context, name: str, st: np.ndarray, v: np.ndarray, peak: Optional
         "A jump this large in one step is an over-large update: lower the learning rate"
         f"{lr_text(ctx)}, add a warm-up and clip gradients (torch.nn.utils.clip_grad_norm_(params, 1.0)); "
         "check the batch of that step for outliers.",
+        steps=[int(st[i])],  # the Loss view marks the jump like any spike
     )
 
 
