@@ -406,8 +406,9 @@ class Diagnostics:
         except Exception:
             self._write_late(late)  # not lost with this step's
             raise
-        values = _to_host([p for _, ps in late for p in ps] + parts, ctx.device)
-        late_values, values = values[:len(values) - len(parts)], values[len(values) - len(parts):]
+        late_parts = [p for _, ps in late for p in ps]
+        values = _to_host(late_parts + parts, ctx.device)
+        late_values, values = values[:len(late_parts)], values[len(late_parts):]
         host = {p.metric: v for p, v in zip(parts, values)}
         items: list[Item] = [(p.metric, p.names, p.types, v) for p, v in zip(parts, values) if p.write and len(p.names)]
         for c in self.collectors:
@@ -440,6 +441,7 @@ class Diagnostics:
         self._out.write("write_vectors", step, items)
 
     def _take_late(self) -> list[tuple[int, list[Part]]]:
+        """Every collector's (step, parts) of earlier steps, once."""
         return [entry for c in self.collectors for entry in c.late()]
 
     def _write_late(self, late: Optional[list[tuple[int, list[Part]]]] = None) -> None:
@@ -450,6 +452,7 @@ class Diagnostics:
             self._emit_late(late, _to_host([p for _, ps in late for p in ps], self._norms.device()))
 
     def _emit_late(self, late: list[tuple[int, list[Part]]], values: list[np.ndarray]) -> None:
+        """Write each earlier step's parts under its own step, from their host `values` (in order)."""
         at = 0
         for step, parts in late:
             self._emit(step, [(p.metric, p.names, p.types, v) for p, v in zip(parts, values[at:at + len(parts)])])

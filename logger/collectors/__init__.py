@@ -8,7 +8,10 @@ on a logged step, says what it measured::
         def parts(self, step) -> list[Part]          # device tensors, under torch.no_grad(), no host sync
         def finish(self, step, host) -> list[Item]   # host-side derivations from every part's values
         def late(self) -> list[tuple[int, list[Part]]]  # values of an earlier step known only now
+        def clear(self) -> None                      # after every step(): forget what its forwards left
         def close(self) -> None                      # remove every hook; nothing outlives it
+
+Every method has a default that records nothing; a family overrides what it needs.
 
 `Diagnostics` calls `parts` on every collector, concatenates their values,
 moves them to the host in ONE copy and splits it by the lengths the parts
@@ -24,7 +27,9 @@ Adding a metric: its `MetricSpec` in `tb_diag_plugin/metadata.py`, and one
 `Part` (or `Item`) returned by the collector of its family. A metric belongs
 to one collector (`host` is keyed by metric). A new family: a `Collector`
 subclass, registered in `Diagnostics.__init__` with `self._add(...)` (the
-order of registration is the order of writing).
+order of registration is the order of writing). Everything a step writes
+passes `Diagnostics._emit`, where `Diagnostics.observers` see `(step, items)`
+first (in-process findings).
 """
 
 from __future__ import annotations
