@@ -422,7 +422,7 @@ class ActivationCapture:
             batch = Batch(
                 sites,
                 flat.sum(dim=1, dtype=torch.float32),
-                torch.linalg.vector_norm(flat, dim=1, dtype=torch.float32),
+                torch.linalg.vector_norm(_narrowable(flat), dim=1, dtype=torch.float32),
                 None,
                 {},
             )
@@ -503,3 +503,8 @@ class ActivationCapture:
         self._deferred, self._deferred_numel = [], 0
         self._batches = []
         self.sites.clear()
+
+
+def _narrowable(t: torch.Tensor) -> torch.Tensor:
+    """`t` as vector_norm(dtype=float32) takes it: it refuses to narrow float64."""
+    return t.float() if t.dtype == torch.float64 else t

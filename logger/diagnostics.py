@@ -21,13 +21,13 @@ from tb_diag_logger.arguments import (  # noqa: F401  (re-exported: the integrat
     unwrap_model,
     warn_once,
 )
-from tb_diag_logger.collectors import Collector, Item, Part, Selection, StepContext
+from tb_diag_logger.collectors import Collector, Item, Part, Selection, StepContext, zero
 from tb_diag_logger.collectors.amp import AmpState
 from tb_diag_logger.collectors.between import BetweenSteps
 from tb_diag_logger.collectors.learning_rate import LearningRate
 from tb_diag_logger.collectors.logits import LogitCapture
 from tb_diag_logger.collectors.losses import Losses, LossLike, check_losses, check_scalar
-from tb_diag_logger.collectors.optim_state import AdamState
+from tb_diag_logger.collectors.optim_state import AdamState, optimizer_params
 from tb_diag_logger.collectors.params import ParameterNorms
 from tb_diag_logger.collectors.preclip import PreclipNorm
 from tb_diag_logger.collectors.sites import ActivationSites
@@ -161,6 +161,10 @@ class Diagnostics:
         grad_norm_every_step: Optional[bool] = None,
         impl: Optional[str] = None,
     ) -> None:
+        # ZeRO (collectors/zero.py): a DeepSpeed engine stands for its module and its optimizer.
+        if zero.is_engine(model):
+            model, optimizer = model.module, model.optimizer if optimizer is None else optimizer
+        self._zero_opt = zero.zero_optimizer(optimizer)
         outer = model
         self.model, compiled = unwrap_model(model)
         self.every = check_every(every)
@@ -172,7 +176,7 @@ class Diagnostics:
         engine = managed_by_engine(outer, optimizer)  # issue 22: before the wrappers are unwrapped
         optimizer = unwrap_optimizer(optimizer) if optimizer is not None else None  # hooks go on the real one
         selected = Selection(_patterns(include, "include"), _patterns(exclude, "exclude"))
-        self._out = Output(writer, logdir, write_rank, self._report, before_exit=self._write_late)
+        self._out = Output(writer, logdir, write_rank, self._report, before_exit=self._write_late_at_exit)
         self._optimizer = optimizer
         self._warned: set[str] = set()
         self._closed = False
@@ -185,17 +189,23 @@ class Diagnostics:
         self.collectors: list[Collector] = []
         self.observers: list[Callable[[int, list[Item]], None]] = []
 
-        # Integer parameters (possible with requires_grad=False) have no norms to speak of.
-        self._params = [(n, p) for n, p in self.model.named_parameters()
-                        if selected(n) and (p.is_floating_point() or p.is_complex())]
-        self._updates: Optional[UpdateRatio] = None
-        if update_ratio and optimizer is not None:
-            try:
-                self._updates = self._add(UpdateRatio(optimizer, self._params, self._report, impl))
-            except Exception as e:  # an optimizer that refuses hooks costs only this diagnostic
-                self._report("update_ratio", e)
+        self._selected = selected
+        self._impl = impl
+        self._want_updates = bool(update_ratio)
+        self._params: list[tuple[str, nn.Parameter]] = []
+        self._param_ids: list[int] = []
+        self._refresh_params()
+        self._zero = zero.any_zero(self._params)  # ZeRO: gradients and weights from the engine's partitions
+        self._structure_key: Optional[tuple] = None  # what the last structure document said (_lifecycle_key)
+        self._pending_versions: Optional[list[int]] = None  # the weights' versions at the last logged step
+        self._updates: Any = None
+        self._watch_updates()
         amp = self._add(AmpState(scaler, optimizer)) if scaler is not None else None
-        self._norms = self._add(ParameterNorms(self._params, impl=impl, amp=amp, updates=self._updates))
+        self._norms: Any
+        if self._zero:
+            self._norms = self._add(zero.ZeroGradients(self._params))
+        else:
+            self._norms = self._add(ParameterNorms(self._params, impl=impl, amp=amp, updates=self._updates))
         self._capture: Any = None
         self._sites: Optional[ActivationSites] = None
         if activations:
@@ -227,6 +237,69 @@ class Diagnostics:
         # --- end of issue 22
         if distributed.initialized():
             self._out.ensure()  # else at the first step(): init_process_group may come after us
+
+    def _watch_updates(self) -> None:
+        """Measure the update ratio through the current optimizer's step hooks (if asked and there is one)."""
+        if self._want_updates and self._optimizer is not None:
+            try:
+                if self._zero:  # the fp32 master fragments, across every parameter group's step
+                    self._updates = self._add(zero.ZeroUpdates(self._optimizer, self._params, self._report))
+                else:
+                    self._updates = self._add(UpdateRatio(self._optimizer, self._params, self._report, self._impl))
+            except Exception as e:  # an optimizer that refuses hooks costs only this diagnostic
+                self._report("update_ratio", e)
+
+    def _refresh_params(self) -> None:
+        """Follow the model's parameters when they were replaced (``load_state_dict(assign=True)``, modules
+        added or swapped): the tensors measured are always the model's own."""
+        current = list(self.model.named_parameters())
+        ids = [id(p) for _, p in current]
+        if ids == self._param_ids:
+            return
+        self._param_ids = ids
+        # Integer parameters (possible with requires_grad=False) have no norms to speak of.
+        self._params = [(n, p) for n, p in current if self._selected(n) and (p.is_floating_point() or p.is_complex())]
+        for c in self.collectors:
+            if isinstance(c, (ParameterNorms, AdamState, zero.ZeroGradients)):
+                c.params = list(self._params)
+                if isinstance(c, ParameterNorms):
+                    c.names = [n for n, _ in self._params]
+            elif isinstance(c, zero.ZeroUpdates):
+                c.follow(self._params)
+            elif isinstance(c, UpdateRatio):
+                c._params, c._offered = list(self._params), None
+
+    def set_optimizer(self, optimizer: Any) -> None:
+        """Follow `optimizer` from now on, in place of the one given before (or none).
+
+        For an optimizer built later in the run (a second training phase, a
+        fine-tuning stage): the update ratio, the learning rate, Adam's state
+        and the structure document's ``in_optimizer`` come from it from the
+        next logged step. The old optimizer's hooks are removed. Wrappers are
+        unwrapped as for ``Diagnostics(optimizer=...)``.
+        """
+        if self._closed:
+            raise RuntimeError("Diagnostics.set_optimizer() called after close()")
+        new = None if optimizer is None else unwrap_optimizer(optimizer)
+        if new is self._optimizer:
+            return
+        try:
+            self._write_late()  # a measurement the old optimizer finished belongs to its step
+        except Exception as e:
+            self._report("set_optimizer", e)
+        following = (UpdateRatio, zero.ZeroUpdates, AdamState, LearningRate)  # what reads the optimizer
+        for c in [c for c in self.collectors if isinstance(c, following)]:
+            c.close()
+            self.collectors.remove(c)
+        self._optimizer, self._updates = new, None
+        self._zero_opt = zero.zero_optimizer(optimizer)
+        self._pending_versions = None
+        self._watch_updates()
+        if isinstance(self._norms, ParameterNorms):
+            self._norms._updates = self._updates
+        if new is not None:
+            self._add(AdamState(self._params, new))
+            self._add(LearningRate(new))
 
     def _add(self, collector: Any) -> Any:
         """Register a collector: it reads the orchestrator's step context; the order is the write order."""
@@ -290,6 +363,7 @@ class Diagnostics:
         self._step_issue22(step)
         try:
             self._out.ensure()
+            self._check_optimizer_stepped()
             if logged:
                 start = cost.clock()
                 with torch.no_grad():  # rather than a .detach() per tensor: one call, not thousands
@@ -307,6 +381,7 @@ class Diagnostics:
                 self._capture.armed = self._predict_next_logged()
             if self._updates is not None:
                 self._updates.pending = step if logged else None
+                self._pending_versions = [p._version for _, p in self._params] if logged else None
             try:  # issue 22: the wiring hooks watch the next step only if it is likely logged
                 self._wiring.arm(self._predict_next_logged())
             except Exception as e:
@@ -380,6 +455,7 @@ class Diagnostics:
     def _log(self, step: int) -> None:
         """One logged step: every collector's parts on the device (every rank), ONE copy to the host split
         by the lengths the parts declared, the collectors' host-side items, one write (one rank)."""
+        self._refresh_params()
         ctx = self._ctx
         ctx.device = self._norms.device()
         ctx.sharded = distributed.any_sharded(p for _, p in self._params)
@@ -443,14 +519,52 @@ class Diagnostics:
             self._emit(step, [(p.metric, p.names, p.types, v) for p, v in zip(parts, values[at:at + len(parts)])])
             at += len(parts)
 
-    def _write_structure_if_new(self, step: int) -> None:
-        """The model's structure, again whenever a step shows an activation site it did not list."""
-        seen = {s.name for s in self._sites.seen} if self._sites is not None else set()
-        if self._structure_sites is not None and seen <= self._structure_sites:
+    def _write_late_at_exit(self) -> None:
+        """`_write_late` when the program ends before close(); not under ZeRO with several ranks, where taking
+        the update ratio is a collective that the other ranks, exiting too, would never join."""
+        if not (self._zero and distributed.active()):
+            self._write_late()
+
+    def _check_optimizer_stepped(self) -> None:
+        """The weights moved since the last logged step but the optimizer we hold never stepped: another
+        optimizer is training the model (built later without `set_optimizer`). Say so once."""
+        versions, self._pending_versions = self._pending_versions, None
+        if self._updates is None or self._updates.pending is None or versions is None:
             return
+        if versions != [p._version for _, p in self._params]:
+            self._report("update_ratio", RuntimeError(
+                f"the weights changed but the {type(self._optimizer).__name__} given to Diagnostics did not "
+                "step: if you built a new optimizer, call diag.set_optimizer(new_optimizer) so that the "
+                "update ratio and learning rate follow it"))
+
+    def _held(self) -> Optional[set[int]]:
+        """ids of the model's parameters the optimizer steps (under ZeRO: those in its partitioned groups)."""
+        if self._zero and self._zero_opt is not None:
+            groups = getattr(self._zero_opt, "fp16_groups", None) or getattr(self._zero_opt, "bit16_groups", None)
+            if groups is not None:
+                return {id(p) for g in groups for p in g}
+        return optimizer_params(self._optimizer)
+
+    def _lifecycle_key(self) -> tuple:
+        """What the structure document says that changes during a run: which parameters there are, which
+        require gradients and which the optimizer holds, and its parameter groups."""
+        held = self._held()
+        groups = None if self._optimizer is None else len(self._optimizer.param_groups)
+        params = tuple((n, bool(p.requires_grad), None if held is None else id(p) in held)
+                       for n, p in self.model.named_parameters())
+        return id(self._optimizer), groups, params
+
+    def _write_structure_if_new(self, step: int) -> None:
+        """The model's structure, again whenever a step shows an activation site it did not list, or a
+        parameter was frozen, unfrozen, added to or left out of the optimizer since the last document."""
+        seen = {s.name for s in self._sites.seen} if self._sites is not None else set()
+        key = self._lifecycle_key()
+        if self._structure_sites is not None and seen <= self._structure_sites and key == self._structure_key:
+            return
+        self._structure_key = key
         self._structure_sites = seen | (self._structure_sites or set())
         known = [self._capture.sites[n] for n in self._capture.order] if self._capture is not None else []
-        tree = module_tree(self.model, {n for n, _ in self._params}, known, self._optimizer)
+        tree = module_tree(self.model, {n for n, _ in self._params}, known, self._optimizer, self._held())
         self._out.write("write_structure", step, tree)
 
     # ------------------------------------------------------------- helpers

@@ -335,7 +335,8 @@ def unit_max(y: torch.Tensor, stacked: bool = False) -> torch.Tensor:
 def moments(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum, L2 norm) of all elements, float32 0-d tensors, no large temporaries."""
     y = y.detach()
-    return y.sum(dtype=torch.float32), torch.linalg.vector_norm(y, dtype=torch.float32)
+    norm_dtype = torch.float32 if y.dtype != torch.float64 else None  # vector_norm refuses to narrow float64
+    return y.sum(dtype=torch.float32), torch.linalg.vector_norm(y, dtype=norm_dtype).float()
 
 
 def saturated_count(y: torch.Tensor, kind: str, dim: Optional[int] = None) -> torch.Tensor:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from tb_diag_logger.collectors.optim_state import optimizer_doc, optimizer_params
+from tb_diag_logger.collectors.zero import full_numel, full_shape
 from tb_diag_plugin import metadata
 
 
@@ -16,6 +17,7 @@ def module_tree(
     tracked_params: set[str],
     sites: Sequence[Any],
     optimizer: Optional[torch.optim.Optimizer] = None,
+    held: Optional[set[int]] = None,
 ) -> dict:
     """Qualified names, types, parameter shapes and counts, and the activation sites of each module;
     the optimizer's class and per-group hyper-parameters (``"optimizer"``, None without one).
@@ -26,7 +28,8 @@ def module_tree(
     `requires_grad` and whether it is `in_optimizer` (None without an
     optimizer), so that frozen-on-purpose parameters can be told apart.
     """
-    held = optimizer_params(optimizer)
+    if held is None:  # `held`: ids of the parameters the optimizer steps, where its own groups hold copies (ZeRO)
+        held = optimizer_params(optimizer)
     site_map: dict[str, list[dict]] = {}
     for s in sites:
         site_map.setdefault(s.module, []).append({"name": s.name, "type": s.type_name, "kind": s.kind})
@@ -37,7 +40,7 @@ def module_tree(
             full = f"{name}.{pn}" if name else pn
             params.append(
                 {
-                    "name": full, "shape": list(p.shape), "numel": int(p.numel()), "tracked": full in tracked_params,
+                    "name": full, "shape": full_shape(p), "numel": full_numel(p), "tracked": full in tracked_params,
                     "requires_grad": bool(p.requires_grad), "in_optimizer": None if held is None else id(p) in held,
                 }
             )
@@ -46,7 +49,7 @@ def module_tree(
                 "name": name,
                 "type": type(m).__name__,
                 "params": params,
-                "num_params": int(sum(p.numel() for p in m.parameters())),
+                "num_params": int(sum(full_numel(p) for p in m.parameters())),
                 "sites": site_map.get(name, []),
             }
         )

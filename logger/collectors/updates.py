@@ -146,10 +146,11 @@ class UpdateRatio(Collector):
             if norms is None:
                 norms = reductions.segment_norms(flat, reductions.segments(local), len(local), flat.device)
         else:
-            if self._flat or self._snapshot is None or [n for n, _ in params] != [n for n, _ in self._snapshot_params]:
+            if self._flat or self._snapshot is None or _layout(self._snapshot) != _layout(local):  # .half(), .to()
                 self._snapshot = [torch.empty_like(w) for w in local]
                 self._snapshot_params = params
             self._flat = False
+            self._snapshot_params = params
             torch._foreach_copy_(self._snapshot, local)
             if norms is None:
                 norms = plan.norms(self._snapshot, self._device())[0]
@@ -222,3 +223,8 @@ def _weight_keys(params: Sequence[torch.Tensor], local: Sequence[torch.Tensor]) 
     # An in-place op on a DTensor moves its own counter; one on its shard (`to_local()`), the shard's.
     with torch.no_grad():
         return [(p._version, reductions._local(p)._version, w.data_ptr()) for p, w in zip(params, local)]
+
+
+def _layout(tensors: Sequence[torch.Tensor]) -> list[tuple]:
+    """What a snapshot buffer must match to be reused: each tensor's shape, dtype and device."""
+    return [(t.shape, t.dtype, t.device) for t in tensors]

@@ -20,6 +20,14 @@ of `train()` and restored afterwards.
 
 Step numbers are the Trainer's `global_step` of the optimizer step (the
 number the Trainer logs it under), so step k here is `train/loss` at step k.
+
+Under DeepSpeed (``TrainingArguments(deepspeed=...)``) accelerate runs the
+engine's step inside ``backward()``, before the Trainer's optimizer-step
+events, and the partitioned gradients are gone after it. So there the
+callback records from inside the engine: `engine.backward`'s loss argument
+(the value `training_step` returns) and `Diagnostics.step()` just before
+`engine.step()` at the accumulation boundary; the gradients and weights come
+from the engine's partitions (`collectors/zero.py`).
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.integrations.integration_utils import TensorBoardCallback, default_logdir
 
+from tb_diag_logger.collectors import zero
 from tb_diag_logger.diagnostics import DEFAULT_EVERY, Diagnostics, warn_once
 
 # Trainer methods whose return values the callback records, first found wins.
@@ -95,7 +104,10 @@ class DiagnosticsCallback(TrainerCallback):
             self._warn("setting up", e)
             return
         if trainer is not None:
-            self._tap = _TrainerTap(trainer, self._warn)
+            # DeepSpeed: the engine steps inside backward(); record from inside the engine (module docstring).
+            engine = getattr(trainer, "deepspeed", None)
+            engine = engine if zero.is_engine(engine) else None
+            self._tap = _TrainerTap(trainer, self._warn, engine, lambda: self._step(state))
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self._tap is not None and self.diagnostics is not None:
@@ -103,6 +115,10 @@ class DiagnosticsCallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         """After backward and clipping, before `optimizer.step()`: the moment `Diagnostics.step()` is for."""
+        if self._tap is None or self._tap.engine is None:  # under DeepSpeed the engine's step records
+            self._step(state)
+
+    def _step(self, state: Any) -> None:
         diag = self.diagnostics
         if diag is None:
             return
@@ -175,15 +191,39 @@ class _TrainerDiagnostics(Diagnostics):
 class _TrainerTap:
     """Records what the Trainer's loss and gradient-norm methods return, on one Trainer instance."""
 
-    def __init__(self, trainer: Trainer, on_error: Callable[[str, BaseException], None]) -> None:
+    def __init__(self, trainer: Trainer, on_error: Callable[[str, BaseException], None], engine: Any = None,
+                 before_engine_step: Optional[Callable[[], None]] = None) -> None:
         self._trainer = trainer
         self._on_error = on_error
-        self._restore: list[tuple[str, Any]] = []  # (name, the instance attribute it had or _ABSENT)
+        self._restore: list[tuple[Any, str, Any]] = []  # (object, name, the instance attribute it had or _ABSENT)
         self.active = False
         self.loss: Any = None
         self.grad_norm: Any = None
-        self._wrap(_LOSS_METHODS, self._add_loss)
-        self._wrap(_GRAD_NORM_METHODS, self._set_grad_norm)
+        self.engine = engine
+        if engine is None:
+            self._wrap(_LOSS_METHODS, self._add_loss)
+            self._wrap(_GRAD_NORM_METHODS, self._set_grad_norm)
+        else:  # DeepSpeed: the loss as it goes into backward; Diagnostics.step() before the engine steps
+            self._wrap_before(engine, "backward", lambda loss, *a, **k: self.active and self._add_loss(loss))
+            self._wrap_before(
+                engine, "step",
+                lambda *a, **k: before_engine_step() if engine.is_gradient_accumulation_boundary() else None,
+            )
+
+    def _wrap_before(self, obj: Any, name: str, call: Callable[..., Any]) -> None:
+        """Run `call` with the arguments of `obj.name` before it, on that one instance; errors are reported."""
+        original = getattr(obj, name)
+
+        @functools.wraps(original)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                call(*args, **kwargs)
+            except Exception as e:  # recording must never cost the engine its step
+                self._on_error(f"reading the engine's {name}", e)
+            return original(*args, **kwargs)
+
+        self._restore.append((obj, name, vars(obj).get(name, _ABSENT)))
+        setattr(obj, name, wrapper)
 
     def reset(self, active: bool) -> None:
         """Forget the values so far; record the coming ones only if `active` (a logged step)."""
@@ -215,16 +255,16 @@ class _TrainerTap:
                     self._on_error(f"reading {name}", e)
             return out
 
-        self._restore.append((name, vars(self._trainer).get(name, _ABSENT)))
+        self._restore.append((self._trainer, name, vars(self._trainer).get(name, _ABSENT)))
         setattr(self._trainer, name, wrapper)
 
     def remove(self) -> None:
-        """Give the Trainer its methods back."""
-        for name, before in reversed(self._restore):
+        """Give the Trainer (and the engine) their methods back."""
+        for obj, name, before in reversed(self._restore):
             if before is _ABSENT:
-                vars(self._trainer).pop(name, None)
+                vars(obj).pop(name, None)
             else:
-                setattr(self._trainer, name, before)
+                setattr(obj, name, before)
         self._restore.clear()
         self.reset(active=False)
 
