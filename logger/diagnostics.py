@@ -20,6 +20,7 @@ from torch import nn
 from tb_diag_logger import amp, cost, distributed, evaluation, optim_state, reductions
 from tb_diag_logger.activations import ActivationCapture
 from tb_diag_logger.compiled import CompiledCapture
+from tb_diag_logger.live import LiveFindings, LiveSink, check_level, decide_stop, stopped_items
 from tb_diag_logger.cost import CostMeter, DiagnosticsCostWarning
 from tb_diag_logger.logits import LogitCapture
 from tb_diag_logger.losses import SPREAD_METRICS, LossLike, check_losses, check_scalar, is_per_sample, loss_tensors
@@ -167,6 +168,15 @@ class Diagnostics:
             ``‖Δw‖/‖w‖`` is NaN for a tensor whose weights were all zero.
         write_rank: under torch.distributed, the rank that writes (the
             others only take part in the reductions).
+        alert: announce each finding, the first time it reaches this
+            severity ("error", "warning"; None: never), in one line through
+            ``logging.getLogger("tb_diag")``; again only if it gets worse.
+            ``findings()`` returns the current findings (the tab's rules on
+            the values written so far).
+        stop_on: once a finding reaches this severity ("error", "warning";
+            None, the default: never), ``should_stop`` becomes True after that
+            logged step, on every rank at the same step, and the event file
+            records the stop.
     """
 
     def __init__(
@@ -183,6 +193,8 @@ class Diagnostics:
         activations: bool = True,
         update_ratio: bool = True,
         write_rank: int = 0,
+        alert: Optional[str] = "error",
+        stop_on: Optional[str] = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -208,6 +220,8 @@ class Diagnostics:
             raise ValueError(f"write_rank must be a rank (an int >= 0), got {write_rank!r}")
         include_p = _patterns(include, "include")
         exclude_p = _patterns(exclude, "exclude")
+        check_level(alert, "alert")
+        check_level(stop_on, "stop_on")
 
         if writer is None and logdir is None and not (distributed.initialized() and distributed.rank() != write_rank):
             raise ValueError("pass a SummaryWriter as writer, or a directory as logdir")
@@ -239,6 +253,8 @@ class Diagnostics:
         self._cost = CostMeter(self.every)
         self._prev_logged = False
         self._grad_norm_preclip: Optional[LossLike] = None  # step(grad_norm=), for _log_values
+        # live findings (issue 23): sees what the sink writes (see _ensure_sink), evaluated in _log and close
+        self._live = LiveFindings(alert, stop_on, self._logdir, self._report)
 
         # Integer parameters (possible with requires_grad=False) have no norms to speak of.
         self._params = [
@@ -292,7 +308,8 @@ class Diagnostics:
 
             writer = SummaryWriter(self._logdir)
             self._own_writer = True
-        self._sink = SummarySink(writer)
+        self._sink = LiveSink(SummarySink(writer), self._live)  # live findings (issue 23)
+        self._live.where = self._live.where or _logdir_of(writer)
         # Events still queued in the writer when the program ends (an uncaught
         # KeyboardInterrupt) before close() are flushed at exit.
         self._exit_hook = functools.partial(_flush_at_exit, weakref.ref(self))
@@ -304,6 +321,16 @@ class Diagnostics:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+    def findings(self) -> list:
+        """The run's current findings (`tb_diag_plugin.findings.Finding`, worst first): the tab's rules on
+        the values written so far. Empty on a rank that does not write."""
+        return self._live.findings()
+
+    @property
+    def should_stop(self) -> bool:
+        """True once a finding reached `stop_on` at a logged step (the same step on every rank)."""
+        return self._live.should_stop
 
     def should_log(self, step: int) -> bool:
         """Whether `step(step)` records anything."""
@@ -429,6 +456,7 @@ class Diagnostics:
             self._flush_update_ratio()
         except Exception as e:
             self._report("close", e)
+        self._live.evaluate(None)  # live findings (issue 23): what close() wrote, alerted too
         if self._capture is not None:
             self._capture.close()
         if self._logits is not None:
@@ -473,8 +501,22 @@ class Diagnostics:
         """Compute everything on the device (every rank), move it to the host once, write (one rank)."""
         # Under no_grad rather than with .detach() per tensor: a detach costs a few
         # microseconds, which is 13 ms per logged step for 2,000 parameters here.
-        with torch.no_grad():
-            self._log_values(step, loss_items)
+        try:
+            with torch.no_grad():
+                self._log_values(step, loss_items)
+        finally:  # every rank reaches the stop's collective, even where this step's values failed
+            self._live_step(step)
+
+    def _live_step(self, step: int) -> None:
+        """live findings (issue 23): evaluate, then decide on every rank together whether to stop here."""
+        live = self._live
+        live.evaluate(step)
+        if live.stop_on is None or live.should_stop:
+            return
+        if decide_stop(live, self._out_device()):
+            live.should_stop = True
+            if self._sink is not None:
+                self._write(self._sink.write_vectors, step, stopped_items(live.stop_on))
 
     def _log_values(self, step: int, loss_items: list[tuple[str, Any]]) -> None:
         """One logged step: every value reduced on the device, brought to the host in one copy, written."""
@@ -690,6 +732,14 @@ def _flush_at_exit(ref: weakref.ReferenceType[Diagnostics]) -> None:
     diag = ref()
     if diag is not None:
         diag._flush_at_exit()
+
+
+def _logdir_of(writer: Any) -> Optional[str]:
+    get = getattr(writer, "get_logdir", None)
+    try:
+        return str(get()) if callable(get) else None
+    except Exception:
+        return None
 
 
 def _to_float(v: Any) -> float:

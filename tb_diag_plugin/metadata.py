@@ -103,6 +103,10 @@ METRIC_SPECS = (
                missing="no val_loss recorded (call diag.evaluate(step, loss=...))"),
     MetricSpec("val_metric", "loss", "Validation metric", "", "linear", "loss", signed=True,
                missing="no val_metric recorded (call diag.evaluate(step, metrics={...}))"),
+    # Issue 23, the one record of a stop: written once, at the step `stop_on=` stopped training; the value is
+    # the severity rank (SEVERITY_RANK) that `stop_on` named. The findings that reached it say why.
+    MetricSpec("stopped", "model", "Training stopped by tb-diag (stop_on)", "", "linear", "layer",
+               missing="training was not stopped by tb-diag (Diagnostics(..., stop_on='error'))"),
 )
 METRICS = {m.name: m for m in METRIC_SPECS}
 
@@ -192,6 +196,8 @@ GRAD_NORM_PRECLIP = METRICS["grad_norm_preclip"].name
 PARAM_OPTIMIZER_METRICS = tuple(METRICS[n].name for n in ("grad_missing", "adam_eps_fraction", "update_rms"))
 LOGIT_METRICS = tuple(METRICS[n].name for n in ("logit_max_abs", "logit_lse"))
 VALIDATION_METRICS = tuple(METRICS[n].name for n in ("val_loss", "val_metric"))
+
+STOPPED = METRICS["stopped"].name
 
 STRUCTURE_TAG = PLUGIN_NAME + "/_structure"
 
