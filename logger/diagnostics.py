@@ -20,8 +20,8 @@ from torch import nn
 from tb_diag_logger import amp, cost, distributed, evaluation, optim_state, reductions
 from tb_diag_logger.activations import ActivationCapture
 from tb_diag_logger.compiled import CompiledCapture
-from tb_diag_logger.live import LiveFindings, LiveSink, check_level, decide_stop, stopped_items
 from tb_diag_logger.cost import CostMeter, DiagnosticsCostWarning
+from tb_diag_logger.live import LiveFindings, LiveSink, check_level, decide_stop, stopped_items
 from tb_diag_logger.logits import LogitCapture
 from tb_diag_logger.losses import SPREAD_METRICS, LossLike, check_losses, check_scalar, is_per_sample, loss_tensors
 from tb_diag_logger.optimizers import unwrap_optimizer

@@ -39,8 +39,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from torch import nn
 from transformers import Trainer, TrainerCallback
-from transformers.utils import logging as hf_logging
 from transformers.integrations.integration_utils import TensorBoardCallback, default_logdir
+from transformers.utils import logging as hf_logging
 
 from tb_diag_logger.diagnostics import DEFAULT_EVERY, Diagnostics, warn_once
 from tb_diag_logger.live import stop_line
