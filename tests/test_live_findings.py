@@ -298,3 +298,40 @@ def test_two_gloo_ranks_stop_at_the_same_step(tmp_path, stop_on):
         assert read(tmp_path / "run")[metadata.STOPPED].steps.tolist() == [nonfinite["first_step"]]
     else:
         assert ranks == [{"last": 119, "stopped": False}] * 2
+
+
+# ------------------------------------------------------------- the tab shows it
+def test_the_tab_shows_when_and_why_a_run_was_stopped_above_its_findings(tmp_path, alerts, browser):
+    from tbserver import serve
+
+    diag, last = _ramp(tmp_path / "diverged", alerts, stop_on="error")
+    _ramp(tmp_path / "healthy", alerts, steps=60, blow_up=False)
+    reasons = [f["kind"] for f in _report(tmp_path / "diverged") if f["severity"] == "error"
+               and f["first_step"] <= last]
+    with serve(str(tmp_path)) as server:
+        server.wait_for_runs(2)
+        stopped = server.plugin("findings?run=diverged")["stopped"]
+        assert stopped == {"step": last, "stop_on": "error", "kinds": reasons}
+        assert "stopped" not in server.plugin("findings?run=healthy")
+
+        page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+        page.goto(server.url + "#diagnostics")
+        frame = None
+        for _ in range(600):  # the iframe exists once the tab is selected
+            frame = next((f for f in page.frames if "plugin_entry.html?name=diagnostics" in f.url), None)
+            if frame is not None:
+                break
+            page.wait_for_timeout(100)
+        assert frame is not None
+        note = frame.wait_for_selector(".findings .run-stopped", timeout=60_000)
+        assert note.get_attribute("data-run") == "diverged" and note.get_attribute("data-step") == str(last)
+        text = note.inner_text()
+        assert f"step {last}" in text and all(k in text for k in reasons)
+        assert len(frame.query_selector_all(".findings .run-stopped")) == 1  # the healthy run has none
+        # Above the findings: before the first finding in the document.
+        assert frame.evaluate("""() => {
+            const note = document.querySelector('.findings .run-stopped');
+            const first = document.querySelector('.findings .finding');
+            return !!first && !!(note.compareDocumentPosition(first) & Node.DOCUMENT_POSITION_FOLLOWING);
+        }""")
+        page.context.close()
