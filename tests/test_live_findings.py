@@ -335,3 +335,76 @@ def test_the_tab_shows_when_and_why_a_run_was_stopped_above_its_findings(tmp_pat
             return !!first && !!(note.compareDocumentPosition(first) & Node.DOCUMENT_POSITION_FOLLOWING);
         }""")
         page.context.close()
+
+
+# ------------------------------------------------------------ the README's snippets
+def _snippet(marker: str) -> str:
+    """The ```python block after `<!-- readme-test: marker -->` in README.md, as written."""
+    import re
+    from pathlib import Path
+
+    text = (Path(HERE).parent / "README.md").read_text(encoding="utf-8")
+    m = re.search(rf"<!-- readme-test: {re.escape(marker)} -->\s*```python\n(.*?)```", text, re.S)
+    assert m, f"README.md has no snippet marked {marker!r}"
+    return m.group(1)
+
+
+def test_readme_alerts_and_stopping_loop_snippet(tmp_path, monkeypatch, alerts, capsys):
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(100)]
+    batches[30][0][0, 0] = float("inf")  # one corrupt sample: NaN weights from step 30's update on
+    exec(_snippet("live-loop"), {"model": model, "opt": opt, "loader": batches})
+    expected = _report(tmp_path / "runs")
+    nonfinite = next(f for f in expected if f["kind"] == "nonfinite")
+    assert nonfinite["first_step"] == 40  # the first logged step (every=20) after the corrupt batch
+    assert read(tmp_path / "runs" / "exp1")["loss"].steps.tolist() == [0, 20, 40]  # stopped there
+    assert [s for s, _, m in alerts.lines if " nonfinite from step 40" in m] == [-1]  # one line (step unset here)
+    assert "error nonfinite 40" in capsys.readouterr().out
+
+
+def test_readme_alerts_and_stopping_hf_snippet(tmp_path, monkeypatch, alerts, capsys):
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=96, n_positions=32, bos_token_id=0, eos_token_id=0))
+    with torch.no_grad():
+        model.transformer.wte.weight[5] = float("nan")  # a broken checkpoint: token 5's embedding
+    ids = torch.randint(0, 96, (160, 8))
+    ids[:, 0] = 5
+    exec(_snippet("live-hf"), {"model": model, "train_ds": [{"input_ids": r, "labels": r} for r in ids]})
+    expected = _report(tmp_path / "out")
+    assert [f["kind"] for f in expected if f["severity"] == "error"] == ["nonfinite"]
+    assert read_runs(tmp_path / "out")[0][metadata.STOPPED].steps.tolist() == [1]  # stopped at the first step
+    assert "('nonfinite', 1)" in capsys.readouterr().out and len(alerts.lines) == 1
+
+
+def test_readme_alerts_and_stopping_lightning_snippet(tmp_path, monkeypatch, alerts, capsys):
+    pl = pytest.importorskip("lightning.pytorch")
+    monkeypatch.chdir(tmp_path)
+
+    class Module(pl.LightningModule):  # the learning rate ramps up 15 % a step: it diverges
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
+
+        def training_step(self, batch, batch_idx):
+            return F.mse_loss(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=1e-3)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.15**s)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 8, generator=g), torch.randn(64, 1, generator=g))
+    exec(_snippet("live-lightning"), {"module": Module(), "loader": torch.utils.data.DataLoader(data, batch_size=64)})
+    expected = _report(tmp_path / "runs")
+    nonfinite = next(f for f in expected if f["kind"] == "nonfinite")
+    last = capsys.readouterr().out.strip().splitlines()[-1]  # after Lightning's own output
+    assert last.startswith(f"{nonfinite['first_step'] + 1} [") and "'nonfinite'" in last  # it counts the step done
