@@ -35,6 +35,14 @@ STOPPED = metadata.STOPPED  # the event-file record of a stop
 
 _Item = tuple[str, Sequence[str], Sequence[str], np.ndarray]
 
+# Evaluations on logged steps take at most this share of the run's wall time (the rules cost tens of
+# ms per evaluation on a few hundred layers, benchmarks/RESULTS.md "Findings in the training process");
+# a logged step over the budget waits for a later one, except when it holds a NaN/Inf (the `nonfinite`
+# rule's metrics), which is evaluated at once, as is close().
+EVAL_SHARE = 0.02
+# What the `nonfinite` rule reads: a non-finite value here is evaluated at once.
+_URGENT = frozenset(m for r in engine.RULES if "nonfinite" in r.kinds for m in r.metrics) - {"amp_scale"}
+
 
 def check_level(value: Any, name: str) -> Optional[str]:
     """`alert=` / `stop_on=` as a severity in LEVELS or None; ValueError naming it otherwise."""
@@ -120,14 +128,19 @@ class LiveFindings:
         where: the run's log directory, for the alert's pointer to the tab.
         report: called with (place, exception) when something here fails; training goes on.
         limit: steps kept per tag (the tab's default retention).
+        share: the largest share of wall time that evaluations on logged steps may take.
     """
 
     def __init__(self, alert: Optional[str], stop_on: Optional[str], where: Optional[str],
-                 report: Callable[[str, BaseException], None], limit: int = DEFAULT_SAMPLES) -> None:
+                 report: Callable[[str, BaseException], None], limit: int = DEFAULT_SAMPLES,
+                 share: float = EVAL_SHARE) -> None:
         self.alert = check_level(alert, "alert")
         self.stop_on = check_level(stop_on, "stop_on")
         self.where = where
         self.limit = limit
+        self.share = share
+        self._since: Optional[float] = None  # when the first values arrived: the budget's clock
+        self._urgent = False  # a NaN/Inf arrived since the last evaluation
         self._report = report
         self._tags: dict[str, _Tag] = {}
         self._structure: Optional[dict] = None
@@ -150,8 +163,13 @@ class LiveFindings:
                 t = self._tags.get(tag)
                 if t is None:
                     t = self._tags[tag] = _Tag(metric, layers, types, self.limit)
-                t.append(int(step), np.asarray(values, dtype=np.float32).reshape(-1))
+                values = np.asarray(values, dtype=np.float32).reshape(-1)
+                t.append(int(step), values)
+                if metric in _URGENT and not self._urgent:
+                    self._urgent = not bool(np.isfinite(values).all()) or (metric == "grad_nonfinite" and values.any())
             self._dirty = True
+            if self._since is None:
+                self._since = time.perf_counter()
         except Exception as e:
             self._report("findings in the training process", e)
 
@@ -178,11 +196,18 @@ class LiveFindings:
         return list(self._found)
 
     def evaluate(self, step: Optional[int]) -> None:
-        """Run the rules on what is held (a logged step, or close()); alert; note whether to stop."""
+        """Run the rules on what is held; alert; note whether to stop.
+
+        `step`: a logged step, evaluated within the time budget (`share`) unless it brought a NaN/Inf;
+        None (close(), findings()): evaluated now."""
         if not self._dirty:
             return
+        t0 = time.perf_counter()
+        if step is not None and not self._urgent and self._since is not None:
+            if self.eval_s > self.share * (t0 - self._since):
+                return  # over budget: a later logged step (or close) evaluates
         try:
-            t0 = time.perf_counter()
+            self._urgent = False
             model, _ = model_info.read_model(lambda: self._structure)
             self._found, _ = engine.analyze(self.series(), model=model)
             self._dirty = False

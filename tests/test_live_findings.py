@@ -408,3 +408,16 @@ def test_readme_alerts_and_stopping_lightning_snippet(tmp_path, monkeypatch, ale
     nonfinite = next(f for f in expected if f["kind"] == "nonfinite")
     last = capsys.readouterr().out.strip().splitlines()[-1]  # after Lightning's own output
     assert last.startswith(f"{nonfinite['first_step'] + 1} [") and "'nonfinite'" in last  # it counts the step done
+
+
+def test_logged_steps_over_the_time_budget_wait_but_a_nan_is_evaluated_at_once():
+    live = LiveFindings("error", "error", None, lambda where, e: None, share=0.0)
+    for step in range(0, 100, 10):
+        live.observe_vectors(step, [("loss", ["total"], (), np.array([1.0 / (step + 1)]))])
+        live.evaluate(step)
+    first = live.evaluations
+    assert first == 1  # only the first: nothing spent yet
+    live.observe_vectors(100, [("loss", ["total"], (), np.array([np.nan]))])
+    live.evaluate(100)
+    assert live.evaluations == first + 1 and live.wants_stop
+    assert [f.kind for f in live.findings()] == ["nonfinite"]
