@@ -10,7 +10,6 @@ once and the mode is not active.
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import re
 import sys
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from tb_diag_logger import cost, reductions
+from tb_diag_logger import cost, hooks, reductions
 
 
 def _forward_codes(model: nn.Module) -> dict[int, CodeType]:
@@ -221,14 +220,13 @@ class ActivationCapture:
     def __init__(
         self,
         model: nn.Module,
-        include: tuple[str, ...],
-        exclude: tuple[str, ...],
+        selected: Callable[[str], bool],
         on_error: Callable[[str, BaseException], None],
     ) -> None:
+        """`selected`: whether a site name is kept (the user's include/exclude, `collectors.Selection`)."""
         self._names = {id(m): n for n, m in model.named_modules()}
         self._codes = _forward_codes(model)
-        self._include = include
-        self._exclude = exclude
+        self._selected = selected
         self._on_error = on_error
         self.armed = False
         self.sites: dict[str, Site] = {}
@@ -257,14 +255,14 @@ class ActivationCapture:
         # from the Python frames when the activation is called: module hooks
         # (even torch's global ones, installed for a logged forward only) send
         # every module call down a slow path, which cost benchmarks/wide_model.py
-        # (2,000 modules) 35 ms per logged forward here, more than its activations.
+        # (2,000 modules) more per logged forward than its activations did.
         self._handles = [
-            model.register_forward_pre_hook(self._pre),
-            model.register_forward_hook(self._post, always_call=True),
+            hooks.forward_pre_hook(model, self._pre),
+            hooks.forward_hook(model, self._post, always_call=True),
         ]
         # A hand-built activation module's output has no function call to catch: a hook of its own
         # (a few modules, not every module).
-        self._handles += [m.register_forward_hook(self._smooth_post) for m in model.modules() if
+        self._handles += [hooks.forward_hook(m, self._smooth_post) for m in model.modules() if
                           self._is_smooth_activation(m)]
 
     # -- hooks (return None: anything else would replace the module's output)
@@ -381,11 +379,6 @@ class ActivationCapture:
         self._calls = {k: v for k, v in self._calls.items() if k in live}
 
     # -- recording
-    def _selected(self, name: str) -> bool:
-        if self._include and not any(fnmatch.fnmatchcase(name, p) for p in self._include):
-            return False
-        return not any(fnmatch.fnmatchcase(name, p) for p in self._exclude)
-
     def record(self, spec: tuple[str, str], out) -> None:
         """Attribute one activation call to the innermost of the model's modules running and add its output."""
         try:
@@ -574,76 +567,8 @@ class ActivationCapture:
                 )
 
     def totals(self, sites: list[Site], device: torch.device) -> SiteTotals:
-        """Every statistic of `sites` (from `take()`) combined: a few ops per batch record, whatever S is."""
-        S = len(sites)
-        pos = {id(site): i for i, site in enumerate(sites)}
-        # Calls reduced one by one (big outputs): their 0-d tensors, stacked once.
-        call_site = [i for i, site in enumerate(sites) for _ in site.sums]
-        sums = torch.zeros(S, device=device)
-        squares = torch.zeros(S, device=device)
-        saturated = torch.zeros(S, device=device)
-        if call_site:
-            idx = torch.tensor(call_site, device=device)
-            sums.index_add_(0, idx, torch.stack([x for site in sites for x in site.sums]).to(device))
-            norms = torch.stack([x for site in sites for x in site.norms]).to(device)
-            squares.index_add_(0, idx, norms * norms)
-        sat_call = [i for i, site in enumerate(sites) for _ in site.saturated]
-        if sat_call:
-            saturated.index_add_(
-                0, torch.tensor(sat_call, device=device),
-                torch.stack([x for site in sites for x in site.saturated]).to(device),
-            )
-        # Per-unit maxima: the first unit count of each ReLU site is its layout.
-        units: dict[int, int] = {}
-        for i, site in enumerate(sites):
-            if site.unit_max is not None:
-                units[i] = site.unit_max.numel()
-        rows_of = []  # per batch: member positions
-        for b in self._batches:
-            at = [pos[id(site)] for site in b.sites]
-            rows_of.append(at)
-            idx = torch.tensor(at, device=device)
-            sums.index_add_(0, idx, b.sums.to(device))
-            squares.index_add_(0, idx, (b.norms * b.norms).to(device))
-            for kind, counts in b.saturated.items():
-                r = [k for k, site in enumerate(b.sites) if site.kind == kind]
-                sat_call += [at[k] for k in r]
-                saturated.index_add_(
-                    0, torch.tensor([at[k] for k in r], device=device),
-                    counts[torch.tensor(r, device=counts.device)].to(device),
-                )
-            if b.unit_max is not None:
-                for k, site in enumerate(b.sites):
-                    if site.kind == "relu":
-                        units.setdefault(at[k], b.unit_max.shape[1])
-        relu_sites = sorted(units)
-        unit_counts = [units[i] for i in relu_sites]
-        offset, start = 0, {}
-        for i, u in zip(relu_sites, unit_counts):
-            start[i] = offset
-            offset += u
-        index, values = [], []
-        for i in relu_sites:
-            um = sites[i].unit_max
-            if um is not None:
-                index.append(torch.arange(start[i], start[i] + um.numel(), device=device))
-                values.append(um.to(device, torch.float32))
-        for b, at in zip(self._batches, rows_of):
-            if b.unit_max is None:
-                continue
-            width = b.unit_max.shape[1]
-            # Rows of ReLU sites whose layout is this width (a site whose unit count changed keeps its first).
-            r = [k for k, site in enumerate(b.sites) if site.kind == "relu" and units.get(at[k]) == width]
-            if not r:
-                continue
-            first = torch.tensor([start[at[k]] for k in r], device=device)
-            index.append((first[:, None] + torch.arange(width, device=device)[None, :]).reshape(-1))
-            values.append(b.unit_max[torch.tensor(r, device=b.unit_max.device)].to(device).reshape(-1))
-        unit_max = torch.full((offset,), float("-inf"), device=device)
-        if index:
-            unit_max.scatter_reduce_(0, torch.cat(index), torch.cat(values), "amax", include_self=True)
-        counts = torch.tensor([float(site.count) for site in sites], device=device)
-        return SiteTotals(sums, squares, counts, saturated, sorted(set(sat_call)), unit_max, unit_counts, relu_sites)
+        """Every statistic of `sites` (from `take()`) combined (see `site_totals`)."""
+        return site_totals(sites, self._batches, device)
 
     def take(self) -> list[Site]:
         """The sites seen since the last take, in stable order."""
@@ -653,7 +578,7 @@ class ActivationCapture:
     def clear(self) -> None:
         """Forget every site's statistics (after a step; nothing to do after a forward that was not captured)."""
         if not self._touched:
-            return  # every step calls this: 1,000 sites took 1 ms a step to clear for nothing
+            return  # every step calls this: clearing a thousand untouched sites is a loop for nothing
         self._touched = False
         self._deferred, self._deferred_numel = [], 0
         self._batches = []
@@ -670,3 +595,77 @@ class ActivationCapture:
         self._deferred, self._deferred_numel = [], 0
         self._batches = []
         self.sites.clear()
+
+
+def site_totals(sites: list[Site], batches: list[_Batch], device: torch.device) -> SiteTotals:
+    """Every statistic of `sites` and the batch records of small outputs combined: a few ops per batch
+    record, whatever the number of sites."""
+    S = len(sites)
+    pos = {id(site): i for i, site in enumerate(sites)}
+    # Calls reduced one by one (big outputs): their 0-d tensors, stacked once.
+    call_site = [i for i, site in enumerate(sites) for _ in site.sums]
+    sums = torch.zeros(S, device=device)
+    squares = torch.zeros(S, device=device)
+    saturated = torch.zeros(S, device=device)
+    if call_site:
+        idx = torch.tensor(call_site, device=device)
+        sums.index_add_(0, idx, torch.stack([x for site in sites for x in site.sums]).to(device))
+        norms = torch.stack([x for site in sites for x in site.norms]).to(device)
+        squares.index_add_(0, idx, norms * norms)
+    sat_call = [i for i, site in enumerate(sites) for _ in site.saturated]
+    if sat_call:
+        saturated.index_add_(
+            0, torch.tensor(sat_call, device=device),
+            torch.stack([x for site in sites for x in site.saturated]).to(device),
+        )
+    # Per-unit maxima: the first unit count of each ReLU site is its layout.
+    units: dict[int, int] = {}
+    for i, site in enumerate(sites):
+        if site.unit_max is not None:
+            units[i] = site.unit_max.numel()
+    rows_of = []  # per batch: member positions
+    for b in batches:
+        at = [pos[id(site)] for site in b.sites]
+        rows_of.append(at)
+        idx = torch.tensor(at, device=device)
+        sums.index_add_(0, idx, b.sums.to(device))
+        squares.index_add_(0, idx, (b.norms * b.norms).to(device))
+        for kind, counts in b.saturated.items():
+            r = [k for k, site in enumerate(b.sites) if site.kind == kind]
+            sat_call += [at[k] for k in r]
+            saturated.index_add_(
+                0, torch.tensor([at[k] for k in r], device=device),
+                counts[torch.tensor(r, device=counts.device)].to(device),
+            )
+        if b.unit_max is not None:
+            for k, site in enumerate(b.sites):
+                if site.kind == "relu":
+                    units.setdefault(at[k], b.unit_max.shape[1])
+    relu_sites = sorted(units)
+    unit_counts = [units[i] for i in relu_sites]
+    offset, start = 0, {}
+    for i, u in zip(relu_sites, unit_counts):
+        start[i] = offset
+        offset += u
+    index, values = [], []
+    for i in relu_sites:
+        um = sites[i].unit_max
+        if um is not None:
+            index.append(torch.arange(start[i], start[i] + um.numel(), device=device))
+            values.append(um.to(device, torch.float32))
+    for b, at in zip(batches, rows_of):
+        if b.unit_max is None:
+            continue
+        width = b.unit_max.shape[1]
+        # Rows of ReLU sites whose layout is this width (a site whose unit count changed keeps its first).
+        r = [k for k, site in enumerate(b.sites) if site.kind == "relu" and units.get(at[k]) == width]
+        if not r:
+            continue
+        first = torch.tensor([start[at[k]] for k in r], device=device)
+        index.append((first[:, None] + torch.arange(width, device=device)[None, :]).reshape(-1))
+        values.append(b.unit_max[torch.tensor(r, device=b.unit_max.device)].to(device).reshape(-1))
+    unit_max = torch.full((offset,), float("-inf"), device=device)
+    if index:
+        unit_max.scatter_reduce_(0, torch.cat(index), torch.cat(values), "amax", include_self=True)
+    counts = torch.tensor([float(site.count) for site in sites], device=device)
+    return SiteTotals(sums, squares, counts, saturated, sorted(set(sat_call)), unit_max, unit_counts, relu_sites)

@@ -46,6 +46,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
+from tb_diag_logger import hooks
 from tb_diag_logger.diagnostics import DEFAULT_EVERY, Diagnostics, _patterns, check_every, warn_once
 from tb_diag_logger.live import check_level, stop_line
 
@@ -128,7 +129,7 @@ class _DiagnosticsHooks:
                 diag._updates.watch(opt)
         if diag._capture is not None:
             # Lightning calls training_step, not forward (DESIGN.md): make it an entry of capture.
-            pl_module.training_step = diag._capture.wrap_entry(pl_module.training_step)
+            hooks.set_attribute(pl_module, "training_step", diag._capture.wrap_entry(pl_module.training_step))
             self._module = pl_module
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
@@ -141,7 +142,7 @@ class _DiagnosticsHooks:
 
     def _close(self) -> None:
         if self._module is not None:
-            vars(self._module).pop("training_step", None)  # the class's method again
+            hooks.del_attribute(self._module, "training_step")  # the class's method again
             self._module = None
         diag, self.diagnostics = self.diagnostics, None
         self._loss = None

@@ -18,6 +18,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from tb_diag_logger import hooks
+from tb_diag_logger.collectors import Collector, Part
 from tb_diag_plugin import metadata
 
 MAX_ABS, LSE = metadata.LOGIT_METRICS
@@ -58,7 +60,7 @@ def _compiling() -> bool:
     return bool(check())
 
 
-class LogitCapture:
+class LogitCapture(Collector):
     """Owns the root's forward hook and the logged step's running logit statistics."""
 
     def __init__(self, model: nn.Module, armed: Callable[[], bool], on_error: Callable[[str, BaseException], None],
@@ -70,7 +72,7 @@ class LogitCapture:
         self._on_error = on_error
         self._names: dict[int, str] = {}  # last dimension -> head name
         self._stats: dict[str, list[torch.Tensor]] = {}  # head -> [max |logit|, sum of row LSEs, rows]
-        self._handle = (model if hook_on is None else hook_on).register_forward_hook(self._post)
+        self._handle = hooks.forward_hook(model if hook_on is None else hook_on, self._post)
 
     def _post(self, module: nn.Module, args: Any, output: Any) -> None:
         if _compiling() or not self._armed() or not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
@@ -99,15 +101,16 @@ class LogitCapture:
         else:  # several forwards before step(): gradient accumulation
             self._stats[name] = [torch.maximum(old[0], biggest), old[1] + lse, old[2] + rows]
 
-    def take(self, device: torch.device) -> list[tuple[str, list[str], torch.Tensor]]:
-        """[(MAX_ABS, heads, values), (LSE, heads, mean LSE per row)] of this step's forwards, or []."""
+    def parts(self, step: int) -> list[Part]:
+        """`MAX_ABS` and `LSE` (mean LSE per row) per head of this step's forwards (the writing rank's batch)."""
         stats, self._stats = self._stats, {}
         if not stats:
             return []
+        device = self.ctx.device
         names = list(stats)
         biggest = torch.stack([stats[n][0].to(device) for n in names])
         lse = torch.stack([(stats[n][1] / stats[n][2]).to(device) for n in names])
-        return [(MAX_ABS, names, biggest), (LSE, names, lse)]
+        return [Part(MAX_ABS, names, biggest), Part(LSE, names, lse)]
 
     def clear(self) -> None:
         """Forget what this step's forwards left (a step that was not logged)."""
