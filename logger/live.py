@@ -1,7 +1,7 @@
 """Findings in the training process: the tab's rules engine on what the logger writes, alerts, stop.
 
 `LiveFindings` sees every vector and structure document the logger writes
-(`LiveSink` wraps the summary sink), keeps them per tag as the tab would read
+(an observer of `Diagnostics`), keeps them per tag as the tab would read
 them back (the tab's default retention, `DEFAULT_SAMPLES` steps per tag),
 and runs `tb_diag_plugin.findings.analyze` (the same engine as the tab and
 `tb-diag report`, imported) after each logged step. A finding that reaches
@@ -156,7 +156,7 @@ class LiveFindings:
 
     # ----------------------------------------------------------- recording
     def observe_vectors(self, step: int, items: Sequence[_Item]) -> None:
-        """Keep what was written at `step` (after the sink wrote it)."""
+        """Keep what is written at `step` (a `Diagnostics` observer: every item of the event file)."""
         try:
             for metric, layers, types, values in items:
                 tag = metadata.vector_tag(metric, layers)
@@ -255,24 +255,6 @@ def stop_line(step: int, stop_on: str, reason: Sequence[engine.Finding]) -> str:
     """Why training stops, for the frameworks' logs."""
     kinds = ", ".join(f"{f.kind} (from step {f.first_step})" for f in reason) or "a finding on another rank"
     return f"tb-diag: stopping training at step {step} (stop_on={stop_on!r}): {kinds}."
-
-
-class LiveSink:
-    """The summary sink, plus `LiveFindings` seeing what it wrote (what the event file will hold)."""
-
-    def __init__(self, sink: Any, live: LiveFindings) -> None:
-        self._sink, self.live = sink, live
-
-    def write_vectors(self, step: int, items: Sequence[_Item]) -> None:
-        self._sink.write_vectors(step, items)
-        self.live.observe_vectors(step, items)
-
-    def write_structure(self, step: int, doc: dict) -> None:
-        self._sink.write_structure(step, doc)
-        self.live.observe_structure(step, doc)
-
-    def __getattr__(self, name: str) -> Any:  # flush, close, writer, ...
-        return getattr(self._sink, name)
 
 
 def stopped_items(stop_on: str) -> list[_Item]:
