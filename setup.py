@@ -44,8 +44,8 @@ setup(
     package_dir={
         "tb_diag_plugin": "tb_diag_plugin",
         "tb_diag_logger": "logger",
-        # The tab's files live at the top level (DESIGN.md) and ship inside
-        # the plugin package, where the static route finds them.
+        # The tab's files live at the top level and ship inside the plugin
+        # package, where the static route finds them.
         "tb_diag_plugin.frontend_static": "frontend_static",
     },
     package_data={

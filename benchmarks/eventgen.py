@@ -5,8 +5,9 @@ here), which would make a 20,000-step x 500-layer run take minutes to write.
 This module frames records itself with a CRC-32C vectorised over many records
 at once (numpy), and builds:
 
-* a Diagnostics run through the logger's own `SummarySink` (the exact
-  summaries, metadata and tags the logger writes), and
+* a Diagnostics run through the contract's own encoder
+  (`tb_diag_plugin.summary`: the exact summaries, metadata and tags the
+  logger writes; no torch), and
 * the baseline: the same `grad_norm` numbers as one `add_scalar` per layer
   per step (`Summary.Value(tag, simple_value)`, one event each, as torch's
   `SummaryWriter.add_scalar` writes them), hand-encoded with numpy and checked
@@ -24,7 +25,8 @@ import numpy as np
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
-from tb_diag_logger.summaries import SummarySink
+from tb_diag_plugin import metadata
+from tb_diag_plugin.summary import VectorEncoder, structure_summary
 
 # The per-parameter metrics of a synthetic run (what the logger of issue 6 wrote): the layer drill-down
 # of `reading.py` asks for each of them.
@@ -116,23 +118,9 @@ def metric_values(metric: str, steps: np.ndarray, num_layers: int) -> np.ndarray
     return v
 
 
-class _Collector:
-    """Stands in for a SummaryWriter's file writer: collects serialised events."""
-
-    def __init__(self) -> None:
-        self.records: list[bytes] = []
-
-    def add_summary(self, summary, global_step=None, walltime=None) -> None:
-        # The logger stamps time.time(); a synthetic run needs increasing wall times.
-        step = int(global_step)
-        ev = event_pb2.Event(summary=summary, step=step, wall_time=1.7e9 + step * 0.1)
-        self.records.append(ev.SerializeToString())
-
-    def _get_file_writer(self):
-        return self
-
-    def flush(self) -> None:
-        pass
+def _event(summary: summary_pb2.Summary, step: int) -> bytes:
+    # A synthetic run needs increasing wall times, one tenth of a second per step.
+    return event_pb2.Event(summary=summary, step=step, wall_time=1.7e9 + step * 0.1).SerializeToString()
 
 
 def write_diagnostics_run(run_dir: str, num_steps: int, num_layers: int, chunk: int = 2000) -> int:
@@ -145,8 +133,8 @@ def write_diagnostics_run(run_dir: str, num_steps: int, num_layers: int, chunk: 
     """
     layers = layer_names(num_layers)
     sites = [f"blocks.{i:03d}.relu__" for i in range(max(1, num_layers // 4))]
-    collector = _Collector()
-    sink = SummarySink(collector)
+    encoder = VectorEncoder()
+    records = []
     modules = [{"name": "", "type": "Net", "params": [], "num_params": num_layers * 100, "sites": []}]
     modules += [
         {"name": n.rsplit(".", 1)[0], "type": "Conv2d",
@@ -154,7 +142,7 @@ def write_diagnostics_run(run_dir: str, num_steps: int, num_layers: int, chunk: 
          "num_params": 100, "sites": []}
         for n in layers
     ]
-    sink.write_structure(0, {"version": 1, "modules": modules})
+    records.append(_event(structure_summary({"version": metadata.STRUCTURE_VERSION, "modules": modules}), 0))
     param_metrics = PARAM_METRICS
     size = 0
     path = event_path(run_dir)
@@ -172,11 +160,11 @@ def write_diagnostics_run(run_dir: str, num_steps: int, num_layers: int, chunk: 
                 items += [
                     ("grad_norm_total", [""], (), np.array([np.sqrt(np.nansum(pv["grad_norm"][i] ** 2))])),
                     ("learning_rate", [""], (), np.array([0.1])),
-                    ("loss", ["total", "ce", "l2"], (), lv[i]),
+                    ("loss", [metadata.TOTAL_LOSS, "ce", "l2"], (), lv[i]),
                 ]
-                sink.write_vectors(int(s), items)
-            data = frame_records(collector.records)
-            collector.records.clear()
+                records.append(_event(encoder.encode(items), int(s)))
+            data = frame_records(records)
+            records.clear()
             f.write(data)
             size += len(data)
     return size

@@ -1,4 +1,5 @@
-"""The three CPU models of PERF_NOTES.md, in plain torch, with their synthetic batches."""
+"""The three CPU models of the overhead benchmark (benchmarks/RESULTS.md, "Training overhead, CPU"), in plain torch,
+with their synthetic batches."""
 
 from __future__ import annotations
 

@@ -19,6 +19,10 @@ export const PERCENTILES = CONTRACT.loss_spread_metrics;
 export const OVERVIEW_METRICS = CONTRACT.overview_metrics;
 export const SEVERITIES = CONTRACT.severities; // worst first
 export const SEVERITY_RANK = Object.fromEntries(SEVERITIES.map((s, i) => [s, i]));
+export const TOTAL_LOSS = CONTRACT.total_loss; // the loss layer of diag.step(loss=...)
+export const ACTIVATION_KINDS = CONTRACT.activation_kinds;
+// An activation site's name; its first group is the module the site belongs to.
+const SITE_NAME = new RegExp(CONTRACT.site_name_pattern);
 
 // The metrics a view's chart offers, in the contract's order.
 export function viewMetrics(view) {
@@ -83,14 +87,14 @@ export function colorscale(metric) {
 }
 
 // The module a metric's layer belongs to: a parameter's owner ("0.weight" ->
-// "0"), an activation site's module ("enc.relu()#2" -> "enc"); an activation
-// module such as nn.ReLU is its own site, and a module-level metric's layer
-// (the output head) is the module itself.
+// "0"), an activation site's module ("enc.relu()#2" -> "enc", by the contract's
+// site_name_pattern); an activation module such as nn.ReLU is its own site, and
+// a module-level metric's layer (the output head) is the module itself.
 export function moduleOf(name, kind) {
   if (name == null) return null;
   if (kind === "module") return name;
   if (kind === "site") {
-    const m = /^(?:(.*)\.)?[A-Za-z_][A-Za-z0-9_]*\(\)(?:#\d+)?$/.exec(name);
+    const m = SITE_NAME.exec(name);
     return m ? m[1] || "" : name;
   }
   const dot = name.lastIndexOf(".");

@@ -23,6 +23,7 @@ from tb_diag_logger.arguments import (  # noqa: F401  (re-exported: the integrat
 )
 from tb_diag_logger.collectors import Collector, Item, Part, Selection, StepContext
 from tb_diag_logger.collectors.amp import AmpState
+from tb_diag_logger.collectors.between import BetweenSteps
 from tb_diag_logger.collectors.learning_rate import LearningRate
 from tb_diag_logger.collectors.logits import LogitCapture
 from tb_diag_logger.collectors.losses import Losses, LossLike, check_losses, check_scalar
@@ -32,6 +33,7 @@ from tb_diag_logger.collectors.preclip import PreclipNorm
 from tb_diag_logger.collectors.sites import ActivationSites
 from tb_diag_logger.collectors.updates import UpdateRatio
 from tb_diag_logger.collectors.validation import Validation, check_step
+from tb_diag_logger.collectors.wiring import STEP_ORDER_ADVICE, WiringChecks, managed_by_engine
 from tb_diag_logger.compiled import CompiledCapture
 from tb_diag_logger.cost import CostMeter, DiagnosticsCostWarning
 from tb_diag_logger.live import LiveFindings, check_level, decide_stop, stopped_items
@@ -39,6 +41,7 @@ from tb_diag_logger.optimizers import unwrap_optimizer
 from tb_diag_logger.output import Output
 from tb_diag_logger.structure import module_tree
 from tb_diag_logger.summaries import SummarySink
+from tb_diag_plugin import metadata
 
 DEFAULT_EVERY = 20
 
@@ -53,6 +56,16 @@ class Diagnostics:
     since the previous ``step()`` call, the loss and its components, and the
     update ratio of the optimizer step that follows. Other steps cost
     nothing: the forward hooks return at once and no tensor is touched.
+
+    Between logged steps, every ``step()`` updates a few device-side
+    accumulators without a host synchronisation (the loss's maximum and
+    minimum, the gradient norm's maximum when it is known, the first
+    non-finite step), read with the next logged step. On logged steps the
+    loop's wiring is checked: whether the gradients were reset since the
+    previous optimizer step (``grad_carried``), modules in the wrong mode,
+    optimizer tensors that are not the model's; a ``step()`` called where
+    no parameter has a gradient (before ``backward()``) warns once and
+    records no gradient metrics for that step (collectors/wiring.py).
 
     Gradient accumulation: run the forward/backward passes of all
     micro-batches, then call ``step()`` once, before ``optimizer.step()``.
@@ -124,6 +137,10 @@ class Diagnostics:
             None, the default: never), ``should_stop`` becomes True after that
             logged step, on every rank at the same step, and the event file
             records the stop.
+        grad_norm_every_step: measure the global gradient norm at every
+            step, for ``grad_norm_max_between`` (one pass over the
+            gradients per step); without it that metric comes from
+            ``step(grad_norm=)`` only, NaN when not passed.
         impl: for tests and benchmarks, how parameter norms are reduced
             (``"flat"``, ``"stream"`` or ``"foreach"``, see
             ``reductions.Plan``); None chooses per parameter layout.
@@ -150,6 +167,7 @@ class Diagnostics:
         write_rank: int = 0,
         alert: Optional[str] = "error",
         stop_on: Optional[str] = None,
+        grad_norm_every_step: bool = False,
         impl: Optional[str] = None,
     ) -> None:
         outer = model
@@ -160,6 +178,9 @@ class Diagnostics:
         check_level(stop_on, "stop_on")
         check_scaler(scaler)
         reductions.choose([], impl)  # a ValueError naming the choices, not a warning on a logged step
+        if not isinstance(grad_norm_every_step, bool):
+            raise TypeError(f"grad_norm_every_step must be a bool, got {grad_norm_every_step!r}")
+        engine = managed_by_engine(outer, optimizer)  # issue 22: before the wrappers are unwrapped
         optimizer = unwrap_optimizer(optimizer) if optimizer is not None else None  # hooks go on the real one
         selected = Selection(_patterns(include, "include"), _patterns(exclude, "exclude"))
         self._out = Output(writer, logdir, write_rank, self._report, before_exit=self._write_late)
@@ -208,6 +229,14 @@ class Diagnostics:
         if optimizer is not None:
             self._add(LearningRate(optimizer))
         self._validation = self._add(Validation())
+        # --- issue 22: the loop's wiring (logged steps only) and what happens between logged steps
+        # (every step, no host sync); see collectors/wiring.py and collectors/between.py.
+        root = outer if compiled and isinstance(getattr(outer, "_orig_mod", None), nn.Module) else self.model
+        self._wiring = self._add(WiringChecks(self.model, self._params, optimizer, self._report, hook_on=root,
+                                              engine=engine or managed_by_engine(params=self._params)))
+        self._wiring.arm(True)  # the first step may be a logged one
+        self._between = self._add(BetweenSteps(self._params, measure_grad_norm=grad_norm_every_step, amp=amp))
+        # --- end of issue 22
         if distributed.initialized():
             self._out.ensure()  # else at the first step(): init_process_group may come after us
 
@@ -280,6 +309,7 @@ class Diagnostics:
         self._prev_step, self._last_step = self._last_step, step
         logged = self.should_log(step)
         forward_extra = self._cost_at_step(logged)
+        self._step_issue22(step)
         try:
             self._out.ensure()
             self._write_late()
@@ -301,6 +331,32 @@ class Diagnostics:
                 self._capture.armed = self._predict_next_logged()
             if self._updates is not None:
                 self._updates.pending = step if logged else None
+            try:  # issue 22: the wiring hooks watch the next step only if it is likely logged
+                self._wiring.arm(self._predict_next_logged())
+            except Exception as e:
+                self._report("wiring checks", e)
+
+    def _step_issue22(self, step: int) -> None:
+        """Issue 22, at every step(): the accumulators (no host sync) and the step-order check (host only).
+
+        A step() called where no parameter has a gradient (before backward()) warns once at the user's
+        call, and that step records no gradient metrics (`StepContext.grads_valid`)."""
+        try:
+            total = next((v for n, v in self._losses.items if n == metadata.TOTAL_LOSS), None)  # `loss=` (check_losses)
+            self._between.observe(step, total, self._preclip.value)
+            problem = self._wiring.order_problem()
+        except Exception as e:
+            self._report("wiring checks", e)
+            problem = None
+        self._ctx.grads_valid = problem is None
+        if problem is not None and "step order" not in self._warned:
+            self._warned.add("step order")
+            warnings.warn(
+                f"tb-diag: diag.step({step}) was called where {problem}: {STEP_ORDER_ADVICE}. "
+                "The gradient metrics of such steps are not recorded. Reported once.",
+                DiagnosticsWarning,
+                stacklevel=3,
+            )
 
     def evaluate(
         self,

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from tb_diag_logger.collectors.optim_state import optimizer_doc, optimizer_params
+from tb_diag_plugin import metadata
 
 
 def module_tree(
@@ -49,4 +50,4 @@ def module_tree(
                 "sites": site_map.get(name, []),
             }
         )
-    return {"version": 1, "modules": modules, "optimizer": optimizer_doc(optimizer, model)}
+    return {"version": metadata.STRUCTURE_VERSION, "modules": modules, "optimizer": optimizer_doc(optimizer, model)}

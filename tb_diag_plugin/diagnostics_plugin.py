@@ -215,8 +215,9 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
                 raise errors.NotFoundError(f"run {run[:200]!r} has no model structure")
             try:
                 doc = read_structure(self.store.provider, ctx, eid, run)
-            except (ValueError, UnicodeDecodeError) as e:
-                raise errors.NotFoundError(f"model structure of run {run[:200]!r} is unreadable: {e}") from None
+            except ValueError as e:  # metadata.ContractError: ignored with this note, never a 500
+                raise errors.NotFoundError(f"model structure of run {run[:200]!r} is unreadable and "
+                                           f"was ignored: {e}") from None
             if doc is None:
                 raise errors.NotFoundError(f"run {run[:200]!r} has no model structure")
             return http_util.Respond(request, {"run": run, "structure": doc}, "application/json")

@@ -10,8 +10,10 @@ metadata), so every side can use it.
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from tb_diag_plugin import plugin_data_pb2
 
@@ -29,9 +31,23 @@ VECTOR = plugin_data_pb2.DiagnosticsPluginData.VECTOR
 STRUCTURE = plugin_data_pb2.DiagnosticsPluginData.STRUCTURE
 
 # What each layer of a metric is: a parameter tensor ("0.weight"), the whole model (""
-# or a parameter group), an activation site, a loss component ("total" for `loss=`) or
+# or a parameter group), an activation site, a loss component (TOTAL_LOSS for `loss=`) or
 # evaluation metric by name, or a module (the model's output head).
 LAYER_KINDS = ("param", "model", "site", "loss", "module")
+# The loss layer that holds `Diagnostics.step(loss=...)` (and `evaluate(loss=...)`); other loss
+# layers are the user's named components.
+TOTAL_LOSS = "total"
+
+# What an activation site is, for what it records: "relu" (dead units), "sigmoid" and "tanh"
+# (saturation), "other" (mean and std only).
+ACTIVATION_KINDS = ("relu", "sigmoid", "tanh", "other")
+DEAD_UNIT_KINDS = ("relu",)  # the kinds that record dead_fraction
+SATURATING_KINDS = ("sigmoid", "tanh")  # the kinds that record saturation
+# An activation site's name: the activation module's own qualified name ("enc.act"), or the
+# n-th call of a function inside a module's forward: "enc.relu()", "enc.relu()#2" ("relu()" at
+# the root). One pattern, read by Python and the tab (JavaScript) alike: group 1 is the module.
+SITE_NAME_PATTERN = r"^(?:(.*)\.)?[A-Za-z_][A-Za-z0-9_]*\(\)(?:#\d+)?$"
+_SITE_NAME = re.compile(SITE_NAME_PATTERN)
 # The tab's views, in tab order; a metric's `view` is the one whose chart offers it
 # ("layer": only in a layer's drill-down).
 VIEWS = ("overview", "gradients", "activations", "loss", "model", "layer")
@@ -63,7 +79,7 @@ class MetricSpec:
 
 
 _PER_SAMPLE = "per-sample loss spread (pass losses={'ce': per_sample_ce} with one value per sample)"
-# Every metric (DESIGN.md, "Metric names"), in the order the tab lists them.
+# Every metric, in the order the tab lists them.
 METRIC_SPECS = (
     MetricSpec("grad_norm", "param", "Gradient L2 norm", "", "log", "gradients"),
     MetricSpec("grad_max_abs", "param", "Gradient max |g|", "", "log", "gradients"),
@@ -86,9 +102,27 @@ METRIC_SPECS = (
     MetricSpec("act_std", "site", "Activation std", "", "log", "activations"),
     MetricSpec("logit_max_abs", "module", "Logit max |z|", "", "log", "layer"),
     MetricSpec("logit_lse", "module", "Logit log-sum-exp (mean)", "nats", "linear", "layer", signed=True),
+    MetricSpec("logit_min", "module", "Logit minimum", "", "linear", "layer", signed=True),
+    MetricSpec("logit_max", "module", "Logit maximum", "", "linear", "layer", signed=True),
+    # max over rows of |sum over the last dim - 1|: ~0 when each row already is a probability distribution
+    MetricSpec("logit_rowsum_dev", "module", "Output row sum, largest |sum - 1|", "", "linear", "layer"),
+    # Mode-sensitive modules (BatchNorm, Dropout, ...): 1 when in eval mode in a grad-enabled forward of
+    # the logged step / in training mode in a no_grad forward since the previous logged step.
+    MetricSpec("eval_in_train", "module", "Module in eval mode while training", "", "unit", "layer"),
+    MetricSpec("train_in_eval", "module", "Module in training mode while evaluating", "", "unit", "layer"),
     MetricSpec("grad_norm_total", "model", "Total gradient norm", "", "log", "overview"),
     MetricSpec("grad_norm_preclip", "model", "Total gradient norm before clipping", "", "log", "overview"),
     MetricSpec("learning_rate", "model", "Learning rate", "", "log", "overview"),
+    # Between logged steps (NaN when not measured): the largest global gradient norm since the
+    # previous logged step; the first step whose loss or global gradient norm was not finite.
+    MetricSpec("grad_norm_max_between", "model", "Largest total gradient norm since the last logged step", "",
+               "log", "layer"),
+    MetricSpec("nonfinite_first_step", "model", "First non-finite step since the last logged step", "step",
+               "linear", "layer"),
+    # 1 when the logged step's backward accumulated into the previous optimizer step's gradients
+    # (no zero_grad() between two optimizer steps), 0 when they had been reset, NaN when unknown.
+    MetricSpec("grad_carried", "model", "Gradients carried over from the previous step", "", "unit", "layer"),
+    MetricSpec("optimizer_orphans", "model", "Optimizer tensors not in the model", "tensors", "linear", "layer"),
     MetricSpec("amp_scale", "model", "AMP loss scale", "", "log", "layer"),
     MetricSpec("amp_skipped", "model", "AMP skipped steps", "", "linear", "layer"),
     MetricSpec("loss", "loss", "Loss", "", "linear", "loss", signed=True),
@@ -99,6 +133,11 @@ METRIC_SPECS = (
     MetricSpec("loss_p75", "loss", "Loss, per-sample 75th percentile", "", "linear", "loss", _PER_SAMPLE, signed=True),
     MetricSpec("loss_p95", "loss", "Loss, per-sample 95th percentile", "", "linear", "loss", _PER_SAMPLE, signed=True),
     MetricSpec("loss_max", "loss", "Loss, per-sample maximum", "", "linear", "loss", _PER_SAMPLE, signed=True),
+    # The total loss passed to diag.step() since the previous logged step: largest and smallest.
+    MetricSpec("loss_max_between", "loss", "Loss, largest since the last logged step", "", "linear", "layer",
+               signed=True),
+    MetricSpec("loss_min_between", "loss", "Loss, smallest since the last logged step", "", "linear", "layer",
+               signed=True),
     MetricSpec("val_loss", "loss", "Validation loss", "", "linear", "loss", signed=True,
                missing="no val_loss recorded (call diag.evaluate(step, loss=...))"),
     MetricSpec("val_metric", "loss", "Validation metric", "", "linear", "loss", signed=True,
@@ -132,8 +171,17 @@ OVERVIEW_METRICS = ("loss", "grad_norm_total", "learning_rate", "dead_fraction")
 SEVERITIES = ("error", "warning", "info")
 SEVERITY_RANK = {s: i for i, s in enumerate(SEVERITIES)}
 FINDING_KINDS = (
+    # Wiring of the training loop: causes that explain the symptoms below.
+    "not_in_optimizer",
+    "grad_not_reset",
+    "module_mode",
+    "lr_collapsed",
+    "lr_unbounded",
+    "lr_zero",
+    "output_loss_mismatch",
     "nonfinite",
     "exploding_gradient",
+    "gradient_spike",
     "vanishing_gradient",
     "no_gradient",
     "gradient_clipping",
@@ -153,8 +201,16 @@ FINDING_KINDS = (
 )
 # The view and metric a finding of each kind opens (metric None: the view's default).
 FINDING_VIEW = {
+    "not_in_optimizer": ("gradients", "update_ratio"),
+    "grad_not_reset": ("overview", "grad_norm_total"),
+    "module_mode": ("layer", "eval_in_train"),
+    "lr_collapsed": ("overview", "learning_rate"),
+    "lr_unbounded": ("overview", "learning_rate"),
+    "lr_zero": ("overview", "learning_rate"),
+    "output_loss_mismatch": ("layer", "logit_rowsum_dev"),
     "nonfinite": ("gradients", "grad_norm"),
     "exploding_gradient": ("gradients", "grad_norm"),
+    "gradient_spike": ("overview", "grad_norm_total"),
     "vanishing_gradient": ("gradients", "grad_norm"),
     "no_gradient": ("gradients", "grad_norm"),
     "gradient_clipping": ("overview", "grad_norm_preclip"),
@@ -174,10 +230,36 @@ FINDING_VIEW = {
 }
 
 
+def site_name(module: str, function: str, n: int) -> str:
+    """The name of the `n`-th call (1, 2, ...) of activation `function` in a forward of `module`;
+    n = 0: the activation module `module` itself."""
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    if n == 0:
+        return module
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", function):
+        raise ValueError(f"function must be a Python name, got {function!r}")
+    base = f"{module}.{function}()" if module else f"{function}()"
+    return base if n == 1 else f"{base}#{n}"
+
+
+def site_module(name: str) -> str:
+    """The module an activation site belongs to: `site_name`'s `module` (an activation module: itself)."""
+    m = _SITE_NAME.fullmatch(name)
+    return (m.group(1) or "") if m else name
+
+
 def contract_dict() -> dict:
-    """The names the tab needs, JSON-safe: metrics, views, severities, finding kinds and their links."""
+    """The names the tab needs, JSON-safe: metrics, views, severities, finding kinds and their links,
+    the loss's total layer, the activation kinds, the structure document's version and the site-name pattern."""
     return {
         "version": PROTO_VERSION,
+        "total_loss": TOTAL_LOSS,
+        "activation_kinds": list(ACTIVATION_KINDS),
+        "dead_unit_kinds": list(DEAD_UNIT_KINDS),
+        "saturating_kinds": list(SATURATING_KINDS),
+        "structure_version": STRUCTURE_VERSION,
+        "site_name_pattern": SITE_NAME_PATTERN,
         "metrics": [m.to_dict() for m in METRIC_SPECS],
         "layer_kinds": list(LAYER_KINDS),
         "views": list(VIEWS),
@@ -195,11 +277,16 @@ GRAD_NORM_PRECLIP = METRICS["grad_norm_preclip"].name
 # per parameter, the optimizer's view; the output head; `Diagnostics.evaluate()`.
 PARAM_OPTIMIZER_METRICS = tuple(METRICS[n].name for n in ("grad_missing", "adam_eps_fraction", "update_rms"))
 LOGIT_METRICS = tuple(METRICS[n].name for n in ("logit_max_abs", "logit_lse"))
+# The head's output range and whether its rows already sum to 1 (issue 22).
+LOGIT_RANGE_METRICS = tuple(METRICS[n].name for n in ("logit_min", "logit_max", "logit_rowsum_dev"))
 VALIDATION_METRICS = tuple(METRICS[n].name for n in ("val_loss", "val_metric"))
 
 STOPPED = METRICS["stopped"].name
 
 STRUCTURE_TAG = PLUGIN_NAME + "/_structure"
+# The structure document's version ("version" in it): bump it, and upgrade older documents in
+# `check_structure`, whenever the meaning of a key changes.
+STRUCTURE_VERSION = 1
 
 
 class ContractError(ValueError):
@@ -227,6 +314,54 @@ def vector_tag(metric: str, layers: Sequence[str]) -> str:
     """
     digest = hashlib.sha1("\n".join(layers).encode("utf-8")).hexdigest()[:10]
     return f"{PLUGIN_NAME}/{metric}/{digest}"
+
+
+def check_structure(doc: Any) -> dict[str, Any]:
+    """The structure document (the module tree the logger writes once per run), checked; ContractError
+    for a version this reader does not know or a shape it cannot use.
+
+    ``{"version": 1, "modules": [{"name", "type", "num_params", "params": [{"name", "shape", "numel",
+    "tracked", "requires_grad", "in_optimizer"}], "sites": [{"name", "type", "kind"}]}],
+    "optimizer": {"class", "groups": [...]} or null}``; keys a version-1 logger added later
+    (`requires_grad`, `in_optimizer`, `optimizer`) may be absent.
+    """
+    if not isinstance(doc, dict):
+        raise ContractError(f"structure document is not an object ({type(doc).__name__})")
+    version = doc.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ContractError(f"structure document has no valid version ({version!r})")
+    if version > STRUCTURE_VERSION:
+        raise ContractError(
+            f"structure document written by a newer tb-diag (version {version}, this reader knows "
+            f"{STRUCTURE_VERSION}): upgrade tb-diag"
+        )
+    modules = doc.get("modules")
+    if not isinstance(modules, list):
+        raise ContractError("structure document has no module list")
+    for i, m in enumerate(modules):
+        where = f"structure document module {i}"
+        if not isinstance(m, dict) or not isinstance(m.get("name"), str) or not isinstance(m.get("type"), str):
+            raise ContractError(f"{where} has no name and type")
+        for key in ("params", "sites"):
+            if not isinstance(m.get(key, []), list) or not all(isinstance(x, dict) and isinstance(x.get("name"), str)
+                                                               for x in m.get(key, [])):
+                raise ContractError(f"{where} ({m['name']!r}): {key} is not a list of named objects")
+        for site in m.get("sites", []):
+            if site.get("kind") not in ACTIVATION_KINDS:
+                raise ContractError(f"{where} ({m['name']!r}): activation site {site['name']!r} has unknown "
+                                    f"kind {site.get('kind')!r}")
+    if not isinstance(doc.get("optimizer"), (dict, type(None))):
+        raise ContractError("structure document's optimizer is neither an object nor null")
+    return doc
+
+
+def parse_structure(blob: bytes) -> dict[str, Any]:
+    """The structure document from its summary's bytes (UTF-8 JSON), checked by `check_structure`."""
+    try:
+        doc = json.loads(bytes(blob).decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, or nested past Python's stack
+        raise ContractError(f"structure document is not JSON ({type(e).__name__}: {e})") from None
+    return check_structure(doc)
 
 
 def create_summary_metadata(

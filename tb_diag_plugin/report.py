@@ -1,7 +1,7 @@
 """`tb-diag report LOGDIR [--json] [--fail-on LEVEL]`: the findings of every run.
 
 Text for people (per run, worst first, then the rules that could not run)
-or, with --json, a JSON list of finding objects as in DESIGN.md; in JSON
+or, with --json, a JSON list of finding objects (`Finding.to_dict`); in JSON
 mode the notes on rules that could not run go to stderr so that stdout
 stays machine-readable. The exit status serves CI gates: 1 when a finding
 at or above `fail_on` exists, else 0.
@@ -15,7 +15,7 @@ import textwrap
 from typing import Optional, TextIO
 
 from tb_diag_plugin import findings, metadata, reading
-from tb_diag_plugin.findings import model_info
+from tb_diag_plugin.findings.run import analyze_run
 
 FAIL_LEVELS = metadata.SEVERITIES[::-1]  # the least severe first, as --help lists them
 
@@ -33,16 +33,16 @@ def run(logdir: str, as_json: bool, fail_on: Optional[str], out: TextIO) -> int:
     if fail_on is not None and fail_on not in FAIL_LEVELS:
         raise ValueError(f"fail_on must be one of {FAIL_LEVELS} or None, got {fail_on!r}")
     reader = reading.LocalReader(logdir)
-    results = []  # (run, findings, notes)
+    results = []  # (run, findings, notes): what could not be read first, then the findings' notes
     for name in reader.runs():
-        model, unread = model_info.read_model(lambda run=name: reader.structure(run))
+        problems = list(reader.index[name].problems)
         try:
-            found, notes = findings.analyze(reader.series(name), model=model)
+            series = reader.series(name)
         except Exception as e:  # one unreadable run must not hide the others
-            found, notes = [], [f"could not analyse this run: {type(e).__name__}: {e}"]
-        notes = unread + notes
-        notes = list(reader.index[name].problems) + notes
-        results.append((name, found, notes))
+            results.append((name, [], problems + [f"could not read this run: {type(e).__name__}: {e}"]))
+            continue
+        result = analyze_run(name, series, lambda run=name: reader.structure(run))
+        results.append((name, result.findings, problems + result.notes))
 
     if as_json:
         doc = [f.to_dict(name) for name, found, _ in results for f in found]

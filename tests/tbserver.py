@@ -8,7 +8,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence, TypeVar
 
 from tensorboard import program
 from tensorboard.plugins import base_plugin
@@ -16,6 +16,8 @@ from tensorboard.plugins.core import core_plugin
 from tensorboard.plugins.scalar import scalars_plugin
 
 from tb_diag_plugin.diagnostics_plugin import Config, DiagnosticsLoader
+
+T = TypeVar("T")
 
 
 class Server:
@@ -41,16 +43,26 @@ class Server:
     def plugin(self, route: str):
         return self.json("data/plugin/diagnostics/" + route.lstrip("/"))
 
-    def wait_for_runs(self, n: int, timeout: float = 60) -> list[dict]:
-        """Poll until the plugin lists `n` runs (the Rust data server loads asynchronously)."""
-        deadline = time.monotonic() + timeout
+    def wait_for_runs(self, n: int, timeout: Optional[float] = None) -> list[dict]:
+        """Poll until the plugin lists `n` runs (the Rust data server loads asynchronously); `timeout`
+        None waits as long as it takes (pytest's timeout ends a hang)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         runs: list[dict] = []
-        while time.monotonic() < deadline:
+        while deadline is None or time.monotonic() < deadline:
             runs = self.plugin("runs")["runs"]
             if len(runs) >= n:
                 return runs
             time.sleep(0.3)
         raise TimeoutError(f"only {len(runs)} of {n} runs after {timeout} s")
+
+
+def until(condition: Callable[[], T], poll_s: float = 0.1) -> T:
+    """Poll `condition` until it returns something true, and return that. No deadline: what a test
+    waits for either happens or pytest's timeout ends the test (a wall-clock bound of its own would
+    fail on a busy machine for no fault of the code)."""
+    while not (got := condition()):
+        time.sleep(poll_s)
+    return got
 
 
 @contextlib.contextmanager

@@ -1,6 +1,6 @@
 """`tb-diag report --fail-on` and `tb-diag export --run/--format` through the command, on real event files.
 
-The runs are written through the logger's sink with values chosen here, so what the
+The runs are written with the contract's own writer (`tb_diag_plugin.summary`) and values chosen here, so what the
 command prints is compared with those values, not with another reading by our code.
 """
 
@@ -17,10 +17,9 @@ import sys
 
 import numpy as np
 import pytest
-from torch.utils.tensorboard import SummaryWriter
 
-from tb_diag_logger.summaries import SummarySink
 from tb_diag_plugin import cli
+from tb_diag_plugin.summary import EventWriter
 
 STEPS = 40
 LAYERS = ["a.weight", "a.bias", "b.weight", "b.bias"]
@@ -29,14 +28,13 @@ ORDER = ("info", "warning", "error")  # severities, mildest first
 
 def _write(path, loss: np.ndarray, grads: np.ndarray) -> None:
     """One run: the total loss and four parameters' gradient norms at each step, as the logger writes them."""
-    writer = SummaryWriter(str(path))
-    sink = SummarySink(writer)
+    sink = EventWriter(str(path))
     for step in range(len(loss)):
         sink.write_vectors(step, [
             ("loss", ["total"], (), np.array([loss[step]], np.float32)),
             ("grad_norm", LAYERS, (), grads[step].astype(np.float32)),
         ])
-    writer.close()
+    sink.close()
 
 
 def _level_runs(root) -> dict:
@@ -116,8 +114,7 @@ def export_logdir(tmp_path_factory):
     rng = np.random.default_rng(0)
     rows = {}  # (run, metric, layer, step) -> value as float32
     for run, steps in (("a", 5), ("b", 3)):
-        writer = SummaryWriter(str(root / run))
-        sink = SummarySink(writer)
+        sink = EventWriter(str(root / run))
         for step in range(steps):
             loss = np.array([rng.random(), [np.nan, np.inf, -np.inf][step % 3]], np.float32)
             grads = (rng.random(2) * 10.0 ** rng.integers(-30, 30, 2)).astype(np.float32)
@@ -126,8 +123,8 @@ def export_logdir(tmp_path_factory):
                 rows[(run, "loss", layer, 10 * step)] = float(value)
             for layer, value in zip(["w", "b"], grads):
                 rows[(run, "grad_norm", layer, 10 * step)] = float(value)
-            writer.add_scalar("user/loss", 1.0, step)  # the user's own scalars stay out
-        writer.close()
+            sink.add_scalar("user/loss", 1.0, step)  # the user's own scalars stay out
+        sink.close()
     return str(root), rows
 
 

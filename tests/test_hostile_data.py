@@ -1,4 +1,8 @@
-"""Damaged and hostile event files, many runs, concurrent requests: no 500, nothing misattributed."""
+"""Damaged and hostile event files, many runs, concurrent requests: no 500, nothing misattributed.
+
+Fixtures are written with the contract's torch-free writer (`tb_diag_plugin.summary`). No
+wall-clock bounds: a wait polls its condition until it holds (pytest's timeout ends a hang).
+"""
 
 from __future__ import annotations
 
@@ -12,21 +16,18 @@ import tracemalloc
 import numpy as np
 import pytest
 from tensorboard.compat.proto import summary_pb2
-from torch.utils.tensorboard import SummaryWriter
 
-from tb_diag_logger.summaries import SummarySink
 from tb_diag_plugin import metadata, plugin_data_pb2
-from tbserver import serve
+from tb_diag_plugin.summary import EventWriter, structure_summary
+from tbserver import serve, until
 
 LAYERS = ["a.weight", "a.bias", "b.weight"]
 
 
 def _write_good(run_dir, steps=20, layers=LAYERS):
-    w = SummaryWriter(str(run_dir))
-    sink = SummarySink(w)
-    for s in range(steps):
-        sink.write_vectors(s, [("grad_norm", layers, (), np.arange(len(layers), dtype=np.float32) + s)])
-    w.close()
+    with EventWriter(str(run_dir)) as w:
+        for s in range(steps):
+            w.write_vectors(s, [("grad_norm", layers, (), np.arange(len(layers), dtype=np.float32) + s)])
     return glob.glob(os.path.join(str(run_dir), "events.out.tfevents.*"))[0]
 
 
@@ -46,7 +47,7 @@ def _raw_summary(writer, step, tag, content: bytes, tensor_values, dtype="f4"):
         data_class=summary_pb2.DATA_CLASS_TENSOR,
     )
     value = summary_pb2.Summary.Value(tag=tag, tensor=tensor, metadata=meta)
-    writer._get_file_writer().add_summary(summary_pb2.Summary(value=[value]), step)
+    writer.add_summary(summary_pb2.Summary(value=[value]), step)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ def damaged_logdir(tmp_path_factory):
 
     # Our plugin name with malformed content, a newer and an older contract version,
     # and a tag whose tensors have the wrong shape for its layer list; plus a good tag.
-    w = SummaryWriter(str(d / "mixed"))
+    w = EventWriter(str(d / "mixed"))
     newer = plugin_data_pb2.DiagnosticsPluginData(version=99, metric="grad_norm", layers=["x"]).SerializeToString()
     older = plugin_data_pb2.DiagnosticsPluginData(version=0, metric="grad_norm", layers=["x"]).SerializeToString()
     wrong = plugin_data_pb2.DiagnosticsPluginData(version=1, metric="act_mean", layers=["p", "q"]).SerializeToString()
@@ -81,26 +82,43 @@ def damaged_logdir(tmp_path_factory):
         _raw_summary(w, s, "diagnostics/older", older, [1.0])
         _raw_summary(w, s, "diagnostics/act_mean/wrong", wrong, [1.0, 2.0, 3.0] if s % 2 else [1.0, 2.0])
         _raw_summary(w, s, "diagnostics/matrix", wrong, [[1.0, 2.0], [3.0, 4.0]])
-    SummarySink(w).write_vectors(0, [("loss", ["total"], (), np.array([1.5], dtype=np.float32))])
+    w.write_vectors(0, [("loss", ["total"], (), np.array([1.5], dtype=np.float32))])
     w.close()
 
-    # A structure blob that is not JSON.
-    w = SummaryWriter(str(d / "badstructure"))
-    sink = SummarySink(w)
-    sink.write_vectors(0, [("loss", ["total"], (), np.array([1.0], dtype=np.float32))])
-    summ = summary_pb2.Summary()
-    summ.CopyFrom(__import__("tb_diag_logger.summaries", fromlist=["x"]).structure_summary({"modules": []}))
-    summ.value[0].tensor.string_val[0] = b"{not json"
-    w._get_file_writer().add_summary(summ, 0)
-    w.close()
+    # Structure documents this reader cannot use: not JSON, a newer version, the wrong shape.
+    for run, blob in STRUCTURES.items():
+        with EventWriter(str(d / run)) as w:
+            w.write_vectors(0, [("loss", ["total"], (), np.array([1.0], dtype=np.float32))])
+            summ = structure_summary({"version": 1, "modules": []})
+            summ.value[0].tensor.string_val[0] = blob
+            w.add_summary(summ, 0)
     return d
+
+
+# run -> a structure blob the reader must ignore with a note, and the words of that note
+STRUCTURES = {
+    "badstructure": b"{not json",
+    "newerstructure": json.dumps({"version": 99, "modules": [], "optimizer": None}).encode(),
+    "shapelessstructure": json.dumps({"version": 1, "modules": {"0": "Linear"}}).encode(),
+}
+NOTES = {"badstructure": "not JSON", "newerstructure": "newer tb-diag", "shapelessstructure": "no module list"}
+RUNS = 5 + len(STRUCTURES) - 1  # good, truncated, corrupted, mixed and the structure runs
+
+
+def _loaded(srv) -> bool:
+    """Every run listed and every readable step of the damaged files loaded."""
+    runs = {r["run"]: r for r in srv.plugin("runs")["runs"]}
+    if len(runs) < RUNS:
+        return False
+    good = srv.plugin("values?run=good&metric=grad_norm&points=1000")
+    truncated = srv.get("data/plugin/diagnostics/values?run=truncated&metric=grad_norm&points=1000")
+    return good["num_steps"] == 20 and truncated[0] == 200 and {"loss", "act_mean"} <= set(runs["mixed"]["metrics"])
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["python_loader", "rust_data_server"])
 def damaged_server(request, damaged_logdir):
     with serve(str(damaged_logdir), load_fast=request.param) as srv:
-        srv.wait_for_runs(5, timeout=120)
-        time.sleep(2)  # let a second reload pass over the damaged files
+        until(lambda: _loaded(srv))
         yield srv
 
 
@@ -152,12 +170,13 @@ def test_tab_shows_what_cannot_be_shown(damaged_logdir, browser):
     from test_browser import Tab, _all_plugins
 
     with serve(str(damaged_logdir), plugins=_all_plugins()) as srv:
-        srv.wait_for_runs(5, timeout=120)
+        until(lambda: _loaded(srv))
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         try:
             tab = Tab(page, srv)
+            tab.select_runs(["corrupted", "truncated", "mixed"])  # more runs than the tab selects by default
             box = tab.frame.locator(".run-problems")
-            box.wait_for(state="visible", timeout=30_000)
+            box.wait_for(state="visible", timeout=0)  # no bound of its own: pytest's timeout ends a hang
             text = box.inner_text()
             assert "is damaged" in text and "TensorBoard stops reading" in text  # corrupted
             assert "incomplete record" in text  # truncated
@@ -192,9 +211,15 @@ def test_wrong_shapes_skipped_with_a_warning(damaged_server):
     assert any("wrong shape" in p for p in body["problems"])
 
 
-def test_bad_structure_is_404_json(damaged_server):
-    status, body, headers = damaged_server.get("data/plugin/diagnostics/structure?run=badstructure")
-    assert status == 404 and "unreadable" in json.loads(body)["error"]
+@pytest.mark.parametrize("run", sorted(STRUCTURES))
+def test_bad_structure_is_ignored_with_a_note(damaged_server, run):
+    """A structure document that is not JSON, of a newer version or of the wrong shape: /structure is a
+    404 that says why, the findings are still computed (general advice) with the same note, never a 500."""
+    status, body, headers = damaged_server.get(f"data/plugin/diagnostics/structure?run={run}")
+    error = json.loads(body)["error"]
+    assert status == 404 and "unreadable and was ignored" in error and NOTES[run] in error, error
+    findings = damaged_server.plugin(f"findings?run={run}")
+    assert any("model structure unreadable" in n and NOTES[run] in n for n in findings["skipped"]), findings
 
 
 def test_every_route_on_every_run_never_500(damaged_server):
@@ -212,19 +237,16 @@ def test_every_route_on_every_run_never_500(damaged_server):
 def test_many_runs_and_concurrent_requests(tmp_path):
     """200 runs in one logdir; 50 concurrent /values requests answer correctly; memory recorded."""
     for i in range(200):
-        w = SummaryWriter(str(tmp_path / f"run{i:03d}"))
-        SummarySink(w).write_vectors(0, [("loss", ["total"], (), np.array([float(i)], dtype=np.float32))])
-        w.close()
+        with EventWriter(str(tmp_path / f"run{i:03d}")) as w:
+            w.write_vectors(0, [("loss", ["total"], (), np.array([float(i)], dtype=np.float32))])
     big = [f"l{j}" for j in range(500)]
-    w = SummaryWriter(str(tmp_path / "big"))
-    sink = SummarySink(w)
     rng = np.random.default_rng(0)
     expected = rng.random((500, 500), dtype=np.float32)
-    for s in range(500):
-        sink.write_vectors(s, [("grad_norm", big, (), expected[s])])
-    w.close()
+    with EventWriter(str(tmp_path / "big")) as w:
+        for s in range(500):
+            w.write_vectors(s, [("grad_norm", big, (), expected[s])])
     with serve(str(tmp_path)) as srv:
-        runs = srv.wait_for_runs(201, timeout=180)
+        runs = srv.wait_for_runs(201)
         assert len(runs) == 201
         # What answering allocates (numpy buffers included), not this process's high-water mark.
         tracemalloc.start()
@@ -254,20 +276,16 @@ def test_many_runs_and_concurrent_requests(tmp_path):
 def test_restarted_job_and_changed_layer_sets_merge_by_step(tmp_path, load_fast):
     """A job restarted from step 5 writes steps 5-9 again (the later value wins); a layer that
     appears at step 10 gets its own tag; both loaders give the same matrix."""
-    w = SummaryWriter(str(tmp_path / "run"))
-    sink = SummarySink(w)
-    for s in range(10):
-        sink.write_vectors(s, [("grad_norm", ["a", "b"], (), np.array([s, -s], dtype=np.float32))])
-    for s in range(5, 15):  # the restarted job
-        layers = ["a", "b"] if s < 10 else ["a", "b", "c"]
-        sink.write_vectors(s, [("grad_norm", layers, (), np.arange(len(layers), dtype=np.float32) + 100 * s)])
-    w.close()
+    with EventWriter(str(tmp_path / "run")) as w:
+        for s in range(10):
+            w.write_vectors(s, [("grad_norm", ["a", "b"], (), np.array([s, -s], dtype=np.float32))])
+        for s in range(5, 15):  # the restarted job
+            layers = ["a", "b"] if s < 10 else ["a", "b", "c"]
+            w.write_vectors(s, [("grad_norm", layers, (), np.arange(len(layers), dtype=np.float32) + 100 * s)])
     with serve(str(tmp_path), load_fast=load_fast) as srv:
         srv.wait_for_runs(1)
-        deadline = time.time() + 60
-        while (body := srv.plugin("values?run=run&metric=grad_norm&points=1000"))["last_step"] != 14:
-            assert time.time() < deadline, body
-            time.sleep(0.2)
+        body = until(lambda: (b := srv.plugin("values?run=run&metric=grad_norm&points=1000"))["last_step"] == 14
+                     and b)
     assert body["layers"] == ["a", "b", "c"] and body["steps"] == list(range(15))
     rows = body["values"]
     assert rows[2] == [2.0, -2.0, None]
@@ -317,12 +335,11 @@ def test_fast_read_path_equals_the_public_api(damaged_logdir, tmp_path, load_fas
 
     logdir = tmp_path / "logs"
     shutil.copytree(damaged_logdir, logdir)
-    w = SummaryWriter(str(logdir / "doubles"))
     pd = plugin_data_pb2.DiagnosticsPluginData(version=1, metric="grad_norm", layers=["a", "b"]).SerializeToString()
-    for s in range(6):
-        values = [s, -s, 0.5] if s == 3 else [s, -s]  # one step of the wrong shape
-        _raw_summary(w, s, "diagnostics/grad_norm/d", pd, values, dtype="f8" if s % 2 else "f4")
-    w.close()
+    with EventWriter(str(logdir / "doubles")) as w:
+        for s in range(6):
+            values = [s, -s, 0.5] if s == 3 else [s, -s]  # one step of the wrong shape
+            _raw_summary(w, s, "diagnostics/grad_norm/d", pd, values, dtype="f8" if s % 2 else "f4")
     made = []
 
     class Capturing(DiagnosticsLoader):
@@ -330,15 +347,15 @@ def test_fast_read_path_equals_the_public_api(damaged_logdir, tmp_path, load_fas
             made.append(context.data_provider)
             return super().load(context)
 
-    with serve(str(logdir), load_fast=load_fast, plugins=[core_plugin.CorePluginLoader(), Capturing()]) as srv:
-        srv.wait_for_runs(6, timeout=120)
+    with serve(str(logdir), load_fast=load_fast, plugins=[core_plugin.CorePluginLoader(), Capturing()]):
         provider, ctx = made[0], tb_context.RequestContext()
-        deadline = time.time() + 60
-        while "doubles" not in (index := reading.index_runs(provider, ctx, "")) or (
-            index["doubles"].stamps.get("diagnostics/grad_norm/d", (0,))[0] != 5
-        ):
-            assert time.time() < deadline
-            time.sleep(0.2)
+
+        def doubles_loaded():
+            index = reading.index_runs(provider, ctx, "")
+            done = "doubles" in index and index["doubles"].stamps.get("diagnostics/grad_norm/d", (0,))[0] == 5
+            return done and len(index) >= RUNS + 1 and index
+
+        index = until(doubles_loaded)
         # the listing: the Python loader's fast one against list_tensors
         public_index = reading.index_runs(provider, ctx, "", internals=())
         assert sorted(public_index) == sorted(index)

@@ -9,20 +9,17 @@ import time
 import numpy as np
 import pytest
 from tensorboard.compat.tensorflow_stub import pywrap_tensorflow
-from torch.utils.tensorboard import SummaryWriter
 
-from tb_diag_logger.summaries import SummarySink
 from tb_diag_plugin.reading import integrity
+from tb_diag_plugin.summary import EventWriter
 
 LAYERS = ["a.weight", "a.bias"]
 
 
 def _write(run_dir, steps, start=0):
-    w = SummaryWriter(str(run_dir))
-    sink = SummarySink(w)
-    for s in range(start, start + steps):
-        sink.write_vectors(s, [("grad_norm", LAYERS, (), np.array([s, s + 1], dtype=np.float32))])
-    w.close()
+    with EventWriter(str(run_dir)) as w:
+        for s in range(start, start + steps):
+            w.write_vectors(s, [("grad_norm", LAYERS, (), np.array([s, s + 1], dtype=np.float32))])
     return sorted(glob.glob(os.path.join(str(run_dir), "events.out.tfevents.*")))[-1]
 
 

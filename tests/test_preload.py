@@ -1,9 +1,12 @@
-"""The plugin reads a run once TensorBoard has loaded it, before the tab asks (issue 4, Scale)."""
+"""The plugin reads a run once TensorBoard has loaded it, before the tab asks (issue 4, Scale).
+
+Every wait is on a condition or an event (what the plugin has read), never a sleep followed by an
+assertion, and has no wall-clock bound of its own (pytest's timeout ends a hang).
+"""
 
 from __future__ import annotations
 
-import time
-
+import numpy as np
 import pytest
 from _logger_helpers import train_small as _write
 from torch.utils.tensorboard import SummaryWriter
@@ -11,23 +14,14 @@ from torch.utils.tensorboard import SummaryWriter
 from tb_diag_plugin import findings
 from tb_diag_plugin.diagnostics_plugin import Config
 from tb_diag_plugin.reading import LocalReader
-from tbserver import serve_with_plugin
+from tb_diag_plugin.summary import EventWriter
+from tbserver import serve_with_plugin, until
 
 
 def _run(path, steps: range = range(40), seed: int = 0, dead: bool = False) -> None:
     writer = SummaryWriter(str(path))
     _write(writer, steps, seed, dead)
     writer.close()
-
-
-def _until(cond, what: str, timeout: float = 90):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = cond()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def _metrics(plugin, run: str) -> set[str]:
@@ -44,7 +38,7 @@ def test_a_loaded_run_is_read_before_the_tab_asks(tmp_path, load_fast):
     _run(tmp_path / "r", dead=True)
     config = Config(preload_poll_s=0.2, preload_settle_poll_s=0.2)
     with serve_with_plugin(str(tmp_path), load_fast=load_fast, config=config) as (srv, plugin):
-        _until(lambda: "r" in plugin.preloader.preloaded_runs(), "the preload")
+        until(lambda: "r" in plugin.preloader.preloaded_runs())
         assert plugin.read_ahead.thread is None, "something but the preload read the run"
         cached = {key[2] for key in plugin.store.series_cache._entries if key[1] == "r"}
         assert cached == _metrics(plugin, "r") and len(cached) >= 8
@@ -68,7 +62,8 @@ def test_the_preload_waits_for_a_run_to_settle_and_reads_it_again_when_it_grows(
     after it grew and settled; nothing is read twice for the same data."""
     writer = SummaryWriter(str(tmp_path / "live"))
     _write(writer, range(20))
-    with serve_with_plugin(str(tmp_path), extra=["--diagnostics_preload", "false"]) as (srv, plugin):
+    config = Config(index_ttl_s=0.0)  # every look lists the runs afresh: it sees the new steps at once
+    with serve_with_plugin(str(tmp_path), extra=["--diagnostics_preload", "false"], config=config) as (srv, plugin):
         assert plugin.preloader.thread is None
         srv.wait_for_runs(1)
         seen: dict = {}
@@ -77,8 +72,7 @@ def test_the_preload_waits_for_a_run_to_settle_and_reads_it_again_when_it_grows(
         first = plugin.preloader.preloaded_runs()["live"]
         assert plugin.preloader.look(seen) == 0  # nothing new
         _write(writer, range(20, 30), seed=1)
-        _until(lambda: srv.plugin("values?run=live&metric=grad_norm")["num_steps"] == 30, "the new steps")
-        time.sleep(plugin.config.index_ttl_s)
+        until(lambda: srv.plugin("values?run=live&metric=grad_norm")["num_steps"] == 30)
         assert plugin.preloader.look(seen) == 0, "a run was read while it was changing"
         assert plugin.preloader.look(seen) == 1
         assert plugin.preloader.preloaded_runs()["live"] != first
@@ -87,10 +81,18 @@ def test_the_preload_waits_for_a_run_to_settle_and_reads_it_again_when_it_grows(
     writer.close()
 
 
+def _synthetic(path, wall_time: float) -> None:
+    """A small run whose events carry `wall_time` (what "newest" means to the preload)."""
+    with EventWriter(str(path)) as w:
+        for step in range(10):
+            w.write_vectors(step, [("loss", ["total"], (), np.array([1.0 / (step + 1)], np.float32)),
+                                   ("grad_norm", ["a.weight", "a.bias"], (), np.array([1.0, 0.5], np.float32))],
+                            wall_time=wall_time + step)
+
+
 def test_the_preload_reads_the_newest_runs_first_and_stops_at_its_budget(tmp_path):
-    _run(tmp_path / "older", seed=1)
-    time.sleep(1.1)  # wall times one second apart
-    _run(tmp_path / "newer", seed=2)
+    _synthetic(tmp_path / "newer", wall_time=2e9)  # written first, newer by its events' wall times
+    _synthetic(tmp_path / "older", wall_time=1e9)
     config = Config(preload_bytes=1)
     with serve_with_plugin(str(tmp_path), extra=["--diagnostics_preload", "false"], config=config) as (srv, plugin):
         srv.wait_for_runs(2)
@@ -103,13 +105,18 @@ def test_the_preload_reads_the_newest_runs_first_and_stops_at_its_budget(tmp_pat
 
 
 def test_preload_off_reads_nothing_until_asked(tmp_path):
+    """With the preload off no thread of the plugin that reads runs exists until the tab asks (so nothing
+    can be read behind its back, whatever the wait), and the tab's first request is what starts one."""
     _run(tmp_path / "r")
     config = Config(preload_poll_s=0.1, preload_settle_poll_s=0.1)
     with serve_with_plugin(str(tmp_path), extra=["--diagnostics_preload", "false"], config=config) as (srv, plugin):
         srv.wait_for_runs(1)
-        time.sleep(1.0)
-        assert plugin.preloader.thread is None and len(plugin.store.series_cache) == 0
+        assert plugin.preloader.thread is None and plugin.read_ahead.thread is None
+        assert len(plugin.store.series_cache) == 0 and len(plugin.store.findings_cache) == 0
         assert not plugin.preloader.preloaded_runs()
+        srv.plugin("tags?run=r")  # the tab opens the run
+        assert plugin.read_ahead.thread is not None and plugin.preloader.thread is None
+        until(lambda: len(plugin.store.findings_cache) == 1)
 
 
 def test_a_run_that_fails_to_read_does_not_stop_the_others(tmp_path):

@@ -1,6 +1,6 @@
 """Retention: every logged step is served, past TensorBoard's default of keeping 10 tensor samples.
 
-20,000 logged steps in one run, written through the logger's sink (cheaply: no training loop),
+20,000 logged steps in one run, written with the contract's writer (cheaply: no training loop, no torch),
 served by a real TensorBoard with no samples flag, under both loaders.
 """
 
@@ -10,9 +10,8 @@ import time
 
 import numpy as np
 import pytest
-from torch.utils.tensorboard import SummaryWriter
 
-from tb_diag_logger.summaries import SummarySink
+from tb_diag_plugin.summary import EventWriter
 from tbserver import serve
 
 STEPS = 20_000
@@ -26,11 +25,9 @@ def _values(step: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def long_logdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("retention")
-    writer = SummaryWriter(str(root / "long"), max_queue=1000)
-    sink = SummarySink(writer)
-    for step in range(STEPS):
-        sink.write_vectors(step, [("grad_norm", LAYERS, (), _values(step))])
-    writer.close()
+    with EventWriter(str(root / "long"), max_queue=1000) as writer:
+        for step in range(STEPS):
+            writer.write_vectors(step, [("grad_norm", LAYERS, (), _values(step))])
     return str(root)
 
 

@@ -1,12 +1,17 @@
-"""The plugin inside a real TensorBoard server, under both data backends."""
+"""The plugin inside a real TensorBoard server, under both data backends.
+
+Waits poll a condition or an event, without a wall-clock bound of their own (pytest's timeout
+ends a hang); values are compared with the event files read independently of the plugin.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import gzip
 import json
 import struct
-import time
+import threading
 
 import numpy as np
 import pytest
@@ -16,8 +21,8 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from tb_diag_logger import Diagnostics
-from tb_diag_plugin.reading import LocalReader
-from tbserver import serve, serve_with_plugin
+from tb_diag_plugin.diagnostics_plugin import Config
+from tbserver import serve, serve_with_plugin, until
 
 STEPS = 3000
 DEPTH = 20
@@ -48,19 +53,36 @@ def long_run(tmp_path_factory):
 @pytest.fixture(scope="module", params=[False, True], ids=["python_loader", "rust_data_server"])
 def server(request, long_run):
     with serve(str(long_run), load_fast=request.param) as srv:
-        srv.wait_for_runs(1, timeout=120)
+        srv.wait_for_runs(1)
         yield srv
 
 
-def _wait_complete(server, metric: str, n: int, timeout: float = 120):
-    import time
+def _wait_complete(server, metric: str, n: int) -> dict:
+    """The metric's /values once the loader has read `n` steps of it (it loads while serving)."""
+    return until(lambda: (b := server.plugin(f"values?run=deep&metric={metric}&points=100000"))["num_steps"] >= n
+                 and b, poll_s=0.5)
 
-    deadline = time.monotonic() + timeout
-    while True:
-        body = server.plugin(f"values?run=deep&metric={metric}&points=100000")
-        if body["num_steps"] >= n or time.monotonic() > deadline:
-            return body
-        time.sleep(0.5)
+
+def _event_file_values(run_dir, metric: str) -> tuple[list[str], dict[int, np.ndarray]]:
+    """(layers, step -> values) of `metric` read straight from the event files with TensorBoard's record
+    loader and the contract's proto: not through the plugin's reading code."""
+    from tensorboard.backend.event_processing import event_file_loader
+    from tensorboard.util import tensor_util
+
+    from tb_diag_plugin import plugin_data_pb2
+
+    layers_of: dict[str, list[str]] = {}
+    rows: dict[int, np.ndarray] = {}
+    for path in sorted(glob.glob(str(run_dir / "events.out.tfevents.*"))):
+        for event in event_file_loader.EventFileLoader(path).Load():
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == "diagnostics":
+                    data = plugin_data_pb2.DiagnosticsPluginData.FromString(value.metadata.plugin_data.content)
+                    layers_of[value.tag] = list(data.layers) if data.metric == metric else []
+                if layers_of.get(value.tag):
+                    rows[event.step] = tensor_util.make_ndarray(value.tensor)
+    (layers,) = {tuple(v) for v in layers_of.values() if v}
+    return list(layers), rows
 
 
 def test_full_history_without_flags(server):
@@ -75,8 +97,10 @@ def test_full_history_without_flags(server):
 
 def test_values_equal_event_file(server, long_run):
     body = _wait_complete(server, "grad_norm", STEPS)
-    series = LocalReader(str(long_run)).series("deep")["grad_norm"]
-    np.testing.assert_allclose(np.array(body["values"], dtype=np.float32), series.values, rtol=1e-6)
+    layers, rows = _event_file_values(long_run / "deep", "grad_norm")
+    assert body["layers"] == layers and body["steps"] == sorted(rows)
+    expected = np.stack([rows[s] for s in body["steps"]])
+    np.testing.assert_array_equal(np.array(body["values"], dtype=np.float32), expected)
 
 
 def test_plugin_listed_enabled(server):
@@ -197,16 +221,10 @@ def test_structure_route(server):
     assert [p["shape"] for p in mods["0"]["params"]] == [[4, 4], [4]]
 
 
-def _wait_last_step(srv, last: int, timeout: float = 120) -> dict:
+def _wait_last_step(srv, last: int) -> dict:
     """Poll until the loader has read the whole file (it loads while serving)."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while True:
-        body = srv.plugin("values?run=deep&metric=loss&points=100000")
-        if body["last_step"] == last or time.monotonic() > deadline:
-            return body
-        time.sleep(0.5)
+    return until(lambda: (b := srv.plugin("values?run=deep&metric=loss&points=100000"))["last_step"] == last and b,
+                 poll_s=0.5)
 
 
 def test_user_retention_flag_wins(long_run):
@@ -290,24 +308,26 @@ def test_single_step_run(tmp_path):
 
 
 @contextlib.contextmanager
-def _serve_with_plugin(logdir):
+def _serve_with_plugin(logdir, config=None):
     """The Rust data server on `logdir`, loaded, with the plugin object that serves it; no preload
     (these tests are about what the tab's requests start)."""
-    with serve_with_plugin(str(logdir), load_fast=True, extra=["--diagnostics_preload", "false"]) as (srv, plugin):
-        srv.wait_for_runs(1, timeout=120)
+    with serve_with_plugin(str(logdir), load_fast=True, extra=["--diagnostics_preload", "false"],
+                           config=config) as (srv, plugin):
+        srv.wait_for_runs(1)
         _wait_complete(srv, "grad_norm", STEPS)
         yield srv, plugin
+
+
+def _read_ahead_done(plugin, metrics) -> bool:
+    # The findings come before the metrics no rule reads: wait for both.
+    return len(plugin.store.findings_cache) > 0 and len(plugin.store.series_cache) >= len(metrics)
 
 
 def test_tags_starts_a_read_ahead_that_fills_the_caches(long_run):
     """After /tags every metric of the run and its findings are in memory, read once each."""
     with _serve_with_plugin(long_run) as (srv, plugin):
         metrics = srv.plugin("tags?run=deep")["metrics"]
-        deadline = time.time() + 120
-        # The findings come before the metrics no rule reads: wait for both.
-        while len(plugin.store.findings_cache) == 0 or len(plugin.store.series_cache) < len(metrics):
-            assert time.time() < deadline, "the read-ahead never finished"
-            time.sleep(0.1)
+        until(lambda: _read_ahead_done(plugin, metrics))
         cached = {key[2] for key in plugin.store.series_cache._entries}
         assert cached == set(metrics)
         # The answer the tab then gets is the cached one, equal to a fresh analysis.
@@ -317,17 +337,32 @@ def test_tags_starts_a_read_ahead_that_fills_the_caches(long_run):
 
 
 def test_read_ahead_waits_while_a_request_is_answered(long_run):
-    """The read-ahead yields the CPU to the requests in flight: nothing is read ahead while one
-    is being answered, and it goes on once they are done."""
-    with _serve_with_plugin(long_run) as (srv, plugin):
-        plugin.store.series_cache._entries.clear()
-        with plugin.store.foreground():  # as if a view's request were being answered
-            srv.plugin("tags?run=deep")
-            time.sleep(1.5)
-            assert len(plugin.store.series_cache) == 0, "the read-ahead read while a request was in flight"
-        deadline = time.time() + 120
-        metrics = srv.plugin("tags?run=deep")["metrics"]
-        while len(plugin.store.findings_cache) == 0 or len(plugin.store.series_cache) < len(metrics):
-            assert time.time() < deadline, "the read-ahead never went on"
-            time.sleep(0.1)
-        assert {key[2] for key in plugin.store.series_cache._entries} == set(metrics)
+    """The read-ahead yields the CPU to the requests in flight: it reaches its yield point while one
+    is being answered, goes on only once none is (each read records the requests in flight), and
+    reads every metric after."""
+    config = Config(read_ahead_yield_s=3600.0)  # it yields for as long as the request lasts
+    with _serve_with_plugin(long_run, config) as (srv, plugin):
+        store = plugin.store
+        store.series_cache._entries.clear()
+        at_yield = threading.Event()
+        in_flight: list[tuple[str, int]] = []  # (what, requests in flight then), in order
+        wait_idle, series = store.wait_idle, store.series
+
+        def recording_wait_idle():
+            at_yield.set()
+            wait_idle()
+            in_flight.append(("resumed", store._busy))
+
+        def recording_series(ctx, eid, run, metric, idx):
+            in_flight.append((metric, store._busy))
+            return series(ctx, eid, run, metric, idx)
+
+        store.wait_idle, store.series = recording_wait_idle, recording_series
+        with store.foreground():  # as if a view's request were being answered
+            metrics = srv.plugin("tags?run=deep")["metrics"]
+            at_yield.wait()
+            assert len(store.series_cache) == 0 and not in_flight, "the read-ahead read while a request was in flight"
+        until(lambda: _read_ahead_done(plugin, metrics))
+        assert in_flight[0] == ("resumed", 0)
+        assert all(busy == 0 for _, busy in in_flight), in_flight
+        assert {key[2] for key in store.series_cache._entries} == set(metrics)

@@ -5,7 +5,8 @@ import {el} from "../dom.js";
 import {ACCENT, NONFINITE, Panels, alpha, esc, heatmapHeight, heatmapTraces, layout} from "../charts.js";
 import {METRICS, colorscale, fetchMetric, hasMetric, label, missingText, moduleOf} from "../metrics.js";
 
-export function heatmapView({id, title, metrics, kind, profileTitle, intro}) {
+// `intro` says how to read the view; `help[metric]` what the chosen metric is (shown with it).
+export function heatmapView({id, title, metrics, kind, profileTitle, intro, help = {}}) {
   const view = {id, title};
   let metric = null;
   let search = "";
@@ -13,6 +14,7 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro}) {
   let select;
   let searchBox;
   let countNote;
+  let helpNote;
 
   function layerLabel(v, j) {
     const t = v.layerTypes[j];
@@ -53,9 +55,10 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro}) {
                              }});
     countNote = el("span", {class: "muted small"});
     const legend = el("span", {class: "legend-chip"}, el("span", {class: "chip-box", style: {background: NONFINITE}}), "non-finite (NaN/Inf)");
+    helpNote = el("span", {class: "metric-help"});
     root.append(
       el("div", {class: "toolbar"}, el("label", {class: "tool"}, "Metric ", select), searchBox, countNote, legend),
-      intro ? el("p", {class: "intro muted"}, intro) : null);
+      el("p", {class: "intro muted"}, intro ? intro + " " : "", helpNote));
     const grid = el("div", {class: "panels"});
     root.append(grid);
     panels = new Panels(grid);
@@ -75,6 +78,8 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro}) {
     }
     select.value = metric;
     const info = METRICS[metric];
+    helpNote.dataset.metric = metric;
+    helpNote.textContent = help[metric] || `${label(metric)}${info.scale === "unit" ? ", a fraction from 0 to 1" : ""}.`;
     const width = Math.max(320, (panels.root.clientWidth || 900) - 140);
     const points = Math.max(40, Math.min(1000, Math.round(width / 2)));
     const data = await Promise.all(runs.map((r) =>
@@ -83,7 +88,6 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro}) {
     const match = matcher();
     let shown = 0;
     let total = 0;
-    const sel = app.state.layer;
     runs.forEach((r, k) => {
       const v = data[k];
       const p = panels.panel(`${id}:${r.run}`, [
@@ -107,15 +111,19 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro}) {
         shapes.push({type: "line", xref: "x", yref: "paper", x0: step.lo, x1: step.lo, y0: 0, y1: 1,
                      line: {color: ACCENT, width: 2}});
       }
+      // One frame around each run of adjacent chosen rows.
       cols.forEach((j, row) => {
-        if (sel != null && moduleOf(v.layers[j], kind) === sel) {
+        if (!app.isChosen(r.run, v.layers[j], kind)) return;
+        const last = shapes.at(-1);
+        if (last && last.type === "rect" && last.y1 === row - 0.5) last.y1 = row + 0.5;
+        else {
           shapes.push({type: "rect", xref: "paper", yref: "y", x0: 0, x1: 1, y0: row - 0.5, y1: row + 0.5,
                        line: {color: ACCENT, width: 2}, fillcolor: "rgba(0,0,0,0)"});
         }
       });
       // Same data, same look: only the selection marks move (a 500 x 600
       // heatmap takes a while to rebuild and redraw).
-      const sig = [metric, search, app.dark, cols.join(",")].join("|");
+      const sig = [metric, search, app.dark, cols.join(","), app.runColor(r.run)].join("|");
       if (p.hasPlot && p.data && p.data.v === v && p.sig === sig) {
         p.note.append(el("span", {class: "muted small"}, p.noteText));
         window.Plotly.relayout(p.chart, {shapes});
@@ -150,7 +158,7 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro}) {
           const {v: cur, cols: cc} = p.data;
           if (row >= cc.length || col >= cur.B) return;
           const name = cur.layers[cc[row]];
-          app.select({step: {lo: cur.stepFirst[col], hi: cur.stepLast[col]}, layer: moduleOf(name, kind)});
+          app.select({step: {lo: cur.stepFirst[col], hi: cur.stepLast[col]}, layer: moduleOf(name, kind), layerRun: r.run});
         });
       }
     });
@@ -192,7 +200,6 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro}) {
     const traces = [];
     const bad = {x: [], text: []};
     const missing = [];
-    const sel = app.state.layer;
     runs.forEach((r, k) => {
       const v = rows[k];
       if (!v || v instanceof Error || !v.B) {
@@ -222,10 +229,10 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro}) {
         }
         lo.push(Number.isFinite(v.at(0, j, "min")) ? Math.max(0, val - v.at(0, j, "min")) : 0);
         hi.push(Number.isFinite(v.at(0, j, "max")) ? Math.max(0, v.at(0, j, "max") - val) : 0);
-        sizes.push(sel != null && moduleOf(n, kind) === sel ? 11 : 6);
+        sizes.push(app.isChosen(r.run, n, kind) ? 11 : 6);
       }
       const color = app.runColor(r.run);
-      const tr = {type: "scatter", mode: "lines+markers", name: esc(r.run), x, y, line: {color, width: 1.5},
+      const tr = {type: "scatter", mode: "lines+markers", name: esc(r.run), x, y, line: {color, width: 1.5}, meta: {run: r.run, role: "value"},
                   marker: {color, size: sizes}, connectgaps: false,
                   hovertemplate: `${esc(r.run)}<br>%{x}<br>${esc(label(metric))} = %{y:.4g}<extra></extra>`};
       if (v.binned) tr.error_y = {type: "data", symmetric: false, array: hi, arrayminus: lo, color: alpha(color, 0.5), thickness: 1, width: 2};
@@ -251,8 +258,9 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro}) {
       xaxis: {type: "category", tickangle: order.length > 12 ? -45 : 0, tickfont: {size: order.length > 40 ? 9 : 11},
               categoryorder: "array", categoryarray: order.map(labelOf)},
       // decades once the values span two of them, else 1-2-5 (not every digit)
+      // a fraction stays on 0-1 (all zeros would otherwise autorange to -1..1)
       yaxis: {type: logY ? "log" : "linear", title: {text: esc(label(metric))}, exponentformat: "power",
-              dtick: logY ? (hi / lo >= 100 ? 1 : "D2") : undefined},
+              dtick: logY ? (hi / lo >= 100 ? 1 : "D2") : undefined, range: info.scale === "unit" ? [-0.02, 1.02] : undefined},
       yaxis2: {overlaying: "y", range: [0, 1], visible: false, fixedrange: true},
     }), `${metric}_profile`);
     p.data = {order};
@@ -262,7 +270,8 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro}) {
         const pt = ev.points && ev.points[0];
         if (!pt || !p.data) return;
         const n = p.data.order.find((o) => labelOf(o) === pt.x);
-        if (n != null) app.select({layer: moduleOf(n, kind)});
+        const run = pt.data.meta?.run;
+        if (n != null) app.select({layer: moduleOf(n, kind), layerRun: run ?? null});
       });
     }
     if (app.state.layer != null) {

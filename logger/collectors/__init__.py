@@ -56,6 +56,8 @@ class StepContext:
     reduce: bool = True  # ranks agreed: reduce this step's values over them (True without torch.distributed)
     sharded: bool = False  # some parameter is a DTensor shard (FSDP2)
     writes: bool = True  # this process writes (the others only take part in the collectives)
+    # False when step() came before backward() (no parameter has a gradient): no gradient metrics (issue 22)
+    grads_valid: bool = True
 
 
 class Collector:

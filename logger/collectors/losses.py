@@ -48,7 +48,7 @@ def check_losses(loss: Optional[LossLike], losses: Optional[Mapping[str, LossLik
     """(name, value) pairs to record; raises TypeError/ValueError naming the bad argument."""
     items: list[tuple[str, Any]] = []
     if loss is not None:
-        items.append(("total", check_scalar("loss", loss)))
+        items.append((metadata.TOTAL_LOSS, check_scalar("loss", loss)))
     if losses is None:
         return items
     if not isinstance(losses, Mapping):
@@ -56,8 +56,8 @@ def check_losses(loss: Optional[LossLike], losses: Optional[Mapping[str, LossLik
     for name, value in losses.items():
         if not isinstance(name, str) or not name:
             raise TypeError(f"losses keys must be non-empty strings, got {name!r}")
-        if name == "total" and loss is not None:
-            raise ValueError('losses may not use the name "total" together with loss=')
+        if name == metadata.TOTAL_LOSS and loss is not None:
+            raise ValueError(f"losses may not use the name {name!r} together with loss=")
         if is_per_sample(value):
             if not value.is_floating_point():
                 raise TypeError(f"losses[{name!r}] must be a float tensor, got dtype {value.dtype}")

@@ -58,8 +58,9 @@ class ParameterNorms(Collector):
 
     def parts(self, step: int) -> list[Part]:
         ctx, device = self.ctx, self.ctx.device
-        with_grad = [p for _, p in self.params if p.grad is not None]
-        self._grad_names = [n for n, p in self.params if p.grad is not None]
+        # Gradients that are not this step's (step() before backward()): none recorded, grad_missing included.
+        with_grad = [p for _, p in self.params if p.grad is not None] if ctx.grads_valid else []
+        self._grad_names = [n for n, p in self.params if p.grad is not None] if ctx.grads_valid else []
         self._missing = np.array([p.grad is None for _, p in self.params], "f4")
         grads = self._grads = [reductions.dense_values(reductions._local(p.grad)) for p in with_grad]
         weights = [reductions._local(p) for _, p in self.params]
@@ -97,7 +98,7 @@ class ParameterNorms(Collector):
         items: list[Item] = []
         if len(norms) and (self.ctx.reduce or not self.ctx.sharded):
             items.append((GRAD_NONFINITE, self._grad_names, (), nonfinite))
-        if self.names:  # which parameters got no gradient (a detached branch)
+        if self.names and self.ctx.grads_valid:  # which parameters got no gradient (a detached branch)
             items.append((GRAD_MISSING, self.names, (), self._missing))
         return items
 

@@ -37,7 +37,7 @@ def check_evaluation(loss: Any, metrics: Optional[Mapping[str, Any]]) -> list[tu
     """(metric, layer, value) triples to record; raises TypeError/ValueError naming the bad argument."""
     items: list[tuple[str, str, Any]] = []
     if loss is not None:
-        items.append((VAL_LOSS, "total", check_scalar("loss", loss)))
+        items.append((VAL_LOSS, metadata.TOTAL_LOSS, check_scalar("loss", loss)))
     if metrics is not None:
         if not isinstance(metrics, Mapping):
             raise TypeError(f"metrics must be a dict of name -> number, got {type(metrics).__name__}")

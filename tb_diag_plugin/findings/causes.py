@@ -38,7 +38,7 @@ def fold_symptoms(ctx: _Context) -> None:
         ctx.findings[i] = Finding(
             f.kind, "info", f.layers, f.first_step, f.last_step,
             f"Probably a consequence of {cause.kind} (from step {cause.first_step}): {f.message}",
-            f"Fix the {cause.kind} finding first. " + f.suggestion,
+            f"Fix the {cause.kind} finding first. " + f.suggestion, f.steps,
         )
 
 

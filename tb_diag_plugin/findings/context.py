@@ -44,6 +44,7 @@ class Finding:
     last_step: int
     message: str
     suggestion: str
+    steps: Optional[list[int]] = None  # the steps of discrete events (loss_spike: each spike), else None
 
     def to_dict(self, run: str) -> dict:
         """JSON-safe dict with exactly the keys of DESIGN.md's `report --json`."""
@@ -56,6 +57,7 @@ class Finding:
             "last_step": int(self.last_step),
             "message": self.message,
             "suggestion": self.suggestion,
+            **({"steps": [int(s) for s in self.steps]} if self.steps is not None else {}),
         }
 
 
@@ -108,8 +110,9 @@ class _Context:
         return steps, vals
 
     def add(self, kind: str, severity: str, layers: Sequence[str], first: int, last: int, message: str,
-            suggestion: str) -> None:
-        self.findings.append(Finding(kind, severity, list(layers), int(first), int(last), message, suggestion))
+            suggestion: str, steps: Optional[Sequence[int]] = None) -> None:
+        self.findings.append(Finding(kind, severity, list(layers), int(first), int(last), message, suggestion,
+                                     None if steps is None else [int(s) for s in steps]))
 
     def mark_primary(self) -> None:
         """The finding just added is a cause: symptoms that start with or after it fold below it."""

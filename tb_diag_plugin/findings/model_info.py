@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
+from tb_diag_plugin import metadata
+
 # Module types (class names) by what they mean for advice.
 NORM_TYPES = frozenset({
     "LayerNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "GroupNorm", "InstanceNorm1d",
@@ -24,7 +26,6 @@ GATED_TYPES = frozenset({"LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"}
 ATTENTION_TYPES = frozenset({"MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer"})
 ADAM_FAMILY = frozenset({"Adam", "AdamW", "Adamax", "NAdam", "RAdam", "SparseAdam", "FusedAdam", "AdamW8bit",
                          "Adam8bit", "PagedAdamW", "LAMB", "Lamb"})
-_SATURATING_KINDS = ("sigmoid", "tanh")
 _SATURATING_TYPES = frozenset({"Sigmoid", "Tanh", "Hardtanh", "Softsign", "F.sigmoid", "F.tanh"})
 
 
@@ -106,13 +107,14 @@ class ModelInfo:
     @property
     def saturating(self) -> list[str]:
         """Activation sites and modules that saturate (sigmoid, tanh, recurrent gates)."""
-        out = [n for n, (k, t) in self.activations.items() if k in _SATURATING_KINDS or t in _SATURATING_TYPES]
+        out = [n for n, (k, t) in self.activations.items()
+               if k in metadata.SATURATING_KINDS or t in _SATURATING_TYPES]
         out += [n for n, t in self.module_types.items() if t in GATED_TYPES or t in _SATURATING_TYPES]
         return sorted(set(out))
 
     @property
     def relu_family(self) -> bool:
-        return any(k == "relu" for k, _ in self.activations.values())
+        return any(k in metadata.DEAD_UNIT_KINDS for k, _ in self.activations.values())
 
     @property
     def activation_types(self) -> list[str]:

@@ -1,32 +1,5 @@
-"""`Series`: one metric of one run as a steps x layers matrix, what the rules read.
+"""`Series`, what the rules read (defined beside the contract: `reading` builds it without loading the rules)."""
 
-numpy only, so the rules run (and are tested) without TensorBoard; the reader
-(`reading.py`) builds these from TensorBoard's data provider.
-"""
+from tb_diag_plugin.series import Series
 
-from __future__ import annotations
-
-from dataclasses import dataclass
-
-import numpy as np
-
-
-@dataclass
-class Series:
-    """One metric of one run: values[i, j] is layer j at steps[i].
-
-    `present` is False where a layer had no value at a step (it was not in
-    that step's layer set); such cells hold NaN, which is distinct from a
-    recorded NaN only through `present`.
-    """
-
-    metric: str
-    layers: list[str]
-    layer_types: list[str]
-    steps: np.ndarray  # int64 [S]
-    values: np.ndarray  # float32 [S, L]
-    present: np.ndarray  # bool [S, L]
-
-    def layer(self, name: str) -> np.ndarray:
-        """Values of one layer over steps (NaN where absent)."""
-        return self.values[:, self.layers.index(name)]
+__all__ = ["Series"]

@@ -9,7 +9,6 @@ touches TensorBoard's internals is in `provider`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any, Collection, Optional
 
@@ -17,10 +16,10 @@ import numpy as np
 from tensorboard import context as tb_context
 
 from tb_diag_plugin import metadata
-from tb_diag_plugin.findings.series import Series
 from tb_diag_plugin.reading import integrity
 from tb_diag_plugin.reading import provider as tb_access
 from tb_diag_plugin.reading.provider import ALL_SAMPLES, INTERNALS
+from tb_diag_plugin.series import Series
 
 __all__ = ["ALL_SAMPLES", "LocalReader", "RunIndex", "Series", "index_runs", "read_run", "read_series",
            "read_structure"]
@@ -137,7 +136,8 @@ def _merge(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], L: int):
 
 
 def read_structure(provider, ctx, experiment_id: str, run: str) -> Optional[dict[str, Any]]:
-    """The latest module-tree document of a run, or None."""
+    """The latest module-tree document of a run, or None; `metadata.ContractError` (a ValueError) when it
+    is unreadable, of an unknown version or of the wrong shape (the caller ignores it with a note)."""
     seqs = provider.read_blob_sequences(
         ctx,
         experiment_id=experiment_id,
@@ -148,11 +148,7 @@ def read_structure(provider, ctx, experiment_id: str, run: str) -> Optional[dict
     data = seqs.get(run, {}).get(metadata.STRUCTURE_TAG, [])
     if not data or not data[-1].values:
         return None
-    blob = provider.read_blob(ctx, blob_key=data[-1].values[0].blob_key)
-    doc = json.loads(blob.decode("utf-8"))
-    if not isinstance(doc, dict) or not isinstance(doc.get("modules"), list):
-        raise ValueError("structure document is malformed")
-    return doc
+    return metadata.parse_structure(provider.read_blob(ctx, blob_key=data[-1].values[0].blob_key))
 
 
 def read_run(

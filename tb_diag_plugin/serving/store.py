@@ -82,8 +82,9 @@ class RunStore:
         as long as it took to compute (at most a minute), so a big live run is not re-analysed at
         every poll while a small one is.
         """
+        # The rules: not needed at TensorBoard's start-up (tests/test_layering.py).
         from tb_diag_plugin import findings
-        from tb_diag_plugin.findings import model_info
+        from tb_diag_plugin.findings.run import analyze_run
 
         key = (eid, run, idx.data_version())
         hit = self.findings_cache.peek(key)
@@ -100,16 +101,12 @@ class RunStore:
             metrics = sorted(m for m in idx.tags if m in findings.INPUTS)
             with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="tb-diag-findings") as pool:
                 read = list(pool.map(lambda m: self.series(ctx, eid, run, m, idx)[0], metrics))
-            series = dict(zip(metrics, read))
-            model, unread = model_info.read_model(
-                lambda: read_structure(self.provider, ctx, eid, run) if idx.structure_tag else None)
-            found, skipped = findings.analyze(series, model=model)
-            skipped = unread + skipped
-            layers = {m: idx.layers(m)[0] for m in idx.tags}
-            answer = {"run": run, "findings": [f.to_dict(run) for f in found], "skipped": skipped,
-                      "layers": findings.layer_verdicts(found, layers)}
+            result = analyze_run(run, dict(zip(metrics, read)),
+                                 lambda: read_structure(self.provider, ctx, eid, run) if idx.structure_tag else None)
+            answer = result.answer({m: idx.layers(m)[0] for m in idx.tags})
             if metadata.STOPPED in idx.tags:  # issue 23: when and why stop_on= stopped the run
-                answer["stopped"] = stopped.describe(self.series(ctx, eid, run, metadata.STOPPED, idx)[0], found)
+                answer["stopped"] = stopped.describe(self.series(ctx, eid, run, metadata.STOPPED, idx)[0],
+                                                     result.findings)
             done = time.monotonic()
             with self._lock:
                 self._findings_recent[(eid, run)] = (done + min(60.0, 10 * (done - t0)), answer)

@@ -49,6 +49,7 @@ def _loss_spike(ctx: _Context) -> None:
             f"its running median, at step {int(st[worst[0]])}, and came back.",
             "Look at the batches of those steps (corrupt samples, wrong labels, outliers); clip gradients "
             "(clip_grad_norm_) so one batch cannot throw the weights far, or lower the learning rate.",
+            steps=[int(st[i]) for i, _ in spikes],  # the Loss view marks these
         )
 
 
