@@ -36,6 +36,7 @@ from tb_diag_logger.collectors.validation import Validation, check_step
 from tb_diag_logger.collectors.wiring import STEP_ORDER_ADVICE, WiringChecks, managed_by_engine
 from tb_diag_logger.compiled import CompiledCapture
 from tb_diag_logger.cost import CostMeter, DiagnosticsCostWarning
+from tb_diag_logger.live import LiveFindings, check_level, decide_stop, stopped_items
 from tb_diag_logger.optimizers import unwrap_optimizer
 from tb_diag_logger.output import Output
 from tb_diag_logger.structure import module_tree
@@ -127,6 +128,15 @@ class Diagnostics:
             ``‖Δw‖/‖w‖`` is NaN for a tensor whose weights were all zero.
         write_rank: under torch.distributed, the rank that writes (the
             others only take part in the reductions).
+        alert: announce each finding, the first time it reaches this
+            severity ("error", "warning"; None: never), in one line through
+            ``logging.getLogger("tb_diag")``; again only if it gets worse.
+            ``findings()`` returns the current findings (the tab's rules on
+            the values written so far).
+        stop_on: once a finding reaches this severity ("error", "warning";
+            None, the default: never), ``should_stop`` becomes True after that
+            logged step, on every rank at the same step, and the event file
+            records the stop.
         grad_norm_every_step: measure the global gradient norm at every
             step, for ``grad_norm_max_between`` (one pass over the
             gradients per step); without it that metric comes from
@@ -158,6 +168,8 @@ class Diagnostics:
         activations: bool = True,
         update_ratio: bool = True,
         write_rank: int = 0,
+        alert: Optional[str] = "error",
+        stop_on: Optional[str] = None,
         grad_norm_every_step: Optional[bool] = None,
         impl: Optional[str] = None,
     ) -> None:
@@ -169,6 +181,8 @@ class Diagnostics:
         self.model, compiled = unwrap_model(model)
         self.every = check_every(every)
         check_output(writer, logdir, write_rank)
+        check_level(alert, "alert")
+        check_level(stop_on, "stop_on")
         check_scaler(scaler)
         reductions.choose([], impl)  # a ValueError naming the choices, not a warning on a logged step
         if grad_norm_every_step is not None and not isinstance(grad_norm_every_step, bool):
@@ -188,6 +202,9 @@ class Diagnostics:
         self._ctx = StepContext()
         self.collectors: list[Collector] = []
         self.observers: list[Callable[[int, list[Item]], None]] = []
+        # live findings (issue 23): an observer of every written item; evaluated in step() and close()
+        self._live = LiveFindings(alert, stop_on, os.fspath(logdir) if logdir is not None else None, self._report)
+        self.observers.append(self._live.observe_vectors)
 
         self._selected = selected
         self._impl = impl
@@ -319,6 +336,16 @@ class Diagnostics:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    def findings(self) -> list:
+        """The run's current findings (`tb_diag_plugin.findings.Finding`, worst first): the tab's rules on
+        the values written so far. Empty on a rank that does not write."""
+        return self._live.findings()
+
+    @property
+    def should_stop(self) -> bool:
+        """True once a finding reached `stop_on` at a logged step (the same step on every rank)."""
+        return self._live.should_stop
+
     def should_log(self, step: int) -> bool:
         """Whether `step(step)` records anything."""
         return step % self.every == 0
@@ -366,8 +393,11 @@ class Diagnostics:
             self._check_optimizer_stepped()
             if logged:
                 start = cost.clock()
-                with torch.no_grad():  # rather than a .detach() per tensor: one call, not thousands
-                    self._log(step)
+                try:
+                    with torch.no_grad():  # rather than a .detach() per tensor: one call, not thousands
+                        self._log(step)
+                finally:  # every rank reaches the stop's collective, even where this step's values failed
+                    self._live_step(step)
                 self._cost.logged(forward_extra, cost.clock() - start)
             else:
                 self._write_late()
@@ -444,6 +474,7 @@ class Diagnostics:
             self._write_late()
         except Exception as e:
             self._report("close", e)
+        self._live.evaluate(None)  # live findings (issue 23): what close() wrote, alerted too
         for c in self.collectors:
             try:
                 c.close()
@@ -478,6 +509,19 @@ class Diagnostics:
             self._emit_late(late, late_values)
             self._emit(step, items)
             self._write_structure_if_new(step)
+
+    def _live_step(self, step: int) -> None:
+        """live findings (issue 23): evaluate, then decide on every rank together whether to stop here."""
+        live = self._live
+        if live.where is None and self._sink is not None:
+            live.where = _logdir_of(self._sink.writer)
+        live.evaluate(step)
+        if live.stop_on is None or live.should_stop:
+            return
+        if decide_stop(live, self._norms.device()):
+            live.should_stop = True
+            if self._sink is not None:
+                self._emit(step, stopped_items(live.stop_on))
 
     def _ranks_agree(self) -> bool:
         """Under torch.distributed, whether the ranks reduce this step's values together (they must hold
@@ -566,6 +610,7 @@ class Diagnostics:
         known = [self._capture.sites[n] for n in self._capture.order] if self._capture is not None else []
         tree = module_tree(self.model, {n for n, _ in self._params}, known, self._optimizer, self._held())
         self._out.write("write_structure", step, tree)
+        self._live.observe_structure(step, tree)  # live findings (issue 23)
 
     # ------------------------------------------------------------- helpers
     def _cost_at_step(self, logged: bool) -> Optional[float]:
@@ -606,3 +651,11 @@ def _to_host(parts: Sequence[Part], device: torch.device) -> list[np.ndarray]:
         return []
     flat = torch.cat(values).cpu().numpy()
     return np.split(flat, np.cumsum([v.numel() for v in values])[:-1].tolist())
+
+
+def _logdir_of(writer: Any) -> Optional[str]:
+    get = getattr(writer, "get_logdir", None)
+    try:
+        return str(get()) if callable(get) else None
+    except Exception:
+        return None

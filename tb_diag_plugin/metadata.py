@@ -142,6 +142,10 @@ METRIC_SPECS = (
                missing="no val_loss recorded (call diag.evaluate(step, loss=...))"),
     MetricSpec("val_metric", "loss", "Validation metric", "", "linear", "loss", signed=True,
                missing="no val_metric recorded (call diag.evaluate(step, metrics={...}))"),
+    # Issue 23, the one record of a stop: written once, at the step `stop_on=` stopped training; the value is
+    # the severity rank (SEVERITY_RANK) that `stop_on` named. The findings that reached it say why.
+    MetricSpec("stopped", "model", "Training stopped by tb-diag (stop_on)", "", "linear", "layer",
+               missing="training was not stopped by tb-diag (Diagnostics(..., stop_on='error'))"),
 )
 METRICS = {m.name: m for m in METRIC_SPECS}
 
@@ -276,6 +280,8 @@ LOGIT_METRICS = tuple(METRICS[n].name for n in ("logit_max_abs", "logit_lse"))
 # The head's output range and whether its rows already sum to 1 (issue 22).
 LOGIT_RANGE_METRICS = tuple(METRICS[n].name for n in ("logit_min", "logit_max", "logit_rowsum_dev"))
 VALIDATION_METRICS = tuple(METRICS[n].name for n in ("val_loss", "val_metric"))
+
+STOPPED = METRICS["stopped"].name
 
 STRUCTURE_TAG = PLUGIN_NAME + "/_structure"
 # The structure document's version ("version" in it): bump it, and upgrade older documents in

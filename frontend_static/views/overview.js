@@ -4,6 +4,7 @@ import * as api from "../api.js";
 import {el, clear, fmt, fmtPct, message} from "../dom.js";
 import {Panels, RUN_LEGEND, alpha, esc, layout, runLegend, seriesColor} from "../charts.js";
 import {OVERVIEW_METRICS, SEVERITY_RANK, TOTAL_LOSS, findingLayerKind, findingTarget, moduleOf} from "../metrics.js";
+import {stoppedNotes} from "./stopped.js";
 
 let findingsBox;
 let showAll = false;
@@ -126,7 +127,7 @@ function drawFigures(app, runs, figs) {
 
 function drawFindings(app, runs, results) {
   clear(findingsBox);
-  findingsBox.append(el("h2", {class: "section-title"}, "Findings"));
+  findingsBox.append(el("h2", {class: "section-title"}, "Findings"), ...stoppedNotes(runs, results));
   const items = [];
   const failed = [];
   const skipped = [];

@@ -31,6 +31,11 @@ How it maps onto Lightning's loop (2.x):
   diagnostics land beside Lightning's own scalars; without one, a writer of
   its own in `trainer.log_dir`. Only global rank 0 writes; under DDP every
   rank takes part in the reductions.
+- Alerts and stopping (`alert=`, `stop_on=`, as for `Diagnostics`): each
+  alert is one line through the `tb_diag` logger; a stop sets
+  `trainer.should_stop` at the logged step on every rank (Lightning ends
+  `fit` after that batch) and says why through Lightning's rank-zero log
+  (`rank_zero_info`, where Lightning reports its own early stops).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ import torch
 
 from tb_diag_logger import hooks
 from tb_diag_logger.diagnostics import DEFAULT_EVERY, Diagnostics, _patterns, check_every, warn_once
+from tb_diag_logger.live import check_level, stop_line
 
 _PACKAGES = ("lightning.pytorch", "pytorch_lightning")
 
@@ -75,6 +81,8 @@ class _DiagnosticsHooks:
         exclude: Union[str, Sequence[str], None] = None,
         activations: bool = True,
         update_ratio: bool = True,
+        alert: Optional[str] = "error",
+        stop_on: Optional[str] = None,
     ) -> None:
         """Record diagnostics every `every` optimizer steps; the options are those of `Diagnostics`."""
         self.every = check_every(every)
@@ -82,12 +90,18 @@ class _DiagnosticsHooks:
         _patterns(exclude, "exclude")
         self._options = {
             "include": include, "exclude": exclude, "activations": bool(activations),
-            "update_ratio": bool(update_ratio),
+            "update_ratio": bool(update_ratio), "alert": check_level(alert, "alert"),
+            "stop_on": check_level(stop_on, "stop_on"),
         }
         self.diagnostics: Optional[Diagnostics] = None
         self._module: Any = None  # the LightningModule whose training_step we wrapped
         self._loss: Optional[torch.Tensor] = None  # losses handed to backward since the last optimizer step
         self._warned: set[str] = set()
+        self._live: Any = None  # the last run's live findings, kept after fit() for findings()
+
+    def findings(self) -> list:
+        """The findings of the run being (or last) trained, as `Diagnostics.findings()`."""
+        return self._live.findings() if self._live is not None else []
 
     # ------------------------------------------------------------ lifecycle
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -109,6 +123,7 @@ class _DiagnosticsHooks:
             **self._options,
         )
         self.diagnostics = diag
+        self._live = diag._live
         if diag._updates is not None:
             for opt in optimizers[1:]:
                 diag._updates.watch(opt)
@@ -160,6 +175,9 @@ class _DiagnosticsHooks:
         loss, self._loss = self._loss, None
         try:
             diag.step(trainer.global_step, loss=loss)
+            if diag.should_stop and not trainer.should_stop:
+                trainer.should_stop = True
+                _rank_zero_info(stop_line(trainer.global_step, diag._live.stop_on, diag._live.stop_reason))
         except Exception as e:  # never into the training loop
             self._report("step", e)
 
@@ -179,6 +197,16 @@ class _DiagnosticsHooks:
 
     def _report(self, where: str, exc: BaseException) -> None:
         warn_once(self._warned, f"the Lightning callback ({where})", exc, stacklevel=2)
+
+
+def _rank_zero_info(message: str) -> None:
+    """Lightning's rank-zero log (of the package in use), where it reports its own early stops."""
+    for name in [p for p in _PACKAGES if p in sys.modules] or _PACKAGES:
+        try:
+            importlib.import_module(name + ".utilities").rank_zero_info(message)
+            return
+        except Exception:
+            continue
 
 
 def _validation_numbers(logged: Any) -> tuple[Optional[float], dict[str, float]]:

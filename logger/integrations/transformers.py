@@ -28,6 +28,14 @@ callback records from inside the engine: `engine.backward`'s loss argument
 (the value `training_step` returns) and `Diagnostics.step()` just before
 `engine.step()` at the accumulation boundary; the gradients and weights come
 from the engine's partitions (`collectors/zero.py`).
+
+Alerts and stopping (`alert=`, `stop_on=`, as for `Diagnostics`): each alert
+is one line through the `tb_diag` logger, repeated at INFO through
+transformers' own logging (`transformers.integrations.tb_diag`, shown with
+`TrainingArguments(log_level="info")`); a stop sets
+`control.should_training_stop` at the logged step (the Trainer still runs
+that step's optimizer step, then ends `train()`) and says why at WARNING
+through transformers' logging on the world's process zero.
 """
 
 from __future__ import annotations
@@ -40,9 +48,14 @@ from typing import Any, Callable, Optional, Sequence, Union
 from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.integrations.integration_utils import TensorBoardCallback, default_logdir
+from transformers.utils import logging as hf_logging
 
 from tb_diag_logger.collectors import zero
 from tb_diag_logger.diagnostics import DEFAULT_EVERY, Diagnostics, warn_once
+from tb_diag_logger.live import stop_line
+
+# transformers' logging, so that its verbosity (TrainingArguments.log_level) applies.
+HF_LOG = hf_logging.get_logger("transformers.integrations.tb_diag")
 
 # Trainer methods whose return values the callback records, first found wins.
 _LOSS_METHODS = ("training_step",)
@@ -64,7 +77,7 @@ class DiagnosticsCallback(TrainerCallback):
 
     Args:
         every: log every `every`-th optimizer step (Trainer `global_step`).
-        include, exclude, activations, update_ratio: as for `Diagnostics`.
+        include, exclude, activations, update_ratio, alert, stop_on: as for `Diagnostics`.
     """
 
     def __init__(
@@ -75,14 +88,21 @@ class DiagnosticsCallback(TrainerCallback):
         exclude: Union[str, Sequence[str], None] = None,
         activations: bool = True,
         update_ratio: bool = True,
+        alert: Optional[str] = "error",
+        stop_on: Optional[str] = None,
     ) -> None:
         self._options = dict(every=every, include=include, exclude=exclude, activations=activations,
-                             update_ratio=update_ratio)
+                             update_ratio=update_ratio, alert=alert, stop_on=stop_on)
         # Bad options fail here, at the user's line, not inside train(): Diagnostics checks them.
         Diagnostics(nn.Module(), _NoWriter(), **self._options).close()
         self.diagnostics: Optional[Diagnostics] = None
         self._tap: Optional[_TrainerTap] = None
         self._warned: set[str] = set()
+        self._live: Any = None  # the last run's live findings, kept after train() for findings()
+
+    def findings(self) -> list:
+        """The findings of the run being (or last) trained, as `Diagnostics.findings()`."""
+        return self._live.findings() if self._live is not None else []
 
     # ------------------------------------------------------------ events
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -100,6 +120,8 @@ class DiagnosticsCallback(TrainerCallback):
                 where = {"writer": writer} if writer is not None else {"logdir": _trainer_logdir(args)}
             model = model if model is not None else getattr(trainer, "model", None)
             self.diagnostics = _TrainerDiagnostics(model, optimizer=optimizer, **where, **self._options)
+            self._live = self.diagnostics._live
+            self._live.on_alert.append(lambda f, line: HF_LOG.info(line))
         except Exception as e:  # a callback must not stop training from starting
             self._warn("setting up", e)
             return
@@ -107,7 +129,7 @@ class DiagnosticsCallback(TrainerCallback):
             # DeepSpeed: the engine steps inside backward(); record from inside the engine (module docstring).
             engine = getattr(trainer, "deepspeed", None)
             engine = engine if zero.is_engine(engine) else None
-            self._tap = _TrainerTap(trainer, self._warn, engine, lambda: self._step(state))
+            self._tap = _TrainerTap(trainer, self._warn, engine, lambda: self._step(state, control))
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self._tap is not None and self.diagnostics is not None:
@@ -116,9 +138,11 @@ class DiagnosticsCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         """After backward and clipping, before `optimizer.step()`: the moment `Diagnostics.step()` is for."""
         if self._tap is None or self._tap.engine is None:  # under DeepSpeed the engine's step records
-            self._step(state)
+            self._step(state, control)
 
-    def _step(self, state: Any) -> None:
+    def _step(self, state: Any, control: Any) -> None:
+        """Record the optimizer step about to run; stop the Trainer (`control`, the one it passes every
+        event) when the findings ask for it."""
         diag = self.diagnostics
         if diag is None:
             return
@@ -127,6 +151,10 @@ class DiagnosticsCallback(TrainerCallback):
         try:
             # The Trainer increments global_step after this step and logs it under the new number.
             diag.step(state.global_step + 1, loss=loss, grad_norm=grad_norm)
+            if diag.should_stop and not control.should_training_stop:
+                control.should_training_stop = True
+                if state.is_world_process_zero:
+                    HF_LOG.warning(stop_line(state.global_step + 1, diag._live.stop_on, diag._live.stop_reason))
         except Exception as e:
             self._warn("step", e)
         if tap is not None:

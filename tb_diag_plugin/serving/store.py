@@ -15,8 +15,9 @@ import threading
 import time
 from typing import Any, Iterator, Optional
 
-from tb_diag_plugin import cache
+from tb_diag_plugin import cache, metadata
 from tb_diag_plugin.reading import ALL_SAMPLES, RunIndex, Series, index_runs, integrity, read_series, read_structure
+from tb_diag_plugin.serving import stopped
 from tb_diag_plugin.serving.config import Config
 
 
@@ -103,6 +104,9 @@ class RunStore:
             result = analyze_run(run, dict(zip(metrics, read)),
                                  lambda: read_structure(self.provider, ctx, eid, run) if idx.structure_tag else None)
             answer = result.answer({m: idx.layers(m)[0] for m in idx.tags})
+            if metadata.STOPPED in idx.tags:  # issue 23: when and why stop_on= stopped the run
+                answer["stopped"] = stopped.describe(self.series(ctx, eid, run, metadata.STOPPED, idx)[0],
+                                                     result.findings)
             done = time.monotonic()
             with self._lock:
                 self._findings_recent[(eid, run)] = (done + min(60.0, 10 * (done - t0)), answer)
