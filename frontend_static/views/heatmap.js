@@ -132,6 +132,7 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro}) {
     const match = matcher();
     let shown = 0;
     let total = 0;
+    let anyGroups = false;
     const sel = app.state.layer;
     runs.forEach((r, k) => {
       const v = data[k];
@@ -153,6 +154,7 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro}) {
       }
       shown = Math.max(shown, cols.length);
       total = Math.max(total, v.L);
+      anyGroups = anyGroups || !!v.groups?.some((g) => g);
       if (!cols.length) return panels.notice(p, `No layer of “${r.run}” matches “${search}”.`);
       const shapes = [];
       const step = app.state.step;
@@ -215,7 +217,7 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro}) {
         });
       }
     });
-    countNote.textContent = search ? `${shown} of ${total} ${total === 1 ? "row" : "rows"} match` : "";
+    countNote.textContent = search ? `${shown} of ${total} ${anyGroups ? "rows" : "layers"} match` : "";
     collapseButton.hidden = expanded.size === 0;
     await renderProfile(app, ctx, runs, data, match, reveals);
     panels.end();
