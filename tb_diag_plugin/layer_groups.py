@@ -184,18 +184,41 @@ def aggregate(mean: np.ndarray, mn: np.ndarray, mx: np.ndarray, nonfinite: np.nd
     """
     cols = [np.array([r]) if isinstance(r, int) else np.asarray(r.members) for r in view]
     perm = np.concatenate(cols)
-    starts = np.concatenate([[0], np.cumsum([c.size for c in cols])[:-1]])
-    weight = np.maximum(present - nonfinite, 0)[:, perm].astype(np.float64)
-    has = weight > 0  # cells with a finite value (unbinned cells hold raw values: absent or NaN/Inf ones too)
-    sums = np.add.reduceat(np.where(has, mean[:, perm], 0.0) * weight, starts, axis=1)
-    counts = np.add.reduceat(weight, starts, axis=1)
+    ends = np.cumsum([c.size for c in cols])
+    spans = list(zip(np.concatenate([[0], ends[:-1]]), ends))
+    # Usually the tree's order is the model's: members are contiguous and nothing is copied.
+    same = perm.size == mean.shape[1] and bool((perm == np.arange(perm.size)).all())
+
+    def cols_of(a: np.ndarray) -> np.ndarray:
+        return a if same else a[:, perm]
+
+    starts = np.array([s for s, _ in spans])
+
+    def reduce(ufunc, a: np.ndarray, dtype=None) -> np.ndarray:
+        # A few wide groups: each slice reduces along its inner axis, far faster than reduceat on axis 1;
+        # many narrow ones: one reduceat beats a Python loop.
+        if len(spans) > 64:
+            return ufunc.reduceat(a if dtype is None else a.astype(dtype), starts, axis=1)
+        out = np.empty((a.shape[0], len(spans)), dtype or a.dtype)
+        for c, (s, e) in enumerate(spans):
+            out[:, c] = ufunc.reduce(a[:, s:e], axis=1, dtype=dtype)
+        return out
+
+    pres, bad = cols_of(present), cols_of(nonfinite)
+    weight = pres - bad  # finite values per cell
+    empty = ~(weight > 0)  # no finite value (unbinned cells hold raw values: absent or NaN/Inf ones too)
+    m, lo, hi = cols_of(mean), cols_of(mn), cols_of(mx)
+    if empty.any():
+        nan = np.float32(np.nan)
+        m, lo, hi = np.where(empty, np.float32(0), m), np.where(empty, nan, lo), np.where(empty, nan, hi)
+    sums = reduce(np.add, m * weight, np.float64)
+    counts = reduce(np.add, weight, np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         g_mean = (sums / counts).astype(np.float32)
     g_mean[counts == 0] = np.nan
-    g_min = np.fmin.reduceat(np.where(has, mn[:, perm], np.nan), starts, axis=1).astype(np.float32)
-    g_max = np.fmax.reduceat(np.where(has, mx[:, perm], np.nan), starts, axis=1).astype(np.float32)
-    g_bad = np.add.reduceat(nonfinite[:, perm], starts, axis=1).astype(np.float32)
-    g_present = np.add.reduceat(present[:, perm], starts, axis=1).astype(np.float32)
+    g_min, g_max = reduce(np.fmin, lo).astype(np.float32), reduce(np.fmax, hi).astype(np.float32)
+    g_bad = reduce(np.add, bad).astype(np.float32)
+    g_present = reduce(np.add, pres).astype(np.float32)
     leaves = [i for i, r in enumerate(view) if isinstance(r, int)]
     if leaves:
         src = [view[i] for i in leaves]
