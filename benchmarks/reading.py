@@ -112,6 +112,12 @@ def _views(layers: list[str], steps: int) -> list[tuple[str, list[str], str]]:
                                                             f"&max_rows={TAB_MAX_ROWS}"], "all"),
         (f"activations: dead_fraction heatmap, grouped (max_rows={TAB_MAX_ROWS})", [v + "dead_fraction" + g], "all"),
         ("live poll of an unchanged run: /runs + /versions", [d + "runs", d + f"versions?run={RUN}"], "all"),
+    ]
+    first_group = _first_group(layers)
+    if first_group is not None:  # a click on a group's row: its children in place
+        out.append((f"gradient flow: open group {first_group}", [
+            v + "grad_norm" + g + "&expand=" + urllib.parse.quote(first_group)], "all"))
+    out += [
         ("loss", [v + "loss&points=1000"], "all"),
         ("model: structure + 6 metrics", [d + f"structure?run={RUN}"] + [
             v + m + "&points=200" for m in MODEL_VIEW_SERIES], "all"),
@@ -122,6 +128,14 @@ def _views(layers: list[str], steps: int) -> list[tuple[str, list[str], str]]:
         out.append(("(reference) grad_norm heatmap as JSON", [d + f"values?run={RUN}&metric=grad_norm&points=1000"],
                     "once"))
     return out
+
+
+def _first_group(layers: list[str]) -> Optional[str]:
+    """The key of the first group a grouped gradient-flow heatmap shows, or None when it shows none."""
+    from tb_diag_plugin import layer_groups
+
+    rows = layer_groups.rows(layer_groups.build(layers, "param"), TAB_MAX_ROWS)
+    return next((r.key for r in rows if isinstance(r, layer_groups.Group)), None)
 
 
 def _poll(srv, path: str) -> tuple[float, int, int]:

@@ -192,15 +192,14 @@ def aggregate(mean: np.ndarray, mn: np.ndarray, mx: np.ndarray, nonfinite: np.nd
     def cols_of(a: np.ndarray) -> np.ndarray:
         return a if same else a[:, perm]
 
-    starts = np.array([s for s, _ in spans])
+    # Only groups are reduced (a layer's row is its own column, filled in below); each group's columns are
+    # one slice, reduced along its inner axis: ~10x faster than ufunc.reduceat along axis 1 here.
+    groups = [c for c, r in enumerate(view) if not isinstance(r, int)]
 
     def reduce(ufunc, a: np.ndarray, dtype=None) -> np.ndarray:
-        # A few wide groups: each slice reduces along its inner axis, far faster than reduceat on axis 1;
-        # many narrow ones: one reduceat beats a Python loop.
-        if len(spans) > 64:
-            return ufunc.reduceat(a if dtype is None else a.astype(dtype), starts, axis=1)
-        out = np.empty((a.shape[0], len(spans)), dtype or a.dtype)
-        for c, (s, e) in enumerate(spans):
+        out = np.zeros((a.shape[0], len(spans)), dtype or a.dtype)
+        for c in groups:
+            s, e = spans[c]
             out[:, c] = ufunc.reduce(a[:, s:e], axis=1, dtype=dtype)
         return out
 
