@@ -204,10 +204,14 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
             if len(expand) + len(reveal) > c.max_layers_per_request:
                 raise errors.InvalidArgumentError("too many expand or reveal parameters")
             series, problems, version = self.store.series_and_key(ctx, eid, run, metric, idx)
+            # A grouped view's binned columns are kept: opening a group regroups them without binning again.
+            binned_key = (version, points, start, end, tuple(wanted))
+            binned = (lambda make: self.store.binned.get(binned_key, make)) if max_rows is not None else None
             answer = self.store.answers.get(
                 (version, request.query_string),
                 lambda: wire.values_answer(run, metric, series, idx.problems + problems, points, start, end,
-                                           fmt, wanted, max_rows, expand, reveal, wire.version_text(version[3])),
+                                           fmt, wanted, max_rows, expand, reveal, wire.version_text(version[3]),
+                                           binned),
             )
             return wire.respond(request, *answer)
 

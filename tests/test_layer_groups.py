@@ -13,7 +13,7 @@ import pytest
 from tb_diag_plugin import layer_groups as lg
 from tb_diag_plugin.reading import downsample
 from tb_diag_plugin.summary import EventWriter
-from tbserver import serve
+from tbserver import serve_with_plugin
 
 BLOCKS, EXPERTS = 6, 8
 # A mixture-of-experts model's parameters in model order: embedding, per block 8 experts x 2 tensors
@@ -158,10 +158,15 @@ def grouped_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def group_server(grouped_run):
-    with serve(str(grouped_run[0])) as srv:
+def served(grouped_run):
+    with serve_with_plugin(str(grouped_run[0])) as (srv, plugin):
         srv.wait_for_runs(1)
-        yield srv
+        yield srv, plugin
+
+
+@pytest.fixture(scope="module")
+def group_server(served):
+    return served[0]
 
 
 def test_values_route_groups_rows(group_server, grouped_run):
@@ -198,3 +203,16 @@ def test_versions_name_the_data_a_view_holds(group_server):
     assert _decode(body)[0]["data_version"] == versions["metrics"]["grad_norm"]
     assert group_server.get("data/plugin/diagnostics/versions")[0] == 400
     assert group_server.get("data/plugin/diagnostics/versions?run=nope")[0] == 404
+
+
+def test_opening_a_group_regroups_without_binning_again(served):
+    server, plugin = served
+    base = "data/plugin/diagnostics/values?run=moe&metric=grad_norm&points=7&max_rows=10&format=f32"
+    before = len(plugin.store.binned)
+    first = _decode(server.get(base)[1])[0]
+    assert len(plugin.store.binned) == before + 1
+    opened = _decode(server.get(base + "&expand=model.layers.0")[1])[0]
+    assert len(plugin.store.binned) == before + 1  # the same binned columns, grouped otherwise
+    assert opened["layers"] != first["layers"]
+    server.get(base.replace("points=7", "points=9"))
+    assert len(plugin.store.binned) == before + 2

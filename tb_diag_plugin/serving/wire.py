@@ -76,22 +76,13 @@ def version_text(version) -> str:
 def values_answer(run: str, metric: str, series: Series, problems: list[str], points: int,
                   start: Optional[int], end: Optional[int], fmt: str, wanted: list[str],
                   max_rows: Optional[int] = None, expand: Sequence[str] = (), reveal: Sequence[str] = (),
-                  version: str = ""):
+                  version: str = "", binned: Optional[Callable] = None):
     """(body, content type, content encoding) of a /values answer: the layers `wanted` (all when empty)
     between steps `start` and `end`, binned to at most `points` rows, and with `max_rows`, grouped along
-    the module tree to at most that many layer rows (`layer_groups.rows`)."""
-    cols = np.arange(len(series.layers))
-    if wanted:
-        pos = {n: j for j, n in enumerate(series.layers)}
-        missing = [w for w in wanted if w not in pos]
-        if missing:
-            raise errors.NotFoundError(f"metric {metric!r} has no layer {missing[0][:200]!r}")
-        cols = np.array([pos[w] for w in wanted], dtype=np.int64)
-    window = downsample.step_window(series.steps, start, end)
-    values, present = series.values[window], series.present[window]  # views, not copies
-    if wanted:
-        values, present = values[:, cols], present[:, cols]
-    b = downsample.bin_steps(series.steps[window], values, present, points)
+    the module tree to at most that many layer rows (`layer_groups.rows`). `binned(make)` (optional)
+    returns a cached result of `make()`, the binned columns."""
+    cols, b = (binned or (lambda make: make()))(
+        lambda: bin_columns(metric, series, points, start, end, wanted))
     names = [series.layers[j] for j in cols]
     types = [series.layer_types[j] for j in cols]
     groups = None
@@ -124,6 +115,24 @@ def values_answer(run: str, metric: str, series: Series, problems: list[str], po
         header.update(min=_json_matrix(b.min, absent), max=_json_matrix(b.max, absent),
                       nonfinite=b.nonfinite.astype(np.int64).tolist())
     return json.dumps(_cleanse(header), allow_nan=False).encode("utf-8"), "application/json", None
+
+
+def bin_columns(metric: str, series: Series, points: int, start: Optional[int], end: Optional[int],
+                wanted: Sequence[str]) -> tuple[np.ndarray, downsample.Binned]:
+    """(columns, binned values): the layers `wanted` (all when empty) between steps `start` and `end`,
+    binned to at most `points` rows; NotFoundError names a layer the metric does not have."""
+    cols = np.arange(len(series.layers))
+    if wanted:
+        pos = {n: j for j, n in enumerate(series.layers)}
+        missing = [w for w in wanted if w not in pos]
+        if missing:
+            raise errors.NotFoundError(f"metric {metric!r} has no layer {missing[0][:200]!r}")
+        cols = np.array([pos[w] for w in wanted], dtype=np.int64)
+    window = downsample.step_window(series.steps, start, end)
+    values, present = series.values[window], series.present[window]  # views, not copies
+    if wanted:
+        values, present = values[:, cols], present[:, cols]
+    return cols, downsample.bin_steps(series.steps[window], values, present, points)
 
 
 def _grouped(metric: str, names: list[str], types: list[str], b: downsample.Binned, max_rows: int,
