@@ -38,7 +38,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=["tb_diag_plugin", "tb_diag_plugin.findings", "tb_diag_plugin.findings.rules", "tb_diag_plugin.reading",
-              "tb_diag_plugin.serving", "tb_diag_logger", "tb_diag_logger.integrations",
+              "tb_diag_plugin.serving", "tb_diag_logger", "tb_diag_logger.collectors",
+              "tb_diag_logger.integrations",
               "tb_diag_plugin.frontend_static"],
     package_dir={
         "tb_diag_plugin": "tb_diag_plugin",

@@ -22,7 +22,8 @@ import time
 import models
 import torch
 
-from tb_diag_logger import Diagnostics, logits, optim_state
+from tb_diag_logger import Diagnostics
+from tb_diag_logger.collectors import logits, optim_state
 
 
 def _median_ms(fn, reps: int) -> float:

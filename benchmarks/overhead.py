@@ -31,6 +31,7 @@ Arms, at the Diagnostics default cadence unless marked every=1:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -323,7 +324,7 @@ def event_bytes(arms: list[Arm]) -> dict:
 
 # --------------------------------------------------------------------- main
 def bench_model(workload, device: torch.device, rounds: int, blocks_per_cadence: int, every: int,
-                block_every1: int, wandb_mod, log) -> dict:
+                block_every1: int, wandb_mod, log, only: Optional[list[str]] = None) -> dict:
     torch.manual_seed(0)
     model = workload.build().to(device)
     opt = workload.optimizer(model)
@@ -331,6 +332,8 @@ def bench_model(workload, device: torch.device, rounds: int, blocks_per_cadence:
     batches = [workload.batch(g, device) for _ in range(4)]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     arms = build_arms(every, wandb_mod is not None)
+    if only:  # the bare arm stays first: every other arm is compared with it
+        arms = [a for a in arms if a.key == "bare" or a.key in only]
     root = tempfile.mkdtemp(prefix=f"tbdiag-overhead-{workload.name}-")
     for arm in arms:
         setup_arm(arm, root)
@@ -428,6 +431,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--transformer-batch", type=int, default=8)
     ap.add_argument("--transformer-seq", type=int, default=64)
     ap.add_argument("--no-wandb", action="store_true")
+    ap.add_argument("--arms", default=None,
+                    help="comma-separated arm keys to run beside bare (e.g. bare2,diag,diag1); default: all")
+    ap.add_argument("--transformer-optimizer", choices=("adamw", "adam"), default="adamw",
+                    help="the Transformer's optimizer (its Adam state is one of the logged metrics)")
     ap.add_argument("--merge", action="store_true",
                     help="keep the figures of models not run now from the existing JSON")
     ap.add_argument("--out", default=None, help="JSON results (default benchmarks/results/overhead-DEVICE.json)")
@@ -469,10 +476,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
         for w in models.workloads(args.transformer_batch, args.transformer_seq):
             if w.name not in wanted:
                 continue
+            if w.name == "Transformer" and args.transformer_optimizer == "adam":
+                w = dataclasses.replace(w, optimizer=lambda m: torch.optim.Adam(m.parameters(), lr=1e-4),
+                                        describe=w.describe.replace("AdamW", "Adam"))
             rounds = args.rounds or (1 if args.quick else rounds_default[w.name])
             results["models"][w.name] = bench_model(
                 w, device, rounds, blocks_per_cadence=1, every=args.every, block_every1=10 if not args.quick else 4,
-                wandb_mod=wandb_mod, log=log,
+                wandb_mod=wandb_mod, log=log, only=args.arms.split(",") if args.arms else None,
             )
             results["loadavg_end"] = os.getloadavg()
             with open(out, "w") as f:  # after each model: a run cut short keeps what it measured

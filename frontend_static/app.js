@@ -2,7 +2,8 @@
 // (layer, step), theme and live polling. Each view lives in views/*.js.
 import * as api from "./api.js";
 import {el, clear, message} from "./dom.js";
-import {runColorFor, theme} from "./charts.js";
+import {assignRunColours, runColorFor, theme} from "./charts.js";
+import {moduleOf} from "./metrics.js";
 import overview from "./views/overview.js";
 import gradients from "./views/gradients.js";
 import activations from "./views/activations.js";
@@ -22,6 +23,8 @@ class App {
       selected: new Set(),
       view: "overview",
       layer: null, // a module (or parameter / activation-site) name
+      layerRun: null, // the run that layer was chosen in (null: the same name in every selected run)
+      marked: null, // {run, layers}: the exact layers a clicked finding names, in its own run
       step: null, // {lo, hi}: the step (or bin of steps) chosen in a heatmap
       live: true,
       lastUpdate: null,
@@ -123,7 +126,7 @@ class App {
       body.runs.some((r, i) => r.run !== this.state.runs[i]?.run || r.metrics.length !== this.state.runs[i]?.metrics.length ||
                               r.problems.join("\n") !== this.state.runs[i]?.problems.join("\n"));
     this.state.runs = body.runs;
-    this.colorIndex = new Map(body.runs.map((r, i) => [r.run, i]));
+    assignRunColours(body.runs.map((r) => r.run));
     const names = new Set(body.runs.map((r) => r.run));
     for (const r of [...this.state.selected]) if (!names.has(r)) this.state.selected.delete(r);
     if (first || before.size === 0) {
@@ -159,12 +162,13 @@ class App {
       this.runList.append(el("div", {class: "muted small"}, "No runs with diagnostics yet."));
       return;
     }
-    for (const r of this.state.runs) {
-      if (!visible.has(r.run)) continue;
-      const id = "run-" + this.colorIndex.get(r.run);
+    this.state.runs.forEach((r, i) => {
+      if (!visible.has(r.run)) return;
+      const id = "run-" + i;
       const box = el("input", {type: "checkbox", id, checked: this.state.selected.has(r.run), onchange: (e) => {
         if (e.target.checked) this.state.selected.add(r.run);
         else this.state.selected.delete(r.run);
+        this.state.layerRun = null; // a new choice of runs asks for a comparison
         this.render();
       }});
       const row = el("div", {class: "run-row", dataset: {run: r.run}},
@@ -175,11 +179,12 @@ class App {
                                         "aria-label": `${r.problems.length} data problem(s)`}, "⚠") : el("span"),
         el("button", {type: "button", class: "link only", title: "Show only this run", onclick: () => this.selectRuns([r.run])}, "only"));
       this.runList.append(row);
-    }
+    });
   }
 
   selectRuns(names) {
     this.state.selected = new Set(names);
+    this.state.layerRun = null;
     this.drawRuns();
     this.render();
   }
@@ -202,7 +207,7 @@ class App {
   }
 
   runColor(run) {
-    return runColorFor(this.colorIndex?.get(run) ?? 0);
+    return runColorFor(run);
   }
 
   // Selected runs in the server's (stable) order.
@@ -210,8 +215,19 @@ class App {
     return this.state.runs.filter((r) => this.state.selected.has(r.run));
   }
 
+  // Whether layer `name` of `run` is what the user chose: the layers a clicked finding names (in its
+  // run), else the chosen module's members (in the run it was chosen in, or in every run).
+  isChosen(run, name, kind) {
+    const {marked, layer, layerRun} = this.state;
+    if (marked) return marked.run === run && marked.layers.includes(name);
+    return layer != null && (layerRun == null || layerRun === run) && moduleOf(name, kind) === layer;
+  }
+
   // --------------------------------------------------------- selection
   select(patch) {
+    // A layer chosen by hand replaces the marks of a finding (and, unless it says, its run).
+    if ("layer" in patch && !("marked" in patch)) this.state.marked = null;
+    if ("layer" in patch && !("layerRun" in patch)) this.state.layerRun = null;
     Object.assign(this.state, patch);
     this.render();
   }

@@ -15,9 +15,82 @@ export function seriesColor(i) {
   return SERIES_COLORS[i % SERIES_COLORS.length];
 }
 
-export function runColorFor(index) {
-  return RUN_COLORS[index % RUN_COLORS.length];
+// A run keeps its colour: the first time this browser sees a run, it gets the
+// palette slot of its name's hash (FNV-1a of the UTF-8 bytes), or the next slot
+// that no other listed run holds; the choice is kept (localStorage), so it
+// survives reloads, and runs that appear later never move the others.
+const STORE = "tb-diag.run-colours";
+let slots = null; // run name -> index into RUN_COLORS
+
+export function hashSlot(run) {
+  let h = 0x811c9dc5;
+  for (const b of new TextEncoder().encode(String(run))) h = Math.imul(h ^ b, 0x01000193) >>> 0;
+  return h % RUN_COLORS.length;
 }
+
+function loadSlots() {
+  try {
+    const kept = JSON.parse(window.localStorage.getItem(STORE) || "{}");
+    return new Map(Object.entries(kept).filter(([, k]) => Number.isInteger(k) && k >= 0 && k < RUN_COLORS.length));
+  } catch (e) {
+    return new Map(); // storage blocked: colours still follow the names
+  }
+}
+
+// Give each listed run (in the server's order) its colour, once.
+export function assignRunColours(names) {
+  slots = slots || loadSlots();
+  const used = new Set(names.filter((n) => slots.has(n)).map((n) => slots.get(n)));
+  let changed = false;
+  for (const n of names) {
+    if (slots.has(n)) continue;
+    const k = hashSlot(n);
+    let free = k;
+    for (let p = 0; p < RUN_COLORS.length; p++) {
+      if (!used.has((k + p) % RUN_COLORS.length)) {
+        free = (k + p) % RUN_COLORS.length;
+        break;
+      }
+    }
+    slots.set(n, free);
+    used.add(free);
+    changed = true;
+  }
+  if (!changed) return;
+  const keep = [...slots].slice(-2000); // bounded: the runs given a colour last
+  slots = new Map(keep);
+  try {
+    window.localStorage.setItem(STORE, JSON.stringify(Object.fromEntries(keep)));
+  } catch (e) {
+    // storage full or blocked: the colours hold for this page
+  }
+}
+
+export function runColorFor(run) {
+  slots = slots || loadSlots();
+  return RUN_COLORS[slots.get(run) ?? hashSlot(run)];
+}
+
+// A legend entry per run on a chart that overlays runs: the first "value"
+// trace of each run is named after it; every other trace stays out.
+export function runLegend(traces) {
+  const seen = new Set();
+  for (const tr of traces) {
+    const run = tr.meta && tr.meta.role === "value" ? tr.meta.run : null;
+    tr.legendgroup = tr.meta?.run;
+    if (run == null || seen.has(run)) {
+      tr.showlegend = false;
+      continue;
+    }
+    seen.add(run);
+    tr.showlegend = true;
+    tr.name = esc(run);
+  }
+  return traces;
+}
+
+// Layout of that legend: one row above the plot, like the run list's swatches.
+export const RUN_LEGEND = {showlegend: true, legend: {orientation: "h", x: 0, y: 1.02, xanchor: "left", yanchor: "bottom", font: {size: 11}}};
 
 export function alpha(hex, a) {
   const n = parseInt(hex.slice(1), 16);
@@ -248,28 +321,6 @@ export function heatmapTraces(v, cols, labels, {scale, metricLabel, colorscale})
 // Height for a heatmap of n layers: one readable row each up to a limit.
 export function heatmapHeight(n) {
   return Math.max(220, Math.min(760, 90 + n * 16));
-}
-
-// Spikes: a value far above the running median of the previous ones.
-export function spikes(ys) {
-  const out = [];
-  const hist = [];
-  for (let i = 0; i < ys.length; i++) {
-    const v = ys[i];
-    if (v == null || !Number.isFinite(v)) continue;
-    if (hist.length >= 8) {
-      const w = hist.slice(-30).sort((a, b) => a - b);
-      const med = w[w.length >> 1];
-      const mad = w.map((x) => Math.abs(x - med)).sort((a, b) => a - b)[w.length >> 1];
-      const floor = Math.max(1.4826 * mad * 8, Math.abs(med) * 0.5, 1e-12);
-      // a spike comes back down: steady growth (divergence) is not a spike
-      let next = null;
-      for (let k = i + 1; k < ys.length && next == null; k++) if (ys[k] != null && Number.isFinite(ys[k])) next = ys[k];
-      if (v - med > floor && next != null && next < v - floor / 2) out.push(i);
-    }
-    hist.push(v);
-  }
-  return out;
 }
 
 // A chart's line: values with nulls for absent steps; non-finite become gaps.

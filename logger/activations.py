@@ -1,4 +1,5 @@
-"""Activation capture: module activations and functional calls inside forward.
+"""Activation capture: module activations and functional calls inside forward (the site statistics
+themselves are in `site_stats.py`).
 
 While a logged step's forward runs (the root module's hooks tell when), a
 `TorchFunctionMode` sees every activation function call (`nn.ReLU` calls
@@ -10,11 +11,9 @@ once and the mode is not active.
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import re
 import sys
-from dataclasses import dataclass, field
 from types import CodeType, FrameType
 from typing import Any, Callable, Optional
 
@@ -24,6 +23,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from tb_diag_logger import cost, hooks, reductions
+from tb_diag_logger.site_stats import Batch, Site, SiteTotals, site_totals
 
 
 def _forward_codes(model: nn.Module) -> dict[int, CodeType]:
@@ -89,7 +89,6 @@ def is_smooth_activation(module: nn.Module) -> bool:
     return not isinstance(module, ACTIVATION_MODULES) and bool(_SMOOTH_ACTIVATION.search(type(module).__name__))
 
 
-_MAX_PENDING = 64  # per-call statistics a site keeps before folding them into one
 # Outputs of at most this many elements are copied and reduced together when
 # the step is logged, one stack per shape, instead of with ~6 torch calls each
 # as they come: a model with many small activation sites (benchmarks/wide_model.py,
@@ -97,98 +96,6 @@ _MAX_PENDING = 64  # per-call statistics a site keeps before folding them into o
 # copied because the model may change an output in place after the activation.
 _DEFER_NUMEL = 4096
 _DEFER_BUDGET = 1 << 22  # elements held at most (16 MB of float32); past it they are reduced at once
-
-
-@dataclass
-class Site:
-    """Statistics of one activation site, accumulated over a logged step's forwards.
-
-    A call with a big output adds two or three small device tensors here
-    (sum, L2 norm, and the per-unit maxima or the saturated count); small
-    outputs are reduced together into batch records (`ActivationCapture`).
-    Both are combined for all sites at once when the step is logged
-    (`ActivationCapture.totals`).
-    """
-
-    name: str
-    kind: str
-    type_name: str
-    module: str = ""  # qualified name of the module that ran it
-    sums: list = field(default_factory=list)
-    norms: list = field(default_factory=list)
-    saturated: list = field(default_factory=list)
-    count: int = 0
-    unit_max: Optional[torch.Tensor] = None
-    seen: bool = False
-
-    def add(self, y: torch.Tensor) -> None:
-        """Add one call's output (ignored unless a non-empty float tensor)."""
-        if not isinstance(y, torch.Tensor) or not y.is_floating_point() or y.numel() == 0:
-            return
-        y = y.detach()
-        total, norm = reductions.moments(y)
-        self.count += y.numel()
-        self._add_reduced(
-            total,
-            norm,
-            reductions.unit_max(y) if self.kind == "relu" else None,
-            reductions.saturated_count(y, self.kind) if self.kind in ("sigmoid", "tanh") else None,
-        )
-
-    def _add_reduced(self, total, norm, unit_max, saturated) -> None:
-        """Add one call's reductions (its element count is already in `count`)."""
-        self.sums.append(total)
-        self.norms.append(norm)
-        if unit_max is not None:
-            if self.unit_max is None:
-                self.unit_max = unit_max
-            elif self.unit_max.shape == unit_max.shape:
-                self.unit_max = torch.maximum(self.unit_max, unit_max)
-            # A site whose unit count changes between calls keeps its first
-            # shape: per-unit identity is lost, the moments still add up.
-        if saturated is not None:
-            self.saturated.append(saturated)
-        self.seen = True
-        if len(self.sums) >= _MAX_PENDING:  # many forwards between step() calls: stay bounded
-            self._fold()
-
-    def _fold(self) -> None:
-        self.sums = [torch.stack(self.sums).sum()]
-        self.norms = [torch.linalg.vector_norm(torch.stack(self.norms))]
-        if self.saturated:
-            self.saturated = [torch.stack(self.saturated).sum()]
-
-    def clear(self) -> None:
-        """Forget this step's statistics (the site and its name stay)."""
-        self.sums, self.norms, self.saturated = [], [], []
-        self.count = 0
-        self.unit_max = None
-        self.seen = False
-
-
-@dataclass
-class _Batch:
-    """The reductions of G small outputs of one shape, reduced together: row i is `sites[i]`'s call."""
-
-    sites: list[Site]
-    sums: torch.Tensor  # [G]
-    norms: torch.Tensor  # [G]
-    unit_max: Optional[torch.Tensor]  # [G, units] when a member is a ReLU site
-    saturated: dict[str, torch.Tensor]  # "sigmoid"/"tanh" -> [G] saturated counts
-
-
-@dataclass
-class SiteTotals:
-    """Every statistic of S sites for one step, as device tensors (see `reductions.activation_rows`)."""
-
-    sums: torch.Tensor  # [S]
-    squares: torch.Tensor  # [S]
-    counts: torch.Tensor  # [S]
-    saturated: torch.Tensor  # [S]
-    saturation_sites: list[int]
-    unit_max: torch.Tensor  # the per-unit maxima of `relu_sites`, one block of unit_counts[k] each
-    unit_counts: list[int]
-    relu_sites: list[int]
 
 
 # Activations whose output autograd saves for the backward pass.
@@ -221,14 +128,13 @@ class ActivationCapture:
     def __init__(
         self,
         model: nn.Module,
-        include: tuple[str, ...],
-        exclude: tuple[str, ...],
+        selected: Callable[[str], bool],
         on_error: Callable[[str, BaseException], None],
     ) -> None:
+        """`selected`: whether a site name is kept (the user's include/exclude, `collectors.Selection`)."""
         self._names = {id(m): n for n, m in model.named_modules()}
         self._codes = _forward_codes(model)
-        self._include = include
-        self._exclude = exclude
+        self._selected = selected
         self._on_error = on_error
         self.armed = False
         self.sites: dict[str, Site] = {}
@@ -248,7 +154,7 @@ class ActivationCapture:
         self._activation_module: dict[int, bool] = {}
         self._smooth_activation: dict[int, bool] = {}
         self._deferred_numel = 0
-        self._batches: list[_Batch] = []
+        self._batches: list[Batch] = []
         self._touched = False  # a site has data since the last clear()
         self._timing_start: Optional[float] = None
         self._forward_s = 0.0  # training forwards since the last take_forward_time()
@@ -257,7 +163,7 @@ class ActivationCapture:
         # from the Python frames when the activation is called: module hooks
         # (even torch's global ones, installed for a logged forward only) send
         # every module call down a slow path, which cost benchmarks/wide_model.py
-        # (2,000 modules) 35 ms per logged forward here, more than its activations.
+        # (2,000 modules) more per logged forward than its activations did.
         self._handles = [
             hooks.forward_pre_hook(model, self._pre),
             hooks.forward_hook(model, self._post, always_call=True),
@@ -381,11 +287,6 @@ class ActivationCapture:
         self._calls = {k: v for k, v in self._calls.items() if k in live}
 
     # -- recording
-    def _selected(self, name: str) -> bool:
-        if self._include and not any(fnmatch.fnmatchcase(name, p) for p in self._include):
-            return False
-        return not any(fnmatch.fnmatchcase(name, p) for p in self._exclude)
-
     def record(self, spec: tuple[str, str], out) -> None:
         """Attribute one activation call to the innermost of the model's modules running and add its output."""
         try:
@@ -518,7 +419,7 @@ class ActivationCapture:
         try:
             x = torch.stack(outputs)  # [G, *shape]
             flat = x.reshape(n, -1)
-            batch = _Batch(
+            batch = Batch(
                 sites,
                 flat.sum(dim=1, dtype=torch.float32),
                 torch.linalg.vector_norm(flat, dim=1, dtype=torch.float32),
@@ -548,7 +449,7 @@ class ActivationCapture:
         if failed:  # rare: those sites are missing this step
             keep = [i for i in range(n) if i not in failed]
             rows = torch.tensor(keep, device=batch.sums.device, dtype=torch.long)
-            batch = _Batch(
+            batch = Batch(
                 [sites[i] for i in keep], batch.sums[rows], batch.norms[rows],
                 None if batch.unit_max is None else batch.unit_max[rows],
                 {k: v[rows] for k, v in batch.saturated.items()},
@@ -568,82 +469,14 @@ class ActivationCapture:
             unit_max = b.unit_max.unbind() if b.unit_max is not None else None
             for i, site in enumerate(b.sites):
                 sat = b.saturated.get(site.kind)
-                site._add_reduced(
+                site.add_reduced(
                     sums[i], norms[i], unit_max[i] if unit_max is not None and site.kind == "relu" else None,
                     sat[i] if sat is not None else None,
                 )
 
     def totals(self, sites: list[Site], device: torch.device) -> SiteTotals:
-        """Every statistic of `sites` (from `take()`) combined: a few ops per batch record, whatever S is."""
-        S = len(sites)
-        pos = {id(site): i for i, site in enumerate(sites)}
-        # Calls reduced one by one (big outputs): their 0-d tensors, stacked once.
-        call_site = [i for i, site in enumerate(sites) for _ in site.sums]
-        sums = torch.zeros(S, device=device)
-        squares = torch.zeros(S, device=device)
-        saturated = torch.zeros(S, device=device)
-        if call_site:
-            idx = torch.tensor(call_site, device=device)
-            sums.index_add_(0, idx, torch.stack([x for site in sites for x in site.sums]).to(device))
-            norms = torch.stack([x for site in sites for x in site.norms]).to(device)
-            squares.index_add_(0, idx, norms * norms)
-        sat_call = [i for i, site in enumerate(sites) for _ in site.saturated]
-        if sat_call:
-            saturated.index_add_(
-                0, torch.tensor(sat_call, device=device),
-                torch.stack([x for site in sites for x in site.saturated]).to(device),
-            )
-        # Per-unit maxima: the first unit count of each ReLU site is its layout.
-        units: dict[int, int] = {}
-        for i, site in enumerate(sites):
-            if site.unit_max is not None:
-                units[i] = site.unit_max.numel()
-        rows_of = []  # per batch: member positions
-        for b in self._batches:
-            at = [pos[id(site)] for site in b.sites]
-            rows_of.append(at)
-            idx = torch.tensor(at, device=device)
-            sums.index_add_(0, idx, b.sums.to(device))
-            squares.index_add_(0, idx, (b.norms * b.norms).to(device))
-            for kind, counts in b.saturated.items():
-                r = [k for k, site in enumerate(b.sites) if site.kind == kind]
-                sat_call += [at[k] for k in r]
-                saturated.index_add_(
-                    0, torch.tensor([at[k] for k in r], device=device),
-                    counts[torch.tensor(r, device=counts.device)].to(device),
-                )
-            if b.unit_max is not None:
-                for k, site in enumerate(b.sites):
-                    if site.kind == "relu":
-                        units.setdefault(at[k], b.unit_max.shape[1])
-        relu_sites = sorted(units)
-        unit_counts = [units[i] for i in relu_sites]
-        offset, start = 0, {}
-        for i, u in zip(relu_sites, unit_counts):
-            start[i] = offset
-            offset += u
-        index, values = [], []
-        for i in relu_sites:
-            um = sites[i].unit_max
-            if um is not None:
-                index.append(torch.arange(start[i], start[i] + um.numel(), device=device))
-                values.append(um.to(device, torch.float32))
-        for b, at in zip(self._batches, rows_of):
-            if b.unit_max is None:
-                continue
-            width = b.unit_max.shape[1]
-            # Rows of ReLU sites whose layout is this width (a site whose unit count changed keeps its first).
-            r = [k for k, site in enumerate(b.sites) if site.kind == "relu" and units.get(at[k]) == width]
-            if not r:
-                continue
-            first = torch.tensor([start[at[k]] for k in r], device=device)
-            index.append((first[:, None] + torch.arange(width, device=device)[None, :]).reshape(-1))
-            values.append(b.unit_max[torch.tensor(r, device=b.unit_max.device)].to(device).reshape(-1))
-        unit_max = torch.full((offset,), float("-inf"), device=device)
-        if index:
-            unit_max.scatter_reduce_(0, torch.cat(index), torch.cat(values), "amax", include_self=True)
-        counts = torch.tensor([float(site.count) for site in sites], device=device)
-        return SiteTotals(sums, squares, counts, saturated, sorted(set(sat_call)), unit_max, unit_counts, relu_sites)
+        """Every statistic of `sites` (from `take()`) combined (see `site_totals`)."""
+        return site_totals(sites, self._batches, device)
 
     def take(self) -> list[Site]:
         """The sites seen since the last take, in stable order."""
@@ -653,7 +486,7 @@ class ActivationCapture:
     def clear(self) -> None:
         """Forget every site's statistics (after a step; nothing to do after a forward that was not captured)."""
         if not self._touched:
-            return  # every step calls this: 1,000 sites took 1 ms a step to clear for nothing
+            return  # every step calls this: clearing a thousand untouched sites is a loop for nothing
         self._touched = False
         self._deferred, self._deferred_numel = [], 0
         self._batches = []

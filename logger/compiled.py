@@ -26,13 +26,14 @@ compiled before ``Diagnostics`` existed keeps running without the hooks
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
 from tb_diag_logger import hooks, reductions
-from tb_diag_logger.activations import ACTIVATION_MODULES, ActivationCapture, Site, is_smooth_activation
+from tb_diag_logger.activations import ACTIVATION_MODULES, is_smooth_activation
+from tb_diag_logger.site_stats import Site, SiteTotals, site_totals
 
 # Logged steps in a row whose compiled forwards recorded nothing before the
 # capture says its hooks are not in the graph.
@@ -102,35 +103,29 @@ def _hook(flag: _Flag, acc: _Accum, kind: str) -> Callable:
     return hook
 
 
-class CompiledCapture(ActivationCapture):
-    """`ActivationCapture` for compiled models: the same sites, names and totals, from traced module hooks."""
+class CompiledCapture:
+    """The compiled model's activation capture: the same sites, names and totals as `ActivationCapture`,
+    from traced module hooks (no root timing hooks, no TorchFunctionMode, no small-output batches)."""
 
     def __init__(
         self,
         model: nn.Module,
-        include: tuple[str, ...],
-        exclude: tuple[str, ...],
+        selected: Callable[[str], bool],
         on_error: Callable[[str, BaseException], None],
     ) -> None:
-        # Not ActivationCapture.__init__: no root timing hooks, no TorchFunctionMode. What
-        # `totals()`, `close()` and `clear()` read is set here.
+        """`selected`: whether a site name is kept (the user's include/exclude, `collectors.Selection`)."""
         self._on_error = on_error
-        self._include, self._exclude = include, exclude
         self._flag = _Flag()
         self.sites: dict[str, Site] = {}
         self.order: list[str] = []
         self._accums: list[tuple[Site, _Accum]] = []
-        self._batches: list = []
-        self._deferred: list = []
-        self._deferred_numel = 0
-        self._calls: dict = {}
-        self._mode = None
-        self._touched = False
+        self._touched = False  # a site has data since the last clear()
         self._dirty = False  # armed since the last clear(): the accumulators may hold data
         self._misses = 0
         self._handles = []
+        self._guards: Optional[bool] = None  # dynamo's setting before we changed it, restored at close()
         for name, module in model.named_modules():
-            if not (isinstance(module, ACTIVATION_MODULES) or is_smooth_activation(module)) or not self._selected(name):
+            if not (isinstance(module, ACTIVATION_MODULES) or is_smooth_activation(module)) or not selected(name):
                 continue
             site = Site(name, _kind(module), type(module).__name__, name)
             self.sites[name] = site
@@ -141,6 +136,7 @@ class CompiledCapture(ActivationCapture):
         if self._handles:
             # By default dynamo does not guard on module hooks: a graph compiled before the hooks existed,
             # or for another instance of the same class, would run without them (or with that one's).
+            self._guards = torch._dynamo.config.skip_nnmodule_hook_guards
             torch._dynamo.config.skip_nnmodule_hook_guards = False
 
     @property
@@ -156,6 +152,14 @@ class CompiledCapture(ActivationCapture):
         """No forward timing: a clock read inside the compiled region would break its graph."""
         return None
 
+    def wrap_entry(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """`fn` itself: the module hooks need no entry to arm them (see `ActivationCapture.wrap_entry`)."""
+        return fn
+
+    def totals(self, sites: list[Site], device: torch.device) -> SiteTotals:
+        """Every statistic of `sites` (from `take()`) combined."""
+        return site_totals(sites, [], device)
+
     def take(self) -> list[Site]:
         """Move the accumulators into their sites; the sites seen since the last take, in stable order."""
         full = [(site, acc) for site, acc in self._accums if acc.total is not None]
@@ -167,9 +171,9 @@ class CompiledCapture(ActivationCapture):
                 site.count += int(count)
                 norm = acc.squares.sqrt()
                 if site.kind == "relu":
-                    site._add_reduced(acc.total, norm, acc.extra, None)
+                    site.add_reduced(acc.total, norm, acc.extra, None)
                 else:
-                    site._add_reduced(acc.total, norm, None, acc.extra)
+                    site.add_reduced(acc.total, norm, None, acc.extra)
                 acc.__init__()
         return [self.sites[n] for n in self.order if self.sites[n].seen]
 
@@ -196,10 +200,20 @@ class CompiledCapture(ActivationCapture):
             self._dirty = self._flag.armed
             for _, acc in self._accums:
                 acc.__init__()
-        super().clear()
+        if self._touched:
+            self._touched = False
+            for site in self.sites.values():
+                site.clear()
 
     def close(self) -> None:
-        """Disarm and remove every hook (a compiled graph keeps its copy, disarmed, until it recompiles)."""
-        super().close()
+        """Disarm, remove every hook and give dynamo its setting back (a compiled graph keeps its copy of
+        the hooks, disarmed, until it recompiles)."""
+        self.armed = False
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
         for _, acc in self._accums:
             acc.__init__()
+        self.sites.clear()
+        if self._guards is not None:
+            torch._dynamo.config.skip_nnmodule_hook_guards, self._guards = self._guards, None

@@ -1,98 +1,48 @@
-"""`Diagnostics`: the one object a training loop adds."""
+"""`Diagnostics`: the one object a training loop adds. It orchestrates the collectors (`collectors/`)."""
 
 from __future__ import annotations
 
-import atexit
-import fnmatch
-import functools
-import math
-import numbers
 import os
 import warnings
-import weakref
-import zlib
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import nn
 
-from tb_diag_logger import amp, cost, distributed, evaluation, optim_state, reductions
+from tb_diag_logger import cost, distributed, reductions
 from tb_diag_logger.activations import ActivationCapture
+from tb_diag_logger.arguments import (  # noqa: F401  (re-exported: the integrations import them from here)
+    DiagnosticsWarning,
+    _patterns,
+    check_every,
+    check_output,
+    check_scaler,
+    unwrap_model,
+    warn_once,
+)
+from tb_diag_logger.collectors import Collector, Item, Part, Selection, StepContext
+from tb_diag_logger.collectors.amp import AmpState
+from tb_diag_logger.collectors.between import BetweenSteps
+from tb_diag_logger.collectors.learning_rate import LearningRate
+from tb_diag_logger.collectors.logits import LogitCapture
+from tb_diag_logger.collectors.losses import Losses, LossLike, check_losses, check_scalar
+from tb_diag_logger.collectors.optim_state import AdamState
+from tb_diag_logger.collectors.params import ParameterNorms
+from tb_diag_logger.collectors.preclip import PreclipNorm
+from tb_diag_logger.collectors.sites import ActivationSites
+from tb_diag_logger.collectors.updates import UpdateRatio
+from tb_diag_logger.collectors.validation import Validation, check_step
+from tb_diag_logger.collectors.wiring import STEP_ORDER_ADVICE, WiringChecks, managed_by_engine
 from tb_diag_logger.compiled import CompiledCapture
 from tb_diag_logger.cost import CostMeter, DiagnosticsCostWarning
-from tb_diag_logger.logits import LogitCapture
-from tb_diag_logger.losses import SPREAD_METRICS, LossLike, check_losses, check_scalar, is_per_sample, loss_tensors
 from tb_diag_logger.optimizers import unwrap_optimizer
+from tb_diag_logger.output import Output
 from tb_diag_logger.structure import module_tree
 from tb_diag_logger.summaries import SummarySink
-from tb_diag_logger.updates import UpdateRatio
 from tb_diag_plugin import metadata
 
 DEFAULT_EVERY = 20
-
-
-class DiagnosticsWarning(UserWarning):
-    """A diagnostic failed; training goes on (reported once per place)."""
-
-
-def warn_once(warned: set[str], where: str, exc: BaseException, stacklevel: int = 2) -> None:
-    """One `DiagnosticsWarning` per place and exception type (`warned` remembers them): training goes on.
-
-    `stacklevel` as `warnings.warn` would count it from the caller."""
-    key = f"{where}:{type(exc).__name__}"
-    if key in warned:
-        return
-    warned.add(key)
-    warnings.warn(
-        f"tb-diag: {where} failed ({type(exc).__name__}: {exc}); training continues, "
-        "this diagnostic may be missing. Reported once.",
-        DiagnosticsWarning,
-        stacklevel=stacklevel + 1,
-    )
-
-
-def _patterns(value: Union[str, Sequence[str], None], name: str) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return (value,)
-    if not isinstance(value, (list, tuple, set, frozenset)) or not all(isinstance(p, str) for p in value):
-        raise TypeError(f"{name} must be a glob pattern or a list of them, got {value!r}")
-    return tuple(value)
-
-
-def _unwrap(model: nn.Module) -> tuple[nn.Module, bool]:
-    """The module whose names users know: inside DDP/DataParallel and torch.compile.
-
-    Returns (module, compiled).
-    """
-    compiled = False
-    for _ in range(8):
-        if getattr(model, "_compiled_call_impl", None) is not None:  # nn.Module.compile(), in place
-            compiled = True
-        if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile(model)
-            model, compiled = model._orig_mod, True
-        elif type(model).__name__ in ("DistributedDataParallel", "DataParallel") and isinstance(
-            getattr(model, "module", None), nn.Module
-        ):
-            model = model.module
-        else:
-            break
-    return model, compiled
-
-
-def check_every(every: Any) -> int:
-    """`every` as a positive int; TypeError/ValueError naming it otherwise (Diagnostics and the callbacks)."""
-    if isinstance(every, bool) or not isinstance(every, numbers.Integral):
-        raise TypeError(f"every must be a positive int, got {every!r}")
-    if every < 1:
-        raise ValueError(f"every must be >= 1, got {every}")
-    return int(every)
-
-
-def _name_hash(names: Sequence[str]) -> float:
-    return float(zlib.crc32("\n".join(names).encode("utf-8")))
 
 
 class Diagnostics:
@@ -105,6 +55,16 @@ class Diagnostics:
     since the previous ``step()`` call, the loss and its components, and the
     update ratio of the optimizer step that follows. Other steps cost
     nothing: the forward hooks return at once and no tensor is touched.
+
+    Between logged steps, every ``step()`` updates a few device-side
+    accumulators without a host synchronisation (the loss's maximum and
+    minimum, the gradient norm's maximum when it is known, the first
+    non-finite step), read with the next logged step. On logged steps the
+    loop's wiring is checked: whether the gradients were reset since the
+    previous optimizer step (``grad_carried``), modules in the wrong mode,
+    optimizer tensors that are not the model's; a ``step()`` called where
+    no parameter has a gradient (before ``backward()``) warns once and
+    records no gradient metrics for that step (collectors/wiring.py).
 
     Gradient accumulation: run the forward/backward passes of all
     micro-batches, then call ``step()`` once, before ``optimizer.step()``.
@@ -167,7 +127,19 @@ class Diagnostics:
             ``‖Δw‖/‖w‖`` is NaN for a tensor whose weights were all zero.
         write_rank: under torch.distributed, the rank that writes (the
             others only take part in the reductions).
+        grad_norm_every_step: measure the global gradient norm at every
+            step, for ``grad_norm_max_between`` (one pass over the
+            gradients per step); without it that metric comes from
+            ``step(grad_norm=)`` only, NaN when not passed.
+        impl: for tests and benchmarks, how parameter norms are reduced
+            (``"flat"``, ``"stream"`` or ``"foreach"``, see
+            ``reductions.Plan``); None chooses per parameter layout.
+
+    Each family of metrics is a collector (``collectors/``); ``observers``
+    are called with ``(step, items)`` on the writing rank with everything a
+    step writes, just before it is written.
     """
+
 
     def __init__(
         self,
@@ -183,120 +155,84 @@ class Diagnostics:
         activations: bool = True,
         update_ratio: bool = True,
         write_rank: int = 0,
+        grad_norm_every_step: bool = False,
+        impl: Optional[str] = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        check_every(every)
-        if isinstance(writer, (str, os.PathLike)):
-            raise TypeError(
-                f"writer must be a torch.utils.tensorboard.SummaryWriter, got the path {os.fspath(writer)!r}: "
-                "pass a directory as logdir= instead"
-            )
-        if writer is not None and not callable(getattr(writer, "_get_file_writer", None)):
-            raise TypeError(
-                f"writer must be a torch.utils.tensorboard.SummaryWriter, got {type(writer).__name__}"
-            )
-        if writer is not None and logdir is not None:
-            raise ValueError("pass either writer or logdir, not both")
-        if logdir is not None and not isinstance(logdir, (str, os.PathLike)):
-            raise TypeError(f"logdir must be a path, got {type(logdir).__name__}")
-        if optimizer is not None:
-            optimizer = unwrap_optimizer(optimizer)  # accelerate/Lightning/ZeRO wrappers: hooks go on the real one
-        if scaler is not None and not amp.is_scaler(scaler):
-            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
-        if isinstance(write_rank, bool) or not isinstance(write_rank, numbers.Integral) or write_rank < 0:
-            raise ValueError(f"write_rank must be a rank (an int >= 0), got {write_rank!r}")
-        include_p = _patterns(include, "include")
-        exclude_p = _patterns(exclude, "exclude")
-
-        if writer is None and logdir is None and not (distributed.initialized() and distributed.rank() != write_rank):
-            raise ValueError("pass a SummaryWriter as writer, or a directory as logdir")
-        if distributed.initialized() and write_rank >= distributed.world_size():
-            raise ValueError(
-                f"write_rank must be a rank below the world size {distributed.world_size()}, got {write_rank}"
-            )
-
-        self.every = int(every)
-        self._write_rank = int(write_rank)
-        self._writer_arg = writer
-        self._logdir = os.fspath(logdir) if logdir is not None else None
-        self._sink: Optional[SummarySink] = None
-        self._sink_ready = False
-        self._own_writer = False
-        self._exit_hook: Optional[Callable[[], None]] = None
-
-        self.model, compiled = _unwrap(model)
-        self._include = include_p
-        self._exclude = exclude_p
+        outer = model
+        self.model, compiled = unwrap_model(model)
+        self.every = check_every(every)
+        check_output(writer, logdir, write_rank)
+        check_scaler(scaler)
+        reductions.choose([], impl)  # a ValueError naming the choices, not a warning on a logged step
+        if not isinstance(grad_norm_every_step, bool):
+            raise TypeError(f"grad_norm_every_step must be a bool, got {grad_norm_every_step!r}")
+        engine = managed_by_engine(outer, optimizer)  # issue 22: before the wrappers are unwrapped
+        optimizer = unwrap_optimizer(optimizer) if optimizer is not None else None  # hooks go on the real one
+        selected = Selection(_patterns(include, "include"), _patterns(exclude, "exclude"))
+        self._out = Output(writer, logdir, write_rank, self._report, before_exit=self._write_late)
         self._optimizer = optimizer
-        self._scaler = scaler
         self._warned: set[str] = set()
         self._closed = False
         self._last_step: Optional[int] = None
         self._prev_step: Optional[int] = None
-        self._last_eval_step: Optional[int] = None  # evaluate() has its own order
-        self._structure_sites: Optional[tuple[str, ...]] = None
+        self._structure_sites: Optional[set[str]] = None
         self._cost = CostMeter(self.every)
         self._prev_logged = False
-        self._grad_norm_preclip: Optional[LossLike] = None  # step(grad_norm=), for _log_values
+        self._ctx = StepContext()
+        self.collectors: list[Collector] = []
+        self.observers: list[Callable[[int, list[Item]], None]] = []
 
         # Integer parameters (possible with requires_grad=False) have no norms to speak of.
-        self._params = [
-            (n, p)
-            for n, p in self.model.named_parameters()
-            if self._selected(n) and (p.is_floating_point() or p.is_complex())
-        ]
-        self._capture: Optional[ActivationCapture] = None
-        if activations:
-            # A compiled graph cannot hold the eager capture's TorchFunctionMode: traced module hooks instead.
-            kind = CompiledCapture if compiled else ActivationCapture
-            self._capture = kind(self.model, self._include, self._exclude, self._report)
-            self._capture.armed = True  # the first forward may belong to a logged step
-        # Output logits ride on the activation capture's arming (logged training forwards only).
-        capture = self._capture
-        # On a compiled model the hook goes on the compiled wrapper, whose hooks run outside the graph.
-        outer = model if compiled and isinstance(getattr(model, "_orig_mod", None), nn.Module) else self.model
-        self._logits = None
-        if capture is not None:
-            self._logits = LogitCapture(self.model, lambda: capture.armed, self._report, hook_on=outer)
-
+        self._params = [(n, p) for n, p in self.model.named_parameters()
+                        if selected(n) and (p.is_floating_point() or p.is_complex())]
         self._updates: Optional[UpdateRatio] = None
         if update_ratio and optimizer is not None:
             try:
-                self._updates = UpdateRatio(optimizer, self._params, self._report)
+                self._updates = self._add(UpdateRatio(optimizer, self._params, self._report, impl))
             except Exception as e:  # an optimizer that refuses hooks costs only this diagnostic
                 self._report("update_ratio", e)
-
+        amp = self._add(AmpState(scaler, optimizer)) if scaler is not None else None
+        self._norms = self._add(ParameterNorms(self._params, impl=impl, amp=amp, updates=self._updates))
+        self._capture: Any = None
+        self._sites: Optional[ActivationSites] = None
+        if activations:
+            # A compiled graph cannot hold the eager capture's TorchFunctionMode: traced module hooks instead.
+            self._capture = (CompiledCapture if compiled else ActivationCapture)(self.model, selected, self._report)
+            self._capture.armed = True  # the first forward may belong to a logged step
+            self._sites = self._add(ActivationSites(self._capture))
+        self._losses = self._add(Losses())
+        if self._capture is not None:  # logits ride on the capture's arming (logged training forwards only)
+            capture = self._capture
+            # On a compiled model the hook goes on the compiled wrapper, whose hooks run outside the graph.
+            hook_on = outer if compiled and isinstance(getattr(outer, "_orig_mod", None), nn.Module) else self.model
+            self._add(LogitCapture(self.model, lambda: capture.armed, self._report, hook_on=hook_on))
+        if optimizer is not None:
+            self._add(AdamState(self._params, optimizer))
+        self._preclip = self._add(PreclipNorm())
+        if optimizer is not None:
+            self._add(LearningRate(optimizer))
+        self._validation = self._add(Validation())
+        # --- issue 22: the loop's wiring (logged steps only) and what happens between logged steps
+        # (every step, no host sync); see collectors/wiring.py and collectors/between.py.
+        root = outer if compiled and isinstance(getattr(outer, "_orig_mod", None), nn.Module) else self.model
+        self._wiring = self._add(WiringChecks(self.model, self._params, optimizer, self._report, hook_on=root,
+                                              engine=engine or managed_by_engine(params=self._params)))
+        self._wiring.arm(True)  # the first step may be a logged one
+        self._between = self._add(BetweenSteps(self._params, measure_grad_norm=grad_norm_every_step, amp=amp))
+        # --- end of issue 22
         if distributed.initialized():
-            self._ensure_sink()
-        # else: decided at the first step(), so that a Diagnostics created before
-        # init_process_group still lets only `write_rank` write (and create files).
+            self._out.ensure()  # else at the first step(): init_process_group may come after us
 
-    def _ensure_sink(self) -> None:
-        """Decide once whether this process writes; create our own writer only on the writing rank."""
-        if self._sink_ready:
-            return
-        self._sink_ready = True
-        writer, self._writer_arg = self._writer_arg, None
-        if distributed.rank() != self._write_rank:
-            if not distributed.initialized():
-                self._report(
-                    "write_rank",
-                    ValueError(
-                        f"write_rank={self._write_rank} but torch.distributed is not initialized: nothing is written"
-                    ),
-                )
-            return
-        if writer is None:
-            from torch.utils.tensorboard import SummaryWriter
+    def _add(self, collector: Any) -> Any:
+        """Register a collector: it reads the orchestrator's step context; the order is the write order."""
+        collector.ctx = self._ctx
+        self.collectors.append(collector)
+        return collector
 
-            writer = SummaryWriter(self._logdir)
-            self._own_writer = True
-        self._sink = SummarySink(writer)
-        # Events still queued in the writer when the program ends (an uncaught
-        # KeyboardInterrupt) before close() are flushed at exit.
-        self._exit_hook = functools.partial(_flush_at_exit, weakref.ref(self))
-        atexit.register(self._exit_hook)
+    @property
+    def _sink(self) -> Optional[SummarySink]:
+        """The summary sink on the writing rank, None on the others (and before the first step())."""
+        return self._out.sink
 
     # ------------------------------------------------------------------ api
     def __enter__(self) -> Diagnostics:
@@ -331,7 +267,7 @@ class Diagnostics:
         """
         if self._closed:
             raise RuntimeError("Diagnostics.step() called after close()")
-        step = evaluation.check_step(step)
+        step = check_step(step)
         if step == self._last_step and self._updates is not None and self._updates.in_closure_step:
             # LBFGS calls the closure again within one optimizer step: the first call is the step's record,
             # the later forwards are not the next step's.
@@ -340,30 +276,58 @@ class Diagnostics:
             return
         if self._last_step is not None and step <= self._last_step:
             raise ValueError(f"step must increase: got {step} after {self._last_step}")
-        loss_items = check_losses(loss, losses)
-        self._grad_norm_preclip = None if grad_norm is None else check_scalar("grad_norm", grad_norm)
+        self._losses.items = check_losses(loss, losses)
+        self._preclip.value = None if grad_norm is None else check_scalar("grad_norm", grad_norm)
 
         self._prev_step, self._last_step = self._last_step, step
         logged = self.should_log(step)
         forward_extra = self._cost_at_step(logged)
+        self._step_issue22(step)
         try:
-            self._write(self._ensure_sink)
-            self._flush_update_ratio()
+            self._out.ensure()
             if logged:
                 start = cost.clock()
-                self._log(step, loss_items)
+                with torch.no_grad():  # rather than a .detach() per tensor: one call, not thousands
+                    self._log(step)
                 self._cost.logged(forward_extra, cost.clock() - start)
+            else:
+                self._write_late()
         except Exception as e:
             self._report("step", e)
         finally:
             self._prev_logged = logged
+            for c in self.collectors:
+                c.clear()
             if self._capture is not None:
-                self._capture.clear()
                 self._capture.armed = self._predict_next_logged()
-            if self._logits is not None:
-                self._logits.clear()
             if self._updates is not None:
                 self._updates.pending = step if logged else None
+            try:  # issue 22: the wiring hooks watch the next step only if it is likely logged
+                self._wiring.arm(self._predict_next_logged())
+            except Exception as e:
+                self._report("wiring checks", e)
+
+    def _step_issue22(self, step: int) -> None:
+        """Issue 22, at every step(): the accumulators (no host sync) and the step-order check (host only).
+
+        A step() called where no parameter has a gradient (before backward()) warns once at the user's
+        call, and that step records no gradient metrics (`StepContext.grads_valid`)."""
+        try:
+            total = next((v for n, v in self._losses.items if n == metadata.TOTAL_LOSS), None)  # `loss=` (check_losses)
+            self._between.observe(step, total, self._preclip.value)
+            problem = self._wiring.order_problem()
+        except Exception as e:
+            self._report("wiring checks", e)
+            problem = None
+        self._ctx.grads_valid = problem is None
+        if problem is not None and "step order" not in self._warned:
+            self._warned.add("step order")
+            warnings.warn(
+                f"tb-diag: diag.step({step}) was called where {problem}: {STEP_ORDER_ADVICE}. "
+                "The gradient metrics of such steps are not recorded. Reported once.",
+                DiagnosticsWarning,
+                stacklevel=3,
+            )
 
     def evaluate(
         self,
@@ -384,19 +348,107 @@ class Diagnostics:
         """
         if self._closed:
             raise RuntimeError("Diagnostics.evaluate() called after close()")
-        step = evaluation.check_step(step)
-        last = self._last_eval_step
-        if last is not None and step < last:
-            raise ValueError(f"step must not decrease between evaluate() calls: got {step} after {last}")
-        items = evaluation.check_evaluation(loss, metrics)
-        self._last_eval_step = step
+        self._validation.record(step, loss, metrics)
         try:
-            self._write(self._ensure_sink)
-            if self._sink is not None:
-                self._write(self._sink.write_vectors, step, evaluation.evaluation_vectors(items))
+            self._out.ensure()
+            self._write_late()
         except Exception as e:
             self._report("evaluate", e)
 
+    def close(self) -> None:
+        """Write what is pending, remove every hook, close a writer we created. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._write_late()
+        except Exception as e:
+            self._report("close", e)
+        for c in self.collectors:
+            try:
+                c.close()
+            except Exception as e:
+                self._report("close", e)
+        self._out.close()
+
+    # ------------------------------------------------------------- logging
+    def _log(self, step: int) -> None:
+        """One logged step: every collector's parts on the device (every rank), ONE copy to the host split
+        by the lengths the parts declared, the collectors' host-side items, one write (one rank)."""
+        ctx = self._ctx
+        ctx.device = self._norms.device()
+        ctx.sharded = distributed.any_sharded(p for _, p in self._params)
+        ctx.writes = self._sink is not None
+        ctx.reduce = self._ranks_agree()
+        late = self._take_late()  # an earlier step's values ride in this step's transfer
+        try:
+            parts: list[Part] = [p for c in self.collectors for p in c.parts(step)]
+        except Exception:
+            self._write_late(late)  # not lost with this step's
+            raise
+        late_parts = [p for _, ps in late for p in ps]
+        values = _to_host(late_parts + parts, ctx.device)
+        late_values, values = values[:len(late_parts)], values[len(late_parts):]
+        host = {p.metric: v for p, v in zip(parts, values)}
+        items: list[Item] = [(p.metric, p.names, p.types, v) for p, v in zip(parts, values) if p.write and len(p.names)]
+        for c in self.collectors:
+            items += c.finish(step, host)
+        if self._sink is not None:  # not the writing rank: the collectives above were its share
+            self._emit_late(late, late_values)
+            self._emit(step, items)
+            self._write_structure_if_new(step)
+
+    def _ranks_agree(self) -> bool:
+        """Under torch.distributed, whether the ranks reduce this step's values together (they must hold
+        the same parameters with gradients, sites and loss names); True without torch.distributed."""
+        if not distributed.active():
+            return True
+        signature = [float(x) for c in self.collectors for x in c.signature()]
+        if distributed.agree(signature, self._ctx.device):
+            return True
+        self._report("torch.distributed", RuntimeError(
+            "ranks disagree on parameters with gradients, activation sites or loss names; "
+            "recording rank-local values on such steps"))
+        return False
+
+    def _emit(self, step: int, items: list[Item]) -> None:
+        """The one place a step's items pass before they are written: the observers see them first."""
+        for observe in self.observers:
+            try:
+                observe(step, items)
+            except Exception as e:  # an observer's failure costs only itself
+                self._report("an observer of the logged values", e)
+        self._out.write("write_vectors", step, items)
+
+    def _take_late(self) -> list[tuple[int, list[Part]]]:
+        """Every collector's (step, parts) of earlier steps, once."""
+        return [entry for c in self.collectors for entry in c.late()]
+
+    def _write_late(self, late: Optional[list[tuple[int, list[Part]]]] = None) -> None:
+        """What collectors measured for an earlier step since (the update ratio, an evaluation), in a
+        copy of its own: on a step that is not logged, at evaluate() and at close()."""
+        late = self._take_late() if late is None else late
+        if late and self._sink is not None:
+            self._emit_late(late, _to_host([p for _, ps in late for p in ps], self._norms.device()))
+
+    def _emit_late(self, late: list[tuple[int, list[Part]]], values: list[np.ndarray]) -> None:
+        """Write each earlier step's parts under its own step, from their host `values` (in order)."""
+        at = 0
+        for step, parts in late:
+            self._emit(step, [(p.metric, p.names, p.types, v) for p, v in zip(parts, values[at:at + len(parts)])])
+            at += len(parts)
+
+    def _write_structure_if_new(self, step: int) -> None:
+        """The model's structure, again whenever a step shows an activation site it did not list."""
+        seen = {s.name for s in self._sites.seen} if self._sites is not None else set()
+        if self._structure_sites is not None and seen <= self._structure_sites:
+            return
+        self._structure_sites = seen | (self._structure_sites or set())
+        known = [self._capture.sites[n] for n in self._capture.order] if self._capture is not None else []
+        tree = module_tree(self.model, {n for n, _ in self._params}, known, self._optimizer)
+        self._out.write("write_structure", step, tree)
+
+    # ------------------------------------------------------------- helpers
     def _cost_at_step(self, logged: bool) -> Optional[float]:
         """Feed the cost meter (see `cost.py`); warn once if logging takes a large share of training time.
         Returns what capture added to this step's forward, for `CostMeter.logged`."""
@@ -417,283 +469,21 @@ class Diagnostics:
             self._report("cost meter", e)
             return None
 
-    def close(self) -> None:
-        """Write what is pending, remove every hook, close a writer we created. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._exit_hook is not None:
-            atexit.unregister(self._exit_hook)
-            self._exit_hook = None
-        try:
-            self._flush_update_ratio()
-        except Exception as e:
-            self._report("close", e)
-        if self._capture is not None:
-            self._capture.close()
-        if self._logits is not None:
-            self._logits.close()
-        if self._updates is not None:
-            self._updates.close()
-        if self._sink is not None:
-            self._write(self._sink.close if self._own_writer else self._sink.flush)
-
-    # ------------------------------------------------------------- helpers
-    def _selected(self, name: str) -> bool:
-        if self._include and not any(fnmatch.fnmatchcase(name, p) for p in self._include):
-            return False
-        return not any(fnmatch.fnmatchcase(name, p) for p in self._exclude)
-
-    def _report(self, where: str, exc: BaseException) -> None:
-        warn_once(self._warned, where, exc, stacklevel=3)
-
-    def _write(self, fn: Callable[..., None], *args: Any) -> None:
-        """Call a sink method; a failing disk or a removed logdir is one warning, not a crash."""
-        try:
-            fn(*args)
-        except Exception as e:
-            self._report("writing the event file", e)
-
     def _predict_next_logged(self) -> bool:
         """Arm activation capture when the next step() is likely a logged one."""
         if self._last_step is None:
             return True
-        delta = 1
-        if self._prev_step is not None:
-            delta = max(1, self._last_step - self._prev_step)
+        delta = 1 if self._prev_step is None else max(1, self._last_step - self._prev_step)
         return self.should_log(self._last_step + delta)
 
-    def _out_device(self) -> torch.device:
-        for _, p in self._params:
-            return reductions._local(p).device
-        return torch.device("cpu")
-
-    # ------------------------------------------------------------- logging
-    def _log(self, step: int, loss_items: list[tuple[str, Any]]) -> None:
-        """Compute everything on the device (every rank), move it to the host once, write (one rank)."""
-        # Under no_grad rather than with .detach() per tensor: a detach costs a few
-        # microseconds, which is 13 ms per logged step for 2,000 parameters here.
-        with torch.no_grad():
-            self._log_values(step, loss_items)
-
-    def _log_values(self, step: int, loss_items: list[tuple[str, Any]]) -> None:
-        """One logged step: every value reduced on the device, brought to the host in one copy, written."""
-        device = self._out_device()
-        with_grad = [(n, p) for n, p in self._params if p.grad is not None]
-        grad_names = [n for n, _ in with_grad]
-        weight_names = [n for n, _ in self._params]
-        grads = [reductions.dense_values(reductions._local(p.grad)) for _, p in with_grad]
-        weights = [reductions._local(p) for _, p in self._params]
-        sites = self._capture.take() if self._capture is not None else []
-        site_totals = self._capture.totals(sites, device) if sites else None
-        sharded = distributed.any_sharded(p for _, p in self._params)
-        reduce = self._ranks_agree(grad_names, weight_names, sites, site_totals, loss_items, device)
-        keep_norms = reduce or not sharded  # a shard's own norm is not the tensor's
-
-        parts: list[torch.Tensor] = []  # everything for the host, concatenated once
-        g_norm, g_max = reductions.norms_and_max_abs(grads, device)
-        w_norm, flat_w = reductions.norms_and_flat(weights, device)  # flat_w: many small parameters
-        if self._updates is not None:  # the pre-step hook reuses them: weights are the same until opt.step()
-            self._updates.offer_weight_norms(step, weights, w_norm, flat_w)
-        if sharded and reduce:
-            g_norm, g_max, w_norm = distributed.reduce_sharded_norms(
-                g_norm,
-                g_max,
-                w_norm,
-                distributed.shard_weights([p for _, p in with_grad], device),
-                distributed.shard_weights([p for _, p in self._params], device),
-            )
-        scaler_parts = 0
-        if self._scaler is not None:
-            # AMP: before `unscale_` the gradients are multiplied by the scale.
-            scale = amp.scale_tensor(self._scaler, device)
-            if not amp.already_unscaled(self._scaler, self._optimizer):
-                g_norm, g_max = g_norm / scale, g_max / scale
-            found_inf = amp.found_inf(self._scaler, self._optimizer, device)
-            parts += [scale] + ([found_inf] if found_inf is not None else [])
-            scaler_parts = 1 + (found_inf is not None)
-        total = torch.linalg.vector_norm(g_norm).reshape(1) if grads else torch.zeros(0, device=device)
-        parts += [g_norm, g_max, w_norm, total]
-        if sites:
-            parts.append(distributed.finish_sites(site_totals, reduce))
-        loss_names, loss_values, spread_names, spreads = loss_tensors(loss_items, device, reduce)
-        parts += [loss_values, spreads]
-        # Issue 15: the head's logits (the writing rank's batch) and Adam's state (not for shards).
-        field = self._logits.take(device) if self._logits is not None else []
-        field += optim_state.adam_state(self._params, self._optimizer, device) if not sharded else []
-        parts += [values for _, _, values in field]
-        preclip = self._grad_norm_preclip  # as given: it is the global norm already
-        if preclip is not None:
-            parts.append(torch.as_tensor(reductions._local(preclip) if torch.is_tensor(preclip) else preclip))
-
-        # Read back in the order gathered above.
-        host = _Host(torch.cat([p.reshape(-1).to(device=device, dtype=torch.float32) for p in parts]).cpu().numpy())
-        scaler_vals = host.take(scaler_parts)
-        P, W = len(grads), len(weights)
-        gn, gm, wn, tot = host.take(P), host.take(P), host.take(W), host.take(1 if grads else 0)
-        nonfinite = np.zeros(P, dtype=np.float32)
-        bad = [i for i in range(P) if not math.isfinite(gn[i])]
-        if bad:  # only here: counting over every tensor is slow (PERF_NOTES.md)
-            counts = reductions.nonfinite_counts([grads[i] for i in bad])
-            if sharded and reduce:
-                counts = distributed.sum_counts(counts)  # every rank sees the same `bad`
-            nonfinite[bad] = counts
-        if self._sink is None:
-            return  # not the writing rank: the collectives above were its share
-
-        items: list[_Item] = []
-        if P and keep_norms:
-            items += [
-                ("grad_norm", grad_names, (), gn),
-                ("grad_max_abs", grad_names, (), gm),
-                ("grad_nonfinite", grad_names, (), nonfinite),
-                ("grad_norm_total", [""], (), tot),
-            ]
-        if W and keep_norms:
-            items.append(("weight_norm", weight_names, (), wn))
-        if self._scaler is not None:
-            items += _amp_items(scaler_vals, any_nonfinite=bool(bad))
-        if sites:
-            items += _site_items(sites, host.take(4 * len(sites)).reshape(len(sites), 4))
-        items += _loss_items(host, loss_names, spread_names)
-        items += [(metric, names, (), host.take(len(names))) for metric, names, _ in field]
-        if preclip is not None:
-            items.append((metadata.GRAD_NORM_PRECLIP, [""], (), host.take(1)))
-        items += self._parameter_state_items(weight_names)
-        self._write(self._sink.write_vectors, step, items)
-        self._write_structure_if_new(step, sites)
-
-    def _ranks_agree(self, grad_names, weight_names, sites, site_totals, loss_items, device) -> bool:
-        """Under torch.distributed, whether the ranks reduce this step's values together (they must hold
-        the same parameters with gradients, sites and loss names); True without torch.distributed."""
-        if not distributed.active():
-            return True
-        signature = self._signature(grad_names, weight_names, sites, site_totals, loss_items)
-        if distributed.agree(signature, device):
-            return True
-        self._report(
-            "torch.distributed",
-            RuntimeError(
-                "ranks disagree on parameters with gradients, activation sites or loss names; "
-                "recording rank-local values on such steps"
-            ),
-        )
-        return False
-
-    def _parameter_state_items(self, weight_names: list[str]) -> list[_Item]:
-        """Which parameters got no gradient (a detached branch), and each parameter group's learning rate."""
-        items: list[_Item] = []
-        if weight_names:
-            missing = np.array([p.grad is None for _, p in self._params], "f4")
-            items.append((optim_state.GRAD_MISSING, weight_names, (), missing))
-        if self._optimizer is not None:
-            groups = self._optimizer.param_groups
-            lr_names = [""] if len(groups) == 1 else [f"group{i}" for i in range(len(groups))]
-            lrs = np.array([_to_float(g.get("lr", float("nan"))) for g in groups])
-            items.append(("learning_rate", lr_names, (), lrs))
-        return items
-
-    def _write_structure_if_new(self, step: int, sites: list) -> None:
-        """The model's structure, again whenever a step shows an activation site it did not list."""
-        site_names = tuple(s.name for s in sites)
-        if self._structure_sites is not None and set(site_names) <= set(self._structure_sites):
-            return
-        self._structure_sites = tuple(sorted(set(site_names) | set(self._structure_sites or ())))
-        known = [self._capture.sites[n] for n in self._capture.order] if self._capture is not None else []
-        tree = module_tree(self.model, {n for n, _ in self._params}, known, self._optimizer)
-        self._write(self._sink.write_structure, step, tree)
-
-    def _signature(self, grad_names, weight_names, sites, site_totals, loss_items) -> list[float]:
-        """What the ranks must agree on before reducing (see distributed.agree)."""
-        site_names = [f"{s.name}\t{s.kind}" for s in sites]
-        units = sum(site_totals.unit_counts) if site_totals is not None else 0
-        per_sample = [n for n, v in loss_items if is_per_sample(v)]
-        return [
-            len(grad_names), _name_hash(grad_names),
-            len(weight_names), _name_hash(weight_names),
-            len(sites), _name_hash(site_names), float(units),
-            len(loss_items), _name_hash([n for n, _ in loss_items]), _name_hash(per_sample),
-        ]
-
-    def _flush_update_ratio(self) -> None:
-        if self._updates is None:
-            return
-        result = self._updates.take()
-        if result is None or self._sink is None:
-            return
-        step, names, ratio = result
-        self._write(self._sink.write_vectors, step, [("update_ratio", names, (), ratio.cpu().numpy())])
-
-    def _flush_at_exit(self) -> None:
-        if self._closed or self._sink is None:
-            return
-        try:
-            self._flush_update_ratio()
-            self._sink.close() if self._own_writer else self._sink.flush()
-        except Exception:
-            pass  # the interpreter is going away: nothing left to warn
+    def _report(self, where: str, exc: BaseException) -> None:
+        warn_once(self._warned, where, exc, stacklevel=3)
 
 
-# (metric, layer names, layer types, values): one vector the summary sink writes.
-_Item = tuple[str, Sequence[str], Sequence[str], np.ndarray]
-
-
-class _Host:
-    """A logged step's values on the host, handed out in the order they were gathered."""
-
-    def __init__(self, values: np.ndarray) -> None:
-        self.values = values
-        self.offset = 0
-
-    def take(self, n: int) -> np.ndarray:
-        out = self.values[self.offset : self.offset + n]
-        self.offset += n
-        return out
-
-
-def _amp_items(scaler_vals: np.ndarray, any_nonfinite: bool) -> list[_Item]:
-    """The GradScaler's scale and whether it skips this step."""
-    if scaler_vals.size == 2:
-        skipped = float(scaler_vals[1] > 0 or not np.isfinite(scaler_vals[1]))
-    else:  # not unscaled yet: the scaler will skip exactly when a gradient is not finite
-        skipped = float(any_nonfinite)
-    return [("amp_scale", [""], (), scaler_vals[:1]), ("amp_skipped", [""], (), np.array([skipped]))]
-
-
-def _site_items(sites: list, block: np.ndarray) -> list[_Item]:
-    """Activation metrics from each site's [dead, saturated, mean, std] row: dead_fraction for the
-    ReLU family, saturation for sigmoid/tanh, mean and std for every site."""
-    names = [s.name for s in sites]
-    types = [s.type_name for s in sites]
-    relu = [i for i, s in enumerate(sites) if s.kind == "relu"]
-    sat = [i for i, s in enumerate(sites) if s.kind in ("sigmoid", "tanh")]
-    items: list[_Item] = []
-    if relu:
-        items.append(("dead_fraction", [names[i] for i in relu], [types[i] for i in relu], block[relu, 0]))
-    if sat:
-        items.append(("saturation", [names[i] for i in sat], [types[i] for i in sat], block[sat, 1]))
-    return items + [("act_mean", names, types, block[:, 2]), ("act_std", names, types, block[:, 3])]
-
-
-def _loss_items(host: _Host, loss_names: list[str], spread_names: list[str]) -> list[_Item]:
-    """The loss components, then each per-sample spread statistic over the per-sample components."""
-    items: list[_Item] = []
-    if loss_names:
-        items.append(("loss", loss_names, (), host.take(len(loss_names))))
-    if spread_names:
-        sp = host.take(len(SPREAD_METRICS) * len(spread_names)).reshape(len(spread_names), -1)
-        items += [(metric, spread_names, (), sp[:, j]) for j, metric in enumerate(SPREAD_METRICS)]
-    return items
-
-
-def _flush_at_exit(ref: weakref.ReferenceType[Diagnostics]) -> None:
-    diag = ref()
-    if diag is not None:
-        diag._flush_at_exit()
-
-
-def _to_float(v: Any) -> float:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return float("nan")
+def _to_host(parts: Sequence[Part], device: torch.device) -> list[np.ndarray]:
+    """Every part's values on the host, in ONE device-to-host copy, split by the lengths they declared."""
+    values = [p.values.reshape(-1).to(device=device, dtype=torch.float32) for p in parts]
+    if not values:
+        return []
+    flat = torch.cat(values).cpu().numpy()
+    return np.split(flat, np.cumsum([v.numel() for v in values])[:-1].tolist())

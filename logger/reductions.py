@@ -44,63 +44,192 @@ def dense_values(t: torch.Tensor) -> torch.Tensor:
     return t.to_dense()
 
 
-def _groups(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
-    groups: dict[tuple, list[int]] = defaultdict(list)
+def groups(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Indices of `tensors` grouped by (device, dtype), in first-seen order: one fused call per group."""
+    out: dict[tuple, list[int]] = defaultdict(list)
     for i, t in enumerate(tensors):
-        groups[(t.device, t.dtype)].append(i)
-    return list(groups.values())
+        out[(t.device, t.dtype)].append(i)
+    return list(out.values())
 
 
-# Below this mean size per tensor the per-tensor CPU path is a Python loop of
-# tiny ops: 2,000 tensors of 2-4 elements took 65 ms per logged step that way,
-# against one `_foreach_norm` call (benchmarks/wide_model.py).
-_STREAM_MIN_MEAN_NUMEL = 16384
+# How a list of tensors is reduced (see `Plan`).
+IMPLEMENTATIONS = ("flat", "stream", "foreach")
+# "flat" below this many elements per tensor on average: reducing one kernel at a time is all
+# per-call overhead there (benchmarks/RESULTS.md, "Targets missed, and why": the 2,000-tensor model).
+FLAT_MAX_MEAN_NUMEL = 1024
+# "stream" from this many elements per tensor on average: BLAS `dot` reads a CPU tensor once at
+# memory speed, faster than `_foreach_norm` there; below it the Python loop of calls dominates.
+STREAM_MIN_MEAN_NUMEL = 16384
 
 
-def _streams_on_cpu(tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether every tensor is a contiguous float32/float64 CPU tensor, all of one dtype, big on average."""
-    dtype = tensors[0].dtype
-    if sum(t.numel() for t in tensors) < _STREAM_MIN_MEAN_NUMEL * len(tensors):
+def layout(tensors: Sequence[torch.Tensor]) -> tuple:
+    """What a plan depends on: each tensor's device, dtype, size, storage layout and contiguity."""
+    return tuple(
+        (t.device, t.dtype, t.numel(), t.layout, type(t).__name__ == "DTensor", t.layout == torch.strided
+         and t.is_contiguous()) for t in tensors
+    )
+
+
+def _flat_possible(tensors: Sequence[torch.Tensor]) -> bool:
+    """Two or more dense tensors of one floating dtype and device (not DTensors)."""
+    if len(tensors) < 2:
         return False
-    return dtype in (torch.float32, torch.float64) and all(
-        t.device.type == "cpu" and t.dtype == dtype and t.layout == torch.strided and t.is_contiguous()
+    dtype, device = tensors[0].dtype, tensors[0].device
+    return dtype.is_floating_point and all(
+        t.dtype == dtype and t.device == device and t.layout == torch.strided and type(t).__name__ != "DTensor"
         for t in tensors
     )
 
 
+def _stream_possible(tensors: Sequence[torch.Tensor]) -> bool:
+    """Non-empty contiguous float32/float64 CPU tensors, all of one dtype."""
+    if not tensors:
+        return False
+    dtype = tensors[0].dtype
+    return dtype in (torch.float32, torch.float64) and all(
+        t.device.type == "cpu" and t.dtype == dtype and t.layout == torch.strided and t.is_contiguous()
+        and t.numel() for t in tensors
+    )
+
+
+def choose(tensors: Sequence[torch.Tensor], impl: Optional[str] = None) -> str:
+    """The implementation for `tensors`: `impl` where it applies to them, else the fastest that does."""
+    if impl is not None and impl not in IMPLEMENTATIONS:
+        raise ValueError(f"impl must be one of {IMPLEMENTATIONS} or None, got {impl!r}")
+    flat, stream = _flat_possible(tensors), _stream_possible(tensors)
+    if impl is not None:
+        return impl if impl == "foreach" or (flat if impl == "flat" else stream) else "foreach"
+    total = sum(t.numel() for t in tensors)
+    if flat and total <= FLAT_MAX_MEAN_NUMEL * len(tensors):
+        return "flat"
+    if stream and total >= STREAM_MIN_MEAN_NUMEL * len(tensors):
+        return "stream"
+    return "foreach"
+
+
+class Plan:
+    """How the norms (and largest absolute values) of one list of tensors are computed, chosen once
+    per layout (as `torch.optim.adam` picks single-tensor, foreach or fused in one place):
+
+    - "flat": many small tensors are copied into one buffer (one C++ call) and reduced by segment;
+    - "stream": each CPU tensor is read once by BLAS `dot`, its `aminmax` taken while it is in cache;
+    - "foreach": one `torch._foreach_norm` per (device, dtype) group, as `clip_grad_norm_`.
+
+    `impl` forces one where it applies (tests, benchmarks); "foreach" always does.
+    """
+
+    def __init__(self, tensors: Sequence[torch.Tensor], impl: Optional[str] = None, key: Optional[tuple] = None):
+        self.layout = layout(tensors) if key is None else key
+        self.impl = choose(tensors, impl)
+        self.n = len(tensors)
+        self.groups = groups(tensors)
+        self._segments = segments(tensors) if self.impl == "flat" else None
+        self._index: dict[torch.device, list[torch.Tensor]] = {}  # group positions, per output device
+
+    def _positions(self, out_device: torch.device) -> list[torch.Tensor]:
+        index = self._index.get(out_device)
+        if index is None:
+            index = self._index[out_device] = [torch.tensor(idx, device=out_device) for idx in self.groups]
+        return index
+
+    def norms(
+        self, tensors: Sequence[torch.Tensor], out_device: torch.device
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(L2 norm of each tensor, float32 on `out_device`; the flat copy they were taken from, or None).
+        Empty tensors have norm 0; NaN and inf propagate."""
+        if not tensors:
+            return torch.zeros(0, device=out_device), None
+        if self.impl == "flat":
+            flat = flatten(tensors)
+            return segment_norms(flat, self._segments, self.n, out_device), flat
+        if self.impl == "stream":
+            return torch.stack([_sum_of_squares(t) for t in tensors]).sqrt().to(out_device, torch.float32), None
+        if len(self.groups) == 1:  # the usual case: no scatter, no index tensor
+            return torch.stack(torch._foreach_norm(list(tensors))).to(out_device, torch.float32), None
+        out = torch.empty(self.n, dtype=torch.float32, device=out_device)
+        for idx, at in zip(self.groups, self._positions(out_device)):
+            out[at] = torch.stack(torch._foreach_norm([tensors[i] for i in idx])).to(out_device, torch.float32)
+        return out, None
+
+    def norms_and_max_abs(
+        self, tensors: Sequence[torch.Tensor], out_device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L2 norm, largest absolute element) of each tensor, float32 on `out_device` (0 for empty ones)."""
+        if not tensors:
+            return torch.zeros(0, device=out_device), torch.zeros(0, device=out_device)
+        if self.impl == "flat":
+            flat = flatten(tensors)
+            return (segment_norms(flat, self._segments, self.n, out_device),
+                    segment_max_abs(flat, self._segments, self.n, out_device))
+        if self.impl == "stream":  # both reductions of a tensor back to back: the second reads it from cache
+            squares, lows, highs = [], [], []
+            for t in tensors:
+                squares.append(_sum_of_squares(t))
+                lo, hi = torch.aminmax(t)
+                lows.append(lo)
+                highs.append(hi)
+            norms = torch.stack(squares).sqrt().to(out_device, torch.float32)
+            return norms, torch.maximum(torch.stack(highs), -torch.stack(lows)).to(out_device, torch.float32)
+        return self.norms(tensors, out_device)[0], self._max_abs(tensors, out_device)
+
+    def _max_abs(self, tensors: Sequence[torch.Tensor], out_device: torch.device) -> torch.Tensor:
+        # One `aminmax` per tensor: on CPU `_foreach_norm(ord=inf)` is many times slower.
+        def group_max(idx: list[int]) -> torch.Tensor:
+            if tensors[idx[0]].is_complex():
+                return torch.stack([tensors[i].abs().amax() for i in idx]).to(out_device, torch.float32)
+            lo_hi = [torch.aminmax(tensors[i]) for i in idx]
+            lows = torch.stack([lo for lo, _ in lo_hi]).to(out_device, torch.float32)
+            highs = torch.stack([hi for _, hi in lo_hi]).to(out_device, torch.float32)
+            return torch.maximum(highs, -lows)
+
+        if len(self.groups) == 1 and all(t.numel() for t in tensors):  # the usual case: no scatter
+            return group_max(self.groups[0])
+        out = torch.zeros(self.n, dtype=torch.float32, device=out_device)
+        for idx in self.groups:
+            idx = [i for i in idx if tensors[i].numel()]
+            if idx:
+                out[torch.tensor(idx, device=out_device)] = group_max(idx)
+        return out
+
+    def subtract_norms_(self, buffers: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
+                        out_device: torch.device) -> torch.Tensor:
+        """`buffers[i] -= values[i]` in place, then the L2 norm of each buffer (the plan is the buffers')."""
+        if self.impl == "stream" and _stream_possible(values):  # each norm while its difference is in cache
+            squares = []
+            for b, v in zip(buffers, values):
+                b.sub_(v)
+                squares.append(_sum_of_squares(b))
+            return torch.stack(squares).sqrt().to(out_device, torch.float32)
+        torch._foreach_sub_(list(buffers), list(values))
+        return self.norms(buffers, out_device)[0]
+
+
+class Planner:
+    """The plan of the tensors it is given, made again only when their layout changes."""
+
+    def __init__(self, impl: Optional[str] = None) -> None:
+        choose([], impl)  # a bad name fails here, not on a logged step
+        self.impl = impl
+        self._plan: Optional[Plan] = None
+
+    def __call__(self, tensors: Sequence[torch.Tensor]) -> Plan:
+        key = layout(tensors)
+        if self._plan is None or self._plan.layout != key:
+            self._plan = Plan(tensors, self.impl, key)
+        return self._plan
+
+
 def _sum_of_squares(t: torch.Tensor) -> torch.Tensor:
-    # On CPU, dot(x, x) (BLAS) reads x once at memory speed: ~1.4x faster than `_foreach_norm`
-    # there (16 MB: 1.26 ms against 1.77), float32 error ~1e-6 against ~1e-5; inf and NaN alike.
+    # dot(x, x) (BLAS) reads x once at memory speed; float32 error ~1e-6; inf and NaN alike.
     flat = t.view(-1)
     return torch.dot(flat, flat)
 
 
-# Below this many elements per tensor on average, the cost of reducing tensors one kernel
-# at a time is all per-call overhead: such tensors are copied into one flat buffer (one
-# C++ call) and reduced by segment. 2,000 tensors of 2-4 elements (benchmarks/wide_model.py):
-# norms and largest absolute values 25 ms -> 3 ms here.
-_FLAT_MAX_MEAN_NUMEL = 1024
 _segment_cache: dict[tuple, torch.Tensor] = {}
 
 
-def flat_ok(tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether `tensors` (two or more, dense, one floating dtype and device) are small enough to flatten."""
-    if len(tensors) < 2:
-        return False
-    first = tensors[0]
-    dtype, device = first.dtype, first.device
-    if not dtype.is_floating_point:
-        return False
-    total = 0
-    for t in tensors:
-        if t.dtype != dtype or t.device != device or t.layout != torch.strided or type(t).__name__ == "DTensor":
-            return False
-        total += t.numel()
-    return total <= _FLAT_MAX_MEAN_NUMEL * len(tensors)
-
-
 def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """One new 1-D tensor holding every element of `tensors`, in order (see `flat_ok`)."""
+    """One new 1-D tensor holding every element of `tensors`, in order (one dtype and device)."""
     from torch._utils import _flatten_dense_tensors
 
     with torch.no_grad():
@@ -138,105 +267,31 @@ def segment_max_abs(flat: torch.Tensor, seg: torch.Tensor, n: int, out_device: t
     return out.to(out_device)
 
 
-def grouped_norms(tensors: Sequence[torch.Tensor], out_device: torch.device) -> torch.Tensor:
-    """L2 norm of each tensor as a float32 vector on `out_device`.
-
-    One `torch._foreach_norm` per (device, dtype) group, as clip_grad_norm_
-    does (on CPU, `dot` per tensor: faster there; many small tensors: one
-    flat copy, see `flat_ok`); empty tensors have norm 0.
-    """
-    return norms_and_flat(tensors, out_device)[0]
+def grouped_norms(
+    tensors: Sequence[torch.Tensor], out_device: torch.device, impl: Optional[str] = None
+) -> torch.Tensor:
+    """L2 norm of each tensor as a float32 vector on `out_device` (a one-off `Plan`)."""
+    return Plan(tensors, impl).norms(tensors, out_device)[0]
 
 
-def norms_and_flat(
-    tensors: Sequence[torch.Tensor], out_device: torch.device
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(`grouped_norms(tensors)`, the flat copy they were taken from when the tensors were flattened, else None)."""
-    if not tensors:
-        return torch.zeros(0, device=out_device), None
-    if flat_ok(tensors):
-        flat = flatten(tensors)
-        return segment_norms(flat, segments(tensors), len(tensors), out_device), flat
-    if _streams_on_cpu(tensors):
-        return torch.stack([_sum_of_squares(t) for t in tensors]).sqrt().to(out_device, torch.float32), None
-    groups = _groups(tensors)
-    if len(groups) == 1:  # the usual case: no scatter, no index tensor to upload
-        return torch.stack(torch._foreach_norm(list(tensors))).to(out_device, torch.float32), None
-    out = torch.empty(len(tensors), dtype=torch.float32, device=out_device)
-    for idx in groups:
-        norms = torch._foreach_norm([tensors[i] for i in idx])
-        out[torch.tensor(idx, device=out_device)] = torch.stack(norms).to(out_device, torch.float32)
-    return out, None
-
-
-def max_abs(tensors: Sequence[torch.Tensor], out_device: torch.device) -> torch.Tensor:
-    """Largest absolute element of each tensor (0 for empty ones), float32 on `out_device`.
-
-    One `aminmax` per tensor, then a few ops per (device, dtype) group: on
-    CPU `aminmax` costs about what an L2 norm costs, where
-    `_foreach_norm(ord=inf)` is ~18x slower (PERF_NOTES.md). NaN propagates.
-    """
-    def group_max(idx: list[int]) -> torch.Tensor:
-        if tensors[idx[0]].is_complex():
-            return torch.stack([tensors[i].abs().amax() for i in idx]).to(out_device, torch.float32)
-        lo_hi = [torch.aminmax(tensors[i]) for i in idx]
-        lows = torch.stack([lo for lo, _ in lo_hi]).to(out_device, torch.float32)
-        highs = torch.stack([hi for _, hi in lo_hi]).to(out_device, torch.float32)
-        return torch.maximum(highs, -lows)
-
-    groups = _groups(tensors)
-    if len(groups) == 1 and all(t.numel() for t in tensors):  # the usual case: no scatter
-        return group_max(groups[0])
-    out = torch.zeros(len(tensors), dtype=torch.float32, device=out_device)
-    for idx in groups:
-        idx = [i for i in idx if tensors[i].numel()]
-        if idx:
-            out[torch.tensor(idx, device=out_device)] = group_max(idx)
-    return out
+def max_abs(tensors: Sequence[torch.Tensor], out_device: torch.device, impl: Optional[str] = None) -> torch.Tensor:
+    """Largest absolute element of each tensor (0 for empty ones), float32 on `out_device`; NaN propagates."""
+    return Plan(tensors, impl).norms_and_max_abs(tensors, out_device)[1]
 
 
 def norms_and_max_abs(
-    tensors: Sequence[torch.Tensor], out_device: torch.device
+    tensors: Sequence[torch.Tensor], out_device: torch.device, impl: Optional[str] = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(`grouped_norms`, `max_abs`) of the same tensors.
-
-    On CPU both reductions of a tensor run back to back, so the second reads
-    it from cache: 2.1 ms instead of 2.9 ms for the 16 MB of gradients of
-    the benchmark MLP. Elsewhere, the two functions.
-    """
-    if flat_ok(tensors):
-        flat, seg = flatten(tensors), segments(tensors)
-        return segment_norms(flat, seg, len(tensors), out_device), segment_max_abs(flat, seg, len(tensors), out_device)
-    if not tensors or not _streams_on_cpu(tensors) or not all(t.numel() for t in tensors):
-        return grouped_norms(tensors, out_device), max_abs(tensors, out_device)
-    squares, lows, highs = [], [], []
-    for t in tensors:
-        squares.append(_sum_of_squares(t))
-        lo, hi = torch.aminmax(t)
-        lows.append(lo)
-        highs.append(hi)
-    norms = torch.stack(squares).sqrt().to(out_device, torch.float32)
-    biggest = torch.maximum(torch.stack(highs), -torch.stack(lows)).to(out_device, torch.float32)
-    return norms, biggest
+    """(`grouped_norms`, `max_abs`) of the same tensors (a one-off `Plan`)."""
+    return Plan(tensors, impl).norms_and_max_abs(tensors, out_device)
 
 
 def subtract_norms_(
-    buffers: Sequence[torch.Tensor], values: Sequence[torch.Tensor], out_device: torch.device
+    buffers: Sequence[torch.Tensor], values: Sequence[torch.Tensor], out_device: torch.device,
+    impl: Optional[str] = None,
 ) -> torch.Tensor:
-    """`buffers[i] -= values[i]` in place, then the L2 norm of each buffer (as `grouped_norms`).
-
-    On CPU each buffer's norm is taken right after its subtraction, while
-    it is still in cache: 2.8 ms instead of 3.3 ms for the benchmark MLP's
-    16 MB of weights.
-    """
-    if not buffers or not (_streams_on_cpu(buffers) and _streams_on_cpu(values)):
-        torch._foreach_sub_(list(buffers), list(values))
-        return grouped_norms(buffers, out_device)
-    squares = []
-    for b, v in zip(buffers, values):
-        b.sub_(v)
-        squares.append(_sum_of_squares(b))
-    return torch.stack(squares).sqrt().to(out_device, torch.float32)
+    """`buffers[i] -= values[i]` in place, then the L2 norm of each buffer (a one-off `Plan`)."""
+    return Plan(buffers, impl).subtract_norms_(buffers, values, out_device)
 
 
 def nonfinite_counts(tensors: Sequence[torch.Tensor]) -> list[int]:
@@ -268,8 +323,7 @@ def unit_max(y: torch.Tensor, stacked: bool = False) -> torch.Tensor:
     """Per-unit maximum over the batch, float32, flattened ([G, units] for `stacked` outputs [G, ...]).
 
     A unit is dead for a batch when this is <= 0: no sample made it positive.
-    Float `amax` is used instead of boolean comparisons, which are 5-20x
-    slower on CPU (PERF_NOTES.md).
+    Float `amax` is used instead of boolean comparisons, which are slower on CPU.
     """
     lead = 1 if stacked else 0
     dims = tuple(d + lead for d in unit_dims(y.ndim - lead))
@@ -375,7 +429,11 @@ __all__ = [
     "TANH_TAIL",
     "activation_rows",
     "dense_values",
+    "Plan",
+    "Planner",
+    "choose",
     "grouped_norms",
+    "groups",
     "max_abs",
     "moments",
     "nonfinite_counts",

@@ -7,7 +7,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from tb_diag_logger.optim_state import optimizer_doc, optimizer_params
+from tb_diag_logger.collectors.optim_state import optimizer_doc, optimizer_params
 from tb_diag_plugin import metadata
 
 

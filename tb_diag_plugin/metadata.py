@@ -102,9 +102,27 @@ METRIC_SPECS = (
     MetricSpec("act_std", "site", "Activation std", "", "log", "activations"),
     MetricSpec("logit_max_abs", "module", "Logit max |z|", "", "log", "layer"),
     MetricSpec("logit_lse", "module", "Logit log-sum-exp (mean)", "nats", "linear", "layer", signed=True),
+    MetricSpec("logit_min", "module", "Logit minimum", "", "linear", "layer", signed=True),
+    MetricSpec("logit_max", "module", "Logit maximum", "", "linear", "layer", signed=True),
+    # max over rows of |sum over the last dim - 1|: ~0 when each row already is a probability distribution
+    MetricSpec("logit_rowsum_dev", "module", "Output row sum, largest |sum - 1|", "", "linear", "layer"),
+    # Mode-sensitive modules (BatchNorm, Dropout, ...): 1 when in eval mode in a grad-enabled forward of
+    # the logged step / in training mode in a no_grad forward since the previous logged step.
+    MetricSpec("eval_in_train", "module", "Module in eval mode while training", "", "unit", "layer"),
+    MetricSpec("train_in_eval", "module", "Module in training mode while evaluating", "", "unit", "layer"),
     MetricSpec("grad_norm_total", "model", "Total gradient norm", "", "log", "overview"),
     MetricSpec("grad_norm_preclip", "model", "Total gradient norm before clipping", "", "log", "overview"),
     MetricSpec("learning_rate", "model", "Learning rate", "", "log", "overview"),
+    # Between logged steps (NaN when not measured): the largest global gradient norm since the
+    # previous logged step; the first step whose loss or global gradient norm was not finite.
+    MetricSpec("grad_norm_max_between", "model", "Largest total gradient norm since the last logged step", "",
+               "log", "layer"),
+    MetricSpec("nonfinite_first_step", "model", "First non-finite step since the last logged step", "step",
+               "linear", "layer"),
+    # 1 when the logged step's backward accumulated into the previous optimizer step's gradients
+    # (no zero_grad() between two optimizer steps), 0 when they had been reset, NaN when unknown.
+    MetricSpec("grad_carried", "model", "Gradients carried over from the previous step", "", "unit", "layer"),
+    MetricSpec("optimizer_orphans", "model", "Optimizer tensors not in the model", "tensors", "linear", "layer"),
     MetricSpec("amp_scale", "model", "AMP loss scale", "", "log", "layer"),
     MetricSpec("amp_skipped", "model", "AMP skipped steps", "", "linear", "layer"),
     MetricSpec("loss", "loss", "Loss", "", "linear", "loss", signed=True),
@@ -115,6 +133,11 @@ METRIC_SPECS = (
     MetricSpec("loss_p75", "loss", "Loss, per-sample 75th percentile", "", "linear", "loss", _PER_SAMPLE, signed=True),
     MetricSpec("loss_p95", "loss", "Loss, per-sample 95th percentile", "", "linear", "loss", _PER_SAMPLE, signed=True),
     MetricSpec("loss_max", "loss", "Loss, per-sample maximum", "", "linear", "loss", _PER_SAMPLE, signed=True),
+    # The total loss passed to diag.step() since the previous logged step: largest and smallest.
+    MetricSpec("loss_max_between", "loss", "Loss, largest since the last logged step", "", "linear", "layer",
+               signed=True),
+    MetricSpec("loss_min_between", "loss", "Loss, smallest since the last logged step", "", "linear", "layer",
+               signed=True),
     MetricSpec("val_loss", "loss", "Validation loss", "", "linear", "loss", signed=True,
                missing="no val_loss recorded (call diag.evaluate(step, loss=...))"),
     MetricSpec("val_metric", "loss", "Validation metric", "", "linear", "loss", signed=True,
@@ -144,8 +167,17 @@ OVERVIEW_METRICS = ("loss", "grad_norm_total", "learning_rate", "dead_fraction")
 SEVERITIES = ("error", "warning", "info")
 SEVERITY_RANK = {s: i for i, s in enumerate(SEVERITIES)}
 FINDING_KINDS = (
+    # Wiring of the training loop: causes that explain the symptoms below.
+    "not_in_optimizer",
+    "grad_not_reset",
+    "module_mode",
+    "lr_collapsed",
+    "lr_unbounded",
+    "lr_zero",
+    "output_loss_mismatch",
     "nonfinite",
     "exploding_gradient",
+    "gradient_spike",
     "vanishing_gradient",
     "no_gradient",
     "gradient_clipping",
@@ -165,8 +197,16 @@ FINDING_KINDS = (
 )
 # The view and metric a finding of each kind opens (metric None: the view's default).
 FINDING_VIEW = {
+    "not_in_optimizer": ("gradients", "update_ratio"),
+    "grad_not_reset": ("overview", "grad_norm_total"),
+    "module_mode": ("layer", "eval_in_train"),
+    "lr_collapsed": ("overview", "learning_rate"),
+    "lr_unbounded": ("overview", "learning_rate"),
+    "lr_zero": ("overview", "learning_rate"),
+    "output_loss_mismatch": ("layer", "logit_rowsum_dev"),
     "nonfinite": ("gradients", "grad_norm"),
     "exploding_gradient": ("gradients", "grad_norm"),
+    "gradient_spike": ("overview", "grad_norm_total"),
     "vanishing_gradient": ("gradients", "grad_norm"),
     "no_gradient": ("gradients", "grad_norm"),
     "gradient_clipping": ("overview", "grad_norm_preclip"),
@@ -233,6 +273,8 @@ GRAD_NORM_PRECLIP = METRICS["grad_norm_preclip"].name
 # per parameter, the optimizer's view; the output head; `Diagnostics.evaluate()`.
 PARAM_OPTIMIZER_METRICS = tuple(METRICS[n].name for n in ("grad_missing", "adam_eps_fraction", "update_rms"))
 LOGIT_METRICS = tuple(METRICS[n].name for n in ("logit_max_abs", "logit_lse"))
+# The head's output range and whether its rows already sum to 1 (issue 22).
+LOGIT_RANGE_METRICS = tuple(METRICS[n].name for n in ("logit_min", "logit_max", "logit_rowsum_dev"))
 VALIDATION_METRICS = tuple(METRICS[n].name for n in ("val_loss", "val_metric"))
 
 STRUCTURE_TAG = PLUGIN_NAME + "/_structure"

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-import subprocess
-import sys
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -104,14 +101,3 @@ def unit_dead_fraction(y: np.ndarray, unit_axis: Optional[int] = None) -> float:
     units = np.moveaxis(y, unit_axis, 0).reshape(y.shape[unit_axis], -1)
     dead = sum(1 for u in units if not any(v > 0 for v in u))
     return dead / units.shape[0]
-
-
-@contextlib.contextmanager
-def cpu_hog() -> Iterator[subprocess.Popen]:
-    """Another CPU-heavy job beside the test (a busy loop in a subprocess), as on a shared machine."""
-    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    try:
-        yield proc
-    finally:
-        proc.kill()
-        proc.wait()

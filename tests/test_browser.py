@@ -28,6 +28,8 @@ DEMO_RUNS = ["diverging", "dying_relu", "healthy", "vanishing_sigmoid"]
 FRAME_URL = "plugin_entry.html?name=diagnostics"
 SPIKE_STEP = 60
 VAL_STEPS = [0, 30, 66]
+# Pictures of what a test checked, to look at (git-ignored; never the README's).
+CHECKS = os.path.join(os.path.dirname(__file__), "artifacts")
 
 
 # ----------------------------------------------------------------- data
@@ -110,11 +112,11 @@ def ui_logdir(request, tmp_path_factory):
 
     from tb_diag_logger.summaries import SummarySink
 
-    # A smooth loss with one spike at step SPIKE_STEP.
+    # A slowly falling loss with one spike at step SPIKE_STEP (a loss_spike finding).
     w = SummaryWriter(str(d / "loss_only"))
     sink = SummarySink(w)
     for step in range(0, 90, 3):
-        value = 1.0 / (1 + 0.05 * step) * (10.0 if step == SPIKE_STEP else 1.0)
+        value = 1.0 / (1 + 0.005 * step) * (10.0 if step == SPIKE_STEP else 1.0)
         sink.write_vectors(step, [("loss", ["total"], [""], np.array([value], dtype=np.float32))])
         if step in VAL_STEPS:  # a validation loss, as diag.evaluate() writes it
             sink.write_vectors(step, [("val_loss", ["total"], (), np.array([value * 1.5], dtype=np.float32))])
@@ -254,10 +256,11 @@ class Tab:
         assert self.frame.evaluate("window.__xss") is None
         assert self.page.evaluate("window.__xss") is None
 
-    def screenshot(self, name, height=None):
-        """Save the page to ARTIFACTS (tests/artifacts/, or docs/screenshots/ from docs/make_screenshots.py);
+    def screenshot(self, name, height=None, folder=ARTIFACTS):
+        """Save the page to `folder`: ARTIFACTS (tests/artifacts/, or docs/screenshots/ from
+        docs/make_screenshots.py), or CHECKS for pictures that are not the README's;
         `height="content"` grows the window to fit the view."""
-        os.makedirs(ARTIFACTS, exist_ok=True)
+        os.makedirs(folder, exist_ok=True)
         self.page.mouse.move(5, 995)  # no hover label or modebar in the picture
         self.frame.evaluate("document.activeElement && document.activeElement.blur()")
         size = self.page.viewport_size
@@ -267,7 +270,7 @@ class Tab:
         if height:
             self.page.set_viewport_size({"width": size["width"], "height": height})
         self.page.wait_for_timeout(700)  # Plotly redraws after a resize
-        self.page.screenshot(path=os.path.join(ARTIFACTS, name))
+        self.page.screenshot(path=os.path.join(folder, name))
         if height:
             self.page.set_viewport_size(size)
             self.page.wait_for_timeout(300)
@@ -420,7 +423,8 @@ def test_overview_findings_first_then_figures(tab, ui_server):
     dead = trace(tab.chart("dead_share"), run="dying_relu", role="value")
     body = values(ui_server, "dying_relu", "dead_fraction", points=400)
     assert same(dead["y"][-1], 100 * np.mean([num(v) for v in body["values"][-1]]))
-    shares = tab.chart("share:healthy")
+    shares = tab.chart("components")
+    assert shares["dataset"]["run"] in DEMO_RUNS and shares["dataset"]["mode"] == "share"
     assert {t["meta"]["component"] for t in shares["data"]} == {"ce", "l2"}
     tab.screenshot("overview.png", height="content")
 
@@ -560,8 +564,6 @@ def test_loss_view_components_spread_spikes_nonfinite(tab, ui_server):
     body = values(ui_server, "diverging", "loss")
     bad = [s for s, row in zip(body["steps"], body["values"]) if not math.isfinite(num(row[0]))]
     assert bad and trace(total, run="diverging", role="nonfinite")["x"] == bad
-    # The spike written into loss_only is marked, and nothing else there.
-    assert trace(total, run="loss_only", role="spike")["x"] == [SPIKE_STEP]
     # The validation loss (val_loss) is drawn over the training total.
     val = values(ui_server, "loss_only", "val_loss")
     t = trace(total, run="loss_only", role="validation")
@@ -771,3 +773,316 @@ def test_model_view_draws_the_tree_before_the_findings(browser, tmp_path):
             assert len(plugin.store.findings_cache) == 1
         finally:
             context.close()
+
+
+# ------------------------------------------- issue 23.5: the tab never mixes runs up
+def _marked_rows(chart):
+    """Row indices of a heatmap inside a selection frame (one frame spans adjacent rows)."""
+    rects = [sh for sh in chart["layout"]["shapes"] if sh.get("type") == "rect" and sh.get("yref") == "y"]
+    return {row for sh in rects for row in range(round(sh["y0"] + 0.5), round(sh["y1"] + 0.5))}
+
+
+def _finding_link(tab, run, kind):
+    return tab.frame.locator(f'.finding[data-kind="{kind}"][data-run="{run}"] .finding-link').first
+
+
+def test_finding_click_marks_exactly_its_layers_in_its_own_run(tab, ui_server):
+    tab.select_runs(DEMO_RUNS)
+    tab.show("overview")
+    finding = next(f for f in ui_server.plugin("findings?run=vanishing_sigmoid")["findings"]
+                   if f["kind"] == "vanishing_gradient")
+    assert len(finding["layers"]) > 2
+    _finding_link(tab, "vanishing_sigmoid", "vanishing_gradient").click()
+    tab.wait_ready("gradients")
+    metric = tab.frame.locator("[data-view=gradients] .metric-select").input_value()
+    for run in DEMO_RUNS:
+        layers = values(ui_server, run, metric)["layers"]
+        marked = {layers[i] for i in _marked_rows(tab.chart(f"gradients:{run}"))}
+        # exactly the tensors the finding names, in its own run; nothing in the others (which have 0.weight too)
+        assert marked == (set(finding["layers"]) if run == "vanishing_sigmoid" else set()), run
+    tab.screenshot("finding_marks.png", height="content", folder=CHECKS)
+
+    tab.show("overview")
+    dead = next(f for f in ui_server.plugin("findings?run=dying_relu")["findings"] if f["kind"] == "dead_relu")
+    _finding_link(tab, "dying_relu", "dead_relu").click()
+    tab.wait_ready("activations")
+    for run in ("dying_relu", "healthy", "diverging"):  # all three have ReLU sites 1, 3, 5
+        layers = values(ui_server, run, "dead_fraction")["layers"]
+        marked = {layers[i] for i in _marked_rows(tab.chart(f"activations:{run}"))}
+        assert marked == (set(dead["layers"]) if run == "dying_relu" else set()), run
+    tab.assert_clean()
+
+
+def _site_type(ui_server, run, module):
+    modules = ui_server.plugin(f"structure?run={run}")["structure"]["modules"]
+    return next(m["type"] for m in modules if m["name"] == module)
+
+
+def test_model_click_opens_that_runs_layer(tab, ui_server):
+    tab.select_runs(DEMO_RUNS)
+    for run in ("healthy", "vanishing_sigmoid"):
+        tab.show("model")
+        tab.frame.locator("[data-view=model] .toolbar select").select_option(run)
+        tab.wait_ready("model")
+        tab.frame.locator('.tree .node[data-module="1"]').click()
+        tab.wait_ready("layer")
+        heading = tab.frame.locator(".layer-heading")
+        assert heading.get_attribute("data-runs") == run
+        want = _site_type(ui_server, run, "1")
+        other = "Sigmoid" if want == "ReLU" else "ReLU"
+        assert f"1 ({want})" in heading.inner_text() and other not in heading.inner_text()
+        metric = "dead_fraction" if want == "ReLU" else "saturation"
+        chart = tab.chart(f"layer:{metric}")
+        assert {t["meta"]["run"] for t in chart["data"]} == {run}
+        body = values(ui_server, run, metric, layer=["1"])
+        t = trace(chart, run=run, layer="1", role="value")
+        assert all(same(a, finite_or_none(row[0])) for a, row in zip(t["y"], body["values"]))
+    # Asked for, the other runs join; the heading names each run's type.
+    tab.frame.locator(".layer-heading .compare").click()
+    tab.wait_ready("layer")
+    text = tab.frame.inner_text(".layer-heading")
+    relu = [r for r in DEMO_RUNS if _site_type(ui_server, r, "1") == "ReLU"]
+    assert f"ReLU in {', '.join(relu)}" in text and "Sigmoid in vanishing_sigmoid" in text
+    assert {t["meta"]["run"] for t in tab.chart("layer:act_std")["data"]} == set(DEMO_RUNS)
+    tab.assert_clean()
+
+
+def _palette():
+    import re
+
+    src = (pathlib.Path(__file__).parent.parent / "frontend_static" / "charts.js").read_text()
+    return re.findall(r'"(#[0-9a-f]{6})"', re.search(r"const RUN_COLORS = \[(.*?)\];", src).group(1))
+
+
+def _expected_colours(names, kept=None):
+    """The colours the tab must give `names` (in the server's order) when it already gave `kept`
+    ({run: colour}): each new run takes the palette slot of FNV-1a (32 bit) of its UTF-8 bytes, or
+    the next slot that no listed run holds."""
+    palette = _palette()
+    slots = {n: palette.index(c) for n, c in (kept or {}).items()}
+    used = {slots[n] for n in names if n in slots}
+    for n in names:
+        if n in slots:
+            continue
+        h = 0x811C9DC5
+        for b in n.encode("utf-8"):
+            h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
+        k = h % len(palette)
+        slots[n] = next(((k + p) % len(palette) for p in range(len(palette)) if (k + p) % len(palette) not in used), k)
+        used.add(slots[n])
+    return {n: palette[slots[n]] for n in names}
+
+
+def _swatches(frame):
+    return frame.evaluate(
+        """Object.fromEntries([...document.querySelectorAll('.run-row')].map(r =>
+             [r.dataset.run, getComputedStyle(r.querySelector('.swatch')).backgroundColor]))""")
+
+
+def _legend(tab, key):
+    """{run: colour} of a chart's legend entries, checking that Plotly drew each one."""
+    shown = tab.on_chart(key, """(() => {
+        const drawn = [...gd.querySelectorAll('.legendtext')].map(t => t.textContent);
+        const entries = gd.data.filter(t => t.showlegend !== false).map(t => [t.meta.run, t.line.color]);
+        return {on: gd._fullLayout.showlegend, drawn, entries,
+                runs: [...new Set(gd.data.filter(t => t.meta && t.meta.role === 'value').map(t => t.meta.run))]};
+    })()""")
+    assert shown["on"] and sorted(shown["drawn"]) == sorted(r for r, _ in shown["entries"]), (key, shown)
+    assert sorted(r for r, _ in shown["entries"]) == sorted(shown["runs"]), key  # every overlaid run, once
+    return {r: _rgb(c) for r, c in shown["entries"]}
+
+
+def test_run_colours_stay_with_the_run_and_every_overlay_has_a_legend(tab, ui_server, ui_logdir, browser):
+    # Every chart that overlays runs has a legend, in the run list's colours.
+    tab.select_runs(DEMO_RUNS)
+    swatches = _swatches(tab.frame)
+    charts = {"overview": ("grad_norm_total", "loss_total", "learning_rate", "dead_share"),
+              "loss": ("loss:total", "loss:ce"), "layer": ("layer:grad_norm",)}
+    for view, keys in charts.items():
+        tab.show(view)
+        if view == "layer":
+            tab.frame.locator(".layer-picker").select_option("0")
+            tab.wait_ready("layer")
+        for key in keys:
+            legend = _legend(tab, key)
+            # each run drawn there (vanishing_sigmoid has no ReLU: no dead share), in its run-list colour
+            assert len(legend) > 1 and set(legend) <= set(DEMO_RUNS), key
+            assert legend == {r: swatches[r] for r in legend}, key
+
+    # A browser that meets these runs first, a reload, and a run that appears later.
+    context = browser.new_context(viewport={"width": 1200, "height": 900})
+    try:
+        other = Tab(context.new_page(), ui_server)
+        names = other.frame.evaluate("tbDiag.state.runs.map(r => r.run)")
+        first = _swatches(other.frame)
+        assert first == {n: _rgb(c) for n, c in _expected_colours(names).items()}
+        if len(names) <= len(_palette()):
+            assert len(set(first.values())) == len(names)  # no two runs share a colour while the palette lasts
+        other.page.reload()
+        other.frame = other._find_frame()
+        other.wait_ready("overview")
+        assert _swatches(other.frame) == first
+        live = LiveRun(ui_logdir / "another run")
+        try:
+            live.steps(2)
+            other.frame.wait_for_function("tbDiag.state.runs.some(r => r.run === 'another run')", timeout=60_000)
+            other.frame.wait_for_function("document.querySelectorAll('.run-row').length === tbDiag.state.runs.length")
+            after = _swatches(other.frame)
+            assert {n: c for n, c in after.items() if n in first} == first  # nobody's colour moved
+            names = other.frame.evaluate("tbDiag.state.runs.map(r => r.run)")
+            kept = {n: _expected_colours(list(first))[n] for n in first}
+            assert after["another run"] == _rgb(_expected_colours(names, kept)["another run"])
+        finally:
+            live.close()
+        other.assert_clean()
+    finally:
+        context.close()
+    # the module's page sees the new run too (and adds it to its selection) before the next test chooses runs
+    tab.frame.wait_for_function("tbDiag.state.runs.some(r => r.run === 'another run')", timeout=60_000)
+    tab.assert_clean()
+
+
+def test_model_view_marks_nonfinite_activation_sites(tab, ui_server):
+    run = "diverging"
+    tab.select_runs([run])
+    tab.show("model")
+    tab.frame.locator("[data-view=model] .toolbar select").select_option(run)
+    tab.wait_ready("model")
+    tab.frame.wait_for_function("document.querySelector('.model-body').dataset.findings === 'ready'", timeout=60_000)
+    # Independently: the first step at which each site has a NaN/Inf value in any site metric.
+    first = {}
+    for metric in ("dead_fraction", "act_mean", "act_std", "saturation"):
+        if metric not in next(r for r in ui_server.plugin("runs")["runs"] if r["run"] == run)["metrics"]:
+            continue
+        body = values(ui_server, run, metric, points=400)
+        for j, site in enumerate(body["layers"]):
+            counts = body.get("nonfinite") or [[0] * len(body["layers"])] * len(body["steps"])  # binned rows only
+            bad = [s for s, row, nf in zip(body["steps"], body["values"], counts)
+                   if not math.isfinite(num(row[j])) or nf[j]]
+            if bad:
+                first[site] = min(first.get(site, bad[0]), bad[0])
+    assert len(first) >= 2  # the demo's diverging run: every ReLU site ends NaN
+    nodes = tab.frame.evaluate("""Object.fromEntries([...document.querySelectorAll('.tree .node')].map(n =>
+        [n.dataset.module, {status: n.dataset.status, nonfinite: n.dataset.nonfinite, text: n.innerText}]))""")
+    for site, step in first.items():
+        node = nodes[site]  # the demo's sites are nn.ReLU modules: the site is its own module
+        assert node["nonfinite"] == f"{site}@{step}", (site, node)
+        assert node["status"] in ("nonfinite", "error") and node["status"] != "ok", (site, node)
+    # a site that no finding names is not "ok": it says NaN/Inf and from when
+    found = ui_server.plugin(f"findings?run={run}")["layers"]
+    quiet = [s for s in first if s not in found]
+    assert quiet, "every NaN site is named by a finding: nothing left to check"
+    for site in quiet:
+        assert nodes[site]["status"] == "nonfinite" and f"NaN/Inf from step {first[site]}" in nodes[site]["text"]
+    tab.screenshot("model_nonfinite.png", folder=CHECKS)
+    tab.assert_clean()
+
+
+def test_help_text_and_axes_follow_the_metric(tab, ui_server):
+    tab.select_runs(["vanishing_sigmoid"])
+    tab.show("activations")
+    select = tab.frame.locator("[data-view=activations] .metric-select")
+    helps = {}
+    cases = (("saturation", "vanishing_sigmoid"), ("dead_fraction", "dying_relu"), ("act_mean", "dying_relu"))
+    for metric, run in cases:
+        tab.select_runs([run])
+        select.select_option(metric)
+        tab.wait_ready("activations")
+        help_ = tab.frame.locator("[data-view=activations] .metric-help")
+        assert help_.get_attribute("data-metric") == metric
+        helps[metric] = help_.inner_text()
+        z = tab.on_chart(f"activations:{run}", "[gd.data[0].zmin, gd.data[0].zmax]")
+        yrange = tab.on_chart("activations:profile", "gd._fullLayout.yaxis.range")
+        body = values(ui_server, run, metric)
+        finite = [num(v) for row in body["values"] for v in row if math.isfinite(num(v))]
+        if metric in ("saturation", "dead_fraction"):  # fractions: 0-1 on every axis
+            assert 0 <= min(finite) and max(finite) <= 1
+            assert z == [0, 1]
+            assert -0.05 <= yrange[0] <= 0 and 1 <= yrange[1] <= 1.05, yrange
+        else:
+            assert z[0] < 0 or min(finite) >= 0  # signed data keeps its own range
+    assert "saturat" in helps["saturation"].lower() and "dead" not in helps["saturation"].lower()
+    assert "dead" in helps["dead_fraction"].lower() and "saturat" not in helps["dead_fraction"].lower()
+    assert len(set(helps.values())) == 3
+    tab.select_runs(["vanishing_sigmoid"])
+    select.select_option("saturation")
+    tab.wait_ready("activations")
+    tab.screenshot("saturation.png", height="content", folder=CHECKS)
+    tab.assert_clean()
+
+
+def test_loss_component_share_leaves_nan_steps_blank(tab, ui_server):
+    run = "diverging"
+    tab.select_runs(DEMO_RUNS)
+    tab.show("overview")
+    tab.frame.locator(".comp-run").select_option(run)
+    tab.wait_ready("overview")
+    chart = tab.chart("components")
+    assert chart["dataset"] == {**chart["dataset"], "run": run, "mode": "share"}
+    body = values(ui_server, run, "loss", points=400)
+    comps = [n for n in body["layers"] if n != "total"]
+    rows = [[num(row[body["layers"].index(c)]) for c in comps] for row in body["values"]]
+    nan_rows = [i for i, r in enumerate(rows) if not all(math.isfinite(x) for x in r)]
+    assert nan_rows, "the diverging run has NaN loss steps"
+    for c, name in enumerate(comps):
+        t = trace(chart, run=run, component=name)
+        for i, r in enumerate(rows):
+            if i in nan_rows:  # a gap, never 0 % (nor 100 %)
+                assert t["customdata"][i] is None and t["y"][i] is None, (name, body["steps"][i])
+            else:
+                total = sum(abs(x) for x in r)
+                assert same(t["customdata"][i], 100 * abs(r[c]) / total, rel=1e-4)
+                assert same(t["y"][i], sum(100 * abs(x) / total for x in r[: c + 1]), rel=1e-4)
+    assert f"{len(nan_rows)} logged steps with a NaN/Inf component left blank" in chart["panel"]
+    tab.screenshot("components_nan.png", folder=CHECKS)
+    tab.assert_clean()
+
+
+def test_each_runs_worst_finding_shows_without_show_all(tab, ui_server):
+    tab.select_runs(DEMO_RUNS)
+    tab.show("overview")
+    tab.frame.wait_for_function("document.querySelector('.findings').dataset.state === 'ok'", timeout=60_000)
+    shown = tab.frame.evaluate("""[...document.querySelectorAll('.finding')].filter(li => !li.hidden)
+        .map(li => [li.dataset.run, li.dataset.kind, li.querySelector('.finding-msg').textContent])""")
+    assert tab.frame.locator("button.more").count() == 1  # some are behind "Show all"...
+    for run in DEMO_RUNS:
+        found = ui_server.plugin(f"findings?run={run}")["findings"]
+        if found:  # ...but never a run's worst (the route lists worst first)
+            assert [run, found[0]["kind"], found[0]["message"]] in shown, run
+    assert any(r == "vanishing_sigmoid" and k == "vanishing_gradient" for r, k, _ in shown)
+    tab.assert_clean()
+
+
+def test_overview_does_not_grow_with_the_runs(tab):
+    def charts():
+        tab.wait_ready("overview")
+        return tab.frame.evaluate("""(() => {
+            const g = document.querySelector('[data-view=overview] .small-multiples');
+            return {panels: g.querySelectorAll('[data-panel]').length, height: g.getBoundingClientRect().height};
+        })()""")
+
+    tab.show("overview")
+    tab.select_runs(["healthy"])
+    one = charts()
+    tab.select_runs(DEMO_RUNS + ["single_step", "loss_only", HOSTILE])
+    many = charts()
+    assert many["panels"] == one["panels"] == 5  # four headline signals and one loss-component chart
+    assert many["height"] <= one["height"] + 30
+    tab.screenshot("overview_many.png", height="content", folder=CHECKS)
+    tab.assert_clean()
+
+
+def test_loss_view_marks_the_spikes_the_findings_report(tab, ui_server):
+    runs = ["loss_only", "healthy", "diverging"]
+    tab.select_runs(runs)
+    tab.show("loss")
+    total = tab.chart("loss:total")
+    for run in runs:
+        spikes = [s for f in ui_server.plugin(f"findings?run={run}")["findings"]
+                  if f["kind"] == "loss_spike" and "total" in f["layers"] for s in f["steps"]]
+        drawn = [t["x"] for t in total["data"] if t.get("meta") == {"run": run, "component": "total", "role": "spike"}]
+        assert drawn == ([spikes] if spikes else []), run
+    assert trace(total, run="loss_only", role="spike")["x"] == [SPIKE_STEP]  # the one written into loss_only
+    # one detector: the tab's own is gone
+    assert tab.frame.evaluate("import('./static/charts.js').then(m => 'spikes' in m)") is False
+    tab.assert_clean()

@@ -328,3 +328,13 @@ def test_compiled_model_records_the_uncompiled_twins_logit_statistics(runs):
         for step in LOGGED:
             got, want = at(compiled, metric, layer, step), at(eager, metric, layer, step)
             assert close(got, want, rel=1e-4, abs_=1e-5), (metric, step, got, want)
+
+
+def test_dynamos_hook_guard_setting_is_given_back_at_close(tmp_path, monkeypatch):
+    """The capture turns dynamo's module-hook guards on while it exists; close() restores the setting."""
+    monkeypatch.setattr(torch._dynamo.config, "skip_nnmodule_hook_guards", True)  # dynamo's default
+    compiled = torch.compile(nn.Sequential(nn.Linear(6, 8), nn.ReLU()), backend="eager")
+    diag = Diagnostics(compiled, logdir=str(tmp_path), every=1)
+    assert torch._dynamo.config.skip_nnmodule_hook_guards is False
+    diag.close()
+    assert torch._dynamo.config.skip_nnmodule_hook_guards is True

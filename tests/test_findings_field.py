@@ -10,6 +10,7 @@ import json
 
 import numpy as np
 import pytest
+from test_findings_causes import HEADLINES
 
 import pathologies
 from tb_diag_plugin import report
@@ -67,6 +68,7 @@ def _found(series, model=None, **th):
 
 def _one(found, kind):
     (f,) = [f for f in found if f.kind == kind]
+    assert f.message.startswith(HEADLINES[kind]), f.message  # the problem in plain words, first
     return f
 
 
@@ -322,7 +324,8 @@ def test_the_first_line_is_the_cause_small_layernorm_gradients_fold_below_it():
     found = _found(s, model=GPT)
     assert found[0].kind == "loss_diverged" and found[0].severity == "error"
     v = _one(found, "vanishing_gradient")
-    assert v.severity == "info" and v.message.startswith("Probably a consequence of loss_diverged")
+    assert v.severity == "info" and v.message.startswith("Vanishing gradients: ")
+    assert "Probably a consequence of loss diverged (the loss_diverged finding, from step 100)." in v.message
 
 
 # ---------------------------------------------------------------- advice fits the model

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import time
 import warnings
 
 import numpy as np
+import pytest
 import torch
-from _logger_helpers import WideModel, cpu_hog
+from _logger_helpers import WideModel
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
@@ -16,11 +16,34 @@ from tb_diag_logger import cost as cost_module
 from tb_diag_logger.cost import CostMeter
 
 
-def _train(tmp_path, model: nn.Module, x: torch.Tensor, every: int, steps: int, between=None):
-    """Train `steps` steps with Diagnostics(every=every); returns it (closed) and the warnings, by kind."""
+class _Clock:
+    """CPU seconds as the test says they pass: the logger's clock (`cost.clock`) reads this one."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def _train(tmp_path, monkeypatch, model: nn.Module, x: torch.Tensor, every: int, steps: int, *,
+           forward_s: float, logged_work_s: float = 0.0, between=None):
+    """Train `steps` steps with Diagnostics(every=every) on a given clock: every training forward takes
+    `forward_s`, a logged step's own work in step() `logged_work_s` (an observer of its values advances the
+    clock). Returns the Diagnostics (closed) and the warnings, by kind."""
+    clock = _Clock()
+    monkeypatch.setattr(cost_module, "clock", clock)
+    monkeypatch.setattr(cost_module, "_run_delay", lambda: None)  # the machine's business: unknown
+    first = next(m for m in model.modules() if not list(m.children()))
+    first.register_forward_hook(lambda *args: clock.advance(forward_s) if torch.is_grad_enabled() else None)
     torch.manual_seed(0)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     diag = Diagnostics(model, SummaryWriter(str(tmp_path)), every=every, optimizer=opt)
+    # Only the logged step's own values (not the update ratio, written at the next step()).
+    diag.observers.append(lambda step, items: clock.advance(logged_work_s) if items[0][0] != "update_ratio" else None)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         for s in range(steps):
@@ -29,7 +52,7 @@ def _train(tmp_path, model: nn.Module, x: torch.Tensor, every: int, steps: int, 
             diag.step(s)
             opt.step()
             if between is not None:
-                between(s)
+                between(s, clock)
     diag.close()
     cost = [str(w.message) for w in rec if issubclass(w.category, DiagnosticsCostWarning)]
     failures = [str(w.message) for w in rec if issubclass(w.category, DiagnosticsWarning)]
@@ -37,41 +60,37 @@ def _train(tmp_path, model: nn.Module, x: torch.Tensor, every: int, steps: int, 
 
 
 def test_a_costly_model_gets_one_warning_naming_the_parts(tmp_path, monkeypatch):
-    # Where others' jobs keep this thread waiting, the meter says nothing (tested below); here the
-    # cost itself is under test, so the machine's business is taken as unknown.
-    monkeypatch.setattr(cost_module, "_run_delay", lambda: None)
-    torch.manual_seed(0)
-    diag, cost, failures = _train(tmp_path, WideModel(300), torch.randn(4, 2), every=4, steps=40)
+    """Steps of 10 ms and 50 ms of work per logged step at every=4: logging is most of the time."""
+    diag, cost, failures = _train(tmp_path, monkeypatch, WideModel(30), torch.randn(4, 2), every=4, steps=40,
+                                  forward_s=0.010, logged_work_s=0.050)
     assert len(cost) == 1, cost
-    assert "300 activation sites" in cost[0] and "every= (now 4)" in cost[0]
-    assert "activation capture" in cost[0] and "update ratio" in cost[0]
-    assert diag._cost.last["share"] > 0.05 and diag._cost.last["forward_s"] > 0
+    assert "30 activation sites, 60 parameter tensors" in cost[0] and "every= (now 4)" in cost[0]
+    assert "step() 50 ms" in cost[0] and "activation capture" in cost[0] and "update ratio" in cost[0]
+    assert diag._cost.last["share"] == pytest.approx(0.050 / (4 * 0.010))
     assert not failures
 
 
-def test_an_ordinary_model_is_measured_and_not_warned_about(tmp_path):
-    """An MLP whose logged step costs a few percent: measured, no warning, although another CPU-heavy
-    job shares the machine; an evaluation pass and a slow pause at every logged step (a data loader,
-    a checkpoint) do not count against the logger."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+def test_an_ordinary_model_is_measured_and_not_warned_about(tmp_path, monkeypatch):
+    """Logging that adds 1 % is measured and not warned about; an evaluation pass and a slow pause after
+    every logged step (a data loader, a checkpoint) do not count against the logger."""
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
 
-    def evaluate_and_pause(step: int) -> None:
+    def evaluate_and_pause(step: int, clock: _Clock) -> None:
         if step % 5 == 0:
             with torch.no_grad():
-                model(torch.randn(2048, 256))
-            time.sleep(0.05)
+                model(torch.randn(64, 16))
+            clock.advance(0.5)
 
-    with cpu_hog():
-        diag, cost, _ = _train(tmp_path, model, torch.randn(512, 256), every=5, steps=60, between=evaluate_and_pause)
+    diag, cost, _ = _train(tmp_path, monkeypatch, model, torch.randn(8, 16), every=5, steps=60,
+                           forward_s=0.100, logged_work_s=0.005, between=evaluate_and_pause)
     assert not cost
-    assert diag._cost.last is not None, "the cost was never measured"
+    assert diag._cost.last["share"] == pytest.approx(0.005 / (5 * 0.100))
 
 
-def test_without_steps_that_are_not_logged_nothing_is_claimed(tmp_path):
+def test_without_steps_that_are_not_logged_nothing_is_claimed(tmp_path, monkeypatch):
     """every=1: there is no step without diagnostics to compare with, so no share and no warning."""
-    torch.manual_seed(0)
-    diag, cost, _ = _train(tmp_path, WideModel(100), torch.randn(4, 2), every=1, steps=12)
+    diag, cost, _ = _train(tmp_path, monkeypatch, WideModel(10), torch.randn(4, 2), every=1, steps=12,
+                           forward_s=0.010, logged_work_s=0.050)
     assert diag._cost.last is None and not cost
 
 

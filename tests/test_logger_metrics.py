@@ -16,12 +16,10 @@ from tb_diag_logger import Diagnostics, reductions
 from tb_diag_plugin.reading import LocalReader
 
 
-@pytest.fixture(params=["flat", "per_tensor"])
-def reduction_path(request, monkeypatch):
-    """Both ways of reducing parameters: flattened into one buffer (many small tensors, as in
-    these tests' models) and one tensor at a time (the path of big tensors)."""
-    if request.param == "per_tensor":
-        monkeypatch.setattr(reductions, "_FLAT_MAX_MEAN_NUMEL", 0)
+@pytest.fixture(params=["flat", "stream", "foreach"])
+def reduction_path(request):
+    """Every way of reducing parameters (`Diagnostics(impl=)`): flattened into one buffer (many small
+    tensors, as in these tests' models), one BLAS pass per CPU tensor, one fused call per group."""
     return request.param
 
 
@@ -40,7 +38,7 @@ def test_gradient_and_weight_norms_match_a_hand_derived_gradient(tmp_path, reduc
     model = nn.Sequential(nn.Linear(3, 2))
     _set(model[0], weight=W, bias=b)
     writer = SummaryWriter(str(tmp_path))
-    with Diagnostics(model, writer, every=1) as diag:
+    with Diagnostics(model, writer, every=1, impl=reduction_path) as diag:
         y = model(torch.tensor(x, dtype=torch.float32))
         loss = 0.5 * ((y - torch.tensor(t, dtype=torch.float32)) ** 2).sum() / 4
         loss.backward()
@@ -102,7 +100,7 @@ def test_update_ratio_with_sgd_and_learning_rate_per_param_group(tmp_path, reduc
     )
     expected: dict[tuple[str, int], float] = {}
     writer = SummaryWriter(str(tmp_path))
-    with Diagnostics(model, writer, every=1, optimizer=opt) as diag:
+    with Diagnostics(model, writer, every=1, impl=reduction_path, optimizer=opt) as diag:
         for step in range(3):
             if step == 2:
                 opt.param_groups[1]["lr"] = 0.5
@@ -137,7 +135,7 @@ def test_update_ratio_reuses_step_weight_norms_for_a_subset_of_parameters_with_g
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     expected: dict[tuple[str, int], float] = {}
     writer = SummaryWriter(str(tmp_path))
-    with Diagnostics(model, writer, every=1, optimizer=opt, include=["a.*", "unused.*"]) as diag:
+    with Diagnostics(model, writer, every=1, impl=reduction_path, optimizer=opt, include=["a.*", "unused.*"]) as diag:
         for step in range(2):
             opt.zero_grad()
             model["a"](model["skip"](torch.randn(8, 3))).pow(2).mean().backward()
@@ -161,7 +159,7 @@ def test_update_ratio_sees_weights_changed_between_step_and_optimizer_step(tmp_p
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     expected: dict[tuple[str, int], float] = {}
     writer = SummaryWriter(str(tmp_path))
-    with Diagnostics(model, writer, every=1, optimizer=opt) as diag:
+    with Diagnostics(model, writer, every=1, impl=reduction_path, optimizer=opt) as diag:
         for step in range(2):
             opt.zero_grad()
             model(torch.randn(8, 3)).pow(2).mean().backward()
@@ -201,7 +199,7 @@ def test_update_ratio_of_zero_weights_is_nan_not_huge(tmp_path, reduction_path):
         model.bias.zero_()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     writer = SummaryWriter(str(tmp_path))
-    with Diagnostics(model, writer, every=1, optimizer=opt) as diag:
+    with Diagnostics(model, writer, every=1, impl=reduction_path, optimizer=opt) as diag:
         model(torch.ones(3, 2)).sum().backward()
         diag.step(0)
         opt.step()
@@ -391,7 +389,7 @@ def test_subtract_norms_updates_the_buffers_and_returns_the_norms_of_the_differe
         assert buffers[0].tolist() == [3.0, -4.0] and buffers[1].tolist() == [[0.0]]
 
 
-def test_flattened_reductions_match_the_per_tensor_ones(monkeypatch):
+def test_flattened_reductions_match_the_per_tensor_ones():
     """Many small tensors are flattened into one buffer and reduced by segment; NaN, inf, empty,
     0-d and non-contiguous tensors give what reducing them one at a time gives."""
     inf, nan = math.inf, math.nan
@@ -405,16 +403,13 @@ def test_flattened_reductions_match_the_per_tensor_ones(monkeypatch):
         [torch.tensor([1.0, -8.0], dtype=torch.bfloat16), torch.tensor([0.5], dtype=torch.bfloat16)],
     ]
     for tensors in cases:
-        assert reductions.flat_ok(tensors)
+        assert reductions.choose(tensors) == "flat"
         flat_n, flat_m = reductions.norms_and_max_abs(tensors, cpu)
         flat_w = reductions.grouped_norms(tensors, cpu)
         seg = reductions.segments(tensors)
         assert seg.numel() == sum(t.numel() for t in tensors)
-        with monkeypatch.context() as m:
-            m.setattr(reductions, "_FLAT_MAX_MEAN_NUMEL", 0)
-            assert not reductions.flat_ok(tensors)
-            one_n, one_m = reductions.norms_and_max_abs(tensors, cpu)
-            one_w = reductions.grouped_norms(tensors, cpu)
+        one_n, one_m = reductions.norms_and_max_abs(tensors, cpu, impl="foreach")
+        one_w = reductions.grouped_norms(tensors, cpu, impl="foreach")
         assert flat_n.dtype == flat_m.dtype == torch.float32
         # bfloat16: one tensor at a time the norm is rounded to bfloat16; flattened it is summed in float32.
         rtol = 1e-2 if tensors[0].dtype == torch.bfloat16 else 1e-6
@@ -422,7 +417,7 @@ def test_flattened_reductions_match_the_per_tensor_ones(monkeypatch):
         np.testing.assert_allclose(flat_w.numpy(), one_w.numpy(), rtol=rtol)
         np.testing.assert_array_equal(flat_m.numpy(), one_m.numpy())
     # Mixed dtypes or devices, sparse or integer tensors are never flattened.
-    assert not reductions.flat_ok([torch.zeros(2), torch.zeros(2, dtype=torch.float64)])
-    assert not reductions.flat_ok([torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long)])
-    assert not reductions.flat_ok([torch.zeros(2).to_sparse(), torch.zeros(2)])
-    assert not reductions.flat_ok([torch.zeros(2)])
+    assert reductions.choose([torch.zeros(2), torch.zeros(2, dtype=torch.float64)]) != "flat"
+    assert reductions.choose([torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long)]) != "flat"
+    assert reductions.choose([torch.zeros(2).to_sparse(), torch.zeros(2)]) != "flat"
+    assert reductions.choose([torch.zeros(2)]) != "flat"

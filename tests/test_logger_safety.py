@@ -182,10 +182,10 @@ def test_a_failing_activation_hook_warns_once_and_training_goes_on(tmp_path, mon
 
 
 def test_a_failing_reduction_in_step_warns_once_and_training_goes_on(tmp_path, monkeypatch):
-    def broken(tensors, device):
+    def broken(plan, tensors, device):
         raise ValueError("injected reduction failure")
 
-    monkeypatch.setattr(reductions, "norms_and_max_abs", broken)
+    monkeypatch.setattr(reductions.Plan, "norms_and_max_abs", broken)
     model = _Small()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     writer = SummaryWriter(str(tmp_path))

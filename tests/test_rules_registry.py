@@ -130,3 +130,22 @@ def test_a_new_rule_is_one_declaration_and_a_registry_entry():
     series = {"loss": Series("loss", ["total"], [""], steps, v, np.ones(v.shape, dtype=bool))}
     assert "underfitting" not in [f.kind for f in analyze(series)[0]]
     assert "underfitting" in [f.kind for f in analyze(series, rules=RULES + (extra,))[0]]
+
+
+def test_rule_modules_share_helpers_through_context_not_each_other():
+    # One module (context.py) holds what rules share, under public names; a rule module imports no other
+    # rule module and no private name.
+    for path in sorted(RULES_DIR.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tb_diag_plugin"):
+                assert not node.module.startswith("tb_diag_plugin.findings.rules"), (path.stem, node.module)
+                assert not [a.name for a in node.names if a.name.startswith("_")], (path.stem, node.module)
+
+
+def test_severities_and_causes_are_checked_at_registration():
+    with pytest.raises(ValueError, match="not in the contract"):
+        registry.ordered([Rule("a", ("loss_spike",), ("loss",), _noop, severities=("critical",))])
+    with pytest.raises(ValueError, match="not in the contract"):
+        registry.ordered([Rule("a", ("loss_spike",), ("loss",), _noop, consequence_of=("ghost",))])
+    for r in registry.ORDER:
+        assert set(r.severities) <= set(metadata.SEVERITIES) and set(r.consequence_of) <= set(metadata.FINDING_KINDS)

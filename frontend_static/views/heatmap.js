@@ -6,7 +6,8 @@ import {el} from "../dom.js";
 import {ACCENT, NONFINITE, Panels, alpha, esc, heatmapHeight, heatmapTraces, layout} from "../charts.js";
 import {METRICS, colorscale, fetchMetric, hasMetric, label, missingText, moduleOf, needsOf} from "../metrics.js";
 
-export function heatmapView({id, title, metrics, kind, profileTitle, intro}) {
+// `intro` says how to read the view; `help[metric]` what the chosen metric is (shown with it).
+export function heatmapView({id, title, metrics, kind, profileTitle, intro, help = {}}) {
   const view = {id, title};
   let metric = null;
   let search = "";
@@ -15,6 +16,7 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro}) {
   let searchBox;
   let countNote;
   let collapseButton;
+  let helpNote;
   // Groups of layers the user opened (keys from the server's grouped answers, tb_diag_plugin/http_api.md).
   const expanded = new Set();
 
@@ -32,13 +34,15 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro}) {
     return false;
   }
 
-  // Whether row j (a layer or a group) holds the selected module.
-  function holds(v, j, sel) {
-    if (sel == null) return false;
-    const g = v.group(j);
-    if (!g) return moduleOf(v.layers[j], kind) === sel;
+  // Whether row j of run `run` is chosen (app.isChosen): a layer, or a group holding a chosen layer
+  // (a clicked finding's layers, else the chosen module's).
+  function chosen(app, run, v, j) {
+    if (!v.group(j)) return app.isChosen(run, v.layers[j], kind);
     const key = v.layers[j];
-    return key === "" || key === sel || sel.startsWith(key + ".");
+    const within = (module) => key === "" || module === key || module.startsWith(key + ".");
+    const {marked, layer, layerRun} = app.state;
+    if (marked) return marked.run === run && marked.layers.some((n) => within(moduleOf(n, kind)));
+    return layer != null && (layerRun == null || layerRun === run) && within(layer);
   }
 
   // As many layer rows as the screen has room for: groups along the module tree beyond that.
@@ -46,14 +50,18 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro}) {
     return Math.max(16, Math.min(200, Math.floor(((window.innerHeight || 900) - 140) / 10)));
   }
 
-  // The selected module's layers get rows of their own (a finding's layers show first).
-  async function revealed(run, sel) {
-    if (sel == null) return [];
+  // The layers that get rows of their own in a grouped view: a clicked finding's (its run only), else the
+  // chosen module's; so a finding's layers are opened and highlighted first.
+  async function revealed(run, app) {
+    const {marked, layer, layerRun} = app.state;
+    if (marked ? marked.run !== run : layer == null || (layerRun != null && layerRun !== run)) return [];
     try {
       const t = await api.tags(run);
       const layers = t.metrics[needsOf(metric)[0]]?.layers || [];
       if (layers.length <= maxRows()) return []; // every layer has a row already: the same answer serves
-      return layers.filter((n) => moduleOf(n, kind) === sel).slice(0, 64);
+      const known = new Set(layers);
+      const want = marked ? marked.layers.filter((n) => known.has(n)) : layers.filter((n) => moduleOf(n, kind) === layer);
+      return want.slice(0, 64);
     } catch (e) {
       return [];
     }
@@ -101,9 +109,10 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro}) {
       app.render();
     }}, "Collapse groups");
     const legend = el("span", {class: "legend-chip"}, el("span", {class: "chip-box", style: {background: NONFINITE}}), "non-finite (NaN/Inf)");
+    helpNote = el("span", {class: "metric-help"});
     root.append(
       el("div", {class: "toolbar"}, el("label", {class: "tool"}, "Metric ", select), searchBox, countNote, collapseButton, legend),
-      intro ? el("p", {class: "intro muted"}, intro) : null);
+      el("p", {class: "intro muted"}, intro ? intro + " " : "", helpNote));
     const grid = el("div", {class: "panels"});
     root.append(grid);
     panels = new Panels(grid);
@@ -123,9 +132,11 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro}) {
     }
     select.value = metric;
     const info = METRICS[metric];
+    helpNote.dataset.metric = metric;
+    helpNote.textContent = help[metric] || `${label(metric)}${info.scale === "unit" ? ", a fraction from 0 to 1" : ""}.`;
     const width = Math.max(320, (panels.root.clientWidth || 900) - 140);
     const points = Math.max(40, Math.min(1000, Math.round(width / 2)));
-    const reveals = await Promise.all(runs.map((r) => (hasMetric(r, metric) ? revealed(r.run, app.state.layer) : [])));
+    const reveals = await Promise.all(runs.map((r) => (hasMetric(r, metric) ? revealed(r.run, app) : [])));
     const data = await Promise.all(runs.map((r, k) =>
       hasMetric(r, metric) ? fetchMetric(r.run, metric, {points, ...rowsOpts(reveals[k])}, ratios).catch((e) => e)
         : Promise.resolve(null)));
@@ -134,7 +145,6 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro}) {
     let shown = 0;
     let total = 0;
     let anyGroups = false;
-    const sel = app.state.layer;
     runs.forEach((r, k) => {
       const v = data[k];
       const p = panels.panel(`${id}:${r.run}`, [
@@ -163,15 +173,19 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro}) {
         shapes.push({type: "line", xref: "x", yref: "paper", x0: step.lo, x1: step.lo, y0: 0, y1: 1,
                      line: {color: ACCENT, width: 2}});
       }
+      // One frame around each run of adjacent chosen rows.
       cols.forEach((j, row) => {
-        if (holds(v, j, sel)) {
+        if (!chosen(app, r.run, v, j)) return;
+        const last = shapes.at(-1);
+        if (last && last.type === "rect" && last.y1 === row - 0.5) last.y1 = row + 0.5;
+        else {
           shapes.push({type: "rect", xref: "paper", yref: "y", x0: 0, x1: 1, y0: row - 0.5, y1: row + 0.5,
                        line: {color: ACCENT, width: 2}, fillcolor: "rgba(0,0,0,0)"});
         }
       });
       // Same data, same look: only the selection marks move (a 500 x 600
       // heatmap takes a while to rebuild and redraw).
-      const sig = [metric, search, app.dark, cols.join(","), [...expanded].sort().join(",")].join("|");
+      const sig = [metric, search, app.dark, cols.join(","), app.runColor(r.run), [...expanded].sort().join(",")].join("|");
       if (p.hasPlot && p.data && p.data.v === v && p.sig === sig) {
         p.note.append(el("span", {class: "muted small"}, p.noteText));
         window.Plotly.relayout(p.chart, {shapes});
@@ -214,7 +228,7 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro}) {
             app.render();
             return;
           }
-          app.select({step: {lo: cur.stepFirst[col], hi: cur.stepLast[col]}, layer: moduleOf(name, kind)});
+          app.select({step: {lo: cur.stepFirst[col], hi: cur.stepLast[col]}, layer: moduleOf(name, kind), layerRun: r.run});
         });
       }
     });
@@ -265,7 +279,6 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro}) {
     const traces = [];
     const bad = {x: [], text: []};
     const missing = [];
-    const sel = app.state.layer;
     runs.forEach((r, k) => {
       const v = rows[k];
       if (!v || v instanceof Error || !v.B) {
@@ -295,10 +308,10 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro}) {
         }
         lo.push(Number.isFinite(v.at(0, j, "min")) ? Math.max(0, val - v.at(0, j, "min")) : 0);
         hi.push(Number.isFinite(v.at(0, j, "max")) ? Math.max(0, v.at(0, j, "max") - val) : 0);
-        sizes.push(sel != null && moduleOf(n, kind) === sel ? 11 : 6);
+        sizes.push(app.isChosen(r.run, n, kind) ? 11 : 6);
       }
       const color = app.runColor(r.run);
-      const tr = {type: "scatter", mode: "lines+markers", name: esc(r.run), x, y, line: {color, width: 1.5},
+      const tr = {type: "scatter", mode: "lines+markers", name: esc(r.run), x, y, line: {color, width: 1.5}, meta: {run: r.run, role: "value"},
                   marker: {color, size: sizes}, connectgaps: false,
                   hovertemplate: `${esc(r.run)}<br>%{x}<br>${esc(label(metric))} = %{y:.4g}<extra></extra>`};
       if (v.binned) tr.error_y = {type: "data", symmetric: false, array: hi, arrayminus: lo, color: alpha(color, 0.5), thickness: 1, width: 2};
@@ -324,8 +337,9 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro}) {
       xaxis: {type: "category", tickangle: order.length > 12 ? -45 : 0, tickfont: {size: order.length > 40 ? 9 : 11},
               categoryorder: "array", categoryarray: order.map(labelOf)},
       // decades once the values span two of them, else 1-2-5 (not every digit)
+      // a fraction stays on 0-1 (all zeros would otherwise autorange to -1..1)
       yaxis: {type: logY ? "log" : "linear", title: {text: esc(label(metric))}, exponentformat: "power",
-              dtick: logY ? (hi / lo >= 100 ? 1 : "D2") : undefined},
+              dtick: logY ? (hi / lo >= 100 ? 1 : "D2") : undefined, range: info.scale === "unit" ? [-0.02, 1.02] : undefined},
       yaxis2: {overlaying: "y", range: [0, 1], visible: false, fixedrange: true},
     }), `${metric}_profile`);
     p.data = {order, groups: groupOf};
@@ -335,10 +349,11 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro}) {
         const pt = ev.points && ev.points[0];
         if (!pt || !p.data) return;
         const n = p.data.order.find((o) => labelOf(o) === pt.x);
+        const run = pt.data.meta?.run;
         if (n != null && p.data.groups.has(n)) {
           expanded.add(n);
           app.render();
-        } else if (n != null) app.select({layer: moduleOf(n, kind)});
+        } else if (n != null) app.select({layer: moduleOf(n, kind), layerRun: run ?? null});
       });
     }
     if (app.state.layer != null) {

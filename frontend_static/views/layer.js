@@ -1,8 +1,9 @@
 // Layer drill-down: every metric of one module (its parameters, its
-// activation sites, its own output) over steps, the selected runs overlaid.
+// activation sites, its own output) over steps: of the run it was opened
+// from (a model node, a finding, a heatmap cell), or the selected runs overlaid.
 import * as api from "../api.js";
 import {el, clear} from "../dom.js";
-import {NONFINITE, Panels, alpha, esc, layout} from "../charts.js";
+import {NONFINITE, Panels, RUN_LEGEND, alpha, esc, layout, runLegend} from "../charts.js";
 import {METRICS, MODULE_METRICS, PARAM_METRICS, SITE_METRICS, fetchMetric, isDerived, label, moduleOf, needsOf} from "../metrics.js";
 
 let panels;
@@ -13,7 +14,7 @@ const DASHES = ["solid", "dash", "dot", "dashdot", "longdash"];
 const DASH_TEXT = ["——", "– –", "···", "–·–", "— —"];
 
 function init(root, app) {
-  picker = el("select", {class: "layer-picker", "aria-label": "Layer", onchange: (e) => app.select({layer: e.target.value})});
+  picker = el("select", {class: "layer-picker", "aria-label": "Layer", onchange: (e) => app.select({layer: e.target.value, layerRun: app.state.layerRun})});
   heading = el("div", {class: "layer-heading"});
   root.append(el("div", {class: "toolbar"}, el("label", {class: "tool"}, "Layer ", picker)), heading);
   const grid = el("div", {class: "panels"});
@@ -23,7 +24,10 @@ function init(root, app) {
 
 async function render(app, ctx) {
   const t = app.theme();
-  const runs = app.selectedRuns();
+  const selected = app.selectedRuns();
+  // A layer opened from one run is that run's layer: the same name may be another module elsewhere.
+  const only = selected.find((r) => r.run === app.state.layerRun);
+  const runs = only ? [only] : selected;
   panels.begin();
   if (!runs.length) {
     clear(heading);
@@ -34,7 +38,8 @@ async function render(app, ctx) {
   if (ctx.stale()) return;
   // Every module that owns a series, in model order (first run first).
   const modules = [];
-  const members = new Map(); // module -> {param: [], site: [], module: [], types: Map}
+  const members = new Map(); // module -> {param: [], site: [], module: [], types: Map(site -> Map(type -> [runs]))}
+  let run = null;
   const add = (mod, kind, n, type) => {
     if (!members.has(mod)) {
       members.set(mod, {param: [], site: [], module: [], types: new Map()});
@@ -43,10 +48,15 @@ async function render(app, ctx) {
     const e = members.get(mod);
     const list = e[kind];
     if (!list.includes(n)) list.push(n);
-    if (type) e.types.set(n, type);
+    if (type) {
+      const byType = e.types.get(n) || new Map();
+      if (!(byType.get(type) || []).includes(run)) byType.set(type, [...(byType.get(type) || []), run]);
+      e.types.set(n, byType);
+    }
   };
-  for (const tg of tagList) {
+  for (const [k, tg] of tagList.entries()) {
     if (!tg) continue;
+    run = runs[k].run;
     for (const m of PARAM_METRICS) for (const n of tg.metrics[m]?.layers || []) add(moduleOf(n, "param"), "param", n);
     for (const m of SITE_METRICS) {
       const info = tg.metrics[m];
@@ -73,13 +83,26 @@ async function render(app, ctx) {
   clear(picker).append(...modules.map((m) => el("option", {value: m, selected: m === layer}, m === "" ? "(model)" : m)));
   picker.value = layer;
   const mem = members.get(layer);
-  clear(heading).append(
-    el("h2", {class: "section-title"}, "Layer ", el("q", {}, layer === "" ? "(model)" : layer)),
+  // A site's type, per run where the runs differ ("1 (ReLU in a, b; Sigmoid in c)").
+  const typeText = (s) => {
+    const byType = mem.types.get(s);
+    if (!byType) return s;
+    if (byType.size === 1) return `${s} (${[...byType.keys()][0]})`;
+    return `${s} (${[...byType].map(([ty, rs]) => `${ty} in ${rs.join(", ")}`).join("; ")})`;
+  };
+  clear(heading).append(...[
+    el("h2", {class: "section-title"}, "Layer ", el("q", {}, layer === "" ? "(model)" : layer),
+       only ? el("span", {class: "muted"}, " of ", el("span", {class: "swatch", style: {background: app.runColor(only.run)}}), only.run) : null),
     el("p", {class: "muted small"},
       mem.param.length ? `parameters: ${mem.param.join(", ")}` : "no tracked parameters",
       " · ",
-      mem.site.length ? `activation sites: ${mem.site.map((s) => (mem.types.get(s) ? `${s} (${mem.types.get(s)})` : s)).join(", ")}` : "no activation sites"));
+      mem.site.length ? `activation sites: ${mem.site.map(typeText).join(", ")}` : "no activation sites"),
+    only && selected.length > 1
+      ? el("button", {type: "button", class: "btn compare", onclick: () => app.select({layerRun: null})},
+           `Compare with the ${selected.length - 1} other selected run${selected.length > 2 ? "s" : ""}`)
+      : null].filter(Boolean));
   heading.dataset.layer = layer;
+  heading.dataset.runs = runs.map((r) => r.run).join("\n");
   const points = Math.max(40, Math.min(1500, Math.round(((panels.root.clientWidth || 900) / 2) - 60)));
   // A chart per metric of the module's members that some selected run records.
   const recorded = (m) => tagList.some((tg) => tg && needsOf(m).every((x) => tg.metrics[x]));
@@ -134,10 +157,11 @@ async function render(app, ctx) {
     if (!traces.length) return panels.notice(p, `Not recorded for this layer in the selected runs.`);
     const step = app.state.step;
     const scale = METRICS[m].scale;
+    runLegend(traces); // runs by colour (legend), members by line style (noted above)
     panels.plot(p, traces, layout(t, {
-      height: 240,
-      margin: {l: 56, r: 10, t: 6, b: 32},
-      showlegend: false, // runs by colour (as in the run list), members by line style (noted above)
+      ...RUN_LEGEND,
+      height: 260,
+      margin: {l: 56, r: 10, t: 26, b: 32},
       uirevision: `${layer}|${m}`,
       xaxis: {title: {text: "step"}},
       yaxis: {type: scale === "log" ? "log" : "linear", range: scale === "unit" ? [0, 1.02] : undefined, exponentformat: "power"},

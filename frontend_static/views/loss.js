@@ -1,9 +1,11 @@
 // Loss: the total and each component over steps, runs overlaid; the
-// per-sample spread where it was recorded; spikes and non-finite steps marked.
+// per-sample spread where it was recorded; non-finite steps marked, and the
+// spikes that the findings report (their `loss_spike` findings' steps: one
+// detector, the server's rules, so the chart and the findings agree).
 import * as api from "../api.js";
 import {el} from "../dom.js";
-import {NONFINITE, Panels, alpha, esc, layout, spikes} from "../charts.js";
-import {PERCENTILES} from "../metrics.js";
+import {NONFINITE, Panels, RUN_LEGEND, alpha, esc, layout, runLegend} from "../charts.js";
+import {PERCENTILES, TOTAL_LOSS} from "../metrics.js";
 
 let panels;
 let scaleSel;
@@ -16,7 +18,7 @@ function init(root, app) {
   }}, el("option", {value: "auto"}, "auto"), el("option", {value: "linear"}, "linear"), el("option", {value: "log"}, "log"));
   root.append(
     el("div", {class: "toolbar"}, el("label", {class: "tool"}, "Y scale ", scaleSel),
-       el("span", {class: "legend-chip"}, el("span", {class: "chip-ring"}), "spike"),
+       el("span", {class: "legend-chip"}, el("span", {class: "chip-ring"}), "spike (a loss_spike finding)"),
        el("span", {class: "legend-chip"}, el("span", {class: "chip-box", style: {background: NONFINITE}}), "non-finite loss")),
     el("p", {class: "intro muted"}, "The total loss and each named component, runs overlaid. Bands show the spread " +
        "over the samples of the logged batch where it was recorded (5–95 % and 25–75 %), or the min–max of " +
@@ -35,7 +37,6 @@ function band(x, lo, hi, color, a, name, meta) {
 }
 
 async function render(app, ctx) {
-  const t = app.theme();
   const runs = app.selectedRuns();
   panels.begin();
   if (!runs.length) {
@@ -60,6 +61,29 @@ async function render(app, ctx) {
     }
   }));
   if (ctx.stale()) return;
+  // Drawn at once; the spike marks are added when the runs' findings come.
+  const findings = Promise.all(runs.map((r, k) => (loaded[k] && !(loaded[k] instanceof Error)
+    ? api.findings(r.run).catch(() => null) : null)));
+  draw(app, runs, loaded, null);
+  const found = await findings;
+  if (ctx.stale()) return;
+  draw(app, runs, loaded, found);
+}
+
+// Steps of the `loss_spike` findings of one run, per loss component they name.
+function spikeSteps(answer) {
+  const out = new Map();
+  for (const f of answer?.findings || []) {
+    if (f.kind !== "loss_spike" || !Array.isArray(f.steps)) continue;
+    for (const n of f.layers || []) out.set(n, [...(out.get(n) || []), ...f.steps]);
+  }
+  return out;
+}
+
+// `found`: each run's /findings answer (null where unavailable), or null while they are pending.
+function draw(app, runs, loaded, found) {
+  const t = app.theme();
+  panels.begin();
   const components = [];
   for (const d of loaded) {
     if (!d || d instanceof Error) continue;
@@ -75,9 +99,9 @@ async function render(app, ctx) {
     const p = panels.panel("problems", "Missing", {wide: true});
     panels.notice(p, problems.join("; ") + ".");
   }
-  components.sort((a, b) => (a === "total" ? -1 : b === "total" ? 1 : 0));
+  components.sort((a, b) => (a === TOTAL_LOSS ? -1 : b === TOTAL_LOSS ? 1 : 0));
   for (const c of components) {
-    const p = panels.panel("loss:" + c, c === "total" ? "Total loss" : [el("h3", {}, "Loss component: ", el("q", {}, c))], {wide: components.length === 1});
+    const p = panels.panel("loss:" + c, c === TOTAL_LOSS ? "Total loss" : [el("h3", {}, "Loss component: ", el("q", {}, c))], {wide: components.length === 1});
     p.box.dataset.component = c;
     const traces = [];
     const notes = [];
@@ -117,13 +141,15 @@ async function render(app, ctx) {
       traces.push({type: "scatter", mode: v.B === 1 ? "markers" : "lines", name: esc(r.run), x, y: finite,
                    line: {color, width: 1.6}, marker: {color, size: 7}, meta: {...meta, role: "value"},
                    hovertemplate: `${esc(r.run)}<br>step %{x}<br>${esc(c)} = %{y:.5g}<extra></extra>`});
+      // A spike step inside a bin of steps is drawn at the bin's peak.
       const peak = v.binned ? v.column(j, "max").map((y) => (Number.isFinite(y) ? y : null)) : finite;
-      const sp = spikes(peak);
+      const sp = (found ? spikeSteps(found[k]).get(c) || [] : []).map((s) => [s, v.rowOfStep(s)]).filter(([, i]) => i >= 0);
+      if (found && found[k] == null && c === components[0]) notes.push(`${r.run}: findings not available, spikes not marked`);
       if (sp.length) {
-        traces.push({type: "scatter", mode: "markers", name: "spike", x: sp.map((i) => x[i]), y: sp.map((i) => peak[i]),
+        traces.push({type: "scatter", mode: "markers", name: "spike", x: sp.map(([s]) => s), y: sp.map(([, i]) => peak[i]),
                      marker: {symbol: "circle-open", size: 13, line: {width: 2.5}, color: t.fg}, meta: {...meta, role: "spike"},
-                     hovertemplate: `${esc(r.run)}: spike at step %{x}<br>${esc(c)} = %{y:.5g}<extra></extra>`});
-        notes.push(`${r.run}: ${sp.length} spike${sp.length > 1 ? "s" : ""} (first at step ${x[sp[0]]})`);
+                     hovertemplate: `${esc(r.run)}: loss spike at step %{x} (a finding)<br>${esc(c)} = %{y:.5g}<extra></extra>`});
+        notes.push(`${r.run}: ${sp.length} spike${sp.length > 1 ? "s" : ""} (first at step ${sp[0][0]})`);
       }
       const badAt = [];
       for (let i = 0; i < v.B; i++) if (v.has(i, j) && v.bad(i, j)) badAt.push(i);
@@ -134,7 +160,7 @@ async function render(app, ctx) {
         notes.push(`${r.run}: non-finite from step ${x[badAt[0]]}`);
       }
       if (v.numSteps === 1) notes.push(`${r.run}: a single logged step so far`);
-      const vj = c === "total" && d.val ? d.val.layerIndex("total") : -1;
+      const vj = c === TOTAL_LOSS && d.val ? d.val.layerIndex(TOTAL_LOSS) : -1;
       if (vj >= 0) {
         const vy = d.val.column(vj).map((y) => (y != null && Number.isFinite(y) ? y : null));
         for (const y of vy) {
@@ -159,10 +185,11 @@ async function render(app, ctx) {
       continue;
     }
     const logY = scaleMode === "log" || (scaleMode === "auto" && allPositive && hi / lo > 100);
+    runLegend(traces);
     panels.plot(p, traces, layout(t, {
-      height: 300,
-      margin: {l: 56, r: 12, t: 6, b: 36},
-      showlegend: false,
+      ...RUN_LEGEND,
+      height: 320,
+      margin: {l: 56, r: 12, t: 26, b: 36},
       uirevision: `${c}|${scaleMode}`,
       xaxis: {title: {text: "step"}},
       yaxis: {type: logY ? "log" : "linear", exponentformat: "power"},

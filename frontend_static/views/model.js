@@ -1,5 +1,6 @@
 // Model: the module tree from the structure summary, each node coloured by
-// its worst current diagnostic; a click opens the layer's series.
+// its worst current diagnostic, activation sites that went NaN/Inf marked as
+// such; a click opens the layer's series in this run.
 import * as api from "../api.js";
 import {el, clear, fmtCount, message} from "../dom.js";
 import {PARAM_METRICS, SEVERITIES, SITE_METRICS, moduleOf} from "../metrics.js";
@@ -9,23 +10,26 @@ let chosen = null;
 let body;
 let legend;
 
-// "ok" below the contract's severities (worst first there).
+// "ok" below the contract's severities (worst first there); recorded NaN/Inf
+// activations rank with the worst, a finding of that rank named first wins.
 const RANK = {ok: 0, ...Object.fromEntries(SEVERITIES.map((s, i) => [s, SEVERITIES.length - i]))};
-const SEV_TEXT = {ok: "ok", info: "note", warning: "warning", error: "error"};
+RANK.nonfinite = RANK[SEVERITIES[0]];
+const SEV_TEXT = {ok: "ok", info: "note", warning: "warning", error: "error", nonfinite: "NaN/Inf"};
 
 function init(root, app) {
   runSel = el("select", {"aria-label": "Run", onchange: (e) => {
     chosen = e.target.value;
     app.render();
   }});
-  legend = el("span", {class: "legend"}, ["ok", ...[...SEVERITIES].reverse()].map((s) =>
+  legend = el("span", {class: "legend"}, ["ok", ...[...SEVERITIES].reverse(), "nonfinite"].map((s) =>
     el("span", {class: `legend-chip`}, el("span", {class: `chip-box st-${s}`}), SEV_TEXT[s])));
   body = el("div", {class: "model-body"});
   root.append(
     el("div", {class: "toolbar"}, el("label", {class: "tool"}, "Run ", runSel), legend),
     el("p", {class: "intro muted"}, "The model's modules in order, with their type, parameter count and shapes. " +
        "Each node is coloured by the worst finding that names its parameters or activation sites (its own or its " +
-       "children's), from the same rules as the Overview's findings. " +
+       "children's), from the same rules as the Overview's findings; an activation site whose recorded values went " +
+       "NaN/Inf is marked so, from the step it first did. " +
        "Click a node to open its series."),
     body);
 }
@@ -91,24 +95,44 @@ async function render(app, ctx) {
   const run = runs.find((r) => r.run === chosen);
   // The tree does not wait for the findings: it is drawn from what is ready, and again with their verdicts.
   const findings = api.findings(run.run).catch((e) => e);
-  const [struct, tags] = await Promise.all([
+  const [struct, tags, bad] = await Promise.all([
     run.has_structure ? api.structure(run.run).catch((e) => e) : Promise.resolve(null),
     api.tags(run.run).catch((e) => e),
+    nonfiniteSites(run),
   ]);
   if (ctx.stale()) return;
   const early = await Promise.race([findings, Promise.resolve(PENDING)]);
-  draw(app, run, struct, tags, early === PENDING ? null : early);
+  draw(app, run, struct, tags, early === PENDING ? null : early, bad);
   if (early !== PENDING) return;
   body.dataset.findings = "pending";
   const found = await findings;
   if (ctx.stale()) return;
-  draw(app, run, struct, tags, found);
+  draw(app, run, struct, tags, found, bad);
+}
+
+// Activation sites with a NaN/Inf value in any site metric the run records: Map(site -> first step).
+async function nonfiniteSites(run) {
+  const out = new Map();
+  const got = await Promise.all(SITE_METRICS.filter((m) => run.metrics.includes(m))
+    .map((m) => api.values(run.run, m, {points: 400}).catch(() => null)));
+  for (const v of got) {
+    if (!v) continue;
+    for (let j = 0; j < v.L; j++) {
+      for (let i = 0; i < v.B; i++) {
+        if (!v.has(i, j) || !v.bad(i, j)) continue;
+        const n = v.layers[j];
+        out.set(n, Math.min(out.get(n) ?? Infinity, v.stepFirst[i]));
+        break;
+      }
+    }
+  }
+  return out;
 }
 
 const PENDING = Symbol("pending");
 
-// `found`: the /findings answer, an Error, or null while it is pending.
-function draw(app, run, struct, tags, found) {
+// `found`: the /findings answer, an Error, or null while it is pending; `bad`: nonfiniteSites().
+function draw(app, run, struct, tags, found, bad) {
   const analysed = found != null && !(found instanceof Error);
   body.dataset.findings = analysed ? "ready" : found ? "unavailable" : "pending";
   const notes = [];
@@ -126,8 +150,13 @@ function draw(app, run, struct, tags, found) {
   else if (!analysed) notes.push(`Analysing “${run.run}”: each node is coloured once its findings are ready.`);
   const fromFindings = verdictsByModule(analysed ? found.layers || {} : {});
   const own = new Map();
+  const badOf = new Map(); // module -> [[site, first step]]
+  for (const [n, step] of bad) badOf.set(moduleOf(n, "site"), [...(badOf.get(moduleOf(n, "site")) || []), [n, step]]);
   for (const m of modules) {
-    const issues = fromFindings.get(m.name) || [];
+    const issues = [...(fromFindings.get(m.name) || [])];
+    for (const [n, step] of badOf.get(m.name) || []) {
+      issues.push(["nonfinite", `${n === m.name ? "" : `${n}: `}activations NaN/Inf from step ${step}`]);
+    }
     const members = (m.params || []).filter((p) => p.tracked !== false).length + (m.sites || []).length;
     if (analysed && !issues.length && members) issues.push(["ok", "no findings"]);
     own.set(m.name, issues);
@@ -144,9 +173,11 @@ function draw(app, run, struct, tags, found) {
     const status = agg ? agg[0] : "none";
     const shapes = (m.params || []).map((p) => `${p.name.split(".").pop()} ${p.shape ? "[" + p.shape.join("×") + "]" : ""}${p.tracked === false ? " (not tracked)" : ""}`);
     const sites = (m.sites || []).filter((s) => s.name !== m.name).map((s) => `${s.name.slice(m.name.length).replace(/^\./, "")}: ${s.type}`);
-    const row = el("button", {type: "button", role: "treeitem", class: `node st-${status}` + (app.state.layer === m.name ? " selected" : ""),
-                              style: {paddingLeft: `${8 + depth * 18}px`}, dataset: {module: m.name, status},
-                              onclick: () => app.select({layer: m.name, view: "layer"})},
+    const nonfinite = (badOf.get(m.name) || []).map(([n, step]) => `${n}@${step}`).join(" ");
+    const chosen = app.state.layer === m.name && (app.state.layerRun == null || app.state.layerRun === run.run);
+    const row = el("button", {type: "button", role: "treeitem", class: `node st-${status}` + (chosen ? " selected" : ""),
+                              style: {paddingLeft: `${8 + depth * 18}px`}, dataset: {module: m.name, status, nonfinite},
+                              onclick: () => app.select({layer: m.name, view: "layer", layerRun: run.run})},
       el("span", {class: "node-dot"}),
       el("span", {class: "node-name"}, m.name === "" ? "(model)" : m.name.split(".").pop()),
       el("span", {class: "node-type"}, m.type || ""),

@@ -2,14 +2,17 @@
 // headline figures), then small multiples of the headline signals.
 import * as api from "../api.js";
 import {el, clear, fmt, fmtPct, message} from "../dom.js";
-import {Panels, alpha, esc, layout, seriesColor} from "../charts.js";
-import {OVERVIEW_METRICS, SEVERITY_RANK, findingLayerKind, findingTarget, moduleOf} from "../metrics.js";
+import {Panels, RUN_LEGEND, alpha, esc, layout, runLegend, seriesColor} from "../charts.js";
+import {OVERVIEW_METRICS, SEVERITY_RANK, TOTAL_LOSS, findingLayerKind, findingTarget, moduleOf} from "../metrics.js";
 
 let findingsBox;
 let showAll = false;
 const FIRST_FINDINGS = 4;
 let figuresBox;
 let panels;
+// The loss-component chart: one, for the run and the form chosen in its header.
+let compRun = null;
+let compMode = "share";
 
 function init(root) {
   findingsBox = el("section", {class: "findings", "aria-label": "Findings"});
@@ -80,7 +83,7 @@ function headline(r, d) {
     return Infinity;
   };
   if (ok(d.loss)) {
-    const j = Math.max(0, d.loss.layerIndex("total"));
+    const j = Math.max(0, d.loss.layerIndex(TOTAL_LOSS));
     const col = d.loss.column(j);
     f.loss = lastFinite(col)?.v ?? null;
     const mins = finite(d.loss.column(j, "min")).filter((x) => x != null);
@@ -147,17 +150,26 @@ function drawFindings(app, runs, results) {
     findingsBox.append(message("No problems found in the selected runs.", "ok"));
   }
   const list = el("ul", {class: "finding-list"});
+  // The first few, and each run's worst (the first of its run: worst first), are always shown.
+  const firstOfRun = new Set();
+  const runsSeen = new Set();
+  items.forEach((f, n) => {
+    if (!runsSeen.has(f.run)) firstOfRun.add(n);
+    runsSeen.add(f.run);
+  });
+  const shownFirst = (n) => n < FIRST_FINDINGS || firstOfRun.has(n);
   items.forEach((f, n) => {
     const layers = Array.isArray(f.layers) ? f.layers : [];
     const target = findingTarget(f.kind);
     const go = () => {
-      const patch = {view: target[0]};
+      // The finding's own layers, marked in its own run only.
+      const patch = {view: target[0], marked: {run: f.run, layers}, layerRun: f.run};
       if (layers.length) patch.layer = moduleOf(layers[0], f.verdicts[layers[0]]?.layer_kind || findingLayerKind(f.kind));
       if (Number.isFinite(f.first_step) && target[0] !== "loss") patch.step = {lo: f.first_step, hi: f.first_step};
       app.openMetric(target[0], target[1], patch);
     };
     const layerText = layers.length ? `${layers.slice(0, 4).join(", ")}${layers.length > 4 ? ` +${layers.length - 4} more` : ""}` : "";
-    list.append(el("li", {class: `finding sev-${f.severity}`, hidden: !showAll && n >= FIRST_FINDINGS, dataset: {kind: f.kind, run: f.run}},
+    list.append(el("li", {class: `finding sev-${f.severity}`, hidden: !showAll && !shownFirst(n), dataset: {kind: f.kind, run: f.run}},
       el("button", {type: "button", class: "finding-link", onclick: go, title: "Show the chart"},
         el("span", {class: `sev sev-${f.severity}`}, f.severity),
         el("span", {class: "swatch", style: {background: app.runColor(f.run)}}),
@@ -169,11 +181,12 @@ function drawFindings(app, runs, results) {
         f.suggestion ? el("span", {class: "finding-suggestion"}, ` — ${f.suggestion}`) : null)));
   });
   findingsBox.append(list);
-  if (items.length > FIRST_FINDINGS) {
+  const hiddenCount = items.filter((f, n) => !shownFirst(n)).length;
+  if (hiddenCount) {
     findingsBox.append(el("button", {type: "button", class: "link more", onclick: () => {
       showAll = !showAll;
       app.render();
-    }}, showAll ? "Show fewer findings" : `Show all ${items.length} findings`));
+    }}, showAll ? "Show fewer findings" : `Show all ${items.length} findings (${hiddenCount} more)`));
   }
   if (skipped.length) findingsBox.append(el("details", {class: "muted small"}, el("summary", {}, `${skipped.length} check(s) skipped`),
     el("ul", {}, skipped.map((s) => el("li", {}, s)))));
@@ -223,39 +236,84 @@ function small(app, key, title, traces, {logY = false, yTitle = "", missing = ""
   const p = panels.panel(key, title);
   if (!traces.length) return panels.notice(p, missing || "Not recorded in the selected runs.");
   if (logY === "auto") logY = autoLog(traces);
+  runLegend(traces);
   panels.plot(p, traces, layout(t, {
-    height: 230,
-    margin: {l: 52, r: 10, t: 6, b: 32},
+    ...RUN_LEGEND,
+    height: 250,
+    margin: {l: 52, r: 10, t: 26, b: 32},
     uirevision: key,
     xaxis: {title: {text: "step"}},
     yaxis: {type: logY ? "log" : "linear", title: {text: yTitle}, exponentformat: "power", range},
   }), key);
 }
 
-function stacked(app, r, v, share) {
+// Per row, each component's |value| (or its share of their sum, in %) and the running sum the
+// stacked areas are drawn to; a row where a component is absent or NaN/Inf is a gap (null) for
+// every component: an unknown share is never drawn as 0 %.
+function componentStack(v, comps, share) {
+  const own = comps.map(() => new Array(v.B).fill(null));
+  const top = comps.map(() => new Array(v.B).fill(null));
+  for (let i = 0; i < v.B; i++) {
+    const abs = comps.map(([, j]) => (v.has(i, j) && Number.isFinite(v.at(i, j)) ? Math.abs(v.at(i, j)) : null));
+    if (abs.includes(null)) continue;
+    const sum = abs.reduce((a, b) => a + b, 0);
+    if (share && !(sum > 0)) continue;
+    let acc = 0;
+    abs.forEach((a, c) => {
+      own[c][i] = share ? (100 * a) / sum : a;
+      acc += own[c][i];
+      top[c][i] = acc;
+    });
+  }
+  return {own, top};
+}
+
+// One chart for the loss components of one run (chosen in its header), so the overview does
+// not grow with the number of runs.
+function components(app, runs, data) {
   const t = app.theme();
-  const comps = v.layers.map((n, j) => [n, j]).filter(([n]) => n !== "total");
-  const key = `${share ? "share" : "stack"}:${r.run}`;
-  const title = [el("h3", {}, share ? "Loss components, share of their sum" : "Loss components, stacked"),
-                 el("span", {class: "muted small"}, " — "), el("span", {class: "swatch", style: {background: app.runColor(r.run)}}),
-                 el("span", {class: "small"}, r.run)];
-  const p = panels.panel(key, title);
+  const have = runs.filter((r, k) => ok(data[k].loss));
+  const p = panels.panel("components", "Loss components");
+  if (!have.length) return panels.notice(p, "No loss recorded: pass loss= to diag.step.");
+  if (!have.some((r) => r.run === compRun)) {
+    compRun = (have.find((r, k) => data[runs.indexOf(r)].loss.layers.filter((n) => n !== TOTAL_LOSS).length > 1) || have[0]).run;
+  }
+  const runSel = el("select", {"aria-label": "Run of the loss components", class: "comp-run", onchange: (e) => {
+    compRun = e.target.value;
+    app.render();
+  }}, have.map((r) => el("option", {value: r.run, selected: r.run === compRun}, r.run)));
+  const modeSel = el("select", {"aria-label": "Loss components as", class: "comp-mode", onchange: (e) => {
+    compMode = e.target.value;
+    app.render();
+  }}, el("option", {value: "share", selected: compMode === "share"}, "share of their sum"),
+      el("option", {value: "stack", selected: compMode === "stack"}, "stacked |loss|"));
+  clear(p.head).append(el("h3", {}, "Loss components"),
+                       el("span", {class: "swatch", style: {background: app.runColor(compRun)}}), runSel, modeSel);
+  p.box.dataset.run = compRun;
+  p.box.dataset.mode = compMode;
+  const r = have.find((x) => x.run === compRun);
+  const v = data[runs.indexOf(r)].loss;
+  const comps = v.layers.map((n, j) => [n, j]).filter(([n]) => n !== TOTAL_LOSS);
   if (comps.length < 2) return panels.notice(p, `“${r.run}” records ${comps.length ? "one component" : "no components"}: pass losses={"ce": ..., "l2": ...} to see how they add up.`);
+  const share = compMode === "share";
   const x = Array.from(v.stepFirst);
-  const traces = comps.map(([n, j], c) => ({
-    type: "scatter", mode: "lines", x, y: v.column(j).map((y) => (y != null && Number.isFinite(y) ? Math.abs(y) : null)),
-    stackgroup: "one", groupnorm: share && c === 0 ? "percent" : undefined, name: esc(n),
-    line: {width: 0.8, color: seriesColor(c)}, fillcolor: alpha(seriesColor(c), 0.55), meta: {run: r.run, component: n},
-    hovertemplate: `${esc(n)}<br>step %{x}<br>${share ? "%{y:.1f} %" : "%{y:.4g}"}<extra></extra>`,
+  const {own, top} = componentStack(v, comps, share);
+  const traces = comps.map(([n], c) => ({
+    type: "scatter", mode: "lines", x, y: top[c], customdata: own[c], connectgaps: false, name: esc(n),
+    fill: c === 0 ? "tozeroy" : "tonexty", line: {width: 0.8, color: seriesColor(c)}, fillcolor: alpha(seriesColor(c), 0.55),
+    meta: {run: r.run, component: n},
+    hovertemplate: `${esc(n)}<br>step %{x}<br>${share ? "%{customdata:.1f} %" : "%{customdata:.4g}"}<extra></extra>`,
   }));
+  const gaps = own[0].filter((y, i) => y == null && v.has(i, comps[0][1])).length;
+  if (gaps) p.note.append(el("span", {class: "muted small"}, `${gaps} logged step${gaps > 1 ? "s" : ""} with a NaN/Inf component left blank`));
   const logY = !share && autoLog(traces);
   panels.plot(p, traces, layout(t, {
-    height: 230, margin: {l: 52, r: 10, t: 6, b: 32}, showlegend: true,
-    legend: {orientation: "h", x: 0, y: 1.14, font: {size: 11}}, uirevision: key,
+    height: 250, margin: {l: 52, r: 10, t: 26, b: 32}, showlegend: true,
+    legend: {orientation: "h", x: 0, y: 1.02, yanchor: "bottom", font: {size: 11}}, uirevision: `components|${compRun}|${compMode}`,
     xaxis: {title: {text: "step"}},
     yaxis: {title: {text: share ? "% of sum" : "|loss|"}, range: share ? [0, 100] : undefined, exponentformat: "power",
             type: logY ? "log" : "linear"},
-  }), key);
+  }), `components_${compRun}`);
 }
 
 async function render(app, ctx) {
@@ -286,7 +344,7 @@ async function render(app, ctx) {
         lineTraces(app, runs, data, "grad_norm_total", () => [[0, "", ""]]),
         {logY: true, missing: "No grad_norm_total recorded."});
   small(app, "loss_total", "Loss",
-        lineTraces(app, runs, data, "loss", (v) => [[Math.max(0, v.layerIndex("total")), "", ""]]),
+        lineTraces(app, runs, data, "loss", (v) => [[Math.max(0, v.layerIndex(TOTAL_LOSS)), "", ""]]),
         {logY: "auto", missing: "No loss recorded: pass loss= to diag.step."});
   small(app, "learning_rate", "Learning rate",
         lineTraces(app, runs, data, "learning_rate", (v) => v.layers.map((n, j) => [j, v.L > 1 ? n : "", ["solid", "dash", "dot", "dashdot"][j % 4]])),
@@ -294,12 +352,7 @@ async function render(app, ctx) {
   small(app, "dead_share", "Share of dead units (mean over ReLU sites)",
         lineTraces(app, runs, data, "dead_fraction", () => [[0, "", ""]]),
         {yTitle: "%", range: [0, 100], missing: "No dead_fraction recorded (no ReLU-family activations)."});
-  runs.forEach((r, k) => {
-    const v = data[k].loss;
-    if (!ok(v)) return;
-    stacked(app, r, v, false);
-    stacked(app, r, v, true);
-  });
+  components(app, runs, data);
   panels.end();
   const results = await pending;
   if (ctx.stale()) return;

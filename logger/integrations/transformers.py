@@ -121,7 +121,7 @@ class DiagnosticsCallback(TrainerCallback):
         # logged step or at on_train_end, when the Trainer's writer may be closed already.
         if self.diagnostics is not None:
             try:
-                self.diagnostics._flush_update_ratio()
+                self.diagnostics._write_late()
             except Exception as e:
                 self._warn("update_ratio", e)
 

@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 
 from tb_diag_plugin import metadata
 from tb_diag_plugin.findings.causes import fold_symptoms
-from tb_diag_plugin.findings.context import Finding, Rule, _Context
+from tb_diag_plugin.findings.context import Context, Finding, Rule
 from tb_diag_plugin.findings.model_info import ModelInfo
 from tb_diag_plugin.findings.registry import ORDER, RULES, ordered
 from tb_diag_plugin.findings.series import Series
@@ -66,9 +66,11 @@ def analyze(
     """
     if model is not None and not isinstance(model, ModelInfo):
         raise TypeError(f"model must be a ModelInfo or None, got {type(model).__name__}")
-    ctx = _Context(series, thresholds or Thresholds(), model=model or ModelInfo())
+    ctx = Context(series, thresholds or Thresholds(), model=model or ModelInfo())
     for rule in ORDER if rules is None else ordered(rules):
+        ctx.rule = rule
         rule.check(ctx)
+    ctx.rule = None
     fold_symptoms(ctx)
     # Worst first; at equal severity and step, in the contract's order of kinds (causes before symptoms).
     found = sorted(ctx.findings, key=lambda f: (SEVERITY_RANK.get(f.severity, 9), f.first_step, _KIND_RANK[f.kind]))

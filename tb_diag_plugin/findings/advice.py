@@ -9,7 +9,7 @@ LayerNorm) and names what does (the layers, the optimizer's own values).
 
 from __future__ import annotations
 
-from tb_diag_plugin.findings.context import _fmt, _names
+from tb_diag_plugin.findings.context import fmt, layer_list
 from tb_diag_plugin.findings.model_info import GATED_TYPES, ModelInfo
 
 
@@ -21,7 +21,7 @@ def lr_of(model: ModelInfo, lr_text: str = "") -> str:
     if not lrs:
         return ""
     lo, hi = min(lrs), max(lrs)
-    return f" ({_fmt(lo)})" if lo == hi else f" ({_fmt(lo)}-{_fmt(hi)})"
+    return f" ({fmt(lo)})" if lo == hi else f" (from {fmt(lo)} to {fmt(hi)})"
 
 
 def _opt(model: ModelInfo) -> str:
@@ -38,28 +38,29 @@ def vanishing(model: ModelInfo, lr_text: str = "") -> str:
     sat = model.saturating
     if sat:
         recurrent = any(model.module_types.get(n) in GATED_TYPES for n in sat)
-        parts.append(f"Replace the sigmoid/tanh activations ({_names(sat, 3)}) in hidden layers with ReLU/GELU"
+        parts.append(f"Replace the sigmoid/tanh activations ({layer_list(sat, 3)}) in hidden layers with ReLU/GELU"
                      + (" (for recurrent cells: gradient clipping and a shorter unroll, or attention)"
                         if recurrent else ""))
     parts.append("use He/Xavier initialisation (weights neither tiny nor huge)")
     if not model.has_norm:
         parts.append("add normalisation (BatchNorm/LayerNorm) or residual connections")
     else:
-        parts.append(f"the model already normalises ({_names(model.norm_layers, 2)}): small gradients "
+        parts.append(f"the model already normalises ({layer_list(model.norm_layers, 2)}): small gradients "
                      f"there usually follow from over-large updates elsewhere, so check the learning "
                      f"rate{lr_of(model, lr_text)} and its warm-up first")
     text = "; ".join(parts) + "."
     return text[0].upper() + text[1:]
 
 
-def exploding(model: ModelInfo, lr_text: str = "") -> str:
-    """Gradients that grow without bound or dwarf the weights."""
+def exploding(model: ModelInfo, lr_text: str = "", clipping: bool = False) -> str:
+    """Gradients that grow without bound or dwarf the weights (`clipping`: the run already clips)."""
+    clip = ("lower the clip threshold (the run already clips, and it did not hold them)" if clipping else
+            "clip gradients (torch.nn.utils.clip_grad_norm_(params, 1.0))")
     if not model.known:
-        return ("Lower the learning rate, clip gradients (torch.nn.utils.clip_grad_norm_(params, 1.0)), use a "
+        return (f"Lower the learning rate, {clip}, use a "
                 "scaled initialisation (kaiming_normal_ for ReLU, xavier for tanh) and normalisation layers "
                 "(BatchNorm/LayerNorm) or residual connections in deep stacks.")
-    parts = [f"Lower the learning rate{lr_of(model, lr_text)}{_opt(model)}",
-             "clip gradients (torch.nn.utils.clip_grad_norm_(params, 1.0))"]
+    parts = [f"Lower the learning rate{lr_of(model, lr_text)}{_opt(model)}", clip]
     if model.is_transformer:
         parts.append("add a learning-rate warm-up")
     if model.relu_family:
@@ -86,19 +87,24 @@ def saturated(model: ModelInfo) -> str:
             "ReLU/GELU do not saturate.")
 
 
-def lr_too_high(model: ModelInfo, lr_text: str, factor: str) -> str:
-    """Updates far larger than ~1e-3 of the weights."""
+def lr_too_high(model: ModelInfo, lr_text: str, factor: str, clipping: bool = False) -> str:
+    """Updates far larger than ~1e-3 of the weights (`clipping`: the run already clips)."""
+    if model.known and not clipping and any(t in GATED_TYPES for t in model.module_types.values()):
+        # Recurrent nets at a large SGD rate learn fine once clipped (word_language_model: lr 20, clip 0.25).
+        return (f"Clip the gradient norm before optimizer.step() (torch.nn.utils.clip_grad_norm_(params, 0.25), as "
+                f"recurrent nets need: their gradients spike), or lower the learning rate{lr_of(model, lr_text)} "
+                f"about {factor}×.")
     extra = "warm-up and gradient clipping"
     if model.known and model.adam_family:
         extra = f"warm-up and gradient clipping ({model.optimizer} usually runs at 1e-4 to 3e-3)"
     elif model.known and model.optimizer == "SGD":
         extra = "warm-up, gradient clipping, or momentum 0.9 with a smaller step"
-    return f"The learning rate{lr_of(model, lr_text)} is too high: lower it about {factor}x, or add {extra}."
+    return f"The learning rate{lr_of(model, lr_text)} is too high: lower it about {factor}×, or add {extra}."
 
 
 def diverged(model: ModelInfo, lr_text: str, clipping: bool) -> str:
     """A loss that rose far above its start and stayed there."""
-    parts = [f"Lower the learning rate{lr_of(model, lr_text)}{_opt(model)} 3-10x and restart from a checkpoint "
+    parts = [f"Lower the learning rate{lr_of(model, lr_text)}{_opt(model)} 3 to 10× and restart from a checkpoint "
              "before the onset"]
     if clipping:
         parts.append("gradient clipping alone did not hold it: lower the clip threshold too")
@@ -116,7 +122,7 @@ def overfitting(model: ModelInfo, best_step: int) -> str:
     parts = [f"Stop early (keep the checkpoint of step {best_step}, the best validation loss)"]
     wd = model.hyper("weight_decay")
     if model.known and model.groups:
-        parts.append(f"raise weight decay (now {_fmt(max(wd))})" if wd and max(wd) > 0 else "add weight decay")
+        parts.append(f"raise weight decay (now {fmt(max(wd))})" if wd and max(wd) > 0 else "add weight decay")
     else:
         parts.append("add weight decay")
     if model.known and "Dropout" not in model.type_names:

@@ -1,53 +1,63 @@
-"""Causes before symptoms: once a rule has diagnosed a cause (divergence, NaN, exploding
-gradients, over-large updates, ...), the symptoms that start with or after it drop to `info`
-and say what they follow from, so that the first line a user reads is the cause."""
+"""Causes before consequences: once a rule has diagnosed a cause (a wiring fault, divergence,
+NaN, exploding gradients, over-large updates, ...), the findings that follow from it drop to
+`info` and say which cause they follow from, so that the first line a user reads is the cause.
+
+Which finding can follow from which is declared by each rule (`Rule.consequence_of`); this
+module only applies those declarations."""
 
 from __future__ import annotations
 
-from tb_diag_plugin.findings.context import Finding, _Context
+from typing import Optional
 
-# Kinds that a diverging or blown-up run shows as a consequence (small LayerNorm-gain gradients
-# next to a blown-up embedding, a loss that does not decrease because it diverged, ...).
-SYMPTOM_KINDS = frozenset({
-    "vanishing_gradient", "loss_not_decreasing", "loss_spike", "saturated_activation", "logit_growth",
-})
-# Causes that also explain findings which are otherwise causes themselves: weights pinned near 0 by the
-# decay make every step large next to them (update_ratio) and the units dead.
-ABSORBS = {
-    "weight_decay_equilibrium": SYMPTOM_KINDS | {"update_ratio", "adam_eps", "dead_relu"},
-}
+from tb_diag_plugin import metadata
+from tb_diag_plugin.findings.context import Context, Finding
+
+_KIND_RANK = {k: i for i, k in enumerate(metadata.FINDING_KINDS)}
 
 
-def fold_symptoms(ctx: _Context) -> None:
-    """Demote symptom findings that start at or after a primary finding's first step to info."""
-    causes = [ctx.findings[i] for i in sorted(set(ctx.primary)) if ctx.findings[i].severity != "info"]
-    if not causes:
-        return
-    for i, f in enumerate(ctx.findings):
-        if f.severity == "info":
+def headline(f: Finding) -> str:
+    """The problem in plain words: a message's text before its first colon ('Vanishing gradients')."""
+    head = f.message.split(":", 1)[0]
+    return head if len(head) < 60 else f.kind.replace("_", " ")
+
+
+def fold_symptoms(ctx: Context) -> None:
+    """Lower to info each finding whose rule declares a cause that was found (and began no later).
+
+    Causes are the findings a rule marked primary and that are not themselves lowered; findings
+    are decided in the contract's order of kinds (wiring causes first), so a chain (a head in
+    no optimizer -> exploding gradients -> a vanishing LayerNorm gradient) folds onto its root.
+    """
+    causes = {i for i in set(ctx.primary) if ctx.findings[i].severity != "info"}
+    for i in sorted(range(len(ctx.findings)), key=lambda i: (_KIND_RANK[ctx.findings[i].kind], i)):
+        f = ctx.findings[i]
+        rule = ctx.rule_of[i] if i < len(ctx.rule_of) else None
+        if f.severity == "info" or rule is None or not rule.consequence_of:
             continue
-        strong = [c for c in causes if c.kind != f.kind and f.kind in ABSORBS.get(c.kind, ())]
-        if strong:
-            cause = min(strong, key=lambda c: c.first_step)
-        elif f.kind in SYMPTOM_KINDS and i not in ctx.primary:
-            cause = _earliest_before(causes, f)
-        else:
-            continue
+        cause = _earliest_before([ctx.findings[j] for j in causes if j != i], f, rule.consequence_of)
         if cause is None:
             continue
+        causes.discard(i)
         ctx.findings[i] = Finding(
             f.kind, "info", f.layers, f.first_step, f.last_step,
-            f"Probably a consequence of {cause.kind} (from step {cause.first_step}): {f.message}",
-            f"Fix the {cause.kind} finding first. " + f.suggestion,
+            f"{f.message} Probably a consequence of {_lower(headline(cause))} (the {cause.kind} finding, "
+            f"from step {cause.first_step}).",
+            f"Fix the {cause.kind} finding first. " + f.suggestion, f.steps,
         )
 
 
-def _earliest_before(causes: list[Finding], f: Finding):
-    """The earliest cause that began no later than `f` did (or in the first tenth of its span), or None.
+def _lower(text: str) -> str:
+    """'Loss diverged' -> 'loss diverged' inside a sentence; names ('NaN/Inf', "Adam's eps") stay."""
+    return text if text[1:2].isupper() or text.split(" ")[0] in ("NaN/Inf", "Adam's") else text[:1].lower() + text[1:]
+
+
+def _earliest_before(causes: list[Finding], f: Finding, kinds: tuple[str, ...]) -> Optional[Finding]:
+    """The earliest cause of one of `kinds` that began no later than `f` did (or in the first tenth of
+    its span), or None.
 
     The slack: a symptom judged over the whole run starts at the first logged step, while a cause
     that rules leave Adam's first step out of shows from the second.
     """
     slack = (f.last_step - f.first_step) // 10
-    before = [c for c in causes if c.first_step <= f.first_step + slack]
-    return min(before, key=lambda c: c.first_step) if before else None
+    before = [c for c in causes if c.kind in kinds and c.kind != f.kind and c.first_step <= f.first_step + slack]
+    return min(before, key=lambda c: (c.first_step, _KIND_RANK[c.kind])) if before else None

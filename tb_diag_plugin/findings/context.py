@@ -1,17 +1,20 @@
 """What every findings rule shares: the `Rule` declaration, the `Finding` it reports, the
-`_Context` it reads and writes (series, thresholds, the NaN cutoff), and helpers for
-persistence, windows and the wording of messages."""
+`Context` it reads and writes (series, thresholds, the NaN cutoff), and the helpers rules use
+for persistence, windows, the common series and the wording of messages. Rules import these
+from here and nothing from each other."""
 
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from tb_diag_plugin.findings.model_info import ModelInfo
+from tb_diag_plugin import metadata
+from tb_diag_plugin.findings.model_info import GATED_TYPES, ModelInfo
 from tb_diag_plugin.findings.series import Series
 from tb_diag_plugin.findings.thresholds import Thresholds
 
@@ -24,13 +27,20 @@ class Rule:
     metric it needs is missing). `after` names the rules whose results on the
     context it uses (the NaN cutoff, the AMP-skipped steps); the registry runs
     those first and refuses a rule whose dependency is not registered.
+    `severities` are the ones it may report (the registry checks them against the
+    contract; `Context.add` refuses any other). `consequence_of` names the finding
+    kinds whose cause explains this rule's findings: when such a finding (a cause,
+    `Context.mark_primary`) began no later, this rule's findings drop to info and
+    say which cause they follow from.
     """
 
     name: str
     kinds: tuple[str, ...]  # finding kinds it may report (the contract's FINDING_KINDS)
     metrics: tuple[str, ...]  # metrics it reads (the contract's METRICS)
-    check: Callable[[_Context], None]
+    check: Callable[[Context], None]
     after: tuple[str, ...] = ()
+    severities: tuple[str, ...] = metadata.SEVERITIES
+    consequence_of: tuple[str, ...] = ()
 
 
 @dataclass
@@ -44,6 +54,7 @@ class Finding:
     last_step: int
     message: str
     suggestion: str
+    steps: Optional[list[int]] = None  # the steps of discrete events (loss_spike: each spike), else None
 
     def to_dict(self, run: str) -> dict:
         """JSON-safe dict with exactly the keys of DESIGN.md's `report --json`."""
@@ -56,11 +67,14 @@ class Finding:
             "last_step": int(self.last_step),
             "message": self.message,
             "suggestion": self.suggestion,
+            **({"steps": [int(s) for s in self.steps]} if self.steps is not None else {}),
         }
 
 
 @dataclass
-class _Context:
+class Context:
+    """One run as the rules see it: its series and thresholds, the findings so far, and shared state."""
+
     series: dict[str, Series]
     th: Thresholds
     findings: list[Finding] = field(default_factory=list)
@@ -72,6 +86,8 @@ class _Context:
     _memo: dict = field(default_factory=dict, repr=False)  # before_cutoff's answers, by series and cutoff
     model: ModelInfo = field(default_factory=ModelInfo)  # what the structure document says (empty: unknown)
     primary: list[int] = field(default_factory=list)  # indices into findings: causes others may follow from
+    rule: Optional[Rule] = None  # the rule now running (its declared severities bound `add`)
+    rule_of: list[Rule] = field(default_factory=list)  # per finding, the rule that reported it
 
     def get(self, kind: str, *metrics: str, why: str = "") -> Optional[list[Series]]:
         """The metrics a rule needs, or None after noting which is missing."""
@@ -108,15 +124,30 @@ class _Context:
         return steps, vals
 
     def add(self, kind: str, severity: str, layers: Sequence[str], first: int, last: int, message: str,
-            suggestion: str) -> None:
-        self.findings.append(Finding(kind, severity, list(layers), int(first), int(last), message, suggestion))
+            suggestion: str, steps: Optional[Sequence[int]] = None) -> None:
+        """Report a finding (`steps`: the steps it marks, loss_spike only); ValueError for a kind or
+        severity the running rule did not declare."""
+        allowed = self.rule.severities if self.rule is not None else metadata.SEVERITIES
+        if severity not in allowed:
+            raise ValueError(f"finding {kind!r}: severity {severity!r} is not one of {list(allowed)}")
+        if self.rule is not None and kind not in self.rule.kinds:
+            raise ValueError(f"rule {self.rule.name!r} reported {kind!r}, which it does not declare")
+        self.findings.append(Finding(kind, severity, unique(layers), int(first), int(last), message, suggestion,
+                                     None if steps is None else [int(s) for s in steps]))
+        self.rule_of.append(self.rule)
+
+    def in_model_order(self, names: Sequence[str]) -> list[str]:
+        """`names` without repeats, in the model's order (the structure document's), else in natural order."""
+        order = self.model.order
+        known = {n: i for i, n in enumerate(order)}
+        return sorted(unique(names), key=lambda n: (known.get(n, len(known)), natural_key(n)))
 
     def mark_primary(self) -> None:
         """The finding just added is a cause: symptoms that start with or after it fold below it."""
         self.primary.append(len(self.findings) - 1)
 
 
-def _quiet(fn: Callable, *args, **kwargs):
+def quiet(fn: Callable, *args, **kwargs):
     """numpy reductions over all-NaN slices: NaN, without a RuntimeWarning."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -124,7 +155,8 @@ def _quiet(fn: Callable, *args, **kwargs):
             return fn(*args, **kwargs)
 
 
-def _fmt(x: float) -> str:
+def fmt(x: float) -> str:
+    """A number for a message: 3 significant digits, scientific notation outside [1e-3, 1e4)."""
     if not math.isfinite(x):
         return str(x)
     if x == 0:
@@ -134,20 +166,56 @@ def _fmt(x: float) -> str:
     return f"{x:.1e}"
 
 
-def _pct(x: float) -> str:
+def pct(x: float) -> str:
+    """A share as a percentage: '76 %'."""
     return f"{100 * x:.0f} %"
 
 
-def _names(layers: Sequence[str], k: int = 4) -> str:
-    shown = ", ".join(layers[:k])
+def times(r: float) -> str:
+    """A ratio as a multiple: '245×'."""
+    return f"{fmt(r)}\u00d7"
+
+
+def smaller(r: float) -> str:
+    """A share below 1 as '2.8e+03× smaller than' (what a reader compares), else '0.5×'."""
+    if 0 < r < 1:
+        return f"{fmt(1 / r)}\u00d7 smaller than"
+    return f"{fmt(r)}\u00d7"
+
+
+def span(lo: float, hi: float) -> str:
+    """A range as 'from A to B' (one value when they are equal)."""
+    return fmt(lo) if lo == hi else f"from {fmt(lo)} to {fmt(hi)}"
+
+
+def unique(names: Sequence[str]) -> list[str]:
+    """`names` without repeats, first occurrence kept."""
+    return list(dict.fromkeys(str(n) for n in names))
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that puts '2' before '11' and 'h.2' before 'h.11'."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name) if p)
+
+
+def quote(name: str) -> str:
+    """A layer name as a message shows it: quoted, so that '1' reads as a name, not a number."""
+    return f"'{name}'"
+
+
+def layer_list(layers: Sequence[str], k: int = 4) -> str:
+    """"'a', 'b', ... (12 in all)": the names quoted, without repeats, the first `k` shown."""
+    layers = unique(layers)
+    shown = ", ".join(quote(n) for n in layers[:k])
     return shown if len(layers) <= k else f"{shown}, ... ({len(layers)} in all)"
 
 
-def _window(n: int, th: Thresholds) -> int:
+def window(n: int, th: Thresholds) -> int:
+    """Logged steps that make a run's "start" or "end": max(min_window, window_fraction of n), at most n."""
     return max(1, min(n, max(th.min_window, math.ceil(th.window_fraction * n))))
 
 
-def _persistent(mask: np.ndarray, valid: np.ndarray, th: Thresholds) -> Optional[tuple[int, int]]:
+def persistent(mask: np.ndarray, valid: np.ndarray, th: Thresholds) -> Optional[tuple[int, int]]:
     """Indices (first, last) of a condition that persists, or None.
 
     `mask` and `valid` are per logged step; only valid steps count. It
@@ -172,23 +240,25 @@ def _persistent(mask: np.ndarray, valid: np.ndarray, th: Thresholds) -> Optional
     return None
 
 
-def _is_bias(name: str) -> bool:
+def is_bias(name: str) -> bool:
+    """A bias tensor (judged with its sibling weight, never against its own near-zero size)."""
     return name.endswith("bias")
 
 
-def _sibling_weight(name: str) -> str:
+def sibling_weight(name: str) -> str:
+    """'fc.bias' -> 'fc.weight'."""
     return name[: -len("bias")] + "weight"
 
 
-def _loss_total(ctx: _Context) -> Optional[tuple[np.ndarray, np.ndarray, list[str]]]:
+def loss_total(ctx: Context) -> Optional[tuple[np.ndarray, np.ndarray, list[str]]]:
     """(steps, values, layers) of the total loss before the cutoff: 'total', else the components' sum."""
     s = ctx.series.get("loss")
     if s is None or not s.steps.size:
         return None
     steps, vals = ctx.before_cutoff(s)
-    if "total" in s.layers:
-        v = vals[:, s.layers.index("total")]
-        names = ["total"]
+    if metadata.TOTAL_LOSS in s.layers:
+        v = vals[:, s.layers.index(metadata.TOTAL_LOSS)]
+        names = [metadata.TOTAL_LOSS]
     else:
         v = vals.sum(axis=1)  # NaN where a component is absent
         names = list(s.layers)
@@ -196,7 +266,7 @@ def _loss_total(ctx: _Context) -> Optional[tuple[np.ndarray, np.ndarray, list[st
     return steps[ok], v[ok], names
 
 
-def _weights_over_start(ctx: _Context, names: Optional[Sequence[str]] = None):
+def weights_over_start(ctx: Context, names: Optional[Sequence[str]] = None):
     """(steps, [steps x tensors] weight norm over its first value) before the cutoff, or None.
 
     Weight tensors `names` (default: every one that is not a bias) whose first
@@ -207,7 +277,7 @@ def _weights_over_start(ctx: _Context, names: Optional[Sequence[str]] = None):
         return None
     steps, wv = ctx.before_cutoff(w)
     if names is None:
-        cols = [j for j, n in enumerate(w.layers) if not _is_bias(n)]
+        cols = [j for j, n in enumerate(w.layers) if not is_bias(n)]
     else:
         cols = [w.layers.index(n) for n in names if n in w.layers]
     if steps.size < 2 or not cols:
@@ -220,7 +290,8 @@ def _weights_over_start(ctx: _Context, names: Optional[Sequence[str]] = None):
     return steps, wv[:, keep] / first[keep]
 
 
-def _lr_text(ctx: _Context) -> str:
+def lr_text(ctx: Context) -> str:
+    """' (3e-3)' or ' (scheduled from 0.01 to 6e+04)': the recorded learning rate, for advice; '' if none."""
     lr = ctx.series.get("learning_rate")
     if lr is None or not lr.steps.size:
         return ""
@@ -229,4 +300,74 @@ def _lr_text(ctx: _Context) -> str:
     if not v.size:
         return ""
     lo, hi = float(v.min()), float(v.max())
-    return f" ({_fmt(lo)})" if lo == hi else f" ({_fmt(lo)}-{_fmt(hi)})"
+    if lo == hi:
+        return f" ({fmt(lo)})"
+    first = lr.values[0][lr.present[0]]
+    first = first[np.isfinite(first)]
+    climbs = first.size and float(first.max()) == lo and hi >= 100 * max(lo, 1e-30)
+    return f" (scheduled {'to climb ' if climbs else ''}from {fmt(lo)} to {fmt(hi)})"
+
+
+def clipped_share(ctx: Context) -> Optional[float]:
+    """The share of logged steps (before the cutoff) whose gradient norm clipping changed, or None."""
+    pre, post = ctx.series.get("grad_norm_preclip"), ctx.series.get("grad_norm_total")
+    if pre is None or post is None or not pre.steps.size or not post.steps.size:
+        return None
+    psteps, pv = ctx.before_cutoff(pre)
+    qsteps, qv = ctx.before_cutoff(post)
+    _, pi, qi = np.intersect1d(psteps, qsteps, return_indices=True)
+    p, q = pv[pi, 0], qv[qi, 0]
+    ok = np.isfinite(p) & np.isfinite(q) & (p > 0)
+    if ok.sum() < ctx.th.clip_min_points:
+        return None
+    return float((q[ok] < p[ok] * (1 - 1e-3)).mean())
+
+
+def clipping_by_design(ctx: Context) -> bool:
+    """A recurrent model whose gradients are clipped (on some logged step) while its loss falls: the recipe
+    of RNN language models (SGD at lr ~20 with clip 0.25, pytorch/examples' word_language_model), where the
+    clip threshold is meant to bound the step size."""
+    if not any(t in GATED_TYPES for t in ctx.model.module_types.values()):
+        return False
+    share = clipped_share(ctx)
+    got = loss_total(ctx)
+    if not share or got is None or got[1].size < ctx.th.loss_min_points:
+        return False
+    v = got[1]
+    w = window(v.size, ctx.th)
+    start, end = float(np.median(v[:w])), float(np.median(v[-w:]))
+    return start > 0 and end <= (1 - ctx.th.loss_min_decrease) * start
+
+
+def total_grad(ctx: Context) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """(steps, total gradient norm) on every logged step, NaN kept: recorded, else from the tensors' norms."""
+    tot = ctx.series.get("grad_norm_total")
+    if tot is not None and tot.steps.size:
+        return tot.steps, np.where(tot.present[:, 0], tot.values[:, 0].astype(np.float64), np.nan)
+    g = ctx.series.get("grad_norm")
+    if g is None or not g.steps.size:
+        return None
+    vals = np.where(g.present, g.values.astype(np.float64), 0.0)
+    return g.steps, np.sqrt((vals**2).sum(axis=1))
+
+
+def model_column(ctx: Context, metric: str) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """(steps, values) of a one-column model-level metric on every logged step (NaN where absent), or None."""
+    s = ctx.series.get(metric)
+    if s is None or not s.steps.size or not s.layers:
+        return None
+    return s.steps, np.where(s.present[:, 0], s.values[:, 0].astype(np.float64), np.nan)
+
+
+# The NaN/Inf cutoff: `nonfinite` sets it, `exploding_gradient` moves it back to where the
+# blow-up began; every rule that judges a healthy-looking stretch runs after both.
+CUTOFF = ("nonfinite", "exploding_gradient")
+# Findings that diagnose a cause in the loop's own wiring or settings: the symptoms they explain
+# (gradients that explode or spike, a loss that stalls) declare them in `consequence_of`.
+WIRING_CAUSES = ("not_in_optimizer", "grad_not_reset", "module_mode", "lr_collapsed", "lr_unbounded", "lr_zero",
+                 "output_loss_mismatch")
+# Every kind a rule marks as a cause (`Context.mark_primary`): what plain symptoms follow from.
+CAUSE_KINDS = WIRING_CAUSES + (
+    "nonfinite", "exploding_gradient", "vanishing_gradient", "dead_relu", "update_ratio", "adam_eps", "loss_diverged",
+    "weight_norm_growth", "weight_decay_equilibrium", "no_gradient",
+)

@@ -52,6 +52,7 @@ class ModelInfo:
     requires_grad: Mapping[str, bool] = field(default_factory=dict)  # parameter -> requires_grad
     in_optimizer: Mapping[str, Optional[bool]] = field(default_factory=dict)  # parameter -> held by the optimizer
     known: bool = False  # built from a structure document
+    order: tuple[str, ...] = ()  # module, parameter and site names in the model's own order
 
     @classmethod
     def from_structure(cls, doc: Optional[Mapping[str, Any]]) -> ModelInfo:
@@ -64,17 +65,21 @@ class ModelInfo:
         acts: dict[str, tuple[str, str]] = {}
         rg: dict[str, bool] = {}
         held: dict[str, Optional[bool]] = {}
+        order: dict[str, None] = {}
         for m in doc.get("modules") or ():
             if not isinstance(m, Mapping):
                 continue
             name = str(m.get("name", ""))
             types[name] = str(m.get("type", ""))
+            order[name] = None
             for s in m.get("sites") or ():
                 if isinstance(s, Mapping) and "name" in s:
                     acts[str(s["name"])] = (str(s.get("kind", "")), str(s.get("type", "")))
+                    order[str(s["name"])] = None
             for p in m.get("params") or ():
                 if not isinstance(p, Mapping) or "name" not in p:
                     continue
+                order[str(p["name"])] = None
                 if isinstance(p.get("requires_grad"), bool):
                     rg[str(p["name"])] = p["requires_grad"]
                 if "in_optimizer" in p:
@@ -88,7 +93,7 @@ class ModelInfo:
             for gr in opt.get("groups") or ():
                 if isinstance(gr, Mapping):
                     groups.append(_group(gr))
-        return cls(types, acts, opt_class, tuple(groups), rg, held, known=True)
+        return cls(types, acts, opt_class, tuple(groups), rg, held, known=True, order=tuple(order))
 
     # ---------------------------------------------------------------- questions the advice asks
     @property
@@ -110,7 +115,8 @@ class ModelInfo:
         out = [n for n, (k, t) in self.activations.items()
                if k in metadata.SATURATING_KINDS or t in _SATURATING_TYPES]
         out += [n for n, t in self.module_types.items() if t in GATED_TYPES or t in _SATURATING_TYPES]
-        return sorted(set(out))
+        rank = {n: i for i, n in enumerate(self.order)}
+        return sorted(set(out), key=lambda n: (rank.get(n, len(rank)), n))  # model order, not text order
 
     @property
     def relu_family(self) -> bool:

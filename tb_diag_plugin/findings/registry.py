@@ -12,11 +12,27 @@ from typing import Sequence
 
 from tb_diag_plugin import metadata
 from tb_diag_plugin.findings.context import Rule
-from tb_diag_plugin.findings.rules import activations, divergence, generalisation, gradients, loss, optimizer, updates
+from tb_diag_plugin.findings.rules import (
+    activations,
+    divergence,
+    generalisation,
+    gradients,
+    loss,
+    optimizer,
+    spikes,
+    updates,
+    wiring,
+)
 
 RULES: tuple[Rule, ...] = (
     gradients.NONFINITE,
     gradients.EXPLODING,
+    wiring.NOT_IN_OPTIMIZER,
+    wiring.GRAD_NOT_RESET,
+    wiring.MODULE_MODE,
+    wiring.LEARNING_RATE,
+    wiring.OUTPUT_LOSS_MISMATCH,
+    spikes.GRADIENT_SPIKE,
     gradients.VANISHING,
     activations.DEAD_RELU,
     activations.SATURATED,
@@ -40,7 +56,7 @@ def ordered(rules: Sequence[Rule]) -> tuple[Rule, ...]:
     """The rules validated and sorted so that each runs after the rules it names in `after`.
 
     Otherwise the listed order is kept (stable). Raises ValueError for an
-    unknown kind or metric, a duplicate name, a dependency that is not
+    unknown kind, metric or severity, a duplicate name, a dependency that is not
     registered, or a cycle.
     """
     by_name: dict[str, Rule] = {}
@@ -49,8 +65,10 @@ def ordered(rules: Sequence[Rule]) -> tuple[Rule, ...]:
             raise ValueError(f"rules: two rules named {r.name!r}")
         bad = [k for k in r.kinds if k not in metadata.FINDING_KINDS]
         bad += [m for m in r.metrics if m not in metadata.METRICS]
-        if bad or not r.kinds:
-            raise ValueError(f"rule {r.name!r}: {bad or 'no kinds'} not in the contract (metadata.py)")
+        bad += [s for s in r.severities if s not in metadata.SEVERITIES]
+        bad += [k for k in r.consequence_of if k not in metadata.FINDING_KINDS]
+        if bad or not r.kinds or not r.severities:
+            raise ValueError(f"rule {r.name!r}: {bad or 'no kinds or severities'} not in the contract (metadata.py)")
         by_name[r.name] = r
     for r in rules:
         missing = [d for d in r.after if d not in by_name]

@@ -48,6 +48,11 @@ class Thresholds:
             whose share fell 1000x below its own share at the start and is
             under 1e-2 of the largest (gradients that collapsed during
             training).
+        vanish_error_share (0.5), vanish_error_ratio (1e-4): an error when at
+            least half of the weight tensors vanish and their median share is
+            1e-4 or less: most of the network gets 10,000x less gradient than
+            its most-trained tensor and cannot learn (the 20-layer sigmoid
+            demo: 34 of 40 tensors at 1.7e-6 to 3.6e-4).
         l2_floor_tolerance (1.02): an L2 term in the loss (DESIGN.md's own
             example adds 1e-4 * sum(p**2)) gives every weight a gradient
             2*lam*w that hides vanishing data gradients. When at least 3 (and
@@ -121,6 +126,12 @@ class Thresholds:
         spike_recovery (10): it must come back below half way within this
             many logged steps; a jump that stays is divergence, reported by
             the other rules.
+
+        loss_jump (10): a loss at 10x the median of the values before it (one
+            value is enough: a jump right after the first logged step) that
+            also rises by spike_min_rise of its level is a jump, whether or
+            not it comes back (nanoGPT at lr 3: 4.3 -> 1,050 at step 10).
+            Minibatch noise in the suite never reached 5x.
 
     loss_not_decreasing
         loss_min_decrease (0.05): the end-of-run loss must be at least 5 %
@@ -199,7 +210,18 @@ class Thresholds:
     gradient_clipping
         clip_share (0.5): clipping (grad_norm_total below grad_norm_preclip
             by more than 0.1 %) changed at least half of the logged steps ...
-        clip_min_points (5): ... of at least this many. The healthy GPTs
+        clip_min_points (5): ... of at least this many.
+        (by design) a recurrent model (LSTM/GRU/RNN) whose gradients are
+            clipped while its loss falls by loss_min_decrease is the
+            recipe of RNN language models (pytorch/examples'
+            word_language_model: SGD at lr 20, clip 0.25): clipping, and the
+            large update ratios it sets (0.12-0.22 median there), are info.
+        clip_scaled_share (1e-3): under AMP, a pre-clip norm whose median is
+            at least this share of the median loss scale is of the scaled
+            gradients (clip_grad_norm_ before scaler.unscale_): an error, the
+            updates shrink by the scale. Unscaled gradient norms are O(1)
+            against scales of 2^10 to 2^16 (1e-5 to 1e-3 of them); scaled
+            ones are 0.1-10x the scale. The healthy GPTs
             with clip 1.0 at lr 6e-4 and 3e-3 clipped 0 % of their steps
             (pre-clip norm p90 0.61-0.62); at lr 1 the pre-clip norm's median
             was 49.
@@ -216,6 +238,71 @@ class Thresholds:
             gradient). Every GPT run above: 0 on weight tensors; the
             attention's packed in_proj_bias reads 1/3 (the key bias gets no
             gradient by construction), so biases are left out.
+
+    not_in_optimizer (no constant): a parameter the structure document
+        marks in no optimizer group (requires_grad not False) that got a
+        gradient on a logged step. An error when the optimizer holds
+        tensors the model does not (optimizer_orphans) or the parameters
+        left out come after every held one (a replaced head); info when they
+        all come before the held ones (a backbone frozen by leaving it out).
+
+    grad_not_reset
+        (persist_fraction) grad_carried 1 on persistent logged steps: the
+            logger saw the backward add to the previous optimizer step's
+            gradients, an exact observation.
+        grad_reset_growth (3): an error when the total gradient norm at the
+            end of that stretch is 3x its start (summed gradients grow with
+            the step count; a healthy norm falls or holds).
+
+    module_mode (eval_in_train, train_in_eval from the logger)
+        eval mode in a training forward on persistent logged steps; training
+        mode under no_grad on two logged steps or more (one odd forward is
+        not an evaluation habit).
+
+    learning rate (lr_zero, lr_collapsed, lr_unbounded)
+        lr_zero: a parameter group at lr 0 on persist_fraction of its steps.
+        lr_collapse_ratio (1e-3): the rate falls to 1e-3 of its peak ...
+        lr_collapse_within (0.5): ... within the first half of the run and
+            stays there. Cosine to 0 reaches 1e-3 of its peak only in the
+            last 2 % of the run; StepLR(30, 0.1) over 90 epochs at 67 %;
+            ExponentialLR(0.95) per epoch over 100 epochs ends at 6e-3. A
+            per-epoch StepLR(1, 0.1) stepped per batch reaches 1e-3 after 3
+            batches.
+        lr_collapse_error (1e4): an error when it fell 10^4 times or more,
+            or when the loss moved less than loss_min_decrease since.
+        lr_growth (100), lr_growth_half (10): climbing without bound: 100x
+            its first value, at its largest at the end, and 10x over the
+            second half of the run alone (exponential: a linear warm-up
+            gains at most 2x over its second half).
+        lr_growth_error (1e3): an error at 1000x its start.
+
+    output_loss_mismatch (logit_min, logit_max, logit_rowsum_dev)
+        (persist_fraction) outputs in [0, 1] on persistent logged steps;
+        rowsum_tolerance (1e-3): every row summing to 1 within this:
+            already a softmax;
+        sigmoid_loss_floor (0.313 = -log(sigmoid(1))), and for softmax rows
+            logsumexp(p) - 1 (from logit_lse): the least a loss applying its
+            own sigmoid/softmax to such outputs can reach; a loss that ends
+            below floor x squash_floor_tolerance (0.98) does not apply one
+            (BCELoss, log + NLLLoss), and nothing is reported.
+        sigmoid_balanced_floor (0.5): for values in [0, 1] that are not rows
+            of probabilities, a warning only when the loss stays at or above
+            (0.313 + 0.693) / 2, the least a double sigmoid allows with
+            balanced labels; between the two floors BCELoss on a sigmoid fits
+            as well, and it is a note (info).
+
+    gradient_spike (global and per tensor)
+        grad_spike_window (20): each logged gradient norm is compared with
+            the median of the previous this-many (earlier spikes left out) ...
+        grad_spike_ratio (4): ... must exceed it this many times ...
+        grad_spike_z (6): ... and by this many robust standard deviations
+            (1.4826 x MAD) of the log-norm over the window or the run,
+            whichever is larger, and sqrt(2 ln n) + 1 for n logged steps.
+        grad_spike_min (2), grad_spike_single (100): reported when it spikes
+            on at least 2 logged steps, or once by 100x or more. The spike
+            score is the share of logged steps that spike.
+        grad_spike_clip_pct (95): the advice clips at this percentile of
+            the logged total norm (outside the spikes).
 
     overfitting (needs val_loss, from diag.evaluate)
         overfit_min_evals (4): validation points needed.
@@ -245,6 +332,8 @@ class Thresholds:
     vanish_ratio: float = 1e-3
     vanish_drop: float = 1000.0
     vanish_soft_ratio: float = 1e-2
+    vanish_error_share: float = 0.5
+    vanish_error_ratio: float = 1e-4
     l2_floor_tolerance: float = 1.02
     l2_floor_contrast: float = 10.0
     dead_fraction: float = 0.5
@@ -262,6 +351,7 @@ class Thresholds:
     spike_over_max: float = 1.5
     spike_min_rise: float = 0.5
     spike_recovery: int = 10
+    loss_jump: float = 10.0
     loss_min_decrease: float = 0.05
     loss_min_points: int = 8
     dominance_ratio: float = 10.0
@@ -279,9 +369,27 @@ class Thresholds:
     decay_collapse: float = 0.1
     clip_share: float = 0.5
     clip_min_points: int = 5
+    clip_scaled_share: float = 1e-3
     logit_max: float = 100.0
     logit_growth: float = 10.0
     adam_eps_fraction: float = 0.5
+    grad_reset_growth: float = 3.0
+    lr_collapse_ratio: float = 1e-3
+    lr_collapse_within: float = 0.5
+    lr_collapse_error: float = 1e4
+    lr_growth: float = 100.0
+    lr_growth_half: float = 10.0
+    lr_growth_error: float = 1e3
+    rowsum_tolerance: float = 1e-3
+    sigmoid_loss_floor: float = 0.313
+    squash_floor_tolerance: float = 0.98
+    sigmoid_balanced_floor: float = 0.5
+    grad_spike_window: int = 20
+    grad_spike_ratio: float = 4.0
+    grad_spike_z: float = 6.0
+    grad_spike_min: int = 2
+    grad_spike_single: float = 100.0
+    grad_spike_clip_pct: float = 95.0
     overfit_min_evals: int = 4
     overfit_rise: float = 0.1
     overfit_gap_open: float = 0.25

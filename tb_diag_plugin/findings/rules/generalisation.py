@@ -7,32 +7,35 @@ from typing import Optional
 
 import numpy as np
 
+from tb_diag_plugin import metadata
 from tb_diag_plugin.findings import advice
-from tb_diag_plugin.findings.context import Rule, _Context, _fmt, _loss_total, _lr_text, _window
-from tb_diag_plugin.findings.rules.gradients import CUTOFF
+from tb_diag_plugin.findings.context import CUTOFF, Context, Rule, fmt, loss_total, lr_text, window
 
 # Findings that explain a loss stuck high better than "the model is too small" does.
 _OPTIMISATION_KINDS = frozenset({
     "nonfinite", "exploding_gradient", "vanishing_gradient", "dead_relu", "saturated_activation", "update_ratio",
     "loss_diverged", "no_gradient", "weight_norm_growth", "weight_decay_equilibrium", "gradient_clipping",
-    "adam_eps", "loss_not_decreasing", "loss_component_dominance",
+    "adam_eps", "loss_not_decreasing", "loss_component_dominance", "not_in_optimizer", "grad_not_reset",
+    "module_mode", "lr_collapsed", "lr_unbounded", "lr_zero", "output_loss_mismatch", "gradient_spike",
 })
+# The rules that report them (one rule, `learning_rate`, reports the three lr_* kinds).
+_OPTIMISATION_RULES = tuple(sorted({"learning_rate" if k.startswith("lr_") else k for k in _OPTIMISATION_KINDS}))
 
 
-def _val_loss(ctx: _Context) -> Optional[tuple[np.ndarray, np.ndarray]]:
+def _val_loss(ctx: Context) -> Optional[tuple[np.ndarray, np.ndarray]]:
     s = ctx.series.get("val_loss")
     if s is None or not s.steps.size:
         return None
     steps, v = ctx.before_cutoff(s)
-    col = v[:, s.layers.index("total")] if "total" in s.layers else v[:, 0]
+    col = v[:, s.layers.index(metadata.TOTAL_LOSS)] if metadata.TOTAL_LOSS in s.layers else v[:, 0]
     ok = np.isfinite(col)
     return steps[ok], col[ok]
 
 
-def _both_losses(ctx: _Context, kind: str):
-    """(validation (steps, values), training loss as `_loss_total` gives it), or None after a note."""
+def _both_losses(ctx: Context, kind: str):
+    """(validation (steps, values), training loss as `loss_total` gives it), or None after a note."""
     val = _val_loss(ctx)
-    train = _loss_total(ctx)
+    train = loss_total(ctx)
     if val is None or train is None:
         ctx.notes.append(f"{kind}: not checked, needs 'val_loss' (diag.evaluate(step, loss=val_loss)) "
                          "and the training loss")
@@ -43,7 +46,7 @@ def _both_losses(ctx: _Context, kind: str):
 def _train_at(train: tuple[np.ndarray, np.ndarray, list[str]], at: np.ndarray, th) -> np.ndarray:
     """The training loss around each of `at`'s steps: the median of the logged values up to it (a window)."""
     steps, v, _ = train
-    w = max(1, _window(v.size, th))
+    w = max(1, window(v.size, th))
     out = np.full(at.shape, np.nan)
     for i, s in enumerate(at):
         j = int(np.searchsorted(steps, s, side="right"))
@@ -52,7 +55,7 @@ def _train_at(train: tuple[np.ndarray, np.ndarray, list[str]], at: np.ndarray, t
     return out
 
 
-def _overfitting(ctx: _Context) -> None:
+def _overfitting(ctx: Context) -> None:
     """Validation loss rising from its best while the training loss still falls."""
     th = ctx.th
     both = _both_losses(ctx, "overfitting")
@@ -82,15 +85,15 @@ def _overfitting(ctx: _Context) -> None:
             break
     severity = "warning"
     ctx.add(
-        "overfitting", severity, ["val_loss", "total"], int(vs[opened]), int(vs[-1]),
-        f"Overfitting: the validation loss was best at step {int(vs[best])} ({_fmt(float(vv[best]))}) and rose "
-        f"to {_fmt(recent)} while the training loss fell from {_fmt(float(tr[best]))} to {_fmt(float(tr[-1]))}; "
-        f"the gap between them opened at step {int(vs[opened])} ({_fmt(g0)} -> {_fmt(g_end)}).",
+        "overfitting", severity, ["val_loss", metadata.TOTAL_LOSS], int(vs[opened]), int(vs[-1]),
+        f"Overfitting: the validation loss was best at step {int(vs[best])} ({fmt(float(vv[best]))}) and rose "
+        f"to {fmt(recent)} while the training loss fell from {fmt(float(tr[best]))} to {fmt(float(tr[-1]))}; "
+        f"the gap between them opened at step {int(vs[opened])} ({fmt(g0)} -> {fmt(g_end)}).",
         advice.overfitting(ctx.model, int(vs[best])),
     )
 
 
-def _underfitting(ctx: _Context) -> None:
+def _underfitting(ctx: Context) -> None:
     """Training and validation loss both flat and high while the optimisation itself looks healthy."""
     th = ctx.th
     both = _both_losses(ctx, "underfitting")
@@ -103,10 +106,10 @@ def _underfitting(ctx: _Context) -> None:
         return
     if any(f.kind in _OPTIMISATION_KINDS and f.severity != "info" for f in ctx.findings):
         return  # a fault in the optimisation explains a loss stuck high better
-    w = _window(v.size, th)
+    w = window(v.size, th)
     start, end = float(np.median(v[:w])), float(np.median(v[-w:]))
     half = v[v.size // 2:]
-    mid = float(np.median(half[: _window(half.size, th)]))
+    mid = float(np.median(half[: window(half.size, th)]))
     if not start > 0 or end < th.underfit_high * start:
         return
     if mid <= 0 or (mid - end) / mid >= th.underfit_flat:
@@ -116,15 +119,16 @@ def _underfitting(ctx: _Context) -> None:
     if not np.isfinite(tend) or abs(vend - tend) > th.underfit_gap * max(abs(tend), 1e-12):
         return  # a gap between them is the other problem
     ctx.add(
-        "underfitting", "warning", ["total", "val_loss"], int(steps[v.size // 2]), int(steps[-1]),
-        f"Underfitting: the training loss is flat at {_fmt(end)} ({_fmt(100 * end / start)} % of its start "
-        f"{_fmt(start)}) over the second half of the run and the validation loss matches it ({_fmt(vend)}), "
+        "underfitting", "warning", [metadata.TOTAL_LOSS, "val_loss"], int(steps[v.size // 2]), int(steps[-1]),
+        f"Underfitting: the training loss is flat at {fmt(end)} ({fmt(100 * end / start)} % of its start "
+        f"{fmt(start)}) over the second half of the run and the validation loss matches it ({fmt(vend)}), "
         "while gradients and update sizes look healthy.",
-        advice.underfitting(ctx.model, _lr_text(ctx)),
+        advice.underfitting(ctx.model, lr_text(ctx)),
     )
 
 
-OVERFITTING = Rule("overfitting", ("overfitting",), ("val_loss", "loss"), _overfitting, after=CUTOFF)
+OVERFITTING = Rule("overfitting", ("overfitting",), ("val_loss", "loss"), _overfitting, after=CUTOFF,
+                  severities=("warning",))
 # Last: it holds only where no rule on the optimisation explains a loss stuck high.
 UNDERFITTING = Rule("underfitting", ("underfitting",), ("val_loss", "loss", "learning_rate"), _underfitting,
-                    after=tuple(sorted(_OPTIMISATION_KINDS)))
+                    after=_OPTIMISATION_RULES, severities=("warning",))

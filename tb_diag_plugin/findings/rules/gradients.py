@@ -8,24 +8,30 @@ from typing import Optional
 
 import numpy as np
 
+from tb_diag_plugin import metadata
 from tb_diag_plugin.findings import advice
 from tb_diag_plugin.findings.context import (
+    CAUSE_KINDS,
+    CUTOFF,
+    Context,
     Rule,
-    _Context,
-    _fmt,
-    _is_bias,
-    _lr_text,
-    _names,
-    _persistent,
-    _quiet,
-    _sibling_weight,
-    _window,
+    fmt,
+    is_bias,
+    layer_list,
+    lr_text,
+    model_column,
+    persistent,
+    quiet,
+    sibling_weight,
+    smaller,
+    total_grad,
+    window,
 )
 from tb_diag_plugin.findings.series import Series
 from tb_diag_plugin.findings.thresholds import Thresholds
 
 
-def _nonfinite(ctx: _Context) -> None:
+def _nonfinite(ctx: Context) -> None:
     """NaN/Inf in the loss, gradients, weights or activations: where it started."""
     sources: list[tuple[str, Series, np.ndarray]] = []  # (what, series, bad[S, L])
     loss = ctx.series.get("loss")
@@ -71,36 +77,79 @@ def _nonfinite(ctx: _Context) -> None:
             row = int(np.flatnonzero(s.steps == first)[0])
             names = [s.layers[j] for j in np.flatnonzero(bad[row])]
             layers += names
-            parts.append(f"{what} {_names(names, 3)} ({len(names)}/{len(s.layers)})")
+            parts.append(f"{what} {layer_list(names, 3)} ({len(names)}/{len(s.layers)})")
         else:
             parts.append(f"{what} from step {f0}")
     steps_bad = max(f[2] for f in firsts.values())
     before = _growth_before(ctx, first)
+    true_first = _first_between(ctx, first)
+    at = (f"step {true_first} (between logged steps; first seen at logged step {first})"
+          if true_first is not None and true_first < first else f"step {first}")
+    clip = "add gradient clipping (torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))"
+    sudden = ("look for log(0), division by zero, sqrt at 0 or exp overflow in the loss and the model (add an "
+              "eps or clamp, use F.log_softmax / F.binary_cross_entropy_with_logits), and for bad values in the "
+              "batch; torch.autograd.set_detect_anomaly(True) names the operation")
     if before is not None:
         cause = f"{before} before it"
-        suggestion = (
-            "The run diverged: lower the learning rate (try 10x lower), add gradient clipping "
-            "(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)) or a warm-up, and check the "
-            "initialisation."
-        )
-    else:
+        suggestion = (f"The run diverged: lower the learning rate (try 10× lower), {clip} or a warm-up, and check "
+                      "the initialisation.")
+    elif _watched_before(ctx, first):
         cause = "with no growth of the gradients or the loss before it"
-        suggestion = (
-            "A sudden NaN/Inf points at the computation, not the step size: look for log(0), division "
-            "by zero, sqrt at 0 or exp overflow in the loss and the model (add an eps or clamp, use "
-            "F.log_softmax / F.binary_cross_entropy_with_logits), and for bad values in the batch; "
-            "torch.autograd.set_detect_anomaly(True) names the operation."
-        )
+        suggestion = f"A sudden NaN/Inf points at the computation, not the step size: {sudden}."
+    else:
+        prev = _logged_before(ctx, first)
+        cause = ("no growth on the logged steps before it; the steps "
+                 + (f"between {prev} and {first} " if prev is not None else "before it ")
+                 + "were not observed, so a blow-up there cannot be ruled out")
+        suggestion = (f"If the gradients blew up between logged steps (likely in recurrent nets): {clip} and "
+                      f"lower the learning rate; if it came suddenly: {sudden}. Logging every step "
+                      "(log_every=1) around it, or the logger's between-steps maxima, tell the two apart.")
     ctx.add(
         "nonfinite", "error", layers, first, last,
-        f"NaN/Inf first at step {first} ({cause}): " + "; ".join(parts)
+        f"NaN/Inf: first at {at} ({cause}): " + "; ".join(parts)
         + f"; {steps_bad} logged step(s) affected, last at {last}.",
         suggestion,
     )
     ctx.mark_primary()
 
 
-def _amp_by_design(ctx: _Context, steps: np.ndarray) -> np.ndarray:
+def _logged_before(ctx: Context, step: int) -> Optional[int]:
+    """The logged step before `step` (of the loss or the gradients), or None."""
+    prev = [int(s.steps[s.steps < step].max()) for m in ("loss", "grad_norm", "grad_norm_total")
+            if (s := ctx.series.get(m)) is not None and (s.steps < step).any()]
+    return max(prev) if prev else None
+
+
+def _first_between(ctx: Context, step: int) -> Optional[int]:
+    """The first non-finite step the logger saw between logged steps, as recorded at logged step `step`."""
+    col = model_column(ctx, "nonfinite_first_step")
+    if col is None:
+        return None
+    steps, v = col
+    hit = np.isfinite(v) & (steps <= step) & (steps >= (_logged_before(ctx, step) or -1))
+    return int(v[hit].min()) if hit.any() else None
+
+
+def _watched_before(ctx: Context, step: int) -> bool:
+    """Whether every step before `step` was observed: logged one by one, or covered by finite
+    between-steps maxima of the gradient norm and the loss."""
+    prev = _logged_before(ctx, step)
+    if prev is None:
+        return False
+    if step - prev <= 1:
+        return True
+    for m in ("grad_norm_max_between", "loss_max_between"):
+        s = ctx.series.get(m)
+        if s is None or not s.steps.size:
+            return False
+        row = np.flatnonzero(s.steps == step)
+        # NaN: not measured, or a maximum that a non-finite value swallowed: growth before it is unknown.
+        if not row.size or not s.present[row[0], 0] or not np.isfinite(s.values[row[0], 0]):
+            return False
+    return True
+
+
+def _amp_by_design(ctx: Context, steps: np.ndarray) -> np.ndarray:
     """Per step: the GradScaler skipped it (non-finite gradients are expected), scale still sane."""
     out = np.zeros(steps.shape, dtype=bool)
     skipped = ctx.series.get("amp_skipped")
@@ -119,47 +168,45 @@ def _amp_by_design(ctx: _Context, steps: np.ndarray) -> np.ndarray:
     return out
 
 
-def _total_grad(ctx: _Context) -> Optional[tuple[np.ndarray, np.ndarray]]:
-    """(steps, total gradient norm), all logged steps, NaN kept."""
-    tot = ctx.series.get("grad_norm_total")
-    if tot is not None and tot.steps.size:
-        return tot.steps, np.where(tot.present[:, 0], tot.values[:, 0].astype(np.float64), np.nan)
-    g = ctx.series.get("grad_norm")
-    if g is None or not g.steps.size:
-        return None
-    vals = np.where(g.present, g.values.astype(np.float64), 0.0)
-    return g.steps, np.sqrt((vals**2).sum(axis=1))
-
-
 def _growth(v: np.ndarray, th: Thresholds) -> Optional[float]:
     """How many times its start (first value, or the early median if lower) `v` reached at its end."""
     if v.size < 2:
         return None
-    base = min(float(v[0]), float(np.median(v[: _window(v.size, th)])))
+    base = min(float(v[0]), float(np.median(v[: window(v.size, th)])))
     peak = float(v[-min(3, v.size):].max())
     return peak / base if base > 0 else None
 
 
-def _growth_before(ctx: _Context, first_bad: int) -> Optional[str]:
+def _growth_before(ctx: Context, first_bad: int) -> Optional[str]:
     """'gradients grew 1e6x' (or the loss) up to the first NaN/Inf, when something grew 10x or more."""
     found = []
-    tg = _total_grad(ctx)
+    tg = total_grad(ctx)
     if tg is not None:
         steps, v = tg
-        found.append(("gradients", _growth(v[(steps < first_bad) & np.isfinite(v)], ctx.th)))
+        between = model_column(ctx, "grad_norm_max_between")
+        if between is not None:  # the largest norm on the unlogged steps up to each logged one
+            bsteps, bv = between
+            common, ti, bi = np.intersect1d(steps, bsteps, return_indices=True)
+            v = v.copy()
+            v[ti] = np.fmax(v[ti], np.where(np.isfinite(bv[bi]), bv[bi], np.nan))
+            extra = np.isin(steps, common[np.isfinite(bv[bi])]) & (steps == first_bad)
+            keep = ((steps < first_bad) | extra) & np.isfinite(v)
+        else:
+            keep = (steps < first_bad) & np.isfinite(v)
+        found.append(("gradients", _growth(v[keep], ctx.th)))
     loss = ctx.series.get("loss")
-    if loss is not None and "total" in loss.layers and loss.steps.size:
-        v = np.where(loss.present[:, loss.layers.index("total")],
-                     loss.values[:, loss.layers.index("total")].astype(np.float64), np.nan)
+    if loss is not None and metadata.TOTAL_LOSS in loss.layers and loss.steps.size:
+        v = np.where(loss.present[:, loss.layers.index(metadata.TOTAL_LOSS)],
+                     loss.values[:, loss.layers.index(metadata.TOTAL_LOSS)].astype(np.float64), np.nan)
         found.append(("the loss", _growth(v[(loss.steps <= first_bad) & np.isfinite(v)], ctx.th)))
     grew = [(what, g) for what, g in found if g is not None and g >= 10]
     if not grew:
         return None
     what, g = max(grew, key=lambda t: t[1])
-    return f"{what} grew {_fmt(g)}x"
+    return f"{what} grew {fmt(g)}×"
 
 
-def _exploding(ctx: _Context) -> None:
+def _exploding(ctx: Context) -> None:
     th = ctx.th
     got = ctx.get("exploding_gradient", "grad_norm", why="gradients are recorded on logged steps after backward")
     if got is None:
@@ -173,7 +220,7 @@ def _exploding(ctx: _Context) -> None:
     detail = []
 
     # 1. Growth of the total norm over its own start.
-    tg = _total_grad(ctx)
+    tg = total_grad(ctx)
     if tg is not None:
         tsteps, tv = tg
         keep = np.isin(tsteps, steps) & np.isfinite(tv)
@@ -181,7 +228,7 @@ def _exploding(ctx: _Context) -> None:
         if tv.size >= 2:
             # The start is the first value (a run can blow up within its first few logged steps),
             # or the early median when that is lower.
-            w = _window(tv.size, th)
+            w = window(tv.size, th)
             base = min(float(tv[0]), float(np.median(tv[:w])))
             high = tv >= th.explode_growth * base if base > 0 else np.zeros(tv.shape, dtype=bool)
             high[0] = False
@@ -192,15 +239,15 @@ def _exploding(ctx: _Context) -> None:
                 first, last = int(tsteps[hit[0]]), int(tsteps[hit[-1]])
                 peak = float(tv[hit].max())
                 rows = np.isin(steps, tsteps[hit])
-                lbase = np.fmin(gv[0], _quiet(np.nanmedian, gv[: _window(gv.shape[0], th)], axis=0))
-                lpeak = _quiet(np.nanmax, gv[rows], axis=0)
+                lbase = np.fmin(gv[0], quiet(np.nanmedian, gv[: window(gv.shape[0], th)], axis=0))
+                lpeak = quiet(np.nanmax, gv[rows], axis=0)
                 grew = [g.layers[j] for j in range(len(g.layers))
                         if lbase[j] > 0 and lpeak[j] >= th.explode_growth * lbase[j]]
                 for n in grew or g.layers:
                     flagged[n] = None
                 detail.append(
-                    f"the total gradient norm grew from {_fmt(base)} to {_fmt(peak)} "
-                    f"({_fmt(peak / base)}x) by step {last}"
+                    f"the total gradient norm grew from {fmt(base)} to {fmt(peak)} "
+                    f"({fmt(peak / base)}×) by step {last}"
                     + (", then NaN/Inf" if ctx.nan_step is not None else "")
                 )
                 blowup = first
@@ -227,35 +274,37 @@ def _exploding(ctx: _Context) -> None:
             valid = np.isfinite(ratio)
             worst = []
             for j, n in enumerate(names):
-                if _is_bias(n):
+                if is_bias(n):
                     continue  # a bias near 0 makes any gradient look huge next to it
-                span = _persistent(ratio[:, j] >= th.explode_grad_to_weight, valid[:, j], th)
+                span = persistent(ratio[:, j] >= th.explode_grad_to_weight, valid[:, j], th)
                 if span is not None:
                     flagged[n] = None
-                    worst.append(float(_quiet(np.nanmedian, ratio[:, j])))
+                    worst.append(float(quiet(np.nanmedian, ratio[:, j])))
                     first = int(rsteps[span[0]]) if first is None else min(first, int(rsteps[span[0]]))
                     last = int(rsteps[span[1]]) if last is None else max(last, int(rsteps[span[1]]))
             if worst:
                 detail.append(
-                    f"{len(worst)} layer(s) have gradients {_fmt(min(worst))}-{_fmt(max(worst))}x their "
-                    f"weight norm (healthy: below 1)"
+                    f"{len(worst)} tensor(s) have gradients "
+                    + (f"{fmt(min(worst))}×" if min(worst) == max(worst) else
+                       f"from {fmt(min(worst))}× to {fmt(max(worst))}×")
+                    + " their weight norm (healthy: below 1)"
                 )
     if not flagged:
         return
     if blowup is not None and ctx.nan_step is not None:
         # From here on the run blows up into NaN: what the other rules would see is its consequence.
         ctx.cutoff = min(ctx.nan_step, blowup)
-    layers = list(flagged)
+    layers = ctx.in_model_order(flagged)
     severity = "error" if ctx.nan_step is not None else "warning"
     ctx.add(
         "exploding_gradient", severity, layers, first, last,
-        f"Exploding gradients in {_names(layers)}: " + "; ".join(detail) + ".",
-        advice.exploding(ctx.model, _lr_text(ctx)),
+        f"Exploding gradients: in {layer_list(layers)}, " + "; ".join(detail) + ".",
+        advice.exploding(ctx.model, lr_text(ctx), "grad_norm_preclip" in ctx.series),
     )
     ctx.mark_primary()
 
 
-def _overflow(ctx: _Context, g: Series, th: Thresholds) -> Optional[tuple[list[str], str]]:
+def _overflow(ctx: Context, g: Series, th: Thresholds) -> Optional[tuple[list[str], str]]:
     """At the first non-finite gradient step: the layers that overflowed, and why it is an overflow."""
     step = ctx.nan_step
     rows = np.flatnonzero(g.steps == step)
@@ -265,30 +314,30 @@ def _overflow(ctx: _Context, g: Series, th: Thresholds) -> Optional[tuple[list[s
     before = g.steps < step
     if before.any():
         early = np.where(g.present[before], g.values[before].astype(np.float64), np.nan)
-        base = np.fmin(early[0], _quiet(np.nanmedian, early[: _window(early.shape[0], th)], axis=0))
+        base = np.fmin(early[0], quiet(np.nanmedian, early[: window(early.shape[0], th)], axis=0))
     else:
         base = np.full(row.shape, np.nan)
     grown = np.isfinite(row) & (row >= th.explode_growth * base)
     loss = ctx.series.get("loss")
     loss_ok = None
-    if loss is not None and "total" in loss.layers:
+    if loss is not None and metadata.TOTAL_LOSS in loss.layers:
         lr = np.flatnonzero(loss.steps == step)
-        if lr.size and loss.present[lr[0], loss.layers.index("total")]:
-            v = float(loss.values[lr[0], loss.layers.index("total")])
+        if lr.size and loss.present[lr[0], loss.layers.index(metadata.TOTAL_LOSS)]:
+            v = float(loss.values[lr[0], loss.layers.index(metadata.TOTAL_LOSS)])
             loss_ok = v if math.isfinite(v) else None
     if not grown.any() and loss_ok is None:
         return None
     names = [n for j, n in enumerate(g.layers) if grown[j] or np.isposinf(row[j])]
     why = f"gradients overflowed to inf at step {step}"
     if loss_ok is not None:
-        why += f" while the loss was still finite ({_fmt(loss_ok)})"
+        why += f" while the loss was still finite ({fmt(loss_ok)})"
     if grown.any():
         least = float(np.nanmin(row[grown] / base[grown]))
-        why += f"; {int(grown.sum())} layer(s) were at {_fmt(least)}x or more of their start"
+        why += f"; {int(grown.sum())} layer(s) were at {fmt(least)}× their start or more"
     return names or list(g.layers), why
 
 
-def _per_weight(g: Series, w: Series, ctx: _Context, th: Thresholds):
+def _per_weight(g: Series, w: Series, ctx: Context, th: Thresholds):
     """grad/weight norm per layer at common steps, layers with a non-negligible weight norm only."""
     gsteps, gv = ctx.before_cutoff(g)
     wsteps, wv = ctx.before_cutoff(w)
@@ -304,7 +353,7 @@ def _per_weight(g: Series, w: Series, ctx: _Context, th: Thresholds):
     return ratio, common, names
 
 
-def _vanishing(ctx: _Context) -> None:
+def _vanishing(ctx: Context) -> None:
     th = ctx.th
     got = ctx.get("vanishing_gradient", "grad_norm")
     if got is None:
@@ -318,11 +367,11 @@ def _vanishing(ctx: _Context) -> None:
     gv = np.where(np.isfinite(gv), gv, np.nan)
     raw = gv
     gv, l2 = _without_l2(ctx, steps, gv, g.layers)
-    top = _quiet(np.nanmax, gv, axis=1)
+    top = quiet(np.nanmax, gv, axis=1)
     valid_row = np.isfinite(top) & (top > 0)
     share = gv / np.where(valid_row, top, np.nan)[:, None]
-    w = _window(steps.size, th)
-    share0 = _quiet(np.nanmedian, share[:w], axis=0)
+    w = window(steps.size, th)
+    share0 = quiet(np.nanmedian, share[:w], axis=0)
     low = share < th.vanish_ratio
     collapsed = (share < th.vanish_soft_ratio) & (share < share0[None, :] / th.vanish_drop)
     cand = low | collapsed
@@ -331,7 +380,7 @@ def _vanishing(ctx: _Context) -> None:
 
     spans: dict[str, tuple[int, int]] = {}
     for j, n in enumerate(g.layers):
-        span = _persistent(cand[:, j], valid[:, j], th)
+        span = persistent(cand[:, j], valid[:, j], th)
         if span is not None:
             spans[n] = span
     vanishing, no_grad, redundant = [], [], []
@@ -339,11 +388,11 @@ def _vanishing(ctx: _Context) -> None:
         j = g.layers.index(n)
         if zero[valid[:, j], j].all():
             no_grad.append(n)
-        elif _is_bias(n) and _sibling_weight(n) in g.layers and _sibling_weight(n) not in spans:
+        elif is_bias(n) and sibling_weight(n) in g.layers and sibling_weight(n) not in spans:
             # A bias is judged with its own weight: a bias right before BatchNorm/LayerNorm (or a
             # key-projection bias under softmax) gets ~0 gradient by construction, harmlessly.
-            ws = share[:, g.layers.index(_sibling_weight(n))]
-            if _quiet(lambda a, b: np.nanmedian(a / b), share[:, j], ws) < th.vanish_ratio:
+            ws = share[:, g.layers.index(sibling_weight(n))]
+            if quiet(lambda a, b: np.nanmedian(a / b), share[:, j], ws) < th.vanish_ratio:
                 redundant.append(n)
         else:
             vanishing.append(n)
@@ -352,10 +401,14 @@ def _vanishing(ctx: _Context) -> None:
         idx = [g.layers.index(n) for n in vanishing]
         first = min(spans[n][0] for n in vanishing)
         last = max(spans[n][1] for n in vanishing)
-        med = _quiet(np.nanmedian, share[:, idx], axis=0)
+        med = quiet(np.nanmedian, share[:, idx], axis=0)
         med = med[np.isfinite(med) & (med > 0)]
-        lead = _quiet(np.nanargmax, _quiet(np.nanmedian, gv, axis=0))
-        rng = f"{_fmt(float(med.min()))}-{_fmt(float(med.max()))}x" if med.size else "a vanishing share of"
+        lead = quiet(np.nanargmax, quiet(np.nanmedian, gv, axis=0))
+        if med.size:
+            lo, hi = float(med.min()), float(med.max())
+            rng = smaller(hi) if lo == hi or hi >= 1 else f"from {fmt(1 / hi)}× to {fmt(1 / lo)}× smaller than"
+        else:
+            rng = "a vanishing share of"
         sat = ctx.series.get("saturation")
         hint = ""
         if sat is not None and sat.layers:
@@ -363,27 +416,35 @@ def _vanishing(ctx: _Context) -> None:
             hint = (f" The model has {len(sat.layers)} {'/'.join(types)} activation site(s): their derivative "
                     "is at most 1/4 (sigmoid) or 1 (tanh) and far less in saturation.")
         if l2 is not None:
-            hint += (f" An L2 term in the loss gives every weight a gradient of {_fmt(l2)} x its norm; "
+            hint += (f" An L2 term in the loss gives every weight a gradient of {fmt(l2)}× its norm; "
                      "beyond that, these tensors get almost nothing from the data.")
+        vanishing = ctx.in_model_order(vanishing)
+        weights = [n for n in g.layers if not is_bias(n)]
+        # Most of the network starved far below the threshold: it cannot learn, which is an error.
+        severe = (len([n for n in vanishing if not is_bias(n)]) >= th.vanish_error_share * max(1, len(weights))
+                  and med.size and float(np.median(med)) <= th.vanish_error_ratio)
         ctx.add(
-            "vanishing_gradient", "warning", vanishing, int(steps[first]), int(steps[last]),
-            f"{len(vanishing)} tensor(s) ({_names(vanishing)}) get gradients {rng} those of "
-            f"{g.layers[int(lead)]} (median over steps) from step {int(steps[first])}.{hint}",
-            advice.vanishing(ctx.model, _lr_text(ctx)),
+            "vanishing_gradient", "error" if severe else "warning", vanishing, int(steps[first]), int(steps[last]),
+            f"Vanishing gradients: {len(vanishing)} tensor(s) ({layer_list(vanishing)}) get gradients {rng} "
+            f"those of '{g.layers[int(lead)]}' (median over the logged steps) from step {int(steps[first])}.{hint}",
+            advice.vanishing(ctx.model, lr_text(ctx)),
         )
+        if severe:
+            ctx.mark_primary()  # a network that cannot learn explains a loss that does not fall
     if redundant:
         first = min(spans[n][0] for n in redundant)
         last = max(spans[n][1] for n in redundant)
         ctx.add(
             "vanishing_gradient", "info", redundant, int(steps[first]), int(steps[last]),
-            f"{_names(redundant)} get gradients under {_fmt(th.vanish_ratio)}x those of their own weights. "
+            f"Bias without effect: {layer_list(redundant)} get gradients over {fmt(1 / th.vanish_ratio)}× "
+            "smaller than those of their own weights. "
             "A bias followed by normalisation (BatchNorm/LayerNorm subtracts it again) has no effect.",
             "If the layer feeds a normalisation layer, construct it with bias=False; nothing else changes.",
         )
     # Exactly zero on every logged step (`no_grad`): the no_gradient rule names those.
 
 
-def _without_l2(ctx: _Context, steps: np.ndarray, gv: np.ndarray,
+def _without_l2(ctx: Context, steps: np.ndarray, gv: np.ndarray,
                 names: list[str]) -> tuple[np.ndarray, Optional[float]]:
     """Gradient norms with an L2 regulariser's share taken out, where the recording shows one.
 
@@ -403,17 +464,17 @@ def _without_l2(ctx: _Context, steps: np.ndarray, gv: np.ndarray,
     cols = np.array([col_of.get(n, -1) for n in names], dtype=np.int64)
     known = (rows[:, None] >= 0) & (cols[None, :] >= 0)
     wm = np.where(known, wv[np.maximum(rows, 0)[:, None], np.maximum(cols, 0)[None, :]], np.nan)
-    weights = np.array([not _is_bias(n) for n in names]) & (cols >= 0)
+    weights = np.array([not is_bias(n) for n in names]) & (cols >= 0)
     if weights.sum() < 3:
         return gv, None
     ratio = np.where(wm >= ctx.th.min_weight_norm, gv / np.where(wm > 0, wm, 1.0), np.nan)
     rw = ratio[:, weights]
-    floor = _quiet(np.nanmin, rw, axis=1)
+    floor = quiet(np.nanmin, rw, axis=1)
     at_floor = (rw <= floor[:, None] * ctx.th.l2_floor_tolerance).sum(axis=1)
     need = max(3, math.ceil(0.25 * int(weights.sum())))
     # Some tensors must stand well above the floor: when all sit on it, the regulariser swamps the
     # data everywhere (loss_component_dominance), which is not one layer starving another.
-    contrast = _quiet(np.nanmax, rw, axis=1) >= ctx.th.l2_floor_contrast * floor
+    contrast = quiet(np.nanmax, rw, axis=1) >= ctx.th.l2_floor_contrast * floor
     has = np.isfinite(floor) & (floor > 0) & (at_floor >= need) & contrast
     if not has.any():
         return gv, None
@@ -422,22 +483,20 @@ def _without_l2(ctx: _Context, steps: np.ndarray, gv: np.ndarray,
     return np.where(has[:, None], data, gv), float(np.median(floor[has]))
 
 
-# The NaN/Inf cutoff: `nonfinite` sets it, `exploding_gradient` moves it back to where the
-# blow-up began; every rule that judges a healthy-looking stretch runs after both.
 NONFINITE = Rule(
     "nonfinite", ("nonfinite",),
     ("loss", "grad_norm", "grad_nonfinite", "weight_norm", "act_mean", "amp_skipped", "amp_scale",
-     "grad_norm_total"),
-    _nonfinite,
+     "grad_norm_total", "grad_norm_max_between", "loss_max_between", "nonfinite_first_step"),
+    _nonfinite, severities=("error",), consequence_of=("grad_not_reset", "lr_unbounded"),
 )
 EXPLODING = Rule(
     "exploding_gradient", ("exploding_gradient",),
-    ("grad_norm", "grad_norm_total", "weight_norm", "loss", "learning_rate"),
-    _exploding, after=("nonfinite",),
+    ("grad_norm", "grad_norm_total", "weight_norm", "loss", "learning_rate", "grad_norm_preclip"),
+    _exploding, after=("nonfinite",), severities=("error", "warning"),
+    consequence_of=("not_in_optimizer", "grad_not_reset", "lr_unbounded"),
 )
-CUTOFF = ("nonfinite", "exploding_gradient")
 VANISHING = Rule(
     "vanishing_gradient", ("vanishing_gradient",), ("grad_norm", "weight_norm", "saturation", "learning_rate"),
     _vanishing,
-    after=CUTOFF,
+    after=CUTOFF, severities=("error", "warning", "info"), consequence_of=CAUSE_KINDS,
 )

@@ -9,8 +9,8 @@ from typing import Optional
 
 import numpy as np
 
-from tb_diag_plugin.findings.context import Rule, _Context, _fmt, _loss_total, _lr_text, _window
-from tb_diag_plugin.findings.rules.gradients import CUTOFF
+from tb_diag_plugin import metadata
+from tb_diag_plugin.findings.context import CAUSE_KINDS, CUTOFF, Context, Rule, fmt, loss_total, lr_text, window
 from tb_diag_plugin.findings.thresholds import Thresholds
 
 
@@ -18,7 +18,7 @@ def _relative_decrease(v: np.ndarray, th: Thresholds) -> Optional[tuple[float, f
     """(start, end, decrease as a share of |start|) over medians of the first and last windows."""
     if v.size < th.loss_min_points:
         return None
-    w = _window(v.size, th)
+    w = window(v.size, th)
     start, end = float(np.median(v[:w])), float(np.median(v[-w:]))
     scale = abs(start)
     if scale < 1e-12:
@@ -26,30 +26,81 @@ def _relative_decrease(v: np.ndarray, th: Thresholds) -> Optional[tuple[float, f
     return start, end, (start - end) / scale
 
 
-def _loss_spike(ctx: _Context) -> None:
+def _loss_spike(ctx: Context) -> None:
     th = ctx.th
     got = ctx.get("loss_spike", "loss", why="pass loss= to diag.step")
     if got is None:
         return
     (s,) = got
     steps, vals = ctx.before_cutoff(s)
-    names = ["total"] if "total" in s.layers else list(s.layers)
+    names = [metadata.TOTAL_LOSS] if metadata.TOTAL_LOSS in s.layers else list(s.layers)
     for name in names:
         v = vals[:, s.layers.index(name)]
         ok = np.isfinite(v)
         st, v = steps[ok], v[ok]
         spikes = _spikes(v, th)
         if not spikes:
+            _jump(ctx, name, st, v, _between(ctx, name, st))
             continue
         worst = max(spikes, key=lambda t: t[1])
         at = ", ".join(str(int(st[i])) for i, _ in spikes[:5]) + (" ..." if len(spikes) > 5 else "")
         ctx.add(
             "loss_spike", "warning", [name], int(st[spikes[0][0]]), int(st[spikes[-1][0]]),
-            f"Loss '{name}' spiked {len(spikes)} time(s) (steps {at}); the largest to {_fmt(worst[1])}x "
+            f"Loss spikes: '{name}' spiked {len(spikes)} time(s) (steps {at}); the largest to {fmt(worst[1])}× "
             f"its running median, at step {int(st[worst[0]])}, and came back.",
             "Look at the batches of those steps (corrupt samples, wrong labels, outliers); clip gradients "
             "(clip_grad_norm_) so one batch cannot throw the weights far, or lower the learning rate.",
+            steps=[int(st[i]) for i, _ in spikes],  # the Loss view marks these
         )
+
+
+def _between(ctx: Context, name: str, st: np.ndarray) -> Optional[np.ndarray]:
+    """The largest loss since the previous logged step, at each of `st` (NaN where not recorded)."""
+    s = ctx.series.get("loss_max_between")
+    if s is None or name not in s.layers or not s.steps.size:
+        return None
+    out = np.full(st.shape, np.nan)
+    _, a, b = np.intersect1d(st, s.steps, return_indices=True)
+    out[a] = np.where(s.present[b, s.layers.index(name)], s.values[b, s.layers.index(name)], np.nan)
+    return out
+
+
+def _jump(ctx: Context, name: str, st: np.ndarray, v: np.ndarray, peak: Optional[np.ndarray] = None) -> None:
+    """A jump of `loss_jump` times the level before it, even right after the first logged step (the
+    baseline may be a single value), whether or not it came back; unless loss_diverged reported it.
+    `peak`, the largest loss since the previous logged step, shows a jump that fell between them."""
+    th = ctx.th
+    if v.size < 2 or any(f.kind == "loss_diverged" and f.severity != "info" for f in ctx.findings):
+        return
+    level = abs(float(np.median(v[: window(v.size, th)])))
+    top = v if peak is None else np.fmax(v, np.where(np.isfinite(peak), peak, np.nan))
+    best = None
+    for i in range(1, v.size):
+        base = float(np.median(v[max(0, i - th.spike_window): i]))
+        if base > 0 and top[i] >= th.loss_jump * base and top[i] - base >= th.spike_min_rise * min(level, base):
+            if best is None or top[i] / base > best[1]:
+                best = (i, float(top[i]) / base, base)
+    if best is None:
+        return
+    i, ratio, base = best
+    hidden = top[i] > v[i]  # the jump fell on a step that was not logged
+    where = f"between steps {int(st[i - 1])} and {int(st[i])}" if hidden else f"at step {int(st[i])}"
+    start = float(v[0])
+    after = v[i + 1:]
+    back = np.flatnonzero(after <= max(start, base) * 1.5) if after.size else np.zeros(0, dtype=np.int64)
+    if back.size:
+        how = f"and came back to {fmt(float(after[back[0]]))} by step {int(st[i + 1 + back[0]])}"
+    elif after.size:
+        how = f"and never returned to its start ({fmt(start)}; {fmt(float(v[-1]))} at the end)"
+    else:
+        how = "at the last logged step"
+    ctx.add(
+        "loss_spike", "warning", [name], int(st[i]), int(st[-1] if not back.size else st[i + 1 + back[0]]),
+        f"Loss jumped: '{name}' went from {fmt(base)} to {fmt(float(top[i]))} ({fmt(ratio)}×) {where}, {how}.",
+        "A jump this large in one step is an over-large update: lower the learning rate"
+        f"{lr_text(ctx)}, add a warm-up and clip gradients (torch.nn.utils.clip_grad_norm_(params, 1.0)); "
+        "check the batch of that step for outliers.",
+    )
 
 
 def _spikes(v: np.ndarray, th: Thresholds) -> list[tuple[int, float]]:
@@ -59,7 +110,7 @@ def _spikes(v: np.ndarray, th: Thresholds) -> list[tuple[int, float]]:
     min_prev = max(3, th.spike_window // 2)
     if n <= min_prev:
         return out
-    level = abs(float(np.median(v[: _window(n, th)])))
+    level = abs(float(np.median(v[: window(n, th)])))
     # Noise outliers grow with the number of draws: ask for the expected maximum of n normals.
     z_need = max(th.spike_mad, math.sqrt(2 * math.log(n)) + 1.0)
     # Cheap necessary conditions first (the window's minimum bounds its median from below).
@@ -104,14 +155,14 @@ def _spikes(v: np.ndarray, th: Thresholds) -> list[tuple[int, float]]:
     return out
 
 
-def _loss_not_decreasing(ctx: _Context) -> None:
+def _loss_not_decreasing(ctx: Context) -> None:
     th = ctx.th
-    loss = _loss_total(ctx)
+    loss = loss_total(ctx)
     if loss is None:
         ctx.notes.append("loss_not_decreasing: not checked, no 'loss' recorded (pass loss= to diag.step)")
         return
     steps, v, names = loss
-    name = "total" if names == ["total"] else " + ".join(names)
+    name = metadata.TOTAL_LOSS if names == [metadata.TOTAL_LOSS] else " + ".join(names)
     dec = _relative_decrease(v, th)
     if dec is None:
         if v.size < th.loss_min_points:
@@ -128,27 +179,27 @@ def _loss_not_decreasing(ctx: _Context) -> None:
             return
         name, steps, start, end, frac = stuck
         names = [name]
-    lr = _lr_text(ctx)
+    lr = lr_text(ctx)
     ctx.add(
         "loss_not_decreasing", "warning", names, int(steps[0]), int(steps[-1]),
-        f"Loss '{name}' went from {_fmt(start)} to {_fmt(end)} (median of the first and last logged steps, "
-        f"{_fmt(-100 * frac)} % change) over steps {int(steps[0])}-{int(steps[-1])}.",
+        f"Loss not decreasing: '{name}' went from {fmt(start)} to {fmt(end)} (median of the first and last "
+        f"logged steps, {fmt(-100 * frac)} % change) from step {int(steps[0])} to {int(steps[-1])}.",
         f"Check that the learning rate{lr} is not 0 or tiny and that the optimizer owns the model's "
         "parameters, that the labels match the inputs (shuffled together), and that the model can fit "
         "one small batch; see the other findings for the cause.",
     )
 
 
-def _stuck_data_term(ctx: _Context, total_start: float):
+def _stuck_data_term(ctx: Context, total_start: float):
     """(name, steps, start, end, decrease) of a data term, at least half the loss, that does not fall."""
     s = ctx.series.get("loss")
-    if s is None or "total" not in s.layers or abs(total_start) <= 0:
+    if s is None or metadata.TOTAL_LOSS not in s.layers or abs(total_start) <= 0:
         return None
     spread = ctx.series.get("loss_p50")
     per_sample = set(spread.layers) if spread is not None else set()
     steps, vals = ctx.before_cutoff(s)
     for j, n in enumerate(s.layers):
-        if n == "total" or _role(n, n in per_sample) != "data":
+        if n == metadata.TOTAL_LOSS or _role(n, n in per_sample) != "data":
             continue
         ok = np.isfinite(vals[:, j])
         dec = _relative_decrease(vals[ok, j], ctx.th)
@@ -178,10 +229,10 @@ def _role(name: str, per_sample: bool) -> str:
     return "unknown"
 
 
-def _dominance(ctx: _Context) -> None:
+def _dominance(ctx: Context) -> None:
     th = ctx.th
     s = ctx.series.get("loss")
-    comps = [n for n in (s.layers if s is not None else []) if n != "total"]
+    comps = [n for n in (s.layers if s is not None else []) if n != metadata.TOTAL_LOSS]
     if s is None or len(comps) < 2:
         ctx.notes.append("loss_component_dominance: not checked, needs two or more components "
                          "(diag.step(..., losses={'ce': ce, 'l2': l2}))")
@@ -205,7 +256,7 @@ def _dominance(ctx: _Context) -> None:
             if ok.sum() < 2:
                 continue
             st, va, vb = steps[ok], va[ok], vb[ok]
-            w = _window(vb.size, th)
+            w = window(vb.size, th)
             b0 = float(np.median(vb[:w]))
             ratio = va / np.maximum(vb, 1e-30)
             dom = (ratio >= th.dominance_ratio) & (vb >= th.dominance_unlearned * b0)
@@ -221,10 +272,10 @@ def _dominance(ctx: _Context) -> None:
             ctx.add(
                 "loss_component_dominance", "warning" if known else "info", [a, b],
                 int(st[hit[0]]), int(st[hit[-1]]),
-                f"'{a}' is {_fmt(typical)}x '{b}' (median over {hit.size} logged steps, "
-                f"{int(st[hit[0]])}-{int(st[hit[-1]])}) while '{b}' went from {_fmt(b0)} to {_fmt(b_end)}"
+                f"One loss term dominates: '{a}' is {fmt(typical)}× '{b}' (median over {hit.size} logged steps, "
+                f"from step {int(st[hit[0]])} to {int(st[hit[-1]])}) while '{b}' went from {fmt(b0)} to {fmt(b_end)}"
                 + ("" if known else "; if '" + b + "' is the data term it is being swamped") + ".",
-                f"Scale '{a}' down (its coefficient is too large; try about {_fmt(_pow10(typical))}x smaller) "
+                f"Scale '{a}' down (its coefficient is too large; try about {fmt(_pow10(typical))}× smaller) "
                 f"so that '{b}' drives the gradients; typical weight decay is 1e-4 to 1e-2.",
             )
 
@@ -233,11 +284,13 @@ def _pow10(x: float) -> float:
     return 10.0 ** max(1, math.ceil(math.log10(max(x, 1.0))))
 
 
-LOSS_SPIKE = Rule("loss_spike", ("loss_spike",), ("loss",), _loss_spike, after=CUTOFF)
+LOSS_SPIKE = Rule("loss_spike", ("loss_spike",), ("loss", "learning_rate", "loss_max_between"), _loss_spike,
+                  after=CUTOFF + ("loss_diverged",), severities=("warning",), consequence_of=CAUSE_KINDS)
 LOSS_NOT_DECREASING = Rule(
     "loss_not_decreasing", ("loss_not_decreasing",), ("loss", "loss_p50", "learning_rate"), _loss_not_decreasing,
-    after=CUTOFF,
+    after=CUTOFF, severities=("warning",), consequence_of=CAUSE_KINDS,
 )
 DOMINANCE = Rule(
     "loss_component_dominance", ("loss_component_dominance",), ("loss", "loss_p50"), _dominance, after=CUTOFF,
+    severities=("warning", "info"),
 )

@@ -9,19 +9,20 @@ import numpy as np
 
 from tb_diag_plugin.findings import advice
 from tb_diag_plugin.findings.context import (
+    CUTOFF,
+    Context,
     Rule,
-    _Context,
-    _fmt,
-    _is_bias,
-    _lr_text,
-    _persistent,
-    _quiet,
-    _weights_over_start,
+    clipping_by_design,
+    fmt,
+    is_bias,
+    lr_text,
+    persistent,
+    quiet,
+    weights_over_start,
 )
-from tb_diag_plugin.findings.rules.gradients import CUTOFF
 
 
-def _update_ratio(ctx: _Context) -> None:
+def _update_ratio(ctx: Context) -> None:
     th = ctx.th
     got = ctx.get("update_ratio", "update_ratio", why="pass optimizer= to Diagnostics")
     if got is None:
@@ -32,7 +33,7 @@ def _update_ratio(ctx: _Context) -> None:
         return
     # Weight tensors only: biases and norm shifts start at 0, where ||dw||/||w|| is meaningless.
     wn = ctx.series.get("weight_norm")
-    cols = [j for j, n in enumerate(u.layers) if not _is_bias(n)]
+    cols = [j for j, n in enumerate(u.layers) if not is_bias(n)]
     if wn is not None and wn.steps.size:
         wsteps, wv = ctx.before_cutoff(wn)
         common, ui, wi = np.intersect1d(steps, wsteps, return_indices=True)
@@ -48,10 +49,10 @@ def _update_ratio(ctx: _Context) -> None:
     uv = np.where(np.isfinite(uv), uv, np.nan)
     if steps.size == 0 or np.isnan(uv).all():
         return
-    med = _quiet(np.nanmedian, uv, axis=1)
+    med = quiet(np.nanmedian, uv, axis=1)
     # For "too small", only tensors that got a gradient: no gradient means no update whatever the
     # learning rate (dead units, vanishing gradients: their own rules say so).
-    top = _quiet(np.nanmax, np.where(_has_grad(ctx, steps, names), uv, np.nan), axis=1)
+    top = quiet(np.nanmax, np.where(_has_grad(ctx, steps, names), uv, np.nan), axis=1)
 
     # Too large: after the first logged step (Adam's first update is lr/rms(w) by construction).
     high = med > th.update_ratio_high
@@ -64,63 +65,68 @@ def _update_ratio(ctx: _Context) -> None:
         g, at = growth
         ctx.add(
             "update_ratio", "warning", names, int(steps[0]), at,
-            f"Updates too large: the median weight tensor's norm grew {_fmt(g)}x by step {at} "
-            f"(healthy runs: under 2x); update ratios median {_fmt(float(np.nanmedian(med)))}, "
-            f"up to {_fmt(float(np.nanmax(med)))}.",
-            f"The learning rate{advice.lr_of(ctx.model, _lr_text(ctx))} is too high: lower it about 10x, "
+            f"Updates too large: the median weight tensor's norm grew {fmt(g)}× by step {at} "
+            f"(healthy runs: under 2×); update ratios median {fmt(float(np.nanmedian(med)))}, "
+            f"up to {fmt(float(np.nanmax(med)))}.",
+            f"The learning rate{advice.lr_of(ctx.model, lr_text(ctx))} is too high: lower it about 10×, "
             "or add weight decay, warm-up and gradient clipping.",
         )
         ctx.mark_primary()
         return
     if high.sum() >= need:
         hit = np.flatnonzero(high)
-        per = _quiet(np.nanmedian, uv[hit], axis=0)
+        per = quiet(np.nanmedian, uv[hit], axis=0)
         layers = [n for n, r in zip(names, per) if r > th.update_ratio_high] or names
         peak = float(np.nanmax(med[hit]))
+        severity = "error" if peak >= 1.0 else "warning"
+        if severity == "warning" and clipping_by_design(ctx):
+            severity = "info"  # lr x clip threshold is the step a clipped recurrent LM is meant to take
         ctx.add(
-            "update_ratio", "error" if peak >= 1.0 else "warning", layers, int(steps[hit[0]]), int(steps[hit[-1]]),
-            f"Updates too large: the median weight tensor changes by {_fmt(float(np.median(med[hit])))} of its "
-            f"norm per step (up to {_fmt(peak)}) on {hit.size} of {steps.size} logged steps; healthy is ~1e-3.",
-            advice.lr_too_high(ctx.model, _lr_text(ctx),
-                               _fmt(10 ** max(1, round(math.log10(max(peak, 1e-12) / 1e-3) - 0.5)))),
+            "update_ratio", severity, layers, int(steps[hit[0]]), int(steps[hit[-1]]),
+            f"Updates too large: the median weight tensor changes by {fmt(float(np.median(med[hit])))} of its "
+            f"norm per step (up to {fmt(peak)}) on {hit.size} of {steps.size} logged steps; healthy is ~1e-3.",
+            advice.lr_too_high(ctx.model, lr_text(ctx),
+                               fmt(10 ** max(1, round(math.log10(max(peak, 1e-12) / 1e-3) - 0.5))),
+                               "grad_norm_preclip" in ctx.series),
         )
-        ctx.mark_primary()
+        if severity != "info":
+            ctx.mark_primary()
         return
 
     # Too small: even the fastest-moving tensor barely moves, on most of the run.
     low = top < th.update_ratio_low
-    span = _persistent(low, np.isfinite(top), th)
+    span = persistent(low, np.isfinite(top), th)
     if span is not None and low.sum() >= max(2, math.ceil(th.persist_fraction * np.isfinite(top).sum())):
         sel = low & np.isfinite(top)
         typical = float(np.median(top[sel]))
-        lr = _lr_text(ctx)
+        lr = lr_text(ctx)
         zero = typical == 0
         ctx.add(
             "update_ratio", "warning", names, int(steps[span[0]]), int(steps[span[1]]),
-            ("Weights do not change at all: update ratio 0" if zero else
-             f"Updates too small: the fastest-moving weight tensor changes by {_fmt(typical)} of its norm "
+            ("Updates too small: the weights do not change at all (update ratio 0)" if zero else
+             f"Updates too small: the fastest-moving weight tensor changes by {fmt(typical)} of its norm "
              "per step") + f" on {int(sel.sum())} of {steps.size} logged steps; healthy is ~1e-3.",
             (f"The learning rate{lr} is 0 or the optimizer does not own these parameters." if zero else
              f"The learning rate{lr} is far too low: raise it about "
-             f"{_fmt(10 ** max(1, round(math.log10(1e-3 / max(typical, 1e-30)) - 0.5)))}x"
+             f"{fmt(10 ** max(1, round(math.log10(1e-3 / max(typical, 1e-30)) - 0.5)))}×"
              " (or check the schedule and that the optimizer owns these parameters)."),
         )
 
 
-def _weight_growth(ctx: _Context, names: list[str]) -> Optional[tuple[float, int]]:
+def _weight_growth(ctx: Context, names: list[str]) -> Optional[tuple[float, int]]:
     """(largest growth of the median weight tensor's norm over its first value, the step), or None."""
-    got = _weights_over_start(ctx, names)
+    got = weights_over_start(ctx, names)
     if got is None:
         return None
     steps, ratio = got
-    growth = _quiet(np.nanmedian, ratio, axis=1)
+    growth = quiet(np.nanmedian, ratio, axis=1)
     if not np.isfinite(growth).any():
         return None
     i = int(np.nanargmax(growth))
     return float(growth[i]), int(steps[i])
 
 
-def _has_grad(ctx: _Context, steps: np.ndarray, names: list[str]) -> np.ndarray:
+def _has_grad(ctx: Context, steps: np.ndarray, names: list[str]) -> np.ndarray:
     """[steps x names]: the tensor had a non-zero finite gradient at that step (True if unknown)."""
     out = np.ones((steps.size, len(names)), dtype=bool)
     g = ctx.series.get("grad_norm")
@@ -138,6 +144,9 @@ def _has_grad(ctx: _Context, steps: np.ndarray, names: list[str]) -> np.ndarray:
 
 
 UPDATE_RATIO = Rule(
-    "update_ratio", ("update_ratio",), ("update_ratio", "weight_norm", "grad_norm", "learning_rate"),
-    _update_ratio, after=CUTOFF,
+    "update_ratio", ("update_ratio",),
+    ("update_ratio", "weight_norm", "grad_norm", "learning_rate", "grad_norm_preclip", "grad_norm_total", "loss"),
+    _update_ratio, after=CUTOFF, severities=("error", "warning", "info"),
+    consequence_of=("weight_decay_equilibrium", "lr_unbounded", "grad_not_reset", "lr_zero", "lr_collapsed",
+                    "not_in_optimizer"),
 )

@@ -15,7 +15,8 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import torch
 
-from tb_diag_logger.losses import check_scalar
+from tb_diag_logger.collectors import Collector, Part
+from tb_diag_logger.collectors.losses import check_scalar
 from tb_diag_plugin import metadata
 
 VAL_LOSS, VAL_METRIC = metadata.VALIDATION_METRICS
@@ -60,3 +61,25 @@ def evaluation_vectors(items: list[tuple[str, str, Any]]) -> list[tuple[str, lis
             out.append((metric, [items[i][1] for i in idx], (), np.array([values[i] for i in idx], np.float32)))
     return out
 
+
+
+class Validation(Collector):
+    """`val_loss` and `val_metric` from `Diagnostics.evaluate()`: written at the evaluation's own step."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[int, list[Part]]] = []
+        self.last_step: Optional[int] = None  # evaluate() has its own order, apart from step()'s
+
+    def record(self, step: int, loss: Any, metrics: Optional[Mapping[str, Any]]) -> None:
+        """Check one evaluation (TypeError/ValueError naming what is wrong) and keep it for `late`."""
+        step = check_step(step)
+        if self.last_step is not None and step < self.last_step:
+            raise ValueError(f"step must not decrease between evaluate() calls: got {step} after {self.last_step}")
+        items = check_evaluation(loss, metrics)
+        self.last_step = step
+        self._pending.append((step, [Part(metric, names, torch.from_numpy(values))
+                                     for metric, names, _, values in evaluation_vectors(items)]))
+
+    def late(self) -> list[tuple[int, list[Part]]]:
+        pending, self._pending = self._pending, []
+        return pending

@@ -13,7 +13,12 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import numpy as np
 import torch
+
+from tb_diag_logger.collectors import Collector, Item, Part
+
+AMP_SCALE, AMP_SKIPPED = "amp_scale", "amp_skipped"
 
 
 def is_scaler(scaler: Any) -> bool:
@@ -75,3 +80,35 @@ def found_inf(scaler: Any, optimizer: Optional[torch.optim.Optimizer], device: t
     if not found:
         return None
     return torch.cat(found).sum().reshape(1)
+
+
+class AmpState(Collector):
+    """`amp_scale` and `amp_skipped` of a GradScaler; also unscales the gradient collector's norms."""
+
+    def __init__(self, scaler: Any, optimizer: Optional[torch.optim.Optimizer]) -> None:
+        self.scaler = scaler
+        self.optimizer = optimizer
+        self._skip_known = False
+
+    def unscale(self, norms: torch.Tensor, max_abs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradient statistics divided by the loss scale while the gradients are still scaled."""
+        if already_unscaled(self.scaler, self.optimizer):
+            return norms, max_abs
+        scale = scale_tensor(self.scaler, norms.device)
+        return norms / scale, max_abs / scale
+
+    def parts(self, step: int) -> list[Part]:
+        device = self.ctx.device
+        parts = [Part(AMP_SCALE, [""], scale_tensor(self.scaler, device))]
+        found = found_inf(self.scaler, self.optimizer, device)
+        self._skip_known = found is not None
+        if found is not None:  # `unscale_` ran: the scaler skips the step when it found inf/NaN
+            parts.append(Part(AMP_SKIPPED, [""], ((found > 0) | ~torch.isfinite(found)).to(torch.float32)))
+        return parts
+
+    def finish(self, step: int, host: dict[str, np.ndarray]) -> list[Item]:
+        if self._skip_known:
+            return []
+        # Not unscaled yet: the scaler will skip exactly when a gradient is not finite.
+        norms = host.get("grad_norm", np.zeros(0))
+        return [(AMP_SKIPPED, [""], (), np.array([float(not np.isfinite(norms).all())], np.float32))]

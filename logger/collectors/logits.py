@@ -1,4 +1,6 @@
-"""Output-logit growth: `logit_max_abs` and `logit_lse` of the model's output, on logged steps only.
+"""Output-logit growth: `logit_max_abs` and `logit_lse` of the model's output, on logged steps only;
+`logit_min`, `logit_max` and `logit_rowsum_dev` (max over rows of |row sum - 1|) say whether the output
+is already squashed (sigmoid outputs in [0, 1], softmax rows summing to 1) before a loss that squashes it.
 
 The logits are the root module's output: a tensor, the `.logits` of a
 Hugging Face `ModelOutput` (or a dict's ``"logits"``), or the first float
@@ -19,9 +21,11 @@ import torch
 from torch import nn
 
 from tb_diag_logger import hooks
+from tb_diag_logger.collectors import Collector, Part
 from tb_diag_plugin import metadata
 
 MAX_ABS, LSE = metadata.LOGIT_METRICS
+LOGIT_MIN, LOGIT_MAX, ROWSUM_DEV = metadata.LOGIT_RANGE_METRICS
 
 
 def logits_of(output: Any) -> Optional[torch.Tensor]:
@@ -59,7 +63,7 @@ def _compiling() -> bool:
     return bool(check())
 
 
-class LogitCapture:
+class LogitCapture(Collector):
     """Owns the root's forward hook and the logged step's running logit statistics."""
 
     def __init__(self, model: nn.Module, armed: Callable[[], bool], on_error: Callable[[str, BaseException], None],
@@ -70,7 +74,8 @@ class LogitCapture:
         self._armed = armed
         self._on_error = on_error
         self._names: dict[int, str] = {}  # last dimension -> head name
-        self._stats: dict[str, list[torch.Tensor]] = {}  # head -> [max |logit|, sum of row LSEs, rows]
+        # head -> [max |logit|, sum of row LSEs, rows, min, max, max |row sum - 1|]
+        self._stats: dict[str, list[torch.Tensor]] = {}
         self._handle = hooks.forward_hook(model if hook_on is None else hook_on, self._post)
 
     def _post(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -91,24 +96,37 @@ class LogitCapture:
         if name is None:
             name = self._names[width] = head_name(self._model, width)
         lo, hi = torch.aminmax(y)
-        biggest = torch.maximum(hi, -lo).to(torch.float32)
-        lse = torch.logsumexp(y.to(torch.float32), dim=-1).sum()
+        lo, hi = lo.to(torch.float32), hi.to(torch.float32)
+        biggest = torch.maximum(hi, -lo)
+        y32 = y.to(torch.float32)
+        lse = torch.logsumexp(y32, dim=-1).sum()
+        # Rows that already sum to 1 are probabilities (a softmax head): ~0 here.
+        rowsum_dev = (y32.sum(dim=-1) - 1).abs().amax()
         rows = torch.tensor(float(y.numel() // width), device=y.device)
         old = self._stats.get(name)
         if old is None:
-            self._stats[name] = [biggest, lse, rows]
+            self._stats[name] = [biggest, lse, rows, lo, hi, rowsum_dev]
         else:  # several forwards before step(): gradient accumulation
-            self._stats[name] = [torch.maximum(old[0], biggest), old[1] + lse, old[2] + rows]
+            self._stats[name] = [
+                torch.maximum(old[0], biggest), old[1] + lse, old[2] + rows,
+                torch.minimum(old[3], lo), torch.maximum(old[4], hi), torch.maximum(old[5], rowsum_dev),
+            ]
 
-    def take(self, device: torch.device) -> list[tuple[str, list[str], torch.Tensor]]:
-        """[(MAX_ABS, heads, values), (LSE, heads, mean LSE per row)] of this step's forwards, or []."""
+    def parts(self, step: int) -> list[Part]:
+        """`MAX_ABS`, `LSE` (mean LSE per row), `LOGIT_MIN`, `LOGIT_MAX` and `ROWSUM_DEV` (max over rows of
+        |row sum - 1|) per head of this step's forwards (the writing rank's batch)."""
         stats, self._stats = self._stats, {}
         if not stats:
             return []
+        device = self.ctx.device
         names = list(stats)
         biggest = torch.stack([stats[n][0].to(device) for n in names])
         lse = torch.stack([(stats[n][1] / stats[n][2]).to(device) for n in names])
-        return [(MAX_ABS, names, biggest), (LSE, names, lse)]
+        extra = [
+            Part(metric, names, torch.stack([stats[n][k].to(device) for n in names]))
+            for k, metric in ((3, LOGIT_MIN), (4, LOGIT_MAX), (5, ROWSUM_DEV))
+        ]
+        return [Part(MAX_ABS, names, biggest), Part(LSE, names, lse), *extra]
 
     def clear(self) -> None:
         """Forget what this step's forwards left (a step that was not logged)."""

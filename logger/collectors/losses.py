@@ -11,15 +11,18 @@ ranks and per-sample vectors are gathered from every rank.
 from __future__ import annotations
 
 import numbers
+import zlib
 from typing import Any, Mapping, Optional, Union
 
 import torch
 
 from tb_diag_logger import distributed, reductions
+from tb_diag_logger.collectors import Collector, Part
 from tb_diag_plugin import metadata
 
 LossLike = Union[torch.Tensor, float, int]
 
+LOSS = "loss"
 SPREAD_METRICS = metadata.LOSS_SPREAD_METRICS  # min, the reductions.QUANTILES, max
 
 
@@ -90,3 +93,28 @@ def loss_tensors(
         values[sample_idx] = torch.cat(means)
         spreads = torch.stack([reductions.spread(v) for v in vectors])
     return names, values, [names[i] for i in sample_idx], spreads
+
+
+class Losses(Collector):
+    """The `loss=`/`losses=` of the current `step()` call (checked there), reduced on the logged step."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, Any]] = []
+
+    def signature(self) -> list[float]:
+        names = [n for n, _ in self.items]
+        per_sample = [n for n, v in self.items if is_per_sample(v)]
+        return [len(names), _hash(names), _hash(per_sample)]
+
+    def parts(self, step: int) -> list[Part]:
+        names, values, spread_names, spreads = loss_tensors(self.items, self.ctx.device, self.ctx.reduce)
+        return [Part(LOSS, names, values)] + [
+            Part(metric, spread_names, spreads[:, j]) for j, metric in enumerate(SPREAD_METRICS)
+        ]
+
+    def clear(self) -> None:
+        self.items = []  # nothing of a step outlives it
+
+
+def _hash(names: list[str]) -> float:
+    return float(zlib.crc32("\n".join(names).encode("utf-8")))

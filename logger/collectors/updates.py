@@ -1,12 +1,13 @@
 """`update_ratio`: ‖Δw‖/‖w‖ across one optimizer step, through the optimizer's step hooks.
 
 On a logged step the pre-hook copies the parameters that have gradients
-into buffers allocated once (fresh parameter-sized tensors page-fault:
-PERF_NOTES.md); their norms are the weight norms `Diagnostics.step()` took
+into buffers allocated once (fresh parameter-sized tensors page-fault on
+every use); their norms are the weight norms `Diagnostics.step()` took
 moments before (taken again only if a weight changed in between); the
 post-hook subtracts the new values in place and takes the norms of the
 difference. Nothing is copied on steps that are not logged. The result is
-written at the next `step()` or `close()`, under the logged step's number.
+written at the next `step()` or `close()`, under the logged step's number
+(`late`).
 
 Closure-driven steps (`opt.step(closure)`: LBFGS, Lightning) run the forward
 and backward, and so `Diagnostics.step()`, inside the optimizer's step, after
@@ -22,9 +23,12 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from tb_diag_logger import cost, distributed, reductions
+from tb_diag_logger.collectors import Collector, Part
+
+UPDATE_RATIO = "update_ratio"
 
 
-class UpdateRatio:
+class UpdateRatio(Collector):
     """Owns the optimizer hooks and the snapshot buffers."""
 
     def __init__(
@@ -32,8 +36,10 @@ class UpdateRatio:
         optimizer: torch.optim.Optimizer,
         params: Sequence[tuple[str, torch.Tensor]],
         on_error: Callable[[str, BaseException], None],
+        impl: Optional[str] = None,
     ) -> None:
         self._params = list(params)
+        self._plan = reductions.Planner(impl)  # of the snapshot: one parameter layout, reused
         self.in_closure_step = False  # an `opt.step(closure)` is running and has called its closure
         self._on_error = on_error
         self.pending: Optional[int] = None  # the logged step whose optimizer step to measure
@@ -132,7 +138,8 @@ class UpdateRatio:
         # The offer holds these weights' norms (and their flat copy, for many small parameters)
         # from step() moments ago, if nothing has changed them since.
         norms, flat = self._take_offer(idx, local) or (None, None)
-        if flat is None and reductions.flat_ok(local):
+        plan = self._plan(local)
+        if flat is None and plan.impl == "flat":
             flat = reductions.flatten(local)  # many small parameters: one flat copy (fresh: it is small)
         if flat is not None:
             self._snapshot, self._snapshot_params, self._flat = [flat], params, True
@@ -145,7 +152,7 @@ class UpdateRatio:
             self._flat = False
             torch._foreach_copy_(self._snapshot, local)
             if norms is None:
-                norms = reductions.grouped_norms(self._snapshot, self._device())
+                norms = plan.norms(self._snapshot, self._device())[0]
         self._old_norms = norms.to(self._device())
 
     def _after(self, optimizer, args, kwargs) -> None:
@@ -170,7 +177,8 @@ class UpdateRatio:
                 self._device(),
             )
         else:
-            delta = reductions.subtract_norms_(self._snapshot, current, self._device())  # old - new, in the buffers
+            # old - new, in the buffers (their layout is the parameters')
+            delta = self._plan(self._snapshot).subtract_norms_(self._snapshot, current, self._device())
         old, self._old_norms = self._old_norms, None
         if distributed.any_sharded(p for _, p in self._snapshot_params):
             w = distributed.shard_weights([p for _, p in self._snapshot_params], delta.device)
@@ -186,6 +194,14 @@ class UpdateRatio:
         """The measured (step, names, ratios) if there is one, once."""
         result, self.result = self.result, None
         return result
+
+    def late(self) -> list[tuple[int, list[Part]]]:
+        """The ratio of the last logged step's optimizer step, once it has run."""
+        result = self.take()
+        if result is None:
+            return []
+        step, names, ratio = result
+        return [(step, [Part(UPDATE_RATIO, names, ratio)])]
 
     def close(self) -> None:
         """Remove the optimizer hooks and drop the snapshot buffers."""

@@ -1,0 +1,168 @@
+"""Findings rule on gradient-norm spikes, global and per tensor: `gradient_spike`.
+
+Found the way large-model trainers find them: each logged norm against the median of a
+rolling window of the previous ones, by a robust z-score (median absolute deviation) in log
+space, with a spike score (the share of logged steps that spike). The logger's between-steps
+maximum (`grad_norm_max_between`) shows the spikes that fall between logged steps."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+
+from tb_diag_plugin.findings.context import (
+    CUTOFF,
+    Context,
+    Rule,
+    fmt,
+    is_bias,
+    layer_list,
+    model_column,
+    pct,
+    total_grad,
+)
+from tb_diag_plugin.findings.model_info import GATED_TYPES
+from tb_diag_plugin.findings.thresholds import Thresholds
+
+
+def spikes(v: np.ndarray, th: Thresholds, peak: Optional[np.ndarray] = None,
+           draws: int = 1) -> list[tuple[int, float]]:
+    """(index, size as a multiple of the running median) of each spike of a positive series `v`.
+
+    `peak` (same length, NaN where unknown) is the largest value seen since the previous entry (the
+    between-steps maximum): a spike there counts at the entry that reports it. `draws` is how many
+    series are searched together (the z-score needed grows with the chances noise gets).
+    """
+    n = v.size
+    out: list[tuple[int, float]] = []
+    if n < 4:
+        return out
+    x = np.where(np.isfinite(v) & (v > 0), v, np.nan)
+    cand = x if peak is None else np.fmax(x, np.where(np.isfinite(peak) & (peak > 0), peak, np.nan))
+    lx = np.log(x)
+    d = np.diff(lx)
+    d = d[np.isfinite(d)]
+    run_sigma = 1.4826 * float(np.median(np.abs(d - np.median(d)))) / math.sqrt(2) if d.size >= 3 else 0.0
+    z_need = max(th.grad_spike_z, math.sqrt(2 * math.log(max(2, n * draws))) + 1.0)
+    spiked = np.zeros(n, dtype=bool)
+    for i in range(1, n):
+        c = cand[i]
+        if not np.isfinite(c):
+            continue
+        lo = max(0, i - th.grad_spike_window)
+        prev = lx[lo:i][~spiked[lo:i]]
+        prev = prev[np.isfinite(prev)]
+        if prev.size < 3:
+            continue
+        base = float(np.median(prev))
+        ratio = float(c) / math.exp(base)
+        if ratio < th.grad_spike_ratio:
+            continue
+        sigma = max(run_sigma, 1.4826 * float(np.median(np.abs(prev - base))), 1e-3)
+        if (math.log(float(c)) - base) < z_need * sigma:
+            continue
+        # A spike comes back: a norm that stays up is growth (exploding_gradient), not a spike.
+        nxt = x[i + 1: i + 3]
+        nxt = nxt[np.isfinite(nxt)]
+        if nxt.size and float(nxt.min()) >= th.grad_spike_ratio * math.exp(base):
+            continue
+        spiked[i] = bool(np.isfinite(x[i]) and x[i] >= th.grad_spike_ratio * math.exp(base))
+        out.append((i, ratio))
+    return out
+
+
+def _gradient_spike(ctx: Context) -> None:
+    th = ctx.th
+    tg = total_grad(ctx)
+    if tg is None:
+        ctx.notes.append("gradient_spike: not checked, no 'grad_norm_total' or 'grad_norm' recorded")
+        return
+    steps, tv = tg
+    keep = steps < ctx.cutoff if ctx.cutoff is not None else np.ones(steps.shape, dtype=bool)
+    steps, tv = steps[keep], tv[keep]
+    between = model_column(ctx, "grad_norm_max_between")
+    peak = None
+    if between is not None:
+        bsteps, bv = between
+        peak = np.full(steps.shape, np.nan)
+        _, si, bi = np.intersect1d(steps, bsteps, return_indices=True)
+        peak[si] = bv[bi]
+    found = spikes(tv, th, peak)
+    # Per tensor: which tensors spike, and which first.
+    per: dict[str, list[tuple[int, float]]] = {}
+    g = ctx.series.get("grad_norm")
+    if g is not None and g.steps.size:
+        gsteps, gv = ctx.before_cutoff(g)
+        cols = [j for j, n in enumerate(g.layers) if not is_bias(n)] or list(range(len(g.layers)))
+        for j in cols:
+            s = spikes(gv[:, j], th, draws=len(cols))
+            if s:
+                per[g.layers[j]] = [(int(gsteps[i]), r) for i, r in s]
+    global_hits = [(int(steps[i]), r) for i, r in found]
+    strong = (len(global_hits) >= th.grad_spike_min or any(r >= th.grad_spike_single for _, r in global_hits))
+    tensor_strong = {n: h for n, h in per.items()
+                     if len(h) >= th.grad_spike_min or any(r >= th.grad_spike_single for _, r in h)}
+    if not strong and not tensor_strong:
+        return
+    first_tensors = sorted(tensor_strong or per, key=lambda n: ((tensor_strong or per)[n][0][0], -max(
+        r for _, r in (tensor_strong or per)[n])))
+    first_step = min([s for s, _ in global_hits] + [h[0][0] for h in tensor_strong.values()])
+    last_step = max([s for s, _ in global_hits] + [h[-1][0] for h in tensor_strong.values()])
+    parts = []
+    if global_hits:
+        rs = [r for _, r in global_hits]
+        worst = max(global_hits, key=lambda t: t[1])
+        at = ", ".join(str(s) for s, _ in global_hits[:5]) + (" ..." if len(global_hits) > 5 else "")
+        size = f"{fmt(min(rs))}×" if len(rs) == 1 else f"between {fmt(min(rs))}× and {fmt(max(rs))}×"
+        parts.append(f"the total gradient norm jumped to {size} its running median on {len(global_hits)} of "
+                     f"{steps.size} logged steps (spike score {pct(len(global_hits) / max(1, steps.size))}; steps "
+                     f"{at}), the largest at step {worst[0]}")
+    if first_tensors:
+        hits = tensor_strong or per
+        lead = first_tensors[0]
+        top = max(r for _, r in hits[lead])
+        if global_hits:
+            parts.append(f"first to spike: {layer_list(first_tensors)} ('{lead}' up to {fmt(top)}× its own "
+                         "running median)")
+        else:
+            at = sorted({s for h in hits.values() for s, _ in h})
+            parts.append(f"{layer_list(first_tensors)} jumped to up to {fmt(top)}× their own running median "
+                         f"('{lead}' first, at step {hits[lead][0][0]}) on {len(at)} of {steps.size} logged steps "
+                         f"(steps {', '.join(str(s) for s in at[:5])}{' ...' if len(at) > 5 else ''}); the total "
+                         "norm hides them")
+    finite = tv[np.isfinite(tv)]
+    spike_idx = {i for i, _ in found}
+    calm = np.array([x for i, x in enumerate(tv) if i not in spike_idx and np.isfinite(x)])
+    clip = float(np.percentile(calm if calm.size else finite, th.grad_spike_clip_pct)) if finite.size else math.nan
+    model = ctx.model
+    recurrent = [n for n, t in model.module_types.items() if t in GATED_TYPES]
+    clipped = "grad_norm_preclip" in ctx.series
+    clip_text = (f"torch.nn.utils.clip_grad_norm_(model.parameters(), {fmt(clip)}) (the "
+                 f"{th.grad_spike_clip_pct:.0f}th percentile of the logged norm)" if math.isfinite(clip) else
+                 "torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)")
+    if recurrent or model.is_transformer:
+        what = "recurrent" if recurrent else "attention"
+        tip = (f"Spikes like these are usual in {what} models and what gradient clipping is for: clip the norm "
+               f"before optimizer.step(), {clip_text}; if they persist, lower the learning rate or add a warm-up.")
+    else:
+        tip = (f"Look at the batches of those steps (outliers, corrupt samples, wrong labels); clip the norm, "
+               f"{clip_text}, so one batch cannot throw the weights far, or lower the learning rate.")
+    severity = "warning"
+    if clipped:
+        severity = "info"
+        tip = "Gradient clipping already caps these steps; " + tip[0].lower() + tip[1:]
+    ctx.add(
+        "gradient_spike", severity, first_tensors or [""], first_step, last_step,
+        "Gradient spikes: " + "; ".join(parts) + ".", tip,
+    )
+
+
+GRADIENT_SPIKE = Rule(
+    "gradient_spike", ("gradient_spike",),
+    ("grad_norm_total", "grad_norm", "grad_norm_max_between", "grad_norm_preclip"),
+    _gradient_spike, after=CUTOFF, severities=("warning", "info"),
+    consequence_of=("exploding_gradient", "nonfinite", "grad_not_reset", "lr_unbounded", "loss_diverged",
+                    "weight_norm_growth", "update_ratio", "not_in_optimizer"),
+)

@@ -1,0 +1,409 @@
+"""Findings that name the cause (issue 22), on hand-built series: the loop's wiring (a parameter in
+no optimizer group, gradients never reset, modules in the wrong mode, the learning rate's course,
+an output already squashed), gradient spikes, loss jumps, what the NaN rule may claim, causes over
+their consequences, and the words: each rule's headline is pinned here."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from tb_diag_plugin.findings import ModelInfo, Rule, analyze
+from tb_diag_plugin.findings.context import Context, fmt, layer_list, natural_key
+from tb_diag_plugin.findings.series import Series
+from tb_diag_plugin.findings.thresholds import Thresholds
+
+# Each kind's headline: the problem in plain words, first (a rule may have more than one).
+HEADLINES = {
+    "not_in_optimizer": ("Parameters never updated: ",),
+    "grad_not_reset": ("Gradients never reset: ",),
+    "module_mode": ("Module in the wrong mode: ",),
+    "lr_collapsed": ("Learning rate collapsed: ",),
+    "lr_unbounded": ("Learning rate unbounded: ",),
+    "lr_zero": ("Learning rate zero: ",),
+    "output_loss_mismatch": ("Output already a softmax: ", "Output already a sigmoid: "),
+    "nonfinite": ("NaN/Inf: ",),
+    "exploding_gradient": ("Exploding gradients: ",),
+    "gradient_spike": ("Gradient spikes: ",),
+    "vanishing_gradient": ("Vanishing gradients: ", "Bias without effect: "),
+    "no_gradient": ("No gradient: ",),
+    "gradient_clipping": ("Clipping on most steps: ", "Clipping scaled gradients: "),
+    "dead_relu": ("Dead ReLUs: ",),
+    "saturated_activation": ("Saturated activations: ", "Confident outputs: "),
+    "logit_growth": ("Logits growing: ",),
+    "update_ratio": ("Updates too large: ", "Updates too small: "),
+    "adam_eps": ("Adam's eps too large: ",),
+    "weight_norm_growth": ("Weight norms run away: ",),
+    "weight_decay_equilibrium": ("Weight decay dominates: ", "Weights collapse: "),
+    "loss_spike": ("Loss spikes: ", "Loss jumped: "),
+    "loss_diverged": ("Loss diverged: ",),
+    "loss_not_decreasing": ("Loss not decreasing: ",),
+    "loss_component_dominance": ("One loss term dominates: ",),
+    "overfitting": ("Overfitting: ",),
+    "underfitting": ("Underfitting: ",),
+}
+
+
+def _series(metric, layers, values, steps=None):
+    v = np.asarray(values, dtype=np.float32)
+    if v.ndim == 1:
+        v = v[:, None]
+    st = np.asarray(steps if steps is not None else np.arange(v.shape[0]) * 10, dtype=np.int64)
+    return Series(metric, list(layers), [""] * len(layers), st, v, np.ones(v.shape, dtype=bool))
+
+
+def _doc(params, held, types=None, optimizer="SGD", lr=0.1, eps=None):
+    """A structure document: one module per parameter's prefix, `held` the parameters in the optimizer."""
+    mods = {}
+    for p in params:
+        mods.setdefault(p.rsplit(".", 1)[0], []).append(
+            {"name": p, "requires_grad": True, "in_optimizer": p in held})
+    group = {"lr": lr, "params": list(held)}
+    if eps is not None:
+        group["eps"] = eps
+    return ModelInfo.from_structure({
+        "version": 1,
+        "modules": [{"name": m, "type": (types or {}).get(m, "Linear"), "params": ps, "sites": []}
+                    for m, ps in mods.items()],
+        "optimizer": {"class": optimizer, "groups": [group]},
+    })
+
+
+def _one(found, kind):
+    hits = [f for f in found if f.kind == kind]
+    assert len(hits) == 1, [(f.kind, f.severity, f.message) for f in found]
+    assert hits[0].message.startswith(HEADLINES[kind]), hits[0].message
+    return hits[0]
+
+
+def _kinds(found):
+    return {f.kind: f.severity for f in found}
+
+
+# ---------------------------------------------------------------- not_in_optimizer
+def test_a_replaced_head_in_no_optimizer_group_is_the_cause_not_exploding_gradients():
+    names = ["fc1.weight", "fc2.weight"]
+    g = np.ones((40, 2))
+    g[20:, 1] = 500.0  # the head's gradient, never applied, grows
+    s = {"grad_norm": _series("grad_norm", names, g),
+         "grad_norm_total": _series("grad_norm_total", [""], np.sqrt((g ** 2).sum(1))),
+         "optimizer_orphans": _series("optimizer_orphans", [""], np.full(40, 2.0))}
+    found, _ = analyze(s, model=_doc(names, held=["fc1.weight"]))
+    f = _one(found, "not_in_optimizer")
+    assert f.severity == "error" and f.layers == ["fc2.weight"] and found[0] is f
+    assert f.message.startswith("Parameters never updated: 1 tensor(s) ('fc2.weight')")
+    assert "2 tensor(s) the model no longer uses" in f.message
+    assert "Build the optimizer after replacing the module" in f.suggestion
+    e = _one(found, "exploding_gradient")
+    assert e.severity == "info" and "the not_in_optimizer finding" in e.message
+
+
+def test_a_backbone_left_out_of_the_optimizer_on_purpose_is_info():
+    names = ["backbone.weight", "head.weight"]
+    s = {"grad_norm": _series("grad_norm", names, np.ones((30, 2)))}
+    f = _one(analyze(s, model=_doc(names, held=["head.weight"]))[0], "not_in_optimizer")
+    assert f.severity == "info" and f.layers == ["backbone.weight"] and "requires_grad_(False)" in f.suggestion
+    # Every parameter held: nothing.
+    assert "not_in_optimizer" not in _kinds(analyze(s, model=_doc(names, held=names))[0])
+
+
+# ---------------------------------------------------------------- grad_not_reset
+def test_gradients_never_reset_name_zero_grad_and_outrank_the_growth():
+    n = 40
+    total = 0.5 * np.arange(1, n + 1) ** 1.5  # summed gradients grow with the step count
+    s = {"grad_carried": _series("grad_carried", [""], np.ones(n)),
+         "grad_norm_total": _series("grad_norm_total", [""], total),
+         "grad_norm": _series("grad_norm", ["w"], total)}
+    found, _ = analyze(s)
+    f = _one(found, "grad_not_reset")
+    assert f.severity == "error" and found[0] is f
+    assert f.message.startswith("Gradients never reset: on 40 of 40 logged steps")
+    assert "optimizer.zero_grad()" in f.suggestion and "accumulation" in f.suggestion
+    assert _kinds(found).get("exploding_gradient") == "info"
+    # Reset on every step (accumulation included: the logger reports 0): nothing.
+    s["grad_carried"] = _series("grad_carried", [""], np.zeros(n))
+    assert "grad_not_reset" not in _kinds(analyze(s)[0])
+
+
+# ---------------------------------------------------------------- module_mode
+def test_modules_in_eval_mode_while_training_are_named_with_model_train():
+    n = 30
+    s = {"eval_in_train": _series("eval_in_train", ["bn1", "drop", "bn2"], np.tile([1.0, 1.0, 0.0], (n, 1)))}
+    f = _one(analyze(s)[0], "module_mode")
+    assert f.severity == "warning" and f.layers == ["bn1", "drop"]
+    assert f.message.startswith("Module in the wrong mode: 'bn1', 'drop'") and "eval mode during training" in f.message
+    assert "model.train()" in f.suggestion
+
+
+def test_training_mode_during_evaluation_needs_two_evaluations():
+    v = np.zeros((30, 1))
+    v[[9, 19]] = 1.0
+    f = _one(analyze({"train_in_eval": _series("train_in_eval", ["bn"], v)})[0], "module_mode")
+    assert "training mode during evaluation" in f.message and "model.eval()" in f.suggestion
+    v[19] = 0.0  # one odd no_grad forward in training mode (an EMA teacher, a probe) is no habit
+    assert "module_mode" not in _kinds(analyze({"train_in_eval": _series("train_in_eval", ["bn"], v)})[0])
+
+
+# ---------------------------------------------------------------- the learning rate's course
+def _lr(values):
+    return {"learning_rate": _series("learning_rate", [""], values)}
+
+
+def test_a_per_epoch_scheduler_stepped_per_batch_collapses_the_learning_rate():
+    n = 100
+    lr = 0.1 * 0.5 ** np.arange(n)  # StepLR(step_size=1, gamma=0.5) stepped every batch
+    loss = np.r_[np.linspace(2.3, 2.1, 5), np.full(n - 5, 2.1)]
+    found, _ = analyze({**_lr(lr), "loss": _series("loss", ["total"], loss)})
+    f = _one(found, "lr_collapsed")
+    assert f.severity == "error" and f.message.startswith("Learning rate collapsed: it fell from 0.1 at step 0")
+    assert "the loss has barely moved since" in f.message and "once per epoch" in f.suggestion
+    assert _kinds(found).get("loss_not_decreasing", "info") == "info"
+
+
+@pytest.mark.parametrize("lr", [
+    0.1 * 0.5 * (1 + np.cos(np.pi * np.arange(200) / 199)),  # cosine to exactly 0 at the end
+    0.1 * 0.1 ** (np.arange(200) // 67),  # StepLR(67, 0.1): 1e-3 of the peak only in the last third
+    np.r_[np.linspace(1e-6, 3e-3, 20), np.full(180, 3e-3)],  # linear warm-up, then constant
+    np.linspace(1e-7, 1e-3, 50),  # a warm-up that lasts the whole (short) run
+])
+def test_usual_schedules_are_not_flagged(lr):
+    kinds = _kinds(analyze(_lr(lr))[0])
+    assert not {"lr_collapsed", "lr_unbounded", "lr_zero"} & set(kinds), kinds
+
+
+def test_a_schedule_that_climbs_exponentially_is_unbounded():
+    lr = 0.01 * 1.2 ** np.arange(60)
+    f = _one(analyze(_lr(lr))[0], "lr_unbounded")
+    assert f.severity == "error" and f.message.startswith("Learning rate unbounded: it climbs exponentially, from 0.01")
+
+
+def test_a_zero_learning_rate_is_an_error():
+    f = _one(analyze(_lr(np.zeros(30)))[0], "lr_zero")
+    assert f.severity == "error" and f.message.startswith("Learning rate zero: it is 0 on most logged steps")
+
+
+# ---------------------------------------------------------------- output_loss_mismatch
+def _squashed(loss_level, rows=True):
+    n = 30
+    lse = math.log(9 + math.e)  # ten classes, one near-certain: logsumexp of a probability row
+    s = {"logit_min": _series("logit_min", ["fc2"], np.full(n, 1e-4)),
+         "logit_max": _series("logit_max", ["fc2"], np.full(n, 0.97)),
+         "logit_rowsum_dev": _series("logit_rowsum_dev", ["fc2"], np.full(n, 2e-7 if rows else 0.6)),
+         "logit_lse": _series("logit_lse", ["fc2"], np.full(n, lse)),
+         "loss": _series("loss", ["total"], np.full(n, loss_level))}
+    return s
+
+
+def test_softmax_outputs_fed_to_a_loss_that_applies_its_own_softmax():
+    f = _one(analyze(_squashed(1.6))[0], "output_loss_mismatch")
+    assert f.severity == "warning" and f.layers == ["fc2"]
+    assert f.message.startswith("Output already a softmax: outputs of 'fc2' lie in [0, 1] and each row sums to 1")
+    assert "CrossEntropyLoss" in f.suggestion and "raw logits" in f.suggestion
+
+
+def test_squashed_outputs_with_a_loss_below_the_double_squash_floor_are_fine():
+    # log(p) + NLLLoss reaches a loss no CrossEntropyLoss over probabilities can: the pairing is right.
+    assert "output_loss_mismatch" not in _kinds(analyze(_squashed(0.2))[0])
+    f = _one(analyze(_squashed(0.6, rows=False))[0], "output_loss_mismatch")
+    assert f.severity == "warning"
+    assert f.message.startswith("Output already a sigmoid:") and "BCEWithLogitsLoss" in f.suggestion
+    # Between the floors (0.313 to 0.5) BCELoss on a sigmoid fits as well: a note only.
+    assert _one(analyze(_squashed(0.4, rows=False))[0], "output_loss_mismatch").severity == "info"
+    assert "output_loss_mismatch" not in _kinds(analyze(_squashed(0.1, rows=False))[0])  # BCELoss on sigmoid
+
+
+# ---------------------------------------------------------------- gradient_spike
+def _noisy(n, seed, spikes_every=None, size=(5.0, 10.0)):
+    rng = np.random.default_rng(seed)
+    v = 1.0 * rng.lognormal(0.0, 0.15, n)
+    if spikes_every:
+        at = np.arange(spikes_every, n, spikes_every)
+        v[at] *= rng.uniform(*size, at.size)
+    return v
+
+
+LSTM = ModelInfo.from_structure({"version": 1, "modules": [
+    {"name": "", "type": "Net", "params": [], "sites": []},
+    {"name": "rnn", "type": "LSTM", "params": [{"name": "rnn.weight_hh_l0"}], "sites": []},
+    {"name": "fc", "type": "Linear", "params": [{"name": "fc.weight"}], "sites": []}]})
+
+
+def test_recurrent_gradient_spikes_name_the_tensor_and_a_clip_threshold():
+    n = 300
+    tot = _noisy(n, 0, spikes_every=15)
+    per = np.stack([tot * 0.9, _noisy(n, 1) * 0.3], axis=1)
+    s = {"grad_norm_total": _series("grad_norm_total", [""], tot),
+         "grad_norm": _series("grad_norm", ["rnn.weight_hh_l0", "fc.weight"], per)}
+    f = _one(analyze(s, model=LSTM)[0], "gradient_spike")
+    assert f.severity == "warning" and f.layers[0] == "rnn.weight_hh_l0" and "fc.weight" not in f.layers
+    assert f.message.startswith("Gradient spikes: the total gradient norm jumped to between")
+    assert "spike score" in f.message
+    clip = float(f.suggestion.split("clip_grad_norm_(model.parameters(), ")[1].split(")")[0])
+    calm = np.delete(tot, np.arange(15, n, 15))
+    assert clip == pytest.approx(np.percentile(calm, 95), rel=0.02)
+    assert "recurrent" in f.suggestion
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_noisy_healthy_gradient_norms_have_no_spike(seed):
+    rng = np.random.default_rng(100 + seed)
+    n = 400
+    trend = 2.0 * np.exp(-np.arange(n) / 150) + 0.3
+    tot = trend * rng.lognormal(0.0, 0.35, n)
+    per = np.stack([tot * rng.lognormal(0, 0.3, n) for _ in range(6)], axis=1)
+    s = {"grad_norm_total": _series("grad_norm_total", [""], tot),
+         "grad_norm": _series("grad_norm", [f"{i}.weight" for i in range(6)], per)}
+    assert "gradient_spike" not in _kinds(analyze(s)[0])
+
+
+def test_a_spike_between_logged_steps_is_seen_through_the_between_maximum():
+    n = 60
+    tot = _noisy(n, 3)
+    between = tot * 1.3
+    between[[20, 40]] = 50.0  # the spike fell on an unlogged step
+    s = {"grad_norm_total": _series("grad_norm_total", [""], tot),
+         "grad_norm_max_between": _series("grad_norm_max_between", [""], between)}
+    f = _one(analyze(s)[0], "gradient_spike")
+    assert f.first_step == 200 and "steps 200, 400" in f.message
+
+
+def test_one_tensor_spiking_far_above_its_median_is_named_even_when_the_total_hides_it():
+    # word_language_model's tanh RNN without clipping: the recurrent weight's gradient at 19.2 against a
+    # median of 2.3e-4, while the decoder's large gradient keeps the total norm calm.
+    n = 100
+    rec = _noisy(n, 4) * 2.3e-4
+    rec[60] = 19.2
+    dec = _noisy(n, 5) * 1e3
+    s = {"grad_norm_total": _series("grad_norm_total", [""], np.sqrt(rec ** 2 + dec ** 2)),
+         "grad_norm": _series("grad_norm", ["rnn.weight_hh_l0", "decoder.weight"], np.stack([rec, dec], 1))}
+    f = _one(analyze(s, model=LSTM)[0], "gradient_spike")
+    assert f.layers == ["rnn.weight_hh_l0"] and f.first_step == 600
+    ratio = 19.2 / np.exp(np.median(np.log(rec[40:60])))  # against the median of the 20 logged steps before
+    assert f"'rnn.weight_hh_l0' jumped to up to {fmt(ratio)}× their own running median" in f.message
+
+
+def test_clipping_before_unscale_under_amp_names_unscale():
+    n = 20
+    scale = np.full(n, 65536.0)
+    pre = 65536.0 * np.full(n, 1.1)  # the scaled gradients' norm
+    s = {"grad_norm_preclip": _series("grad_norm_preclip", [""], pre),
+         "grad_norm_total": _series("grad_norm_total", [""], np.full(n, 1.0)),
+         "amp_scale": _series("amp_scale", [""], scale)}
+    f = _one(analyze(s)[0], "gradient_clipping")
+    assert f.severity == "error" and "scaler.unscale_(optimizer)" in f.suggestion
+    s["grad_norm_preclip"] = _series("grad_norm_preclip", [""], np.full(n, 1.5))  # unscaled: clipping on most steps
+    f = _one(analyze(s)[0], "gradient_clipping")
+    assert f.severity == "warning" and f.message.startswith("Clipping on most steps: ")
+
+
+def test_a_clipped_recurrent_language_model_that_learns_is_not_warned_about_its_recipe():
+    # word_language_model's defaults: SGD at lr 20 with clip 0.25, so every step is clipped and moves the
+    # weights by ~20 % of their norm, while the loss falls.
+    n = 50
+    names = ["rnn.weight_hh_l0", "fc.weight"]
+    s = {"grad_norm_preclip": _series("grad_norm_preclip", [""], np.full(n, 0.6)),
+         "grad_norm_total": _series("grad_norm_total", [""], np.full(n, 0.25)),
+         "update_ratio": _series("update_ratio", names, np.full((n, 2), 0.2)),
+         "weight_norm": _series("weight_norm", names, np.ones((n, 2))),
+         "loss": _series("loss", ["total"], np.linspace(6.0, 4.5, n))}
+    kinds = _kinds(analyze(s, model=LSTM)[0])
+    assert kinds["gradient_clipping"] == "info" and kinds["update_ratio"] == "info"
+    # The same numbers in a model without recurrence, or with a loss that does not fall, are warnings.
+    assert _kinds(analyze(s)[0])["gradient_clipping"] == "warning"
+    s["loss"] = _series("loss", ["total"], np.full(n, 6.0))
+    kinds = _kinds(analyze(s, model=LSTM)[0])
+    assert kinds["gradient_clipping"] == "warning" and kinds["update_ratio"] == "warning"
+
+
+# ---------------------------------------------------------------- loss jumps, and what NaN may claim
+def test_a_loss_jump_right_after_the_first_logged_step_counts():
+    # nanoGPT's train.py at lr 3: the jump, then a level that never returns to the start but is no
+    # divergence (under 3x the start).
+    loss = np.r_[4.3, 1050.0, 200.0, 40.0, np.linspace(10.0, 7.2, 26)]
+    f = _one(analyze({"loss": _series("loss", ["total"], loss)})[0], "loss_spike")
+    assert f.message.startswith("Loss jumped: 'total' went from 4.3 to 1.05e+03") and f.first_step == 10
+    assert "never returned to its start" in f.message
+
+
+def test_a_loss_jump_between_logged_steps_is_seen_through_the_between_maximum():
+    loss = np.linspace(2.0, 1.0, 30)
+    between = loss * 1.05
+    between[12] = 40.0  # a batch between logged steps 110 and 120
+    s = {"loss": _series("loss", ["total"], loss),
+         "loss_max_between": _series("loss_max_between", ["total"], between)}
+    f = _one(analyze(s)[0], "loss_spike")
+    assert "to 40 (" in f.message and "between steps 110 and 120" in f.message
+    assert "loss_spike" not in _kinds(analyze({"loss": s["loss"]})[0])  # unseen without it
+
+
+def _nan_run(every=10, between=None):
+    n = 20
+    g = np.full(n, 0.5)
+    g[-1] = np.nan
+    steps = np.arange(n) * every
+    s = {"grad_norm": _series("grad_norm", ["rnn.weight_hh_l0"], g, steps),
+         "loss": _series("loss", ["total"], np.where(np.isnan(g), np.nan, 2.0), steps)}
+    if between is not None:
+        s["grad_norm_max_between"] = _series("grad_norm_max_between", [""], between, steps)
+        s["loss_max_between"] = _series("loss_max_between", ["total"], np.full(n, 2.0), steps)
+    return _one(analyze(s)[0], "nonfinite")
+
+
+def test_nonfinite_claims_no_growth_only_where_the_steps_before_were_observed():
+    f = _nan_run(every=10)
+    assert "were not observed" in f.message and "no growth of the gradients" not in f.message
+    assert "clip" in f.suggestion
+    f = _nan_run(every=1)
+    assert "with no growth of the gradients or the loss before it" in f.message and "log(0)" in f.suggestion
+    f = _nan_run(every=10, between=np.r_[np.full(19, 0.6), 0.6])
+    assert "with no growth of the gradients or the loss before it" in f.message
+    f = _nan_run(every=10, between=np.r_[np.full(19, 0.6), np.nan])  # the maximum swallowed the NaN
+    assert "were not observed" in f.message
+    f = _nan_run(every=10, between=np.r_[np.full(18, 0.6), 5e16, 5e16])
+    assert "gradients grew" in f.message and "diverged" in f.suggestion
+
+
+# ---------------------------------------------------------------- causes over consequences
+def test_adam_eps_on_the_weights_of_dead_units_is_a_consequence():
+    n = 30
+    s = {"dead_fraction": _series("dead_fraction", ["1"], np.full(n, 0.995)),
+         "adam_eps_fraction": _series("adam_eps_fraction", ["0.weight", "2.weight"], np.full((n, 2), 0.9)),
+         "grad_norm": _series("grad_norm", ["0.weight", "2.weight"], np.full((n, 2), 1e-3))}
+    model = _doc(["0.weight", "2.weight"], held=["0.weight", "2.weight"], optimizer="Adam", eps=1e-8)
+    found, _ = analyze(s, model=model)
+    assert found[0].kind == "dead_relu" and found[0].severity == "error"
+    a = _one(found, "adam_eps")
+    assert a.severity == "info" and "the dead_relu finding" in a.message
+    assert "1e-8" not in a.suggestion.split("already")[0]  # never proposes the value eps already has
+
+
+def test_a_rule_cannot_report_a_severity_it_did_not_declare():
+    def loud(ctx) -> None:
+        ctx.add("loss_spike", "error", ["total"], 0, 0, "Loss spikes: x", "y")
+
+    series = {"loss": _series("loss", ["total"], np.ones(5))}
+    with pytest.raises(ValueError, match="severity 'error'"):
+        analyze(series, rules=[Rule("loud", ("loss_spike",), ("loss",), loud, severities=("warning",))])
+
+
+# ---------------------------------------------------------------- words
+def test_vanishing_gradients_that_starve_most_of_the_net_are_an_error_in_plain_words():
+    n = 30
+    names = [f"{i}.weight" for i in range(0, 40, 2)] + ["40.weight"]
+    g = np.ones((n, len(names)))
+    g[:, :-1] = np.logspace(-6, -4, len(names) - 1)  # 1e-6 to 1e-4 of the last layer's
+    f = _one(analyze({"grad_norm": _series("grad_norm", names, g)})[0], "vanishing_gradient")
+    assert f.severity == "error"
+    assert f.message.startswith("Vanishing gradients: 20 tensor(s) ('0.weight', '2.weight', '4.weight', "
+                                "'6.weight', ... (20 in all)) get gradients from 1.0e+04× to 1.0e+06× smaller than "
+                                "those of '40.weight'")
+
+
+def test_layer_lists_are_quoted_unique_and_in_model_order():
+    assert layer_list(["1", "3", "1"]) == "'1', '3'"
+    assert sorted(["11", "2", "1"], key=natural_key) == ["1", "2", "11"]
+    ctx = Context({}, Thresholds(), model=_doc(["b.weight", "a.weight"], held=[]))
+    assert ctx.in_model_order(["a.weight", "b.weight", "a.weight"]) == ["b.weight", "a.weight"]
+    assert Context({}, Thresholds()).in_model_order(["h.11", "h.2"]) == ["h.2", "h.11"]
