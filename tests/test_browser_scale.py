@@ -88,6 +88,18 @@ def test_wide_model_groups_rows_marks_nan_and_opens_on_click(browser, wide):
         assert len(y2) == len(opened["layers"]) > rows_before
         assert not any(group == n for n in opened["layers"])
 
+        # A finding's layers (as a click on it marks them) get rows of their own, framed, in a grouped view.
+        tab.frame.evaluate("([run, layer]) => tbDiag.select({marked: {run, layers: [layer]}, layer: null})",
+                           [RUN, BAD_LAYER])
+        tab.wait_chart(key, f"gd.data[0].y.includes({BAD_LAYER!r})")
+        tab.wait_ready("gradients")
+        chart = tab.chart(key)
+        row = chart["data"][0]["y"].index(BAD_LAYER)
+        assert len(chart["data"][0]["y"]) < len(LAYERS)
+        assert any(s["type"] == "rect" and s["y0"] <= row <= s["y1"] for s in chart["layout"]["shapes"])
+        tab.frame.evaluate("tbDiag.select({marked: null, layer: null})")
+        tab.wait_ready("gradients")
+
         # Live polls of a run that has not changed fetch no view again: only /runs and /versions.
         def polls():
             return tab.frame.evaluate("tbDiag.state.lastUpdate ? tbDiag.state.lastUpdate.getTime() : 0")
