@@ -192,6 +192,16 @@ def test_values_route_groups_rows(group_server, grouped_run):
     assert len(expanded["min"]) == len(expanded["values"])
     assert group_server.get("data/plugin/diagnostics/values?run=moe&metric=grad_norm&max_rows=10&expand=x")[0] == 404
     assert group_server.get("data/plugin/diagnostics/values?run=moe&metric=grad_norm&expand=model.layers.1")[0] == 400
+    assert group_server.get("data/plugin/diagnostics/values?run=moe&metric=grad_norm&max_rows=10&reveal=x")[0] == 404
+    # a revealed layer is a row of its own, exactly its ungrouped values
+    target = "model.layers.4.mlp.experts.3.bias"
+    shown = group_server.plugin(f"values?run=moe&metric=grad_norm&points=8&max_rows=10&reveal={target}")
+    plain = group_server.plugin(f"values?run=moe&metric=grad_norm&points=8&layer={target}")
+    j = shown["layers"].index(target)
+    got = np.array([np.nan if row[j] is None else float(row[j]) for row in shown["values"]])
+    want = np.array([np.nan if row[0] is None else float(row[0]) for row in plain["values"]])
+    np.testing.assert_allclose(got, want, rtol=1e-6)  # float32 sums of a bin, added in another order
+    assert len(shown["layers"]) < len(LAYERS)
 
 
 def test_versions_name_the_data_a_view_holds(group_server):
