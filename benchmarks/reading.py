@@ -43,6 +43,8 @@ POLL = "poll:"  # a request repeated until its answer is complete
 OVERVIEW_SERIES = ("loss", "grad_norm_total", "learning_rate", "dead_fraction")
 GRADIENT_FLOW_SERIES = ("grad_norm", "weight_norm")  # the grad/weight heatmap
 MODEL_VIEW_SERIES = ("grad_norm", "grad_nonfinite", "weight_norm", "update_ratio", "dead_fraction", "act_mean")
+# Layer rows the heatmap views ask for (`max_rows`): about what a 1000-px-high window holds (views/heatmap.js).
+TAB_MAX_ROWS = 80
 
 
 # ------------------------------------------------------------ measurements
@@ -91,6 +93,7 @@ def _views(layers: list[str], steps: int) -> list[tuple[str, list[str], str]]:
     v = d + "values?run=" + RUN + "&format=f32&metric="
     one = urllib.parse.quote(layers[len(layers) // 2])
     mid = steps // 2
+    g = f"&points=1000&max_rows={TAB_MAX_ROWS}"
     out = [
         ("tab start: /runs + /tags", [d + "runs", d + f"tags?run={RUN}"], "all"),
         ("overview: 4 headline series", [v + m + "&points=1000" for m in OVERVIEW_SERIES], "all"),
@@ -101,6 +104,20 @@ def _views(layers: list[str], steps: int) -> list[tuple[str, list[str], str]]:
         ("gradient flow: grad/weight heatmap", [v + m + "&points=1000" for m in GRADIENT_FLOW_SERIES], "all"),
         ("gradient flow: click a step (profile)", [v + f"grad_norm&points=1&start={mid}&end={mid}"], "all"),
         ("activations: dead_fraction heatmap", [v + "dead_fraction&points=1000"], "all"),
+        # As the tab asks since issue 24: layers grouped along the module tree to the screen's height.
+        (f"gradient flow: grad_norm heatmap, grouped (max_rows={TAB_MAX_ROWS})", [v + "grad_norm" + g], "all"),
+        (f"gradient flow: grad/weight heatmap, grouped (max_rows={TAB_MAX_ROWS})",
+         [v + m + g for m in GRADIENT_FLOW_SERIES], "all"),
+        ("gradient flow: click a step (profile), grouped", [v + f"grad_norm&points=1&start={mid}&end={mid}"
+                                                            f"&max_rows={TAB_MAX_ROWS}"], "all"),
+        (f"activations: dead_fraction heatmap, grouped (max_rows={TAB_MAX_ROWS})", [v + "dead_fraction" + g], "all"),
+        ("live poll of an unchanged run: /runs + /versions", [d + "runs", d + f"versions?run={RUN}"], "all"),
+    ]
+    first_group = _first_group(layers)
+    if first_group is not None:  # a click on a group's row: its children in place
+        out.append((f"gradient flow: open group {first_group}", [
+            v + "grad_norm" + g + "&expand=" + urllib.parse.quote(first_group)], "all"))
+    out += [
         ("loss", [v + "loss&points=1000"], "all"),
         ("model: structure + 6 metrics", [d + f"structure?run={RUN}"] + [
             v + m + "&points=200" for m in MODEL_VIEW_SERIES], "all"),
@@ -111,6 +128,14 @@ def _views(layers: list[str], steps: int) -> list[tuple[str, list[str], str]]:
         out.append(("(reference) grad_norm heatmap as JSON", [d + f"values?run={RUN}&metric=grad_norm&points=1000"],
                     "once"))
     return out
+
+
+def _first_group(layers: list[str]) -> Optional[str]:
+    """The key of the first group a grouped gradient-flow heatmap shows, or None when it shows none."""
+    from tb_diag_plugin import layer_groups
+
+    rows = layer_groups.rows(layer_groups.build(layers, "param"), TAB_MAX_ROWS)
+    return next((r.key for r in rows if isinstance(r, layer_groups.Group)), None)
 
 
 def _poll(srv, path: str) -> tuple[float, int, int]:

@@ -49,6 +49,10 @@ export class Values {
     this.lastStep = header.last_step;
     this.binned = header.binned;
     this.problems = header.problems || [];
+    // Grouped answers (max_rows): per row, null for a layer or {label, members} for a group of layers.
+    this.groups = header.groups || null;
+    this.numLayers = header.num_layers ?? header.layers.length;
+    this.dataVersion = header.data_version ?? null;
     this.L = this.layers.length;
     this.stepFirst = arrays.step_first;
     this.stepLast = arrays.step_last;
@@ -78,6 +82,11 @@ export class Values {
     const out = new Array(this.B);
     for (let i = 0; i < this.B; i++) out[i] = this.has(i, j) ? this[name][i * this.L + j] : null;
     return out;
+  }
+
+  // The group a row is ({label, members}), or null when the row is one layer.
+  group(j) {
+    return this.groups ? this.groups[j] : null;
   }
 
   layerIndex(name) {
@@ -110,11 +119,42 @@ export function decodeF32(buf) {
   return new Values(header, arrays);
 }
 
-// Client-side cache, dropped per run when the poller sees new steps.
+// Client-side cache; a live poll (`refresh`) drops only the entries whose data changed.
 const cache = new Map();
+const versionOf = new Map(); // values entry's key -> [metric, data version it was fetched at]
+const runVersion = new Map(); // run -> data version of the whole run at the last poll
 
 export function invalidate(run) {
-  for (const key of [...cache.keys()]) if (key.startsWith(JSON.stringify(run) + "|")) cache.delete(key);
+  for (const key of [...cache.keys()]) {
+    if (key.startsWith(JSON.stringify(run) + "|")) {
+      cache.delete(key);
+      versionOf.delete(key);
+    }
+  }
+}
+
+// A live-update poll of one run: asks the metrics' data versions (a few hundred bytes) and drops the
+// cached answers of the metrics that changed since they were fetched, and the run's tags and findings
+// when anything changed. True when something was dropped (the view must redraw); a run that has not
+// changed costs this one request, and nothing is fetched again.
+export async function refresh(run) {
+  const body = await getJSON("versions", {run});
+  const prefix = JSON.stringify(run) + "|";
+  let changed = false;
+  for (const [key, [metric, version]] of [...versionOf]) {
+    if (key.startsWith(prefix) && body.metrics[metric] !== version) {
+      cache.delete(key);
+      versionOf.delete(key);
+      changed = true;
+    }
+  }
+  const before = runVersion.get(run);
+  if (before !== undefined && before !== body.data_version) {
+    for (const what of ["tags", "findings", "structure"]) cache.delete(prefix + what);
+    changed = true;
+  }
+  runVersion.set(run, body.data_version);
+  return changed;
 }
 
 function cached(key, make) {
@@ -122,7 +162,11 @@ function cached(key, make) {
     const p = make();
     cache.set(key, p);
     p.catch(() => cache.delete(key));
-    if (cache.size > 400) cache.delete(cache.keys().next().value);
+    if (cache.size > 400) {
+      const oldest = cache.keys().next().value;
+      cache.delete(oldest);
+      versionOf.delete(oldest);
+    }
   }
   return cache.get(key);
 }
@@ -149,14 +193,19 @@ function noteProblems(v) {
   if (seen.size !== before && problemListener) problemListener(v.run);
 }
 
+// `maxRows` groups the layers along the module tree to at most that many rows; `expand` (group keys)
+// and `reveal` (layer names) open groups beyond it (tb_diag_plugin/http_api.md).
 export function values(run, metric, opts = {}) {
-  const params = {run, metric, format: "f32", points: opts.points || 1000, start: opts.start, end: opts.end, layer: opts.layers};
+  const params = {run, metric, format: "f32", points: opts.points || 1000, start: opts.start, end: opts.end,
+                  layer: opts.layers, max_rows: opts.maxRows,
+                  expand: opts.maxRows ? opts.expand : undefined, reveal: opts.maxRows ? opts.reveal : undefined};
   const key = JSON.stringify(run) + "|values|" + query(params);
   return cached(key, async () => {
     const r = await fetch(`./values?${query(params)}`, {credentials: "same-origin"});
     if (!r.ok) throw await fail(r);
     const v = decodeF32(await r.arrayBuffer());
     noteProblems(v);
+    if (v.dataVersion != null && cache.has(key)) versionOf.set(key, [metric, v.dataVersion]);
     return v;
   });
 }
@@ -188,15 +237,6 @@ export function runs() {
   return getJSON("runs");
 }
 
-// Cheap change detection for live updates: the newest step of a small metric
-// (the first of `probes` the run records).
-export async function stamp(run, metrics, probes) {
-  const probe = probes.find((m) => metrics.includes(m)) || metrics[0];
-  if (!probe) return "empty";
-  const body = await getJSON("values", {run, metric: probe, points: 1});
-  return `${probe}:${body.num_steps}:${body.last_step}:${metrics.length}`;
-}
-
 // A derived metric (`metric`, e.g. the gradient-to-weight ratio) as the ratio
 // g / w of two recorded ones, matched by layer name and step. For bins it is
 // the ratio of the bin means.
@@ -224,7 +264,8 @@ export function ratio(g, w, metric) {
   }
   return new Values(
     {run: g.run, metric, layers, layer_types: layers.map(() => ""), num_steps: g.numSteps,
-     first_step: g.firstStep, last_step: g.lastStep, binned: g.binned, problems: g.problems},
+     first_step: g.firstStep, last_step: g.lastStep, binned: g.binned, problems: g.problems,
+     groups: g.groups ? layers.map((n) => g.group(g.layerIndex(n))) : null, num_layers: g.numLayers},
     {step_first: g.stepFirst, step_last: g.stepLast, mean, min: mean, max: mean, nonfinite, present},
   );
 }

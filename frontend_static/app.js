@@ -3,7 +3,7 @@
 import * as api from "./api.js";
 import {el, clear, message} from "./dom.js";
 import {assignRunColours, runColorFor, theme} from "./charts.js";
-import {OVERVIEW_METRICS, moduleOf} from "./metrics.js";
+import {moduleOf} from "./metrics.js";
 import overview from "./views/overview.js";
 import gradients from "./views/gradients.js";
 import activations from "./views/activations.js";
@@ -29,7 +29,6 @@ class App {
       live: true,
       lastUpdate: null,
     };
-    this.stamps = new Map();
     this.gen = 0;
     this.views = new Map();
     this.dark = detectDark();
@@ -298,15 +297,9 @@ class App {
     try {
       let changed = await this.refreshRuns();
       const runs = this.selectedRuns();
-      const stamps = await Promise.all(runs.map((r) => api.stamp(r.run, r.metrics, OVERVIEW_METRICS).catch(() => null)));
-      runs.forEach((r, i) => {
-        // A run seen for the first time may have grown since it was drawn.
-        if (stamps[i] != null && this.stamps.get(r.run) !== stamps[i]) {
-          api.invalidate(r.run);
-          changed = true;
-          this.stamps.set(r.run, stamps[i]);
-        }
-      });
+      // Only the metrics whose data version changed are fetched again (issue 24.3).
+      const dropped = await Promise.all(runs.map((r) => api.refresh(r.run).catch(() => false)));
+      if (dropped.some(Boolean)) changed = true;
       this.state.lastUpdate = new Date();
       this.drawStatus();
       if (changed) await this.render(true);

@@ -107,6 +107,7 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
             "/runs": self._serve_runs,
             "/tags": self._serve_tags,
             "/values": self._serve_values,
+            "/versions": self._serve_versions,
             "/structure": self._serve_structure,
             "/findings": self._serve_findings,
             "/contract": self._serve_contract,
@@ -196,13 +197,33 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
             wanted = request.args.getlist("layer")
             if len(wanted) > c.max_layers_per_request:
                 raise errors.InvalidArgumentError("too many layer parameters")
+            max_rows = wire.arg_int(request, "max_rows", None, 1, c.max_layers_per_request)
+            expand, reveal = request.args.getlist("expand"), request.args.getlist("reveal")
+            if max_rows is None and (expand or reveal):
+                raise errors.InvalidArgumentError("expand and reveal need max_rows")
+            if len(expand) + len(reveal) > c.max_layers_per_request:
+                raise errors.InvalidArgumentError("too many expand or reveal parameters")
             series, problems, version = self.store.series_and_key(ctx, eid, run, metric, idx)
+            # A grouped view's binned columns are kept: opening a group regroups them without binning again.
+            binned_key = (version, points, start, end, tuple(wanted))
+            binned = (lambda make: self.store.binned.get(binned_key, make)) if max_rows is not None else None
             answer = self.store.answers.get(
                 (version, request.query_string),
                 lambda: wire.values_answer(run, metric, series, idx.problems + problems, points, start, end,
-                                           fmt, wanted),
+                                           fmt, wanted, max_rows, expand, reveal, wire.version_text(version[3]),
+                                           binned),
             )
             return wire.respond(request, *answer)
+
+    @wire.json_route
+    def _serve_versions(self, request):
+        # What a live-update poll asks: a view refetches only the metrics whose version changed.
+        ctx, eid, runs = self._runs(request)
+        run = self._run(request, runs)
+        idx = runs[run]
+        body = {"run": run, "data_version": wire.version_text(idx.data_version()),
+                "metrics": {m: wire.version_text(idx.version(m)) for m in sorted(idx.tags)}}
+        return http_util.Respond(request, body, "application/json")
 
     @wire.json_route
     def _serve_structure(self, request):

@@ -8,7 +8,8 @@ export default heatmapView({
   kind: "site",
   metrics: viewMetrics("activations"),
   profileTitle: "Activation profile",
-  intro: "One row per activation site (module or functional call, with its type), one column per logged step.",
+  intro: "One row per activation site (module or functional call, with its type; per module when there are " +
+    "more than fit: click a ▸ group to open it), one column per logged step.",
   help: {
     dead_fraction: "Dead-unit fraction (0 to 1): the share of a ReLU-family site's units that were not positive " +
       "for any sample of the logged batch. Such units pass no gradient; a fraction that only grows means they do not recover.",

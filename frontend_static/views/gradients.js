@@ -8,7 +8,8 @@ export default heatmapView({
   kind: "param",
   metrics: viewMetrics("gradients"),
   profileTitle: "Gradient flow profile",
-  intro: "One row per parameter tensor in model order, one column per logged step (or bin of steps). " +
+  intro: "One row per parameter tensor in model order (or per module, when there are more tensors than fit: " +
+    "click a ▸ group to open it), one column per logged step (or bin of steps). " +
     "Click a cell to see every layer at that step below, and to select its layer.",
   help: {
     grad_norm: "Gradient L2 norm of each tensor (log colour scale): rows that fade towards the input mean " +

@@ -1,9 +1,10 @@
 // The layers x steps form shared by Gradient flow and Activations: a heatmap
 // per selected run, a metric switch, a layer search, and a per-step profile
 // (the values of every layer at the step clicked in a heatmap).
+import * as api from "../api.js";
 import {el} from "../dom.js";
 import {ACCENT, NONFINITE, Panels, alpha, esc, heatmapHeight, heatmapTraces, layout} from "../charts.js";
-import {METRICS, colorscale, fetchMetric, hasMetric, label, missingText, moduleOf} from "../metrics.js";
+import {METRICS, colorscale, fetchMetric, hasMetric, label, missingText, moduleOf, needsOf} from "../metrics.js";
 
 // `intro` says how to read the view; `help[metric]` what the chosen metric is (shown with it).
 export function heatmapView({id, title, metrics, kind, profileTitle, intro, help = {}}) {
@@ -14,11 +15,60 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro, help
   let select;
   let searchBox;
   let countNote;
+  let collapseButton;
   let helpNote;
+  // Groups of layers the user opened (keys from the server's grouped answers, tb_diag_plugin/http_api.md).
+  const expanded = new Set();
 
-  function layerLabel(v, j) {
+  // A row is a layer, or a group of layers (`v.group(j)`) that a click opens; a group that holds a
+  // NaN/Inf anywhere in the view is marked, so one bad tensor among thousands is never hidden.
+  function layerLabel(v, j, bad = false) {
+    const g = v.group(j);
+    if (g) return esc(`${bad ? "⚠ " : ""}▸ ${g.label} (${g.members})`);
     const t = v.layerTypes[j];
     return esc(kind === "site" && t ? `${v.layers[j]} · ${t}` : v.layers[j]);
+  }
+
+  function rowBad(v, j) {
+    for (let i = 0; i < v.B; i++) if (v.bad(i, j)) return true;
+    return false;
+  }
+
+  // Whether row j of run `run` is chosen (app.isChosen): a layer, or a group holding a chosen layer
+  // (a clicked finding's layers, else the chosen module's).
+  function chosen(app, run, v, j) {
+    if (!v.group(j)) return app.isChosen(run, v.layers[j], kind);
+    const key = v.layers[j];
+    const within = (module) => key === "" || module === key || module.startsWith(key + ".");
+    const {marked, layer, layerRun} = app.state;
+    if (marked) return marked.run === run && marked.layers.some((n) => within(moduleOf(n, kind)));
+    return layer != null && (layerRun == null || layerRun === run) && within(layer);
+  }
+
+  // As many layer rows as the screen has room for: groups along the module tree beyond that.
+  function maxRows() {
+    return Math.max(16, Math.min(200, Math.floor(((window.innerHeight || 900) - 140) / 10)));
+  }
+
+  // The layers that get rows of their own in a grouped view: a clicked finding's (its run only), else the
+  // chosen module's; so a finding's layers are opened and highlighted first.
+  async function revealed(run, app) {
+    const {marked, layer, layerRun} = app.state;
+    if (marked ? marked.run !== run : layer == null || (layerRun != null && layerRun !== run)) return [];
+    try {
+      const t = await api.tags(run);
+      const layers = t.metrics[needsOf(metric)[0]]?.layers || [];
+      if (layers.length <= maxRows()) return []; // every layer has a row already: the same answer serves
+      const known = new Set(layers);
+      const want = marked ? marked.layers.filter((n) => known.has(n)) : layers.filter((n) => moduleOf(n, kind) === layer);
+      return want.slice(0, 64);
+    } catch (e) {
+      return [];
+    }
+  }
+
+  function rowsOpts(reveal) {
+    return {maxRows: maxRows(), expand: [...expanded].sort(), reveal};
   }
 
   function matcher() {
@@ -54,10 +104,14 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro, help
                                view.searchTimer = setTimeout(() => app.render(), 200);
                              }});
     countNote = el("span", {class: "muted small"});
+    collapseButton = el("button", {type: "button", class: "btn collapse-groups", hidden: true, onclick: () => {
+      expanded.clear();
+      app.render();
+    }}, "Collapse groups");
     const legend = el("span", {class: "legend-chip"}, el("span", {class: "chip-box", style: {background: NONFINITE}}), "non-finite (NaN/Inf)");
     helpNote = el("span", {class: "metric-help"});
     root.append(
-      el("div", {class: "toolbar"}, el("label", {class: "tool"}, "Metric ", select), searchBox, countNote, legend),
+      el("div", {class: "toolbar"}, el("label", {class: "tool"}, "Metric ", select), searchBox, countNote, collapseButton, legend),
       el("p", {class: "intro muted"}, intro ? intro + " " : "", helpNote));
     const grid = el("div", {class: "panels"});
     root.append(grid);
@@ -82,12 +136,15 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro, help
     helpNote.textContent = help[metric] || `${label(metric)}${info.scale === "unit" ? ", a fraction from 0 to 1" : ""}.`;
     const width = Math.max(320, (panels.root.clientWidth || 900) - 140);
     const points = Math.max(40, Math.min(1000, Math.round(width / 2)));
-    const data = await Promise.all(runs.map((r) =>
-      hasMetric(r, metric) ? fetchMetric(r.run, metric, {points}, ratios).catch((e) => e) : Promise.resolve(null)));
+    const reveals = await Promise.all(runs.map((r) => (hasMetric(r, metric) ? revealed(r.run, app) : [])));
+    const data = await Promise.all(runs.map((r, k) =>
+      hasMetric(r, metric) ? fetchMetric(r.run, metric, {points, ...rowsOpts(reveals[k])}, ratios).catch((e) => e)
+        : Promise.resolve(null)));
     if (ctx.stale()) return;
     const match = matcher();
     let shown = 0;
     let total = 0;
+    let anyGroups = false;
     runs.forEach((r, k) => {
       const v = data[k];
       const p = panels.panel(`${id}:${r.run}`, [
@@ -97,13 +154,18 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro, help
       ], {wide: true});
       p.box.dataset.run = r.run;
       p.box.dataset.metric = metric;
+      p.box.dataset.rows = String(v && !(v instanceof Error) ? v.L : 0);
+      p.box.dataset.maxRows = String(maxRows());
       if (v == null) return panels.notice(p, `Run “${r.run}” has ${missingText(r, metric)}.`);
       if (v instanceof Error) return panels.notice(p, `Could not load ${metric} for “${r.run}”: ${v.message}`, "error");
       if (!v.B || !v.L) return panels.notice(p, `Run “${r.run}” has no ${metric} values yet.`);
       const cols = [];
-      for (let j = 0; j < v.L; j++) if (match(v.layers[j]) || match(v.layerTypes[j] || "")) cols.push(j);
+      for (let j = 0; j < v.L; j++) {
+        if (match(v.layers[j]) || match(v.layerTypes[j] || "") || (v.group(j) && match(v.group(j).label))) cols.push(j);
+      }
       shown = Math.max(shown, cols.length);
       total = Math.max(total, v.L);
+      anyGroups = anyGroups || !!v.groups?.some((g) => g);
       if (!cols.length) return panels.notice(p, `No layer of “${r.run}” matches “${search}”.`);
       const shapes = [];
       const step = app.state.step;
@@ -113,7 +175,7 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro, help
       }
       // One frame around each run of adjacent chosen rows.
       cols.forEach((j, row) => {
-        if (!app.isChosen(r.run, v.layers[j], kind)) return;
+        if (!chosen(app, r.run, v, j)) return;
         const last = shapes.at(-1);
         if (last && last.type === "rect" && last.y1 === row - 0.5) last.y1 = row + 0.5;
         else {
@@ -123,15 +185,18 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro, help
       });
       // Same data, same look: only the selection marks move (a 500 x 600
       // heatmap takes a while to rebuild and redraw).
-      const sig = [metric, search, app.dark, cols.join(","), app.runColor(r.run)].join("|");
+      const sig = [metric, search, app.dark, cols.join(","), app.runColor(r.run), [...expanded].sort().join(",")].join("|");
       if (p.hasPlot && p.data && p.data.v === v && p.sig === sig) {
         p.note.append(el("span", {class: "muted small"}, p.noteText));
         window.Plotly.relayout(p.chart, {shapes});
         return;
       }
-      const labels = cols.map((j) => layerLabel(v, j));
+      const labels = cols.map((j) => layerLabel(v, j, !!v.group(j) && rowBad(v, j)));
       const {traces, anyBad, badRows, firstBad} = heatmapTraces(v, cols, labels, {scale: info.scale, metricLabel: label(metric), colorscale: colorscale(metric)});
-      const notes = [`${v.numSteps} logged step${v.numSteps === 1 ? "" : "s"} (${v.firstStep}–${v.lastStep}), ${cols.length} layers`];
+      const nGroups = cols.filter((j) => v.group(j)).length;
+      const notes = [`${v.numSteps} logged step${v.numSteps === 1 ? "" : "s"} (${v.firstStep}–${v.lastStep}), ` +
+        (nGroups ? `${v.numLayers} layers in ${cols.length} rows: click a ▸ group to open it (colour is the group mean, ` +
+                   "hover and profile show its min–max)" : `${cols.length} layers`)];
       if (v.binned) notes.push(`steps binned to ${v.B} columns: colour is the bin mean, hover and profile show the range`);
       if (info.scale === "log") notes.push("log colour scale");
       // named in words too: one NaN cell of 500 x 600 is a pixel or two
@@ -158,16 +223,22 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro, help
           const {v: cur, cols: cc} = p.data;
           if (row >= cc.length || col >= cur.B) return;
           const name = cur.layers[cc[row]];
+          if (cur.group(cc[row])) {
+            expanded.add(name); // a group opens in place; its cells stay where they are
+            app.render();
+            return;
+          }
           app.select({step: {lo: cur.stepFirst[col], hi: cur.stepLast[col]}, layer: moduleOf(name, kind), layerRun: r.run});
         });
       }
     });
-    countNote.textContent = search ? `${shown} of ${total} layers match` : "";
-    await renderProfile(app, ctx, runs, data, match);
+    countNote.textContent = search ? `${shown} of ${total} ${anyGroups ? "rows" : "layers"} match` : "";
+    collapseButton.hidden = expanded.size === 0;
+    await renderProfile(app, ctx, runs, data, match, reveals);
     panels.end();
   };
 
-  async function renderProfile(app, ctx, runs, data, match) {
+  async function renderProfile(app, ctx, runs, data, match, reveals) {
     const t = app.theme();
     const info = METRICS[metric];
     const first = data.find((v) => v && !(v instanceof Error) && v.B);
@@ -180,23 +251,31 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro, help
       ? ` at step ${step.lo}${app.state.step ? "" : " (latest; click a heatmap cell to choose)"}`
       : ` over steps ${step.lo}–${step.hi} (bin mean, bars show min–max)`;
     const rows = await Promise.all(runs.map((r, k) => (data[k] && !(data[k] instanceof Error)
-      ? fetchMetric(r.run, metric, {start: step.lo, end: step.hi, points: 1}, ratios).catch((e) => e) : null)));
+      ? fetchMetric(r.run, metric, {start: step.lo, end: step.hi, points: 1, ...rowsOpts(reveals[k])}, ratios)
+        .catch((e) => e) : null)));
     if (ctx.stale()) return;
     // Layers line up by name across runs, in the first run's model order.
     const order = [];
     const seen = new Set();
     const typeOf = new Map();
+    const groupOf = new Map();
     for (const v of rows) {
       if (!v || v instanceof Error) continue;
       v.layers.forEach((n, j) => {
-        if (!seen.has(n) && (match(n) || match(v.layerTypes[j] || ""))) {
+        const g = v.group(j);
+        if (!seen.has(n) && (match(n) || match(v.layerTypes[j] || "") || (g && match(g.label)))) {
           seen.add(n);
           order.push(n);
           typeOf.set(n, v.layerTypes[j]);
+          if (g) groupOf.set(n, g);
         }
       });
     }
-    const labelOf = (n) => esc(kind === "site" && typeOf.get(n) ? `${n} · ${typeOf.get(n)}` : n);
+    const labelOf = (n) => {
+      const g = groupOf.get(n);
+      if (g) return esc(`▸ ${g.label} (${g.members})`);
+      return esc(kind === "site" && typeOf.get(n) ? `${n} · ${typeOf.get(n)}` : n);
+    };
     const traces = [];
     const bad = {x: [], text: []};
     const missing = [];
@@ -263,7 +342,7 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro, help
               dtick: logY ? (hi / lo >= 100 ? 1 : "D2") : undefined, range: info.scale === "unit" ? [-0.02, 1.02] : undefined},
       yaxis2: {overlaying: "y", range: [0, 1], visible: false, fixedrange: true},
     }), `${metric}_profile`);
-    p.data = {order};
+    p.data = {order, groups: groupOf};
     if (!p.clickBound) {
       p.clickBound = true;
       p.chart.on("plotly_click", (ev) => {
@@ -271,7 +350,10 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro, help
         if (!pt || !p.data) return;
         const n = p.data.order.find((o) => labelOf(o) === pt.x);
         const run = pt.data.meta?.run;
-        if (n != null) app.select({layer: moduleOf(n, kind), layerRun: run ?? null});
+        if (n != null && p.data.groups.has(n)) {
+          expanded.add(n);
+          app.render();
+        } else if (n != null) app.select({layer: moduleOf(n, kind), layerRun: run ?? null});
       });
     }
     if (app.state.layer != null) {

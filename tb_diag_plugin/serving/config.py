@@ -26,6 +26,8 @@ class Config:
     # Encoded /values answers: the tab polls, and a repeat on unchanged data skips binning and encoding.
     answer_cache_bytes: int = 64 << 20
     findings_cache_bytes: int = 16 << 20
+    # Binned series of grouped views (max_rows): opening a group of layers regroups them, without binning again.
+    binned_cache_bytes: int = 256 << 20
     # How long one listing of the runs serves the requests that follow it (a view's requests arrive together).
     index_ttl_s: float = 1.0
     # A run is read ahead at most this often: a live run changes every few seconds.

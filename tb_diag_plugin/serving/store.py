@@ -31,6 +31,7 @@ class RunStore:
         self.series_cache = cache.ByteLRU(config.series_cache_bytes)
         self.answers = cache.ByteLRU(config.answer_cache_bytes)
         self.findings_cache = cache.ByteLRU(config.findings_cache_bytes)
+        self.binned = cache.ByteLRU(config.binned_cache_bytes)
         self._findings_recent: dict[tuple[str, str], tuple[float, dict]] = {}  # (eid, run) -> (until, answer)
         self._lock = threading.Lock()
         self._findings_put = threading.Condition(self._lock)

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import struct
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 from tensorboard import errors
 from tensorboard.backend import http_util
 from werkzeug import wrappers
 
+from tb_diag_plugin import layer_groups, metadata
 from tb_diag_plugin.reading import Series, downsample
 
 logger = logging.getLogger(__name__)
@@ -66,10 +68,59 @@ def respond(request, body: bytes, content_type: str, encoding: Optional[str]):
     return http_util.Respond(request, body, content_type, content_encoding=encoding)
 
 
+def version_text(version) -> str:
+    """A data version (a tuple of tag stamps) as a short opaque string for the tab to compare."""
+    return hashlib.blake2b(repr(version).encode("utf-8"), digest_size=8).hexdigest()
+
+
 def values_answer(run: str, metric: str, series: Series, problems: list[str], points: int,
-                  start: Optional[int], end: Optional[int], fmt: str, wanted: list[str]):
+                  start: Optional[int], end: Optional[int], fmt: str, wanted: list[str],
+                  max_rows: Optional[int] = None, expand: Sequence[str] = (), reveal: Sequence[str] = (),
+                  version: str = "", binned: Optional[Callable] = None):
     """(body, content type, content encoding) of a /values answer: the layers `wanted` (all when empty)
-    between steps `start` and `end`, binned to at most `points` rows."""
+    between steps `start` and `end`, binned to at most `points` rows, and with `max_rows`, grouped along
+    the module tree to at most that many layer rows (`layer_groups.rows`). `binned(make)` (optional)
+    returns a cached result of `make()`, the binned columns."""
+    cols, b = (binned or (lambda make: make()))(
+        lambda: bin_columns(metric, series, points, start, end, wanted))
+    names = [series.layers[j] for j in cols]
+    types = [series.layer_types[j] for j in cols]
+    groups = None
+    if max_rows is not None and names:
+        names, types, groups, b = _grouped(metric, names, types, b, max_rows, expand, reveal)
+    header = {
+        "run": run,
+        "metric": metric,
+        "layers": names,
+        "layer_types": types,
+        "num_steps": int(series.steps.size),
+        "first_step": int(series.steps[0]) if series.steps.size else None,
+        "last_step": int(series.steps[-1]) if series.steps.size else None,
+        "binned": b.binned,
+        "problems": problems,
+        "data_version": version,
+    }
+    if max_rows is not None:
+        header.update(grouped=groups is not None and any(g is not None for g in groups),
+                      num_layers=len(cols), groups=groups)
+    if fmt == "f32":
+        return _f32_body(header, b, with_range=b.binned or bool(header.get("grouped")))
+    absent = b.present == 0
+    header.update(
+        steps=b.step_first.tolist(),
+        step_last=b.step_last.tolist(),
+        values=_json_matrix(b.mean, absent),
+    )
+    if b.binned or header.get("grouped"):
+        header.update(min=_json_matrix(b.min, absent), max=_json_matrix(b.max, absent),
+                      nonfinite=b.nonfinite.astype(np.int64).tolist())
+    return json.dumps(_cleanse(header), allow_nan=False).encode("utf-8"), "application/json", None
+
+
+def bin_columns(metric: str, series: Series, points: int, start: Optional[int], end: Optional[int],
+                wanted: Sequence[str]) -> tuple[np.ndarray, downsample.Binned]:
+    """(columns, binned values): the layers `wanted` (all when empty) between steps `start` and `end`,
+    binned to at most `points` rows; NotFoundError names a layer the metric does not have."""
     cols = np.arange(len(series.layers))
     if wanted:
         pos = {n: j for j, n in enumerate(series.layers)}
@@ -81,38 +132,37 @@ def values_answer(run: str, metric: str, series: Series, problems: list[str], po
     values, present = series.values[window], series.present[window]  # views, not copies
     if wanted:
         values, present = values[:, cols], present[:, cols]
-    b = downsample.bin_steps(series.steps[window], values, present, points)
-    header = {
-        "run": run,
-        "metric": metric,
-        "layers": [series.layers[j] for j in cols],
-        "layer_types": [series.layer_types[j] for j in cols],
-        "num_steps": int(series.steps.size),
-        "first_step": int(series.steps[0]) if series.steps.size else None,
-        "last_step": int(series.steps[-1]) if series.steps.size else None,
-        "binned": b.binned,
-        "problems": problems,
-    }
-    if fmt == "f32":
-        return _f32_body(header, b)
-    absent = b.present == 0
-    header.update(
-        steps=b.step_first.tolist(),
-        step_last=b.step_last.tolist(),
-        values=_json_matrix(b.mean, absent),
-    )
-    if b.binned:
-        header.update(min=_json_matrix(b.min, absent), max=_json_matrix(b.max, absent),
-                      nonfinite=b.nonfinite.astype(np.int64).tolist())
-    return json.dumps(_cleanse(header), allow_nan=False).encode("utf-8"), "application/json", None
+    return cols, downsample.bin_steps(series.steps[window], values, present, points)
 
 
-def _f32_body(header: dict, b: downsample.Binned):
+def _grouped(metric: str, names: list[str], types: list[str], b: downsample.Binned, max_rows: int,
+             expand: Sequence[str], reveal: Sequence[str]):
+    """(row names, row types, per-row group description or None, binned rows) of a grouped answer."""
+    spec = metadata.METRICS.get(metric)
+    root = layer_groups.build(names, spec.layer_kind if spec else "")
+    pos = {n: j for j, n in enumerate(names)}
+    unknown = [r for r in reveal if r not in pos]
+    if unknown:
+        raise errors.NotFoundError(f"metric {metric!r} has no layer {unknown[0][:200]!r}")
+    try:
+        view = layer_groups.rows(root, max_rows, expand, [pos[r] for r in reveal])
+    except ValueError as e:
+        raise errors.NotFoundError(str(e)) from None
+    agg = layer_groups.aggregate(b.mean, b.min, b.max, b.nonfinite, b.present, view)
+    binned = downsample.Binned(b.binned, b.step_first, b.step_last, agg.mean, agg.min, agg.max,
+                               agg.nonfinite, agg.present)
+    row_names = [names[r] if isinstance(r, int) else r.key for r in view]
+    row_types = [types[r] if isinstance(r, int) else "" for r in view]
+    groups = [None if isinstance(r, int) else {"label": r.label, "members": len(r.members)} for r in view]
+    return row_names, row_types, groups, binned
+
+
+def _f32_body(header: dict, b: downsample.Binned, with_range: bool):
     # Not gzipped: float32 values barely compress. The counts go as the smallest unsigned type that
     # holds them, and min/max only when rows are bins (else they equal mean).
     arrays = [("step_first", b.step_first.astype(np.float64)), ("step_last", b.step_last.astype(np.float64)),
               ("mean", b.mean)]
-    if b.binned:
+    if with_range:
         arrays += [("min", b.min), ("max", b.max)]
     arrays += [("nonfinite", _counts(b.nonfinite)), ("present", _counts(b.present))]
     offset = 0

@@ -1,0 +1,228 @@
+"""Layers grouped along the module tree (issue 24 point 1): the tree, the levels a view shows, the
+groups' mean/min/max/non-finite counts compared with numpy over the ungrouped values, and the same
+through a real TensorBoard server's /values, with /versions for live polls (point 3)."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from tb_diag_plugin import layer_groups as lg
+from tb_diag_plugin.reading import downsample
+from tb_diag_plugin.summary import EventWriter
+from tbserver import serve_with_plugin
+
+BLOCKS, EXPERTS = 6, 8
+# A mixture-of-experts model's parameters in model order: embedding, per block 8 experts x 2 tensors
+# and an attention weight, the head.
+LAYERS = (["embed.weight"]
+          + [f"model.layers.{b}.{p}" for b in range(BLOCKS)
+             for p in [f"mlp.experts.{e}.{t}" for e in range(EXPERTS) for t in ("weight", "bias")] + ["attn.q.weight"]]
+          + ["lm_head.weight"])
+
+
+def _keys(view):
+    return [LAYERS[r] if isinstance(r, int) else r.key for r in view]
+
+
+def test_tree_levels_blocks_then_layers_then_tensors():
+    root = lg.build(LAYERS, "param")
+    assert _keys(lg.rows(root, 5)) == ["embed.weight", "model.layers", "lm_head.weight"]
+    blocks = lg.rows(root, 10)
+    assert _keys(blocks) == ["embed.weight"] + [f"model.layers.{b}" for b in range(BLOCKS)] + ["lm_head.weight"]
+    # single-child chains are merged: a block shows its experts' module and its one attention tensor
+    inner = _keys(lg.rows(root, 20))
+    assert inner[1:3] == ["model.layers.0.mlp.experts", "model.layers.0.attn.q.weight"]
+    assert len(lg.rows(root, len(LAYERS))) == len(LAYERS)
+    # every layer is in exactly one row, at every level
+    for n in (1, 5, 10, 20, 60, 200):
+        members = sorted(j for r in lg.rows(root, n) for j in ([r] if isinstance(r, int) else r.members))
+        assert members == list(range(len(LAYERS)))
+
+
+def test_expand_and_reveal():
+    root = lg.build(LAYERS, "param")
+    view = _keys(lg.rows(root, 5, expand=["model.layers.2"]))
+    # the hidden ancestor opens too, and only the asked group shows its children
+    assert view == (["embed.weight", "model.layers.0", "model.layers.1", "model.layers.2.mlp.experts",
+                     "model.layers.2.attn.q.weight"] + [f"model.layers.{b}" for b in range(3, BLOCKS)]
+                    + ["lm_head.weight"])
+    target = LAYERS.index("model.layers.4.mlp.experts.3.bias")
+    revealed = lg.rows(root, 5, reveal=[target])
+    assert target in revealed and len(revealed) < len(LAYERS)
+    with pytest.raises(ValueError, match="no group"):
+        lg.rows(root, 5, expand=["nope"])
+
+
+def test_wide_flat_model_splits_into_ranges():
+    flat = [f"{i}.weight" for i in range(5000)]
+    root = lg.build(flat, "param")
+    top = lg.rows(root, 100)
+    assert len(top) <= 100 and all(isinstance(r, lg.Group) and len(r.children) <= lg.FANOUT for r in top)
+    assert top[0].key == "[0:64]" and top[0].label == "0.weight … 63.weight"
+    assert sum(len(r.members) for r in top) == 5000
+
+
+def test_sites_hang_on_their_module():
+    sites = ["enc.0.relu()", "enc.0.relu()#2", "enc.1.gelu()", "dec.act", "dec.act2"]
+    root = lg.build(sites, "site")
+    assert _keys_of(sites, lg.rows(root, 2)) == ["enc", "dec"]
+    assert _keys_of(sites, lg.rows(root, 4)) == ["enc.0", "enc.1.gelu()", "dec.act", "dec.act2"]
+
+
+def _keys_of(layers, view):
+    return [layers[r] if isinstance(r, int) else r.key for r in view]
+
+
+def _raw(S=53, seed=1):
+    rng = np.random.default_rng(seed)
+    values = rng.lognormal(-3, 1, (S, len(LAYERS))).astype(np.float32)
+    present = rng.random(values.shape) > 0.05
+    values[rng.random(values.shape) < 0.01] = np.nan
+    values[rng.random(values.shape) < 0.005] = np.inf
+    values[7, LAYERS.index("model.layers.3.mlp.experts.5.weight")] = 1e6  # one tensor's spike
+    return np.arange(S) * 10, values, present
+
+
+def _expected(values, present, k, members):
+    """Per bin of k rows: mean/min/max of the finite present values of `members`, counts."""
+    out = []
+    for a in range(0, values.shape[0], k):
+        cell = values[a:a + k][:, members]
+        here = present[a:a + k][:, members]
+        good = here & np.isfinite(cell)
+        fin = cell[good].astype(np.float64)
+        out.append((fin.mean() if fin.size else np.nan, fin.min() if fin.size else np.nan,
+                    fin.max() if fin.size else np.nan, int((here & ~np.isfinite(cell)).sum()), int(here.sum())))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("points", [10, 1000], ids=["binned", "raw_steps"])
+def test_aggregate_matches_numpy_over_the_ungrouped_values(points):
+    steps, values, present = _raw()
+    b = downsample.bin_steps(steps, values, present, points)
+    k = -(-steps.size // points) if b.binned else 1
+    view = lg.rows(lg.build(LAYERS, "param"), 20)
+    agg = lg.aggregate(b.mean, b.min, b.max, b.nonfinite, b.present, view)
+    for c, row in enumerate(view):
+        if isinstance(row, int):
+            continue
+        want = _expected(values, present, k, row.members)
+        np.testing.assert_allclose(agg.mean[:, c], want[:, 0], rtol=1e-5)
+        np.testing.assert_allclose(agg.min[:, c], want[:, 1], rtol=1e-6)
+        np.testing.assert_allclose(agg.max[:, c], want[:, 2], rtol=1e-6)
+        np.testing.assert_array_equal(agg.nonfinite[:, c], want[:, 3])
+        np.testing.assert_array_equal(agg.present[:, c], want[:, 4])
+    # the spike is the max of its group, never averaged away
+    spiked = next(c for c, r in enumerate(view) if not isinstance(r, int) and r.key == "model.layers.3.mlp.experts")
+    assert agg.max[7 // k, spiked] == np.float32(1e6)
+
+
+def test_describe_names_groups_first():
+    members = [j for j, n in enumerate(LAYERS) if ".mlp.experts." in n and n.split(".")[2] in "1234"]
+    members.append(LAYERS.index("lm_head.weight"))
+    members.append(LAYERS.index("model.layers.5.mlp.experts.0.bias"))
+    assert lg.describe(LAYERS, "param", members) == [
+        f"all {2 * EXPERTS} tensors of each of model.layers.1-4.mlp.experts",
+        "model.layers.5.mlp.experts.0.bias",
+        "lm_head.weight",
+    ]
+
+
+# ------------------------------------------------------------- through a real server
+def _decode(body: bytes):
+    h = struct.unpack("<I", body[:4])[0]
+    header = json.loads(body[4:4 + h])
+    arrays = {}
+    for a in header["arrays"]:
+        n = int(np.prod(a["shape"]))
+        arrays[a["name"]] = np.frombuffer(body, a["dtype"], n, 4 + h + a["offset"]).reshape(a["shape"])
+    return header, arrays
+
+
+@pytest.fixture(scope="module")
+def grouped_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("groups")
+    steps, values, present = _raw(S=40, seed=3)
+    # Each layer set is a tag of its own; every step writes every layer here, so the model order is LAYERS'
+    # (absent cells are covered by the tests above).
+    present[:] = True
+    with EventWriter(str(d / "moe")) as w:
+        for i, s in enumerate(steps):
+            cols = np.flatnonzero(present[i])
+            w.write_vectors(int(s), [("grad_norm", [LAYERS[j] for j in cols], (), values[i, cols])])
+    return d, steps, values, present
+
+
+@pytest.fixture(scope="module")
+def served(grouped_run):
+    with serve_with_plugin(str(grouped_run[0])) as (srv, plugin):
+        srv.wait_for_runs(1)
+        yield srv, plugin
+
+
+@pytest.fixture(scope="module")
+def group_server(served):
+    return served[0]
+
+
+def test_values_route_groups_rows(group_server, grouped_run):
+    _, steps, values, present = grouped_run
+    status, body, _ = group_server.get("data/plugin/diagnostics/values?run=moe&metric=grad_norm&points=8"
+                                       "&max_rows=10&format=f32")
+    assert status == 200
+    header, arrays = _decode(body)
+    assert header["grouped"] and header["num_layers"] == len(LAYERS)
+    assert header["layers"] == ["embed.weight"] + [f"model.layers.{b}" for b in range(BLOCKS)] + ["lm_head.weight"]
+    assert [g and g["members"] for g in header["groups"]] == [None] + [2 * EXPERTS + 1] * BLOCKS + [None]
+    k = -(-steps.size // 8)
+    for c, name in enumerate(header["layers"]):
+        members = [j for j, n in enumerate(LAYERS) if n == name or n.startswith(name + ".")]
+        want = _expected(values, present, k, members)
+        np.testing.assert_allclose(arrays["mean"][:, c], want[:, 0], rtol=1e-5)
+        np.testing.assert_allclose(arrays["max"][:, c], want[:, 2], rtol=1e-6)
+        np.testing.assert_array_equal(arrays["nonfinite"][:, c], want[:, 3])
+        np.testing.assert_array_equal(arrays["present"][:, c], want[:, 4])
+    # a group's children on request; an unknown group is a 404, expand without max_rows a 400
+    expanded = group_server.plugin("values?run=moe&metric=grad_norm&points=8&max_rows=10&expand=model.layers.1")
+    assert "model.layers.1.mlp.experts" in expanded["layers"] and "model.layers.1" not in expanded["layers"]
+    assert len(expanded["min"]) == len(expanded["values"])
+    assert group_server.get("data/plugin/diagnostics/values?run=moe&metric=grad_norm&max_rows=10&expand=x")[0] == 404
+    assert group_server.get("data/plugin/diagnostics/values?run=moe&metric=grad_norm&expand=model.layers.1")[0] == 400
+    assert group_server.get("data/plugin/diagnostics/values?run=moe&metric=grad_norm&max_rows=10&reveal=x")[0] == 404
+    # a revealed layer is a row of its own, exactly its ungrouped values
+    target = "model.layers.4.mlp.experts.3.bias"
+    shown = group_server.plugin(f"values?run=moe&metric=grad_norm&points=8&max_rows=10&reveal={target}")
+    plain = group_server.plugin(f"values?run=moe&metric=grad_norm&points=8&layer={target}")
+    j = shown["layers"].index(target)
+    got = np.array([np.nan if row[j] is None else float(row[j]) for row in shown["values"]])
+    want = np.array([np.nan if row[0] is None else float(row[0]) for row in plain["values"]])
+    np.testing.assert_allclose(got, want, rtol=1e-6)  # float32 sums of a bin, added in another order
+    assert len(shown["layers"]) < len(LAYERS)
+
+
+def test_versions_name_the_data_a_view_holds(group_server):
+    # the live poll compares these with the versions its views were fetched at: unchanged, nothing refetched
+    versions = group_server.plugin("versions?run=moe")
+    again = group_server.plugin("versions?run=moe")
+    assert versions == again and set(versions["metrics"]) == {"grad_norm"}
+    status, body, _ = group_server.get("data/plugin/diagnostics/values?run=moe&metric=grad_norm&points=4&format=f32")
+    assert _decode(body)[0]["data_version"] == versions["metrics"]["grad_norm"]
+    assert group_server.get("data/plugin/diagnostics/versions")[0] == 400
+    assert group_server.get("data/plugin/diagnostics/versions?run=nope")[0] == 404
+
+
+def test_opening_a_group_regroups_without_binning_again(served):
+    server, plugin = served
+    base = "data/plugin/diagnostics/values?run=moe&metric=grad_norm&points=7&max_rows=10&format=f32"
+    before = len(plugin.store.binned)
+    first = _decode(server.get(base)[1])[0]
+    assert len(plugin.store.binned) == before + 1
+    opened = _decode(server.get(base + "&expand=model.layers.0")[1])[0]
+    assert len(plugin.store.binned) == before + 1  # the same binned columns, grouped otherwise
+    assert opened["layers"] != first["layers"]
+    server.get(base.replace("points=7", "points=9"))
+    assert len(plugin.store.binned) == before + 2
