@@ -1,5 +1,7 @@
 """Sharded engines on real processes (2 ranks, gloo, CPU), compared value by value with the same model
-trained unsharded on the same data: DeepSpeed ZeRO-1/2/3 (`_zero_worker.py`)."""
+trained unsharded on the same data: DeepSpeed ZeRO-1/2/3 (`_zero_worker.py`, and through the HF Trainer in
+`_hf_zero_worker.py`), Lightning FSDP2 (`_lightning_fsdp2_worker.py`); and the HF Trainer's FSDP request, which
+falls back to DDP on CPU (`_hf_fsdp_worker.py`)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import tempfile
 import numpy as np
 import pytest
 import torch
-from _logger_helpers import close, read
+from _logger_helpers import at, close, read
 from _zero_worker import LR, STEPS, batch, model
 
 from tb_diag_plugin.findings import ModelInfo, analyze
@@ -285,3 +287,66 @@ def test_lightning_model_parallel_strategy_equals_the_unsharded_run(lightning_fs
         a, b = ref[metric], got[metric]
         assert list(a.steps) == list(b.steps) and a.layers == b.layers, metric
         np.testing.assert_allclose(b.values, a.values, rtol=2e-5, atol=1e-7, err_msg=metric)
+
+
+@pytest.fixture(scope="module")
+def lightning_readme(tmp_path_factory):
+    pytest.importorskip("lightning")
+    out = tmp_path_factory.mktemp("lightning_readme")
+    worker = os.path.join(os.path.dirname(__file__), "_lightning_fsdp2_worker.py")
+    env = _env()
+    env.pop("MASTER_PORT", None)
+    proc = subprocess.run([sys.executable, worker, str(out), "readme"], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+def test_readme_lightning_fsdp2_snippet(lightning_readme):
+    """The README's Lightning + FSDP2 snippet, verbatim, on 2 ranks: DTensor shards, logged at steps 0 and 20,
+    and step 0's loss, gradient and weight norms are the unsharded model's on both ranks' first batches."""
+    from _lightning_fsdp2_worker import net
+
+    ranks = [json.load(open(lightning_readme / f"readme-rank{r}.json")) for r in range(WORLD)]
+    assert [(r["world"], r["strategy"], r["sharded"], r["steps"]) for r in ranks] == [
+        (WORLD, "ModelParallelStrategy", True, 21)] * WORLD
+    s = read(lightning_readme / "runs", "fsdp2/version_0")
+    assert list(s["grad_norm"].steps) == [0, 20] and s["grad_missing"].values.max() == 0
+    m = net()
+    x = torch.tensor([row for r in ranks for row in r["first"]["x"]])
+    y = torch.tensor([row for r in ranks for row in r["first"]["y"]])
+    assert len(x) == 2 * WORLD
+    loss = torch.nn.functional.mse_loss(m(x), y)
+    loss.backward()
+    assert close(at(s, "loss", "total", 0), loss.item(), rel=1e-5)
+    for name, p in m.named_parameters():
+        assert close(at(s, "grad_norm", f"net.{name}", 0), p.grad.norm().item(), rel=2e-5), name
+        assert close(at(s, "weight_norm", f"net.{name}", 0), p.norm().item(), rel=2e-6), name
+
+
+def test_hf_trainer_fsdp_on_cpu_falls_back_to_ddp_and_records_it(tmp_path):
+    """`TrainingArguments(fsdp="full_shard")` + `DiagnosticsCallback` on 2 gloo processes, as far as CPU allows:
+    the Trainer builds an FSDP plugin, accelerate drops it and wraps the model in DistributedDataParallel (world
+    2). What the callback records is right for that path: one event file, process zero's, with the Trainer's
+    scalars; the loss and the pre-clip norm the Trainer logged; and our own norm of the gradients (clipping
+    leaves them as they are) equal to the Trainer's, so they are the all-reduced ones, not one rank's."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from _hf_fsdp_worker import STEPS
+
+    launch(os.path.join(os.path.dirname(__file__), "_hf_fsdp_worker.py"), [], tmp_path)
+    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(WORLD)]
+    for r in ranks:
+        assert (r["world"], r["wrapped"], r["fsdp_asked"], r["fsdp_enabled"]) == (
+            WORLD, "DistributedDataParallel", True, False), r
+        assert r["distributed_type"].endswith("MULTI_CPU") and r["warnings"] == []
+    runs = [d for d, _, files in os.walk(tmp_path / "tb") for f in files if "tfevents" in f]
+    assert len(runs) == 1, runs
+    s = read(runs[0])
+    logs = ranks[0]["logs"]
+    assert sorted(map(int, logs)) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        trainer_log = logs[str(step)]
+        assert close(at(s, "loss", "total", step), trainer_log["loss"], rel=1e-6), step
+        assert close(at(s, "grad_norm_preclip", "", step), trainer_log["grad_norm"], rel=1e-6), step
+        assert close(at(s, "grad_norm_total", "", step), trainer_log["grad_norm"], rel=2e-5), step
