@@ -314,6 +314,7 @@ class Diagnostics:
         self._watch_updates()
         if isinstance(self._norms, ParameterNorms):
             self._norms._updates = self._updates
+        self._wiring.set_optimizer(new)
         if new is not None:
             self._add(AdamState(self._params, new))
             self._add(LearningRate(new))

@@ -126,8 +126,9 @@ class WiringChecks(Collector):
         self._value: Optional[torch.Tensor] = None  # what the latest such backward saw
         self._order_wrong = False  # this step() came before its backward (`order_problem`)
         self._handles: list[Any] = []
+        self._opt_handle: Any = None
         if optimizer is not None:
-            self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+            self._opt_handle = optimizer.register_step_post_hook(self._after_optimizer_step)
         # Mode-sensitive modules, their names, and which were seen in the wrong mode.
         self._modes = [(n, m) for n, m in model.named_modules() if is_mode_sensitive(m)]
         self._eval_seen: set[int] = set()
@@ -252,6 +253,16 @@ class WiringChecks(Collector):
         ]
         return min(ok, key=lambda p: p.numel()) if ok else None
 
+    def set_optimizer(self, optimizer: Optional[torch.optim.Optimizer]) -> None:
+        """Follow another optimizer (`Diagnostics.set_optimizer`): its step hook replaces the old one's."""
+        if self._opt_handle is not None:
+            self._opt_handle.remove()
+            self._opt_handle = None
+        self._optimizer = None if self._engine else optimizer
+        self._ref = None  # the next optimizer step gives the reference again
+        if optimizer is not None:
+            self._opt_handle = optimizer.register_step_post_hook(self._after_optimizer_step)
+
     def _remove_grad_hook(self) -> None:
         if self._grad_handle is not None:
             self._grad_handle.remove()
@@ -261,6 +272,7 @@ class WiringChecks(Collector):
         """Remove the tensor hook, the optimizer hook and the root's pre-hook."""
         self.armed = False
         self._remove_grad_hook()
+        self.set_optimizer(None)
         for h in self._handles:
             h.remove()
         self._handles.clear()
