@@ -153,6 +153,7 @@ class LiveFindings:
         self.on_alert: list[Callable[[engine.Finding, str], None]] = []  # the callbacks' channels
         self.eval_s = 0.0  # seconds spent evaluating, and how often (benchmarks read these)
         self.evaluations = 0
+        self._nonfinite_tags: set[str] = set()  # tags that brought a NaN/Inf already (`_urgent` once each)
 
     # ----------------------------------------------------------- recording
     def observe_vectors(self, step: int, items: Sequence[_Item]) -> None:
@@ -165,8 +166,11 @@ class LiveFindings:
                     t = self._tags[tag] = _Tag(metric, layers, types, self.limit)
                 values = np.asarray(values, dtype=np.float32).reshape(-1)
                 t.append(int(step), values)
-                if metric in _URGENT and not self._urgent:
-                    self._urgent = not bool(np.isfinite(values).all()) or (metric == "grad_nonfinite" and values.any())
+                # The first NaN/Inf of a tag is evaluated at once; later ones wait for the budget like the rest.
+                if metric in _URGENT and tag not in self._nonfinite_tags and (
+                        not bool(np.isfinite(values).all()) or (metric == "grad_nonfinite" and values.any())):
+                    self._nonfinite_tags.add(tag)
+                    self._urgent = True
             self._dirty = True
             if self._since is None:
                 self._since = time.perf_counter()

@@ -65,22 +65,27 @@ def alerts():
         log.removeHandler(handler)
 
 
+BLOW_UP = 55  # the step whose batch holds the corrupted sample
+
+
 def _ramp(logdir, alerts: _Alerts, steps: int = 150, blow_up: bool = True, **kw) -> tuple[Diagnostics, int]:
-    """A plain loop; with `blow_up` its learning rate ramps up 15 % a step until the run turns NaN, else 0.05.
+    """A plain loop at learning rate 0.05; with `blow_up` a corrupted sample (an inf in its input) reaches the
+    model at step 55 and every value turns NaN from there: a run that diverges mid-way, with no warning sign
+    before it. (A learning rate ramped up until NaN would be found as `lr_unbounded` from its start.)
 
     Returns the closed `Diagnostics` and the last step run."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3 if blow_up else 0.05)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
     x, y = torch.randn(64, 8), torch.randn(64, 1)
     diag = Diagnostics(model, logdir=str(logdir), every=5, optimizer=opt, **kw)
     last = -1
     for step in range(steps):
         alerts.step = step
-        if blow_up:
-            for g in opt.param_groups:
-                g["lr"] = 1e-3 * 1.15**step
-        loss = F.mse_loss(model(x), y)
+        batch = x.clone()
+        if blow_up and step == BLOW_UP:
+            batch[0, 0] = float("inf")
+        loss = F.mse_loss(model(batch), y)
         opt.zero_grad()
         loss.backward()
         diag.step(step, loss=loss)

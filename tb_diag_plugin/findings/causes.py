@@ -7,6 +7,7 @@ module only applies those declarations."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 from tb_diag_plugin import metadata
@@ -38,6 +39,11 @@ def fold_symptoms(ctx: Context) -> None:
         if cause is None:
             continue
         causes.discard(i)
+        # The run is as bad as its worst symptom: a cause never reads milder than what it explains (a
+        # schedule at warning whose run has turned NaN is an error).
+        j = next(j for j in causes if ctx.findings[j] is cause)
+        if metadata.SEVERITY_RANK[f.severity] < metadata.SEVERITY_RANK[cause.severity]:
+            ctx.findings[j] = cause = dataclasses.replace(cause, severity=f.severity)
         ctx.findings[i] = Finding(
             f.kind, "info", f.layers, f.first_step, f.last_step,
             f"{f.message} Probably a consequence of {_lower(headline(cause))} (the {cause.kind} finding, "

@@ -11,6 +11,7 @@ import math
 from typing import Optional
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from tb_diag_plugin.findings.context import (
     CUTOFF,
@@ -47,7 +48,15 @@ def spikes(v: np.ndarray, th: Thresholds, peak: Optional[np.ndarray] = None,
     run_sigma = 1.4826 * float(np.median(np.abs(d - np.median(d)))) / math.sqrt(2) if d.size >= 3 else 0.0
     z_need = max(th.grad_spike_z, math.sqrt(2 * math.log(max(2, n * draws))) + 1.0)
     spiked = np.zeros(n, dtype=bool)
-    for i in range(1, n):
+    # Only a value at least grad_spike_ratio times the smallest of its window can be that far above the
+    # window's median: the full test (a median per step) runs on those alone, so a long healthy series
+    # of many tensors costs one vectorised pass.
+    w = th.grad_spike_window
+    finite_lx = np.where(np.isfinite(lx), lx, np.inf)
+    prev_min = sliding_window_view(np.concatenate([np.full(w, np.inf), finite_lx]), w)[:n].min(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        possible = np.flatnonzero(np.log(cand) - prev_min >= math.log(th.grad_spike_ratio))
+    for i in possible[possible >= 1]:
         c = cand[i]
         if not np.isfinite(c):
             continue
