@@ -296,7 +296,7 @@ def markdown(result: dict, command: str) -> str:
             "looking at them: `spike_over_max` (the batch-8 run), `update_weight_growth` (Adam at lr 0.1 "
             "logged every 10 steps) and `explode_grad_to_weight`, raised from 1000 to 3000 (the summed "
             "MSE). The L2 floor (`l2_floor_tolerance`) came from `tb-diag demo`, whose 20-layer sigmoid run "
-            "adds DESIGN.md's L2 term.",
+            "adds the README's L2 term (1e-4 times the sum of squared weights).",
             "",
             *_table(variants),
             "",

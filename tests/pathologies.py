@@ -392,7 +392,7 @@ def healthy_frozen_backbone(g: torch.Generator) -> Training:
 def vanishing_sigmoid(g: torch.Generator) -> Training:
     """20 sigmoid layers: each multiplies the gradient by at most 1/4.
 
-    With DESIGN.md's L2 term in the loss, whose gradient 2e-4 * w is all the early layers get.
+    With the README's L2 term in the loss, whose gradient 2e-4 * w is all the early layers get.
     """
     _seed_model(g)
     m = _mlp(16, 32, 20, nn.Sigmoid)

@@ -412,7 +412,7 @@ def test_cli_report(suite):
 
 
 def test_l2_term_does_not_hide_vanishing_gradients():
-    # DESIGN.md's loop adds 1e-4 * sum(p**2): every weight then gets 2e-4 * w even where the data
+    # The README's loop adds 1e-4 * sum(p**2): every weight then gets 2e-4 * w even where the data
     # gradient is gone, and the early layers of a deep sigmoid net look only 1e-3 below the last.
     n, lam = 30, 1e-4
     w = np.full((n, 10), 4.0)

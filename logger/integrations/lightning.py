@@ -128,7 +128,7 @@ class _DiagnosticsHooks:
             for opt in optimizers[1:]:
                 diag._updates.watch(opt)
         if diag._capture is not None:
-            # Lightning calls training_step, not forward (DESIGN.md): make it an entry of capture.
+            # Lightning calls training_step, not forward: make it an entry of capture.
             hooks.set_attribute(pl_module, "training_step", diag._capture.wrap_entry(pl_module.training_step))
             self._module = pl_module
 

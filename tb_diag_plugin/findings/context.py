@@ -57,7 +57,7 @@ class Finding:
     steps: Optional[list[int]] = None  # the steps of discrete events (loss_spike: each spike), else None
 
     def to_dict(self, run: str) -> dict:
-        """JSON-safe dict with exactly the keys of DESIGN.md's `report --json`."""
+        """JSON-safe dict with exactly the keys `tb-diag report --json` gives for a finding."""
         return {
             "run": str(run),
             "kind": self.kind,

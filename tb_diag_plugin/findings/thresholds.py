@@ -53,7 +53,7 @@ class Thresholds:
             1e-4 or less: most of the network gets 10,000x less gradient than
             its most-trained tensor and cannot learn (the 20-layer sigmoid
             demo: 34 of 40 tensors at 1.7e-6 to 3.6e-4).
-        l2_floor_tolerance (1.02): an L2 term in the loss (DESIGN.md's own
+        l2_floor_tolerance (1.02): an L2 term in the loss (the README's own
             example adds 1e-4 * sum(p**2)) gives every weight a gradient
             2*lam*w that hides vanishing data gradients. When at least 3 (and
             a quarter of the) weight tensors share the smallest gradient-to-
