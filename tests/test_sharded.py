@@ -27,7 +27,10 @@ WORKER = os.path.join(os.path.dirname(__file__), "_zero_worker.py")
 WORLD = 2
 STAGES = (1, 2, 3)
 # Metrics of the writing rank's own batch only (the head's logits): not those of the whole job.
-RANK_LOCAL = {"logit_lse", "logit_max_abs", "logit_min", "logit_max", "logit_rowsum_dev"}
+# The writing rank's own values (README, "What is recorded"): the logits of its batch, and the loss it passed
+# to step() on the steps between logged ones (reducing those would cost a collective at every step).
+RANK_LOCAL = {"logit_lse", "logit_max_abs", "logit_min", "logit_max", "logit_rowsum_dev",
+              "loss_max_between", "loss_min_between"}
 # Wiring checks (collectors/wiring.py) that a sharded engine's own bookkeeping makes meaningless, so they are
 # not recorded there (README, "Sharded training"): under ZeRO the engine owns the gradients (no `.grad` to
 # probe) and the torch optimizer holds flat partitions (no parameters to match); under FSDP2 the gradients
