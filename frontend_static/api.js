@@ -151,6 +151,7 @@ export async function refresh(run) {
   const before = runVersion.get(run);
   if (before !== undefined && before !== body.data_version) {
     for (const what of ["tags", "findings", "structure"]) cache.delete(prefix + what);
+    for (const key of [...cache.keys()]) if (key.startsWith(prefix + "model|")) cache.delete(key);
     changed = true;
   }
   runVersion.set(run, body.data_version);
@@ -212,6 +213,18 @@ export function values(run, metric, opts = {}) {
 
 export function tags(run) {
   return cached(JSON.stringify(run) + "|tags", () => getJSON("tags", {run}));
+}
+
+// The model view's rows (/model): the module tree grouped to at most `maxRows` rows, `expand` (group keys)
+// and `reveal` (modules or layers) opened beyond it; `waitMs` holds the request until the findings are in.
+export function model(run, opts = {}) {
+  const params = {run, max_rows: opts.maxRows, expand: opts.expand, reveal: opts.reveal, wait_ms: opts.waitMs};
+  return cached(JSON.stringify(run) + "|model|" + query(params), async () => {
+    const body = await getJSON("model", params);
+    // Answers without the findings are asked again, never kept.
+    if (!body.findings_complete) cache.delete(JSON.stringify(run) + "|model|" + query(params));
+    return body;
+  });
 }
 
 export function structure(run) {

@@ -109,6 +109,7 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
             "/values": self._serve_values,
             "/versions": self._serve_versions,
             "/structure": self._serve_structure,
+            "/model": self._serve_model,
             "/findings": self._serve_findings,
             "/contract": self._serve_contract,
         }
@@ -242,6 +243,73 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
             if doc is None:
                 raise errors.NotFoundError(f"run {run[:200]!r} has no model structure")
             return http_util.Respond(request, {"run": run, "structure": doc}, "application/json")
+
+    @wire.json_route
+    def _serve_model(self, request):
+        # The model view's rows, grouped to the screen (serving.model_tree): bounded by max_rows, not the model.
+        from tb_diag_plugin.serving import model_tree
+
+        ctx, eid, runs = self._runs(request)
+        run = self._run(request, runs)
+        idx = runs[run]
+        c = self.config
+        max_rows = wire.arg_int(request, "max_rows", 40, 1, c.max_layers_per_request)
+        wait_ms = wire.arg_int(request, "wait_ms", 0, 0, int(c.findings_max_wait_s * 1000))
+        open_unhealthy = request.args.get("open", "true") != "false"
+        expand, reveal = request.args.getlist("expand"), request.args.getlist("reveal")
+        if len(expand) + len(reveal) > c.max_layers_per_request:
+            raise errors.InvalidArgumentError("too many expand or reveal parameters")
+        # Like /findings?partial=true: the tree never waits for the findings (at most wait_ms).
+        found, complete = self.store.findings_if_ready(eid, run, idx, 0)
+        if not complete:
+            self.read_ahead.request(ctx, eid, run, idx, now=True)
+            if wait_ms:
+                found, complete = self.store.findings_if_ready(eid, run, idx, wait_ms / 1000)
+        query = tuple(sorted((k, v) for k, v in request.args.items(multi=True) if k != "wait_ms"))
+        key = ("model", eid, run, idx.data_version(), query)
+        hit = self.store.answers.peek(key) if complete else None
+        if hit is not None:
+            return http_util.Respond(request, hit, "application/json")
+        with self.store.foreground():
+            doc, note = None, None
+            if idx.structure_tag is not None:
+                doc, note = self._structure(ctx, eid, run, idx)
+            modules = model_tree.modules_of(doc, {m: idx.layers(m) for m in idx.tags})
+            nonfinite: dict[str, tuple[int, str]] = {}
+            for metric in model_tree.SCAN_METRICS:
+                if metric not in idx.tags:
+                    continue
+                series, _, version = self.store.series_and_key(ctx, eid, run, metric, idx)
+                kind = metadata.METRICS[metric].layer_kind
+                first = self.store.binned.get((version, "first_nonfinite"),
+                                              lambda s=series: model_tree.first_nonfinite(s))
+                for layer, step in first.items():
+                    if layer not in nonfinite or step < nonfinite[layer][0]:
+                        nonfinite[layer] = (step, kind)
+            grad = (model_tree.last_values(self.store.series(ctx, eid, run, model_tree.VALUE_METRIC, idx)[0])
+                    if model_tree.VALUE_METRIC in idx.tags else (None, {}))
+            try:
+                body = model_tree.answer(run, modules, (found or {}).get("layers") if complete else None,
+                                         nonfinite, grad, max_rows, expand, reveal, open_unhealthy)
+            except ValueError as e:
+                raise errors.NotFoundError(str(e)) from None
+        body.update(has_structure=doc is not None, structure_problem=note,
+                    data_version=wire.version_text(idx.data_version()))
+        if complete:
+            self.store.answers.get(key, lambda: body)
+        return http_util.Respond(request, body, "application/json")
+
+    def _structure(self, ctx, eid: str, run: str, idx: RunIndex) -> tuple[Optional[dict], Optional[str]]:
+        """(structure document or None, why it is unusable or None), read once per version of its tag."""
+        from tb_diag_plugin.reading import read_structure
+
+        def read():
+            try:
+                return read_structure(self.store.provider, ctx, eid, run), None
+            except ValueError as e:  # metadata.ContractError
+                return None, f"model structure of run {run[:200]!r} is unreadable and was ignored: {e}"
+
+        return self.store.answers.get(("structure", eid, run, idx.stamps.get(idx.structure_tag)), read)
 
     @wire.json_route
     def _serve_findings(self, request):

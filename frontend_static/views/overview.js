@@ -3,7 +3,7 @@
 import * as api from "../api.js";
 import {el, clear, fmt, fmtPct, message} from "../dom.js";
 import {Panels, RUN_LEGEND, alpha, esc, layout, runLegend, seriesColor} from "../charts.js";
-import {OVERVIEW_METRICS, SEVERITY_RANK, TOTAL_LOSS, findingLayerKind, findingTarget, moduleOf} from "../metrics.js";
+import {METRICS, OVERVIEW_METRICS, SEVERITY_RANK, TOTAL_LOSS, findingLayerKind, findingTarget, moduleOf} from "../metrics.js";
 import {stoppedNotes} from "./stopped.js";
 
 let findingsBox;
@@ -37,7 +37,10 @@ async function load(r, points) {
   const out = {};
   await Promise.all(want.map(async (m) => {
     try {
-      out[m] = await api.values(r.run, m, {points});
+      // A per-tensor or per-site series is asked as one row (its layers' mean, min, max and NaN/Inf count
+      // per step, layer_groups on the server): the overview's answer does not grow with the model.
+      const perLayer = ["param", "site"].includes(METRICS[m]?.layer_kind);
+      out[m] = await api.values(r.run, m, {points, maxRows: perLayer ? 1 : undefined});
     } catch (e) {
       out[m] = e;
     }
@@ -46,7 +49,8 @@ async function load(r, points) {
 }
 
 // Mean over activation sites of the dead fraction, per row; null (unknown, never 0) where a
-// site's value is NaN/Inf: its activations were not finite.
+// site's value is NaN/Inf: its activations were not finite. The answer is one grouped row (the sites'
+// mean of finite values, and their NaN/Inf count), or a row per site from a server without groups.
 function deadShare(v) {
   const out = new Array(v.B).fill(null);
   for (let i = 0; i < v.B; i++) {
