@@ -1,14 +1,17 @@
 """Each view of the tab in Chromium, server and browser together (issue 24 point 2).
 
-Opens a synthetic run (benchmarks/eventgen.py, cached between runs) in a real
-TensorBoard (Rust data server, preload on) and headless Chromium, and times
-each view from the click on its tab to the view saying it is drawn
-(`data-state="ready"`: data fetched, decoded and plotted), on the first visit
-(cold for the browser; the plugin has preloaded the run) and on a later one;
-then the time to open a group of layers in the gradient-flow heatmap, and the
-bytes the tab fetched for each. Prints a Markdown table and writes JSON.
+Opens a synthetic run (benchmarks/eventgen.py, cached between runs; or `--logdir`, a logdir made
+elsewhere, such as the 20,000 x 5,000 run) in a real TensorBoard (Rust data server, preload on) and
+headless Chromium, and times each view from the click on its tab to the view saying it is drawn
+(`data-state="ready"`: data fetched, decoded and plotted), on the first visit (cold for the browser;
+the plugin has preloaded the run as far as its cache holds it) and on a later one (warm); then the
+clicks inside views: open a group of layers in the gradient-flow heatmap and in the model view,
+open a module of the model view (the layer drill-down), open the first finding. For each: the
+requests the tab made, their bytes on the wire and the largest single answer. The findings are the
+overview's first section: "findings" is the time until they are drawn. Prints a Markdown table and
+writes JSON.
 
-    python benchmarks/tab_views.py [--size 2000x5000] [--passes 2] [--out FILE]
+    python benchmarks/tab_views.py [--size 2000x5000 | --logdir DIR] [--passes 2] [--out FILE]
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
-VIEWS = ("gradients", "activations", "model", "loss", "overview")
+VIEWS = ("gradients", "activations", "model", "layer", "loss", "overview")
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", default="2000x5000", metavar="STEPSxLAYERS")
+    ap.add_argument("--logdir", default=None, help="an existing logdir with one run (instead of --size)")
     ap.add_argument("--passes", type=int, default=2)
     ap.add_argument("--cache-dir", default=os.environ.get("TB_DIAG_BENCH_DATA", "/tmp/tb-diag-bench-data"))
     ap.add_argument("--out", default=os.path.join(HERE, "results", "tab_views.json"))
@@ -40,55 +44,141 @@ def main(argv=None) -> dict:
 
     import tbserver
 
-    steps, layers = (int(x) for x in args.size.split("x"))
-    logdir, _ = eventgen.ensure(args.cache_dir, "diag", steps, layers, lambda m: print(m, file=sys.stderr))
+    if args.logdir:
+        logdir, label = args.logdir, os.path.basename(os.path.normpath(args.logdir))
+    else:
+        steps, layers = (int(x) for x in args.size.split("x"))
+        logdir, _ = eventgen.ensure(args.cache_dir, "diag", steps, layers, lambda m: print(m, file=sys.stderr))
+        label = args.size
+    run = next(d for d in sorted(os.listdir(logdir)) if os.path.isdir(os.path.join(logdir, d)))
     res: dict = {"command": "python benchmarks/tab_views.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                 "size": args.size, "loadavg_start": os.getloadavg(), "views": []}
+                 "size": label, "loadavg_start": os.getloadavg(), "views": []}
+    t0 = time.perf_counter()
     with tbserver.serve_with_plugin(logdir, load_fast=True) as (srv, plugin):
-        while "run" not in plugin.preloader.preloaded_runs():
-            time.sleep(0.1)
+        srv.wait_for_runs(1, timeout=3600)
+        res["listed_s"] = time.perf_counter() - t0
+        # Preloaded as far as the plugin goes (a run over its cache budget is read on demand).
+        while run not in plugin.preloader.preloaded_runs() and time.perf_counter() - t0 < 1800:
+            time.sleep(0.2)
+        res["preloaded_s"] = time.perf_counter() - t0
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
             page = browser.new_context(viewport={"width": 1440, "height": 1000}).new_page()
-            sizes: list[int] = []
-            page.on("requestfinished", lambda r: sizes.append((r.sizes() or {}).get("responseBodySize", 0)))
+            # Each request is counted in the window (view) it was sent in; its size once it has finished.
+            sent: list[dict] = []
+            window = {"name": None}
+            page.on("request", lambda r: sent.append({"req": r, "window": window["name"], "bytes": 0}))
+
+            def finished(r):
+                for e in reversed(sent):
+                    if e["req"] is r:
+                        e["bytes"] = (r.sizes() or {}).get("responseBodySize", 0)
+                        break
+
+            page.on("requestfinished", finished)
+
+            def timed(name: str, pass_i: int, action) -> None:
+                window["name"] = (name, pass_i)
+                t = time.perf_counter()
+                action()
+                res["views"].append({"view": name, "pass": pass_i, "ms": (time.perf_counter() - t) * 1e3})
+                window["name"] = None
+
             t = time.perf_counter()
-            tab = Tab(page, srv)  # waits for the overview
+            tab = Tab(page, srv)  # waits for the overview, findings included
             res["open_tab_to_overview_ms"] = (time.perf_counter() - t) * 1e3
             for p_i in range(args.passes):
                 for view in VIEWS:
-                    n = len(sizes)
-                    t = time.perf_counter()
-                    tab.show(view)
-                    ms = (time.perf_counter() - t) * 1e3
-                    res["views"].append({"view": view, "pass": p_i, "ms": ms, "requests": len(sizes) - n,
-                                         "bytes": sum(sizes[n:])})
-            tab.show("gradients")
-            key = "gradients:run"
-            y = tab.chart(key)["data"][0]["y"]
-            row = next((i for i, label in enumerate(y) if "▸" in label), None)
-            if row is not None:
-                n = len(sizes)
-                t = time.perf_counter()
-                tab.click_cell(key, steps // 2, row)
-                tab.wait_chart(key, f"gd.data[0].y.length !== {len(y)}")
-                tab.wait_ready("gradients")
-                res["views"].append({"view": f"gradients: open group {y[row]!r}", "pass": 0,
-                                     "ms": (time.perf_counter() - t) * 1e3, "requests": len(sizes) - n,
-                                     "bytes": sum(sizes[n:])})
-            res["rows_shown"] = len(y)
+                    if p_i == 0:
+                        forget(tab, run)  # a first visit: nothing of the run in the tab's own cache
+                    timed(view, p_i, lambda v=view: tab.show(v))
+            for p_i in range(args.passes):  # the findings: the overview's first section, drawn before it says ready
+                tab.show("loss")
+                if p_i == 0:
+                    forget(tab, run)
+                timed("findings (the overview's list)", p_i, lambda: show_findings(tab))
+            clicks(tab, timed, run, res)
+            page.wait_for_timeout(1000)  # the last requests' sizes
             browser.close()
+    for v in res["views"]:
+        mine = [e for e in sent if e["window"] == (v["view"], v["pass"])]
+        v.update(requests=len(mine), bytes=sum(e["bytes"] for e in mine),
+                 largest=max((e["bytes"] for e in mine), default=0),
+                 routes=sorted({e["req"].url.split("/diagnostics/")[-1].split("?")[0] for e in mine}))
     res["loadavg_end"] = os.getloadavg()
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
-    print(f"| view ({args.size}, Chromium) | visit | requests | bytes | ms |\n|---|---|---|---|---|")
+    print(f"| view ({label}, Chromium) | visit | requests | bytes | largest answer | ms |\n|---|---|---|---|---|---|")
     for v in res["views"]:
         print(f"| {v['view']} | {'first' if v['pass'] == 0 else 'again'} | {v['requests']} | "
-              f"{v['bytes'] / 1024:,.1f} kB | {v['ms']:.0f} |")
-    print(f"\nopen the tab (TensorBoard page + overview): {res['open_tab_to_overview_ms']:.0f} ms; "
+              f"{v['bytes'] / 1024:,.1f} kB | {v['largest'] / 1024:,.1f} kB | {v['ms']:.0f} |")
+    print(f"\nlisted {res['listed_s']:.1f} s, preloaded {res['preloaded_s']:.1f} s after start; open the tab "
+          f"(TensorBoard page + overview): {res['open_tab_to_overview_ms']:.0f} ms; "
           f"load {res['loadavg_start'][0]:.1f} -> {res['loadavg_end'][0]:.1f}")
     return res
+
+
+def forget(tab, run: str) -> None:
+    """Empty the tab's client-side cache of `run` (api.invalidate), so the next view fetches all it shows."""
+    tab.frame.evaluate(
+        "async (run) => (await import(new URL('static/api.js', document.baseURI).href)).invalidate(run)", run)
+
+
+def show_findings(tab) -> None:
+    """From the click on the overview's tab to the findings drawn (the overview waits for them)."""
+    tab.frame.click('[data-tab="overview"]')
+    tab.frame.wait_for_function(
+        "document.querySelector('[data-view=overview]').dataset.state === 'ready' && "
+        "['ok', 'unavailable'].includes(document.querySelector('.findings')?.dataset.state)")
+
+
+def clicks(tab, timed, run: str, res: dict) -> None:
+    """The clicks inside views: open a group (gradient flow, model view), a module, a finding."""
+    tab.show("gradients")
+    key = f"gradients:{run}"
+    y = tab.chart(key)["data"][0]["y"]
+    x = tab.chart(key)["data"][0]["x"]
+    row = next((i for i, label in enumerate(y) if "▸" in label), None)
+    if row is not None:
+        def open_heatmap_group():
+            tab.click_cell(key, x[len(x) // 2], row)
+            tab.wait_chart(key, f"gd.data[0].y.length !== {len(y)}")
+            tab.wait_ready("gradients")
+
+        timed(f"gradient flow: open group {y[row]!r}", 0, open_heatmap_group)
+    res["rows_shown"] = len(y)
+    tab.show("model")
+    tab.frame.wait_for_function("document.querySelector('.model-body').dataset.findings === 'ready'")
+    res["model_rows"] = tab.frame.evaluate("document.querySelectorAll('.tree .node').length")
+    group = tab.frame.evaluate("document.querySelector('.tree .node.group')?.dataset.group ?? null")
+    if group is not None:
+        def open_model_group():
+            before = tab.frame.evaluate("document.querySelectorAll('.tree .node').length")
+            tab.frame.locator(f'.tree .node[data-group="{group}"]').click()
+            tab.frame.wait_for_function(f"document.querySelectorAll('.tree .node').length !== {before}")
+            tab.wait_ready("model")
+
+        timed(f"model: open group {group!r}", 0, open_model_group)
+    module = tab.frame.evaluate(
+        "[...document.querySelectorAll('.tree .node:not(.group)')].find(n => n.querySelector('.node-shapes'))"
+        "?.dataset.module ?? null")
+    if module is not None:
+        def open_module():
+            tab.frame.locator(f'.tree .node[data-module="{module}"]').click()
+            tab.wait_ready("layer")
+
+        timed(f"layer drill-down: click module {module!r} in the model view", 0, open_module)
+    tab.show("overview")
+    link = tab.frame.locator(".finding .finding-link").first
+    if link.count():
+        def open_finding():
+            link.click()
+            tab.frame.wait_for_function("tbDiag.state.view !== 'overview'")
+            tab.wait_ready(tab.frame.evaluate("tbDiag.state.view"))
+
+        kind = tab.frame.evaluate("document.querySelector('.finding')?.dataset.kind")
+        timed(f"findings: open the first ({kind})", 0, open_finding)
 
 
 if __name__ == "__main__":

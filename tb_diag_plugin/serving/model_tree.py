@@ -63,15 +63,25 @@ def modules_of(doc: Optional[dict], layers: dict[str, tuple[list[str], list[str]
 def first_nonfinite(series: Series, chunk: int = 2048) -> dict[str, int]:
     """Layer -> the first step at which it recorded a NaN/Inf value (layers that never did are left out).
 
-    Read in chunks of steps, so that a 20,000 x 5,000 series needs no full-size temporary."""
-    S, L = series.values.shape
-    first = np.full(L, -1, dtype=np.int64)
-    for a in range(0, S, chunk):
-        bad = ~np.isfinite(series.values[a:a + chunk]) & series.present[a:a + chunk]
-        cols = np.flatnonzero(bad.any(axis=0) & (first < 0))
-        if cols.size:
-            first[cols] = series.steps[a + bad[:, cols].argmax(axis=0)]
-    return {series.layers[j]: int(first[j]) for j in np.flatnonzero(first >= 0)}
+    One sum per column finds the candidates (a NaN/Inf, an absent cell or an overflow makes it
+    non-finite), then only their columns are read step by step, in chunks, so that a 20,000 x 5,000
+    series needs neither a second pass over every cell nor a full-size temporary."""
+    values, present = series.values, series.present
+    with np.errstate(over="ignore", invalid="ignore"):
+        cols = np.flatnonzero(~np.isfinite(np.add.reduce(values, axis=0)))
+    if not cols.size:
+        return {}
+    if cols.size < values.shape[1] // 4:
+        values, present = values[:, cols], present[:, cols]
+    else:
+        cols = np.arange(values.shape[1])
+    first = np.full(cols.size, -1, dtype=np.int64)
+    for a in range(0, values.shape[0], chunk):
+        bad = ~np.isfinite(values[a:a + chunk]) & present[a:a + chunk]
+        new = np.flatnonzero(bad.any(axis=0) & (first < 0))
+        if new.size:
+            first[new] = series.steps[a + bad[:, new].argmax(axis=0)]
+    return {series.layers[cols[k]]: int(first[k]) for k in np.flatnonzero(first >= 0)}
 
 
 def last_values(series: Optional[Series]) -> tuple[Optional[int], dict[str, float]]:
