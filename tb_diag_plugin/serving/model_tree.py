@@ -17,8 +17,8 @@ import numpy as np
 from tb_diag_plugin import layer_groups, metadata
 from tb_diag_plugin.series import Series
 
-# The values whose NaN/Inf mark a module: its gradients and weights, its activation sites.
-SCAN_METRICS = ("grad_norm", "weight_norm") + metadata.ACTIVATION_METRICS
+# The values whose NaN/Inf mark a module: its gradients (a NaN weight follows from one) and its activation sites.
+SCAN_METRICS = ("grad_norm",) + metadata.ACTIVATION_METRICS
 VALUE_METRIC = "grad_norm"  # a group's mean/min/max: its members' gradient norms at the last logged step
 NONFINITE = "nonfinite"  # a status beside the severities: a recorded NaN/Inf that no finding names
 MAX_LISTED = 32  # parameters, sites and NaN/Inf layers listed per row; the rest are counted
