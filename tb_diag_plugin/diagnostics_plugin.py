@@ -255,7 +255,9 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
         c = self.config
         max_rows = wire.arg_int(request, "max_rows", 40, 1, c.max_layers_per_request)
         wait_ms = wire.arg_int(request, "wait_ms", 0, 0, int(c.findings_max_wait_s * 1000))
-        open_unhealthy = request.args.get("open", "true") != "false"
+        open_unhealthy = request.args.get("open", "true")
+        if open_unhealthy not in ("true", "false"):
+            raise errors.InvalidArgumentError(f"open must be true or false, got {open_unhealthy[:20]!r}")
         expand, reveal = request.args.getlist("expand"), request.args.getlist("reveal")
         if len(expand) + len(reveal) > c.max_layers_per_request:
             raise errors.InvalidArgumentError("too many expand or reveal parameters")
@@ -275,22 +277,12 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
             if idx.structure_tag is not None:
                 doc, note = self._structure(ctx, eid, run, idx)
             modules = model_tree.modules_of(doc, {m: idx.layers(m) for m in idx.tags})
-            nonfinite: dict[str, tuple[int, str]] = {}
-            for metric in model_tree.SCAN_METRICS:
-                if metric not in idx.tags:
-                    continue
-                series, _, version = self.store.series_and_key(ctx, eid, run, metric, idx)
-                kind = metadata.METRICS[metric].layer_kind
-                first = self.store.binned.get((version, "first_nonfinite"),
-                                              lambda s=series: model_tree.first_nonfinite(s))
-                for layer, step in first.items():
-                    if layer not in nonfinite or step < nonfinite[layer][0]:
-                        nonfinite[layer] = (step, kind)
             grad = (model_tree.last_values(self.store.series(ctx, eid, run, model_tree.VALUE_METRIC, idx)[0])
                     if model_tree.VALUE_METRIC in idx.tags else (None, {}))
             try:
                 body = model_tree.answer(run, modules, (found or {}).get("layers") if complete else None,
-                                         nonfinite, grad, max_rows, expand, reveal, open_unhealthy)
+                                         self._nonfinite(ctx, eid, run, idx), grad, max_rows, expand, reveal,
+                                         open_unhealthy == "true")
             except ValueError as e:
                 raise errors.NotFoundError(str(e)) from None
         body.update(has_structure=doc is not None, structure_problem=note,
@@ -298,6 +290,22 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
         if complete:
             self.store.answers.get(key, lambda: body)
         return http_util.Respond(request, body, "application/json")
+
+    def _nonfinite(self, ctx, eid: str, run: str, idx: RunIndex) -> dict[str, tuple[int, str]]:
+        """Layer -> (first step of a recorded NaN/Inf, its layer kind) over the metrics the model view scans,
+        each metric's scan kept per its data version."""
+        from tb_diag_plugin.serving import model_tree
+
+        out: dict[str, tuple[int, str]] = {}
+        for metric in model_tree.SCAN_METRICS:
+            if metric not in idx.tags:
+                continue
+            series, _, version = self.store.series_and_key(ctx, eid, run, metric, idx)
+            first = self.store.binned.get((version, "first_nonfinite"), lambda s=series: model_tree.first_nonfinite(s))
+            for layer, step in first.items():
+                if layer not in out or step < out[layer][0]:
+                    out[layer] = (step, metadata.METRICS[metric].layer_kind)
+        return out
 
     def _structure(self, ctx, eid: str, run: str, idx: RunIndex) -> tuple[Optional[dict], Optional[str]]:
         """(structure document or None, why it is unusable or None), read once per version of its tag."""

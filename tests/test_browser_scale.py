@@ -271,6 +271,11 @@ def test_overview_and_model_answers_do_not_grow_with_the_model(browser, two_size
             "[...document.querySelectorAll('.tree .node')].map(n => n.dataset.group ?? n.dataset.module)")
         assert keys == [r["key"] for r in opened["rows"]] and f"{group}.attn.q" in keys
         assert not tab.frame.locator(f'.tree .node[data-group="{group}"]').count()  # its module's own row remains
+        # Bad input is a 4xx with its reason, never a 500.
+        for query, code in (("open=maybe", 400), ("max_rows=0", 400), ("expand=nope", 404),
+                            ("reveal=nope.weight", 404), ("wait_ms=99999", 400)):
+            status, body, _ = server.get(f"/data/plugin/diagnostics/model?run=moe_big&{query}")
+            assert status == code and "error" in json.loads(body), (query, status, body[:200])
         # The tab's model answers were each bounded by the rows it asked for.
         for q, body in answers:
             if q["route"].endswith("/model"):
