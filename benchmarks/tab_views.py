@@ -87,6 +87,7 @@ def main(argv=None) -> dict:
                 t = time.perf_counter()
                 action()
                 res["views"].append({"view": name, "pass": pass_i, "ms": (time.perf_counter() - t) * 1e3})
+                print(f"  {name} ({pass_i}): {res['views'][-1]['ms']:.0f} ms", file=sys.stderr)
                 window["name"] = None
 
             page.set_default_timeout(1_800_000)  # a 20,000 x 5,000 run's first findings take minutes here
@@ -161,9 +162,8 @@ def clicks(tab, timed, run: str, res: dict) -> None:
     group = tab.frame.evaluate("document.querySelector('.tree .node.group')?.dataset.group ?? null")
     if group is not None:
         def open_model_group():
-            before = tab.frame.evaluate("document.querySelectorAll('.tree .node').length")
             tab.frame.locator(f'.tree .node[data-group="{group}"]').click()
-            tab.frame.wait_for_function(f"document.querySelectorAll('.tree .node').length !== {before}")
+            tab.frame.wait_for_function(f"!document.querySelector('.tree .node[data-group=\"{group}\"]')")
             tab.wait_ready("model")
 
         timed(f"model: open group {group!r}", 0, open_model_group)
