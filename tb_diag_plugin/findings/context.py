@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from tb_diag_plugin import metadata
+from tb_diag_plugin import layer_groups, metadata
 from tb_diag_plugin.findings.model_info import GATED_TYPES, ModelInfo
 from tb_diag_plugin.findings.series import Series
 from tb_diag_plugin.findings.thresholds import Thresholds
@@ -204,10 +204,9 @@ def quote(name: str) -> str:
 
 
 def layer_list(layers: Sequence[str], k: int = 4) -> str:
-    """"'a', 'b', ... (12 in all)": the names quoted, without repeats, the first `k` shown."""
-    layers = unique(layers)
-    shown = ", ".join(quote(n) for n in layers[:k])
-    return shown if len(layers) <= k else f"{shown}, ... ({len(layers)} in all)"
+    """"'a', 'b', ... (12 in all)": the names quoted, without repeats, the first `k` shown; past `k`, the
+    groups they form when that is shorter (`layer_groups.describe`: "{w1,w2}.weight of layers from 10 to 14")."""
+    return layer_groups.describe(layers, shown=k)
 
 
 def window(n: int, th: Thresholds) -> int:
