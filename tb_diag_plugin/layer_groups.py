@@ -275,9 +275,13 @@ class _Trie:
 
     def insert(self, parts: Sequence[str], named: bool) -> None:
         node = self
-        for p in (None, *parts):
-            if p is not None:
-                node = node.subs.setdefault(p, _Trie())
+        node.size += 1
+        node.hits += named
+        for p in parts:
+            sub = node.subs.get(p)
+            if sub is None:
+                sub = node.subs[p] = _Trie()
+            node = sub
             node.size += 1
             node.hits += named
         node.leaf = True

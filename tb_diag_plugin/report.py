@@ -46,7 +46,7 @@ def run(logdir: str, as_json: bool, fail_on: Optional[str], out: TextIO) -> int:
         results.append((name, result, problems + result.notes))
 
     if as_json:
-        doc = [d for _, result, _ in results for d in result.finding_dicts()]
+        doc = [f.to_dict(name) for name, result, _ in results for f in result.findings]
         json.dump(doc, out, indent=2, allow_nan=False)
         out.write("\n")
         for name, _, notes in results:
@@ -79,7 +79,7 @@ def _write_text(logdir: str, results, out: TextIO) -> None:
             out.write(f"  {f.severity.upper():<7} {f.kind} ({steps})\n")
             out.write(_wrap(f.message, "    "))
             out.write(_wrap("Try: " + f.suggestion, "    "))
-            out.write(_wrap("Layers: " + words, "    "))  # the tab's words too; --json lists every layer
+            out.write(_wrap("Layers: " + words, "    "))  # the tab's words too (`/findings` layers_text)
         if notes:
             out.write("  not checked / problems:\n")
             for note in notes:

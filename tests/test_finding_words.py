@@ -150,17 +150,15 @@ def test_report_and_findings_route_name_the_same_groups(moe_run, moe_server):
     assert report.run(str(logdir), as_json=False, fail_on=None, out=text) == 0
     report.run(str(logdir), as_json=True, fail_on=None, out=doc)
     answer = moe_server.plugin(f"findings?run={RUN}")
-    route = {f["kind"]: f for f in answer["findings"]}
-    found = route["vanishing_gradient"]
+    route = {f["kind"]: (f, words) for f, words in zip(answer["findings"], answer["layers_text"], strict=True)}
+    found, words = route["vanishing_gradient"]
     # Grouped words, the complete list of tensors beside them (the tab marks each).
-    assert found["layers_text"] == (f"all {EXPERTS} mlp.experts of model.layers from {LO} to {HI} "
-                                    f"({HI - LO + 1} of {LAYERS})")
+    assert words == f"all {EXPERTS} mlp.experts of model.layers from {LO} to {HI} ({HI - LO + 1} of {LAYERS})"
     assert sorted(found["layers"]) == sorted(starved)
-    # The same words in the text report, in --json and in the route, for every finding of the run.
-    printed = _report_layers(text.getvalue())
-    assert printed == {kind: f["layers_text"] for kind, f in route.items()}
-    assert [(f["kind"], f["layers_text"], f["layers"]) for f in json.loads(doc.getvalue())] == \
-        [(f["kind"], f["layers_text"], f["layers"]) for f in answer["findings"]]
+    # The same words in the text report and the route, for every finding of the run; the same findings in
+    # --json, every tensor listed.
+    assert _report_layers(text.getvalue()) == {kind: w for kind, (_, w) in route.items()}
+    assert json.loads(doc.getvalue()) == answer["findings"]
     # The message itself names the groups too, never a list of 480 names.
     assert f"{len(starved)} tensor(s) ({{w1,w2,w3}}.weight of mlp.experts from 0 to {EXPERTS - 1} of model.layers " \
            f"from {LO} to {HI})" in found["message"]
@@ -169,14 +167,15 @@ def test_report_and_findings_route_name_the_same_groups(moe_run, moe_server):
 def test_the_tab_shows_the_words_and_the_tensors_on_demand(browser, moe_server, moe_run):
     _, starved = moe_run
     answer = moe_server.plugin(f"findings?run={RUN}")
-    found = next(f for f in answer["findings"] if f["kind"] == "vanishing_gradient")
+    found, words = next((f, w) for f, w in zip(answer["findings"], answer["layers_text"])
+                        if f["kind"] == "vanishing_gradient")
     context = browser.new_context(viewport={"width": 1440, "height": 1000})
     page = context.new_page()
     try:
         tab = Tab(page, moe_server)
         item = tab.frame.locator('.finding[data-kind="vanishing_gradient"]')
         item.wait_for()
-        assert f"layers: {found['layers_text']}" in item.locator(".finding-detail").inner_text()
+        assert f"layers: {words}" in item.locator(".finding-detail").inner_text()
         summary = item.locator(".finding-tensors summary")
         assert summary.inner_text() == f"show {len(starved)} tensors"
         assert item.locator(".finding-tensors li").count() == 0  # listed only when asked for

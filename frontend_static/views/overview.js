@@ -135,7 +135,7 @@ function drawFindings(app, runs, results) {
     const res = results[k];
     if (res instanceof Error) failed.push([r.run, res]);
     else {
-      for (const f of res.findings || []) items.push({...f, run: r.run, verdicts: res.layers || {}});
+      (res.findings || []).forEach((f, i) => items.push({...f, run: r.run, verdicts: res.layers || {}, words: res.layers_text?.[i]}));
       for (const s of res.skipped || []) skipped.push(`${r.run}: ${s}`);
     }
   });
@@ -170,7 +170,7 @@ function drawFindings(app, runs, results) {
       app.openMetric(target[0], target[1], patch);
     };
     // The server's words for the layers (what `tb-diag report` prints); hundreds name their groups.
-    const layerText = layers.length ? String(f.layers_text ?? layers.join(", ")) : "";
+    const layerText = layers.length ? String(f.words ?? layers.join(", ")) : "";
     list.append(el("li", {class: `finding sev-${f.severity}`, hidden: !showAll && !shownFirst(n), dataset: {kind: f.kind, run: f.run}},
       el("button", {type: "button", class: "finding-link", onclick: go, title: "Show the chart"},
         el("span", {class: `sev sev-${f.severity}`}, f.severity),

@@ -22,13 +22,11 @@ class RunFindings:
     notes: list[str]
     layers_text: list[str] = field(default_factory=list)  # per finding, its layers in words (`layer_words`)
 
-    def finding_dicts(self) -> list[dict]:
-        """The findings as `/findings` and `tb-diag report --json` give them: `Finding.to_dict` and the words."""
-        return [{**f.to_dict(self.run), "layers_text": text} for f, text in zip(self.findings, self.layers_text)]
-
     def answer(self, layers: Mapping[str, Sequence[str]]) -> dict:
-        """The `/findings` answer (`layers`: metric -> its layer names, for the per-layer verdicts)."""
-        return {"run": self.run, "findings": self.finding_dicts(), "skipped": self.notes,
+        """The `/findings` answer (`layers`: metric -> its layer names, for the per-layer verdicts);
+        `layers_text[i]` is what the report prints for `findings[i]`'s layers."""
+        return {"run": self.run, "findings": [f.to_dict(self.run) for f in self.findings],
+                "layers_text": list(self.layers_text), "skipped": self.notes,
                 "layers": layer_verdicts(self.findings, layers)}
 
 
