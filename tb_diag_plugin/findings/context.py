@@ -9,7 +9,7 @@ import math
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -142,6 +142,12 @@ class Context:
         known = {n: i for i, n in enumerate(order)}
         return sorted(unique(names), key=lambda n: (known.get(n, len(known)), natural_key(n)))
 
+    def layer_list(self, names: Sequence[str], k: int = 4) -> str:
+        """`layer_list`, with the groups judged against what the running rule reads: a module every recorded
+        tensor of which is named reads "all 32 mlp.experts of model.layers from 10 to 14 (5 of 40)"."""
+        read = [self.series[m] for m in (self.rule.metrics if self.rule else ()) if m in self.series]
+        return layer_groups.describe(names, recorded_with(names, read), shown=k)
+
     def mark_primary(self) -> None:
         """The finding just added is a cause: symptoms that start with or after it fold below it."""
         self.primary.append(len(self.findings) - 1)
@@ -207,6 +213,14 @@ def layer_list(layers: Sequence[str], k: int = 4) -> str:
     """"'a', 'b', ... (12 in all)": the names quoted, without repeats, the first `k` shown; past `k`, the
     groups they form when that is shorter (`layer_groups.describe`: "{w1,w2}.weight of layers from 10 to 14")."""
     return layer_groups.describe(layers, shown=k)
+
+
+def recorded_with(names: Sequence[str], series: Iterable[Series]) -> Optional[list[str]]:
+    """The layers of the metrics among `series` that record every one of `names` (what "all" of a group
+    means in the words for them), in their order; None when none does."""
+    want = set(names)
+    out = [n for s in series if len(s.layers) >= len(want) and want.issubset(s.layers) for n in s.layers]
+    return out or None
 
 
 def window(n: int, th: Thresholds) -> int:

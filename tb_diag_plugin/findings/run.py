@@ -7,7 +7,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from tb_diag_plugin import layer_groups
 from tb_diag_plugin.findings import analyze, layer_verdicts
-from tb_diag_plugin.findings.context import Finding
+from tb_diag_plugin.findings.context import Finding, recorded_with
 from tb_diag_plugin.findings.model_info import read_model
 from tb_diag_plugin.series import Series
 
@@ -32,15 +32,9 @@ class RunFindings:
 
 def layer_words(found: Sequence[Finding], series: Mapping[str, Series]) -> list[str]:
     """Each finding's layers as the report and the tab print them: a few names as they are, hundreds as
-    the groups they make ("all 32 mlp.experts of layers from 10 to 14 (5 of 40)"), judged against the
-    layers of the metrics that record all of them (a group is "all" of what those record)."""
-    recorded = [(s.layers, set(s.layers)) for s in series.values() if s.layers]
-    out = []
-    for f in found:
-        want = set(f.layers)
-        universe = [n for layers, have in recorded if want <= have for n in layers]
-        out.append(layer_groups.describe(f.layers, universe or None))
-    return out
+    the groups they make ("all 32 mlp.experts of layers from 10 to 14 (5 of 40)"), "all" judged against
+    the layers of the metrics that record every one of them."""
+    return [layer_groups.describe(f.layers, recorded_with(f.layers, series.values())) for f in found]
 
 
 def analyze_run(run: str, series: Mapping[str, Series],
