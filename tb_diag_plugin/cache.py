@@ -138,6 +138,12 @@ class ByteLRU:
         with self._lock:
             return [(k, v) for k, (v, _) in self._entries.items()]
 
+    def drop(self, keep: Callable[[Hashable], bool]) -> None:
+        """Forget every entry whose key `keep` rejects."""
+        with self._lock:
+            for key in [k for k in self._entries if not keep(k)]:
+                self._size -= self._entries.pop(key)[1]
+
     def _put(self, key: Hashable, value: Any, max_entry: Optional[int] = None) -> None:
         size = nbytes(value)
         if size > self.max_bytes or (max_entry is not None and size > max_entry):
@@ -179,6 +185,10 @@ class CachePart:
         with self.lru._lock:
             return sum(size for k, (_, size) in self.lru._entries.items()
                        if isinstance(k, tuple) and k[:1] == (self.name,))
+
+    def clear(self) -> None:
+        """Forget this part's entries."""
+        self.lru.drop(lambda k: not (isinstance(k, tuple) and k[:1] == (self.name,)))
 
     def __len__(self) -> int:
         return len(self.keys())
