@@ -98,6 +98,7 @@ class EventIndex:
         if not len(rows):
             return out.astype(np.float32, copy=False)
         width = hi - lo
+        # One read per datum, into its row of `out`: no copy of the file's bytes, nothing else held.
         for fno in np.unique(files[rows]):
             sel = np.flatnonzero(files[rows] == fno)
             fd = os.open(self._files[int(fno)].path, os.O_RDONLY)
@@ -106,8 +107,8 @@ class EventIndex:
                     r = rows[i]
                     if lengths[r] < 4 * hi:
                         raise ValueError(f"tag {tag!r}: datum {r} holds {lengths[r] // 4} values, not {hi}")
-                    buf = os.pread(fd, 4 * width, int(offsets[r]) + 4 * lo)
-                    out[i] = np.frombuffer(buf, dtype="<f4")
+                    if os.preadv(fd, [out[i].data], int(offsets[r]) + 4 * lo) != 4 * width:  # into the row
+                        raise OSError(f"{self._files[int(fno)].path} is shorter than when it was indexed")
             finally:
                 os.close(fd)
         return out.astype(np.float32, copy=False)

@@ -75,6 +75,13 @@ class OnDemandSeries:
 
     def _read(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(values, present) [len(rows), len(cols)] of merged rows `rows` and columns `cols`."""
+        if len(self._parts) == 1:  # one tag with every row, asked for a run of its columns: no scatter
+            part = self._parts[0]
+            data = part.rows[rows]
+            in_order = len(cols) and bool(np.all(part.cols == np.arange(len(self.layers))))
+            if in_order and bool(np.all(np.diff(cols) == 1)) and bool(np.all(data >= 0)):
+                values = self._index.read(part.tag, data, int(cols[0]), int(cols[-1]) + 1)
+                return values, np.broadcast_to(np.True_, values.shape)
         values = np.full((rows.size, len(cols)), np.nan, dtype=np.float32)
         present = np.zeros((rows.size, len(cols)), dtype=bool)
         where = np.full(len(self.layers), -1, dtype=np.int64)
