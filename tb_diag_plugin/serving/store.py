@@ -23,7 +23,7 @@ from typing import Any, Iterator, Optional
 from tb_diag_plugin import cache, metadata
 from tb_diag_plugin.reading import ALL_SAMPLES, RunIndex, Series, index_runs, integrity, read_series, read_structure
 from tb_diag_plugin.reading.events import EventIndex
-from tb_diag_plugin.reading.ondemand import OnDemandSeries, open_metric
+from tb_diag_plugin.reading.ondemand import OnDemandSeries, open_metric, release_memory
 from tb_diag_plugin.serving import stopped
 from tb_diag_plugin.serving.config import Config
 
@@ -164,6 +164,8 @@ class RunStore:
             if metadata.STOPPED in idx.tags:  # issue 23: when and why stop_on= stopped the run
                 answer["stopped"] = stopped.describe(self.series(ctx, eid, run, metadata.STOPPED, idx)[0],
                                                      result.findings)
+            del read
+            release_memory()  # the series read whole for the rules: freed, and given back
             done = time.monotonic()
             with self._lock:
                 self._findings_recent[(eid, run)] = (done + min(60.0, 10 * (done - t0)), answer)
