@@ -26,7 +26,7 @@ from tb_diag_plugin.cache import ByteLRU, nbytes
 from tb_diag_plugin.reading.ondemand import OnDemandSeries
 from tb_diag_plugin.serving.config import Config
 from tb_diag_plugin.summary import EventWriter
-from tbserver import serve_with_plugin
+from tbserver import serve_with_plugin, until
 
 NUMPY_DOMAIN = 389047  # numpy's tracemalloc domain (NPY_TRACE_DOMAIN)
 STEPS, LAYERS = 700, 240
@@ -169,11 +169,17 @@ def logdir(tmp_path_factory):
 SMALL = Config(cache_bytes=1 << 20)
 
 
-@pytest.mark.parametrize("points", [64, 5000])
-def test_a_metric_over_the_budget_is_served_from_the_event_files_equal_to_tensorboards_reading(logdir, points):
+@pytest.mark.parametrize("points,load_fast", [(64, False), (5000, False), (64, True)])
+def test_a_metric_over_the_budget_is_served_from_the_event_files_equal_to_tensorboards_reading(
+        logdir, points, load_fast):
+    """Under both loaders (the Rust data server's listing has no step count: the size is bounded
+    from the last step, then counted in the files)."""
     steps, layers, values, present = _independent(logdir, "grad_norm")
-    with serve_with_plugin(logdir, extra=["--diagnostics_preload", "false"], config=SMALL) as (srv, plugin):
+    with serve_with_plugin(logdir, load_fast=load_fast, extra=["--diagnostics_preload", "false"],
+                           config=SMALL) as (srv, plugin):
         srv.wait_for_runs(1)
+        # The Rust data server loads in the background: on until it has the run's last step.
+        until(lambda: srv.plugin("values?run=big&metric=grad_norm&points=1&start=699")["last_step"] == STEPS - 1)
         header, a = _values(srv, f"metric=grad_norm&points={points}")
         key = next(k for k in plugin.store.series_cache.keys() if k[2] == "grad_norm")
         assert isinstance(plugin.store.series_cache.peek(key)[0], OnDemandSeries)

@@ -146,7 +146,10 @@ class EventIndex:
             if end > len(block):
                 break
             start = pos + _HEADER.size
-            self._event(fno, base, view, start, start + length)
+            try:
+                self._event(fno, base, view, start, start + length)
+            except (IndexError, ValueError, UnicodeDecodeError):
+                break  # a damaged record: TensorBoard stops reading the file there too (see `integrity`)
             pos = end
         return pos
 

@@ -123,10 +123,10 @@ class RunStore:
 
     def event_index(self, run_dir: str, version: tuple) -> EventIndex:
         """The run directory's event index (kept in the cache), brought up to date once per `version`."""
-        events, seen = self.event_indexes.get(run_dir, lambda: (EventIndex(run_dir), set()))
+        events, seen = self.event_indexes.get(run_dir, lambda: (EventIndex(run_dir), [None]))
         with self._lock:
-            stale = version not in seen
-            seen.add(version)
+            stale = seen[0] != version
+            seen[0] = version
         if stale:
             events.refresh()
         return events
