@@ -255,3 +255,18 @@ def test_eviction_keeps_answers_correct_and_the_findings_equal(logdir):
                 assert len(keys) < 4  # earlier answers were evicted
             findings.append(srv.plugin("findings?run=big"))
     assert findings[0]["findings"] == findings[1]["findings"]
+
+
+def test_the_budget_is_the_diagnostics_cache_mb_flag(tmp_path):
+    import argparse
+
+    from tensorboard.plugins import base_plugin
+
+    from tb_diag_plugin.diagnostics_plugin import DiagnosticsLoader
+
+    with serve_with_plugin(str(tmp_path), extra=["--diagnostics_cache_mb", "3",
+                                                 "--diagnostics_preload", "false"]) as (_, plugin):
+        assert plugin.store.memory.max_bytes == 3 << 20
+        assert plugin.config.max_series_bytes == (3 << 20) // 4
+    with pytest.raises(base_plugin.FlagsError, match="diagnostics_cache_mb"):
+        DiagnosticsLoader().fix_flags(argparse.Namespace(diagnostics_cache_mb=0))
