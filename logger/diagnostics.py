@@ -6,10 +6,10 @@ written (`output.py`) live in their own modules."""
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -25,9 +25,8 @@ from tb_diag_logger.arguments import (  # noqa: F401  (re-exported: the integrat
     unwrap_model,
     warn_once,
 )
-from tb_diag_logger.collectors import Collector, Item, Part, Selection, StepContext, build, zero
+from tb_diag_logger.collectors import Collector, Item, Part, Selection, StepContext, build, to_host, zero
 from tb_diag_logger.collectors.losses import LossLike, check_losses, check_scalar
-from tb_diag_logger.collectors.params import ParameterNorms
 from tb_diag_logger.collectors.validation import check_step
 from tb_diag_logger.collectors.wiring import managed_by_engine
 from tb_diag_logger.cost import CostMeter, DiagnosticsCostWarning  # noqa: F401  (re-exported)
@@ -197,12 +196,10 @@ class Diagnostics:
         built = build.build(outer, self.model, compiled, self._life.params, optimizer, scaler=scaler,
                             selected=selected, activations=activations, update_ratio=self._want_updates,
                             grad_norm_every_step=grad_norm_every_step, impl=impl, engine=engine,
-                            report=self._report)
+                            report=self._report, ctx=self._ctx)
         self._norms, self._capture, self._sites = built.norms, built.capture, built.sites
         self._updates, self._validation = built.updates, built.validation
-        self.collectors: list[Collector] = []
-        for c in built.collectors:
-            self._add(c)
+        self.collectors: list[Collector] = built.collectors  # the order of writing
         self._arm(True)  # the first step may be a logged one
         if distributed.initialized():
             self._out.ensure()  # else at the first step(): init_process_group may come after us
@@ -225,25 +222,10 @@ class Diagnostics:
             self._write_late()  # a measurement the old optimizer finished belongs to its step
         except Exception as e:
             self._report("set_optimizer", e)
-        for c in [c for c in self.collectors if isinstance(c, build.READS_OPTIMIZER)]:
-            c.close()
-            self.collectors.remove(c)
-        self._life.set_optimizer(new, zero.zero_optimizer(optimizer))
         life = self._life
-        self._updates, added = build.optimizer_collectors(new, life.params, self._want_updates, life.zero,
-                                                          self._impl, self._report)
-        if isinstance(self._norms, ParameterNorms):
-            self._norms._updates = self._updates  # the weight norms it offers go to the new one
-        for c in self.collectors:
-            if hasattr(c, "set_optimizer"):  # kept, following the new one (the wiring checks' step hook)
-                c.set_optimizer(new)
-        for c in added:
-            self._add(c)
-
-    def _add(self, collector: Collector) -> None:
-        """Register a collector: it reads the orchestrator's step context; the order is the write order."""
-        collector.ctx = self._ctx
-        self.collectors.append(collector)
+        fresh = functools.partial(build.optimizer_collectors, params=life.params, update_ratio=self._want_updates,
+                                  sharded=life.zero, impl=self._impl, report=self._report, ctx=self._ctx)
+        self._updates = life.set_optimizer(self.collectors, new, zero.zero_optimizer(optimizer), fresh)
 
     @property
     def observers(self) -> list[Callable[[int, list[Item]], None]]:
@@ -400,21 +382,21 @@ class Diagnostics:
         ctx.sharded = distributed.any_sharded(p for _, p in self._life.params)
         ctx.writes = self._sink is not None
         ctx.reduce = self._ranks_agree()
-        late = self._take_late()  # an earlier step's values ride in this step's transfer
+        late = [entry for c in self.collectors for entry in c.late()]  # they ride in this step's copy
         try:
             parts: list[Part] = [p for c in self.collectors for p in c.parts(step)]
         except Exception:
             self._write_late(late)  # not lost with this step's
             raise
         late_parts = [p for _, ps in late for p in ps]
-        values = _to_host(late_parts + parts, ctx.device)
+        values = to_host(late_parts + parts, ctx.device)
         late_values, values = values[:len(late_parts)], values[len(late_parts):]
         host = {p.metric: v for p, v in zip(parts, values)}
         items: list[Item] = [(p.metric, p.names, p.types, v) for p, v in zip(parts, values) if p.write and len(p.names)]
         for c in self.collectors:
             items += c.finish(step, host)
         if self._sink is not None:  # not the writing rank: the collectives above were its share
-            self._out.emit_late(late, late_values)
+            self._out.write_late(late, ctx.device, late_values)
             self._out.emit(step, items)
             tree = self._life.structure_if_new(self._sites, self._capture)
             if tree is not None:
@@ -434,16 +416,12 @@ class Diagnostics:
             "recording rank-local values on such steps"))
         return False
 
-    def _take_late(self) -> list[tuple[int, list[Part]]]:
-        """Every collector's (step, parts) of earlier steps, once."""
-        return [entry for c in self.collectors for entry in c.late()]
-
     def _write_late(self, late: Optional[list[tuple[int, list[Part]]]] = None) -> None:
         """What collectors measured for an earlier step since (the update ratio, an evaluation), in a
         copy of its own: on a step that is not logged, at evaluate() and at close()."""
-        late = self._take_late() if late is None else late
-        if late and self._sink is not None:
-            self._out.emit_late(late, _to_host([p for _, ps in late for p in ps], self._norms.device()))
+        late = [entry for c in self.collectors for entry in c.late()] if late is None else late
+        if late:
+            self._out.write_late(late, self._norms.device())
 
     def _write_late_at_exit(self) -> None:
         """`_write_late` when the program ends before close(); not under ZeRO with several ranks, where taking
@@ -469,11 +447,3 @@ class Diagnostics:
     def _report(self, where: str, exc: BaseException) -> None:
         warn_once(self._warned, where, exc, stacklevel=3)
 
-
-def _to_host(parts: Sequence[Part], device: torch.device) -> list[np.ndarray]:
-    """Every part's values on the host, in ONE device-to-host copy, split by the lengths they declared."""
-    values = [p.values.reshape(-1).to(device=device, dtype=torch.float32) for p in parts]
-    if not values:
-        return []
-    flat = torch.cat(values).cpu().numpy()
-    return np.split(flat, np.cumsum([v.numel() for v in values])[:-1].tolist())

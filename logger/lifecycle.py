@@ -12,10 +12,11 @@ from typing import Any, Callable, Optional, Sequence
 
 from torch import nn
 
-from tb_diag_logger.collectors import Collector, Selection, zero
+from tb_diag_logger.collectors import Collector, Selection, build, zero
 from tb_diag_logger.collectors.optim_state import AdamState, optimizer_params
 from tb_diag_logger.collectors.params import ParameterNorms
 from tb_diag_logger.collectors.updates import UpdateRatio
+from tb_diag_logger.collectors.wiring import WiringChecks
 from tb_diag_logger.structure import module_tree
 
 
@@ -101,6 +102,20 @@ class Lifecycle:
         known = [capture.sites[n] for n in capture.order] if capture is not None else []
         return module_tree(self.model, {n for n, _ in self.params}, known, self.optimizer, self.held())
 
-    def set_optimizer(self, optimizer: Any, zero_opt: Any) -> None:
-        """Follow another optimizer: nothing waits for the old one's update any more."""
+    def set_optimizer(self, collectors: list[Collector], optimizer: Any, zero_opt: Any,
+                      fresh: Callable[[Any], tuple[Any, list[Collector]]]) -> Any:
+        """Follow another optimizer: the collectors that read the old one are closed and replaced by
+        `fresh(optimizer)`'s (appended: written last); those that stay are told. Returns the new update
+        ratio (or None)."""
+        for c in [c for c in collectors if isinstance(c, build.READS_OPTIMIZER)]:
+            c.close()
+            collectors.remove(c)
         self.optimizer, self.zero_opt, self._versions = optimizer, zero_opt, None
+        updates, added = fresh(optimizer)
+        for c in collectors:
+            if isinstance(c, ParameterNorms):
+                c._updates = updates  # the weight norms it offers go to the new update ratio
+            elif isinstance(c, WiringChecks):
+                c.set_optimizer(optimizer)  # its step hook moves to the new optimizer
+        collectors += added
+        return updates

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from tb_diag_logger import distributed
-from tb_diag_logger.collectors import Item, Part
+from tb_diag_logger.collectors import Item, Part, to_host
 from tb_diag_logger.summaries import SummarySink
 
 
@@ -80,9 +80,14 @@ class Output:
                 self._report("an observer of the logged values", e)
         self.write("write_vectors", step, items)
 
-    def emit_late(self, late: Sequence[tuple[int, Sequence[Part]]], values: Sequence[np.ndarray]) -> None:
-        """Write each earlier step's parts (the collectors' `late()`) under its own step, from their host
-        `values` (in order)."""
+    def write_late(self, late: Sequence[tuple[int, Sequence[Part]]], device: Any,
+                   values: Optional[Sequence[np.ndarray]] = None) -> None:
+        """Write each earlier step's parts (the collectors' `late()`) under its own step: from their host
+        `values` (in order) when a logged step's copy carried them, else in one copy of their own."""
+        if not late or self.sink is None:
+            return
+        if values is None:
+            values = to_host([p for _, parts in late for p in parts], device)
         at = 0
         for step, parts in late:
             self.emit(step, [(p.metric, p.names, p.types, v) for p, v in zip(parts, values[at:at + len(parts)])])

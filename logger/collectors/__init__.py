@@ -128,6 +128,15 @@ class Selection:
         return not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
 
 
+def to_host(parts: Sequence[Part], device: torch.device) -> list[np.ndarray]:
+    """Every part's values on the host, in ONE device-to-host copy, split by the lengths they declared."""
+    values = [p.values.reshape(-1).to(device=device, dtype=torch.float32) for p in parts]
+    if not values:
+        return []
+    flat = torch.cat(values).cpu().numpy()
+    return np.split(flat, np.cumsum([v.numel() for v in values])[:-1].tolist())
+
+
 def to_float(v: object) -> float:
     """`float(v)`, NaN for what is not a number."""
     try:
@@ -136,4 +145,4 @@ def to_float(v: object) -> float:
         return float("nan")
 
 
-__all__ = ["Collector", "Item", "Part", "Selection", "StepContext", "to_float"]
+__all__ = ["Collector", "Item", "Part", "Selection", "StepContext", "to_float", "to_host"]

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 from torch import nn
 
 from tb_diag_logger.activations import ActivationCapture
-from tb_diag_logger.collectors import Collector, Selection, zero
+from tb_diag_logger.collectors import Collector, Selection, StepContext, zero
 from tb_diag_logger.collectors.amp import AmpState
 from tb_diag_logger.collectors.between import BetweenSteps
 from tb_diag_logger.collectors.learning_rate import LearningRate
@@ -67,9 +67,11 @@ def recurrent(model: nn.Module) -> bool:
 
 def build(outer: nn.Module, model: nn.Module, compiled: bool, params: Params, optimizer: Any, *,
           scaler: Any, selected: Selection, activations: bool, update_ratio: bool,
-          grad_norm_every_step: Optional[bool], impl: Optional[str], engine: bool, report: Report) -> Built:
-    """Every collector of a run. `outer` is the model as given (a compiled wrapper's hooks run outside
-    the graph), `model` the module whose names users know; `engine`: an engine owns the gradients."""
+          grad_norm_every_step: Optional[bool], impl: Optional[str], engine: bool, report: Report,
+          ctx: StepContext) -> Built:
+    """Every collector of a run, each reading the orchestrator's step context `ctx`. `outer` is the model
+    as given (a compiled wrapper's hooks run outside the graph), `model` the module whose names users
+    know; `engine`: an engine owns the gradients."""
     sharded = zero.any_zero(params)
     updates = updates_collector(optimizer, params, update_ratio, sharded, impl, report)
     out: list[Collector] = [updates] if updates is not None else []
@@ -99,6 +101,8 @@ def build(outer: nn.Module, model: nn.Module, compiled: bool, params: Params, op
                             engine=engine or managed_by_engine(params=params)))
     measure = recurrent(model) if grad_norm_every_step is None else grad_norm_every_step
     out.append(EveryStep(params, measure, amp, report))
+    for c in out:
+        c.ctx = ctx
     return Built(out, norms, capture, sites, updates, validation)
 
 
@@ -117,12 +121,14 @@ def updates_collector(optimizer: Any, params: Params, update_ratio: bool, sharde
 
 
 def optimizer_collectors(optimizer: Any, params: Params, update_ratio: bool, sharded: bool, impl: Optional[str],
-                         report: Report) -> tuple[Any, list[Collector]]:
+                         report: Report, ctx: StepContext) -> tuple[Any, list[Collector]]:
     """What reads the optimizer (`Diagnostics.set_optimizer`): (the update ratio or None, the collectors)."""
     updates = updates_collector(optimizer, params, update_ratio, sharded, impl, report)
     out: list[Collector] = [updates] if updates is not None else []
     if optimizer is not None:
         out += [AdamState(params, optimizer), LearningRate(optimizer)]
+    for c in out:
+        c.ctx = ctx
     return updates, out
 
 
