@@ -68,11 +68,19 @@ class CostMeter:
         self.last: Optional[dict[str, float]] = None
         self._previous_logged = False  # the step() before was logged (`at_step`)
 
-    def at_step(self, logged: bool, capture: Any, updates: Any, tensors: int) -> Optional[float]:
+    def at_step(self, logged: bool, capture: Any, updates: Any, tensors: int,
+                report: Callable[[str, BaseException], None]) -> Optional[float]:
         """`Diagnostics.step()`'s share: settle the logged step before (its optimizer hooks have run
         since; `DiagnosticsCostWarning` once), then `step_called`. `capture` and `updates` are the
         activation capture and the update ratio (or None); `tensors`: how many parameters are measured.
-        Returns what capture added to this step's forward, for `logged`."""
+        Returns what capture added to this step's forward, for `logged`; a failure here is `report`ed."""
+        try:
+            return self._at_step(logged, capture, updates, tensors)
+        except Exception as e:  # a meter must not cost the step its diagnostics
+            report("cost meter", e)
+            return None
+
+    def _at_step(self, logged: bool, capture: Any, updates: Any, tensors: int) -> Optional[float]:
         previous, self._previous_logged = self._previous_logged, logged
         if previous:
             hooks_s = 0.0
@@ -81,7 +89,7 @@ class CostMeter:
             sites = len(capture.sites) if capture is not None else 0
             message = self.settle(hooks_s, lambda: f"{sites} activation sites, {tensors} parameter tensors")
             if message is not None:
-                warnings.warn(message, DiagnosticsCostWarning, stacklevel=3)  # at the user's diag.step()
+                warnings.warn(message, DiagnosticsCostWarning, stacklevel=4)  # at the user's diag.step()
         forward = capture.take_forward_time() if capture is not None else None
         return self.step_called(clock(), logged, previous, forward)
 

@@ -200,7 +200,7 @@ class Diagnostics:
         self._norms, self._capture, self._sites = built.norms, built.capture, built.sites
         self._updates, self._validation = built.updates, built.validation
         self.collectors: list[Collector] = built.collectors  # the order of writing
-        self._arm(True)  # the first step may be a logged one
+        self._each("arm", "arming", True)  # the first step may be a logged one
         if distributed.initialized():
             self._out.ensure()  # else at the first step(): init_process_group may come after us
 
@@ -294,16 +294,9 @@ class Diagnostics:
 
         self._prev_step, self._last_step = self._last_step, step
         logged = self.should_log(step)
-        try:
-            forward_extra = self._cost.at_step(logged, self._capture, self._updates, len(self._life.params))
-        except Exception as e:  # a meter must not cost the step its diagnostics
-            self._report("cost meter", e)
-            forward_extra = None
-        for c in self.collectors:  # the accumulators between logged steps, the step order (no host sync)
-            try:
-                c.on_step(step)
-            except Exception as e:
-                self._report("step", e)
+        forward_extra = self._cost.at_step(logged, self._capture, self._updates, len(self._life.params),
+                                           self._report)
+        self._each("on_step", "step", step)  # the accumulators between logged steps, the step order
         try:
             self._out.ensure()
             self._life.check_optimizer_stepped(self._updates)
@@ -322,12 +315,9 @@ class Diagnostics:
             self._report("step", e)
         finally:
             self._ctx.losses, self._ctx.grad_norm = [], None  # nothing of a step outlives it
-            for c in self.collectors:
-                c.clear()
-            if self._updates is not None:
-                self._updates.pending = step if logged else None
-            self._life.remember_versions(self._updates, logged)
-            self._arm(self._predict_next_logged())
+            self._each("clear", "step")
+            self._life.after_step(self._updates, step, logged)
+            self._each("arm", "arming", self._predict_next_logged())
 
     def evaluate(
         self,
@@ -365,11 +355,7 @@ class Diagnostics:
         except Exception as e:
             self._report("close", e)
         self._live.evaluate(None)  # live findings: what close() wrote, alerted too
-        for c in self.collectors:
-            try:
-                c.close()
-            except Exception as e:
-                self._report("close", e)
+        self._each("close", "close")
         self._out.close()
 
     # ------------------------------------------------------------- logging
@@ -429,13 +415,13 @@ class Diagnostics:
         if not (self._life.zero and distributed.active()):
             self._write_late()
 
-    def _arm(self, on: bool) -> None:
-        """Tell every collector whether the next step() is likely logged (its hooks watch only then)."""
+    def _each(self, method: str, where: str, *args: Any) -> None:
+        """`method(*args)` on every collector, in order; one's failure costs only itself (one warning)."""
         for c in self.collectors:
             try:
-                c.arm(on)
+                getattr(c, method)(*args)
             except Exception as e:
-                self._report("arming", e)
+                self._report(where, e)
 
     def _predict_next_logged(self) -> bool:
         """Whether the next step() is likely a logged one (from the steps' spacing so far)."""

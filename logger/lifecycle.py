@@ -57,8 +57,11 @@ class Lifecycle:
             elif isinstance(c, UpdateRatio):
                 c._params, c._offered = list(self.params), None
 
-    def remember_versions(self, updates: Any, logged: bool) -> None:
-        """After a step: the weights' versions, if the update ratio waits for this logged step's update."""
+    def after_step(self, updates: Any, step: int, logged: bool) -> None:
+        """After a step: the update ratio waits for a logged step's update, and the weights' versions are
+        kept to tell whether the optimizer we hold made it (`check_optimizer_stepped`)."""
+        if updates is not None:
+            updates.pending = step if logged else None
         self._versions = [p._version for _, p in self.params] if logged and updates is not None else None
 
     def check_optimizer_stepped(self, updates: Any) -> None:

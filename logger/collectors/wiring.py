@@ -221,7 +221,7 @@ class WiringChecks(Collector):
                 f"tb-diag: diag.step({step}) was called where {problem}: {STEP_ORDER_ADVICE}. "
                 "The gradient metrics of such steps are not recorded. Reported once.",
                 DiagnosticsWarning,
-                stacklevel=3,  # the user's diag.step() call (through Diagnostics.step)
+                stacklevel=4,  # the user's diag.step() call (through Diagnostics.step and its _each)
             )
 
     # -- the logged step
