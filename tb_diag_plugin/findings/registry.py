@@ -33,6 +33,7 @@ RULES: tuple[Rule, ...] = (
     wiring.LEARNING_RATE,
     wiring.OUTPUT_LOSS_MISMATCH,
     spikes.GRADIENT_SPIKE,
+    spikes.EARLY_GRADIENT_SPIKE,
     gradients.VANISHING,
     activations.DEAD_RELU,
     activations.SATURATED,
