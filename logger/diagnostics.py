@@ -24,6 +24,7 @@ from tb_diag_logger.arguments import (  # noqa: F401  (re-exported: the integrat
 from tb_diag_logger.collectors import Collector, Item, Part, Selection, StepContext, zero
 from tb_diag_logger.collectors.amp import AmpState
 from tb_diag_logger.collectors.between import BetweenSteps
+from tb_diag_logger.collectors.inputs import InputScale
 from tb_diag_logger.collectors.learning_rate import LearningRate
 from tb_diag_logger.collectors.logits import LogitCapture
 from tb_diag_logger.collectors.losses import Losses, LossLike, check_losses, check_scalar
@@ -236,6 +237,7 @@ class Diagnostics:
             # On a compiled model the hook goes on the compiled wrapper, whose hooks run outside the graph.
             hook_on = outer if compiled and isinstance(getattr(outer, "_orig_mod", None), nn.Module) else self.model
             self._add(LogitCapture(self.model, lambda: capture.armed, self._report, hook_on=hook_on))
+            self._add(InputScale(self.model, lambda: capture.armed, self._report, hook_on=hook_on))
         if optimizer is not None:
             self._add(AdamState(self._params, optimizer))
         self._preclip = self._add(PreclipNorm())

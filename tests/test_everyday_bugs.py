@@ -37,6 +37,7 @@ TRAINED = (
     "mlp_no_zero_grad", "mlp_scheduler_per_batch", "mlp_lr_int_zero", "mlp_softmax_into_cross_entropy",
     "cnn_eval_never_undone", "finetune_head_replaced_after_optimizer", "amp_clip_scaled_gradients",
     "gpt_diag_step_before_backward", "rnn_tanh_no_clip", "healthy_rnn_tanh_clipped", "lstm_no_clip",
+    "mlp_unnormalised_inputs",
 )
 
 # What each trained case still waits for, with rules22 and wiring22 merged (branch: what is missing).

@@ -43,6 +43,7 @@ HEADLINES = {
     "loss_component_dominance": ("One loss term dominates: ",),
     "overfitting": ("Overfitting: ",),
     "underfitting": ("Underfitting: ",),
+    "inputs_not_normalised": ("Inputs not normalised: ",),
 }
 
 
@@ -460,3 +461,45 @@ def test_layer_lists_are_quoted_unique_and_in_model_order():
     ctx = Context({}, Thresholds(), model=_doc(["b.weight", "a.weight"], held=[]))
     assert ctx.in_model_order(["a.weight", "b.weight", "a.weight"]) == ["b.weight", "a.weight"]
     assert Context({}, Thresholds()).in_model_order(["h.11", "h.2"]) == ["h.2", "h.11"]
+
+
+# ---------------------------------------------------------------- inputs_not_normalised
+_MLP_DOC = {"version": 1, "modules": [
+    {"name": "", "type": "Sequential", "params": [], "sites": []},
+    {"name": "0", "type": "Linear", "params": [{"name": "0.weight"}, {"name": "0.bias"}], "sites": []},
+    {"name": "1", "type": "ReLU", "params": [], "sites": []},
+    {"name": "2", "type": "Linear", "params": [{"name": "2.weight"}], "sites": []}],
+    "optimizer": {"class": "SGD", "groups": [{"lr": 0.05}]}}
+
+
+def _inputs(std, n=40, dead=False):
+    rng = np.random.default_rng(0)
+    s = {"input_std": _series("input_std", [""], std * rng.lognormal(0, 0.02, n)),
+         "input_mean": _series("input_mean", [""], std * 0.01 * rng.standard_normal(n))}
+    if dead:  # the ReLU after the first layer dies at step 40 and stays dead
+        s["dead_fraction"] = _series("dead_fraction", ["1"], np.r_[np.zeros(4), np.ones(n - 4)])
+    return s
+
+
+def test_raw_inputs_are_named_as_the_cause_of_the_blow_up_they_explain():
+    found, _ = analyze(_inputs(100.0, dead=True), model=ModelInfo.from_structure(_MLP_DOC))
+    f = _one(found, "inputs_not_normalised")
+    dead = _one(found, "dead_relu")
+    assert f.severity == dead.severity == "error" and f.layers == ["0"]
+    std = float(np.median(_inputs(100.0)["input_std"].values))
+    assert f"the model's input has std {fmt(std)}" in f.message and "initialisation of '0'" in f.message
+    assert "the dead_relu finding here follows from it" in f.message
+    assert "(x - mean) / std" in f.suggestion
+
+
+def test_unit_scale_inputs_or_a_norm_layer_first_are_not_reported():
+    mlp = ModelInfo.from_structure(_MLP_DOC)
+    assert "inputs_not_normalised" not in _kinds(analyze(_inputs(1.0, dead=True), model=mlp)[0])
+    assert "inputs_not_normalised" not in _kinds(analyze(_inputs(9.0), model=mlp)[0])
+    # Raw inputs that throw nothing up are a note only.
+    assert _one(analyze(_inputs(100.0), model=mlp)[0], "inputs_not_normalised").severity == "info"
+    normed = {**_MLP_DOC, "modules": [_MLP_DOC["modules"][0], {"name": "bn", "type": "BatchNorm1d", "params": [
+        {"name": "bn.weight"}], "sites": []}, *_MLP_DOC["modules"][1:]]}
+    assert "inputs_not_normalised" not in _kinds(
+        analyze(_inputs(100.0, dead=True), model=ModelInfo.from_structure(normed))[0])
+

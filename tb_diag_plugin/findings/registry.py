@@ -17,6 +17,7 @@ from tb_diag_plugin.findings.rules import (
     divergence,
     generalisation,
     gradients,
+    inputs,
     loss,
     optimizer,
     spikes,
@@ -50,6 +51,7 @@ RULES: tuple[Rule, ...] = (
     optimizer.LOGIT_GROWTH,
     generalisation.OVERFITTING,
     generalisation.UNDERFITTING,
+    inputs.INPUTS_NOT_NORMALISED,
 )
 
 

@@ -318,6 +318,14 @@ class Thresholds:
             pre-clip norm reaches 4x while the loss falls; an unclipped LSTM
             under Adam stays under 1.2x anyway.
 
+    inputs_not_normalised (needs input_std/input_mean: a floating-point model input)
+        input_scale_max (10): the median over logged steps of the input's std
+            (or |mean|) at or above this is raw data, not unit-scale input
+            (standardised features and images in [0, 1] measure 0.3-1; the
+            catalogue's raw features 100). Reported at the worst severity of
+            the blow-up findings it explains, at info when it explains none,
+            and not at all when a normalisation layer comes first.
+
     overfitting (needs val_loss, from diag.evaluate)
         overfit_min_evals (4): validation points needed.
         overfit_rise (0.1): the last validation losses stand 10 % or more
@@ -406,6 +414,7 @@ class Thresholds:
     grad_spike_clip_pct: float = 95.0
     grad_spike_early_steps: int = 5
     grad_spike_early_loss_rise: float = 1.25
+    input_scale_max: float = 10.0
     overfit_min_evals: int = 4
     overfit_rise: float = 0.1
     overfit_gap_open: float = 0.25
