@@ -503,3 +503,30 @@ def test_unit_scale_inputs_or_a_norm_layer_first_are_not_reported():
     assert "inputs_not_normalised" not in _kinds(
         analyze(_inputs(100.0, dead=True), model=ModelInfo.from_structure(normed))[0])
 
+
+
+# ---------------------------------------------------------------- the spike detectors' robust-z core
+@pytest.mark.parametrize("seed", range(5))
+def test_the_robust_z_core_is_a_median_and_mad_z_score(seed):
+    from tb_diag_plugin.findings.context import robust_sigma, robust_z, step_noise
+
+    rng = np.random.default_rng(seed)
+    w = rng.lognormal(0.0, 0.4, 21)
+    w[3] = 50.0  # an outlier moves neither the median nor the MAD
+    value = float(rng.uniform(2, 9))
+    # Independently: the middle of the sorted window, and the middle of the sorted absolute deviations.
+    srt = np.sort(w)
+    med = srt[w.size // 2]
+    mad = np.sort(np.abs(w - med))[w.size // 2]
+    assert robust_sigma(w) == pytest.approx(1.4826 * mad, rel=1e-12)
+    assert robust_z(value, w) == pytest.approx((value - med) / (1.4826 * mad), rel=1e-12)
+    # A floor above the window's own spread takes over (the run's noise, when the window looks calmer).
+    assert robust_z(value, w, floor=10 * mad) == pytest.approx((value - med) / (10 * mad), rel=1e-12)
+    # The run's noise: the MAD of its successive differences over sqrt(2); a linear trend cancels out.
+    x = np.log(w) + 0.3 * np.arange(w.size)
+    d = np.sort(np.diff(x))
+    dm = 0.5 * (d[d.size // 2 - 1] + d[d.size // 2])  # 20 differences: the mean of the middle two
+    ad = np.sort(np.abs(np.diff(x) - dm))
+    assert step_noise(x) == pytest.approx(1.4826 * 0.5 * (ad[9] + ad[10]) / np.sqrt(2), rel=1e-12)
+    assert robust_z(2.0, np.ones(5)) == np.inf and robust_z(0.5, np.ones(5)) == -np.inf
+    assert step_noise(np.array([1.0, 2.0, np.nan])) == 0.0  # fewer than 3 finite differences

@@ -29,6 +29,8 @@ from tb_diag_plugin.findings.context import (
     loss_total,
     model_column,
     pct,
+    robust_z,
+    step_noise,
     total_grad,
 )
 from tb_diag_plugin.findings.model_info import GATED_TYPES
@@ -50,9 +52,7 @@ def spikes(v: np.ndarray, th: Thresholds, peak: Optional[np.ndarray] = None,
     x = np.where(np.isfinite(v) & (v > 0), v, np.nan)
     cand = x if peak is None else np.fmax(x, np.where(np.isfinite(peak) & (peak > 0), peak, np.nan))
     lx = np.log(x)
-    d = np.diff(lx)
-    d = d[np.isfinite(d)]
-    run_sigma = 1.4826 * float(np.median(np.abs(d - np.median(d)))) / math.sqrt(2) if d.size >= 3 else 0.0
+    run_sigma = step_noise(lx)
     z_need = max(th.grad_spike_z, math.sqrt(2 * math.log(max(2, n * draws))) + 1.0)
     spiked = np.zeros(n, dtype=bool)
     # Only a value at least grad_spike_ratio times the smallest of its window can be that far above the
@@ -76,8 +76,7 @@ def spikes(v: np.ndarray, th: Thresholds, peak: Optional[np.ndarray] = None,
         ratio = float(c) / math.exp(base)
         if ratio < th.grad_spike_ratio:
             continue
-        sigma = max(run_sigma, 1.4826 * float(np.median(np.abs(prev - base))), 1e-3)
-        if (math.log(float(c)) - base) < z_need * sigma:
+        if robust_z(math.log(float(c)), prev, floor=max(run_sigma, 1e-3)) < z_need:
             continue
         # A spike comes back: a norm that stays up is growth (exploding_gradient), not a spike.
         nxt = x[i + 1: i + 3]
