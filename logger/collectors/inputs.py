@@ -3,8 +3,9 @@ root module is called with, on logged training forwards only (issue 22: inputs n
 
 Raw features of scale ~100 into a network initialised for unit inputs make the first layer's
 activations and weight gradients ~100x too large; only the input itself says that this is the
-cause. Integer inputs (token ids) are skipped. One forward pre-hook on the root that returns at
-once unless the activation capture is armed for a logged step; no host sync.
+cause. Integer inputs (token ids) are skipped. One forward hook on the root (after the forward, as
+the logits' hook: no pre-hook, which a model compiled in place would trace) that returns at once
+unless the activation capture is armed for a logged step; no host sync.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def first_float_input(args: tuple, kwargs: Mapping[str, Any]) -> Optional[torch.
 
 
 class InputScale(Collector):
-    """Owns the root's forward pre-hook and the logged step's running input moments."""
+    """Owns the root's forward hook and the logged step's running input moments."""
 
     def __init__(self, model: nn.Module, armed: Callable[[], bool], on_error: Callable[[str, BaseException], None],
                  hook_on: Optional[nn.Module] = None):
@@ -40,9 +41,9 @@ class InputScale(Collector):
         self._armed = armed
         self._on_error = on_error
         self._sums: Optional[torch.Tensor] = None  # [sum, sum of squares, count] over this step's forwards
-        self._handle = hooks.forward_pre_hook(model if hook_on is None else hook_on, self._pre, with_kwargs=True)
+        self._handle = hooks.forward_hook(model if hook_on is None else hook_on, self._post, with_kwargs=True)
 
-    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if _compiling() or not self._armed() or not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
             return None  # not a logged step's training forward
         try:
