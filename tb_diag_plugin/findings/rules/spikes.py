@@ -234,8 +234,8 @@ def _early_gradient_spike(ctx: Context) -> None:
         gsteps, gv = ctx.before_cutoff(g)
         at = np.flatnonzero(gsteps <= steps[i])
         if at.size >= 2:
-            with np.errstate(invalid="ignore", divide="ignore"):
-                grow = np.nanmax(gv[at[1:]], axis=0) / gv[at[0]]
+            with np.errstate(invalid="ignore", divide="ignore"):  # fmax skips NaN without an all-NaN warning
+                grow = np.fmax.reduce(gv[at[1:]], axis=0) / gv[at[0]]
             order = np.argsort(-np.where(np.isfinite(grow), grow, -np.inf))
             jumped = [g.layers[j] for j in order if np.isfinite(grow[j]) and grow[j] >= th.grad_spike_ratio
                       and not is_bias(g.layers[j])]
