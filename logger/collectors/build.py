@@ -19,6 +19,7 @@ from tb_diag_logger.collectors import Collector, Selection, StepContext, zero
 from tb_diag_logger.collectors.amp import AmpState
 from tb_diag_logger.collectors.between import BetweenSteps
 from tb_diag_logger.collectors.learning_rate import LearningRate
+from tb_diag_logger.collectors.inputs import InputScale
 from tb_diag_logger.collectors.logits import LogitCapture
 from tb_diag_logger.collectors.losses import Losses
 from tb_diag_logger.collectors.optim_state import AdamState
@@ -89,6 +90,7 @@ def build(outer: nn.Module, model: nn.Module, compiled: bool, params: Params, op
     out.append(Losses())
     if capture is not None:  # logits ride on the capture's arming (logged training forwards only)
         out.append(LogitCapture(model, lambda: capture.armed, report, hook_on=root))
+        out.append(InputScale(model, lambda: capture.armed, report, hook_on=root))
     if optimizer is not None:
         out.append(AdamState(params, optimizer))
     out.append(PreclipNorm())

@@ -228,6 +228,34 @@ def window(n: int, th: Thresholds) -> int:
     return max(1, min(n, max(th.min_window, math.ceil(th.window_fraction * n))))
 
 
+# A normal distribution's standard deviation per median absolute deviation.
+MAD_SIGMA = 1.4826
+
+
+def robust_sigma(x: np.ndarray) -> float:
+    """1.4826 x the median absolute deviation of `x`: a standard deviation that outliers do not move."""
+    return MAD_SIGMA * float(np.median(np.abs(x - np.median(x))))
+
+
+def step_noise(x: np.ndarray) -> float:
+    """A series' own noise, from its finite successive differences (a slow trend cancels out):
+    robust_sigma(diff) / sqrt(2); 0.0 with fewer than 3 of them."""
+    d = np.diff(x)
+    d = d[np.isfinite(d)]
+    return robust_sigma(d) / math.sqrt(2) if d.size >= 3 else 0.0
+
+
+def robust_z(value: float, window: np.ndarray, floor: float = 0.0) -> float:
+    """The robust z-score the spike detectors share: how many robust standard deviations `value` lies
+    above the median of `window`, the spread being max(floor, robust_sigma(window)); +-inf (0.0 at the
+    median) when that spread is 0."""
+    dev = float(value) - float(np.median(window))
+    spread = max(floor, robust_sigma(window))
+    if spread > 0:
+        return dev / spread
+    return math.copysign(math.inf, dev) if dev else 0.0
+
+
 def persistent(mask: np.ndarray, valid: np.ndarray, th: Thresholds) -> Optional[tuple[int, int]]:
     """Indices (first, last) of a condition that persists, or None.
 
