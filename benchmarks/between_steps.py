@@ -28,6 +28,7 @@ import torch
 
 from tb_diag_logger import Diagnostics
 from tb_diag_logger.collectors.between import BetweenSteps
+from tb_diag_logger.collectors.wiring import WiringChecks
 from tb_diag_logger.diagnostics import DEFAULT_EVERY
 
 
@@ -88,9 +89,11 @@ def bench(workload, device: torch.device, steps: int, repeat: int) -> dict:
 
 def _issue22_step_work(diag: Diagnostics, step: int, loss: torch.Tensor) -> None:
     """What issue 22 adds to an unlogged `Diagnostics.step()`: the accumulators, the order check, disarming."""
-    diag._losses.items = [("total", loss)]
-    diag._step_issue22(step)
-    diag._wiring.arm(False)
+    diag._ctx.losses = [("total", loss)]
+    for c in diag.collectors:
+        c.on_step(step)  # the accumulators and the step order
+        if isinstance(c, WiringChecks):
+            c.arm(False)
 
 
 def main() -> None:

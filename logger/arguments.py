@@ -10,7 +10,7 @@ from typing import Any, Sequence, Union
 
 from torch import nn
 
-from tb_diag_logger import distributed
+from tb_diag_logger import distributed, reductions
 from tb_diag_logger.collectors import amp
 
 
@@ -79,6 +79,20 @@ def check_scaler(scaler: Any) -> None:
     """`scaler` is None or a `torch.amp.GradScaler`."""
     if scaler is not None and not amp.is_scaler(scaler):
         raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+
+
+def check_optional_bool(value: Any, name: str) -> Any:
+    """`value` is a bool or None (None: the default chosen from the model)."""
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool or None, got {value!r}")
+    return value
+
+
+def check_impl(impl: Any) -> Any:
+    """`impl` names a reduction (`reductions.Plan`) or is None: a ValueError naming the choices now, not a
+    warning on a logged step."""
+    reductions.choose([], impl)
+    return impl
 
 
 def unwrap_model(model: nn.Module) -> tuple[nn.Module, bool]:

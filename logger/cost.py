@@ -32,8 +32,9 @@ from __future__ import annotations
 import statistics
 import threading
 import time
+import warnings
 from collections import deque
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 COST_WARN_SHARE = 0.05  # of training time, at the chosen cadence
 # ... and only if a logged step costs at least this much: a toy model's 1 ms steps make any
@@ -65,6 +66,32 @@ class CostMeter:
         self.warned = False
         # The last logged step measured: forward, step() and update-ratio seconds, and the share.
         self.last: Optional[dict[str, float]] = None
+        self._previous_logged = False  # the step() before was logged (`at_step`)
+
+    def at_step(self, logged: bool, capture: Any, updates: Any, tensors: int,
+                report: Callable[[str, BaseException], None]) -> Optional[float]:
+        """`Diagnostics.step()`'s share: settle the logged step before (its optimizer hooks have run
+        since; `DiagnosticsCostWarning` once), then `step_called`. `capture` and `updates` are the
+        activation capture and the update ratio (or None); `tensors`: how many parameters are measured.
+        Returns what capture added to this step's forward, for `logged`; a failure here is `report`ed."""
+        try:
+            return self._at_step(logged, capture, updates, tensors)
+        except Exception as e:  # a meter must not cost the step its diagnostics
+            report("cost meter", e)
+            return None
+
+    def _at_step(self, logged: bool, capture: Any, updates: Any, tensors: int) -> Optional[float]:
+        previous, self._previous_logged = self._previous_logged, logged
+        if previous:
+            hooks_s = 0.0
+            if updates is not None:
+                hooks_s, updates.cost_s = updates.cost_s, 0.0
+            sites = len(capture.sites) if capture is not None else 0
+            message = self.settle(hooks_s, lambda: f"{sites} activation sites, {tensors} parameter tensors")
+            if message is not None:
+                warnings.warn(message, DiagnosticsCostWarning, stacklevel=4)  # at the user's diag.step()
+        forward = capture.take_forward_time() if capture is not None else None
+        return self.step_called(clock(), logged, previous, forward)
 
     def step_called(self, now: float, logged: bool, previous_logged: bool,
                     forward: Optional[tuple[float, bool]]) -> Optional[float]:

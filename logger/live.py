@@ -227,6 +227,19 @@ class LiveFindings:
             self._dirty = False  # one failure, one warning: not a retry on every step
             self._report("findings in the training process", e)
 
+    def at_logged_step(self, step: int, writer: Any, device: Any, emit: Callable[[int, list[_Item]], None]) -> None:
+        """After a logged step's values (every rank, even where they failed): evaluate, then decide on
+        every rank together whether to stop here; the writing rank (`writer` not None) records the stop."""
+        if self.where is None and writer is not None:
+            self.where = logdir_of(writer)
+        self.evaluate(step)
+        if self.stop_on is None or self.should_stop:
+            return
+        if decide_stop(self, device):
+            self.should_stop = True
+            if writer is not None:
+                emit(step, stopped_items(self.stop_on))
+
     def _alert(self, found: list[engine.Finding]) -> None:
         if self.alert is None:
             return
@@ -278,3 +291,12 @@ def decide_stop(live: Optional[LiveFindings], device: Any) -> bool:
     flag = torch.tensor([1.0 if wish else 0.0], device=device)
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return bool(flag.item() > 0)
+
+
+def logdir_of(writer: Any) -> Optional[str]:
+    """A SummaryWriter's log directory (the alert's pointer to the tab), or None."""
+    get = getattr(writer, "get_logdir", None)
+    try:
+        return str(get()) if callable(get) else None
+    except Exception:
+        return None

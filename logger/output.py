@@ -1,5 +1,6 @@
 """Where `Diagnostics` writes: decided once per process (only `write_rank` writes, so a job has one
-event stream), a writer of our own closed at `close()`, queued events flushed at exit."""
+event stream), a writer of our own closed at `close()`, queued events flushed at exit. Every vector a
+step writes passes `Output.emit`, where the observers (in-process findings) see it first."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import atexit
 import functools
 import os
 import weakref
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
 
 from tb_diag_logger import distributed
+from tb_diag_logger.collectors import Item, Part, to_host
 from tb_diag_logger.summaries import SummarySink
 
 
@@ -29,6 +33,7 @@ class Output:
         self._own_writer = False
         self._exit_hook: Optional[Callable[[], None]] = None
         self._closed = False
+        self.observers: list[Callable[[int, list[Item]], None]] = []  # see every item before it is written
 
     def ensure(self) -> None:
         """Decide once whether this process writes; create our own writer only on the writing rank.
@@ -65,6 +70,28 @@ class Output:
             getattr(self.sink, method)(*args)
         except Exception as e:
             self._report("writing the event file", e)
+
+    def emit(self, step: int, items: list[Item]) -> None:
+        """The one place a step's items pass before they are written: the observers see them first."""
+        for observe in self.observers:
+            try:
+                observe(step, items)
+            except Exception as e:  # an observer's failure costs only itself
+                self._report("an observer of the logged values", e)
+        self.write("write_vectors", step, items)
+
+    def write_late(self, late: Sequence[tuple[int, Sequence[Part]]], device: Any,
+                   values: Optional[Sequence[np.ndarray]] = None) -> None:
+        """Write each earlier step's parts (the collectors' `late()`) under its own step: from their host
+        `values` (in order) when a logged step's copy carried them, else in one copy of their own."""
+        if not late or self.sink is None:
+            return
+        if values is None:
+            values = to_host([p for _, parts in late for p in parts], device)
+        at = 0
+        for step, parts in late:
+            self.emit(step, [(p.metric, p.names, p.types, v) for p, v in zip(parts, values[at:at + len(parts)])])
+            at += len(parts)
 
     def close(self) -> None:
         """Close a writer we created, flush the user's. Idempotent."""

@@ -20,7 +20,7 @@ from tb_diag_plugin import metadata
 from tb_diag_plugin.reading import RunIndex
 from tb_diag_plugin.serving import static, wire
 from tb_diag_plugin.serving.background import Preloader, ReadAhead
-from tb_diag_plugin.serving.config import DEFAULT_SAMPLES, Config
+from tb_diag_plugin.serving.config import DEFAULT_CACHE_MB, DEFAULT_SAMPLES, Config
 from tb_diag_plugin.serving.store import RunStore
 
 __all__ = ["DEFAULT_SAMPLES", "Config", "DiagnosticsLoader", "DiagnosticsPlugin"]
@@ -57,7 +57,22 @@ class DiagnosticsLoader(base_plugin.TBLoader):
             ),
         )
 
+        parser.add_argument(
+            "--diagnostics_cache_mb",
+            type=int,
+            default=None,
+            metavar="MB",
+            help=(
+                "Memory the Diagnostics plugin may keep for what it has read, in MiB (default "
+                f"{DEFAULT_CACHE_MB}); a metric larger than a quarter of it is read from the event files "
+                "on demand for each request instead of being kept."
+            ),
+        )
+
     def fix_flags(self, flags) -> None:
+        cache_mb = getattr(flags, "diagnostics_cache_mb", None)
+        if cache_mb is not None and (not isinstance(cache_mb, int) or cache_mb < 1):
+            raise base_plugin.FlagsError(f"--diagnostics_cache_mb must be >= 1, got {cache_mb!r}")
         samples = getattr(flags, "diagnostics_samples", DEFAULT_SAMPLES)
         if samples is None:
             samples = DEFAULT_SAMPLES

@@ -226,56 +226,241 @@ def aggregate(mean: np.ndarray, mn: np.ndarray, mx: np.ndarray, nonfinite: np.nd
     return Aggregated(g_mean, g_min, g_max, g_bad, g_present)
 
 
-def describe(layers: Sequence[str], layer_kind: str, members: Sequence[int]) -> list[str]:
-    """`members` (columns of `layers`) named by the largest groups that hold nothing else, in model order,
-    runs of numbered siblings merged: ["all 32 tensors of each of model.layers.10-14.mlp.experts",
-    "lm_head.weight"]. A finding that names hundreds of tensors names these first, its tensors on demand."""
-    if not members:
-        return []
-    root = build(layers, layer_kind)
-    want = set(members)
-    found: list[tuple[str, int]] = []  # (label, members; 0 for a single layer)
+# ---------------------------------------------------------------- words
+# A finding that names hundreds of tensors names the groups first (`describe`), the tensors on demand
+# (its `layers` stay complete); the report and the tab print the same words.
 
-    def walk(row: Row) -> None:
-        if isinstance(row, int):
-            if row in want:
-                found.append((layers[row], 0))
-        elif want.issuperset(row.members):
-            found.append((row.label, len(row.members)))
-        elif not want.isdisjoint(row.members):
-            for c in row.children:
-                walk(c)
+SHOWN = 4  # names, groups or alternatives ("{w1,w2,w3}") the words show before "... (N in all)"
 
-    walk(root)
-    out: list[str] = []
-    i = 0
-    while i < len(found):
-        label, n = found[i]
-        run = _numbered_run(found, i)
-        if run:
-            k, merged = run
-            out.append(f"all {n} tensors of each of {merged}" if n else merged)
-            i += k
+
+@dataclass(frozen=True)
+class _Numbers:
+    """Sibling numbers at one position of a name, as runs: ((3, 9), (20, 24)) for blocks 3-9 and 20-24."""
+
+    spans: tuple[tuple[int, int], ...]
+
+    def count(self) -> int:
+        return sum(b - a + 1 for a, b in self.spans)
+
+    def text(self) -> str:
+        parts = [str(a) if a == b else f"from {a} to {b}" for a, b in self.spans]
+        return parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
+
+
+@dataclass(frozen=True)
+class _Alt:
+    """Sibling names at one position: {w1,w2,w3}."""
+
+    options: tuple[str, ...]
+
+
+Token = Union[str, _Numbers, _Alt]
+
+
+@dataclass
+class _Entry:
+    tokens: tuple[Token, ...]  # the dotted parts of a name, or of a pattern of names
+    complete: bool  # a module every recorded tensor of which is named (not one tensor)
+    count: int  # names it stands for
+
+
+class _Trie:
+    __slots__ = ("subs", "leaf", "size", "hits")
+
+    def __init__(self) -> None:
+        self.subs: dict[str, _Trie] = {}
+        self.leaf = False
+        self.size = 0  # names at or under this node
+        self.hits = 0  # of those, the named ones
+
+    def insert(self, parts: Sequence[str], named: bool) -> None:
+        node = self
+        node.size += 1
+        node.hits += named
+        for p in parts:
+            sub = node.subs.get(p)
+            if sub is None:
+                sub = node.subs[p] = _Trie()
+            node = sub
+            node.size += 1
+            node.hits += named
+        node.leaf = True
+
+    def at(self, tokens: Sequence[Token]) -> Optional[_Trie]:
+        """The node of a pattern's prefix (a number or alternative: its first), None if absent."""
+        node: Optional[_Trie] = self
+        for t in tokens:
+            key = t if isinstance(t, str) else (str(t.spans[0][0]) if isinstance(t, _Numbers) else t.options[0])
+            node = node.subs.get(key) if node is not None else None
+        return node
+
+    def numbered(self) -> int:
+        """How many children are numbered 0, 1, 2, ... (a ModuleList's), 0 if they are not all numbered."""
+        keys = list(self.subs)
+        return len(keys) if keys and keys == [str(i) for i in range(len(keys))] else 0
+
+
+def describe(names: Sequence[str], universe: Optional[Sequence[str]] = None, shown: int = SHOWN) -> str:
+    """A finding's tensors in words: up to `shown` names quoted as they are ("'a', 'b'"); past that, the
+    groups along the module tree, in model order, numbered siblings as runs ("{w1,w2,w3}.weight of
+    mlp.experts from 0 to 31 of model.layers from 10 to 14"), the first `shown` groups then "... (N in all)".
+
+    `universe` (every tensor of the metric, in model order) lets the words say "all": a module whose
+    tensors are all named is one group ("all 32 mlp.experts of model.layers from 10 to 14 (5 of 40)");
+    without it the words only compress the names. When grouping does not shorten the list, the first
+    `shown` names are quoted, as for a short one.
+    """
+    names = list(dict.fromkeys(str(n) for n in names))
+    if shown < 1:
+        raise ValueError(f"shown must be >= 1, got {shown}")
+    if len(names) <= shown:
+        return ", ".join(_quote(n) for n in names)
+    trie: Optional[_Trie] = None
+    if universe is not None:
+        trie = _Trie()
+        named = set(names)
+        for n in dict.fromkeys([*map(str, universe), *names]):
+            trie.insert(n.split("."), n in named)
+        entries = _collapse(trie)
+    else:
+        entries = [_Entry(tuple(n.split(".")), False, 1) for n in names]
+    entries = _merge(entries)
+    if len(entries) >= len(names):  # nothing in common to name
+        return f"{', '.join(_quote(n) for n in names[:shown])}, ... ({len(names)} in all)"
+    words = [_words(e, trie) for e in entries[:shown]]
+    return "; ".join(words) + (f"; ... ({len(names)} in all)" if len(entries) > shown else "")
+
+
+def _quote(name: str) -> str:
+    return f"'{name}'"
+
+
+def _collapse(trie: _Trie) -> list[_Entry]:
+    """The largest modules whose every tensor is named, and the named tensors outside them, in model order."""
+    out: list[_Entry] = []
+    stack: list[tuple[_Trie, tuple[str, ...]]] = [(trie, ())]
+    while stack:
+        node, path = stack.pop()
+        if not node.hits:
             continue
-        out.append(f"all {n} tensors of {label}" if n else label)
-        i += 1
+        if node.hits == node.size and node.size > 1:
+            while len(node.subs) == 1 and not node.leaf:  # "mlp" holding only "experts": name the experts
+                (part, node), = node.subs.items()
+                path = (*path, part)
+            out.append(_Entry(path, True, node.size))
+            continue
+        if node.leaf and node.hits and (node.hits > sum(s.hits for s in node.subs.values())):
+            out.append(_Entry(path, False, 1))
+        stack.extend((sub, (*path, p)) for p, sub in reversed(node.subs.items()))
     return out
 
 
-def _numbered_run(found: list[tuple[str, int]], i: int) -> Optional[tuple[int, str]]:
-    """(length, merged label) of the run of entries from `i` that differ only by one dotted number
-    counting up by one (blocks 10, 11, 12 ...) with the same member count; None for a run under 3."""
-    parts = found[i][0].split(".")
-    for pos, p in enumerate(parts):
-        if not p.isdigit():
-            continue
-        k = 1
-        while i + k < len(found) and found[i + k][1] == found[i][1]:
-            nxt = found[i + k][0].split(".")
-            if (len(nxt) != len(parts) or nxt[:pos] != parts[:pos] or nxt[pos + 1:] != parts[pos + 1:]
-                    or nxt[pos] != str(int(p) + k)):
-                break
-            k += 1
-        if k >= 3:
-            return k, ".".join(parts[:pos] + [f"{p}-{int(p) + k - 1}"] + parts[pos + 1:])
-    return None
+def _merge(entries: list[_Entry]) -> list[_Entry]:
+    """Patterns for the entries: adjacent siblings as {a,b}, numbered siblings as runs, until nothing merges."""
+    while True:
+        n = len(entries)
+        entries = _numbers(_alternatives(entries))
+        if len(entries) == n:
+            return entries
+
+
+def _alternatives(entries: list[_Entry]) -> list[_Entry]:
+    """Runs of adjacent entries that differ in one name (not a number): one entry with {a,b,...} there."""
+    out: list[_Entry] = []
+    i = 0
+    while i < len(entries):
+        e, best = entries[i], (1, -1)
+        for pos, t in enumerate(e.tokens):
+            if not isinstance(t, str) or t.isdigit():
+                continue
+            k = 1
+            while (k < SHOWN and i + k < len(entries) and _same_but(entries[i + k], e, pos)
+                   and isinstance(entries[i + k].tokens[pos], str) and not entries[i + k].tokens[pos].isdigit()):
+                k += 1
+            if k > best[0]:
+                best = (k, pos)
+        k, pos = best
+        if k == 1:
+            out.append(e)
+        else:
+            run = entries[i:i + k]
+            alt = _Alt(tuple(r.tokens[pos] for r in run))
+            out.append(_Entry((*e.tokens[:pos], alt, *e.tokens[pos + 1:]), e.complete, sum(r.count for r in run)))
+        i += k
+    return out
+
+
+def _same_but(a: _Entry, b: _Entry, pos: int) -> bool:
+    return (a.complete == b.complete and len(a.tokens) == len(b.tokens)
+            and a.tokens[:pos] == b.tokens[:pos] and a.tokens[pos + 1:] == b.tokens[pos + 1:])
+
+
+def _numbers(entries: list[_Entry]) -> list[_Entry]:
+    """Entries that differ in one number, anywhere in the list, as one entry with the numbers as runs, at the
+    first one's place; the position that merges most goes first. Numbers that make more than `SHOWN`
+    runs, or more runs than half the entries, stay apart (every other layer reads better by name)."""
+    best: tuple[int, list[_Entry]] = (len(entries), entries)
+    width = max((len(e.tokens) for e in entries), default=0)
+    for pos in range(width):
+        by: dict[tuple, list[int]] = {}
+        for i, e in enumerate(entries):
+            t = e.tokens[pos] if pos < len(e.tokens) else None
+            if isinstance(t, str) and t.isdigit() and str(int(t)) == t:
+                by.setdefault((len(e.tokens), e.complete, e.tokens[:pos], e.tokens[pos + 1:]), []).append(i)
+        merged: dict[int, _Entry] = {}
+        gone: set[int] = set()
+        for idx in by.values():
+            nums = sorted(int(entries[i].tokens[pos]) for i in idx)
+            spans = _spans(nums)
+            if len(idx) < 2 or len(spans) > SHOWN or 2 * len(spans) > len(idx) or len(set(nums)) < len(nums):
+                continue
+            e = entries[idx[0]]
+            merged[idx[0]] = _Entry((*e.tokens[:pos], _Numbers(tuple(spans)), *e.tokens[pos + 1:]), e.complete,
+                                    sum(entries[i].count for i in idx))
+            gone.update(idx[1:])
+        out = [merged.get(i, e) for i, e in enumerate(entries) if i not in gone]
+        if len(out) < best[0]:
+            best = (len(out), out)
+    return best[1]
+
+
+def _spans(nums: Sequence[int]) -> list[tuple[int, int]]:
+    spans: list[tuple[int, int]] = []
+    for x in nums:
+        if spans and x == spans[-1][1] + 1:
+            spans[-1] = (spans[-1][0], x)
+        else:
+            spans.append((x, x))
+    return spans
+
+
+def _words(e: _Entry, trie: Optional[_Trie]) -> str:
+    """One entry as words: "{w1,w2}.weight of all 32 mlp.experts of model.layers from 10 to 14 (5 of 40)"."""
+    if not e.tokens:
+        return f"all {e.count} tensors"
+    pieces: list[str] = []  # outermost first
+    text: list[str] = []
+    for pos, t in enumerate(e.tokens):
+        if isinstance(t, _Numbers):
+            siblings = trie.at(e.tokens[:pos]) if trie is not None else None
+            c = siblings.numbered() if siblings is not None else 0
+            where = ".".join(text)
+            if c and t.spans == ((0, c - 1),):
+                pieces.append(f"all {c} {where}")
+            else:
+                pieces.append(f"{where} {t.text()}" + (f" ({t.count()} of {c})" if c else ""))
+            text = []
+        else:
+            text.append(t if isinstance(t, str) else "{" + ",".join(t.options) + "}")
+    if text:
+        tail = ".".join(text)
+        if e.complete:
+            node = trie.at(e.tokens) if trie is not None else None
+            c = node.numbered() if node is not None else 0
+            tail = f"all {c} {tail}" if c else f"all {e.count} tensors of {tail}"
+        elif not pieces and all(isinstance(t, str) for t in e.tokens):
+            tail = _quote(tail)
+        pieces.append(tail)
+    elif e.complete and not pieces[-1].startswith("all "):
+        pieces[-1] = f"all {e.count} tensors of {pieces[-1]}"
+    return " of ".join(reversed(pieces))  # the innermost first: "w1 of experts from 0 to 31 of ..."

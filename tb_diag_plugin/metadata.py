@@ -146,6 +146,11 @@ METRIC_SPECS = (
     # the severity rank (SEVERITY_RANK) that `stop_on` named. The findings that reached it say why.
     MetricSpec("stopped", "model", "Training stopped by tb-diag (stop_on)", "", "linear", "layer",
                missing="training was not stopped by tb-diag (Diagnostics(..., stop_on='error'))"),
+    # Issue 22, the model input's scale on logged training forwards (inputs not normalised).
+    MetricSpec("input_mean", "model", "Model input mean", "", "linear", "layer", signed=True,
+               missing="no floating-point model input recorded (token ids, or activations=False)"),
+    MetricSpec("input_std", "model", "Model input std", "", "log", "layer",
+               missing="no floating-point model input recorded (token ids, or activations=False)"),
 )
 METRICS = {m.name: m for m in METRIC_SPECS}
 
@@ -198,6 +203,7 @@ FINDING_KINDS = (
     "loss_component_dominance",
     "overfitting",
     "underfitting",
+    "inputs_not_normalised",
 )
 # The view and metric a finding of each kind opens (metric None: the view's default).
 FINDING_VIEW = {
@@ -227,6 +233,7 @@ FINDING_VIEW = {
     "loss_component_dominance": ("loss", None),
     "overfitting": ("loss", None),
     "underfitting": ("loss", None),
+    "inputs_not_normalised": ("layer", "input_std"),
 }
 
 
@@ -279,6 +286,7 @@ PARAM_OPTIMIZER_METRICS = tuple(METRICS[n].name for n in ("grad_missing", "adam_
 LOGIT_METRICS = tuple(METRICS[n].name for n in ("logit_max_abs", "logit_lse"))
 # The head's output range and whether its rows already sum to 1 (issue 22).
 LOGIT_RANGE_METRICS = tuple(METRICS[n].name for n in ("logit_min", "logit_max", "logit_rowsum_dev"))
+INPUT_METRICS = tuple(METRICS[n].name for n in ("input_mean", "input_std"))
 VALIDATION_METRICS = tuple(METRICS[n].name for n in ("val_loss", "val_metric"))
 
 STOPPED = METRICS["stopped"].name

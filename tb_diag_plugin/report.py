@@ -15,7 +15,7 @@ import textwrap
 from typing import Optional, TextIO
 
 from tb_diag_plugin import findings, metadata, reading
-from tb_diag_plugin.findings.run import analyze_run
+from tb_diag_plugin.findings.run import RunFindings, analyze_run
 
 FAIL_LEVELS = metadata.SEVERITIES[::-1]  # the least severe first, as --help lists them
 
@@ -39,13 +39,14 @@ def run(logdir: str, as_json: bool, fail_on: Optional[str], out: TextIO) -> int:
         try:
             series = reader.series(name)
         except Exception as e:  # one unreadable run must not hide the others
-            results.append((name, [], problems + [f"could not read this run: {type(e).__name__}: {e}"]))
+            results.append((name, RunFindings(name, [], []), problems + [f"could not read this run: "
+                                                                           f"{type(e).__name__}: {e}"]))
             continue
         result = analyze_run(name, series, lambda run=name: reader.structure(run))
-        results.append((name, result.findings, problems + result.notes))
+        results.append((name, result, problems + result.notes))
 
     if as_json:
-        doc = [f.to_dict(name) for name, found, _ in results for f in found]
+        doc = [f.to_dict(name) for name, result, _ in results for f in result.findings]
         json.dump(doc, out, indent=2, allow_nan=False)
         out.write("\n")
         for name, _, notes in results:
@@ -57,7 +58,7 @@ def run(logdir: str, as_json: bool, fail_on: Optional[str], out: TextIO) -> int:
     if fail_on is None:
         return 0
     limit = findings.SEVERITY_RANK[fail_on]
-    failing = any(findings.SEVERITY_RANK[f.severity] <= limit for _, found, _ in results for f in found)
+    failing = any(findings.SEVERITY_RANK[f.severity] <= limit for _, result, _ in results for f in result.findings)
     return 1 if failing else 0
 
 
@@ -67,17 +68,18 @@ def _write_text(logdir: str, results, out: TextIO) -> None:
                   "Record some with tb_diag_logger.Diagnostics(model, writer, optimizer=opt).\n")
         return
     total = {s: 0 for s in findings.SEVERITIES}
-    for name, found, notes in results:
+    for name, result, notes in results:
+        found = result.findings
         for f in found:
             total[f.severity] += 1
         counts = ", ".join(f"{n} {s}" for s in findings.SEVERITIES if (n := sum(f.severity == s for f in found)))
         out.write(f"== {name}: {counts or 'no findings'}\n")
-        for f in found:
+        for f, words in zip(found, result.layers_text):
             steps = f"step {f.first_step}" if f.first_step == f.last_step else f"steps {f.first_step}-{f.last_step}"
             out.write(f"  {f.severity.upper():<7} {f.kind} ({steps})\n")
             out.write(_wrap(f.message, "    "))
             out.write(_wrap("Try: " + f.suggestion, "    "))
-            out.write(_wrap("Layers: " + ", ".join(f.layers), "    ", limit=3))
+            out.write(_wrap("Layers: " + words, "    "))  # the tab's words too (`/findings` layers_text)
         if notes:
             out.write("  not checked / problems:\n")
             for note in notes:
@@ -87,10 +89,7 @@ def _write_text(logdir: str, results, out: TextIO) -> None:
     out.write(f"{len(results)} run(s): {summary}.\n")
 
 
-def _wrap(text: str, indent: str, cont: Optional[str] = None, limit: int = 0) -> str:
+def _wrap(text: str, indent: str, cont: Optional[str] = None) -> str:
     lines = textwrap.wrap(text, width=100, initial_indent=indent, subsequent_indent=cont or indent,
                           break_on_hyphens=False)
-    if limit and len(lines) > limit:
-        lines = lines[:limit]
-        lines[-1] = lines[-1] + " ..."
     return "".join(line + "\n" for line in lines)

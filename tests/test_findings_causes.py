@@ -43,6 +43,7 @@ HEADLINES = {
     "loss_component_dominance": ("One loss term dominates: ",),
     "overfitting": ("Overfitting: ",),
     "underfitting": ("Underfitting: ",),
+    "inputs_not_normalised": ("Inputs not normalised: ",),
 }
 
 
@@ -224,10 +225,11 @@ def _noisy(n, seed, spikes_every=None, size=(5.0, 10.0)):
     return v
 
 
-LSTM = ModelInfo.from_structure({"version": 1, "modules": [
+_LSTM_DOC = {"version": 1, "modules": [
     {"name": "", "type": "Net", "params": [], "sites": []},
     {"name": "rnn", "type": "LSTM", "params": [{"name": "rnn.weight_hh_l0"}], "sites": []},
-    {"name": "fc", "type": "Linear", "params": [{"name": "fc.weight"}], "sites": []}]})
+    {"name": "fc", "type": "Linear", "params": [{"name": "fc.weight"}], "sites": []}]}
+LSTM = ModelInfo.from_structure(_LSTM_DOC)
 
 
 def test_recurrent_gradient_spikes_name_the_tensor_and_a_clip_threshold():
@@ -282,6 +284,58 @@ def test_one_tensor_spiking_far_above_its_median_is_named_even_when_the_total_hi
     assert f.layers == ["rnn.weight_hh_l0"] and f.first_step == 600
     ratio = 19.2 / np.exp(np.median(np.log(rec[40:60])))  # against the median of the 20 logged steps before
     assert f"'rnn.weight_hh_l0' jumped to up to {fmt(ratio)}× their own running median" in f.message
+
+
+def _early(tot, loss, between=None, preclip=False):
+    """word_language_model's tanh RNN at lr 20 without clipping, logged every 2 steps (seed 0's values)."""
+    s = {"grad_norm_total": _series("grad_norm_total", [""], tot, steps=np.arange(len(tot)) * 2),
+         "loss": _series("loss", ["total"], loss, steps=np.arange(len(loss)) * 2)}
+    if between is not None:
+        s["grad_norm_max_between"] = _series("grad_norm_max_between", [""], between, steps=np.arange(len(tot)) * 2)
+    if preclip:
+        s["grad_norm_preclip"] = _series("grad_norm_preclip", [""], np.asarray(tot) * 3, steps=np.arange(len(tot)) * 2)
+    return s
+
+
+_RNN_NORMS = [0.613, 2.758, 8.989, 7.841, 16.33, 4.86, 4.894, 2.434] + [3.0] * 42
+_RNN_LOSS = [2.776, 6.63, 42.83, 60.61, 44.14, 46.56, 57.95, 55.34] + [45.0] * 42
+
+
+def test_a_recurrent_blow_up_before_any_window_is_a_gradient_spike_with_a_clip_threshold():
+    # The first logged norm is the only baseline there is: 2.758 / 0.613 = 4.5x at step 2, and the loss
+    # rose from 2.776 (its lowest before) to 60.61 (its highest at steps 2-6).
+    f = _one(analyze(_early(_RNN_NORMS, _RNN_LOSS), model=LSTM)[0], "gradient_spike")
+    assert f.severity == "warning" and f.first_step == 2
+    assert (f"from {fmt(0.613)} at step 0 to {fmt(2.758)} ({fmt(2.758 / 0.613)}×) at step 2" in f.message
+            and f"the loss rose from {fmt(2.776)} to {fmt(60.61)}" in f.message)
+    assert "clip_grad_norm_(model.parameters(), 0.613)" in f.suggestion and "recurrent" in f.suggestion
+
+
+def test_an_early_blow_up_between_logged_steps_is_measured_against_the_first_norm():
+    # lstm_no_clip at seed 1: no logged norm reaches 4x the first, the between-steps maximum does.
+    tot = [0.152, 0.27, 0.523, 0.722, 0.617, 0.385] + [0.3] * 44
+    between = [0.152, 0.27, 0.614, 0.955, 0.662, 0.576] + [0.35] * 44
+    loss = [2.78, 2.02, 2.62, 3.33, 2.63, 2.15] + [1.5] * 44
+    f = _one(analyze(_early(tot, loss, between), model=LSTM)[0], "gradient_spike")
+    assert f.first_step == 4 and f"to {fmt(0.614)} ({fmt(0.614 / 0.152)}×) between steps 2 and 4" in f.message
+    # Without the between-steps maximum, the logged norms alone reach 0.722 / 0.152 = 4.75x at step 6.
+    assert _one(analyze(_early(tot, loss), model=LSTM)[0], "gradient_spike").first_step == 6
+
+
+def test_an_early_rise_that_does_not_hurt_the_loss_or_is_clipped_is_no_spike():
+    falling = list(np.linspace(2.8, 1.2, 50))
+    assert "gradient_spike" not in _kinds(analyze(_early(_RNN_NORMS, falling), model=LSTM)[0])
+    # Clipping in place (the pre-clip norm recorded): the healthy twin, whose pre-clip norm rises 4-6x.
+    assert "gradient_spike" not in _kinds(analyze(_early(_RNN_NORMS, _RNN_LOSS, preclip=True), model=LSTM)[0])
+    # An MLP's early blow-up is not a clipping matter: other rules own it.
+    assert "gradient_spike" not in _kinds(analyze(_early(_RNN_NORMS, _RNN_LOSS))[0])
+    # Under Adam the step does not follow the gradient's size: a blow-up is the learning rate's (the small GPT
+    # at AdamW lr 1), not a missing clip.
+    adam = ModelInfo.from_structure({**_LSTM_DOC, "optimizer": {"class": "AdamW", "groups": [{"lr": 1.0}]}})
+    assert "gradient_spike" not in _kinds(analyze(_early(_RNN_NORMS, _RNN_LOSS), model=adam)[0])
+    # After the first logged steps the rolling window decides.
+    late = [0.6] * 10 + [6.0] * 40
+    assert "gradient_spike" not in _kinds(analyze(_early(late, [2.7] * 10 + [40.0] * 40), model=LSTM)[0])
 
 
 def test_clipping_before_unscale_under_amp_names_unscale():
@@ -407,3 +461,72 @@ def test_layer_lists_are_quoted_unique_and_in_model_order():
     ctx = Context({}, Thresholds(), model=_doc(["b.weight", "a.weight"], held=[]))
     assert ctx.in_model_order(["a.weight", "b.weight", "a.weight"]) == ["b.weight", "a.weight"]
     assert Context({}, Thresholds()).in_model_order(["h.11", "h.2"]) == ["h.2", "h.11"]
+
+
+# ---------------------------------------------------------------- inputs_not_normalised
+_MLP_DOC = {"version": 1, "modules": [
+    {"name": "", "type": "Sequential", "params": [], "sites": []},
+    {"name": "0", "type": "Linear", "params": [{"name": "0.weight"}, {"name": "0.bias"}], "sites": []},
+    {"name": "1", "type": "ReLU", "params": [], "sites": []},
+    {"name": "2", "type": "Linear", "params": [{"name": "2.weight"}], "sites": []}],
+    "optimizer": {"class": "SGD", "groups": [{"lr": 0.05}]}}
+
+
+def _inputs(std, n=40, dead=False):
+    rng = np.random.default_rng(0)
+    s = {"input_std": _series("input_std", [""], std * rng.lognormal(0, 0.02, n)),
+         "input_mean": _series("input_mean", [""], std * 0.01 * rng.standard_normal(n))}
+    if dead:  # the ReLU after the first layer dies at step 40 and stays dead
+        s["dead_fraction"] = _series("dead_fraction", ["1"], np.r_[np.zeros(4), np.ones(n - 4)])
+    return s
+
+
+def test_raw_inputs_are_named_as_the_cause_of_the_blow_up_they_explain():
+    found, _ = analyze(_inputs(100.0, dead=True), model=ModelInfo.from_structure(_MLP_DOC))
+    f = _one(found, "inputs_not_normalised")
+    dead = _one(found, "dead_relu")
+    assert f.severity == dead.severity == "error" and f.layers == ["0"]
+    std = float(np.median(_inputs(100.0)["input_std"].values))
+    assert f"the model's input has std {fmt(std)}" in f.message and "initialisation of '0'" in f.message
+    assert "the dead_relu finding here follows from it" in f.message
+    assert "(x - mean) / std" in f.suggestion
+
+
+def test_unit_scale_inputs_or_a_norm_layer_first_are_not_reported():
+    mlp = ModelInfo.from_structure(_MLP_DOC)
+    assert "inputs_not_normalised" not in _kinds(analyze(_inputs(1.0, dead=True), model=mlp)[0])
+    assert "inputs_not_normalised" not in _kinds(analyze(_inputs(9.0), model=mlp)[0])
+    # Raw inputs that throw nothing up are a note only.
+    assert _one(analyze(_inputs(100.0), model=mlp)[0], "inputs_not_normalised").severity == "info"
+    normed = {**_MLP_DOC, "modules": [_MLP_DOC["modules"][0], {"name": "bn", "type": "BatchNorm1d", "params": [
+        {"name": "bn.weight"}], "sites": []}, *_MLP_DOC["modules"][1:]]}
+    assert "inputs_not_normalised" not in _kinds(
+        analyze(_inputs(100.0, dead=True), model=ModelInfo.from_structure(normed))[0])
+
+
+
+# ---------------------------------------------------------------- the spike detectors' robust-z core
+@pytest.mark.parametrize("seed", range(5))
+def test_the_robust_z_core_is_a_median_and_mad_z_score(seed):
+    from tb_diag_plugin.findings.context import robust_sigma, robust_z, step_noise
+
+    rng = np.random.default_rng(seed)
+    w = rng.lognormal(0.0, 0.4, 21)
+    w[3] = 50.0  # an outlier moves neither the median nor the MAD
+    value = float(rng.uniform(2, 9))
+    # Independently: the middle of the sorted window, and the middle of the sorted absolute deviations.
+    srt = np.sort(w)
+    med = srt[w.size // 2]
+    mad = np.sort(np.abs(w - med))[w.size // 2]
+    assert robust_sigma(w) == pytest.approx(1.4826 * mad, rel=1e-12)
+    assert robust_z(value, w) == pytest.approx((value - med) / (1.4826 * mad), rel=1e-12)
+    # A floor above the window's own spread takes over (the run's noise, when the window looks calmer).
+    assert robust_z(value, w, floor=10 * mad) == pytest.approx((value - med) / (10 * mad), rel=1e-12)
+    # The run's noise: the MAD of its successive differences over sqrt(2); a linear trend cancels out.
+    x = np.log(w) + 0.3 * np.arange(w.size)
+    d = np.sort(np.diff(x))
+    dm = 0.5 * (d[d.size // 2 - 1] + d[d.size // 2])  # 20 differences: the mean of the middle two
+    ad = np.sort(np.abs(np.diff(x) - dm))
+    assert step_noise(x) == pytest.approx(1.4826 * 0.5 * (ad[9] + ad[10]) / np.sqrt(2), rel=1e-12)
+    assert robust_z(2.0, np.ones(5)) == np.inf and robust_z(0.5, np.ones(5)) == -np.inf
+    assert step_noise(np.array([1.0, 2.0, np.nan])) == 0.0  # fewer than 3 finite differences

@@ -122,14 +122,10 @@ def test_aggregate_matches_numpy_over_the_ungrouped_values(points):
 
 
 def test_describe_names_groups_first():
-    members = [j for j, n in enumerate(LAYERS) if ".mlp.experts." in n and n.split(".")[2] in "1234"]
-    members.append(LAYERS.index("lm_head.weight"))
-    members.append(LAYERS.index("model.layers.5.mlp.experts.0.bias"))
-    assert lg.describe(LAYERS, "param", members) == [
-        f"all {2 * EXPERTS} tensors of each of model.layers.1-4.mlp.experts",
-        "model.layers.5.mlp.experts.0.bias",
-        "lm_head.weight",
-    ]
+    names = [n for n in LAYERS if ".mlp.experts." in n and n.split(".")[2] in "1234"]
+    names += ["model.layers.5.mlp.experts.0.bias", "lm_head.weight"]
+    assert lg.describe(names, LAYERS) == (f"all {EXPERTS} mlp.experts of model.layers from 1 to 4 (4 of {BLOCKS}); "
+                                          "'model.layers.5.mlp.experts.0.bias'; 'lm_head.weight'")
 
 
 # ------------------------------------------------------------- through a real server

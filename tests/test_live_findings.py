@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _live_loop import diverging_loop
 from _logger_helpers import read
 from torch import nn
 
@@ -65,34 +66,14 @@ def alerts():
         log.removeHandler(handler)
 
 
-BLOW_UP = 55  # the step whose batch holds the corrupted sample
-
-
 def _ramp(logdir, alerts: _Alerts, steps: int = 150, blow_up: bool = True, **kw) -> tuple[Diagnostics, int]:
-    """A plain loop at learning rate 0.05; with `blow_up` a corrupted sample (an inf in its input) reaches the
-    model at step 55 and every value turns NaN from there: a run that diverges mid-way, with no warning sign
-    before it. (A learning rate ramped up until NaN would be found as `lr_unbounded` from its start.)
+    """`diverging_loop` (a corrupted sample at step 55 when `blow_up`), each alert recorded with its step.
 
     Returns the closed `Diagnostics` and the last step run."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    x, y = torch.randn(64, 8), torch.randn(64, 1)
-    diag = Diagnostics(model, logdir=str(logdir), every=5, optimizer=opt, **kw)
-    last = -1
-    for step in range(steps):
+    def at(step: int) -> None:
         alerts.step = step
-        batch = x.clone()
-        if blow_up and step == BLOW_UP:
-            batch[0, 0] = float("inf")
-        loss = F.mse_loss(model(batch), y)
-        opt.zero_grad()
-        loss.backward()
-        diag.step(step, loss=loss)
-        opt.step()
-        last = step
-        if diag.should_stop:
-            break
+
+    diag, last = diverging_loop(logdir, steps, blow_up, on_step=at, **kw)
     alerts.step = -1
     diag.close()
     return diag, last

@@ -13,7 +13,43 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from tb_diag_logger import Diagnostics, reductions
-from tb_diag_logger.collectors import optim_state
+from tb_diag_logger.collectors import Collector, optim_state
+
+
+def test_a_collector_hears_every_step_and_the_arming_through_the_interface(tmp_path):
+    """`on_step` at every step() (with the step's loss in the context) before a logged step's `parts`, and
+    `arm` after it with whether the next step is logged: Diagnostics calls no collector by name."""
+
+    class Probe(Collector):
+        def __init__(self) -> None:
+            self.calls: list[tuple] = []
+
+        def on_step(self, step: int) -> None:
+            self.calls.append(("on_step", step, float(self.ctx.total_loss)))
+
+        def parts(self, step: int) -> list:
+            self.calls.append(("parts", step))
+            return []
+
+        def arm(self, on: bool) -> None:
+            self.calls.append(("arm", on))
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    every, probe = 3, Probe()
+    with Diagnostics(model, logdir=tmp_path, every=every) as diag:
+        probe.ctx = diag.collectors[0].ctx
+        diag.collectors.append(probe)
+        for step in range(7):
+            model.zero_grad()
+            model(torch.randn(6, 4)).pow(2).mean().backward()
+            diag.step(step, loss=float(step) / 2)
+    expected = []
+    for step in range(7):
+        expected.append(("on_step", step, step / 2))
+        if step % every == 0:
+            expected.append(("parts", step))
+        expected.append(("arm", (step + 1) % every == 0))
+    assert probe.calls == expected
 
 
 def test_observers_see_exactly_what_each_step_writes(tmp_path):

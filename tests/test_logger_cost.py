@@ -55,6 +55,7 @@ def _train(tmp_path, monkeypatch, model: nn.Module, x: torch.Tensor, every: int,
                 between(s, clock)
     diag.close()
     cost = [str(w.message) for w in rec if issubclass(w.category, DiagnosticsCostWarning)]
+    assert all(w.filename == __file__ for w in rec if issubclass(w.category, DiagnosticsCostWarning))  # diag.step()
     failures = [str(w.message) for w in rec if issubclass(w.category, DiagnosticsWarning)]
     return diag, cost, failures
 

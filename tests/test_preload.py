@@ -40,7 +40,7 @@ def test_a_loaded_run_is_read_before_the_tab_asks(tmp_path, load_fast):
     with serve_with_plugin(str(tmp_path), load_fast=load_fast, config=config) as (srv, plugin):
         until(lambda: "r" in plugin.preloader.preloaded_runs())
         assert plugin.read_ahead.thread is None, "something but the preload read the run"
-        cached = {key[2] for key in plugin.store.series_cache._entries if key[1] == "r"}
+        cached = {key[2] for key in plugin.store.series_cache.keys() if key[1] == "r"}
         assert cached == _metrics(plugin, "r") and len(cached) >= 8
         answers = len(plugin.store.findings_cache)
         assert answers == 1
@@ -101,7 +101,7 @@ def test_the_preload_reads_the_newest_runs_first_and_stops_at_its_budget(tmp_pat
         assert plugin.preloader.look(seen) == 1
         assert set(plugin.preloader.preloaded_runs()) == {"newer"}
         assert plugin.store.series_cache.size > 0
-        assert {key[1] for key in plugin.store.series_cache._entries} == {"newer"}
+        assert {key[1] for key in plugin.store.series_cache.keys()} == {"newer"}
 
 
 def test_preload_off_reads_nothing_until_asked(tmp_path):
@@ -156,7 +156,7 @@ def test_background_reads_the_findings_inputs_then_the_findings_then_the_rest(tm
         store, ctx = plugin.store, context.RequestContext()
         idx = store.index(ctx, "")["r"]
         events: list[str] = []
-        series, answer = store.series, store.findings
+        series, answer = store.series_and_key, store.findings  # every read of a metric goes through it
 
         def recording_series(ctx, eid, run, metric, idx):
             events.append(metric)
@@ -168,7 +168,7 @@ def test_background_reads_the_findings_inputs_then_the_findings_then_the_rest(tm
             events.append("</findings>")
             return out
 
-        store.series, store.findings = recording_series, recording_findings
+        store.series_and_key, store.findings = recording_series, recording_findings
         read_whole_run(store, ctx, "", "r", idx)
         start, end = events.index("<findings>"), events.index("</findings>")
         before, during, after = set(events[:start]), set(events[start + 1:end]), set(events[end + 1:])

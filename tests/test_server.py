@@ -328,7 +328,7 @@ def test_tags_starts_a_read_ahead_that_fills_the_caches(long_run):
     with _serve_with_plugin(long_run) as (srv, plugin):
         metrics = srv.plugin("tags?run=deep")["metrics"]
         until(lambda: _read_ahead_done(plugin, metrics))
-        cached = {key[2] for key in plugin.store.series_cache._entries}
+        cached = {key[2] for key in plugin.store.series_cache.keys()}
         assert cached == set(metrics)
         # The answer the tab then gets is the cached one, equal to a fresh analysis.
         before = len(plugin.store.findings_cache)
@@ -343,7 +343,7 @@ def test_read_ahead_waits_while_a_request_is_answered(long_run):
     config = Config(read_ahead_yield_s=3600.0)  # it yields for as long as the request lasts
     with _serve_with_plugin(long_run, config) as (srv, plugin):
         store = plugin.store
-        store.series_cache._entries.clear()
+        store.series_cache.clear()
         at_yield = threading.Event()
         in_flight: list[tuple[str, int]] = []  # (what, requests in flight then), in order
         wait_idle, series = store.wait_idle, store.series
@@ -365,4 +365,4 @@ def test_read_ahead_waits_while_a_request_is_answered(long_run):
         until(lambda: _read_ahead_done(plugin, metrics))
         assert in_flight[0] == ("resumed", 0)
         assert all(busy == 0 for _, busy in in_flight), in_flight
-        assert {key[2] for key in store.series_cache._entries} == set(metrics)
+        assert {key[2] for key in store.series_cache.keys()} == set(metrics)

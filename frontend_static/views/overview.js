@@ -139,7 +139,7 @@ function drawFindings(app, runs, results) {
     const res = results[k];
     if (res instanceof Error) failed.push([r.run, res]);
     else {
-      for (const f of res.findings || []) items.push({...f, run: r.run, verdicts: res.layers || {}});
+      (res.findings || []).forEach((f, i) => items.push({...f, run: r.run, verdicts: res.layers || {}, words: res.layers_text?.[i]}));
       for (const s of res.skipped || []) skipped.push(`${r.run}: ${s}`);
     }
   });
@@ -173,7 +173,8 @@ function drawFindings(app, runs, results) {
       if (Number.isFinite(f.first_step) && target[0] !== "loss") patch.step = {lo: f.first_step, hi: f.first_step};
       app.openMetric(target[0], target[1], patch);
     };
-    const layerText = layers.length ? `${layers.slice(0, 4).join(", ")}${layers.length > 4 ? ` +${layers.length - 4} more` : ""}` : "";
+    // The server's words for the layers (what `tb-diag report` prints); hundreds name their groups.
+    const layerText = layers.length ? String(f.words ?? layers.join(", ")) : "";
     list.append(el("li", {class: `finding sev-${f.severity}`, hidden: !showAll && !shownFirst(n), dataset: {kind: f.kind, run: f.run}},
       el("button", {type: "button", class: "finding-link", onclick: go, title: "Show the chart"},
         el("span", {class: `sev sev-${f.severity}`}, f.severity),
@@ -183,7 +184,8 @@ function drawFindings(app, runs, results) {
       el("div", {class: "finding-detail muted small"},
         f.first_step != null ? `steps ${f.first_step}–${f.last_step}` : "",
         layerText ? ` · layers: ${layerText}` : "",
-        f.suggestion ? el("span", {class: "finding-suggestion"}, ` — ${f.suggestion}`) : null)));
+        f.suggestion ? el("span", {class: "finding-suggestion"}, ` — ${f.suggestion}`) : null),
+      tensorList(layers, layerText)));
   });
   findingsBox.append(list);
   const hiddenCount = items.filter((f, n) => !shownFirst(n)).length;
@@ -195,6 +197,16 @@ function drawFindings(app, runs, results) {
   }
   if (skipped.length) findingsBox.append(el("details", {class: "muted small"}, el("summary", {}, `${skipped.length} check(s) skipped`),
     el("ul", {}, skipped.map((s) => el("li", {}, s)))));
+}
+
+// The tensors of a finding whose words name groups, on demand: listed when the disclosure opens.
+function tensorList(layers, words) {
+  if (layers.every((n) => words.includes(`'${n}'`))) return null;  // the words name each one already
+  const box = el("details", {class: "finding-tensors muted small"}, el("summary", {}, `show ${layers.length} tensors`));
+  box.addEventListener("toggle", () => {
+    if (box.open && box.childElementCount === 1) box.append(el("ul", {}, layers.map((n) => el("li", {}, n))));
+  });
+  return box;
 }
 
 function lineTraces(app, runs, data, metric, pick) {

@@ -4,6 +4,8 @@ A collector owns what its family needs during training (hooks, buffers) and,
 on a logged step, says what it measured::
 
     class Collector:
+        def on_step(self, step) -> None              # at every step(), before a logged step's parts: no sync
+        def arm(self, on) -> None                    # whether the next step() is likely logged: watch it
         def signature(self) -> Sequence[float]       # what ranks must agree on before reducing together
         def parts(self, step) -> list[Part]          # device tensors, under torch.no_grad(), no host sync
         def finish(self, step, host) -> list[Item]   # host-side derivations from every part's values
@@ -26,20 +28,21 @@ collectives. Reducing across ranks is the collector's own business, inside
 Adding a metric: its `MetricSpec` in `tb_diag_plugin/metadata.py`, and one
 `Part` (or `Item`) returned by the collector of its family. A metric belongs
 to one collector (`host` is keyed by metric). A new family: a `Collector`
-subclass, registered in `Diagnostics.__init__` with `self._add(...)` (the
-order of registration is the order of writing). Everything a step writes
-passes `Diagnostics._emit`, where `Diagnostics.observers` see `(step, items)`
-first (in-process findings).
+subclass, built in `collectors/build.py` (the order of the list is the order
+of writing). Everything a step writes passes `Output.emit`, where
+`Diagnostics.observers` see `(step, items)` first (in-process findings).
 """
 
 from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+from tb_diag_plugin import metadata
 
 # (metric, layer names, layer types, values): one vector the summary sink writes.
 Item = tuple[str, Sequence[str], Sequence[str], np.ndarray]
@@ -66,12 +69,27 @@ class StepContext:
     writes: bool = True  # this process writes (the others only take part in the collectives)
     # False when step() came before backward() (no parameter has a gradient): no gradient metrics (issue 22)
     grads_valid: bool = True
+    # What the current step() call was given (checked there): (name, loss) pairs, and `grad_norm=`.
+    losses: list = field(default_factory=list)
+    grad_norm: Any = None
+
+    @property
+    def total_loss(self) -> Any:
+        """The `loss=` of the current step() call, or None."""
+        return next((v for n, v in self.losses if n == metadata.TOTAL_LOSS), None)
 
 
 class Collector:
     """One family of metrics (see the module docstring). The defaults record nothing."""
 
     ctx: StepContext = StepContext()  # replaced by the orchestrator's own when the collector is added
+
+    def on_step(self, step: int) -> None:
+        """At every `step()`, logged or not, before a logged step's `parts`: host work or device
+        accumulators, no host synchronisation."""
+
+    def arm(self, on: bool) -> None:
+        """Whether the next `step()` is likely logged: watch its forwards and backward (or stop)."""
 
     def signature(self) -> Sequence[float]:
         """Numbers every rank must have equal before this step's values are reduced over ranks."""
@@ -110,6 +128,15 @@ class Selection:
         return not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
 
 
+def to_host(parts: Sequence[Part], device: torch.device) -> list[np.ndarray]:
+    """Every part's values on the host, in ONE device-to-host copy, split by the lengths they declared."""
+    values = [p.values.reshape(-1).to(device=device, dtype=torch.float32) for p in parts]
+    if not values:
+        return []
+    flat = torch.cat(values).cpu().numpy()
+    return np.split(flat, np.cumsum([v.numel() for v in values])[:-1].tolist())
+
+
 def to_float(v: object) -> float:
     """`float(v)`, NaN for what is not a number."""
     try:
@@ -118,4 +145,4 @@ def to_float(v: object) -> float:
         return float("nan")
 
 
-__all__ = ["Collector", "Item", "Part", "Selection", "StepContext", "to_float"]
+__all__ = ["Collector", "Item", "Part", "Selection", "StepContext", "to_float", "to_host"]

@@ -96,24 +96,20 @@ def loss_tensors(
 
 
 class Losses(Collector):
-    """The `loss=`/`losses=` of the current `step()` call (checked there), reduced on the logged step."""
-
-    def __init__(self) -> None:
-        self.items: list[tuple[str, Any]] = []
+    """The `loss=`/`losses=` of the current `step()` call (checked there, in `ctx.losses`), reduced on the
+    logged step."""
 
     def signature(self) -> list[float]:
-        names = [n for n, _ in self.items]
-        per_sample = [n for n, v in self.items if is_per_sample(v)]
+        items = self.ctx.losses
+        names = [n for n, _ in items]
+        per_sample = [n for n, v in items if is_per_sample(v)]
         return [len(names), _hash(names), _hash(per_sample)]
 
     def parts(self, step: int) -> list[Part]:
-        names, values, spread_names, spreads = loss_tensors(self.items, self.ctx.device, self.ctx.reduce)
+        names, values, spread_names, spreads = loss_tensors(self.ctx.losses, self.ctx.device, self.ctx.reduce)
         return [Part(LOSS, names, values)] + [
             Part(metric, spread_names, spreads[:, j]) for j, metric in enumerate(SPREAD_METRICS)
         ]
-
-    def clear(self) -> None:
-        self.items = []  # nothing of a step outlives it
 
 
 def _hash(names: list[str]) -> float:

@@ -53,6 +53,9 @@ class ActivationSites(Collector):
                 parts.append(Part(metric, [names[i] for i in idx], rows[at, col], [types[i] for i in idx]))
         return parts + [Part(ACT_MEAN, names, rows[:, 2], types), Part(ACT_STD, names, rows[:, 3], types)]
 
+    def arm(self, on: bool) -> None:
+        self.capture.armed = on  # the capture's hooks record only a likely logged step's forwards
+
     def clear(self) -> None:
         self._taken = False
         self._totals = None

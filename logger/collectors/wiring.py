@@ -30,6 +30,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -37,6 +38,7 @@ import torch
 from torch import nn
 
 from tb_diag_logger import hooks
+from tb_diag_logger.arguments import DiagnosticsWarning
 from tb_diag_logger.collectors import Collector, Item, Part
 from tb_diag_logger.collectors.optim_state import optimizer_params
 from tb_diag_plugin import metadata
@@ -125,6 +127,7 @@ class WiringChecks(Collector):
         self._fired = False  # a backward has reached the probe since the reference was taken
         self._value: Optional[torch.Tensor] = None  # what the latest such backward saw
         self._order_wrong = False  # this step() came before its backward (`order_problem`)
+        self._order_warned = False  # the step order's warning is given once
         self._handles: list[Any] = []
         self._opt_handle: Any = None
         if optimizer is not None:
@@ -140,6 +143,12 @@ class WiringChecks(Collector):
     # -- arming (from Diagnostics.step(): the next step is likely a logged one)
     def arm(self, on: bool) -> None:
         """Watch (or stop watching) the backward and the forwards of the next step."""
+        try:
+            self._arm(on)
+        except Exception as e:
+            self._on_error("wiring checks", e)
+
+    def _arm(self, on: bool) -> None:
         self.armed = on
         self._fired, self._value = False, None
         self._eval_seen.clear()
@@ -195,6 +204,25 @@ class WiringChecks(Collector):
         except Exception as e:  # never into the training loop
             self._on_error("module modes", e)
         return None
+
+    # -- every step
+    def on_step(self, step: int) -> None:
+        """The step order, at every `step()`: one called where no parameter has a gradient (before
+        backward()) warns once at the user's call, and records no gradient metrics (`ctx.grads_valid`)."""
+        try:
+            problem = self.order_problem()
+        except Exception as e:
+            self._on_error("wiring checks", e)
+            problem = None
+        self.ctx.grads_valid = problem is None
+        if problem is not None and not self._order_warned:
+            self._order_warned = True
+            warnings.warn(
+                f"tb-diag: diag.step({step}) was called where {problem}: {STEP_ORDER_ADVICE}. "
+                "The gradient metrics of such steps are not recorded. Reported once.",
+                DiagnosticsWarning,
+                stacklevel=4,  # the user's diag.step() call (through Diagnostics.step and its _each)
+            )
 
     # -- the logged step
     def order_problem(self) -> Optional[str]:

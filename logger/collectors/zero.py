@@ -22,7 +22,7 @@ groups at stage 1/2) are plain tensors, counted once (rank 0's copy).
 A parameter the engine manages always has a gradient buffer: one that the
 loss never reaches reads as an exactly zero gradient, not as a missing one.
 
-Wiring (one place in `Diagnostics.__init__`): with a DeepSpeed engine, or
+Wiring (one place, `collectors/build.py`): with a DeepSpeed engine, or
 parameters that `any_zero` recognises, `ZeroGradients` stands in for the
 parameter-norm collector and `ZeroUpdates` for the update ratio's; both
 hold collectives, so `parts`, `take`/`late` run on every rank (never from

@@ -9,11 +9,11 @@ import math
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from tb_diag_plugin import metadata
+from tb_diag_plugin import layer_groups, metadata
 from tb_diag_plugin.findings.model_info import GATED_TYPES, ModelInfo
 from tb_diag_plugin.findings.series import Series
 from tb_diag_plugin.findings.thresholds import Thresholds
@@ -142,6 +142,12 @@ class Context:
         known = {n: i for i, n in enumerate(order)}
         return sorted(unique(names), key=lambda n: (known.get(n, len(known)), natural_key(n)))
 
+    def layer_list(self, names: Sequence[str], k: int = 4) -> str:
+        """`layer_list`, with the groups judged against what the running rule reads: a module every recorded
+        tensor of which is named reads "all 32 mlp.experts of model.layers from 10 to 14 (5 of 40)"."""
+        read = [self.series[m] for m in (self.rule.metrics if self.rule else ()) if m in self.series]
+        return layer_groups.describe(names, recorded_with(names, read), shown=k)
+
     def mark_primary(self) -> None:
         """The finding just added is a cause: symptoms that start with or after it fold below it."""
         self.primary.append(len(self.findings) - 1)
@@ -204,15 +210,50 @@ def quote(name: str) -> str:
 
 
 def layer_list(layers: Sequence[str], k: int = 4) -> str:
-    """"'a', 'b', ... (12 in all)": the names quoted, without repeats, the first `k` shown."""
-    layers = unique(layers)
-    shown = ", ".join(quote(n) for n in layers[:k])
-    return shown if len(layers) <= k else f"{shown}, ... ({len(layers)} in all)"
+    """"'a', 'b', ... (12 in all)": the names quoted, without repeats, the first `k` shown; past `k`, the
+    groups they form when that is shorter (`layer_groups.describe`: "{w1,w2}.weight of layers from 10 to 14")."""
+    return layer_groups.describe(layers, shown=k)
+
+
+def recorded_with(names: Sequence[str], series: Iterable[Series]) -> Optional[list[str]]:
+    """The layers of the metrics among `series` that record every one of `names` (what "all" of a group
+    means in the words for them), in their order; None when none does."""
+    want = set(names)
+    out = [n for s in series if len(s.layers) >= len(want) and want.issubset(s.layers) for n in s.layers]
+    return out or None
 
 
 def window(n: int, th: Thresholds) -> int:
     """Logged steps that make a run's "start" or "end": max(min_window, window_fraction of n), at most n."""
     return max(1, min(n, max(th.min_window, math.ceil(th.window_fraction * n))))
+
+
+# A normal distribution's standard deviation per median absolute deviation.
+MAD_SIGMA = 1.4826
+
+
+def robust_sigma(x: np.ndarray) -> float:
+    """1.4826 x the median absolute deviation of `x`: a standard deviation that outliers do not move."""
+    return MAD_SIGMA * float(np.median(np.abs(x - np.median(x))))
+
+
+def step_noise(x: np.ndarray) -> float:
+    """A series' own noise, from its finite successive differences (a slow trend cancels out):
+    robust_sigma(diff) / sqrt(2); 0.0 with fewer than 3 of them."""
+    d = np.diff(x)
+    d = d[np.isfinite(d)]
+    return robust_sigma(d) / math.sqrt(2) if d.size >= 3 else 0.0
+
+
+def robust_z(value: float, window: np.ndarray, floor: float = 0.0) -> float:
+    """The robust z-score the spike detectors share: how many robust standard deviations `value` lies
+    above the median of `window`, the spread being max(floor, robust_sigma(window)); +-inf (0.0 at the
+    median) when that spread is 0."""
+    dev = float(value) - float(np.median(window))
+    spread = max(floor, robust_sigma(window))
+    if spread > 0:
+        return dev / spread
+    return math.copysign(math.inf, dev) if dev else 0.0
 
 
 def persistent(mask: np.ndarray, valid: np.ndarray, th: Thresholds) -> Optional[tuple[int, int]]:

@@ -17,6 +17,7 @@ from tb_diag_plugin.findings.rules import (
     divergence,
     generalisation,
     gradients,
+    inputs,
     loss,
     optimizer,
     spikes,
@@ -33,6 +34,7 @@ RULES: tuple[Rule, ...] = (
     wiring.LEARNING_RATE,
     wiring.OUTPUT_LOSS_MISMATCH,
     spikes.GRADIENT_SPIKE,
+    spikes.EARLY_GRADIENT_SPIKE,
     gradients.VANISHING,
     activations.DEAD_RELU,
     activations.SATURATED,
@@ -49,6 +51,7 @@ RULES: tuple[Rule, ...] = (
     optimizer.LOGIT_GROWTH,
     generalisation.OVERFITTING,
     generalisation.UNDERFITTING,
+    inputs.INPUTS_NOT_NORMALISED,
 )
 
 

@@ -303,6 +303,28 @@ class Thresholds:
             score is the share of logged steps that spike.
         grad_spike_clip_pct (95): the advice clips at this percentile of
             the logged total norm (outside the spikes).
+        grad_spike_early_steps (5): before a window exists, in a recurrent
+            or attention model that does not clip, trained by an optimizer
+            whose step follows the gradient's size (not the Adam family,
+            whose step it divides out): a total norm (logged, or
+            the between-steps maximum) within this many logged steps after
+            the first that reaches grad_spike_ratio x the first logged norm
+            (the smallest baseline there is, a single step) is a blow-up ...
+        grad_spike_early_loss_rise (1.25): ... when the loss, from the jump
+            to two logged steps after it, rises this many times above its
+            lowest logged value before it (the step hurt). word_language_model's
+            LM at lr 20 without clipping (tests/everyday_bugs.py, seeds 0-4):
+            norms 4.0-8.2x the first, losses 1.33-23x; clipped at 0.25, the
+            pre-clip norm reaches 4x while the loss falls; an unclipped LSTM
+            under Adam stays under 1.2x anyway.
+
+    inputs_not_normalised (needs input_std/input_mean: a floating-point model input)
+        input_scale_max (10): the median over logged steps of the input's std
+            (or |mean|) at or above this is raw data, not unit-scale input
+            (standardised features and images in [0, 1] measure 0.3-1; the
+            catalogue's raw features 100). Reported at the worst severity of
+            the blow-up findings it explains, at info when it explains none,
+            and not at all when a normalisation layer comes first.
 
     overfitting (needs val_loss, from diag.evaluate)
         overfit_min_evals (4): validation points needed.
@@ -390,6 +412,9 @@ class Thresholds:
     grad_spike_min: int = 2
     grad_spike_single: float = 100.0
     grad_spike_clip_pct: float = 95.0
+    grad_spike_early_steps: int = 5
+    grad_spike_early_loss_rise: float = 1.25
+    input_scale_max: float = 10.0
     overfit_min_evals: int = 4
     overfit_rise: float = 0.1
     overfit_gap_open: float = 0.25

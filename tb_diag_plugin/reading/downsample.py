@@ -75,11 +75,23 @@ def bin_steps(steps: np.ndarray, values: np.ndarray, present: np.ndarray, points
         raise ValueError("points must be >= 1")
     S = steps.shape[0]
     values = values.astype(np.float32, copy=False)
-    finite = np.isfinite(values)
     if S <= points:
-        nonfinite = (~finite & present).astype(np.float32)
+        nonfinite = (~np.isfinite(values) & present).astype(np.float32)
         return Binned(False, steps, steps, values, values, values, nonfinite, present.astype(np.float32))
-    k = -(-S // points)
+    return bin_rows(steps, values, present, bin_size(S, points))
+
+
+def bin_size(num_steps: int, points: int) -> int:
+    """Logged steps per bin when `num_steps` are binned to at most `points` rows (1: not binned)."""
+    return 1 if num_steps <= points else -(-num_steps // points)
+
+
+def bin_rows(steps: np.ndarray, values: np.ndarray, present: np.ndarray, k: int) -> Binned:
+    """Bins of `k` consecutive rows (the last may hold fewer): what `bin_steps` computes once it has chosen
+    `k`. Binning a run's rows piece by piece, each piece a multiple of `k` rows, gives the same bins."""
+    S = steps.shape[0]
+    values = values.astype(np.float32, copy=False)
+    finite = np.isfinite(values)
     starts = np.arange(0, S, k)
     ends = np.minimum(starts + k, S) - 1
     first, last = steps[starts], steps[ends]
@@ -106,3 +118,11 @@ def step_window(steps: np.ndarray, start: Optional[int], end: Optional[int]) -> 
     lo = 0 if start is None else int(np.searchsorted(steps, start, side="left"))
     hi = steps.shape[0] if end is None else int(np.searchsorted(steps, end, side="right"))
     return slice(lo, hi)
+
+
+def concat(parts: list[Binned]) -> Binned:
+    """The bins of consecutive pieces of one run, as one `Binned`."""
+    if len(parts) == 1:
+        return parts[0]
+    return Binned(parts[0].binned, *(np.concatenate([getattr(p, f) for p in parts]) for f in
+                                     ("step_first", "step_last", "mean", "min", "max", "nonfinite", "present")))

@@ -43,9 +43,10 @@ def read_whole_run(store: RunStore, ctx, eid: str, run: str, idx: RunIndex) -> N
     """What the findings read, the findings, then every other metric of a run into the store;
     yielding to the requests in flight before each."""
     inputs, others = read_order(idx)
-    work = [functools.partial(store.series, ctx, eid, run, m, idx) for m in inputs]
+    # series_and_key: a metric too big for the cache is only indexed here, and read per request.
+    work = [functools.partial(store.series_and_key, ctx, eid, run, m, idx) for m in inputs]
     work.append(functools.partial(store.findings, ctx, eid, run, idx))
-    work += [functools.partial(store.series, ctx, eid, run, m, idx) for m in others]
+    work += [functools.partial(store.series_and_key, ctx, eid, run, m, idx) for m in others]
     for read in work:
         store.wait_idle()
         if store.closed.is_set():

@@ -5,6 +5,11 @@ this one caches for speed, so the caches, the listing, the integrity checker
 and the bookkeeping that lets background work yield to requests live here,
 in one object with a `close()`. No threads of its own but the integrity
 checker's; the background readers (`background`) fill it.
+
+Every cache is a part of one `cache.ByteLRU` (`config.cache_bytes`). A
+metric whose merged series would take more than `config.max_series_bytes`
+is not read whole: it is served on demand from the run's event files
+(`reading.ondemand`), each request reading only the steps and layers it shows.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from typing import Any, Iterator, Optional
 
 from tb_diag_plugin import cache, metadata
 from tb_diag_plugin.reading import ALL_SAMPLES, RunIndex, Series, index_runs, integrity, read_series, read_structure
+from tb_diag_plugin.reading.events import EventIndex
+from tb_diag_plugin.reading.ondemand import OnDemandSeries, open_metric, release_memory
 from tb_diag_plugin.serving import stopped
 from tb_diag_plugin.serving.config import Config
 
@@ -28,10 +35,14 @@ class RunStore:
         self.provider = provider
         self.logdir = logdir
         self.config = config
-        self.series_cache = cache.ByteLRU(config.series_cache_bytes)
-        self.answers = cache.ByteLRU(config.answer_cache_bytes)
-        self.findings_cache = cache.ByteLRU(config.findings_cache_bytes)
-        self.binned = cache.ByteLRU(config.binned_cache_bytes)
+        self.memory = cache.ByteLRU(config.cache_bytes)  # the one budget of every part below
+        # No entry of any part bigger than a series may be: one answer cannot push every other out.
+        largest = config.max_series_bytes
+        self.series_cache = self.memory.part("series", largest)
+        self.answers = self.memory.part("answers", largest)
+        self.findings_cache = self.memory.part("findings", largest)
+        self.binned = self.memory.part("binned", largest)
+        self.event_indexes = self.memory.part("events", largest)
         self._findings_recent: dict[tuple[str, str], tuple[float, dict]] = {}  # (eid, run) -> (until, answer)
         self._lock = threading.Lock()
         self._findings_put = threading.Condition(self._lock)
@@ -64,16 +75,61 @@ class RunStore:
 
     # ---------------------------------------------------------- series
     def series(self, ctx, eid: str, run: str, metric: str, idx: RunIndex) -> tuple[Series, list[str]]:
-        """A metric's merged series and its problems, cached until one of its tags gains a step."""
-        return self.series_and_key(ctx, eid, run, metric, idx)[:2]
+        """A metric's merged series and its problems, cached until one of its tags gains a step; a metric
+        too big for the cache is read whole from its event files and not kept (the findings read this)."""
+        series, problems, _ = self.series_and_key(ctx, eid, run, metric, idx)
+        if isinstance(series, OnDemandSeries):
+            return series.load(), problems
+        return series, problems
 
     def series_and_key(self, ctx, eid: str, run: str, metric: str, idx: RunIndex):
-        """(series, problems, cache key): the key names the data version the series was read at."""
+        """(series, problems, cache key): the key names the data version the series was read at. The
+        series is an `OnDemandSeries` (values read per request) when the metric does not fit
+        `config.max_series_bytes` and the run's event files are local."""
         key = (eid, run, metric, idx.version(metric))
+        hit = self.series_cache.peek(key)
+        if hit is not None:
+            return hit[0], hit[1], key
+        limit = self.config.max_series_bytes
+        run_dir = None if self.series_bytes(idx, metric) <= limit else integrity.run_directory(self.logdir, run)
+        if run_dir is not None:
+            events = self.event_index(run_dir, idx.version(metric))
+            rows = max((events.tag(tag).arrays()[0].size for tag, _ in idx.tags[metric]), default=0)
+            if self.series_bytes(idx, metric, rows) > limit:
+                layers, types = idx.layers(metric)
+                series, problems = self.series_cache.get(
+                    key, lambda: open_metric(events, metric, idx.tags[metric], layers, types))
+                return series, problems, key
         series, problems = self.series_cache.get(
-            key, lambda: read_series(self.provider, ctx, eid, run, metric, idx, ALL_SAMPLES)
-        )
+            key, lambda: read_series(self.provider, ctx, eid, run, metric, idx, ALL_SAMPLES))
         return series, problems, key
+
+    @staticmethod
+    def series_bytes(idx: RunIndex, metric: str, rows: int | None = None) -> int:
+        """What a metric's merged series would hold: its values (float32) and, over several tags, which
+        cells are present; `rows` defaults to an upper bound from the listing (a count where the loader
+        gives one, else the largest step + 1)."""
+        entries = idx.tags.get(metric, [])
+        if rows is None:
+            rows = 0
+            for tag, _ in entries:
+                stamp = idx.stamps.get(tag) or ()
+                if len(stamp) > 2 and stamp[2] is not None:
+                    rows = max(rows, int(stamp[2]))
+                elif stamp and stamp[0] is not None:
+                    rows = max(rows, int(stamp[0]) + 1)
+        cells = rows * len(idx.layers(metric)[0])
+        return cells * (5 if len(entries) > 1 else 4)
+
+    def event_index(self, run_dir: str, version: tuple) -> EventIndex:
+        """The run directory's event index (kept in the cache), brought up to date once per `version`."""
+        events, seen = self.event_indexes.get(run_dir, lambda: (EventIndex(run_dir), [None]))
+        with self._lock:
+            stale = seen[0] != version
+            seen[0] = version
+        if stale:
+            events.refresh()
+        return events
 
     # -------------------------------------------------------- findings
     def findings(self, ctx, eid: str, run: str, idx: RunIndex) -> dict:
@@ -108,6 +164,8 @@ class RunStore:
             if metadata.STOPPED in idx.tags:  # issue 23: when and why stop_on= stopped the run
                 answer["stopped"] = stopped.describe(self.series(ctx, eid, run, metadata.STOPPED, idx)[0],
                                                      result.findings)
+            del read
+            release_memory()  # the series read whole for the rules: freed, and given back
             done = time.monotonic()
             with self._lock:
                 self._findings_recent[(eid, run)] = (done + min(60.0, 10 * (done - t0)), answer)

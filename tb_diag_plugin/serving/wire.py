@@ -128,6 +128,8 @@ def bin_columns(metric: str, series: Series, points: int, start: Optional[int], 
         if missing:
             raise errors.NotFoundError(f"metric {metric!r} has no layer {missing[0][:200]!r}")
         cols = np.array([pos[w] for w in wanted], dtype=np.int64)
+    if hasattr(series, "bin_columns"):  # too big for the cache: read from the event files (reading.ondemand)
+        return cols, series.bin_columns(points, start, end, cols)
     window = downsample.step_window(series.steps, start, end)
     values, present = series.values[window], series.present[window]  # views, not copies
     if wanted:

@@ -15,7 +15,6 @@ from tb_diag_plugin.findings.context import (
     Rule,
     fmt,
     is_bias,
-    layer_list,
     loss_total,
     lr_text,
     quiet,
@@ -100,7 +99,7 @@ def _weight_norm_growth(ctx: Context) -> None:
     fast = _fastest_tenfold(steps, growth[:, hit])
     ctx.add(
         "weight_norm_growth", severity, layers, int(steps[onset]), int(steps[-1]),
-        f"Weight norms run away: {len(layers)} tensor(s) ({layer_list(layers)}) end at "
+        f"Weight norms run away: {len(layers)} tensor(s) ({ctx.layer_list(layers)}) end at "
         + (f"{fmt(float(np.min(tail[hit])))}×" if len(hit) == 1 else
            f"between {fmt(float(np.min(tail[hit])))}× and {fmt(float(np.max(tail[hit])))}×")
         + f" their start (up to {fmt(worst)}×){fast}; healthy runs stay under 2×.",

@@ -17,7 +17,6 @@ from tb_diag_plugin.findings.context import (
     Rule,
     fmt,
     is_bias,
-    layer_list,
     lr_text,
     model_column,
     persistent,
@@ -77,7 +76,7 @@ def _nonfinite(ctx: Context) -> None:
             row = int(np.flatnonzero(s.steps == first)[0])
             names = [s.layers[j] for j in np.flatnonzero(bad[row])]
             layers += names
-            parts.append(f"{what} {layer_list(names, 3)} ({len(names)}/{len(s.layers)})")
+            parts.append(f"{what} {ctx.layer_list(names, 3)} ({len(names)}/{len(s.layers)})")
         else:
             parts.append(f"{what} from step {f0}")
     steps_bad = max(f[2] for f in firsts.values())
@@ -298,7 +297,7 @@ def _exploding(ctx: Context) -> None:
     severity = "error" if ctx.nan_step is not None else "warning"
     ctx.add(
         "exploding_gradient", severity, layers, first, last,
-        f"Exploding gradients: in {layer_list(layers)}, " + "; ".join(detail) + ".",
+        f"Exploding gradients: in {ctx.layer_list(layers)}, " + "; ".join(detail) + ".",
         advice.exploding(ctx.model, lr_text(ctx), "grad_norm_preclip" in ctx.series),
     )
     ctx.mark_primary()
@@ -425,7 +424,7 @@ def _vanishing(ctx: Context) -> None:
                   and med.size and float(np.median(med)) <= th.vanish_error_ratio)
         ctx.add(
             "vanishing_gradient", "error" if severe else "warning", vanishing, int(steps[first]), int(steps[last]),
-            f"Vanishing gradients: {len(vanishing)} tensor(s) ({layer_list(vanishing)}) get gradients {rng} "
+            f"Vanishing gradients: {len(vanishing)} tensor(s) ({ctx.layer_list(vanishing)}) get gradients {rng} "
             f"those of '{g.layers[int(lead)]}' (median over the logged steps) from step {int(steps[first])}.{hint}",
             advice.vanishing(ctx.model, lr_text(ctx)),
         )
@@ -436,7 +435,7 @@ def _vanishing(ctx: Context) -> None:
         last = max(spans[n][1] for n in redundant)
         ctx.add(
             "vanishing_gradient", "info", redundant, int(steps[first]), int(steps[last]),
-            f"Bias without effect: {layer_list(redundant)} get gradients over {fmt(1 / th.vanish_ratio)}× "
+            f"Bias without effect: {ctx.layer_list(redundant)} get gradients over {fmt(1 / th.vanish_ratio)}× "
             "smaller than those of their own weights. "
             "A bias followed by normalisation (BatchNorm/LayerNorm subtracts it again) has no effect.",
             "If the layer feeds a normalisation layer, construct it with bias=False; nothing else changes.",

@@ -10,7 +10,18 @@ from typing import Optional
 import numpy as np
 
 from tb_diag_plugin import metadata
-from tb_diag_plugin.findings.context import CAUSE_KINDS, CUTOFF, Context, Rule, fmt, loss_total, lr_text, window
+from tb_diag_plugin.findings.context import (
+    CAUSE_KINDS,
+    CUTOFF,
+    Context,
+    Rule,
+    fmt,
+    loss_total,
+    lr_text,
+    robust_z,
+    step_noise,
+    window,
+)
 from tb_diag_plugin.findings.thresholds import Thresholds
 
 
@@ -124,10 +135,7 @@ def _spikes(v: np.ndarray, th: Thresholds) -> list[tuple[int, float]]:
     # The run's own noise level, from successive differences (a slow trend cancels out): a window
     # of 20 alone sometimes looks calmer than the run is.
     positive = bool((v > 0).all())
-    run_sigma = 0.0
-    if positive:
-        d = np.diff(np.log(v))
-        run_sigma = 1.4826 * float(np.median(np.abs(d - np.median(d)))) / math.sqrt(2)
+    run_sigma = step_noise(np.log(v)) if positive else 0.0
     spiked = np.zeros(n, dtype=bool)
     for i in cand[cand >= min_prev]:
         lo = max(0, i - th.spike_window)
@@ -140,13 +148,9 @@ def _spikes(v: np.ndarray, th: Thresholds) -> list[tuple[int, float]]:
         rise = float(v[i]) - base
         if v[i] < th.spike_ratio * base or rise < th.spike_min_rise * level or v[i] < th.spike_over_max * prev.max():
             continue
-        if positive:  # multiplicative noise: measure in log space
-            lp = np.log(prev)
-            dev = math.log(float(v[i])) - float(np.median(lp))
-            sigma = max(run_sigma, 1.4826 * float(np.median(np.abs(lp - np.median(lp)))))
-        else:
-            dev, sigma = rise, 1.4826 * float(np.median(np.abs(prev - base)))
-        if dev < z_need * sigma:
+        # Multiplicative noise: measure in log space where the loss is positive.
+        z = robust_z(math.log(float(v[i])), np.log(prev), floor=run_sigma) if positive else robust_z(v[i], prev)
+        if z < z_need:
             continue
         after = v[i + 1: i + 1 + th.spike_recovery]
         if after.size == 0 or not (after < base + 0.5 * rise).any():

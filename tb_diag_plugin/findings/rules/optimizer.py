@@ -15,7 +15,6 @@ from tb_diag_plugin.findings.context import (
     clipping_by_design,
     fmt,
     is_bias,
-    layer_list,
     lr_text,
     persistent,
     quiet,
@@ -71,13 +70,13 @@ def _no_gradient(ctx: Context) -> None:
         first = min(s[0] for s in group.values())
         last = max(s[1] for s in group.values())
         if what == "none":
-            msg = (f"No gradient: {len(layers)} parameter(s) ({layer_list(layers)}) had none (.grad None) on every "
+            msg = (f"No gradient: {len(layers)} parameter(s) ({ctx.layer_list(layers)}) had none (.grad None) on every "
                    f"logged step, from step {first} to {last}")
             tip = ("They are not part of the graph from the loss: look for .detach(), torch.no_grad() or "
                    ".data in their path, or a module that forward never calls; if that is on purpose, freeze "
                    "them (requires_grad_(False)) and leave them out of the optimizer.")
         else:
-            msg = (f"No gradient: {len(layers)} parameter(s) ({layer_list(layers)}) received an exactly zero "
+            msg = (f"No gradient: {len(layers)} parameter(s) ({ctx.layer_list(layers)}) received an exactly zero "
                    f"gradient on every logged step, from step {first} to {last}")
             tip = ("If they should learn: check that their output reaches the loss (a multiplication by 0, a "
                    "mask, a detached branch) and that the units feeding them are not dead (see dead_relu); "

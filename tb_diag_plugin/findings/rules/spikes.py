@@ -1,9 +1,14 @@
-"""Findings rule on gradient-norm spikes, global and per tensor: `gradient_spike`.
+"""Findings rules on gradient-norm spikes, global and per tensor: `gradient_spike`.
 
 Found the way large-model trainers find them: each logged norm against the median of a
 rolling window of the previous ones, by a robust z-score (median absolute deviation) in log
 space, with a spike score (the share of logged steps that spike). The logger's between-steps
-maximum (`grad_norm_max_between`) shows the spikes that fall between logged steps."""
+maximum (`grad_norm_max_between`) shows the spikes that fall between logged steps.
+
+A recurrent or attention model trained without clipping by an optimizer whose step follows the
+gradient's size (SGD, not Adam) can blow up within its first logged steps, before any window
+exists (word_language_model at lr 20 without ``--clip``): there the baseline is the first logged
+norm alone (`EARLY_GRADIENT_SPIKE`)."""
 
 from __future__ import annotations
 
@@ -15,13 +20,17 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from tb_diag_plugin.findings.context import (
     CUTOFF,
+    WIRING_CAUSES,
     Context,
     Rule,
     fmt,
     is_bias,
     layer_list,
+    loss_total,
     model_column,
     pct,
+    robust_z,
+    step_noise,
     total_grad,
 )
 from tb_diag_plugin.findings.model_info import GATED_TYPES
@@ -43,9 +52,7 @@ def spikes(v: np.ndarray, th: Thresholds, peak: Optional[np.ndarray] = None,
     x = np.where(np.isfinite(v) & (v > 0), v, np.nan)
     cand = x if peak is None else np.fmax(x, np.where(np.isfinite(peak) & (peak > 0), peak, np.nan))
     lx = np.log(x)
-    d = np.diff(lx)
-    d = d[np.isfinite(d)]
-    run_sigma = 1.4826 * float(np.median(np.abs(d - np.median(d)))) / math.sqrt(2) if d.size >= 3 else 0.0
+    run_sigma = step_noise(lx)
     z_need = max(th.grad_spike_z, math.sqrt(2 * math.log(max(2, n * draws))) + 1.0)
     spiked = np.zeros(n, dtype=bool)
     # Only a value at least grad_spike_ratio times the smallest of its window can be that far above the
@@ -69,8 +76,7 @@ def spikes(v: np.ndarray, th: Thresholds, peak: Optional[np.ndarray] = None,
         ratio = float(c) / math.exp(base)
         if ratio < th.grad_spike_ratio:
             continue
-        sigma = max(run_sigma, 1.4826 * float(np.median(np.abs(prev - base))), 1e-3)
-        if (math.log(float(c)) - base) < z_need * sigma:
+        if robust_z(math.log(float(c)), prev, floor=max(run_sigma, 1e-3)) < z_need:
             continue
         # A spike comes back: a norm that stays up is growth (exploding_gradient), not a spike.
         nxt = x[i + 1: i + 3]
@@ -82,6 +88,18 @@ def spikes(v: np.ndarray, th: Thresholds, peak: Optional[np.ndarray] = None,
     return out
 
 
+def _peak(ctx: Context, steps: np.ndarray) -> Optional[np.ndarray]:
+    """The largest total norm since the previous logged step, at each of `steps` (NaN where unknown), or None."""
+    between = model_column(ctx, "grad_norm_max_between")
+    if between is None:
+        return None
+    bsteps, bv = between
+    peak = np.full(steps.shape, np.nan)
+    _, si, bi = np.intersect1d(steps, bsteps, return_indices=True)
+    peak[si] = bv[bi]
+    return peak
+
+
 def _gradient_spike(ctx: Context) -> None:
     th = ctx.th
     tg = total_grad(ctx)
@@ -91,13 +109,7 @@ def _gradient_spike(ctx: Context) -> None:
     steps, tv = tg
     keep = steps < ctx.cutoff if ctx.cutoff is not None else np.ones(steps.shape, dtype=bool)
     steps, tv = steps[keep], tv[keep]
-    between = model_column(ctx, "grad_norm_max_between")
-    peak = None
-    if between is not None:
-        bsteps, bv = between
-        peak = np.full(steps.shape, np.nan)
-        _, si, bi = np.intersect1d(steps, bsteps, return_indices=True)
-        peak[si] = bv[bi]
+    peak = _peak(ctx, steps)
     found = spikes(tv, th, peak)
     # Per tensor: which tensors spike, and which first.
     per: dict[str, list[tuple[int, float]]] = {}
@@ -168,10 +180,91 @@ def _gradient_spike(ctx: Context) -> None:
     )
 
 
+def early_blowup(v: np.ndarray, th: Thresholds, peak: Optional[np.ndarray] = None) -> Optional[tuple[int, float]]:
+    """(index, size as a multiple of the first value) of the first entry of a positive series `v`, within
+    `grad_spike_early_steps` of its start, whose value or `peak` (the largest since the previous entry)
+    reaches `grad_spike_ratio` times ``v[0]``; None when there is none (or no finite positive start)."""
+    if v.size < 2 or not (np.isfinite(v[0]) and v[0] > 0):
+        return None
+    end = min(v.size, th.grad_spike_early_steps + 1)
+    top = v[1:end] if peak is None else np.fmax(v[1:end], peak[1:end])
+    with np.errstate(invalid="ignore"):
+        hit = np.flatnonzero(np.isfinite(top) & (top >= th.grad_spike_ratio * v[0]))
+    if not hit.size:
+        return None
+    i = int(hit[0]) + 1
+    return i, float(top[i - 1]) / float(v[0])
+
+
+def _early_gradient_spike(ctx: Context) -> None:
+    th = ctx.th
+    model = ctx.model
+    recurrent = any(t in GATED_TYPES for t in model.module_types.values())
+    if not (recurrent or model.is_transformer) or "grad_norm_preclip" in ctx.series:
+        return  # only where clipping is the usual fix, and not already in place
+    if model.adam_family:
+        return  # Adam divides the spike out of the step: a blow-up there is the learning rate's (update_ratio)
+    tg, loss = total_grad(ctx), loss_total(ctx)
+    if tg is None or loss is None:
+        return  # a blow-up is claimed only with the loss it threw up
+    steps, tv = tg
+    keep = steps < ctx.cutoff if ctx.cutoff is not None else np.ones(steps.shape, dtype=bool)
+    steps, tv = steps[keep], tv[keep]
+    peak = _peak(ctx, steps)
+    hit = early_blowup(tv, th, peak)
+    if hit is None:
+        return
+    i, ratio = hit
+    if any(f.kind == "gradient_spike" and f.first_step <= steps[i] for f in ctx.findings):
+        return  # the rolling test already reports this jump
+    lsteps, lv = loss[0], loss[1]
+    before, after = lv[lsteps < steps[i]], lv[(lsteps >= steps[i]) & (lsteps <= steps[min(i + 2, steps.size - 1)])]
+    if not before.size or not after.size or float(before.min()) <= 0:
+        return
+    low, high = float(before.min()), float(after.max())
+    if high < th.grad_spike_early_loss_rise * low:
+        return
+    hidden = peak is not None and np.isfinite(peak[i]) and peak[i] > tv[i]
+    top = float(peak[i]) if hidden else float(tv[i])
+    where = f"between steps {int(steps[i - 1])} and {int(steps[i])}" if hidden else f"at step {int(steps[i])}"
+    # Which tensors jumped: each against its own first logged norm, at the jump's step.
+    jumped: list[str] = []
+    g = ctx.series.get("grad_norm")
+    if g is not None and g.steps.size:
+        gsteps, gv = ctx.before_cutoff(g)
+        at = np.flatnonzero(gsteps <= steps[i])
+        if at.size >= 2:
+            with np.errstate(invalid="ignore", divide="ignore"):  # fmax skips NaN without an all-NaN warning
+                grow = np.fmax.reduce(gv[at[1:]], axis=0) / gv[at[0]]
+            order = np.argsort(-np.where(np.isfinite(grow), grow, -np.inf))
+            jumped = [g.layers[j] for j in order if np.isfinite(grow[j]) and grow[j] >= th.grad_spike_ratio
+                      and not is_bias(g.layers[j])]
+    first = float(tv[0])
+    what = "recurrent" if recurrent else "attention"
+    ctx.add(
+        "gradient_spike", "warning", jumped or [""], int(steps[i]), int(steps[min(i + 2, steps.size - 1)]),
+        f"Gradient spikes: the total gradient norm jumped from {fmt(first)} at step {int(steps[0])} to "
+        f"{fmt(top)} ({fmt(ratio)}×) {where}, within the first logged steps (before a running median exists)"
+        + (f", led by {layer_list(jumped)}" if jumped else "")
+        + f"; the loss rose from {fmt(low)} to {fmt(high)} after it.",
+        f"A {what} model without gradient clipping: clip the norm before optimizer.step(), "
+        f"torch.nn.utils.clip_grad_norm_(model.parameters(), {fmt(first)}) (the norm before the jump); if it "
+        "persists, lower the learning rate or add a warm-up.",
+    )
+
+
 GRADIENT_SPIKE = Rule(
     "gradient_spike", ("gradient_spike",),
     ("grad_norm_total", "grad_norm", "grad_norm_max_between", "grad_norm_preclip"),
     _gradient_spike, after=CUTOFF, severities=("warning", "info"),
     consequence_of=("exploding_gradient", "nonfinite", "grad_not_reset", "lr_unbounded", "loss_diverged",
                     "weight_norm_growth", "update_ratio", "not_in_optimizer"),
+)
+# Its own rule, because its causes differ: a blow-up this early is what makes the updates too large,
+# the weights run away and the loss diverge, so it does not fold below those findings.
+EARLY_GRADIENT_SPIKE = Rule(
+    "gradient_spike_early", ("gradient_spike",), ("grad_norm_total", "grad_norm", "grad_norm_max_between",
+                                                  "grad_norm_preclip", "loss"),
+    _early_gradient_spike, after=CUTOFF + ("gradient_spike",), severities=("warning",),
+    consequence_of=WIRING_CAUSES + ("exploding_gradient", "nonfinite"),
 )

@@ -16,7 +16,6 @@ from tb_diag_plugin.findings.context import (
     Context,
     Rule,
     fmt,
-    layer_list,
     loss_total,
     model_column,
     persistent,
@@ -75,13 +74,13 @@ def _not_in_optimizer(ctx: Context) -> None:
         severity = "info"
     else:
         severity = "warning"
-    msg = (f"Parameters never updated: {len(loose)} tensor(s) ({layer_list(loose)}) receive gradients but are in "
+    msg = (f"Parameters never updated: {len(loose)} tensor(s) ({ctx.layer_list(loose)}) receive gradients but are in "
            "no optimizer parameter group, so optimizer.step() never changes them")
     if orphans > 0:
         msg += (f"; the optimizer holds {orphans} tensor(s) the model no longer uses (those of the module that "
                 "was replaced)")
     if severity == "info":
-        msg += (f"; the optimizer holds the later layers ({layer_list(held_names, 2)}), as when a backbone is "
+        msg += (f"; the optimizer holds the later layers ({ctx.layer_list(held_names, 2)}), as when a backbone is "
                 "frozen on purpose")
         tip = ("If they are frozen on purpose, call requires_grad_(False) on them too: the backward then skips "
                "their gradients. If they should learn, pass model.parameters() to the optimizer.")
@@ -172,7 +171,7 @@ def _module_mode(ctx: Context) -> None:
         kinds = f" ({', '.join(types)})" if types else ""
         ctx.add(
             "module_mode", "warning", layers, first, last,
-            f"Module in the wrong mode: {layer_list(layers)}{kinds} ran {what} on {n_on} of {int(steps.size)} "
+            f"Module in the wrong mode: {ctx.layer_list(layers)}{kinds} ran {what} on {n_on} of {int(steps.size)} "
             f"logged steps, from step {first}.",
             fix,
         )

@@ -1,0 +1,167 @@
+"""Resident memory of a real `tensorboard` serving a big run, and each view's first answer (issue 24.4).
+
+Starts the `tensorboard` command (Rust data server, the default loader) on a
+logdir, waits until the run is loaded (every step of its loss) and its
+findings are complete, then visits each view's routes as the tab asks for
+them (benchmarks/reading.py `_views`), timing the first answer and reading
+VmRSS and VmHWM from /proc for TensorBoard and for its data server after each.
+
+    python benchmarks/memory.py --logdir /work/data/big20k [--cache-mb 64] [--out FILE]
+
+The run is any logdir with one run named `run` (benchmarks/eventgen.py writes one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import reading  # noqa: E402  (benchmarks/reading.py: the views' requests)
+
+
+def _status(pid: int) -> dict[str, float]:
+    """VmRSS and VmHWM of a process, in MiB."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key = line.split(":")[0]
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(line.split()[1]) / 1024.0
+    return out
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.append(int(p))
+            except OSError:
+                pass
+    return kids
+
+
+def memory(pid: int) -> dict[str, float]:
+    """TensorBoard's VmRSS/VmHWM and its data server's (the sum of its child processes'), in MiB."""
+    tb = _status(pid)
+    kids = [_status(k) for k in _children(pid)]
+    return {"tb_rss": tb["VmRSS"], "tb_hwm": tb["VmHWM"],
+            "server_rss": sum(k["VmRSS"] for k in kids), "server_hwm": sum(k["VmHWM"] for k in kids)}
+
+
+class Http:
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def get(self, path: str, headers=None, timeout: float = 600):
+        req = urllib.request.Request(self.url + path.lstrip("/"), headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, r.read(), dict(r.headers)
+        except urllib.error.HTTPError as e:
+            return e.code, e.read(), dict(e.headers)
+
+    def json(self, path: str):
+        status, body, _ = self.get(path)
+        if status != 200:
+            raise RuntimeError(f"{path}: {status} {body[:300]!r}")
+        return json.loads(body)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--logdir", required=True)
+    ap.add_argument("--cache-mb", type=int, default=None, help="--diagnostics_cache_mb (default: the plugin's)")
+    ap.add_argument("--load-fast", default="true", choices=("true", "false"))
+    ap.add_argument("--json-reference", action="store_true",
+                    help="also time the ungrouped grad_norm heatmap as JSON (minutes at 20,000 x 5,000)")
+    ap.add_argument("--out", default=None, help="write the figures as JSON here too")
+    args = ap.parse_args()
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", args.logdir, "--port", str(port),
+           "--host", "127.0.0.1", "--load_fast", args.load_fast]
+    if args.cache_mb is not None:
+        cmd += ["--diagnostics_cache_mb", str(args.cache_mb)]
+    log = open(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"tb-memory-{port}.log"), "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    http = Http(f"http://127.0.0.1:{port}/")
+    rows = []
+    try:
+        t0 = time.perf_counter()
+        d = "data/plugin/diagnostics/"
+        last = None
+        while True:  # TensorBoard up, the run listed, and its loss's last step the same over 5 s
+            try:
+                runs = http.json(d + "runs")["runs"]
+                if runs:
+                    tags = http.json(d + f"tags?run={reading.RUN}")
+                    loss = http.json(d + f"values?run={reading.RUN}&metric=loss&points=1")
+                    steps = loss["last_step"]
+                    # One event holds every tag of a step: the loss complete is the run complete.
+                    if steps is not None and steps == last and loss["num_steps"] == steps + 1:
+                        break
+                    last = steps
+            except (OSError, RuntimeError):
+                pass
+            time.sleep(5.0)
+        loaded = time.perf_counter() - t0
+        rows.append(("loaded (the loss's last step unchanged for 5 s)", loaded * 1e3, 0, memory(proc.pid)))
+        print(f"loaded in {loaded:.1f} s: {rows[-1][3]}", flush=True)
+        t = time.perf_counter()
+        while not http.json(d + f"findings?run={reading.RUN}&partial=true&wait_ms=5000")["complete"]:
+            pass
+        rows.append(("findings complete (preload or tab)", (time.perf_counter() - t) * 1e3, 0, memory(proc.pid)))
+        print(f"findings after {rows[-1][1] / 1e3:.1f} s more: {rows[-1][3]}", flush=True)
+        layers = tags["metrics"]["grad_norm"]["layers"]
+        for name, paths, _ in reading._views(layers, steps + 1):
+            if "as JSON" in name and not args.json_reference:
+                continue
+            t = time.perf_counter()
+            size = 0
+            for p in paths:
+                p = p.removeprefix(reading.POLL)
+                status, body, _ = http.get(p, headers={"Accept-Encoding": "gzip"})
+                if status != 200:
+                    raise RuntimeError(f"{name}: {p}: {status} {body[:300]!r}")
+                size += len(body)
+            rows.append((name, (time.perf_counter() - t) * 1e3, size, memory(proc.pid)))
+            m = rows[-1][3]
+            print(f"{name}: {rows[-1][1]:.0f} ms, {size / 1e6:.2f} MB; TB {m['tb_rss']:.0f} MiB "
+                  f"(peak {m['tb_hwm']:.0f}), data server {m['server_rss']:.0f} MiB", flush=True)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    print("\n| step | first answer | bytes | TensorBoard VmRSS / VmHWM (MiB) | data server VmRSS / VmHWM (MiB) |")
+    print("|---|---|---|---|---|")
+    for name, ms, size, m in rows:
+        print(f"| {name} | {ms:,.0f} ms | {size / 1e6:.2f} MB | {m['tb_rss']:,.0f} / {m['tb_hwm']:,.0f} | "
+              f"{m['server_rss']:,.0f} / {m['server_hwm']:,.0f} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"cmd": cmd, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
