@@ -12,12 +12,14 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import numpy as np
 from tensorboard import errors, plugin_util
 from tensorboard.backend import http_util
 from tensorboard.plugins import base_plugin
 
 from tb_diag_plugin import metadata
 from tb_diag_plugin.reading import RunIndex
+from tb_diag_plugin.series import Series
 from tb_diag_plugin.serving import static, wire
 from tb_diag_plugin.serving.background import Preloader, ReadAhead
 from tb_diag_plugin.serving.config import DEFAULT_CACHE_MB, DEFAULT_SAMPLES, Config
@@ -292,8 +294,7 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
             if idx.structure_tag is not None:
                 doc, note = self._structure(ctx, eid, run, idx)
             modules = model_tree.modules_of(doc, {m: idx.layers(m) for m in idx.tags})
-            grad = (model_tree.last_values(self.store.series(ctx, eid, run, model_tree.VALUE_METRIC, idx)[0])
-                    if model_tree.VALUE_METRIC in idx.tags else (None, {}))
+            grad = self._last_values(ctx, eid, run, idx)
             try:
                 body = model_tree.answer(run, modules, (found or {}).get("layers") if complete else None,
                                          self._nonfinite(ctx, eid, run, idx), grad, max_rows, expand, reveal,
@@ -315,12 +316,27 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
         for metric in model_tree.SCAN_METRICS:
             if metric not in idx.tags:
                 continue
-            series, _, version = self.store.series_and_key(ctx, eid, run, metric, idx)
-            first = self.store.binned.get((version, "first_nonfinite"), lambda s=series: model_tree.first_nonfinite(s))
+            # Once per data version; a metric read on demand (too big for the cache) is read whole for it.
+            first = self.store.binned.get(
+                ((eid, run, metric, idx.version(metric)), "first_nonfinite"),
+                lambda m=metric: model_tree.first_nonfinite(self.store.series(ctx, eid, run, m, idx)[0]))
             for layer, step in first.items():
                 if layer not in out or step < out[layer][0]:
                     out[layer] = (step, metadata.METRICS[metric].layer_kind)
         return out
+
+    def _last_values(self, ctx, eid: str, run: str, idx: RunIndex) -> tuple[Optional[int], dict[str, float]]:
+        """`model_tree.last_values` of the gradient norms: of the last logged step only, when read on demand."""
+        from tb_diag_plugin.serving import model_tree
+
+        if model_tree.VALUE_METRIC not in idx.tags:
+            return None, {}
+        series = self.store.series_and_key(ctx, eid, run, model_tree.VALUE_METRIC, idx)[0]
+        if isinstance(series, Series) or not series.steps.size:
+            return model_tree.last_values(series)
+        last = int(series.steps[-1])
+        b = series.bin_columns(1, last, last, np.arange(len(series.layers)))
+        return last, {n: float(b.mean[0, j]) for j, n in enumerate(series.layers) if b.present[0, j]}
 
     def _structure(self, ctx, eid: str, run: str, idx: RunIndex) -> tuple[Optional[dict], Optional[str]]:
         """(structure document or None, why it is unusable or None), read once per version of its tag."""
