@@ -90,3 +90,29 @@ def test_a_small_model_is_every_module_in_order_and_nothing_is_ok_before_the_fin
     assert {r["status"] for r in pending["rows"]} == {"none"}
     done = model_tree.answer("r", mods, {}, {}, (None, {}), max_rows=40)
     assert {r["key"]: r["status"] for r in done["rows"]}["blocks.1.a"] == "ok"
+
+
+def test_the_model_answer_is_the_same_when_its_series_are_read_on_demand(tmp_path):
+    """A run whose series do not fit the cache (read from the event files per request): the same rows."""
+    from tensorboard.context import RequestContext
+    from test_browser_scale import BAD_LAYER, BAD_STEP, _moe_run
+
+    from tb_diag_plugin.diagnostics_plugin import Config
+    from tb_diag_plugin.summary import EventWriter
+    from tbserver import serve_with_plugin
+
+    with EventWriter(str(tmp_path / "moe"), flush_secs=1) as w:
+        _moe_run(w, 20, bad=True)
+    answers = []
+    for config in (Config(cache_bytes=16 << 10), Config()):
+        with serve_with_plugin(str(tmp_path), extra=["--diagnostics_preload", "false"], config=config) as (srv, p):
+            srv.wait_for_runs(1)
+            srv.plugin("findings?run=moe")
+            answers.append(srv.plugin("model?run=moe&max_rows=12"))
+            ctx = RequestContext()
+            series = p.store.series_and_key(ctx, "", "moe", "grad_norm", p.store.index(ctx, "")["moe"])[0]
+            assert isinstance(series, Series) == (config.cache_bytes > 1 << 20)  # else read on demand
+    tiny, default = answers
+    assert tiny["rows"] == default["rows"] and tiny["grad_step"] == default["grad_step"] == 29
+    bad = next(r for r in default["rows"] if r["key"] == BAD_LAYER.rsplit(".", 1)[0])
+    assert bad["nonfinite"] == [[BAD_LAYER, BAD_STEP]]
