@@ -42,6 +42,19 @@ def _report(logdir) -> list[dict]:
 def _live(found: list[Finding]) -> list[dict]:
     return [{k: v for k, v in f.to_dict("").items() if k != "run"} for f in found]
 
+def _stopped_at_an_error(series, expected: list[dict]) -> int:
+    """The one step recorded as stopped, checked against the report: an error had appeared by then, and
+    it is no later than the first NaN/Inf (evaluated at once). Which logged step between the two depends
+    on the evaluations' time budget, so on the machine's load: that is all a test may pin."""
+    stopped = series[metadata.STOPPED].steps.tolist()
+    assert len(stopped) == 1, stopped
+    errors = [f for f in expected if f["severity"] == "error"]
+    assert errors and min(f["first_step"] for f in errors) <= stopped[0], (stopped, errors)
+    nonfinite = [f["first_step"] for f in expected if f["kind"] == "nonfinite"]
+    assert not nonfinite or stopped[0] <= nonfinite[0]
+    return stopped[0]
+
+
 
 class _Alerts(logging.Handler):
     """The `tb_diag` logger's records, each with the training step it was emitted at."""
@@ -246,10 +259,9 @@ def test_lightning_stop_on_error_stops_there_and_findings_equal_the_report(tmp_p
     expected = _report(tmp_path)
     assert _live(callback.findings()) == expected
     series = read(tmp_path / "run" / "version_0")
-    if lr == 1e-3:  # diverges: stopped at the logged step of its first error, on every counter
-        nonfinite = next(f for f in expected if f["kind"] == "nonfinite")
-        assert series[metadata.STOPPED].steps.tolist() == [nonfinite["first_step"]]
-        assert trainer.global_step == nonfinite["first_step"] + 1  # Lightning counts the step it finished
+    if lr == 1e-3:  # diverges: stopped at a logged step with an error, the first NaN at the latest
+        stopped = _stopped_at_an_error(series, expected)
+        assert trainer.global_step == stopped + 1  # Lightning counts the step it finished
     else:  # a constant, moderate learning rate: healthy
         assert metadata.STOPPED not in series and trainer.global_step == 120
         assert not [f for f in expected if f["severity"] == "error"] and alerts.lines == []
@@ -391,9 +403,10 @@ def test_readme_alerts_and_stopping_lightning_snippet(tmp_path, monkeypatch, ale
     data = torch.utils.data.TensorDataset(torch.randn(64, 8, generator=g), torch.randn(64, 1, generator=g))
     exec(_snippet("live-lightning"), {"module": Module(), "loader": torch.utils.data.DataLoader(data, batch_size=64)})
     expected = _report(tmp_path / "runs")
-    nonfinite = next(f for f in expected if f["kind"] == "nonfinite")
+    stopped = _stopped_at_an_error(read(tmp_path / "runs" / "live" / "version_0"), expected)
     last = capsys.readouterr().out.strip().splitlines()[-1]  # after Lightning's own output
-    assert last.startswith(f"{nonfinite['first_step'] + 1} [") and "'nonfinite'" in last  # it counts the step done
+    errors = {f["kind"] for f in expected if f["severity"] == "error"}
+    assert last.startswith(f"{stopped + 1} [") and any(f"'{k}'" in last for k in errors)  # it counts the step done
 
 
 def test_logged_steps_over_the_time_budget_wait_but_a_nan_is_evaluated_at_once():
