@@ -1,0 +1,139 @@
+"""A metric's step-binned summary: every tensor's bins at screen resolution, built once per data version.
+
+Binning a 20,000-step x 5,000-tensor metric for a view takes seconds (and a
+metric that big is read from its event files); the views all ask for the
+whole run at a few hundred to a thousand points. So the background builds,
+once per metric, the bins of every tensor at `points` (`summarize`), and a
+request whose bins are whole multiples of the summary's is answered from it
+(`answer`): min of mins, max of maxes, sums of the non-finite and present
+counts, means weighted by the count of finite values, the same guarantee
+`downsample` gives (a NaN or a spike is never averaged away). A request for a
+step window finer than the summary, or not on its bin edges, is read as before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from tb_diag_plugin.reading import downsample
+
+
+@dataclass
+class StepSummary:
+    """The bins of every column of a metric, `k` logged steps each (the last may hold fewer); with `k`
+    1 the rows are the logged steps themselves. Counts are kept compact (see `columns`)."""
+
+    points: int  # the resolution it was built for
+    k: int
+    steps: np.ndarray  # int64 [S]: the metric's logged steps
+    step_first: np.ndarray  # int64 [B]
+    step_last: np.ndarray  # int64 [B]
+    mean: np.ndarray  # float32 [B, L]
+    min: np.ndarray  # float32 [B, L]
+    max: np.ndarray  # float32 [B, L]
+    nonfinite: np.ndarray  # uint16 or float32 [B, L]
+    present: np.ndarray  # uint16 or float32 [B, L], or float32 [B] when every column is recorded in every step
+    last_value: np.ndarray  # float32 [L]: each column's last finite value (NaN when it has none)
+    last_step: np.ndarray  # int64 [L]: the step of that value (-1 when none)
+
+    @property
+    def binned(self) -> bool:
+        return self.k > 1
+
+    def columns(self, cols: Optional[np.ndarray] = None) -> downsample.Binned:
+        """The summary's own bins of columns `cols` (all when None), as `downsample.bin_steps` gives them."""
+        pick = (lambda a: a) if cols is None else (lambda a: a[:, cols])
+        present = self.present
+        if present.ndim == 1:
+            width = self.mean.shape[1] if cols is None else len(cols)
+            present = np.broadcast_to(present[:, None], (present.size, width))
+        else:
+            present = pick(present)
+        return downsample.Binned(self.binned, self.step_first, self.step_last, pick(self.mean), pick(self.min),
+                                 pick(self.max), pick(self.nonfinite).astype(np.float32),
+                                 np.asarray(present, dtype=np.float32))
+
+
+def summarize(series, points: int) -> StepSummary:
+    """The summary of every column of `series` (a `Series`, or an `OnDemandSeries` read a piece at a time)
+    binned to at most `points` rows, as `downsample.bin_steps` bins them."""
+    S, L = series.steps.size, len(series.layers)
+    k = downsample.bin_size(S, points)
+    last_value = np.full(L, np.nan, dtype=np.float32)
+    last_step = np.full(L, -1, dtype=np.int64)
+    parts = []
+    for steps, values, present in _pieces(series, k):
+        parts.append(downsample.bin_rows(steps, values, present, k) if k > 1 else
+                     downsample.bin_steps(steps, values, present, max(1, steps.size)))
+        ok = np.isfinite(values) & present
+        has = ok.any(axis=0)
+        at = steps.size - 1 - np.argmax(ok[::-1], axis=0)
+        last_value[has] = values[at[has], np.flatnonzero(has)]
+        last_step[has] = steps[at[has]]
+        del values, present, ok
+    b = downsample.concat(parts) if parts else downsample.bin_steps(
+        series.steps, np.zeros((0, L), np.float32), np.zeros((0, L), bool), points)
+    count = np.uint16 if k <= np.iinfo(np.uint16).max else np.float32
+    lengths = _bin_lengths(S, k).astype(np.float32)
+    present = lengths if bool(np.all(b.present == lengths[:, None])) else b.present.astype(count)
+    return StepSummary(points, k, series.steps, b.step_first, b.step_last, b.mean, b.min, b.max,
+                       b.nonfinite.astype(count), present, last_value, last_step)
+
+
+def _bin_lengths(S: int, k: int) -> np.ndarray:
+    starts = np.arange(0, S, k)
+    return np.minimum(starts + k, S) - starts
+
+
+def _pieces(series, k: int):
+    """(steps, values, present) of consecutive whole bins of `series`, all of it at once when in memory."""
+    if hasattr(series, "pieces"):
+        yield from series.pieces(k)
+    elif series.steps.size:
+        yield series.steps, series.values, np.asarray(series.present)
+
+
+def answer(summary: StepSummary, points: int, start: Optional[int], end: Optional[int],
+           cols: Optional[np.ndarray]) -> Optional[downsample.Binned]:
+    """The bins `downsample.bin_steps` would give for columns `cols` of the steps within [start, end] at
+    `points`, merged from `summary`; None when the summary cannot give them (a window finer than its bins,
+    or not on their edges)."""
+    steps = summary.steps
+    window = downsample.step_window(steps, start, end)
+    lo, hi = window.start, window.stop
+    S = hi - lo
+    if S == 0:
+        return None
+    want = downsample.bin_size(S, points)
+    k = summary.k
+    if want % k or lo % k or (hi % k and hi != steps.size):
+        return None
+    b = summary.columns(cols)
+    first, last = lo // k, -(-hi // k)
+    if first or last != b.mean.shape[0]:
+        b = downsample.Binned(b.binned, *(getattr(b, f)[first:last] for f in
+                                          ("step_first", "step_last", "mean", "min", "max", "nonfinite", "present")))
+    return _merge(b, want // k) if want > k else b
+
+
+def _merge(b: downsample.Binned, m: int) -> downsample.Binned:
+    """Bins of `m` consecutive bins of `b` (the last may hold fewer)."""
+    red = downsample._reduce
+    finite = (b.present - b.nonfinite).astype(np.float64)  # the finite values behind each bin's mean
+    has = finite > 0
+    total = red(finite, m, "sum")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = (red(np.where(has, b.mean.astype(np.float64) * finite, 0.0), m, "sum") / total).astype(np.float32)
+    mn = red(np.where(has, b.min, np.float32(np.inf)), m, "min")
+    mx = red(np.where(has, b.max, np.float32(-np.inf)), m, "max")
+    empty = total == 0
+    mean[empty] = np.nan
+    mn[empty] = np.nan
+    mx[empty] = np.nan
+    B = b.step_first.size
+    ends = np.minimum(np.arange(0, B, m) + m, B) - 1
+    return downsample.Binned(True, b.step_first[::m], b.step_last[ends], mean, mn, mx,
+                             red(b.nonfinite, m, "sum", np.float32), red(b.present, m, "sum", np.float32))
