@@ -68,12 +68,8 @@ def summarize(series, points: int) -> StepSummary:
     for steps, values, present in _pieces(series, k):
         parts.append(downsample.bin_rows(steps, values, present, k) if k > 1 else
                      downsample.bin_steps(steps, values, present, max(1, steps.size)))
-        ok = np.isfinite(values) & present
-        has = ok.any(axis=0)
-        at = steps.size - 1 - np.argmax(ok[::-1], axis=0)
-        last_value[has] = values[at[has], np.flatnonzero(has)]
-        last_step[has] = steps[at[has]]
-        del values, present, ok
+        _last_finite(steps, values, present, last_value, last_step)
+        del values, present
     b = downsample.concat(parts) if parts else downsample.bin_steps(
         series.steps, np.zeros((0, L), np.float32), np.zeros((0, L), bool), points)
     count = np.uint16 if k <= np.iinfo(np.uint16).max else np.float32
@@ -81,6 +77,24 @@ def summarize(series, points: int) -> StepSummary:
     present = lengths if bool(np.all(b.present == lengths[:, None])) else b.present.astype(count)
     return StepSummary(points, k, series.steps, b.step_first, b.step_last, b.mean, b.min, b.max,
                        b.nonfinite.astype(count), present, last_value, last_step)
+
+
+def _last_finite(steps: np.ndarray, values: np.ndarray, present: np.ndarray, last_value: np.ndarray,
+                 last_step: np.ndarray) -> None:
+    """Update `last_value`/`last_step` with each column's last finite value in these rows, if it has one:
+    read backwards a few rows at a time, and only for the columns not found yet (mostly one row)."""
+    todo = np.arange(values.shape[1])
+    hi = steps.size
+    while todo.size and hi > 0:
+        lo = max(0, hi - 16)
+        ok = np.isfinite(values[lo:hi, todo]) & np.asarray(present[lo:hi])[:, todo]
+        has = ok.any(axis=0)
+        at = lo + (hi - lo - 1 - np.argmax(ok[::-1], axis=0))
+        found = todo[has]
+        last_value[found] = values[at[has], found]
+        last_step[found] = steps[at[has]]
+        todo = todo[~has]
+        hi = lo
 
 
 def _bin_lengths(S: int, k: int) -> np.ndarray:
@@ -116,11 +130,36 @@ def answer(summary: StepSummary, points: int, start: Optional[int], end: Optiona
     if first or last != b.mean.shape[0]:
         b = downsample.Binned(b.binned, *(getattr(b, f)[first:last] for f in
                                           ("step_first", "step_last", "mean", "min", "max", "nonfinite", "present")))
-    return _merge(b, want // k) if want > k else b
+    if want == k:
+        return b
+    if k == 1:  # the rows are the logged steps: bin them as `downsample` does, to the same floats
+        return downsample.bin_rows(b.step_first, b.mean, b.present > 0, want)
+    return _merge(b, want // k)
 
 
 def _merge(b: downsample.Binned, m: int) -> downsample.Binned:
-    """Bins of `m` consecutive bins of `b` (the last may hold fewer)."""
+    """Bins of `m` consecutive bins of `b` (the last may hold fewer). Every merged bin is first computed as
+    if all its cells were finite and recorded; those that are not are redone with masks, from their rows."""
+    red = downsample._reduce
+    B = b.step_first.size
+    ends = np.minimum(np.arange(0, B, m) + m, B) - 1
+    counts = b.present[:, :1]  # [B, 1]: a bin's length, where every cell of the row is recorded
+    mean = (red(b.mean * counts, m, "sum") / red(counts, m, "sum")).astype(np.float32)
+    mn, mx = red(b.min, m, "min"), red(b.max, m, "max")
+    row_ok = (b.nonfinite == 0).all(axis=1) & (b.present == counts).all(axis=1) & (counts[:, 0] > 0)
+    if not row_ok.all():
+        bad = np.unique(np.flatnonzero(~row_ok) // m)
+        rows = np.concatenate([np.arange(g * m, min((g + 1) * m, B)) for g in bad])
+        sub = downsample.Binned(True, *(getattr(b, f)[rows] for f in
+                                        ("step_first", "step_last", "mean", "min", "max", "nonfinite", "present")))
+        for out, part in zip((mean, mn, mx), _merge_masked(sub, m)):
+            out[bad] = part
+    return downsample.Binned(True, b.step_first[::m], b.step_last[ends], mean, mn, mx,
+                             red(b.nonfinite, m, "sum", np.float32), red(b.present, m, "sum", np.float32))
+
+
+def _merge_masked(b: downsample.Binned, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, min, max) of `m` consecutive bins of `b` over their finite values only."""
     red = downsample._reduce
     finite = (b.present - b.nonfinite).astype(np.float64)  # the finite values behind each bin's mean
     has = finite > 0
@@ -133,7 +172,4 @@ def _merge(b: downsample.Binned, m: int) -> downsample.Binned:
     mean[empty] = np.nan
     mn[empty] = np.nan
     mx[empty] = np.nan
-    B = b.step_first.size
-    ends = np.minimum(np.arange(0, B, m) + m, B) - 1
-    return downsample.Binned(True, b.step_first[::m], b.step_last[ends], mean, mn, mx,
-                             red(b.nonfinite, m, "sum", np.float32), red(b.present, m, "sum", np.float32))
+    return mean, mn, mx
