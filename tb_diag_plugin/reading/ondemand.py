@@ -69,6 +69,11 @@ class OnDemandSeries:
             return downsample.bin_steps(self.steps[window], empty, empty.astype(bool), points)
         return downsample.concat(out)
 
+    def origin(self) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """(tag, its datum at each step or -1, its columns) per tag: equal for two versions' first steps
+        exactly when those steps hold the same data (a step written again gets a later datum)."""
+        return [(p.tag, p.rows, p.cols) for p in self._parts]
+
     def pieces(self, k: int, window: slice = slice(None), cols: Optional[np.ndarray] = None):
         """(steps, values, present) of consecutive pieces of the steps in `window` (all by default) and
         columns `cols` (all by default), each a whole number of bins of `k` rows and about `PIECE_BYTES`."""

@@ -38,6 +38,8 @@ class StepSummary:
     present: np.ndarray  # uint16 or float32 [B, L], or float32 [B] when every column is recorded in every step
     last_value: np.ndarray  # float32 [L]: each column's last finite value (NaN when it has none)
     last_step: np.ndarray  # int64 [L]: the step of that value (-1 when none)
+    origin: Optional[list] = None  # (tag, datum per step, columns) of each tag it was read from, if known
+    reused: int = 0  # bins taken from the summary of an earlier version (none read again)
 
     @property
     def binned(self) -> bool:
@@ -57,15 +59,22 @@ class StepSummary:
                                  np.asarray(present, dtype=np.float32))
 
 
-def summarize(series, points: int) -> StepSummary:
+def summarize(series, points: int, previous: Optional[StepSummary] = None) -> StepSummary:
     """The summary of every column of `series` (a `Series`, or an `OnDemandSeries` read a piece at a time)
-    binned to at most `points` rows, as `downsample.bin_steps` bins them."""
+    binned to at most `points` rows, as `downsample.bin_steps` bins them. `previous` (the summary of an
+    earlier version of the same metric) gives its whole bins where the series only gained steps after
+    them, with the same bin size: only the steps after them are read."""
     S, L = series.steps.size, len(series.layers)
     k = downsample.bin_size(S, points)
-    last_value = np.full(L, np.nan, dtype=np.float32)
-    last_step = np.full(L, -1, dtype=np.int64)
+    origin = series.origin() if hasattr(series, "origin") else None
+    reused = _reusable(previous, series, origin, k, points)
+    last_value = np.full(L, np.nan, dtype=np.float32) if not reused else previous.last_value.copy()
+    last_step = np.full(L, -1, dtype=np.int64) if not reused else previous.last_step.copy()
     parts = []
-    for steps, values, present in _pieces(series, k):
+    if reused:
+        head = previous.columns()
+        parts.append(downsample.Binned(head.binned, *(getattr(head, f)[:reused] for f in _FIELDS)))
+    for steps, values, present in _pieces(series, k, reused * k):
         parts.append(downsample.bin_rows(steps, values, present, k) if k > 1 else
                      downsample.bin_steps(steps, values, present, max(1, steps.size)))
         _last_finite(steps, values, present, last_value, last_step)
@@ -76,7 +85,26 @@ def summarize(series, points: int) -> StepSummary:
     lengths = _bin_lengths(S, k).astype(np.float32)
     present = lengths if bool(np.all(b.present == lengths[:, None])) else b.present.astype(count)
     return StepSummary(points, k, series.steps, b.step_first, b.step_last, b.mean, b.min, b.max,
-                       b.nonfinite.astype(count), present, last_value, last_step)
+                       b.nonfinite.astype(count), present, last_value, last_step, origin, reused)
+
+
+_FIELDS = ("step_first", "step_last", "mean", "min", "max", "nonfinite", "present")
+
+
+def _reusable(previous: Optional[StepSummary], series, origin, k: int, points: int) -> int:
+    """How many of `previous`'s bins hold the same data in `series` (0: none can be reused): its whole bins,
+    when it has the same points, bin size and layers and every step it saw still reads the same datum."""
+    if previous is None or origin is None or previous.origin is None or previous.points != points:
+        return 0
+    n = previous.steps.size
+    if previous.k != k or previous.mean.shape[1] != len(series.layers) or series.steps.size < n:
+        return 0
+    if not np.array_equal(series.steps[:n], previous.steps) or len(origin) != len(previous.origin):
+        return 0
+    for (tag, rows, cols), (old_tag, old_rows, old_cols) in zip(origin, previous.origin):
+        if tag != old_tag or not np.array_equal(cols, old_cols) or not np.array_equal(rows[:n], old_rows):
+            return 0  # a step written again (a restarted job), or a new layer set: read it all
+    return n // k
 
 
 def _last_finite(steps: np.ndarray, values: np.ndarray, present: np.ndarray, last_value: np.ndarray,
@@ -102,12 +130,13 @@ def _bin_lengths(S: int, k: int) -> np.ndarray:
     return np.minimum(starts + k, S) - starts
 
 
-def _pieces(series, k: int):
-    """(steps, values, present) of consecutive whole bins of `series`, all of it at once when in memory."""
+def _pieces(series, k: int, start: int = 0):
+    """(steps, values, present) of consecutive whole bins of `series` from row `start`, all at once when in
+    memory."""
     if hasattr(series, "pieces"):
-        yield from series.pieces(k)
-    elif series.steps.size:
-        yield series.steps, series.values, np.asarray(series.present)
+        yield from series.pieces(k, slice(start, None))
+    elif series.steps.size > start:
+        yield series.steps[start:], series.values[start:], np.asarray(series.present)[start:]
 
 
 def answer(summary: StepSummary, points: int, start: Optional[int], end: Optional[int],
@@ -128,8 +157,7 @@ def answer(summary: StepSummary, points: int, start: Optional[int], end: Optiona
     b = summary.columns(cols)
     first, last = lo // k, -(-hi // k)
     if first or last != b.mean.shape[0]:
-        b = downsample.Binned(b.binned, *(getattr(b, f)[first:last] for f in
-                                          ("step_first", "step_last", "mean", "min", "max", "nonfinite", "present")))
+        b = downsample.Binned(b.binned, *(getattr(b, f)[first:last] for f in _FIELDS))
     if want == k:
         return b
     if k == 1:  # the rows are the logged steps: bin them as `downsample` does, to the same floats
@@ -150,8 +178,7 @@ def _merge(b: downsample.Binned, m: int) -> downsample.Binned:
     if not row_ok.all():
         bad = np.unique(np.flatnonzero(~row_ok) // m)
         rows = np.concatenate([np.arange(g * m, min((g + 1) * m, B)) for g in bad])
-        sub = downsample.Binned(True, *(getattr(b, f)[rows] for f in
-                                        ("step_first", "step_last", "mean", "min", "max", "nonfinite", "present")))
+        sub = downsample.Binned(True, *(getattr(b, f)[rows] for f in _FIELDS))
         for out, part in zip((mean, mn, mx), _merge_masked(sub, m)):
             out[bad] = part
     return downsample.Binned(True, b.step_first[::m], b.step_last[ends], mean, mn, mx,

@@ -137,11 +137,18 @@ class RunStore:
 
         def build_summary():
             try:
-                return summarize(series, points)
+                return summarize(series, points, self._previous_summary(key, points))
             finally:
                 release_memory()
 
         return self.summaries.get(skey, build_summary)
+
+    def _previous_summary(self, key: tuple, points: int) -> Optional[StepSummary]:
+        """The cached summary of an earlier version of the same metric (what a growing run extends)."""
+        for older, at in reversed(self.summaries.keys()):
+            if older[:3] == key[:3] and older != key and at == points:
+                return self.summaries.peek((older, at))
+        return None
 
     @staticmethod
     def series_bytes(idx: RunIndex, metric: str, rows: int | None = None) -> int:
