@@ -15,6 +15,7 @@ import os
 import numpy as np
 import pytest
 from tensorboard.context import RequestContext
+from test_memory_budget import _bins_by_hand, _decode_f32, _independent, _values
 
 from tb_diag_plugin import layer_groups, metadata
 from tb_diag_plugin.reading import stepbins
@@ -22,7 +23,6 @@ from tb_diag_plugin.reading.ondemand import OnDemandSeries
 from tb_diag_plugin.serving.config import Config
 from tb_diag_plugin.summary import EventWriter
 from tbserver import serve_with_plugin, until
-from test_memory_budget import _bins_by_hand, _independent, _values
 
 STEPS, LAYERS = 1000, 60
 LAYER_NAMES = [f"blocks.{i // 6}.{('attn', 'mlp')[i % 2]}{i % 3}.weight" for i in range(LAYERS)]
@@ -157,3 +157,45 @@ def test_the_preload_builds_every_summary_and_grouped_views_are_merged_from_it(l
             np.testing.assert_allclose(a["min"][:, j], np.nanmin(want["min"][:, members], axis=1), rtol=2e-6)
             np.testing.assert_allclose(a["max"][:, j], np.nanmax(want["max"][:, members], axis=1), rtol=2e-6)
         np.testing.assert_array_equal(a["nonfinite"][:, j], want["nonfinite"][:, members].sum(axis=1))
+
+
+def _write_steps(logdir: str, steps, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    with EventWriter(os.path.join(logdir, "grow")) as w:
+        for step in steps:
+            g = rng.lognormal(-3, 1, LAYERS).astype(np.float32)
+            if step % 41 == 3:
+                g[step % LAYERS] = np.nan
+            w.write_vectors(step, [("grad_norm", LAYER_NAMES, (), g)])
+
+
+def test_a_growing_run_extends_its_summary_and_a_rewritten_step_rebuilds_it(tmp_path):
+    """750 steps (bins of 8), then 40 more: the 93 whole bins are kept, only the new steps read; then step
+    700 written again (a restarted job): nothing kept. Each answer equals TensorBoard's reading."""
+    logdir = str(tmp_path)
+    _write_steps(logdir, range(750), 1)
+
+    def check(srv, last: int) -> None:
+        until(lambda: srv.plugin("values?run=grow&metric=grad_norm&points=1&start=0")["last_step"] == last)
+        steps, _, values, present = _independent(logdir, "grad_norm", run="grow")
+        for points in (100, 20):
+            status, body, _ = srv.get(f"data/plugin/diagnostics/values?run=grow&format=f32&metric=grad_norm"
+                                      f"&points={points}")
+            assert status == 200
+            _check(_decode_f32(body)[1], values, present, points)
+
+    with serve_with_plugin(logdir, extra=["--diagnostics_preload", "false"], config=ON_DEMAND) as (srv, plugin):
+        srv.wait_for_runs(1)
+
+        def summary():
+            idx = plugin.store.index(RequestContext(), "")["grow"]
+            return plugin.store.step_summary(RequestContext(), "", "grow", "grad_norm", idx, build=False)
+
+        check(srv, 749)
+        assert summary().k == 8 and summary().reused == 0
+        _write_steps(logdir, range(750, 790), 2)
+        check(srv, 789)
+        assert summary().k == 8 and summary().reused == 750 // 8
+        _write_steps(logdir, [700, 790], 3)
+        check(srv, 790)
+        assert summary().k == 8 and summary().reused == 0
