@@ -1,9 +1,11 @@
 """Resident memory of a real `tensorboard` serving a big run, and each view's first answer (issue 24.4).
 
 Starts the `tensorboard` command (Rust data server, the default loader) on a
-logdir, waits until the run is loaded (every step of its loss) and its
-findings are complete, then visits each view's routes as the tab asks for
-them (benchmarks/reading.py `_views`), timing the first answer and reading
+logdir, waits until the run is loaded (every step of its loss), its
+findings are complete and TensorBoard's background work is done (its CPU time
+still for 5 s: the preload has built each metric's step-binned summary), then
+visits each view's routes as the tab asks for them (benchmarks/reading.py
+`_views`), timing the first answer and reading
 VmRSS and VmHWM from /proc for TensorBoard and for its data server after each.
 
     python benchmarks/memory.py --logdir /work/data/big20k [--cache-mb 64] [--out FILE]
@@ -80,6 +82,22 @@ class Http:
         return json.loads(body)
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _until_idle(pid: int, window_s: float = 5.0, busy_s: float = 0.25) -> None:
+    """Until TensorBoard uses less than `busy_s` of CPU over `window_s` (its preload is done)."""
+    while True:
+        before = _cpu_s(pid)
+        time.sleep(window_s)
+        if _cpu_s(pid) - before < busy_s:
+            return
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -93,6 +111,8 @@ def main() -> None:
     ap.add_argument("--load-fast", default="true", choices=("true", "false"))
     ap.add_argument("--json-reference", action="store_true",
                     help="also time the ungrouped grad_norm heatmap as JSON (minutes at 20,000 x 5,000)")
+    ap.add_argument("--no-settle", action="store_true",
+                    help="visit the views as soon as the findings are complete, not once TensorBoard is idle")
     ap.add_argument("--out", default=None, help="write the figures as JSON here too")
     args = ap.parse_args()
 
@@ -131,6 +151,12 @@ def main() -> None:
             pass
         rows.append(("findings complete (preload or tab)", (time.perf_counter() - t) * 1e3, 0, memory(proc.pid)))
         print(f"findings after {rows[-1][1] / 1e3:.1f} s more: {rows[-1][3]}", flush=True)
+        if not args.no_settle:
+            t = time.perf_counter()
+            _until_idle(proc.pid)
+            rows.append(("background work done (TensorBoard idle for 5 s)", (time.perf_counter() - t) * 1e3, 0,
+                         memory(proc.pid)))
+            print(f"idle after {rows[-1][1] / 1e3:.1f} s more: {rows[-1][3]}", flush=True)
         layers = tags["metrics"]["grad_norm"]["layers"]
         for name, paths, _ in reading._views(layers, steps + 1):
             if "as JSON" in name and not args.json_reference:

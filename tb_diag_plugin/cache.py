@@ -98,6 +98,20 @@ class ByteLRU:
             self._entries.move_to_end(key)
             return hit[0]
 
+    def wait(self, key: Hashable) -> Any:
+        """The cached value, or the value being computed for `key` once it is ready; None when it is
+        neither cached nor being computed (or its computation failed). Computes nothing."""
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None:
+                self._entries.move_to_end(key)
+                return hit[0]
+            pending = self._pending.get(key)
+        if pending is None:
+            return None
+        pending.done.wait()
+        return None if pending.error is not None else pending.value
+
     def get(self, key: Hashable, compute: Callable[[], Any], max_entry: Optional[int] = None) -> Any:
         """The value for `key`, computed by `compute()` once even when asked for concurrently; kept only
         if it holds at most `max_entry` bytes (and the budget's)."""
@@ -174,6 +188,10 @@ class CachePart:
     def peek(self, key: Hashable) -> Any:
         """The cached value or None, without computing it."""
         return self.lru.peek((self.name, key))
+
+    def wait(self, key: Hashable) -> Any:
+        """The cached value, or the one being computed once it is ready, or None (see `ByteLRU.wait`)."""
+        return self.lru.wait((self.name, key))
 
     def keys(self) -> list[Hashable]:
         """This part's keys, least recently used first."""

@@ -97,11 +97,11 @@ def _write_run(logdir: str) -> None:
             w.write_vectors(step, items)
 
 
-def _independent(logdir: str, metric: str) -> tuple[np.ndarray, list[str], np.ndarray]:
+def _independent(logdir: str, metric: str, run: str = "big") -> tuple[np.ndarray, list[str], np.ndarray]:
     """(steps, layers, values [S, L] with NaN where absent) of `metric`, from TensorBoard's own loader."""
     by_step: dict[int, dict[str, float]] = {}
     layers: list[str] = []
-    for path in sorted(glob.glob(os.path.join(logdir, "big", "*tfevents*"))):
+    for path in sorted(glob.glob(os.path.join(logdir, run, "*tfevents*"))):
         names: dict[str, list[str]] = {}
         for ev in event_file_loader.EventFileLoader(path).Load():
             for v in ev.summary.value:

@@ -168,14 +168,24 @@ def test_background_reads_the_findings_inputs_then_the_findings_then_the_rest(tm
             events.append("</findings>")
             return out
 
+        summary = store.step_summary
+
+        def recording_summary(ctx, eid, run, metric, idx):
+            events.append("<summary>")
+            return summary(ctx, eid, run, metric, idx)
+
         store.series_and_key, store.findings = recording_series, recording_findings
+        store.step_summary = recording_summary
         read_whole_run(store, ctx, "", "r", idx)
         start, end = events.index("<findings>"), events.index("</findings>")
-        before, during, after = set(events[:start]), set(events[start + 1:end]), set(events[end + 1:])
+        last = events.index("<summary>")  # then each metric's summary, from the series read before
+        before, during, after = set(events[:start]), set(events[start + 1:end]), set(events[end + 1:last])
         inputs = set(idx.tags) & findings.INPUTS
         others = set(idx.tags) - findings.INPUTS
         assert inputs and others, (inputs, others)  # the run has both kinds
         assert before == inputs and during <= inputs and after == others
+        assert events[last::2] == ["<summary>"] * len(idx.tags) and set(events[last + 1::2]) == set(idx.tags)
+        assert len(store.summaries.keys()) == len(idx.tags)
         body = srv.plugin("findings?run=r")
         assert "dead_relu" in {f["kind"] for f in body["findings"]}
 

@@ -54,21 +54,36 @@ class OnDemandSeries:
         """Columns `cols` of the steps within [start, end], binned to at most `points` rows, as
         `downsample.bin_steps` bins them from the whole matrix."""
         window = downsample.step_window(self.steps, start, end)
-        steps = self.steps[window]
-        S, C = steps.size, len(cols)
+        S = window.stop - window.start
         k = downsample.bin_size(S, points)
-        piece = max(1, PIECE_BYTES // max(1, 5 * C * k)) * k  # 4 bytes of value + 1 of presence per cell
         out = []
-        for lo in range(0, S, piece) if S else [0]:
-            rows = np.arange(window.start + lo, window.start + min(S, lo + piece))
-            values, present = self._read(rows, cols)
+        for steps, values, present in self.pieces(k, window, cols):
             if k == 1:
-                out.append(downsample.bin_steps(self.steps[rows], values, present, max(1, rows.size)))
+                out.append(downsample.bin_steps(steps, values, present, max(1, steps.size)))
             else:
-                out.append(downsample.bin_rows(self.steps[rows], values, present, k))
+                out.append(downsample.bin_rows(steps, values, present, k))
             del values, present
         release_memory()
+        if not out:
+            empty = np.zeros((0, len(cols)), dtype=np.float32)
+            return downsample.bin_steps(self.steps[window], empty, empty.astype(bool), points)
         return downsample.concat(out)
+
+    def origin(self) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """(tag, its datum at each step or -1, its columns) per tag: equal for two versions' first steps
+        exactly when those steps hold the same data (a step written again gets a later datum)."""
+        return [(p.tag, p.rows, p.cols) for p in self._parts]
+
+    def pieces(self, k: int, window: slice = slice(None), cols: Optional[np.ndarray] = None):
+        """(steps, values, present) of consecutive pieces of the steps in `window` (all by default) and
+        columns `cols` (all by default), each a whole number of bins of `k` rows and about `PIECE_BYTES`."""
+        lo, hi, _ = window.indices(self.steps.size)
+        cols = np.arange(len(self.layers)) if cols is None else cols
+        piece = max(1, PIECE_BYTES // max(1, 5 * len(cols) * k)) * k  # 4 bytes of value + 1 of presence per cell
+        for at in range(lo, hi, piece):
+            rows = np.arange(at, min(hi, at + piece))
+            values, present = self._read(rows, cols)
+            yield self.steps[rows], values, present
 
     def load(self) -> Series:
         """Every value, as the `Series` `reading.read_series` would give (for the findings, which read

@@ -39,14 +39,22 @@ def read_order(idx: RunIndex) -> tuple[list[str], list[str]]:
     return [m for m in order if m in INPUTS], [m for m in order if m not in INPUTS]
 
 
+def read_order_all(inputs: list[str], others: list[str]) -> list[str]:
+    """Every metric, the contract's small ones first (the overview draws them), then the rest."""
+    return sorted(inputs + others, key=lambda m: (_SMALL_FIRST.get(m, len(_SMALL_FIRST)), m))
+
+
 def read_whole_run(store: RunStore, ctx, eid: str, run: str, idx: RunIndex) -> None:
-    """What the findings read, the findings, then every other metric of a run into the store;
-    yielding to the requests in flight before each."""
+    """What the findings read, the findings, then every other metric of a run into the store, then each
+    metric's step-binned summary (what the views' first visits are answered from); yielding to the
+    requests in flight before each."""
     inputs, others = read_order(idx)
-    # series_and_key: a metric too big for the cache is only indexed here, and read per request.
+    # series_and_key: a metric too big for the cache is only indexed here; its summary then reads it a
+    # piece at a time, and later requests read only their window.
     work = [functools.partial(store.series_and_key, ctx, eid, run, m, idx) for m in inputs]
     work.append(functools.partial(store.findings, ctx, eid, run, idx))
     work += [functools.partial(store.series_and_key, ctx, eid, run, m, idx) for m in others]
+    work += [functools.partial(store.step_summary, ctx, eid, run, m, idx) for m in read_order_all(inputs, others)]
     for read in work:
         store.wait_idle()
         if store.closed.is_set():

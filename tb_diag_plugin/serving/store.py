@@ -10,12 +10,15 @@ Every cache is a part of one `cache.ByteLRU` (`config.cache_bytes`). A
 metric whose merged series would take more than `config.max_series_bytes`
 is not read whole: it is served on demand from the run's event files
 (`reading.ondemand`), each request reading only the steps and layers it shows.
+Each metric's step-binned summary (`reading.stepbins`, built in the background
+once a run is read) answers the views' whole-run requests without binning.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import threading
 import time
 from typing import Any, Iterator, Optional
@@ -24,6 +27,7 @@ from tb_diag_plugin import cache, metadata
 from tb_diag_plugin.reading import ALL_SAMPLES, RunIndex, Series, index_runs, integrity, read_series, read_structure
 from tb_diag_plugin.reading.events import EventIndex
 from tb_diag_plugin.reading.ondemand import OnDemandSeries, open_metric, release_memory
+from tb_diag_plugin.reading.stepbins import StepSummary, summarize
 from tb_diag_plugin.serving import stopped
 from tb_diag_plugin.serving.config import Config
 
@@ -43,6 +47,7 @@ class RunStore:
         self.findings_cache = self.memory.part("findings", largest)
         self.binned = self.memory.part("binned", largest)
         self.event_indexes = self.memory.part("events", largest)
+        self.summaries = self.memory.part("summaries", largest)
         self._findings_recent: dict[tuple[str, str], tuple[float, dict]] = {}  # (eid, run) -> (until, answer)
         self._lock = threading.Lock()
         self._findings_put = threading.Condition(self._lock)
@@ -85,7 +90,13 @@ class RunStore:
     def series_and_key(self, ctx, eid: str, run: str, metric: str, idx: RunIndex):
         """(series, problems, cache key): the key names the data version the series was read at. The
         series is an `OnDemandSeries` (values read per request) when the metric does not fit
-        `config.max_series_bytes` and the run's event files are local."""
+        `config.max_series_bytes` and the run's event files are local. Its `summary(build)` gives its
+        step-binned summary (`summary_of`)."""
+        series, problems, key = self._series_and_key(ctx, eid, run, metric, idx)
+        series.summary = functools.partial(self.summary_of, series, key)
+        return series, problems, key
+
+    def _series_and_key(self, ctx, eid: str, run: str, metric: str, idx: RunIndex):
         key = (eid, run, metric, idx.version(metric))
         hit = self.series_cache.peek(key)
         if hit is not None:
@@ -103,6 +114,41 @@ class RunStore:
         series, problems = self.series_cache.get(
             key, lambda: read_series(self.provider, ctx, eid, run, metric, idx, ALL_SAMPLES))
         return series, problems, key
+
+    def step_summary(self, ctx, eid: str, run: str, metric: str, idx: RunIndex,
+                     build: bool = True) -> Optional[StepSummary]:
+        """The metric's step-binned summary at `config.default_points` (bins x tensors: mean, min, max,
+        non-finite and present counts, and each tensor's last finite value), built here unless `build`
+        is False; None when it does not fit the cache (the caller bins what it needs itself)."""
+        series, _, key = self.series_and_key(ctx, eid, run, metric, idx)
+        return self.summary_of(series, key, build)
+
+    def summary_of(self, series, key: tuple, build: bool = True) -> Optional[StepSummary]:
+        """The summary of `series` (read at cache key `key`): cached, or being built (waited for), or
+        built now when `build`; None when it is none of these, or would not fit the cache."""
+        points = self.config.default_points
+        skey = (key, points)
+        if not build:
+            return self.summaries.wait(skey)
+        bins = min(series.steps.size, points)
+        # Three float32 and two uint16 per cell (present collapses to one per bin when every cell is recorded).
+        if bins * len(series.layers) * 16 > min(self.config.max_series_bytes, self.memory.max_bytes):
+            return None
+
+        def build_summary():
+            try:
+                return summarize(series, points, self._previous_summary(key, points))
+            finally:
+                release_memory()
+
+        return self.summaries.get(skey, build_summary)
+
+    def _previous_summary(self, key: tuple, points: int) -> Optional[StepSummary]:
+        """The cached summary of an earlier version of the same metric (what a growing run extends)."""
+        for older, at in reversed(self.summaries.keys()):
+            if older[:3] == key[:3] and older != key and at == points:
+                return self.summaries.peek((older, at))
+        return None
 
     @staticmethod
     def series_bytes(idx: RunIndex, metric: str, rows: int | None = None) -> int:

@@ -15,7 +15,7 @@ from tensorboard.backend import http_util
 from werkzeug import wrappers
 
 from tb_diag_plugin import layer_groups, metadata
-from tb_diag_plugin.reading import Series, downsample
+from tb_diag_plugin.reading import Series, downsample, stepbins
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +80,10 @@ def values_answer(run: str, metric: str, series: Series, problems: list[str], po
     """(body, content type, content encoding) of a /values answer: the layers `wanted` (all when empty)
     between steps `start` and `end`, binned to at most `points` rows, and with `max_rows`, grouped along
     the module tree to at most that many layer rows (`layer_groups.rows`). `binned(make)` (optional)
-    returns a cached result of `make()`, the binned columns."""
-    cols, b = (binned or (lambda make: make()))(
+    returns a cached result of `make()`, the binned columns. A series with a step-binned summary
+    (`RunStore.series_and_key`) is answered from it where it can be."""
+    summarized = _from_summary(metric, series, points, start, end, wanted)
+    cols, b = summarized or (binned or (lambda make: make()))(
         lambda: bin_columns(metric, series, points, start, end, wanted))
     names = [series.layers[j] for j in cols]
     types = [series.layer_types[j] for j in cols]
@@ -117,17 +119,38 @@ def values_answer(run: str, metric: str, series: Series, problems: list[str], po
     return json.dumps(_cleanse(header), allow_nan=False).encode("utf-8"), "application/json", None
 
 
+def _from_summary(metric: str, series, points: int, start: Optional[int], end: Optional[int],
+                  wanted: Sequence[str]) -> Optional[tuple[np.ndarray, downsample.Binned]]:
+    """(columns, binned values) merged from the series' step-binned summary (built now for a request of
+    the whole run and every layer, which costs what binning it would; else only if built or being
+    built), or None."""
+    summary_of = getattr(series, "summary", None)
+    if summary_of is None:
+        return None
+    summary = summary_of(not wanted and start is None and end is None)
+    if summary is None:
+        return None
+    cols = _columns(metric, series, wanted)
+    b = stepbins.answer(summary, points, start, end, cols if wanted else None)
+    return None if b is None else (cols, b)
+
+
+def _columns(metric: str, series, wanted: Sequence[str]) -> np.ndarray:
+    """The column of each layer `wanted` (all when empty); NotFoundError names a layer the metric lacks."""
+    if not wanted:
+        return np.arange(len(series.layers))
+    pos = {n: j for j, n in enumerate(series.layers)}
+    missing = [w for w in wanted if w not in pos]
+    if missing:
+        raise errors.NotFoundError(f"metric {metric!r} has no layer {missing[0][:200]!r}")
+    return np.array([pos[w] for w in wanted], dtype=np.int64)
+
+
 def bin_columns(metric: str, series: Series, points: int, start: Optional[int], end: Optional[int],
                 wanted: Sequence[str]) -> tuple[np.ndarray, downsample.Binned]:
     """(columns, binned values): the layers `wanted` (all when empty) between steps `start` and `end`,
     binned to at most `points` rows; NotFoundError names a layer the metric does not have."""
-    cols = np.arange(len(series.layers))
-    if wanted:
-        pos = {n: j for j, n in enumerate(series.layers)}
-        missing = [w for w in wanted if w not in pos]
-        if missing:
-            raise errors.NotFoundError(f"metric {metric!r} has no layer {missing[0][:200]!r}")
-        cols = np.array([pos[w] for w in wanted], dtype=np.int64)
+    cols = _columns(metric, series, wanted)
     if hasattr(series, "bin_columns"):  # too big for the cache: read from the event files (reading.ondemand)
         return cols, series.bin_columns(points, start, end, cols)
     window = downsample.step_window(series.steps, start, end)

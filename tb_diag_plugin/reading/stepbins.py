@@ -1,0 +1,202 @@
+"""A metric's step-binned summary: every tensor's bins at screen resolution, built once per data version.
+
+Binning a 20,000-step x 5,000-tensor metric for a view takes seconds (and a
+metric that big is read from its event files); the views all ask for the
+whole run at a few hundred to a thousand points. So the background builds,
+once per metric, the bins of every tensor at `points` (`summarize`), and a
+request whose bins are whole multiples of the summary's is answered from it
+(`answer`): min of mins, max of maxes, sums of the non-finite and present
+counts, means weighted by the count of finite values, the same guarantee
+`downsample` gives (a NaN or a spike is never averaged away). A request for a
+step window finer than the summary, or not on its bin edges, is read as before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from tb_diag_plugin.reading import downsample
+
+
+@dataclass
+class StepSummary:
+    """The bins of every column of a metric, `k` logged steps each (the last may hold fewer); with `k`
+    1 the rows are the logged steps themselves. Counts are kept compact (see `columns`)."""
+
+    points: int  # the resolution it was built for
+    k: int
+    steps: np.ndarray  # int64 [S]: the metric's logged steps
+    step_first: np.ndarray  # int64 [B]
+    step_last: np.ndarray  # int64 [B]
+    mean: np.ndarray  # float32 [B, L]
+    min: np.ndarray  # float32 [B, L]
+    max: np.ndarray  # float32 [B, L]
+    nonfinite: np.ndarray  # uint16 or float32 [B, L]
+    present: np.ndarray  # uint16 or float32 [B, L], or float32 [B] when every column is recorded in every step
+    last_value: np.ndarray  # float32 [L]: each column's last finite value (NaN when it has none)
+    last_step: np.ndarray  # int64 [L]: the step of that value (-1 when none)
+    origin: Optional[list] = None  # (tag, datum per step, columns) of each tag it was read from, if known
+    reused: int = 0  # bins taken from the summary of an earlier version (none read again)
+
+    @property
+    def binned(self) -> bool:
+        return self.k > 1
+
+    def columns(self, cols: Optional[np.ndarray] = None) -> downsample.Binned:
+        """The summary's own bins of columns `cols` (all when None), as `downsample.bin_steps` gives them."""
+        pick = (lambda a: a) if cols is None else (lambda a: a[:, cols])
+        present = self.present
+        if present.ndim == 1:
+            width = self.mean.shape[1] if cols is None else len(cols)
+            present = np.broadcast_to(present[:, None], (present.size, width))
+        else:
+            present = pick(present)
+        return downsample.Binned(self.binned, self.step_first, self.step_last, pick(self.mean), pick(self.min),
+                                 pick(self.max), pick(self.nonfinite).astype(np.float32),
+                                 np.asarray(present, dtype=np.float32))
+
+
+def summarize(series, points: int, previous: Optional[StepSummary] = None) -> StepSummary:
+    """The summary of every column of `series` (a `Series`, or an `OnDemandSeries` read a piece at a time)
+    binned to at most `points` rows, as `downsample.bin_steps` bins them. `previous` (the summary of an
+    earlier version of the same metric) gives its whole bins where the series only gained steps after
+    them, with the same bin size: only the steps after them are read."""
+    S, L = series.steps.size, len(series.layers)
+    k = downsample.bin_size(S, points)
+    origin = series.origin() if hasattr(series, "origin") else None
+    reused = _reusable(previous, series, origin, k, points)
+    last_value = np.full(L, np.nan, dtype=np.float32) if not reused else previous.last_value.copy()
+    last_step = np.full(L, -1, dtype=np.int64) if not reused else previous.last_step.copy()
+    parts = []
+    if reused:
+        head = previous.columns()
+        parts.append(downsample.Binned(head.binned, *(getattr(head, f)[:reused] for f in _FIELDS)))
+    for steps, values, present in _pieces(series, k, reused * k):
+        parts.append(downsample.bin_rows(steps, values, present, k) if k > 1 else
+                     downsample.bin_steps(steps, values, present, max(1, steps.size)))
+        _last_finite(steps, values, present, last_value, last_step)
+        del values, present
+    b = downsample.concat(parts) if parts else downsample.bin_steps(
+        series.steps, np.zeros((0, L), np.float32), np.zeros((0, L), bool), points)
+    count = np.uint16 if k <= np.iinfo(np.uint16).max else np.float32
+    lengths = _bin_lengths(S, k).astype(np.float32)
+    present = lengths if bool(np.all(b.present == lengths[:, None])) else b.present.astype(count)
+    return StepSummary(points, k, series.steps, b.step_first, b.step_last, b.mean, b.min, b.max,
+                       b.nonfinite.astype(count), present, last_value, last_step, origin, reused)
+
+
+_FIELDS = ("step_first", "step_last", "mean", "min", "max", "nonfinite", "present")
+
+
+def _reusable(previous: Optional[StepSummary], series, origin, k: int, points: int) -> int:
+    """How many of `previous`'s bins hold the same data in `series` (0: none can be reused): its whole bins,
+    when it has the same points, bin size and layers and every step it saw still reads the same datum."""
+    if previous is None or origin is None or previous.origin is None or previous.points != points:
+        return 0
+    n = previous.steps.size
+    if previous.k != k or previous.mean.shape[1] != len(series.layers) or series.steps.size < n:
+        return 0
+    if not np.array_equal(series.steps[:n], previous.steps) or len(origin) != len(previous.origin):
+        return 0
+    for (tag, rows, cols), (old_tag, old_rows, old_cols) in zip(origin, previous.origin):
+        if tag != old_tag or not np.array_equal(cols, old_cols) or not np.array_equal(rows[:n], old_rows):
+            return 0  # a step written again (a restarted job), or a new layer set: read it all
+    return n // k
+
+
+def _last_finite(steps: np.ndarray, values: np.ndarray, present: np.ndarray, last_value: np.ndarray,
+                 last_step: np.ndarray) -> None:
+    """Update `last_value`/`last_step` with each column's last finite value in these rows, if it has one:
+    read backwards a few rows at a time, and only for the columns not found yet (mostly one row)."""
+    todo = np.arange(values.shape[1])
+    hi = steps.size
+    while todo.size and hi > 0:
+        lo = max(0, hi - 16)
+        ok = np.isfinite(values[lo:hi, todo]) & np.asarray(present[lo:hi])[:, todo]
+        has = ok.any(axis=0)
+        at = lo + (hi - lo - 1 - np.argmax(ok[::-1], axis=0))
+        found = todo[has]
+        last_value[found] = values[at[has], found]
+        last_step[found] = steps[at[has]]
+        todo = todo[~has]
+        hi = lo
+
+
+def _bin_lengths(S: int, k: int) -> np.ndarray:
+    starts = np.arange(0, S, k)
+    return np.minimum(starts + k, S) - starts
+
+
+def _pieces(series, k: int, start: int = 0):
+    """(steps, values, present) of consecutive whole bins of `series` from row `start`, all at once when in
+    memory."""
+    if hasattr(series, "pieces"):
+        yield from series.pieces(k, slice(start, None))
+    elif series.steps.size > start:
+        yield series.steps[start:], series.values[start:], np.asarray(series.present)[start:]
+
+
+def answer(summary: StepSummary, points: int, start: Optional[int], end: Optional[int],
+           cols: Optional[np.ndarray]) -> Optional[downsample.Binned]:
+    """The bins `downsample.bin_steps` would give for columns `cols` of the steps within [start, end] at
+    `points`, merged from `summary`; None when the summary cannot give them (a window finer than its bins,
+    or not on their edges)."""
+    steps = summary.steps
+    window = downsample.step_window(steps, start, end)
+    lo, hi = window.start, window.stop
+    S = hi - lo
+    if S == 0:
+        return None
+    want = downsample.bin_size(S, points)
+    k = summary.k
+    if want % k or lo % k or (hi % k and hi != steps.size):
+        return None
+    b = summary.columns(cols)
+    first, last = lo // k, -(-hi // k)
+    if first or last != b.mean.shape[0]:
+        b = downsample.Binned(b.binned, *(getattr(b, f)[first:last] for f in _FIELDS))
+    if want == k:
+        return b
+    if k == 1:  # the rows are the logged steps: bin them as `downsample` does, to the same floats
+        return downsample.bin_rows(b.step_first, b.mean, b.present > 0, want)
+    return _merge(b, want // k)
+
+
+def _merge(b: downsample.Binned, m: int) -> downsample.Binned:
+    """Bins of `m` consecutive bins of `b` (the last may hold fewer). Every merged bin is first computed as
+    if all its cells were finite and recorded; those that are not are redone with masks, from their rows."""
+    red = downsample._reduce
+    B = b.step_first.size
+    ends = np.minimum(np.arange(0, B, m) + m, B) - 1
+    counts = b.present[:, :1]  # [B, 1]: a bin's length, where every cell of the row is recorded
+    mean = (red(b.mean * counts, m, "sum") / red(counts, m, "sum")).astype(np.float32)
+    mn, mx = red(b.min, m, "min"), red(b.max, m, "max")
+    row_ok = (b.nonfinite == 0).all(axis=1) & (b.present == counts).all(axis=1) & (counts[:, 0] > 0)
+    if not row_ok.all():
+        bad = np.unique(np.flatnonzero(~row_ok) // m)
+        rows = np.concatenate([np.arange(g * m, min((g + 1) * m, B)) for g in bad])
+        sub = downsample.Binned(True, *(getattr(b, f)[rows] for f in _FIELDS))
+        for out, part in zip((mean, mn, mx), _merge_masked(sub, m)):
+            out[bad] = part
+    return downsample.Binned(True, b.step_first[::m], b.step_last[ends], mean, mn, mx,
+                             red(b.nonfinite, m, "sum", np.float32), red(b.present, m, "sum", np.float32))
+
+
+def _merge_masked(b: downsample.Binned, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, min, max) of `m` consecutive bins of `b` over their finite values only."""
+    red = downsample._reduce
+    finite = (b.present - b.nonfinite).astype(np.float64)  # the finite values behind each bin's mean
+    has = finite > 0
+    total = red(finite, m, "sum")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = (red(np.where(has, b.mean.astype(np.float64) * finite, 0.0), m, "sum") / total).astype(np.float32)
+    mn = red(np.where(has, b.min, np.float32(np.inf)), m, "min")
+    mx = red(np.where(has, b.max, np.float32(-np.inf)), m, "max")
+    empty = total == 0
+    mean[empty] = np.nan
+    mn[empty] = np.nan
+    mx[empty] = np.nan
+    return mean, mn, mx
