@@ -316,14 +316,27 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
         for metric in model_tree.SCAN_METRICS:
             if metric not in idx.tags:
                 continue
-            # Once per data version; a metric read on demand (too big for the cache) is read whole for it.
+            # Once per data version. A metric read on demand (too big for the cache) is scanned through its
+            # step summary (only the bins holding a NaN/Inf read again), or read whole when it has none.
             first = self.store.binned.get(
                 ((eid, run, metric, idx.version(metric)), "first_nonfinite"),
-                lambda m=metric: model_tree.first_nonfinite(self.store.series(ctx, eid, run, m, idx)[0]))
+                lambda m=metric: self._first_nonfinite(ctx, eid, run, m, idx))
             for layer, step in first.items():
                 if layer not in out or step < out[layer][0]:
                     out[layer] = (step, metadata.METRICS[metric].layer_kind)
         return out
+
+    def _first_nonfinite(self, ctx, eid: str, run: str, metric: str, idx: RunIndex) -> dict[str, int]:
+        """`model_tree.first_nonfinite` of one metric, from its step summary when it is read on demand."""
+        from tb_diag_plugin.serving import model_tree
+
+        series, _, key = self.store.series_and_key(ctx, eid, run, metric, idx)
+        if not isinstance(series, Series):
+            summary = self.store.summary_of(series, key)
+            if summary is not None:
+                return model_tree.first_nonfinite_summarized(
+                    summary, series.layers, lambda a, b, cols: series.bin_columns(b - a + 1, a, b, cols))
+        return model_tree.first_nonfinite(self.store.series(ctx, eid, run, metric, idx)[0])
 
     def _last_values(self, ctx, eid: str, run: str, idx: RunIndex) -> tuple[Optional[int], dict[str, float]]:
         """`model_tree.last_values` of the gradient norms: of the last logged step only, when read on demand."""

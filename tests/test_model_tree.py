@@ -31,6 +31,32 @@ def test_first_nonfinite_is_the_first_recorded_nan_or_inf_of_each_layer():
     assert model_tree.first_nonfinite(_series(v, p), chunk=64) == want
 
 
+
+@pytest.mark.parametrize("points", [16, 1000])  # bins of many steps, and bins of one step each
+def test_first_nonfinite_from_the_step_summary_reads_only_the_bins_holding_a_nan(points):
+    from tb_diag_plugin.reading import downsample
+    from tb_diag_plugin.reading.stepbins import summarize
+
+    rng = np.random.default_rng(1)
+    v = rng.lognormal(size=(300, 50)).astype(np.float32)
+    p = np.ones(v.shape, bool)
+    v[5, 7], v[100, 7], v[299, 49], v[17, 3], v[18, 30] = np.nan, np.inf, -np.inf, np.nan, np.inf
+    v[3, 9], p[3, 9] = np.nan, False  # absent: not a recorded NaN
+    series = _series(v, p)
+    bad = ~np.isfinite(v) & p
+    want = {f"l{j}": int(np.argmax(bad[:, j])) * 10 for j in range(50) if bad[:, j].any()}
+    read = []
+
+    def raw(a, b, cols):
+        read.append((b - a, len(cols)))
+        m = (series.steps >= a) & (series.steps <= b)
+        return downsample.bin_steps(series.steps[m], v[m][:, cols], p[m][:, cols], int(m.sum()))
+
+    assert model_tree.first_nonfinite_summarized(summarize(series, points), series.layers, raw) == want
+    assert sum(cols for _, cols in read) == len(want)  # each NaN layer read once, in one bin
+    assert max(span for span, _ in read) < 300 * 10 // min(points, 300) * 2
+
+
 def _modules(blocks: int) -> list[dict]:
     mods = [{"name": "", "type": "Net", "num_params": 0, "params": [], "sites": []}]
     for b in range(blocks):

@@ -10,7 +10,7 @@ gradient norms, so one bad tensor among thousands is never averaged away.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -82,6 +82,26 @@ def first_nonfinite(series: Series, chunk: int = 2048) -> dict[str, int]:
         if new.size:
             first[new] = series.steps[a + bad[:, new].argmax(axis=0)]
     return {series.layers[cols[k]]: int(first[k]) for k in np.flatnonzero(first >= 0)}
+
+
+def first_nonfinite_summarized(summary: Any, layers: Sequence[str],
+                               raw: Callable[[int, int, np.ndarray], Any]) -> dict[str, int]:
+    """`first_nonfinite` from a step summary (`reading.stepbins.StepSummary`): its non-finite counts name
+    the layers and the bin of their first NaN/Inf, and only that bin's steps of those layers are read
+    (`raw(first_step, last_step, cols)` -> a `downsample.Binned` of raw steps), not the whole metric."""
+    bins = np.asarray(summary.nonfinite) > 0
+    cols = np.flatnonzero(bins.any(axis=0))
+    if not cols.size:
+        return {}
+    first_bin = bins[:, cols].argmax(axis=0)
+    out: dict[str, int] = {}
+    for b in np.unique(first_bin):
+        group = cols[first_bin == b]
+        got = raw(int(summary.step_first[b]), int(summary.step_last[b]), group)
+        bad = (got.nonfinite > 0) & (got.present > 0)
+        for j in np.flatnonzero(bad.any(axis=0)):
+            out[layers[group[j]]] = int(got.step_first[bad[:, j].argmax()])
+    return out
 
 
 def last_values(series: Optional[Series]) -> tuple[Optional[int], dict[str, float]]:
