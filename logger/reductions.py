@@ -8,6 +8,7 @@ step needs and moves it to the host once.
 
 from __future__ import annotations
 
+import operator
 from collections import defaultdict
 from typing import Optional, Sequence
 
@@ -62,12 +63,24 @@ FLAT_MAX_MEAN_NUMEL = 1024
 STREAM_MIN_MEAN_NUMEL = 16384
 
 
+# Each tensor's class (a DTensor is reduced by its shard), device, dtype, shape and storage layout.
+_LAYOUT = operator.attrgetter("__class__", "device", "dtype", "shape", "layout")
+
+
 def layout(tensors: Sequence[torch.Tensor]) -> tuple:
-    """What a plan depends on: each tensor's device, dtype, size, storage layout and contiguity."""
-    return tuple(
-        (t.device, t.dtype, t.numel(), t.layout, type(t).__name__ == "DTensor", t.layout == torch.strided
-         and t.is_contiguous()) for t in tensors
-    )
+    """What a plan depends on: each tensor's class, device, dtype, shape and storage layout.
+
+    One C-level attribute read per tensor (`map` of an `attrgetter`): it is checked on every logged
+    step, so at thousands of tensors it must cost what a pointer read does, not a Python loop.
+    """
+    return tuple(map(_LAYOUT, tensors))
+
+
+def fingerprint(tensors: Sequence[torch.Tensor]) -> tuple:
+    """Each tensor's storage address: for parameters (the same objects from step to step), it moves
+    whenever their dtype, device or shape can (`.to()`, `.half()`, `p.data = ...`), and costs one C-level
+    call per tensor where `layout` builds a `torch.Size` and a `torch.device` per tensor."""
+    return tuple(map(torch.Tensor.data_ptr, tensors))
 
 
 def _flat_possible(tensors: Sequence[torch.Tensor]) -> bool:
@@ -123,8 +136,23 @@ class Plan:
         self.impl = choose(tensors, impl)
         self.n = len(tensors)
         self.groups = groups(tensors)
-        self._segments = segments(tensors) if self.impl == "flat" else None
+        self.segments = segments(tensors) if self.impl == "flat" else None  # "flat": each element's tensor
         self._index: dict[torch.device, list[torch.Tensor]] = {}  # group positions, per output device
+        self._flat: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # slot: (buffer, one view per tensor)
+
+    def flatten(self, tensors: Sequence[torch.Tensor], slot: int = 0) -> torch.Tensor:
+        """`reductions.flatten(tensors)` ("flat" plans), into a buffer the plan keeps per `slot`: one
+        `_foreach_copy_` into views made once, so that the buffer neither page-faults nor is rebuilt.
+        The next call with the same slot overwrites it: a caller keeping it longer takes a slot of its own."""
+        held = self._flat.get(slot)
+        if held is None:
+            first = tensors[0]
+            buf = torch.empty(sum(t.numel() for t in tensors), dtype=first.dtype, device=first.device)
+            views = [v.view(t.shape) for v, t in zip(buf.split([t.numel() for t in tensors]), tensors)]
+            held = self._flat[slot] = (buf, views)
+        buf, views = held
+        torch._foreach_copy_(views, list(tensors))
+        return buf
 
     def _positions(self, out_device: torch.device) -> list[torch.Tensor]:
         index = self._index.get(out_device)
@@ -140,8 +168,8 @@ class Plan:
         if not tensors:
             return torch.zeros(0, device=out_device), None
         if self.impl == "flat":
-            flat = flatten(tensors)
-            return segment_norms(flat, self._segments, self.n, out_device), flat
+            flat = self.flatten(tensors)
+            return segment_norms(flat, self.segments, self.n, out_device), flat
         if self.impl == "stream":
             return torch.stack([_sum_of_squares(t) for t in tensors]).sqrt().to(out_device, torch.float32), None
         if len(self.groups) == 1:  # the usual case: no scatter, no index tensor
@@ -158,9 +186,9 @@ class Plan:
         if not tensors:
             return torch.zeros(0, device=out_device), torch.zeros(0, device=out_device)
         if self.impl == "flat":
-            flat = flatten(tensors)
-            return (segment_norms(flat, self._segments, self.n, out_device),
-                    segment_max_abs(flat, self._segments, self.n, out_device))
+            flat = self.flatten(tensors)
+            return (segment_norms(flat, self.segments, self.n, out_device),
+                    segment_max_abs(flat, self.segments, self.n, out_device))
         if self.impl == "stream":  # both reductions of a tensor back to back: the second reads it from cache
             squares, lows, highs = [], [], []
             for t in tensors:
@@ -212,8 +240,10 @@ class Planner:
         self.impl = impl
         self._plan: Optional[Plan] = None
 
-    def __call__(self, tensors: Sequence[torch.Tensor]) -> Plan:
-        key = layout(tensors)
+    def __call__(self, tensors: Sequence[torch.Tensor], key: Optional[tuple] = None) -> Plan:
+        """The plan of `tensors`; `key`: a cheaper stand-in for `layout(tensors)` that the caller knows
+        changes whenever it does (`fingerprint` of parameters, whose gradients follow their layout)."""
+        key = layout(tensors) if key is None else key
         if self._plan is None or self._plan.layout != key:
             self._plan = Plan(tensors, self.impl, key)
         return self._plan
@@ -221,7 +251,7 @@ class Planner:
 
 def _sum_of_squares(t: torch.Tensor) -> torch.Tensor:
     # dot(x, x) (BLAS) reads x once at memory speed; float32 error ~1e-6; inf and NaN alike.
-    flat = t.view(-1)
+    flat = t.reshape(-1)  # a view, unless the tensor became non-contiguous since its plan was made
     return torch.dot(flat, flat)
 
 
@@ -430,6 +460,7 @@ __all__ = [
     "TANH_TAIL",
     "activation_rows",
     "dense_values",
+    "fingerprint",
     "Plan",
     "Planner",
     "choose",
