@@ -8,6 +8,7 @@ step needs and moves it to the host once.
 
 from __future__ import annotations
 
+import itertools
 import operator
 from collections import defaultdict
 from typing import Optional, Sequence
@@ -81,6 +82,14 @@ def fingerprint(tensors: Sequence[torch.Tensor]) -> tuple:
     whenever their dtype, device or shape can (`.to()`, `.half()`, `p.data = ...`), and costs one C-level
     call per tensor where `layout` builds a `torch.Size` and a `torch.device` per tensor."""
     return tuple(map(torch.Tensor.data_ptr, tensors))
+
+
+def absent(items: Sequence[object]) -> list[int]:
+    """Positions of the Nones in `items` (parameters' `.grad`), without a Python loop over them."""
+    return list(itertools.compress(range(len(items)), map(operator.is_, items, itertools.repeat(None))))
+
+
+GRAD = operator.attrgetter("grad")  # list(map(GRAD, params)): every parameter's .grad in one C-level pass
 
 
 def _flat_possible(tensors: Sequence[torch.Tensor]) -> bool:
@@ -459,6 +468,7 @@ __all__ = [
     "SIGMOID_TAIL",
     "TANH_TAIL",
     "activation_rows",
+    "absent",
     "dense_values",
     "fingerprint",
     "Plan",

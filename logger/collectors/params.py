@@ -77,8 +77,8 @@ class ParameterNorms(Collector):
     def parts(self, step: int) -> list[Part]:
         ctx, device = self.ctx, self.ctx.device
         tensors = self._tensors
-        all_grads = [p.grad for p in tensors]
-        absent = [i for i, g in enumerate(all_grads) if g is None]
+        all_grads = list(map(reductions.GRAD, tensors))
+        absent = reductions.absent(all_grads)
         self._missing = np.zeros(len(tensors), "f4")
         self._missing[absent] = 1.0
         weights = [reductions._local(p) for p in tensors] if self._sharded else tensors
@@ -99,7 +99,7 @@ class ParameterNorms(Collector):
                                         ).norms_and_max_abs(grads, device)
         w_norm, flat_w = self._weight_plan(weights, key=fingerprint).norms(weights, device)  # flat_w: small ones
         if self._updates is not None:  # the pre-step hook reuses them: weights are the same until opt.step()
-            self._updates.offer_weight_norms(step, weights, w_norm, flat_w)
+            self._updates.offer_weight_norms(step, weights, w_norm, flat_w, pointers=fingerprint)
         if ctx.sharded and ctx.reduce:
             g_norm, g_max, w_norm = distributed.reduce_sharded_norms(
                 g_norm, g_max, w_norm, distributed.shard_weights(with_grad, device),

@@ -41,6 +41,8 @@ class UpdateRatio(Collector):
     ) -> None:
         self._params = params
         self._held: tuple[tuple, set[int]] = ((), set())  # (the optimizer's groups' identity, ids it holds)
+        self._all_held: tuple[tuple, bool] = ((), False)  # (that identity, whether it holds every parameter)
+        self._measure_plan: Optional[reductions.Plan] = None
         self._plan = reductions.Planner(impl)  # of the snapshot: one parameter layout, reused
         self.in_closure_step = False  # an `opt.step(closure)` is running and has called its closure
         self._on_error = on_error
@@ -65,6 +67,7 @@ class UpdateRatio(Collector):
     def _params(self, params: Sequence[tuple[str, torch.Tensor]]) -> None:
         """The parameters to measure, with what is derived from them once (not on every logged step)."""
         self.__params = list(params)
+        self._all_held = ((), False)
         self._names = [n for n, _ in self.__params]
         self._tensors = [p for _, p in self.__params]
         self._sharded = distributed.any_sharded(self._tensors)
@@ -80,7 +83,8 @@ class UpdateRatio(Collector):
         ]
 
     def offer_weight_norms(
-        self, step: int, weights: Sequence[torch.Tensor], norms: torch.Tensor, flat: Optional[torch.Tensor] = None
+        self, step: int, weights: Sequence[torch.Tensor], norms: torch.Tensor, flat: Optional[torch.Tensor] = None,
+        pointers: Optional[Sequence[int]] = None,
     ) -> None:
         """The norms of `weights` (the local pieces of all `params`, in order) taken at logged step `step`,
         and `flat`, their flat copy if one was made (a `reductions.Plan` buffer, valid until that plan's next
@@ -89,24 +93,21 @@ class UpdateRatio(Collector):
         The pre-step hook of that step uses them instead of reading every
         parameter once more (the flat copy is then the snapshot), unless a
         parameter was modified in place or replaced in between (a version
-        counter or the data pointer moved).
+        counter or the data pointer moved). `pointers`: `reductions.fingerprint(weights)` if the caller has it.
         """
-        keys = _weight_keys(self._tensors, weights)
+        keys = _weight_keys(self._tensors, weights, self._sharded, pointers)
         self._offered = (step, keys, norms, flat) if len(weights) == len(self._params) == norms.numel() else None
 
-    def _take_offer(self, idx: Optional[list[int]], local: list[torch.Tensor]) -> Optional[tuple[torch.Tensor, Any]]:
-        """(norms of parameters `idx` (None: all), whose local pieces are `local`; the flat copy of all of
-        them or None) from the offer if it is still true, else None."""
+    def _take_offer(self, idx: Optional[list[int]], keys: tuple[list, ...]) -> Optional[tuple[torch.Tensor, Any]]:
+        """(norms of parameters `idx` (None: all), whose `_weight_keys` are now `keys`; the flat copy of all
+        of them or None) from the offer if it is still true, else None."""
         offered, self._offered = self._offered, None
         if offered is None or offered[0] != self.pending:
             return None
-        _, keys, norms, flat = offered
-        params = self._tensors
+        _, then, norms, flat = offered
         if idx is None:
-            if keys != _weight_keys(params, local):
-                return None
-            return norms, flat
-        if _pick(keys, idx) != _weight_keys([params[i] for i in idx], local):
+            return (norms, flat) if then == keys else None
+        if _pick(then, idx) != keys:
             return None
         # parameters without gradients are not stepped
         return norms[torch.tensor(idx, device=norms.device)], None
@@ -152,15 +153,23 @@ class UpdateRatio(Collector):
     def _take_snapshot(self, optimizer: torch.optim.Optimizer) -> None:
         tensors = self._tensors
         held = self._held_by(optimizer)
-        stepped = [p.grad is not None and id(p) in held for p in tensors]
-        idx = None if all(stepped) else [i for i, s in enumerate(stepped) if s]  # None: every parameter
+        no_grad = reductions.absent(list(map(reductions.GRAD, tensors)))
+        if self._all_held[0] != self._held[0]:
+            self._all_held = (self._held[0], all(id(p) in held for p in tensors))
+        if not no_grad and self._all_held[1]:
+            idx = None  # every parameter
+        else:
+            skip = set(no_grad)
+            idx = [i for i, p in enumerate(tensors) if i not in skip and id(p) in held]
         params = self._params if idx is None else [self._params[i] for i in idx]
         chosen = tensors if idx is None else [tensors[i] for i in idx]
         local = [reductions._local(p) for p in chosen] if self._sharded else chosen
         # The offer holds these weights' norms (and their flat copy, for many small parameters)
         # from step() moments ago, if nothing has changed them since.
-        norms, flat = self._take_offer(idx, local) or (None, None)
-        plan = self._plan(local, key=reductions.fingerprint(local))
+        keys = _weight_keys(chosen, local, self._sharded)
+        norms, flat = self._take_offer(idx, keys) or (None, None)
+        plan = self._plan(local, key=tuple(keys[-1]))  # their storage pointers: `reductions.fingerprint`
+        self._measure_plan = plan
         if flat is None and plan.impl == "flat":
             flat = reductions.flatten(local)  # many small parameters: one flat copy (fresh: it is small)
         if flat is not None:
@@ -197,7 +206,7 @@ class UpdateRatio(Collector):
         # the local pieces of `_snapshot_params`, as they are after the update
         current = [reductions._local(p) for _, p in self._snapshot_params] if self._sharded else self._current
         if self._flat:
-            plan = self._plan(current, key=reductions.fingerprint(current))
+            plan = self._measure_plan  # the update moved no storage: the snapshot's plan holds
             now = plan.flatten(current) if plan.impl == "flat" else reductions.flatten(current)
             segments = plan.segments if plan.segments is not None else reductions.segments(current)
             delta = reductions.segment_norms(now.sub_(self._snapshot[0]), segments, len(current), self._device())
@@ -255,14 +264,16 @@ class UpdateRatio(Collector):
 _VERSION = operator.attrgetter("_version")
 
 
-def _weight_keys(params: Sequence[torch.Tensor], local: Sequence[torch.Tensor]) -> tuple[list, ...]:
-    """What moves when a parameter is modified in place or replaced (`local`: their local pieces): their
-    version counters and storage addresses, one C-level call per tensor."""
-    # An in-place op on a DTensor moves its own counter; one on its shard (`to_local()`), the shard's.
+def _weight_keys(params: Sequence[torch.Tensor], local: Sequence[torch.Tensor], sharded: bool,
+                 pointers: Optional[Sequence[int]] = None) -> tuple[list, ...]:
+    """What moves when a parameter is modified in place or replaced (`local`: their local pieces, the
+    parameters themselves unless `sharded`): version counters and storage addresses (`pointers` if the
+    caller has them), one C-level call per tensor."""
     versions = list(map(_VERSION, params))
-    pointers = list(map(torch.Tensor.data_ptr, local))
-    if local is params or all(a is b for a, b in zip(params, local)):
+    pointers = list(map(torch.Tensor.data_ptr, local)) if pointers is None else list(pointers)
+    if not sharded:
         return versions, pointers
+    # An in-place op on a DTensor moves its own counter; one on its shard (`to_local()`), the shard's.
     return versions, list(map(_VERSION, local)), pointers
 
 
