@@ -201,6 +201,7 @@ class _Entries:
         self.planner = reductions.Planner()
         self.names: list[str] = []
         self.numel: Optional[torch.Tensor] = None  # float64, on the device of the first use
+        self.hyper: Optional[tuple[torch.Tensor, ...]] = None
 
     def __call__(self, params: Sequence[tuple[str, torch.Tensor]], optimizer: torch.optim.Optimizer) -> list[tuple]:
         state = optimizer.state
@@ -211,7 +212,16 @@ class _Entries:
             self.key, self.params, self.entries = key, params, _adam_entries(params, optimizer)
             self.names = [e[0] for e in self.entries]
             self.numel = None
+            self.hyper = None
         return self.entries
+
+    def hyper_parameters(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(beta1, beta2, eps) per entry, float64 on `device` (made once per set of entries: the groups'
+        betas and eps are part of the key)."""
+        if self.hyper is None or self.hyper[0].device != device:
+            self.hyper = tuple(torch.tensor([e[k] for e in self.entries], dtype=torch.float64, device=device)
+                               for k in (4, 5, 6))
+        return self.hyper
 
     def numels(self, device: torch.device) -> torch.Tensor:
         """Each entry's element count, float64 on `device` (made once per set of entries)."""
@@ -220,7 +230,7 @@ class _Entries:
         return self.numel
 
 
-def _flat_adam(kept: list[tuple], plan: reductions.Plan, out_device: torch.device
+def _flat_adam(kept: list[tuple], plan: reductions.Plan, out_device: torch.device, entries: _Entries
                ) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(-count of sqrt(v) < thr, sum of squares of m / (sqrt(v) + thr), sqrt(bc2) / bc1) per tensor,
     float64 on `out_device`, for many small state tensors ("flat" plan) whose step counts are 1-element
@@ -236,9 +246,7 @@ def _flat_adam(kept: list[tuple], plan: reductions.Plan, out_device: torch.devic
     v = plan.flatten([e[2] for e in kept], slot=1)
     device = m.device
     t = counts.to(device, torch.float64)
-    beta1 = torch.tensor([e[4] for e in kept], dtype=torch.float64, device=device)
-    beta2 = torch.tensor([e[5] for e in kept], dtype=torch.float64, device=device)
-    eps = torch.tensor([e[6] for e in kept], dtype=torch.float64, device=device)
+    beta1, beta2, eps = entries.hyper_parameters(device)
     root_bc2 = torch.where(t >= 1, (1.0 - beta2 ** t).clamp_min(0.0).sqrt(), torch.nan)
     scale = (root_bc2 / (1.0 - beta1 ** t)).to(out_device)
     thr = (eps * root_bc2).to(m.dtype)[plan.segments]  # each element's own threshold
@@ -269,7 +277,7 @@ def adam_state(
         found = entries(params, optimizer)
         if found:
             plan = entries.planner([e[1] for e in found], key=entries.key)
-            flat = _flat_adam(found, plan, out_device)
+            flat = _flat_adam(found, plan, out_device, entries)
             if flat is not None:
                 return _results(entries.names, *flat, entries.numels(out_device))
     else:
