@@ -236,10 +236,14 @@ def _flat_adam(kept: list[tuple], plan: reductions.Plan, out_device: torch.devic
     float64 on `out_device`, for many small state tensors ("flat" plan) whose step counts are 1-element
     tensors (of at least 1 where known on the host): m and v each copied into one buffer, a few passes
     over them, sums by segment. None where that does not apply (the caller's general path does)."""
-    steps = [e[3] for e in kept]
-    if plan.impl != "flat" or not all(isinstance(t, torch.Tensor) and t.numel() == 1 for t in steps):
+    if plan.impl != "flat":
         return None
-    counts = torch.stack(steps).reshape(-1)
+    try:  # one C++ call finds out whether every step count is a tensor of one shape
+        counts = torch.stack([e[3] for e in kept]).reshape(-1)
+    except (TypeError, RuntimeError):  # plain numbers, or shapes that differ
+        return None
+    if counts.numel() != len(kept):
+        return None
     if counts.device.type == "cpu" and not bool((counts >= 1).all()):
         return None  # an entry with no update yet is left out: the general path knows how
     m = plan.flatten([e[1] for e in kept], slot=0)
