@@ -9,6 +9,7 @@ step needs and moves it to the host once.
 from __future__ import annotations
 
 import itertools
+import math
 import operator
 from collections import defaultdict
 from typing import Optional, Sequence
@@ -145,22 +146,45 @@ class Plan:
         self.impl = choose(tensors, impl)
         self.n = len(tensors)
         self.groups = groups(tensors)
-        self.segments = segments(tensors) if self.impl == "flat" else None  # "flat": each element's tensor
+        self.segments: Optional[torch.Tensor] = None  # "flat": the tensor of each element of `flatten`'s buffer
+        self._flat: dict[int, torch.Tensor] = {}  # slot: buffer
+        if self.impl == "flat":
+            self._stack_groups(tensors)
         self._index: dict[torch.device, list[torch.Tensor]] = {}  # group positions, per output device
-        self._flat: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # slot: (buffer, one view per tensor)
+
+    def _stack_groups(self, tensors: Sequence[torch.Tensor]) -> None:
+        """The shape groups `flatten` stacks: (picker of the group's tensors or None for all, buffer range,
+        stacked shape), and the segment ids of the buffer's elements in that order."""
+        by_shape: dict[tuple, list[int]] = defaultdict(list)
+        for i, t in enumerate(tensors):
+            by_shape[tuple(t.shape)].append(i)
+        self._stacks, order, start = [], [], 0
+        for shape, idx in by_shape.items():
+            numel = math.prod(shape)
+            pick = None if len(by_shape) == 1 else operator.itemgetter(*idx)
+            self._stacks.append((pick, start, start + numel * len(idx), (len(idx), *shape)))
+            order += idx
+            start += numel * len(idx)
+        self._total = start
+        device = tensors[0].device
+        numels = torch.tensor([tensors[i].numel() for i in order], device=device)
+        # output_size: on a GPU, repeat_interleave would otherwise sync to learn it.
+        self.segments = torch.repeat_interleave(torch.tensor(order, device=device), numels, output_size=start)
 
     def flatten(self, tensors: Sequence[torch.Tensor], slot: int = 0) -> torch.Tensor:
-        """`reductions.flatten(tensors)` ("flat" plans), into a buffer the plan keeps per `slot`: one
-        `_foreach_copy_` into views made once, so that the buffer neither page-faults nor is rebuilt.
-        The next call with the same slot overwrites it: a caller keeping it longer takes a slot of its own."""
-        held = self._flat.get(slot)
-        if held is None:
+        """Every element of `tensors` in one 1-D buffer ("flat" plans), which the plan keeps per `slot` (no
+        page faults, nothing rebuilt). Tensors of one shape are stacked together (`torch.stack(out=)`:
+        one copy kernel for the group, where a copy per tensor costs several times more at thousands of
+        tiny tensors), so the buffer holds them by shape group: `self.segments` says whose each element
+        is, and two buffers of one plan layout line up. The next call with the same slot overwrites it."""
+        buf = self._flat.get(slot)
+        if buf is None:
             first = tensors[0]
-            buf = torch.empty(sum(t.numel() for t in tensors), dtype=first.dtype, device=first.device)
-            views = [v.view(t.shape) for v, t in zip(buf.split([t.numel() for t in tensors]), tensors)]
-            held = self._flat[slot] = (buf, views)
-        buf, views = held
-        torch._foreach_copy_(views, list(tensors))
+            buf = self._flat[slot] = torch.empty(self._total, dtype=first.dtype, device=first.device)
+        with torch.no_grad():  # out= refuses tensors that require grad (parameters outside no_grad)
+            for pick, start, stop, shape in self._stacks:
+                group = pick(tensors) if pick is not None else tensors
+                torch.stack(group if isinstance(group, (list, tuple)) else (group,), out=buf[start:stop].view(shape))
         return buf
 
     def _positions(self, out_device: torch.device) -> list[torch.Tensor]:

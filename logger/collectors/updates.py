@@ -171,7 +171,7 @@ class UpdateRatio(Collector):
         plan = self._plan(local, key=tuple(keys[-1]))  # their storage pointers: `reductions.fingerprint`
         self._measure_plan = plan
         if flat is None and plan.impl == "flat":
-            flat = reductions.flatten(local)  # many small parameters: one flat copy (fresh: it is small)
+            flat = plan.flatten(local, slot=1)  # many small parameters: one flat copy (`_measure` takes slot 0)
         if flat is not None:
             self._snapshot, self._snapshot_params, self._flat = [flat], params, True
             self._current = local
