@@ -18,8 +18,8 @@ from tb_diag_logger.activations import ActivationCapture
 from tb_diag_logger.collectors import Collector, Selection, StepContext, zero
 from tb_diag_logger.collectors.amp import AmpState
 from tb_diag_logger.collectors.between import BetweenSteps
-from tb_diag_logger.collectors.learning_rate import LearningRate
 from tb_diag_logger.collectors.inputs import InputScale
+from tb_diag_logger.collectors.learning_rate import LearningRate
 from tb_diag_logger.collectors.logits import LogitCapture
 from tb_diag_logger.collectors.losses import Losses
 from tb_diag_logger.collectors.optim_state import AdamState
