@@ -108,6 +108,9 @@ def build_arms(every: int, with_wandb: bool) -> list[Arm]:
         # The memory-traffic floor of every=1 (no activations): the fewest passes torch offers over the
         # parameters for the gradient norms, the weight norms and the update ratio, one host copy.
         Arm("floor1", "floor: norms + update ratio by hand, every=1", 1, "floor"),
+        # The same plus the fewest passes over Adam's state for adam_eps_fraction and update_rms (sqrt(v),
+        # m / (sqrt(v) + eps), its norm, the count below eps): what `diag1_noact` must do on an Adam model.
+        Arm("floor1_adam", "floor + Adam state by hand, every=1", 1, "floor_adam"),
     ]
     return arms
 
@@ -127,7 +130,7 @@ def attach(arm: Arm, model: torch.nn.Module, opt: torch.optim.Optimizer, wandb_m
                                activations=arm.kind != "diag_noact", update_ratio=arm.kind != "diag_noupd")
     if arm.kind == "wandb":
         wandb_mod.watch(model, log="all", log_freq=arm.every)
-    if arm.kind == "floor":  # buffers allocated once: fresh parameter-sized tensors page-fault
+    if arm.kind in ("floor", "floor_adam"):  # buffers allocated once: fresh parameter-sized tensors page-fault
         arm.floor_params = [p for p in model.parameters() if p.requires_grad]
         arm.floor_bufs = [torch.empty_like(p) for p in arm.floor_params]
 
@@ -159,18 +162,34 @@ def after_backward(arm: Arm, step: int, loss: torch.Tensor, wandb_mod) -> None:
             arm.writer.add_histogram(f"grad/{n}", p.grad, step)
     elif k == "item":
         arm.item_sink = [p.grad.norm().item() for _, p in named]
-    elif k == "floor":
+    elif k in ("floor", "floor_adam"):
         with torch.no_grad():  # one pass over the gradients, one over the weights while snapshotting them
             arm.floor_norms = list(torch._foreach_norm([p.grad for p in arm.floor_params]))
             torch._foreach_copy_(arm.floor_bufs, arm.floor_params)
             arm.floor_norms += list(torch._foreach_norm(arm.floor_bufs))
+            if k == "floor_adam":
+                arm.floor_norms += floor_adam_state(arm.opt, arm.floor_params)
     elif k == "wandb":
         wandb_mod.log({"loss": loss.item()})
 
 
+def floor_adam_state(opt: torch.optim.Optimizer, params: list) -> list:
+    """Per tensor with Adam state: ||m / (sqrt(v) + eps)|| and the count of sqrt(v) < eps, by the fewest
+    torch passes (bias corrections are per-tensor scalars and cost nothing at this size)."""
+    held = [p for p in params if p in opt.state and "exp_avg_sq" in opt.state[p]]
+    if not held:
+        return []
+    eps = opt.param_groups[0].get("eps", 1e-8)
+    root = torch._foreach_sqrt([opt.state[p]["exp_avg_sq"] for p in held])
+    below = [(r < eps).sum() for r in root]
+    torch._foreach_add_(root, eps)
+    norms = torch._foreach_norm(torch._foreach_div([opt.state[p]["exp_avg"] for p in held], root))
+    return list(norms) + below
+
+
 def after_step(arm: Arm) -> None:
     """What the floor arm does after opt.step(): ||w - w_old|| (one pass over weights and snapshot), one host copy."""
-    if arm.kind != "floor":
+    if arm.kind not in ("floor", "floor_adam"):
         return
     with torch.no_grad():
         delta = torch._foreach_norm(torch._foreach_sub(arm.floor_params, arm.floor_bufs))

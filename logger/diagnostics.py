@@ -365,7 +365,7 @@ class Diagnostics:
         self._life.refresh(self.collectors)
         ctx = self._ctx
         ctx.device = self._norms.device()
-        ctx.sharded = distributed.any_sharded(p for _, p in self._life.params)
+        ctx.sharded = self._life.sharded  # found when the parameters change
         ctx.writes = self._sink is not None
         ctx.reduce = self._ranks_agree()
         late = [entry for c in self.collectors for entry in c.late()]  # they ride in this step's copy

@@ -8,16 +8,22 @@ structure document is written again whenever what it says changed.
 
 from __future__ import annotations
 
+import itertools
+import operator
 from typing import Any, Callable, Optional, Sequence
 
 from torch import nn
 
+from tb_diag_logger import distributed
 from tb_diag_logger.collectors import Collector, Selection, build, zero
 from tb_diag_logger.collectors.optim_state import AdamState, optimizer_params
 from tb_diag_logger.collectors.params import ParameterNorms
 from tb_diag_logger.collectors.updates import UpdateRatio
 from tb_diag_logger.collectors.wiring import WiringChecks
 from tb_diag_logger.structure import module_tree
+
+_VERSION = operator.attrgetter("_version")
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
 
 
 class Lifecycle:
@@ -32,6 +38,7 @@ class Lifecycle:
         self._report = report
         self.params: list[tuple[str, nn.Parameter]] = []
         self._ids: list[int] = []
+        self._held_key: tuple = ((), None, None)  # (optimizer groups, `_ids`, held flag per parameter)
         self.refresh([])
         self.zero = zero.any_zero(self.params)  # ZeRO: gradients and weights from the engine's partitions
         self._structure_key: Optional[tuple] = None  # what the last structure document said (`key`)
@@ -40,13 +47,17 @@ class Lifecycle:
 
     def refresh(self, collectors: Sequence[Collector]) -> None:
         """Follow the model's parameters when they were replaced: the tensors measured are its own."""
-        current = list(self.model.named_parameters())
-        ids = [id(p) for _, p in current]
+        ids = self._current_ids()
         if ids == self._ids:
             return
         self._ids = ids
+        current = list(self.model.named_parameters())
+        self.sharded = distributed.any_sharded(p for _, p in current)  # some parameter is a DTensor
+        self._all = [p for _, p in current]
+        self._names = tuple(n for n, _ in current)
         # Integer parameters (possible with requires_grad=False) have no norms to speak of.
         self.params = [(n, p) for n, p in current if self._selected(n) and (p.is_floating_point() or p.is_complex())]
+        self._tensors = [p for _, p in self.params]
         for c in collectors:
             if isinstance(c, (ParameterNorms, AdamState, zero.ZeroGradients)):
                 c.params = list(self.params)
@@ -57,12 +68,17 @@ class Lifecycle:
             elif isinstance(c, UpdateRatio):
                 c._params, c._offered = list(self.params), None
 
+    def _current_ids(self) -> list[int]:
+        """Every module's own parameters in one C-level pass (no names, no de-duplication): it changes
+        whenever named_parameters() could, and costs a pointer per tensor instead of a hashed walk."""
+        return list(map(id, itertools.chain.from_iterable(m._parameters.values() for m in self.model.modules())))
+
     def after_step(self, updates: Any, step: int, logged: bool) -> None:
         """After a step: the update ratio waits for a logged step's update, and the weights' versions are
         kept to tell whether the optimizer we hold made it (`check_optimizer_stepped`)."""
         if updates is not None:
             updates.pending = step if logged else None
-        self._versions = [p._version for _, p in self.params] if logged and updates is not None else None
+        self._versions = list(map(_VERSION, self._tensors)) if logged and updates is not None else None
 
     def check_optimizer_stepped(self, updates: Any) -> None:
         """The weights moved since the last logged step but the optimizer we hold never stepped: another
@@ -70,7 +86,7 @@ class Lifecycle:
         versions, self._versions = self._versions, None
         if updates is None or updates.pending is None or versions is None:
             return
-        if versions != [p._version for _, p in self.params]:
+        if versions != list(map(_VERSION, self._tensors)):
             self._report("update_ratio", RuntimeError(
                 f"the weights changed but the {type(self.optimizer).__name__} given to Diagnostics did not "
                 "step: if you built a new optimizer, call diag.set_optimizer(new_optimizer) so that the "
@@ -87,11 +103,18 @@ class Lifecycle:
     def key(self) -> tuple:
         """What the structure document says that changes during a run: which parameters there are, which
         require gradients and which the optimizer holds, and its parameter groups."""
-        held = self.held()
-        groups = None if self.optimizer is None else len(self.optimizer.param_groups)
-        params = tuple((n, bool(p.requires_grad), None if held is None else id(p) in held)
-                       for n, p in self.model.named_parameters())
-        return id(self.optimizer), groups, params
+        if self._current_ids() != self._ids:  # not yet followed by `refresh`: the long way
+            held = self.held()
+            return id(self.optimizer), None, tuple((n, bool(p.requires_grad), None if held is None else id(p) in held)
+                                                   for n, p in self.model.named_parameters())
+        groups = None if self.optimizer is None else tuple(
+            (id(g["params"]), len(g["params"])) for g in self.optimizer.param_groups)
+        if groups != self._held_key[0] or self._ids is not self._held_key[1]:  # rebuilt when either moves
+            held = self.held()
+            flags = None if held is None else tuple(id(p) in held for p in self._all)
+            self._held_key = (groups, self._ids, flags)
+        trainable = tuple(map(_REQUIRES_GRAD, self._all))  # C-level: frozen or unfrozen since
+        return id(self.optimizer), groups, self._names, trainable, self._held_key[2]
 
     def structure_if_new(self, sites: Any, capture: Any) -> Optional[dict]:
         """The model's structure, again whenever a step shows an activation site it did not list, or a

@@ -8,6 +8,9 @@ step needs and moves it to the host once.
 
 from __future__ import annotations
 
+import itertools
+import math
+import operator
 from collections import defaultdict
 from typing import Optional, Sequence
 
@@ -62,12 +65,32 @@ FLAT_MAX_MEAN_NUMEL = 1024
 STREAM_MIN_MEAN_NUMEL = 16384
 
 
+# Each tensor's class (a DTensor is reduced by its shard), device, dtype, shape and storage layout.
+_LAYOUT = operator.attrgetter("__class__", "device", "dtype", "shape", "layout")
+
+
 def layout(tensors: Sequence[torch.Tensor]) -> tuple:
-    """What a plan depends on: each tensor's device, dtype, size, storage layout and contiguity."""
-    return tuple(
-        (t.device, t.dtype, t.numel(), t.layout, type(t).__name__ == "DTensor", t.layout == torch.strided
-         and t.is_contiguous()) for t in tensors
-    )
+    """What a plan depends on: each tensor's class, device, dtype, shape and storage layout.
+
+    One C-level attribute read per tensor (`map` of an `attrgetter`): it is checked on every logged
+    step, so at thousands of tensors it must cost what a pointer read does, not a Python loop.
+    """
+    return tuple(map(_LAYOUT, tensors))
+
+
+def fingerprint(tensors: Sequence[torch.Tensor]) -> tuple:
+    """Each tensor's storage address: for parameters (the same objects from step to step), it moves
+    whenever their dtype, device or shape can (`.to()`, `.half()`, `p.data = ...`), and costs one C-level
+    call per tensor where `layout` builds a `torch.Size` and a `torch.device` per tensor."""
+    return tuple(map(torch.Tensor.data_ptr, tensors))
+
+
+def absent(items: Sequence[object]) -> list[int]:
+    """Positions of the Nones in `items` (parameters' `.grad`), without a Python loop over them."""
+    return list(itertools.compress(range(len(items)), map(operator.is_, items, itertools.repeat(None))))
+
+
+GRAD = operator.attrgetter("grad")  # list(map(GRAD, params)): every parameter's .grad in one C-level pass
 
 
 def _flat_possible(tensors: Sequence[torch.Tensor]) -> bool:
@@ -123,8 +146,46 @@ class Plan:
         self.impl = choose(tensors, impl)
         self.n = len(tensors)
         self.groups = groups(tensors)
-        self._segments = segments(tensors) if self.impl == "flat" else None
+        self.segments: Optional[torch.Tensor] = None  # "flat": the tensor of each element of `flatten`'s buffer
+        self._flat: dict[int, torch.Tensor] = {}  # slot: buffer
+        if self.impl == "flat":
+            self._stack_groups(tensors)
         self._index: dict[torch.device, list[torch.Tensor]] = {}  # group positions, per output device
+
+    def _stack_groups(self, tensors: Sequence[torch.Tensor]) -> None:
+        """The shape groups `flatten` stacks: (picker of the group's tensors or None for all, buffer range,
+        stacked shape), and the segment ids of the buffer's elements in that order."""
+        by_shape: dict[tuple, list[int]] = defaultdict(list)
+        for i, t in enumerate(tensors):
+            by_shape[tuple(t.shape)].append(i)
+        self._stacks, order, start = [], [], 0
+        for shape, idx in by_shape.items():
+            numel = math.prod(shape)
+            pick = None if len(by_shape) == 1 else operator.itemgetter(*idx)
+            self._stacks.append((pick, start, start + numel * len(idx), (len(idx), *shape)))
+            order += idx
+            start += numel * len(idx)
+        self._total = start
+        device = tensors[0].device
+        numels = torch.tensor([tensors[i].numel() for i in order], device=device)
+        # output_size: on a GPU, repeat_interleave would otherwise sync to learn it.
+        self.segments = torch.repeat_interleave(torch.tensor(order, device=device), numels, output_size=start)
+
+    def flatten(self, tensors: Sequence[torch.Tensor], slot: int = 0) -> torch.Tensor:
+        """Every element of `tensors` in one 1-D buffer ("flat" plans), which the plan keeps per `slot` (no
+        page faults, nothing rebuilt). Tensors of one shape are stacked together (`torch.stack(out=)`:
+        one copy kernel for the group, where a copy per tensor costs several times more at thousands of
+        tiny tensors), so the buffer holds them by shape group: `self.segments` says whose each element
+        is, and two buffers of one plan layout line up. The next call with the same slot overwrites it."""
+        buf = self._flat.get(slot)
+        if buf is None:
+            first = tensors[0]
+            buf = self._flat[slot] = torch.empty(self._total, dtype=first.dtype, device=first.device)
+        with torch.no_grad():  # out= refuses tensors that require grad (parameters outside no_grad)
+            for pick, start, stop, shape in self._stacks:
+                group = pick(tensors) if pick is not None else tensors
+                torch.stack(group if isinstance(group, (list, tuple)) else (group,), out=buf[start:stop].view(shape))
+        return buf
 
     def _positions(self, out_device: torch.device) -> list[torch.Tensor]:
         index = self._index.get(out_device)
@@ -140,8 +201,8 @@ class Plan:
         if not tensors:
             return torch.zeros(0, device=out_device), None
         if self.impl == "flat":
-            flat = flatten(tensors)
-            return segment_norms(flat, self._segments, self.n, out_device), flat
+            flat = self.flatten(tensors)
+            return segment_norms(flat, self.segments, self.n, out_device), flat
         if self.impl == "stream":
             return torch.stack([_sum_of_squares(t) for t in tensors]).sqrt().to(out_device, torch.float32), None
         if len(self.groups) == 1:  # the usual case: no scatter, no index tensor
@@ -158,9 +219,9 @@ class Plan:
         if not tensors:
             return torch.zeros(0, device=out_device), torch.zeros(0, device=out_device)
         if self.impl == "flat":
-            flat = flatten(tensors)
-            return (segment_norms(flat, self._segments, self.n, out_device),
-                    segment_max_abs(flat, self._segments, self.n, out_device))
+            flat = self.flatten(tensors)
+            return (segment_norms(flat, self.segments, self.n, out_device),
+                    segment_max_abs(flat, self.segments, self.n, out_device))
         if self.impl == "stream":  # both reductions of a tensor back to back: the second reads it from cache
             squares, lows, highs = [], [], []
             for t in tensors:
@@ -212,8 +273,10 @@ class Planner:
         self.impl = impl
         self._plan: Optional[Plan] = None
 
-    def __call__(self, tensors: Sequence[torch.Tensor]) -> Plan:
-        key = layout(tensors)
+    def __call__(self, tensors: Sequence[torch.Tensor], key: Optional[tuple] = None) -> Plan:
+        """The plan of `tensors`; `key`: a cheaper stand-in for `layout(tensors)` that the caller knows
+        changes whenever it does (`fingerprint` of parameters, whose gradients follow their layout)."""
+        key = layout(tensors) if key is None else key
         if self._plan is None or self._plan.layout != key:
             self._plan = Plan(tensors, self.impl, key)
         return self._plan
@@ -221,7 +284,7 @@ class Planner:
 
 def _sum_of_squares(t: torch.Tensor) -> torch.Tensor:
     # dot(x, x) (BLAS) reads x once at memory speed; float32 error ~1e-6; inf and NaN alike.
-    flat = t.view(-1)
+    flat = t.reshape(-1)  # a view, unless the tensor became non-contiguous since its plan was made
     return torch.dot(flat, flat)
 
 
@@ -429,7 +492,9 @@ __all__ = [
     "SIGMOID_TAIL",
     "TANH_TAIL",
     "activation_rows",
+    "absent",
     "dense_values",
+    "fingerprint",
     "Plan",
     "Planner",
     "choose",

@@ -185,8 +185,86 @@ def _blockable(m: torch.Tensor, v: torch.Tensor) -> bool:
             and m.numel() >= _BLOCK_NUMEL and m.is_contiguous() and v.is_contiguous())
 
 
+class _Entries:
+    """`_adam_entries` kept between logged steps, with the plan of their state tensors.
+
+    Adam creates a parameter's state once and updates it in place, so the entries are found again only
+    when the parameter list, the optimizer, its state dict (`load_state_dict` replaces it), the number
+    of parameters with state or the parameter groups change: a logged step then reads the state
+    tensors without a Python loop over the parameters.
+    """
+
+    def __init__(self) -> None:
+        self.key: Optional[tuple] = None
+        self.params: Optional[Sequence[tuple[str, torch.Tensor]]] = None
+        self.entries: list[tuple] = []
+        self.planner = reductions.Planner()
+        self.names: list[str] = []
+        self.numel: Optional[torch.Tensor] = None  # float64, on the device of the first use
+        self.hyper: Optional[tuple[torch.Tensor, ...]] = None
+
+    def __call__(self, params: Sequence[tuple[str, torch.Tensor]], optimizer: torch.optim.Optimizer) -> list[tuple]:
+        state = optimizer.state
+        groups = tuple((id(g["params"]), len(g["params"]), g.get("betas"), g.get("eps"), g.get("amsgrad"))
+                       for g in optimizer.param_groups)
+        key = (id(optimizer), id(state), len(state), groups)
+        if key != self.key or params is not self.params:
+            self.key, self.params, self.entries = key, params, _adam_entries(params, optimizer)
+            self.names = [e[0] for e in self.entries]
+            self.numel = None
+            self.hyper = None
+        return self.entries
+
+    def hyper_parameters(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(beta1, beta2, eps) per entry, float64 on `device` (made once per set of entries: the groups'
+        betas and eps are part of the key)."""
+        if self.hyper is None or self.hyper[0].device != device:
+            self.hyper = tuple(torch.tensor([e[k] for e in self.entries], dtype=torch.float64, device=device)
+                               for k in (4, 5, 6))
+        return self.hyper
+
+    def numels(self, device: torch.device) -> torch.Tensor:
+        """Each entry's element count, float64 on `device` (made once per set of entries)."""
+        if self.numel is None or self.numel.device != device:
+            self.numel = _numels(self.entries, device)
+        return self.numel
+
+
+def _flat_adam(kept: list[tuple], plan: reductions.Plan, out_device: torch.device, entries: _Entries
+               ) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(-count of sqrt(v) < thr, sum of squares of m / (sqrt(v) + thr), sqrt(bc2) / bc1) per tensor,
+    float64 on `out_device`, for many small state tensors ("flat" plan) whose step counts are 1-element
+    tensors (of at least 1 where known on the host): m and v each copied into one buffer, a few passes
+    over them, sums by segment. None where that does not apply (the caller's general path does)."""
+    if plan.impl != "flat":
+        return None
+    try:  # one C++ call finds out whether every step count is a tensor of one shape
+        counts = torch.stack([e[3] for e in kept]).reshape(-1)
+    except (TypeError, RuntimeError):  # plain numbers, or shapes that differ
+        return None
+    if counts.numel() != len(kept):
+        return None
+    if counts.device.type == "cpu" and not bool((counts >= 1).all()):
+        return None  # an entry with no update yet is left out: the general path knows how
+    m = plan.flatten([e[1] for e in kept], slot=0)
+    v = plan.flatten([e[2] for e in kept], slot=1)
+    device = m.device
+    t = counts.to(device, torch.float64)
+    beta1, beta2, eps = entries.hyper_parameters(device)
+    root_bc2 = torch.where(t >= 1, (1.0 - beta2 ** t).clamp_min(0.0).sqrt(), torch.nan)
+    scale = (root_bc2 / (1.0 - beta1 ** t)).to(out_device)
+    thr = (eps * root_bc2).to(m.dtype)[plan.segments]  # each element's own threshold
+    root = v.sqrt()
+    n = len(kept)
+    below = torch.zeros(n, dtype=m.dtype, device=device).index_add_(0, plan.segments, (root < thr).to(m.dtype))
+    r = m / root.add_(thr)
+    squares = torch.zeros(n, dtype=m.dtype, device=device).index_add_(0, plan.segments, r.mul_(r))
+    return -below.to(out_device, torch.float64), squares.to(out_device, torch.float64), scale
+
+
 def adam_state(
-    params: Sequence[tuple[str, torch.Tensor]], optimizer: Optional[torch.optim.Optimizer], out_device: torch.device
+    params: Sequence[tuple[str, torch.Tensor]], optimizer: Optional[torch.optim.Optimizer], out_device: torch.device,
+    entries: Optional[_Entries] = None,
 ) -> list[tuple[str, list[str], torch.Tensor]]:
     """[(EPS_FRACTION, names, fractions), (UPDATE_RMS, names, rms)] for the parameters with Adam state
     (empty when there are none); device tensors, for the logged step's one host transfer.
@@ -194,15 +272,24 @@ def adam_state(
     With sqrt(v_hat) = sqrt(v) / sqrt(bc2): sqrt(v_hat) < eps where sqrt(v) < thr = eps * sqrt(bc2), and
     the update m_hat / (sqrt(v_hat) + eps) = sqrt(bc2) / bc1 * m / (sqrt(v) + thr). Big CPU tensors are
     read block by block (`_blocked`); the others a dozen `torch._foreach_*` calls per chunk of one device
-    and dtype. No boolean tensors: comparisons are slower than arithmetic on CPU.
+    and dtype. No boolean tensors: comparisons are slower than arithmetic on CPU. Many small tensors
+    (a "flat" plan of their state, kept in `entries` between logged steps) are read as one (`_flat_adam`).
     """
     if optimizer is None:
         return []
+    if entries is not None:
+        found = entries(params, optimizer)
+        if found:
+            plan = entries.planner([e[1] for e in found], key=entries.key)
+            flat = _flat_adam(found, plan, out_device, entries)
+            if flat is not None:
+                return _results(entries.names, *flat, entries.numels(out_device))
+    else:
+        found = _adam_entries(params, optimizer)
     # No update taken yet (a step count below 1, known on the host): no bias correction, nothing to record.
-    kept = [e for e in _adam_entries(params, optimizer) if _on_device(e[3]) or float(e[3]) >= 1]
+    kept = [e for e in found if _on_device(e[3]) or float(e[3]) >= 1]
     if not kept:
         return []
-    names = [e[0] for e in kept]
     m = [e[1] for e in kept]
     v = [e[2] for e in kept]
     thr, scale = _factors(kept, out_device)
@@ -237,7 +324,18 @@ def adam_state(
     squares = torch.empty(len(kept), dtype=torch.float64, device=out_device)
     below[at] = torch.cat([t.to(out_device) for t in below_parts])
     squares[at] = torch.cat([t.to(out_device) for t in square_parts])
-    numel = torch.tensor([float(k) for k in numels], dtype=torch.float64, device=out_device)
+    return _results([e[0] for e in kept], below, squares, scale, _numels(kept, out_device))
+
+
+def _numels(kept: list[tuple], device: torch.device) -> torch.Tensor:
+    """Each entry's element count, float64 on `device`."""
+    return torch.tensor([float(e[1].numel()) for e in kept], dtype=torch.float64, device=device)
+
+
+def _results(names: list[str], below: torch.Tensor, squares: torch.Tensor, scale: torch.Tensor,
+             numel: torch.Tensor) -> list[tuple[str, list[str], torch.Tensor]]:
+    """The two metrics from each tensor's (-count below the threshold, sum of squares of the update),
+    bias-correction factor sqrt(bc2) / bc1 and element count."""
     fractions = (-below).round() / numel
     rms = squares.sqrt() * scale / numel.sqrt()
     # Unknown is never a number: a NaN in the state (or no bias correction yet) makes both NaN.
@@ -252,9 +350,10 @@ class AdamState(Collector):
     def __init__(self, params: Sequence[tuple[str, torch.Tensor]], optimizer: torch.optim.Optimizer) -> None:
         self.params = list(params)
         self.optimizer = optimizer
+        self._entries = _Entries()
 
     def parts(self, step: int) -> list[Part]:
         if self.ctx.sharded:
             return []
         return [Part(metric, names, values) for metric, names, values in
-                adam_state(self.params, self.optimizer, self.ctx.device)]
+                adam_state(self.params, self.optimizer, self.ctx.device, self._entries)]

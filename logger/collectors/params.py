@@ -30,25 +30,43 @@ def name_hash(names: Sequence[str]) -> float:
 
 
 class ParameterNorms(Collector):
-    """Gradient and weight statistics per parameter tensor."""
+    """Gradient and weight statistics per parameter tensor.
+
+    What depends only on the parameter list (names, whether any is a DTensor) is built when the list is
+    set; the reduction plans are kept while the weights' storages stay put (`reductions.fingerprint`),
+    so a logged step walks the parameters only to read their `.grad` and storage pointers.
+    """
 
     def __init__(self, params: Sequence[tuple[str, torch.Tensor]], *, impl: Optional[str] = None,
                  amp: Any = None, updates: Any = None) -> None:
         """`amp`: the `AmpState` that unscales gradient norms; `updates`: the `UpdateRatio` that reuses
         this step's weight norms; `impl`: the reduction implementation (`reductions.Plan`), None to choose."""
-        self.params = list(params)
-        self.names = [n for n, _ in self.params]
+        self.params = params
         self._grad_plan = reductions.Planner(impl)
         self._weight_plan = reductions.Planner(impl)
         self._amp = amp
         self._updates = updates
         self._grads: list[torch.Tensor] = []  # this step's gradients, for `finish`
-        self._grad_names: list[str] = []
+        self._grad_names: Sequence[str] = []
         self._missing = np.zeros(0, "f4")
+        self._grad_key: Optional[tuple] = None  # (weights' fingerprint, gradient-less positions) of the grad plan
+        self._sparse = False  # some gradient of that layout is sparse: its values' sizes change every step
+
+    @property
+    def params(self) -> list[tuple[str, torch.Tensor]]:
+        return self._params
+
+    @params.setter
+    def params(self, params: Sequence[tuple[str, torch.Tensor]]) -> None:
+        self._params = list(params)
+        self.names = [n for n, _ in self._params]
+        self._tensors = [p for _, p in self._params]
+        self._sharded = distributed.any_sharded(self._tensors)  # DTensors: reduce their local shards
+        self._grad_key = None
 
     def device(self) -> torch.device:
         """Where a logged step's values are gathered: the first parameter's device."""
-        for _, p in self.params:
+        for p in self._tensors:
             return reductions._local(p).device
         return torch.device("cpu")
 
@@ -58,26 +76,39 @@ class ParameterNorms(Collector):
 
     def parts(self, step: int) -> list[Part]:
         ctx, device = self.ctx, self.ctx.device
+        tensors = self._tensors
+        all_grads = list(map(reductions.GRAD, tensors))
+        absent = reductions.absent(all_grads)
+        self._missing = np.zeros(len(tensors), "f4")
+        self._missing[absent] = 1.0
+        weights = [reductions._local(p) for p in tensors] if self._sharded else tensors
+        fingerprint = reductions.fingerprint(weights)
         # Gradients that are not this step's (step() before backward()): none recorded, grad_missing included.
-        with_grad = [p for _, p in self.params if p.grad is not None] if ctx.grads_valid else []
-        self._grad_names = [n for n, p in self.params if p.grad is not None] if ctx.grads_valid else []
-        self._missing = np.array([p.grad is None for _, p in self.params], "f4")
-        grads = self._grads = [reductions.dense_values(reductions._local(p.grad)) for p in with_grad]
-        weights = [reductions._local(p) for _, p in self.params]
-        g_norm, g_max = self._grad_plan(grads).norms_and_max_abs(grads, device)
-        w_norm, flat_w = self._weight_plan(weights).norms(weights, device)  # flat_w: many small parameters
+        if not ctx.grads_valid:
+            with_grad, names = [], []
+        elif absent:
+            missing = set(absent)
+            with_grad = [g for g in all_grads if g is not None]
+            names = [n for i, n in enumerate(self.names) if i not in missing]
+        else:
+            with_grad, names = all_grads, self.names
+        self._grad_names = names
+        grads = self._dense(with_grad, (fingerprint, tuple(absent)))
+        self._grads = grads
+        g_norm, g_max = self._grad_plan(grads, key=self._grad_key if not self._sparse else None
+                                        ).norms_and_max_abs(grads, device)
+        w_norm, flat_w = self._weight_plan(weights, key=fingerprint).norms(weights, device)  # flat_w: small ones
         if self._updates is not None:  # the pre-step hook reuses them: weights are the same until opt.step()
-            self._updates.offer_weight_norms(step, weights, w_norm, flat_w)
+            self._updates.offer_weight_norms(step, weights, w_norm, flat_w, pointers=fingerprint)
         if ctx.sharded and ctx.reduce:
             g_norm, g_max, w_norm = distributed.reduce_sharded_norms(
                 g_norm, g_max, w_norm, distributed.shard_weights(with_grad, device),
-                distributed.shard_weights([p for _, p in self.params], device),
+                distributed.shard_weights(tensors, device),
             )
         if self._amp is not None:
             g_norm, g_max = self._amp.unscale(g_norm, g_max)
         total = torch.linalg.vector_norm(g_norm).reshape(1) if grads else torch.zeros(0, device=device)
         keep = ctx.reduce or not ctx.sharded  # a shard's own norm is not the tensor's
-        names = self._grad_names
         return [
             Part(GRAD_NORM, names, g_norm, write=keep),
             Part(GRAD_MAX_ABS, names, g_max, write=keep),
@@ -85,11 +116,21 @@ class ParameterNorms(Collector):
             Part(WEIGHT_NORM, self.names, w_norm, write=keep),
         ]
 
+    def _dense(self, grads: list[torch.Tensor], key: tuple) -> list[torch.Tensor]:
+        """The gradients' local, dense values. Autograd gives a gradient its parameter's dtype, device and
+        shape, so while the weights' fingerprint holds only a sparse gradient's values need looking at."""
+        if key != self._grad_key:
+            self._grad_key = key
+            self._sparse = any(g.layout != torch.strided for g in grads)
+        if self._sharded or self._sparse:
+            return [reductions.dense_values(reductions._local(g)) for g in grads]
+        return grads
+
     def finish(self, step: int, host: dict[str, np.ndarray]) -> list[Item]:
         grads, self._grads = self._grads, []
         norms = host[GRAD_NORM]
         nonfinite = np.zeros(len(norms), dtype=np.float32)
-        bad = [i for i in range(len(norms)) if not np.isfinite(norms[i])]
+        bad = np.flatnonzero(~np.isfinite(norms)).tolist()
         if bad:
             counts = reductions.nonfinite_counts([grads[i] for i in bad])
             if self.ctx.sharded and self.ctx.reduce:

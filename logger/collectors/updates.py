@@ -18,6 +18,7 @@ calls it again at new weights: ‖Δw‖ spans the whole step).
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -38,7 +39,10 @@ class UpdateRatio(Collector):
         on_error: Callable[[str, BaseException], None],
         impl: Optional[str] = None,
     ) -> None:
-        self._params = list(params)
+        self._params = params
+        self._held: tuple[tuple, set[int]] = ((), set())  # (the optimizer's groups' identity, ids it holds)
+        self._all_held: tuple[tuple, bool] = ((), False)  # (that identity, whether it holds every parameter)
+        self._measure_plan: Optional[reductions.Plan] = None
         self._plan = reductions.Planner(impl)  # of the snapshot: one parameter layout, reused
         self.in_closure_step = False  # an `opt.step(closure)` is running and has called its closure
         self._on_error = on_error
@@ -48,11 +52,25 @@ class UpdateRatio(Collector):
         self._snapshot: Optional[list[torch.Tensor]] = None  # one buffer per parameter, or one flat copy
         self._flat = False
         self._snapshot_params: list[tuple[str, torch.Tensor]] = []
+        self._current: list[torch.Tensor] = []  # their local pieces
         self._old_norms: Optional[torch.Tensor] = None
         # (step, `_weight_keys` of every parameter, their local norms) from `offer_weight_norms`.
         self._offered: Optional[tuple[int, list[tuple[int, int, int]], torch.Tensor]] = None
         self._handles: list[Any] = []
         self.watch(optimizer)
+
+    @property
+    def _params(self) -> list[tuple[str, torch.Tensor]]:
+        return self.__params
+
+    @_params.setter
+    def _params(self, params: Sequence[tuple[str, torch.Tensor]]) -> None:
+        """The parameters to measure, with what is derived from them once (not on every logged step)."""
+        self.__params = list(params)
+        self._all_held = ((), False)
+        self._names = [n for n, _ in self.__params]
+        self._tensors = [p for _, p in self.__params]
+        self._sharded = distributed.any_sharded(self._tensors)
 
     def watch(self, optimizer: torch.optim.Optimizer) -> None:
         """Measure the steps of `optimizer` too (one more optimizer over some of the same parameters).
@@ -65,32 +83,34 @@ class UpdateRatio(Collector):
         ]
 
     def offer_weight_norms(
-        self, step: int, weights: Sequence[torch.Tensor], norms: torch.Tensor, flat: Optional[torch.Tensor] = None
+        self, step: int, weights: Sequence[torch.Tensor], norms: torch.Tensor, flat: Optional[torch.Tensor] = None,
+        pointers: Optional[Sequence[int]] = None,
     ) -> None:
         """The norms of `weights` (the local pieces of all `params`, in order) taken at logged step `step`,
-        and `flat`, their `reductions.flatten` copy if one was made.
+        and `flat`, their flat copy if one was made (a `reductions.Plan` buffer, valid until that plan's next
+        call: the next logged step, after this step's update has been measured).
 
         The pre-step hook of that step uses them instead of reading every
         parameter once more (the flat copy is then the snapshot), unless a
         parameter was modified in place or replaced in between (a version
-        counter or the data pointer moved).
+        counter or the data pointer moved). `pointers`: `reductions.fingerprint(weights)` if the caller has it.
         """
-        keys = _weight_keys([p for _, p in self._params], weights)
-        self._offered = (step, keys, norms, flat) if len(keys) == len(self._params) == norms.numel() else None
+        keys = _weight_keys(self._tensors, weights, self._sharded, pointers)
+        self._offered = (step, keys, norms, flat) if len(weights) == len(self._params) == norms.numel() else None
 
-    def _take_offer(self, idx: list[int], local: list[torch.Tensor]) -> Optional[tuple[torch.Tensor, Any]]:
-        """(norms of parameters `idx`, whose local pieces are `local`; the flat copy of all of them or None)
-        from the offer if it is still true, else None."""
+    def _take_offer(self, idx: Optional[list[int]], keys: tuple[list, ...]) -> Optional[tuple[torch.Tensor, Any]]:
+        """(norms of parameters `idx` (None: all), whose `_weight_keys` are now `keys`; the flat copy of all
+        of them or None) from the offer if it is still true, else None."""
         offered, self._offered = self._offered, None
         if offered is None or offered[0] != self.pending:
             return None
-        _, keys, norms, flat = offered
-        if [keys[i] for i in idx] != _weight_keys([self._params[i][1] for i in idx], local):
+        _, then, norms, flat = offered
+        if idx is None:
+            return (norms, flat) if then == keys else None
+        if _pick(then, idx) != keys:
             return None
-        if len(idx) < len(keys):  # parameters without gradients are not stepped
-            norms = norms[torch.tensor(idx, device=norms.device)]
-            flat = None
-        return norms, flat
+        # parameters without gradients are not stepped
+        return norms[torch.tensor(idx, device=norms.device)], None
 
     def _before(self, optimizer, args, kwargs) -> Optional[tuple[tuple, dict]]:
         self.in_closure_step = False
@@ -131,26 +151,38 @@ class UpdateRatio(Collector):
         self.cost_s += cost.clock() - start
 
     def _take_snapshot(self, optimizer: torch.optim.Optimizer) -> None:
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        idx = [i for i, (_, p) in enumerate(self._params) if p.grad is not None and id(p) in held]
-        params = [self._params[i] for i in idx]
-        local = [reductions._local(p) for _, p in params]
+        tensors = self._tensors
+        held = self._held_by(optimizer)
+        no_grad = reductions.absent(list(map(reductions.GRAD, tensors)))
+        if self._all_held[0] != self._held[0]:
+            self._all_held = (self._held[0], all(id(p) in held for p in tensors))
+        if not no_grad and self._all_held[1]:
+            idx = None  # every parameter
+        else:
+            skip = set(no_grad)
+            idx = [i for i, p in enumerate(tensors) if i not in skip and id(p) in held]
+        params = self._params if idx is None else [self._params[i] for i in idx]
+        chosen = tensors if idx is None else [tensors[i] for i in idx]
+        local = [reductions._local(p) for p in chosen] if self._sharded else chosen
         # The offer holds these weights' norms (and their flat copy, for many small parameters)
         # from step() moments ago, if nothing has changed them since.
-        norms, flat = self._take_offer(idx, local) or (None, None)
-        plan = self._plan(local)
+        keys = _weight_keys(chosen, local, self._sharded)
+        norms, flat = self._take_offer(idx, keys) or (None, None)
+        plan = self._plan(local, key=tuple(keys[-1]))  # their storage pointers: `reductions.fingerprint`
+        self._measure_plan = plan
         if flat is None and plan.impl == "flat":
-            flat = reductions.flatten(local)  # many small parameters: one flat copy (fresh: it is small)
+            flat = plan.flatten(local, slot=1)  # many small parameters: one flat copy (`_measure` takes slot 0)
         if flat is not None:
             self._snapshot, self._snapshot_params, self._flat = [flat], params, True
+            self._current = local
             if norms is None:
-                norms = reductions.segment_norms(flat, reductions.segments(local), len(local), flat.device)
+                norms = reductions.segment_norms(flat, plan.segments, len(local), flat.device)
         else:
             if self._flat or self._snapshot is None or _layout(self._snapshot) != _layout(local):  # .half(), .to()
                 self._snapshot = [torch.empty_like(w) for w in local]
-                self._snapshot_params = params
             self._flat = False
             self._snapshot_params = params
+            self._current = local
             torch._foreach_copy_(self._snapshot, local)
             if norms is None:
                 norms = plan.norms(self._snapshot, self._device())[0]
@@ -171,22 +203,32 @@ class UpdateRatio(Collector):
         return None
 
     def _measure(self, step: int) -> None:
-        current = [reductions._local(p) for _, p in self._snapshot_params]
+        # the local pieces of `_snapshot_params`, as they are after the update
+        current = [reductions._local(p) for _, p in self._snapshot_params] if self._sharded else self._current
         if self._flat:
-            delta = reductions.segment_norms(
-                self._snapshot[0] - reductions.flatten(current), reductions.segments(current), len(current),
-                self._device(),
-            )
+            plan = self._measure_plan  # the update moved no storage: the snapshot's plan holds
+            now = plan.flatten(current) if plan.impl == "flat" else reductions.flatten(current)
+            segments = plan.segments if plan.segments is not None else reductions.segments(current)
+            delta = reductions.segment_norms(now.sub_(self._snapshot[0]), segments, len(current), self._device())
         else:
             # old - new, in the buffers (their layout is the parameters')
             delta = self._plan(self._snapshot).subtract_norms_(self._snapshot, current, self._device())
         old, self._old_norms = self._old_norms, None
-        if distributed.any_sharded(p for _, p in self._snapshot_params):
+        if self._sharded:
             w = distributed.shard_weights([p for _, p in self._snapshot_params], delta.device)
             delta, _, old = distributed.reduce_sharded_norms(delta, delta, old, w, w)
         # ‖w‖ = 0 (a zero-initialised bias): the ratio is undefined, recorded as NaN.
         ratio = torch.where(old > 0, delta / old.clamp_min(torch.finfo(old.dtype).tiny), float("nan"))
-        self.result = (step, [n for n, _ in self._snapshot_params], ratio)
+        names = self._names if self._snapshot_params is self._params else [n for n, _ in self._snapshot_params]
+        self.result = (step, names, ratio)
+
+    def _held_by(self, optimizer: torch.optim.Optimizer) -> set[int]:
+        """ids of the parameters `optimizer` holds, built again only when its groups' lists change."""
+        groups = optimizer.param_groups
+        key = (id(optimizer), tuple((id(g["params"]), len(g["params"])) for g in groups))
+        if key != self._held[0]:
+            self._held = (key, _held(optimizer))
+        return self._held[1]
 
     def _device(self) -> torch.device:
         return self._snapshot[0].device if self._snapshot else torch.device("cpu")
@@ -212,17 +254,37 @@ class UpdateRatio(Collector):
         self._snapshot = None
         self._flat = False
         self._snapshot_params = []
+        self._current = []
         self._old_norms = None
         self._offered = None
         self.pending = None
         self.result = None
 
 
-def _weight_keys(params: Sequence[torch.Tensor], local: Sequence[torch.Tensor]) -> list[tuple[int, int, int]]:
-    """What moves when a parameter is modified in place or replaced (`local`: their local pieces)."""
+_VERSION = operator.attrgetter("_version")
+
+
+def _weight_keys(params: Sequence[torch.Tensor], local: Sequence[torch.Tensor], sharded: bool,
+                 pointers: Optional[Sequence[int]] = None) -> tuple[list, ...]:
+    """What moves when a parameter is modified in place or replaced (`local`: their local pieces, the
+    parameters themselves unless `sharded`): version counters and storage addresses (`pointers` if the
+    caller has them), one C-level call per tensor."""
+    versions = list(map(_VERSION, params))
+    pointers = list(map(torch.Tensor.data_ptr, local)) if pointers is None else list(pointers)
+    if not sharded:
+        return versions, pointers
     # An in-place op on a DTensor moves its own counter; one on its shard (`to_local()`), the shard's.
-    with torch.no_grad():
-        return [(p._version, reductions._local(p)._version, w.data_ptr()) for p, w in zip(params, local)]
+    return versions, list(map(_VERSION, local)), pointers
+
+
+def _pick(keys: tuple[list, ...], idx: list[int]) -> tuple[list, ...]:
+    """`_weight_keys` of the parameters at `idx` from those of all."""
+    return tuple([k[i] for i in idx] for k in keys)
+
+
+def _held(optimizer: torch.optim.Optimizer) -> set[int]:
+    """ids of the parameters `optimizer` holds."""
+    return {id(p) for group in optimizer.param_groups for p in group["params"]}
 
 
 def _layout(tensors: Sequence[torch.Tensor]) -> list[tuple]:
