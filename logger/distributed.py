@@ -157,6 +157,22 @@ def mean_over_ranks(values: torch.Tensor, reduce: bool) -> torch.Tensor:
     return out / world_size()
 
 
+def pool_moments(n: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor,
+                 reduce: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(count, mean, sum of squared deviations) of the union of every rank's values, from each rank's
+    own (0-d float tensors). Two small collectives: the pooled mean first, then the deviations about it,
+    so that a large common offset does not cancel the variance away in float32."""
+    if not (reduce and active()):
+        return n, mean, m2
+    d = torch.distributed
+    first = torch.stack([n, n * mean]).to(torch.float32)
+    d.all_reduce(first)
+    total, pooled = first[0], first[1] / first[0]
+    spread = (m2 + n * (mean - pooled) ** 2).to(torch.float32).reshape(1)
+    d.all_reduce(spread)
+    return total, pooled, spread[0]
+
+
 def gather_samples(vectors: Sequence[torch.Tensor], device: torch.device, reduce: bool) -> list[torch.Tensor]:
     """Each per-sample vector concatenated over ranks (lengths may differ between ranks)."""
     vectors = [v.detach().reshape(-1).to(device=device, dtype=torch.float32) for v in vectors]

@@ -11,12 +11,12 @@ unless the activation capture is armed for a logged step; no host sync.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
-from tb_diag_logger import hooks
+from tb_diag_logger import distributed, hooks
 from tb_diag_logger.collectors import Collector, Part
 from tb_diag_logger.collectors.logits import _compiling
 from tb_diag_plugin import metadata
@@ -68,15 +68,22 @@ class InputScale(Collector):
             self._on_error("input statistics", e)
         return None
 
+    def signature(self) -> Sequence[float]:
+        """Whether this rank saw a training input: ranks pool their inputs only when all of them did."""
+        return (float(self._sums is not None),)
+
     def parts(self, step: int) -> list[Part]:
-        """`MEAN` and `STD` of this step's training inputs (the writing rank's batch), else nothing."""
+        """`MEAN` and `STD` of this step's training inputs (every rank's batches when the ranks agreed to
+        reduce, as the activation statistics are), else nothing."""
         s, self._sums = self._sums, None
         if s is None:
             return []
         s = s.to(self.ctx.device)
-        mean_d = s[0] / s[2]
-        var = torch.clamp(s[1] / s[2] - mean_d * mean_d, min=0.0)
-        return [Part(MEAN, [""], (mean_d + s[3]).reshape(1)), Part(STD, [""], torch.sqrt(var).reshape(1))]
+        n, mean_d = s[2], s[0] / s[2]
+        m2 = torch.clamp(s[1] - n * mean_d * mean_d, min=0.0)
+        n, mean, m2 = distributed.pool_moments(n, mean_d + s[3], m2, self.ctx.reduce)
+        std = torch.sqrt(torch.clamp(m2 / n, min=0.0))
+        return [Part(MEAN, [""], mean.reshape(1)), Part(STD, [""], std.reshape(1))]
 
     def clear(self) -> None:
         """Forget what this step's forwards left (a step that was not logged)."""
