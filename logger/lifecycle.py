@@ -16,10 +16,7 @@ from torch import nn
 
 from tb_diag_logger import distributed
 from tb_diag_logger.collectors import Collector, Selection, build, zero
-from tb_diag_logger.collectors.optim_state import AdamState, optimizer_params
-from tb_diag_logger.collectors.params import ParameterNorms
-from tb_diag_logger.collectors.updates import UpdateRatio
-from tb_diag_logger.collectors.wiring import WiringChecks
+from tb_diag_logger.collectors.optim_state import optimizer_params
 from tb_diag_logger.structure import module_tree
 
 _VERSION = operator.attrgetter("_version")
@@ -59,14 +56,7 @@ class Lifecycle:
         self.params = [(n, p) for n, p in current if self._selected(n) and (p.is_floating_point() or p.is_complex())]
         self._tensors = [p for _, p in self.params]
         for c in collectors:
-            if isinstance(c, (ParameterNorms, AdamState, zero.ZeroGradients)):
-                c.params = list(self.params)
-                if isinstance(c, ParameterNorms):
-                    c.names = [n for n, _ in self.params]
-            elif isinstance(c, zero.ZeroUpdates):
-                c.follow(self.params)
-            elif isinstance(c, UpdateRatio):
-                c._params, c._offered = list(self.params), None
+            c.follow(self.params)
 
     def _current_ids(self) -> list[int]:
         """Every module's own parameters in one C-level pass (no names, no de-duplication): it changes
@@ -139,9 +129,6 @@ class Lifecycle:
         self.optimizer, self.zero_opt, self._versions = optimizer, zero_opt, None
         updates, added = fresh(optimizer)
         for c in collectors:
-            if isinstance(c, ParameterNorms):
-                c._updates = updates  # the weight norms it offers go to the new update ratio
-            elif isinstance(c, WiringChecks):
-                c.set_optimizer(optimizer)  # its step hook moves to the new optimizer
+            c.set_optimizer(optimizer, updates)
         collectors += added
         return updates

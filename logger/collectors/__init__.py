@@ -6,6 +6,8 @@ on a logged step, says what it measured::
     class Collector:
         def on_step(self, step) -> None              # at every step(), before a logged step's parts: no sync
         def arm(self, on) -> None                    # whether the next step() is likely logged: watch it
+        def follow(self, params) -> None             # the model's parameters were replaced: measure these
+        def set_optimizer(self, optimizer, updates)  # diag.set_optimizer: another optimizer steps the model
         def signature(self) -> Sequence[float]       # what ranks must agree on before reducing together
         def parts(self, step) -> list[Part]          # device tensors, under torch.no_grad(), no host sync
         def finish(self, step, host) -> list[Item]   # host-side derivations from every part's values
@@ -90,6 +92,12 @@ class Collector:
 
     def arm(self, on: bool) -> None:
         """Whether the next `step()` is likely logged: watch its forwards and backward (or stop)."""
+
+    def follow(self, params: Sequence[tuple[str, torch.Tensor]]) -> None:
+        """The model's (selected) parameters were replaced, added or removed: measure these from now on."""
+
+    def set_optimizer(self, optimizer: Any, updates: Any) -> None:
+        """`diag.set_optimizer`: another optimizer steps the model (`updates`: the new update ratio, or None)."""
 
     def signature(self) -> Sequence[float]:
         """Numbers every rank must have equal before this step's values are reduced over ranks."""

@@ -352,6 +352,9 @@ class AdamState(Collector):
         self.optimizer = optimizer
         self._entries = _Entries()
 
+    def follow(self, params: Sequence[tuple[str, torch.Tensor]]) -> None:
+        self.params = list(params)
+
     def parts(self, step: int) -> list[Part]:
         if self.ctx.sharded:
             return []

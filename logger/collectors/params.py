@@ -70,6 +70,12 @@ class ParameterNorms(Collector):
             return reductions._local(p).device
         return torch.device("cpu")
 
+    def follow(self, params: Sequence[tuple[str, torch.Tensor]]) -> None:
+        self.params = list(params)
+
+    def set_optimizer(self, optimizer: Any, updates: Any) -> None:
+        self._updates = updates  # the weight norms it offers go to the new update ratio
+
     def signature(self) -> Sequence[float]:
         grad_names = [n for n, p in self.params if p.grad is not None]
         return [len(grad_names), name_hash(grad_names), len(self.names), name_hash(self.names)]

@@ -72,6 +72,9 @@ class UpdateRatio(Collector):
         self._tensors = [p for _, p in self.__params]
         self._sharded = distributed.any_sharded(self._tensors)
 
+    def follow(self, params: Sequence[tuple[str, torch.Tensor]]) -> None:
+        self._params, self._offered = params, None
+
     def watch(self, optimizer: torch.optim.Optimizer) -> None:
         """Measure the steps of `optimizer` too (one more optimizer over some of the same parameters).
 

@@ -286,7 +286,7 @@ class WiringChecks(Collector):
         ]
         return min(ok, key=lambda p: p.numel()) if ok else None
 
-    def set_optimizer(self, optimizer: Optional[torch.optim.Optimizer]) -> None:
+    def set_optimizer(self, optimizer: Optional[torch.optim.Optimizer], updates: Any = None) -> None:
         """Follow another optimizer (`Diagnostics.set_optimizer`): its step hook replaces the old one's."""
         if self._opt_handle is not None:
             self._opt_handle.remove()

@@ -146,6 +146,9 @@ class ZeroGradients(Collector):
             return self._device()
         return self.params[0][1].device if self.params else torch.device("cpu")
 
+    def follow(self, params: Sequence[tuple[str, torch.Tensor]]) -> None:
+        self.params = list(params)
+
     def parts(self, step: int) -> list[Part]:
         device = self.device()
         grads = [(n, p, local_grad(p)) for n, p in self.params]
