@@ -307,8 +307,8 @@ def describe(names: Sequence[str], universe: Optional[Sequence[str]] = None, sho
 
     `universe` (every tensor of the metric, in model order) lets the words say "all": a module whose
     tensors are all named is one group ("all 32 mlp.experts of model.layers from 10 to 14 (5 of 40)");
-    without it the words only compress the names. When grouping does not shorten the list, the first
-    `shown` names are quoted, as for a short one.
+    without it the words only compress the names. When grouping does not at least halve the list, the
+    first `shown` names are quoted, as for a short one.
     """
     names = list(dict.fromkeys(str(n) for n in names))
     if shown < 1:
@@ -325,7 +325,7 @@ def describe(names: Sequence[str], universe: Optional[Sequence[str]] = None, sho
     else:
         entries = [_Entry(tuple(n.split(".")), False, 1) for n in names]
     entries = _merge(entries)
-    if len(entries) >= len(names):  # nothing in common to name
+    if 2 * len(entries) >= len(names):  # groups of two names or fewer read worse than the names themselves
         return f"{', '.join(_quote(n) for n in names[:shown])}, ... ({len(names)} in all)"
     words = [_words(e, trie) for e in entries[:shown]]
     return "; ".join(words) + (f"; ... ({len(names)} in all)" if len(entries) > shown else "")
@@ -333,6 +333,11 @@ def describe(names: Sequence[str], universe: Optional[Sequence[str]] = None, sho
 
 def _quote(name: str) -> str:
     return f"'{name}'"
+
+
+def _numeric(name: str) -> bool:
+    """A name made of numbers only ('0', '3.1': modules of an nn.Sequential), which reads as a count unquoted."""
+    return all(part.isdigit() for part in name.split("."))
 
 
 def _collapse(trie: _Trie) -> list[_Entry]:
@@ -457,7 +462,10 @@ def _words(e: _Entry, trie: Optional[_Trie]) -> str:
         if e.complete:
             node = trie.at(e.tokens) if trie is not None else None
             c = node.numbered() if node is not None else 0
-            tail = f"all {c} {tail}" if c else f"all {e.count} tensors of {tail}"
+            if _numeric(tail):  # "all 3 0" would read as a count: the tensors of module '0'
+                tail = f"all {e.count} tensors of {_quote(tail)}"
+            else:
+                tail = f"all {c} {tail}" if c else f"all {e.count} tensors of {tail}"
         elif not pieces and all(isinstance(t, str) for t in e.tokens):
             tail = _quote(tail)
         pieces.append(tail)

@@ -97,6 +97,12 @@ def test_short_lists_and_lists_without_groups_read_as_before():
     assert describe(every_other[:3], shown=2) == "'0.weight', '2.weight', ... (3 in all)"
     with pytest.raises(ValueError, match="shown"):
         describe(every_other, shown=0)
+    # An nn.Sequential's Linear layers (every other module): groups of two tensors each would be no
+    # shorter than the names, so the names are quoted; numbered modules in group words are quoted too.
+    seq = [f"{i}.{w}" for i in range(0, 40, 2) for w in ("weight", "bias")]
+    assert describe(seq[:15], seq) == "'0.weight', '0.bias', '2.weight', '2.bias', ... (15 in all)"
+    blocks = [f"{i}.{j}.{w}" for i in range(0, 8, 2) for j in range(3) for w in ("weight", "bias")]
+    assert describe(blocks[:18], blocks) == "all 6 tensors of '0'; all 6 tensors of '2'; all 6 tensors of '4'"
 
 
 # ---------------------------------------------------------------- through the report and a real server
