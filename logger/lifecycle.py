@@ -34,7 +34,7 @@ class Lifecycle:
         self._selected = selected
         self._report = report
         self.params: list[tuple[str, nn.Parameter]] = []
-        self._ids: list[int] = []
+        self._ids: Optional[list[int]] = None  # None: the first `refresh` always runs (a model may have none)
         self._held_key: tuple = ((), None, None)  # (optimizer groups, `_ids`, held flag per parameter)
         self.refresh([])
         self.zero = zero.any_zero(self.params)  # ZeRO: gradients and weights from the engine's partitions
