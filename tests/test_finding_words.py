@@ -185,6 +185,7 @@ def test_the_tab_shows_the_words_and_the_tensors_on_demand(browser, moe_server, 
         assert summary.inner_text() == f"show {len(starved)} tensors"
         assert item.locator(".finding-tensors li").count() == 0  # listed only when asked for
         summary.click()
+        item.locator(".finding-tensors li").nth(len(starved) - 1).wait_for()  # the list is built on the click
         listed = item.locator(".finding-tensors li").all_inner_texts()
         assert listed == found["layers"] and sorted(listed) == sorted(starved)
         tab.assert_clean()
