@@ -22,7 +22,7 @@ first non-finite step.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
@@ -45,14 +45,26 @@ def _state(value: float, device: torch.device) -> torch.Tensor:
 class BetweenSteps(Collector):
     """`loss_max_between`, `loss_min_between`, `grad_norm_max_between`, `nonfinite_first_step`."""
 
-    def __init__(self, params: Sequence[tuple[str, torch.Tensor]], measure_grad_norm: bool, amp: Any = None) -> None:
+    def __init__(self, params: Sequence[tuple[str, torch.Tensor]], measure_grad_norm: bool, amp: Any = None,
+                 on_error: Optional[Callable[[str, BaseException], None]] = None) -> None:
         """`params`: the (name, parameter) pairs whose gradients make the global norm; `amp`: the `AmpState`
-        of a GradScaler (it unscales a measured norm; non-finite gradients are its skipped steps)."""
+        of a GradScaler (it unscales a measured norm; non-finite gradients are its skipped steps);
+        `on_error`: where a failure of `on_step` goes (training goes on)."""
+        self._on_error = on_error
         self._params = [p for _, p in params]
         self._measure = measure_grad_norm
         self._amp = amp
         self._plan = reductions.Planner()  # made again only when the gradients' layout changes
         self._reset()
+
+    def on_step(self, step: int) -> None:
+        """Fed at every `step()` through the collector interface, with the step's loss and `grad_norm=`."""
+        try:
+            self.observe(step, self.ctx.total_loss, self.ctx.grad_norm)
+        except Exception as e:
+            if self._on_error is None:
+                raise
+            self._on_error("wiring checks", e)
 
     def _reset(self) -> None:
         # Device accumulators (created on first use, on the loss's / gradients' device) and host ones

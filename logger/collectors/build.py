@@ -35,20 +35,6 @@ Params = list  # [(name, parameter)], the tensors diagnostics cover
 Report = Callable[[str, BaseException], None]
 
 
-class EveryStep(BetweenSteps):
-    """`BetweenSteps`, fed at every `step()` through the collector interface's `on_step`."""
-
-    def __init__(self, params: Params, measure_grad_norm: bool, amp: Any, on_error: Report) -> None:
-        super().__init__(params, measure_grad_norm=measure_grad_norm, amp=amp)
-        self._on_error = on_error
-
-    def on_step(self, step: int) -> None:
-        try:
-            self.observe(step, self.ctx.total_loss, self.ctx.grad_norm)
-        except Exception as e:
-            self._on_error("wiring checks", e)
-
-
 @dataclass
 class Built:
     """The collectors, in writing order, and the few the orchestrator asks for by role."""
@@ -102,7 +88,7 @@ def build(outer: nn.Module, model: nn.Module, compiled: bool, params: Params, op
     out.append(WiringChecks(model, params, optimizer, report, hook_on=root,
                             engine=engine or managed_by_engine(params=params)))
     measure = recurrent(model) if grad_norm_every_step is None else grad_norm_every_step
-    out.append(EveryStep(params, measure, amp, report))
+    out.append(BetweenSteps(params, measure_grad_norm=measure, amp=amp, on_error=report))
     for c in out:
         c.ctx = ctx
     return Built(out, norms, capture, sites, updates, validation)
