@@ -2,6 +2,7 @@
 
     python benchmarks/many_tensors.py [--tensors 5000] [--numel 16] [--rounds 5] [--steps 20]
                                       [--optimizer adam|adamw|sgd] [--no-activations] [--profile] [--cpu-time]
+                                      [--tensorboard-crc]
 
 One model of `--tensors` parameter tensors of `--numel` elements each (a
 `ParameterList`; the forward stacks them, so the bare step is a handful of
@@ -14,6 +15,10 @@ the machine cancels (as benchmarks/overhead.py does). Prints, per round and
 as medians, the bare step, the logged step, their difference (the cost of one
 logged step) and that cost per tensor; then the bytes a logged step must read
 (gradients, weights, the optimizer's state) for scale.
+
+`--tensorboard-crc` adds a third block per round whose event records are
+framed by TensorBoard's own pure-Python CRC-32C, in its writer thread, as they
+were before tb-diag framed them with the C one (`tb_diag_plugin.summary.fast_records`).
 
 `--profile` also runs `--steps` logged steps under cProfile and prints the
 Python function calls per logged step: all of them, and those in tb-diag's
@@ -35,6 +40,7 @@ import torch
 from torch import nn
 
 from tb_diag_logger import Diagnostics
+from tb_diag_plugin import summary
 
 
 class ManyTensors(nn.Module):
@@ -75,6 +81,8 @@ def main() -> None:
                     help="time steps by this thread's CPU time (time.thread_time), not wall time: on a shared "
                          "machine other processes' time slices then do not count (cache contention still does); "
                          "torch's second thread is not counted, and these tensors are too small to use it")
+    ap.add_argument("--tensorboard-crc", action="store_true",
+                    help="also time a block with TensorBoard's own (pure-Python) record checksums")
     ap.add_argument("--impl", default=None, help="Diagnostics(impl=...): flat, stream or foreach")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -104,19 +112,34 @@ def main() -> None:
         return Diagnostics(model, logdir=os.path.join(root, tag), every=1, optimizer=opt,
                            activations=not args.no_activations, impl=args.impl)
 
-    train(5)  # the optimizer's state exists before anything is measured
-    bare_rounds, logged_rounds = [], []
-    for r in range(args.rounds):
-        bare = statistics.median(train(args.steps))
-        diag = attach(f"r{r}")
+    def logged_block(tag: str) -> float:
+        diag = attach(tag)
         train(2, diag)  # one-off costs
         logged = statistics.median(train(args.steps, diag))
         diag.close()
+        return logged
+
+    fast_crc = summary.FAST_CRC
+    train(5)  # the optimizer's state exists before anything is measured
+    bare_rounds, logged_rounds, tb_crc_rounds = [], [], []
+    for r in range(args.rounds):
+        bare = statistics.median(train(args.steps))
+        logged = logged_block(f"r{r}")
         bare_rounds.append(bare)
         logged_rounds.append(logged)
+        extra = ""
+        if args.tensorboard_crc:
+            summary.FAST_CRC = False  # fast_records then leaves the writer as TensorBoard made it
+            try:
+                tb_crc = logged_block(f"r{r}_tbcrc")
+            finally:
+                summary.FAST_CRC = fast_crc
+            tb_crc_rounds.append(tb_crc)
+            extra = f", with TensorBoard's CRC {tb_crc * 1e3:.2f} ms"
         print(f"round {r}: bare {bare * 1e3:.2f} ms, every=1 {logged * 1e3:.2f} ms, "
-              f"cost {(logged - bare) * 1e3:.2f} ms per logged step", flush=True)
+              f"cost {(logged - bare) * 1e3:.2f} ms per logged step{extra}", flush=True)
     bare, logged = statistics.median(bare_rounds), statistics.median(logged_rounds)
+    written = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(root, "r0")) for f in fs)
     cost = logged - bare
     n_params = sum(p.numel() for p in model.parameters())
     elt = next(model.parameters()).element_size()
@@ -127,7 +150,11 @@ def main() -> None:
     print(f"bare step {bare * 1e3:.2f} ms; every=1 step {logged * 1e3:.2f} ms ({logged / bare:.2f}x); "
           f"cost {cost * 1e3:.2f} ms per logged step, {cost / args.tensors * 1e6:.2f} us per tensor")
     print(f"a logged step reads {read / 1e6:.2f} MB (gradients, weights"
-          f"{', Adam state' if state_tensors else ''})")
+          f"{', Adam state' if state_tensors else ''}) and writes {written / (args.steps + 2) / 1e3:.1f} kB of events")
+    if tb_crc_rounds:
+        tb_crc = statistics.median(tb_crc_rounds)
+        print(f"with TensorBoard's own record checksums: every=1 step {tb_crc * 1e3:.2f} ms, cost "
+              f"{(tb_crc - bare) * 1e3:.2f} ms per logged step")
     if args.profile:
         profile(train, attach, args.steps)
 

@@ -102,6 +102,7 @@ class Output:
             atexit.unregister(self._exit_hook)
             self._exit_hook = None
         self.write("close" if self._own_writer else "flush")
+        self.write("release")  # the user's writer frames its records as it did before us
 
     def _at_exit(self) -> None:
         if self._closed or self.sink is None:

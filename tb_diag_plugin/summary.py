@@ -10,18 +10,67 @@ uses TensorBoard's own event-file writer and never imports torch.
 from __future__ import annotations
 
 import json
+import struct
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
 
 from tb_diag_plugin import metadata
 
+try:  # CRC-32C in C: TensorBoard's own is pure Python, about 150 ns a byte (benchmarks/RESULTS.md)
+    import google_crc32c
+
+    FAST_CRC = getattr(google_crc32c, "implementation", "") == "c"
+except ImportError:  # pragma: no cover - depends on the platform's wheels
+    google_crc32c = None
+    FAST_CRC = False
+
 # (metric, layer names, layer types or (), values): one metric of one logged step.
 Item = tuple[str, Sequence[str], Sequence[str], np.ndarray]
 
-__all__ = ["EventWriter", "Item", "VectorEncoder", "structure_summary", "vector_summary"]
+__all__ = ["EventWriter", "FAST_CRC", "Item", "VectorEncoder", "fast_records", "frame_record", "masked_crc32c",
+           "structure_summary", "vector_summary"]
+
+
+def masked_crc32c(data: bytes) -> int:
+    """TFRecord's masked CRC-32C (Castagnoli) of `data`."""
+    if not FAST_CRC:
+        # TensorBoard's own pure-Python version; imported here, not at start-up (a slow import).
+        from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as slow
+
+        return slow(data)
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def frame_record(data: bytes) -> bytes:
+    """`data` as one TFRecord: its length, the length's masked CRC, the data, the data's masked CRC."""
+    header = struct.pack("<Q", len(data))
+    return header + struct.pack("<I", masked_crc32c(header)) + data + struct.pack("<I", masked_crc32c(data))
+
+
+def fast_records(event_file_writer: Any) -> Optional[Callable[[], None]]:
+    """Frame the records of a TensorBoard `EventFileWriter` with the C CRC-32C; returns the undo.
+
+    TensorBoard's writer thread checksums every record in pure Python while
+    holding the GIL, which stalls the training thread in proportion to the
+    bytes written (benchmarks/RESULTS.md, "The event writer's checksum"). The
+    bytes written are the same. None (nothing changed) without the C CRC, for
+    a writer of another make, or one already changed.
+    """
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    record_writer = getattr(getattr(event_file_writer, "_async_writer", None), "_writer", None)
+    if not FAST_CRC or type(record_writer) is not RecordWriter or "write" in vars(record_writer):
+        return None
+
+    def write(data: bytes) -> None:
+        record_writer._writer.write(frame_record(data))
+
+    record_writer.write = write  # the instance's own: the writer thread looks it up at every record
+    return lambda: vars(record_writer).pop("write", None)
 
 
 def vector_summary(tag: str, values: np.ndarray, meta: Optional[summary_pb2.SummaryMetadata]) -> summary_pb2.Summary:
@@ -99,6 +148,7 @@ class EventWriter:
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
         self._writer = EventFileWriter(str(logdir), max_queue_size=max_queue, flush_secs=flush_secs)
+        fast_records(self._writer)  # lives and dies with this writer: nothing to undo
         self._encoder = VectorEncoder()
 
     @property

@@ -50,7 +50,7 @@ def test_healthy_file_has_no_problems(tmp_path):
     assert integrity.EventFileChecker().problems(str(tmp_path)) == []
 
 
-@pytest.mark.skipif(not integrity._FAST_CRC, reason="google-crc32c's C implementation is not installed")
+@pytest.mark.skipif(not integrity.FAST_CRC, reason="google-crc32c's C implementation is not installed")
 def test_flipped_bytes_inside_a_record_are_named_with_the_last_good_step(tmp_path):
     path = _write(tmp_path, 30)
     offsets = _record_offsets(path)

@@ -17,13 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-try:  # the C implementation: the pure-Python fallback is too slow for big runs (benchmarks/RESULTS.md)
-    import google_crc32c
-
-    _FAST_CRC = getattr(google_crc32c, "implementation", "") == "c"
-except ImportError:  # pragma: no cover - depends on the platform's wheels
-    google_crc32c = None
-    _FAST_CRC = False
+from tb_diag_plugin.summary import FAST_CRC, masked_crc32c
 
 # A writer that is still running can leave half a record on disk until its
 # next flush (SummaryWriter flushes every 120 s by default): an incomplete tail
@@ -36,17 +30,6 @@ _HEADER = struct.Struct("<QI")
 
 
 PAUSE_EVERY = 512  # records between two calls of a background scan's `pause`
-
-
-def masked_crc32c(data: bytes) -> int:
-    """TFRecord's masked CRC-32C (Castagnoli) of `data`."""
-    if not _FAST_CRC:
-        # TensorBoard's own pure-Python version; imported here, not at start-up (a slow import).
-        from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as slow
-
-        return slow(data)
-    crc = google_crc32c.value(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 @dataclass
@@ -87,7 +70,7 @@ class EventFileChecker:
         New bytes beyond `inline_bytes` in one file are checked in the background (with `background`)."""
         # Without a fast CRC only the lengths' checksums are verified: that finds
         # truncation and damaged headers, not a flipped byte inside a record.
-        self.verify_data = _FAST_CRC if verify_data is None else verify_data
+        self.verify_data = FAST_CRC if verify_data is None else verify_data
         self.background = background
         self._pause = pause
         self.inline_bytes = inline_bytes
