@@ -70,7 +70,7 @@ class Arm:
     key: str
     label: str
     every: int
-    kind: str  # bare | diag | diag_noact | diag_noupd | add_scalar | add_histogram | item | wandb | floor
+    kind: str  # bare | diag | diag_noact | diag_noupd | diag_quiet | add_scalar | add_histogram | item | wandb | floor
     model: Any = None
     opt: Any = None
     writer: Any = None
@@ -105,6 +105,9 @@ def build_arms(every: int, with_wandb: bool) -> list[Arm]:
         Arm("diag1", "Diagnostics, every=1", 1, "diag"),
         Arm("diag1_noact", "Diagnostics, every=1, activations off", 1, "diag_noact"),
         Arm("diag1_noupd", "Diagnostics, every=1, update_ratio off", 1, "diag_noupd"),
+        # What the floor arms do and no more: no activations, no findings in the training process (alert=None:
+        # nothing listens, so the rules do not run during training; they take up to 2 % of the wall time).
+        Arm("diag1_quiet", "Diagnostics, every=1, activations off, alert=None", 1, "diag_quiet"),
         # The memory-traffic floor of every=1 (no activations): the fewest passes torch offers over the
         # parameters for the gradient norms, the weight norms and the update ratio, one host copy.
         Arm("floor1", "floor: norms + update ratio by hand, every=1", 1, "floor"),
@@ -117,7 +120,7 @@ def build_arms(every: int, with_wandb: bool) -> list[Arm]:
 
 def setup_arm(arm: Arm, root: str) -> None:
     arm.logdir = os.path.join(root, arm.key)
-    if arm.kind in ("diag", "diag_noact", "diag_noupd", "add_scalar", "add_histogram"):
+    if arm.kind in ("diag", "diag_noact", "diag_noupd", "diag_quiet", "add_scalar", "add_histogram"):
         arm.writer = SummaryWriter(arm.logdir)
 
 
@@ -125,9 +128,11 @@ def attach(arm: Arm, model: torch.nn.Module, opt: torch.optim.Optimizer, wandb_m
     arm.model, arm.opt, arm.since_attach = model, opt, 0
     # Start at a logged step: the untimed warm-up steps take the one-off costs.
     arm.step = -(-arm.step // arm.every) * arm.every
-    if arm.kind in ("diag", "diag_noact", "diag_noupd"):
+    if arm.kind in ("diag", "diag_noact", "diag_noupd", "diag_quiet"):
         arm.diag = Diagnostics(model, arm.writer, every=arm.every, optimizer=opt,
-                               activations=arm.kind != "diag_noact", update_ratio=arm.kind != "diag_noupd")
+                               activations=arm.kind not in ("diag_noact", "diag_quiet"),
+                               update_ratio=arm.kind != "diag_noupd",
+                               alert=None if arm.kind == "diag_quiet" else "error")
     if arm.kind == "wandb":
         wandb_mod.watch(model, log="all", log_freq=arm.every)
     if arm.kind in ("floor", "floor_adam"):  # buffers allocated once: fresh parameter-sized tensors page-fault
@@ -148,7 +153,7 @@ def after_backward(arm: Arm, step: int, loss: torch.Tensor, wandb_mod) -> None:
     k = arm.kind
     if k == "bare":
         return
-    if k in ("diag", "diag_noact", "diag_noupd"):
+    if k in ("diag", "diag_noact", "diag_noupd", "diag_quiet"):
         arm.diag.step(step, loss=loss)
         return
     if not arm.is_logged(step):

@@ -354,7 +354,8 @@ class Diagnostics:
             self._write_late()
         except Exception as e:
             self._report("close", e)
-        self._live.evaluate(None)  # live findings: what close() wrote, alerted too
+        if self._live.listening:
+            self._live.evaluate(None)  # live findings: what close() wrote, alerted too
         self._each("close", "close")
         self._out.close()
 

@@ -204,8 +204,8 @@ class LiveFindings:
 
         `step`: a logged step, evaluated within the time budget (`share`) unless it brought a NaN/Inf;
         None (close(), findings()): evaluated now."""
-        if not self._dirty:
-            return
+        if not self._dirty or (step is not None and not self.listening):
+            return  # with neither alert nor stop_on, findings() evaluates when asked
         t0 = time.perf_counter()
         if step is not None and not self._urgent and self._since is not None:
             if self.eval_s > self.share * (t0 - self._since):
@@ -226,6 +226,11 @@ class LiveFindings:
         except Exception as e:
             self._dirty = False  # one failure, one warning: not a retry on every step
             self._report("findings in the training process", e)
+
+    @property
+    def listening(self) -> bool:
+        """Whether an evaluation during training can do anything (alert or stop); else findings() alone evaluates."""
+        return self.alert is not None or self.stop_on is not None
 
     def at_logged_step(self, step: int, writer: Any, device: Any, emit: Callable[[int, list[_Item]], None]) -> None:
         """After a logged step's values (every rank, even where they failed): evaluate, then decide on

@@ -137,6 +137,12 @@ def test_alert_none_is_silent_and_alert_warning_announces_warnings(tmp_path, ale
     assert announced <= {kind for kind, _ in said} and len(said) == len(set(said))
 
 
+def test_with_neither_alert_nor_stop_on_nothing_is_evaluated_until_findings_are_asked_for(tmp_path, alerts):
+    diag, last = _ramp(tmp_path, alerts, alert=None)  # the loop that goes NaN: even that waits
+    assert last == 149 and alerts.lines == [] and diag._live.evaluations == 0
+    assert _live(diag.findings()) == _report(tmp_path) and diag._live.evaluations == 1
+
+
 def test_a_finding_is_announced_again_only_when_it_gets_worse(alerts):
     live = LiveFindings("warning", None, "runs/x", lambda where, e: None)
 
