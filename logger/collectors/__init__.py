@@ -44,6 +44,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from tb_diag_logger.distributed import any_sharded
 from tb_diag_plugin import metadata
 
 # (metric, layer names, layer types, values): one vector the summary sink writes.
@@ -123,6 +124,20 @@ class Collector:
         """Remove every hook and buffer."""
 
 
+class ParamList:
+    """A collector's parameters, (name, tensor) pairs, with what is derived from the list once when it is set
+    (`follow`) rather than on every logged step."""
+
+    def __init__(self, params: Sequence[tuple[str, torch.Tensor]] = ()) -> None:
+        self.pairs = list(params)
+        self.names = [n for n, _ in self.pairs]
+        self.tensors = [p for _, p in self.pairs]
+        self.sharded = any_sharded(self.tensors)  # DTensors (FSDP2): their local shards are what is measured
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+
 class Selection:
     """Which parameter and activation-site names the user's include/exclude glob patterns keep."""
 
@@ -153,4 +168,4 @@ def to_float(v: object) -> float:
         return float("nan")
 
 
-__all__ = ["Collector", "Item", "Part", "Selection", "StepContext", "to_float", "to_host"]
+__all__ = ["Collector", "Item", "ParamList", "Part", "Selection", "StepContext", "to_float", "to_host"]
