@@ -14,6 +14,7 @@ on a logged step, says what it measured::
         def late(self) -> list[tuple[int, list[Part]]]  # values of an earlier step known only now
         def clear(self) -> None                      # after every step(): forget what its forwards left
         def close(self) -> None                      # remove every hook; nothing outlives it
+        from_optimizer: bool                         # built from the optimizer: set_optimizer replaces it
 
 Every method has a default that records nothing; a family overrides what it needs.
 
@@ -86,6 +87,9 @@ class Collector:
     """One family of metrics (see the module docstring). The defaults record nothing."""
 
     ctx: StepContext = StepContext()  # replaced by the orchestrator's own when the collector is added
+    # Built from the optimizer (the builder tags it, `build.from_optimizer`): `Diagnostics.set_optimizer`
+    # closes it and builds one for the new optimizer; the others are told through `set_optimizer`.
+    from_optimizer: bool = False
 
     def on_step(self, step: int) -> None:
         """At every `step()`, logged or not, before a logged step's `parts`: host work or device
