@@ -334,6 +334,9 @@ def test_readme_lightning_fsdp2_snippet(lightning_readme):
     loss = torch.nn.functional.mse_loss(m(x), y)
     loss.backward()
     assert close(at(s, "loss", "total", 0), loss.item(), rel=1e-5)
+    # The snippet's training_step calls self.net(x): the input scale comes from the callback's batches.
+    assert close(at(s, "input_mean", "", 0), x.double().mean().item(), rel=1e-5, abs_=1e-6)
+    assert close(at(s, "input_std", "", 0), x.double().std(unbiased=False).item(), rel=1e-5)
     for name, p in m.named_parameters():
         assert close(at(s, "grad_norm", f"net.{name}", 0), p.grad.norm().item(), rel=2e-5), name
         assert close(at(s, "weight_norm", f"net.{name}", 0), p.norm().item(), rel=2e-6), name
