@@ -23,12 +23,13 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+sys.path[:0] = [HERE, os.path.join(os.path.dirname(HERE), "tests")]
 
 import reading  # noqa: E402  (benchmarks/reading.py: the views' requests)
+
+import tbserver  # noqa: E402  (tests/tbserver.py: the HTTP client the tests and the other benchmarks use)
 
 
 def _status(pid: int) -> dict[str, float]:
@@ -61,25 +62,6 @@ def memory(pid: int) -> dict[str, float]:
     kids = [_status(k) for k in _children(pid)]
     return {"tb_rss": tb["VmRSS"], "tb_hwm": tb["VmHWM"],
             "server_rss": sum(k["VmRSS"] for k in kids), "server_hwm": sum(k["VmHWM"] for k in kids)}
-
-
-class Http:
-    def __init__(self, url: str) -> None:
-        self.url = url
-
-    def get(self, path: str, headers=None, timeout: float = 600):
-        req = urllib.request.Request(self.url + path.lstrip("/"), headers=headers or {})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                return r.status, r.read(), dict(r.headers)
-        except urllib.error.HTTPError as e:
-            return e.code, e.read(), dict(e.headers)
-
-    def json(self, path: str):
-        status, body, _ = self.get(path)
-        if status != 200:
-            raise RuntimeError(f"{path}: {status} {body[:300]!r}")
-        return json.loads(body)
 
 
 def _cpu_s(pid: int) -> float:
@@ -123,7 +105,7 @@ def main() -> None:
         cmd += ["--diagnostics_cache_mb", str(args.cache_mb)]
     log = open(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"tb-memory-{port}.log"), "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    http = Http(f"http://127.0.0.1:{port}/")
+    http = tbserver.Server(f"http://127.0.0.1:{port}/", timeout=600)
     rows = []
     try:
         t0 = time.perf_counter()

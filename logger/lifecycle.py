@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Sequence
 from torch import nn
 
 from tb_diag_logger import distributed
-from tb_diag_logger.collectors import Collector, Selection, build, zero
+from tb_diag_logger.collectors import Collector, Selection, zero
 from tb_diag_logger.collectors.optim_state import optimizer_params
 from tb_diag_logger.structure import module_tree
 
@@ -120,10 +120,10 @@ class Lifecycle:
 
     def set_optimizer(self, collectors: list[Collector], optimizer: Any, zero_opt: Any,
                       fresh: Callable[[Any], tuple[Any, list[Collector]]]) -> Any:
-        """Follow another optimizer: the collectors that read the old one are closed and replaced by
-        `fresh(optimizer)`'s (appended: written last); those that stay are told. Returns the new update
-        ratio (or None)."""
-        for c in [c for c in collectors if isinstance(c, build.READS_OPTIMIZER)]:
+        """Follow another optimizer: the collectors built from the old one (`Collector.from_optimizer`) are
+        closed and replaced by `fresh(optimizer)`'s (appended: written last); those that stay are told.
+        Returns the new update ratio (or None)."""
+        for c in [c for c in collectors if c.from_optimizer]:
             c.close()
             collectors.remove(c)
         self.optimizer, self.zero_opt, self._versions = optimizer, zero_opt, None

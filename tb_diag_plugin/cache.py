@@ -62,6 +62,9 @@ def _owner(arr: np.ndarray) -> Any:
     return arr if arr.base is None else arr.base
 
 
+_MISS = object()  # what `_lookup` returns for a key not cached (a cached value may be None)
+
+
 class _Pending:
     def __init__(self) -> None:
         self.done = threading.Event()
@@ -92,21 +95,16 @@ class ByteLRU:
     def peek(self, key: Hashable) -> Any:
         """The cached value or None, without computing it."""
         with self._lock:
-            hit = self._entries.get(key)
-            if hit is None:
-                return None
-            self._entries.move_to_end(key)
-            return hit[0]
+            value, _ = self._lookup(key)
+        return None if value is _MISS else value
 
     def wait(self, key: Hashable) -> Any:
         """The cached value, or the value being computed for `key` once it is ready; None when it is
         neither cached nor being computed (or its computation failed). Computes nothing."""
         with self._lock:
-            hit = self._entries.get(key)
-            if hit is not None:
-                self._entries.move_to_end(key)
-                return hit[0]
-            pending = self._pending.get(key)
+            value, pending = self._lookup(key)
+        if value is not _MISS:
+            return value
         if pending is None:
             return None
         pending.done.wait()
@@ -116,11 +114,9 @@ class ByteLRU:
         """The value for `key`, computed by `compute()` once even when asked for concurrently; kept only
         if it holds at most `max_entry` bytes (and the budget's)."""
         with self._lock:
-            hit = self._entries.get(key)
-            if hit is not None:
-                self._entries.move_to_end(key)
-                return hit[0]
-            pending = self._pending.get(key)
+            value, pending = self._lookup(key)
+            if value is not _MISS:
+                return value
             owner = pending is None
             if owner:
                 pending = self._pending[key] = _Pending()
@@ -157,6 +153,15 @@ class ByteLRU:
         with self._lock:
             for key in [k for k in self._entries if not keep(k)]:
                 self._size -= self._entries.pop(key)[1]
+
+    def _lookup(self, key: Hashable) -> tuple[Any, Optional[_Pending]]:
+        """With the lock held: (the cached value, marked most recently used, None), or on a miss
+        (`_MISS`, the computation pending for `key` or None)."""
+        hit = self._entries.get(key)
+        if hit is not None:
+            self._entries.move_to_end(key)
+            return hit[0], None
+        return _MISS, self._pending.get(key)
 
     def _put(self, key: Hashable, value: Any, max_entry: Optional[int] = None) -> None:
         size = nbytes(value)

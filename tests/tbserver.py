@@ -21,23 +21,29 @@ T = TypeVar("T")
 
 
 class Server:
-    """A running TensorBoard with the core, scalars and Diagnostics plugins."""
+    """A client of a running TensorBoard at `url` (this module's `serve`, or a `tensorboard` command a
+    benchmark started); a request waits at most `timeout` seconds unless told otherwise."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, timeout: float = 60) -> None:
         self.url = url
+        self.timeout = timeout
 
-    def get(self, path: str, headers: Optional[dict] = None, timeout: float = 60) -> tuple[int, bytes, dict]:
+    def get(
+        self, path: str, headers: Optional[dict] = None, timeout: Optional[float] = None
+    ) -> tuple[int, bytes, dict]:
         """GET `path` (relative to the server root); returns (status, body, headers)."""
         req = urllib.request.Request(self.url + path.lstrip("/"), headers=headers or {})
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
+            with urllib.request.urlopen(req, timeout=self.timeout if timeout is None else timeout) as r:
                 return r.status, r.read(), dict(r.headers)
         except urllib.error.HTTPError as e:
             return e.code, e.read(), dict(e.headers)
 
     def json(self, path: str):
+        """The JSON answer to GET `path`; RuntimeError naming the path, status and body unless it is 200."""
         status, body, _ = self.get(path)
-        assert status == 200, (status, body[:500])
+        if status != 200:
+            raise RuntimeError(f"{path}: {status} {body[:500]!r}")
         return json.loads(body)
 
     def plugin(self, route: str):

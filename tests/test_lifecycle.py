@@ -271,6 +271,30 @@ def test_a_replaced_optimizer_is_followed_through_set_optimizer(tmp_path):
     assert (docs[0]["optimizer"]["class"], docs[4]["optimizer"]["class"]) == ("SGD", "Adam")
 
 
+def test_set_optimizer_rebuilds_what_was_built_from_the_optimizer_and_keeps_the_rest(tmp_path):
+    """The collectors the builder made from the optimizer (update ratio, Adam's state, learning rate) are
+    closed and built again for the new one; every other collector is the same object, told of the new
+    optimizer (the wiring checks' step hook moves with it)."""
+    model = _model()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    adam = torch.optim.Adam(model.parameters(), lr=0.003)
+    with Diagnostics(model, logdir=tmp_path, every=1, optimizer=sgd) as diag:
+        before = list(diag.collectors)
+        hooks = (len(sgd._optimizer_step_pre_hooks), len(sgd._optimizer_step_post_hooks))
+        diag.set_optimizer(adam)
+        after = list(diag.collectors)
+        assert (len(adam._optimizer_step_pre_hooks), len(adam._optimizer_step_post_hooks)) == hooks
+    old = [c for c in before if c.from_optimizer]
+    new = [c for c in after if c.from_optimizer]
+    assert sorted(type(c).__name__ for c in old) == ["AdamState", "LearningRate", "UpdateRatio"]
+    assert sorted(type(c).__name__ for c in new) == sorted(type(c).__name__ for c in old)
+    assert not any(c is o for c in new for o in old)
+    assert all(c.optimizer is adam for c in new if hasattr(c, "optimizer"))
+    kept = [c for c in before if not c.from_optimizer]
+    assert len(kept) > 5 and [c for c in after if not c.from_optimizer] == kept  # the same objects, in order
+    assert not sgd._optimizer_step_pre_hooks and not sgd._optimizer_step_post_hooks
+
+
 def test_an_optimizer_replaced_without_set_optimizer_warns_once(tmp_path):
     """Stepping a new optimizer the diagnostics do not know would leave the old one's learning rate on
     record: the logged step whose update never came says so, naming `set_optimizer`."""

@@ -138,6 +138,61 @@ def test_a_model_whose_relus_are_all_dead_gets_a_dead_relu_finding(tmp_path):
     assert dead and "act" in dead[0].layers and dead[0].severity == "error"
 
 
+class SubmoduleNet(pl.LightningModule):
+    """`training_step` calls `self.net(x)`, so the LightningModule's own forward never runs; with `through_forward`
+    it calls `self(...)` on the batch's input scaled and shifted, so that the forward's input and the batch's
+    differ (counting both would move the moments). Keeps, per step, the input its net saw."""
+
+    def __init__(self, through_forward: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+        self.through_forward = through_forward
+        self.inputs: dict[int, list[np.ndarray]] = {}
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        seen = x * 10.0 - 3.0 if self.through_forward else x
+        out = self(seen) if self.through_forward else self.net(seen)
+        self.inputs.setdefault(self.trainer.global_step, []).append(seen.detach().double().numpy())
+        return F.mse_loss(out, y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def _offset_loader() -> DataLoader:
+    """Inputs of mean 5 and std 3 (so that a mean of zero or a unit std cannot pass by chance)."""
+    g = torch.Generator().manual_seed(3)
+    x, y = 5.0 + 3.0 * torch.randn(12, 4, generator=g), torch.randn(12, 1, generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=2, shuffle=False)
+
+
+@pytest.mark.parametrize("through_forward", [False, True], ids=["self.net(x)", "self(x)"])
+def test_the_input_scale_is_the_training_inputs_whether_or_not_the_modules_forward_runs(tmp_path, through_forward):
+    """`self.net(x)`: the input scale comes from the batches (the root's forward never runs); `self(x)`: from the
+    forward, the batches not counted as well. Either way each logged step's `input_mean`/`input_std` are
+    numpy's over the inputs the net saw in that step's two accumulated batches."""
+    model = SubmoduleNet(through_forward)
+    trainer = _trainer(tmp_path, DiagnosticsCallback(every=1), accumulate_grad_batches=2)
+    trainer.fit(model, _offset_loader())
+    assert trainer.global_step == 3
+    s = read(tmp_path, "run/version_0")
+    assert s["input_mean"].steps.tolist() == s["input_std"].steps.tolist() == [0, 1, 2]
+    for step, xs in model.inputs.items():
+        assert len(xs) == 2
+        x = np.concatenate(xs)
+        assert close(at(s, "input_mean", "", step), x.mean(), rel=1e-5), step
+        assert close(at(s, "input_std", "", step), x.std(), rel=1e-5), step
+        if through_forward:  # the batch's own input has another scale: counting it too would show
+            batch = (x + 3.0) / 10.0
+            pooled = np.concatenate([x, batch])
+            assert not close(at(s, "input_mean", "", step), pooled.mean(), rel=1e-2)
+
+
 def test_without_a_tensorboard_logger_it_writes_its_own_events_in_the_log_dir(tmp_path):
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_steps=2, logger=False, default_root_dir=str(tmp_path),

@@ -14,6 +14,7 @@ on a logged step, says what it measured::
         def late(self) -> list[tuple[int, list[Part]]]  # values of an earlier step known only now
         def clear(self) -> None                      # after every step(): forget what its forwards left
         def close(self) -> None                      # remove every hook; nothing outlives it
+        from_optimizer: bool                         # built from the optimizer: set_optimizer replaces it
 
 Every method has a default that records nothing; a family overrides what it needs.
 
@@ -44,6 +45,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from tb_diag_logger.distributed import any_sharded
 from tb_diag_plugin import metadata
 
 # (metric, layer names, layer types, values): one vector the summary sink writes.
@@ -85,6 +87,9 @@ class Collector:
     """One family of metrics (see the module docstring). The defaults record nothing."""
 
     ctx: StepContext = StepContext()  # replaced by the orchestrator's own when the collector is added
+    # Built from the optimizer (the builder tags it, `build.from_optimizer`): `Diagnostics.set_optimizer`
+    # closes it and builds one for the new optimizer; the others are told through `set_optimizer`.
+    from_optimizer: bool = False
 
     def on_step(self, step: int) -> None:
         """At every `step()`, logged or not, before a logged step's `parts`: host work or device
@@ -123,6 +128,20 @@ class Collector:
         """Remove every hook and buffer."""
 
 
+class ParamList:
+    """A collector's parameters, (name, tensor) pairs, with what is derived from the list once when it is set
+    (`follow`) rather than on every logged step."""
+
+    def __init__(self, params: Sequence[tuple[str, torch.Tensor]] = ()) -> None:
+        self.pairs = list(params)
+        self.names = [n for n, _ in self.pairs]
+        self.tensors = [p for _, p in self.pairs]
+        self.sharded = any_sharded(self.tensors)  # DTensors (FSDP2): their local shards are what is measured
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+
 class Selection:
     """Which parameter and activation-site names the user's include/exclude glob patterns keep."""
 
@@ -153,4 +172,4 @@ def to_float(v: object) -> float:
         return float("nan")
 
 
-__all__ = ["Collector", "Item", "Part", "Selection", "StepContext", "to_float", "to_host"]
+__all__ = ["Collector", "Item", "ParamList", "Part", "Selection", "StepContext", "to_float", "to_host"]

@@ -60,7 +60,8 @@ def build(outer: nn.Module, model: nn.Module, compiled: bool, params: Params, op
     as given (a compiled wrapper's hooks run outside the graph), `model` the module whose names users
     know; `engine`: an engine owns the gradients."""
     sharded = zero.any_zero(params)
-    updates = updates_collector(optimizer, params, update_ratio, sharded, impl, report)
+    reads = from_optimizer(optimizer, params, update_ratio, sharded, impl, report)
+    updates = reads.updates
     out: list[Collector] = [updates] if updates is not None else []
     amp = AmpState(scaler, optimizer) if scaler is not None else None
     out += [amp] if amp is not None else []
@@ -77,11 +78,9 @@ def build(outer: nn.Module, model: nn.Module, compiled: bool, params: Params, op
     if capture is not None:  # logits ride on the capture's arming (logged training forwards only)
         out.append(LogitCapture(model, lambda: capture.armed, report, hook_on=root))
         out.append(InputScale(model, lambda: capture.armed, report, hook_on=root))
-    if optimizer is not None:
-        out.append(AdamState(params, optimizer))
+    out += [reads.state] if reads.state is not None else []
     out.append(PreclipNorm())
-    if optimizer is not None:
-        out.append(LearningRate(optimizer))
+    out += [reads.lr] if reads.lr is not None else []
     validation = Validation()
     out.append(validation)
     # The loop's wiring (logged steps only) and what happens between logged steps (every step, no sync).
@@ -108,16 +107,35 @@ def updates_collector(optimizer: Any, params: Params, update_ratio: bool, sharde
         return None
 
 
+@dataclass
+class FromOptimizer:
+    """The collectors built from the optimizer, each None without one; `Diagnostics.set_optimizer` replaces
+    them (they are tagged `from_optimizer`)."""
+
+    updates: Any = None  # UpdateRatio or zero.ZeroUpdates
+    state: Optional[AdamState] = None
+    lr: Optional[LearningRate] = None
+
+    def collectors(self) -> list[Collector]:
+        return [c for c in (self.updates, self.state, self.lr) if c is not None]
+
+
+def from_optimizer(optimizer: Any, params: Params, update_ratio: bool, sharded: bool, impl: Optional[str],
+                   report: Report) -> FromOptimizer:
+    """What reads `optimizer` and is built again for another one: the one place that says which."""
+    out = FromOptimizer(updates_collector(optimizer, params, update_ratio, sharded, impl, report))
+    if optimizer is not None:
+        out.state, out.lr = AdamState(params, optimizer), LearningRate(optimizer)
+    for c in out.collectors():
+        c.from_optimizer = True
+    return out
+
+
 def optimizer_collectors(optimizer: Any, params: Params, update_ratio: bool, sharded: bool, impl: Optional[str],
                          report: Report, ctx: StepContext) -> tuple[Any, list[Collector]]:
     """What reads the optimizer (`Diagnostics.set_optimizer`): (the update ratio or None, the collectors)."""
-    updates = updates_collector(optimizer, params, update_ratio, sharded, impl, report)
-    out: list[Collector] = [updates] if updates is not None else []
-    if optimizer is not None:
-        out += [AdamState(params, optimizer), LearningRate(optimizer)]
+    reads = from_optimizer(optimizer, params, update_ratio, sharded, impl, report)
+    out = reads.collectors()
     for c in out:
         c.ctx = ctx
-    return updates, out
-
-
-READS_OPTIMIZER = (UpdateRatio, zero.ZeroUpdates, AdamState, LearningRate)  # replaced by set_optimizer
+    return reads.updates, out

@@ -49,24 +49,35 @@ class InputScale(Collector):
         try:
             x = first_float_input(args, kwargs)
             if x is not None:
-                with torch.no_grad():
-                    x32 = x.detach().to(torch.float32)
-                    # Moments about the first element: a large common offset does not cancel the variance away.
-                    shift = x32.reshape(-1)[0]
-                    d = x32 - shift
-                    s = torch.stack([d.sum(), (d * d).sum(), torch.tensor(float(x.numel()), device=x.device),
-                                     shift])
-                    if self._sums is None:
-                        self._sums = s
-                    else:  # several forwards before step(): pool them about the first one's shift
-                        s0 = self._sums[3]
-                        off = shift - s0
-                        n = s[2]
-                        self._sums = self._sums + torch.stack([
-                            s[0] + n * off, s[1] + 2 * off * s[0] + n * off * off, n, torch.zeros_like(off)])
+                self._add(x)
         except Exception as e:  # never into the training loop
             self._on_error("input statistics", e)
         return None
+
+    def feed(self, inputs: Sequence[torch.Tensor]) -> None:
+        """This logged step's training inputs as an integration sees them (Lightning's batches, when its
+        `training_step` calls a submodule and the root's forward never runs): counted only when the forward
+        hook recorded none, so nothing is counted twice."""
+        if self._sums is None:
+            for x in inputs:
+                self._add(x)
+
+    def _add(self, x: torch.Tensor) -> None:
+        with torch.no_grad():
+            x32 = x.detach().to(torch.float32)
+            # Moments about the first element: a large common offset does not cancel the variance away.
+            shift = x32.reshape(-1)[0]
+            d = x32 - shift
+            s = torch.stack([d.sum(), (d * d).sum(), torch.tensor(float(x.numel()), device=x.device),
+                             shift])
+            if self._sums is None:
+                self._sums = s
+            else:  # several forwards before step(): pool them about the first one's shift
+                s0 = self._sums[3]
+                off = shift - s0
+                n = s[2]
+                self._sums = self._sums + torch.stack([
+                    s[0] + n * off, s[1] + 2 * off * s[0] + n * off * off, n, torch.zeros_like(off)])
 
     def signature(self) -> Sequence[float]:
         """Whether this rank saw a training input: ranks pool their inputs only when all of them did."""

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from tb_diag_logger import distributed, reductions
-from tb_diag_logger.collectors import Collector, Item, Part
+from tb_diag_logger.collectors import Collector, Item, ParamList, Part
 from tb_diag_logger.collectors.optim_state import GRAD_MISSING
 
 GRAD_NORM, GRAD_MAX_ABS, GRAD_NONFINITE, GRAD_NORM_TOTAL, WEIGHT_NORM = (
@@ -41,7 +41,7 @@ class ParameterNorms(Collector):
                  amp: Any = None, updates: Any = None) -> None:
         """`amp`: the `AmpState` that unscales gradient norms; `updates`: the `UpdateRatio` that reuses
         this step's weight norms; `impl`: the reduction implementation (`reductions.Plan`), None to choose."""
-        self.params = params
+        self.params = ParamList(params)
         self._grad_plan = reductions.Planner(impl)
         self._weight_plan = reductions.Planner(impl)
         self._amp = amp
@@ -52,42 +52,30 @@ class ParameterNorms(Collector):
         self._grad_key: Optional[tuple] = None  # (weights' fingerprint, gradient-less positions) of the grad plan
         self._sparse = False  # some gradient of that layout is sparse: its values' sizes change every step
 
-    @property
-    def params(self) -> list[tuple[str, torch.Tensor]]:
-        return self._params
-
-    @params.setter
-    def params(self, params: Sequence[tuple[str, torch.Tensor]]) -> None:
-        self._params = list(params)
-        self.names = [n for n, _ in self._params]
-        self._tensors = [p for _, p in self._params]
-        self._sharded = distributed.any_sharded(self._tensors)  # DTensors: reduce their local shards
-        self._grad_key = None
-
     def device(self) -> torch.device:
         """Where a logged step's values are gathered: the first parameter's device."""
-        for p in self._tensors:
+        for p in self.params.tensors:
             return reductions._local(p).device
         return torch.device("cpu")
 
     def follow(self, params: Sequence[tuple[str, torch.Tensor]]) -> None:
-        self.params = list(params)
+        self.params, self._grad_key = ParamList(params), None
 
     def set_optimizer(self, optimizer: Any, updates: Any) -> None:
         self._updates = updates  # the weight norms it offers go to the new update ratio
 
     def signature(self) -> Sequence[float]:
-        grad_names = [n for n, p in self.params if p.grad is not None]
-        return [len(grad_names), name_hash(grad_names), len(self.names), name_hash(self.names)]
+        grad_names = [n for n, p in self.params.pairs if p.grad is not None]
+        return [len(grad_names), name_hash(grad_names), len(self.params), name_hash(self.params.names)]
 
     def parts(self, step: int) -> list[Part]:
         ctx, device = self.ctx, self.ctx.device
-        tensors = self._tensors
+        tensors = self.params.tensors
         all_grads = list(map(reductions.GRAD, tensors))
         absent = reductions.absent(all_grads)
         self._missing = np.zeros(len(tensors), "f4")
         self._missing[absent] = 1.0
-        weights = [reductions._local(p) for p in tensors] if self._sharded else tensors
+        weights = [reductions._local(p) for p in tensors] if self.params.sharded else tensors
         fingerprint = reductions.fingerprint(weights)
         # Gradients that are not this step's (step() before backward()): none recorded, grad_missing included.
         if not ctx.grads_valid:
@@ -95,9 +83,9 @@ class ParameterNorms(Collector):
         elif absent:
             missing = set(absent)
             with_grad = [g for g in all_grads if g is not None]
-            names = [n for i, n in enumerate(self.names) if i not in missing]
+            names = [n for i, n in enumerate(self.params.names) if i not in missing]
         else:
-            with_grad, names = all_grads, self.names
+            with_grad, names = all_grads, self.params.names
         self._grad_names = names
         grads = self._dense(with_grad, (fingerprint, tuple(absent)))
         self._grads = grads
@@ -119,7 +107,7 @@ class ParameterNorms(Collector):
             Part(GRAD_NORM, names, g_norm, write=keep),
             Part(GRAD_MAX_ABS, names, g_max, write=keep),
             Part(GRAD_NORM_TOTAL, [""] if grads else [], total, write=keep),
-            Part(WEIGHT_NORM, self.names, w_norm, write=keep),
+            Part(WEIGHT_NORM, self.params.names, w_norm, write=keep),
         ]
 
     def _dense(self, grads: list[torch.Tensor], key: tuple) -> list[torch.Tensor]:
@@ -128,7 +116,7 @@ class ParameterNorms(Collector):
         if key != self._grad_key:
             self._grad_key = key
             self._sparse = any(g.layout != torch.strided for g in grads)
-        if self._sharded or self._sparse:
+        if self.params.sharded or self._sparse:
             return [reductions.dense_values(reductions._local(g)) for g in grads]
         return grads
 
@@ -145,8 +133,8 @@ class ParameterNorms(Collector):
         items: list[Item] = []
         if len(norms) and (self.ctx.reduce or not self.ctx.sharded):
             items.append((GRAD_NONFINITE, self._grad_names, (), nonfinite))
-        if self.names and self.ctx.grads_valid:  # which parameters got no gradient (a detached branch)
-            items.append((GRAD_MISSING, self.names, (), self._missing))
+        if self.params.names and self.ctx.grads_valid:  # which parameters got no gradient (a detached branch)
+            items.append((GRAD_MISSING, self.params.names, (), self._missing))
         return items
 
     def clear(self) -> None:

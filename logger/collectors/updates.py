@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from tb_diag_logger import cost, distributed, reductions
-from tb_diag_logger.collectors import Collector, Part
+from tb_diag_logger.collectors import Collector, ParamList, Part
 
 UPDATE_RATIO = "update_ratio"
 
@@ -39,7 +39,7 @@ class UpdateRatio(Collector):
         on_error: Callable[[str, BaseException], None],
         impl: Optional[str] = None,
     ) -> None:
-        self._params = params
+        self._params = ParamList(params)  # the parameters to measure
         self._held: tuple[tuple, set[int]] = ((), set())  # (the optimizer's groups' identity, ids it holds)
         self._all_held: tuple[tuple, bool] = ((), False)  # (that identity, whether it holds every parameter)
         self._measure_plan: Optional[reductions.Plan] = None
@@ -59,21 +59,8 @@ class UpdateRatio(Collector):
         self._handles: list[Any] = []
         self.watch(optimizer)
 
-    @property
-    def _params(self) -> list[tuple[str, torch.Tensor]]:
-        return self.__params
-
-    @_params.setter
-    def _params(self, params: Sequence[tuple[str, torch.Tensor]]) -> None:
-        """The parameters to measure, with what is derived from them once (not on every logged step)."""
-        self.__params = list(params)
-        self._all_held = ((), False)
-        self._names = [n for n, _ in self.__params]
-        self._tensors = [p for _, p in self.__params]
-        self._sharded = distributed.any_sharded(self._tensors)
-
     def follow(self, params: Sequence[tuple[str, torch.Tensor]]) -> None:
-        self._params, self._offered = params, None
+        self._params, self._offered, self._all_held = ParamList(params), None, ((), False)
 
     def watch(self, optimizer: torch.optim.Optimizer) -> None:
         """Measure the steps of `optimizer` too (one more optimizer over some of the same parameters).
@@ -98,7 +85,7 @@ class UpdateRatio(Collector):
         parameter was modified in place or replaced in between (a version
         counter or the data pointer moved). `pointers`: `reductions.fingerprint(weights)` if the caller has it.
         """
-        keys = _weight_keys(self._tensors, weights, self._sharded, pointers)
+        keys = _weight_keys(self._params.tensors, weights, self._params.sharded, pointers)
         self._offered = (step, keys, norms, flat) if len(weights) == len(self._params) == norms.numel() else None
 
     def _take_offer(self, idx: Optional[list[int]], keys: tuple[list, ...]) -> Optional[tuple[torch.Tensor, Any]]:
@@ -154,7 +141,7 @@ class UpdateRatio(Collector):
         self.cost_s += cost.clock() - start
 
     def _take_snapshot(self, optimizer: torch.optim.Optimizer) -> None:
-        tensors = self._tensors
+        tensors = self._params.tensors
         held = self._held_by(optimizer)
         no_grad = reductions.absent(list(map(reductions.GRAD, tensors)))
         if self._all_held[0] != self._held[0]:
@@ -164,12 +151,12 @@ class UpdateRatio(Collector):
         else:
             skip = set(no_grad)
             idx = [i for i, p in enumerate(tensors) if i not in skip and id(p) in held]
-        params = self._params if idx is None else [self._params[i] for i in idx]
+        params = self._params.pairs if idx is None else [self._params.pairs[i] for i in idx]
         chosen = tensors if idx is None else [tensors[i] for i in idx]
-        local = [reductions._local(p) for p in chosen] if self._sharded else chosen
+        local = [reductions._local(p) for p in chosen] if self._params.sharded else chosen
         # The offer holds these weights' norms (and their flat copy, for many small parameters)
         # from step() moments ago, if nothing has changed them since.
-        keys = _weight_keys(chosen, local, self._sharded)
+        keys = _weight_keys(chosen, local, self._params.sharded)
         norms, flat = self._take_offer(idx, keys) or (None, None)
         plan = self._plan(local, key=tuple(keys[-1]))  # their storage pointers: `reductions.fingerprint`
         self._measure_plan = plan
@@ -207,7 +194,7 @@ class UpdateRatio(Collector):
 
     def _measure(self, step: int) -> None:
         # the local pieces of `_snapshot_params`, as they are after the update
-        current = [reductions._local(p) for _, p in self._snapshot_params] if self._sharded else self._current
+        current = [reductions._local(p) for _, p in self._snapshot_params] if self._params.sharded else self._current
         if self._flat:
             plan = self._measure_plan  # the update moved no storage: the snapshot's plan holds
             now = plan.flatten(current) if plan.impl == "flat" else reductions.flatten(current)
@@ -217,12 +204,13 @@ class UpdateRatio(Collector):
             # old - new, in the buffers (their layout is the parameters')
             delta = self._plan(self._snapshot).subtract_norms_(self._snapshot, current, self._device())
         old, self._old_norms = self._old_norms, None
-        if self._sharded:
+        if self._params.sharded:
             w = distributed.shard_weights([p for _, p in self._snapshot_params], delta.device)
             delta, _, old = distributed.reduce_sharded_norms(delta, delta, old, w, w)
         # ‖w‖ = 0 (a zero-initialised bias): the ratio is undefined, recorded as NaN.
         ratio = torch.where(old > 0, delta / old.clamp_min(torch.finfo(old.dtype).tiny), float("nan"))
-        names = self._names if self._snapshot_params is self._params else [n for n, _ in self._snapshot_params]
+        every = self._snapshot_params is self._params.pairs
+        names = self._params.names if every else [n for n, _ in self._snapshot_params]
         self.result = (step, names, ratio)
 
     def _held_by(self, optimizer: torch.optim.Optimizer) -> set[int]:

@@ -17,6 +17,10 @@ How it maps onto Lightning's loop (2.x):
   update ratio is taken across the actual update (see `updates.py`).
 - Activations: Lightning calls `training_step`, not `forward`; the callback
   makes the module's `training_step` an entry of activation capture.
+- The input scale is read at the module's forward; when `training_step`
+  calls a submodule (`self.net(x)`) that forward never runs, and the input is
+  the first floating-point tensor of the logged step's batches
+  (`on_train_batch_start`), counted only if the forward recorded none.
 - The loss is the sum of the losses handed to backward since the previous
   optimizer step (`on_before_backward`): in automatic optimisation those are
   the training step's loss divided by `accumulate_grad_batches`, so their sum
@@ -42,11 +46,13 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Mapping
 from typing import Any, Optional, Sequence, Union
 
 import torch
 
 from tb_diag_logger import hooks
+from tb_diag_logger.collectors.inputs import InputScale, first_float_input
 from tb_diag_logger.diagnostics import DEFAULT_EVERY, Diagnostics, _patterns, check_every, warn_once
 from tb_diag_logger.live import check_level, stop_line
 
@@ -96,6 +102,8 @@ class _DiagnosticsHooks:
         self.diagnostics: Optional[Diagnostics] = None
         self._module: Any = None  # the LightningModule whose training_step we wrapped
         self._loss: Optional[torch.Tensor] = None  # losses handed to backward since the last optimizer step
+        self._inputs: Optional[InputScale] = None  # the input scale of the Diagnostics in use
+        self._batch_inputs: tuple[int, list[torch.Tensor]] = (-1, [])  # (logged step, its batches' inputs)
         self._warned: set[str] = set()
         self._live: Any = None  # the last run's live findings, kept after fit() for findings()
 
@@ -124,6 +132,7 @@ class _DiagnosticsHooks:
         )
         self.diagnostics = diag
         self._live = diag._live
+        self._inputs = next((c for c in diag.collectors if isinstance(c, InputScale)), None)
         if diag._updates is not None:
             for opt in optimizers[1:]:
                 diag._updates.watch(opt)
@@ -145,7 +154,7 @@ class _DiagnosticsHooks:
             hooks.del_attribute(self._module, "training_step")  # the class's method again
             self._module = None
         diag, self.diagnostics = self.diagnostics, None
-        self._loss = None
+        self._loss, self._inputs, self._batch_inputs = None, None, (-1, [])
         if diag is not None:
             try:
                 diag.close()
@@ -153,6 +162,20 @@ class _DiagnosticsHooks:
                 self._report("closing", e)
 
     # ----------------------------------------------------------------- steps
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        """Keep a logged step's batch input (a reference: no copy, no device work until the step)."""
+        diag, step = self.diagnostics, trainer.global_step
+        if diag is None or self._inputs is None or not diag.should_log(step):
+            return
+        try:
+            x = _batch_input(batch)
+            if x is not None:
+                # a new step drops what a step without an optimizer step left (manual optimisation)
+                kept = self._batch_inputs[1] if self._batch_inputs[0] == step else []
+                self._batch_inputs = (step, [*kept, x])
+        except Exception as e:  # never into the training loop
+            self._report("input scale", e)
+
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
         """Add a backward pass's loss to the step's (only for a step that will be logged)."""
         diag = self.diagnostics
@@ -173,6 +196,12 @@ class _DiagnosticsHooks:
         if diag is None:
             return
         loss, self._loss = self._loss, None
+        (at, inputs), self._batch_inputs = self._batch_inputs, (-1, [])
+        if inputs and at == trainer.global_step and self._inputs is not None:
+            try:
+                self._inputs.feed(inputs)  # only if training_step never called the module's own forward
+            except Exception as e:
+                self._report("input scale", e)
         try:
             diag.step(trainer.global_step, loss=loss)
             if diag.should_stop and not trainer.should_stop:
@@ -197,6 +226,18 @@ class _DiagnosticsHooks:
 
     def _report(self, where: str, exc: BaseException) -> None:
         warn_once(self._warned, f"the Lightning callback ({where})", exc, stacklevel=2)
+
+
+def _batch_input(batch: Any) -> Optional[torch.Tensor]:
+    """The first floating-point tensor of a batch (a tensor, a tuple or list, a mapping), as the input scale
+    picks one among a forward's arguments; None if there is none (token ids)."""
+    if isinstance(batch, torch.Tensor):
+        return first_float_input((batch,), {})
+    if isinstance(batch, Mapping):
+        return first_float_input((), batch)
+    if isinstance(batch, (tuple, list)):
+        return first_float_input(tuple(batch), {})
+    return None
 
 
 def _rank_zero_info(message: str) -> None:
