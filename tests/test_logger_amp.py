@@ -95,3 +95,33 @@ def test_disabled_scaler_records_scale_one(tmp_path):
     s = read(tmp_path)
     assert at(s, "amp_scale", "", 0) == 1.0 and at(s, "amp_skipped", "", 0) == 0.0
     assert close(at(s, "grad_norm", "weight", 0), model.weight.grad.norm().item())
+
+
+@pytest.mark.parametrize("unscale_first", [True, False])
+def test_gradients_stay_unscaled_after_set_optimizer(tmp_path, unscale_first):
+    """The scaler keeps its stage per optimizer: after diag.set_optimizer the new one's is read, so the
+    norms are divided by the scale exactly when the gradients are still scaled (found by review: the old
+    optimizer's stage made every later norm 1/scale too small)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    want = {}
+    with Diagnostics(model, logdir=str(tmp_path), every=1, optimizer=opt, scaler=scaler) as diag:
+        for step in range(4):
+            if step == 2:
+                opt = torch.optim.SGD(model.parameters(), lr=0.01)
+                diag.set_optimizer(opt)
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            opt.zero_grad()
+            scaler.scale(loss).backward()
+            if unscale_first:
+                scaler.unscale_(opt)
+            g = model.weight.grad.detach().double()
+            want[step] = float(g.norm()) / (1.0 if unscale_first else scaler.get_scale())
+            diag.step(step, loss=loss)
+            scaler.step(opt)
+            scaler.update()
+    s = read(tmp_path)
+    for step in range(4):
+        assert at(s, "grad_norm", "weight", step) == pytest.approx(want[step], rel=1e-5)

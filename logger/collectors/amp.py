@@ -90,6 +90,10 @@ class AmpState(Collector):
         self.optimizer = optimizer
         self._skip_known = False
 
+    def set_optimizer(self, optimizer: Any, updates: Any) -> None:
+        # The scaler's stage is kept per optimizer: the old one's would say "still scaled" forever.
+        self.optimizer = optimizer
+
     def unscale(self, norms: torch.Tensor, max_abs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Gradient statistics divided by the loss scale while the gradients are still scaled."""
         if already_unscaled(self.scaler, self.optimizer):
