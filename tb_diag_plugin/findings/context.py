@@ -17,6 +17,7 @@ from tb_diag_plugin import layer_groups, metadata
 from tb_diag_plugin.findings.model_info import GATED_TYPES, ModelInfo
 from tb_diag_plugin.findings.series import Series
 from tb_diag_plugin.findings.thresholds import Thresholds
+from tb_diag_plugin.series import PiecewiseSeries, row_spans
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,9 @@ class Context:
         """(steps, values with NaN where absent) before the first NaN/Inf, without AMP-skipped steps.
 
         Several rules ask for the same series: the answer is computed once per
-        cutoff and handed out read-only (a 20k x 500 metric is 80 MB as float64).
+        cutoff and handed out read-only (a 20k x 500 metric is 80 MB as float64)
+        until no later rule reads the metric (`release`). A metric read in
+        pieces (`PiecewiseSeries`) gives only the rows kept, a span at a time.
         """
         key = (id(s), self.cutoff, self.amp_skipped.size)
         hit = self._memo.get(key)
@@ -114,14 +117,39 @@ class Context:
         if self.amp_skipped.size:
             keep &= ~np.isin(s.steps, self.amp_skipped)
         everything = bool(keep.all())
-        vals = (s.values if everything else s.values[keep]).astype(np.float64)
-        all_present = 0 in s.present.strides and s.present.size > 0 and bool(s.present.flat[0])
-        if not all_present:  # `present` is a broadcast True when every cell was recorded
-            vals[~(s.present if everything else s.present[keep])] = np.nan
+        if isinstance(s, PiecewiseSeries):
+            vals = np.empty((int(keep.sum()), len(s.layers)))
+            at = 0
+            for lo, hi in row_spans(s):
+                if not keep[lo:hi].any():
+                    continue
+                v, p = s.rows(lo, hi)
+                part = keep[lo:hi]
+                block = (v if part.all() else v[part]).astype(np.float64)
+                if not (0 in p.strides and p.size > 0 and bool(p.flat[0])):
+                    block[~(p if part.all() else p[part])] = np.nan
+                vals[at: at + block.shape[0]] = block
+                at += block.shape[0]
+        else:
+            vals = (s.values if everything else s.values[keep]).astype(np.float64)
+            all_present = 0 in s.present.strides and s.present.size > 0 and bool(s.present.flat[0])
+            if not all_present:  # `present` is a broadcast True when every cell was recorded
+                vals[~(s.present if everything else s.present[keep])] = np.nan
         steps = s.steps if everything else s.steps[keep]
         vals.setflags(write=False)
         self._memo[key] = (s, (steps, vals))
         return steps, vals
+
+    def release(self, metric: str) -> None:
+        """No later rule reads `metric`: forget what was computed from it (and its values, if read whole
+        from a `PiecewiseSeries`), so that a run's metrics are not all held at once."""
+        s = self.series.get(metric)
+        if s is None:
+            return
+        for key in [k for k, hit in self._memo.items() if hit[0] is s]:
+            del self._memo[key]
+        if isinstance(s, PiecewiseSeries):
+            s.release()
 
     def add(self, kind: str, severity: str, layers: Sequence[str], first: int, last: int, message: str,
             suggestion: str, steps: Optional[Sequence[int]] = None) -> None:

@@ -28,6 +28,7 @@ from tb_diag_plugin.reading import ALL_SAMPLES, RunIndex, Series, index_runs, in
 from tb_diag_plugin.reading.events import EventIndex
 from tb_diag_plugin.reading.ondemand import OnDemandSeries, open_metric, release_memory
 from tb_diag_plugin.reading.stepbins import StepSummary, summarize
+from tb_diag_plugin.series import PiecewiseSeries
 from tb_diag_plugin.serving import stopped
 from tb_diag_plugin.serving.config import Config
 
@@ -200,10 +201,11 @@ class RunStore:
         def compute():
             t0 = time.monotonic()
             # Only what the rules read; two reads at a time: a read mostly waits for the data server or
-            # numpy, which free the GIL.
+            # numpy, which free the GIL. A metric too big for the cache is not read here: the rules read
+            # it a span of rows at a time from its event files (`PiecewiseSeries`).
             metrics = sorted(m for m in idx.tags if m in findings.INPUTS)
             with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="tb-diag-findings") as pool:
-                read = list(pool.map(lambda m: self.series(ctx, eid, run, m, idx)[0], metrics))
+                read = list(pool.map(lambda m: self._rules_input(ctx, eid, run, m, idx), metrics))
             result = analyze_run(run, dict(zip(metrics, read)),
                                  lambda: read_structure(self.provider, ctx, eid, run) if idx.structure_tag else None)
             answer = result.answer({m: idx.layers(m)[0] for m in idx.tags})
@@ -221,6 +223,11 @@ class RunStore:
         with self._findings_put:
             self._findings_put.notify_all()
         return answer
+
+    def _rules_input(self, ctx, eid: str, run: str, metric: str, idx: RunIndex):
+        """A metric as the rules read it: the cached series, or one read in pieces when it is served on demand."""
+        series = self.series_and_key(ctx, eid, run, metric, idx)[0]
+        return PiecewiseSeries(series) if isinstance(series, OnDemandSeries) else series
 
     def findings_if_ready(self, eid: str, run: str, idx: RunIndex, timeout: float) -> tuple[Optional[dict], bool]:
         """(answer, complete) without computing: the findings of the run's current data if they are

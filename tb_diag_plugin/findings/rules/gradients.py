@@ -3,8 +3,9 @@ other rules respect), `exploding_gradient` and `vanishing_gradient`."""
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -28,38 +29,42 @@ from tb_diag_plugin.findings.context import (
 )
 from tb_diag_plugin.findings.series import Series
 from tb_diag_plugin.findings.thresholds import Thresholds
+from tb_diag_plugin.series import read_rows, row_spans
 
 
 def _nonfinite(ctx: Context) -> None:
     """NaN/Inf in the loss, gradients, weights or activations: where it started."""
-    sources: list[tuple[str, Series, np.ndarray]] = []  # (what, series, bad[S, L])
+    # (what, series, which cells are bad in rows lo..hi-1): each source is scanned a span of rows at a time,
+    # so that no [steps x tensors] mask of a big run is held, nor more than a span of a metric read in pieces.
+    sources: list[tuple[str, Series, Callable[[int, int], np.ndarray]]] = []
     loss = ctx.series.get("loss")
     if loss is not None and loss.steps.size:
-        sources.append(("loss", loss, loss.present & ~np.isfinite(loss.values)))
+        sources.append(("loss", loss, functools.partial(_bad_cells, loss)))
     grad = ctx.series.get("grad_norm")
     if grad is not None and grad.steps.size:
-        bad = grad.present & ~np.isfinite(grad.values)
         nf = ctx.series.get("grad_nonfinite")
-        if nf is not None and nf.layers == grad.layers and np.array_equal(nf.steps, grad.steps):
-            bad |= nf.present & ~(nf.values <= 0)  # a count above zero, or unknown (NaN)
+        if not (nf is not None and nf.layers == grad.layers and np.array_equal(nf.steps, grad.steps)):
+            nf = None
         by_design = _amp_by_design(ctx, grad.steps)
         ctx.amp_skipped = grad.steps[by_design]
-        bad &= ~by_design[:, None]
-        sources.append(("gradients", grad, bad))
+        sources.append(("gradients", grad, functools.partial(_bad_cells, grad, nonfinite=nf, by_design=by_design)))
     weights = ctx.series.get("weight_norm")
     if weights is not None and weights.steps.size:
-        sources.append(("weights", weights, weights.present & ~np.isfinite(weights.values)))
+        sources.append(("weights", weights, functools.partial(_bad_cells, weights)))
     act = ctx.series.get("act_mean")
     if act is not None and act.steps.size:
-        sources.append(("activations", act, act.present & ~np.isfinite(act.values)))
+        sources.append(("activations", act, functools.partial(_bad_cells, act)))
     if not sources:
         ctx.notes.append("nonfinite: not checked, no loss, gradient, weight or activation metrics recorded")
         return
     firsts = {}
     for what, s, bad in sources:
-        rows = np.flatnonzero(bad.any(axis=1))
-        if rows.size:
-            firsts[what] = (int(s.steps[rows[0]]), int(s.steps[rows[-1]]), int(rows.size))
+        bad_rows = np.zeros(s.steps.size, dtype=bool)
+        for lo, hi in row_spans(s):
+            bad_rows[lo:hi] = bad(lo, hi).any(axis=1)
+        hit = np.flatnonzero(bad_rows)
+        if hit.size:
+            firsts[what] = (int(s.steps[hit[0]]), int(s.steps[hit[-1]]), int(hit.size))
     if not firsts:
         return
     first = min(f[0] for f in firsts.values())
@@ -74,7 +79,7 @@ def _nonfinite(ctx: Context) -> None:
         f0 = firsts[what][0]
         if f0 == first:
             row = int(np.flatnonzero(s.steps == first)[0])
-            names = [s.layers[j] for j in np.flatnonzero(bad[row])]
+            names = [s.layers[j] for j in np.flatnonzero(bad(row, row + 1)[0])]
             layers += names
             parts.append(f"{what} {ctx.layer_list(names, 3)} ({len(names)}/{len(s.layers)})")
         else:
@@ -110,6 +115,20 @@ def _nonfinite(ctx: Context) -> None:
         suggestion,
     )
     ctx.mark_primary()
+
+
+def _bad_cells(s: Series, lo: int, hi: int, nonfinite: Optional[Series] = None,
+               by_design: Optional[np.ndarray] = None) -> np.ndarray:
+    """Which recorded cells of rows lo..hi-1 of `s` are NaN/Inf; with the gradients, also those whose
+    `nonfinite` count is above zero or unknown (NaN), except on the rows skipped `by_design` (AMP)."""
+    values, present = read_rows(s, lo, hi)
+    bad = present & ~np.isfinite(values)
+    if nonfinite is not None:
+        nv, npresent = read_rows(nonfinite, lo, hi)
+        bad |= npresent & ~(nv <= 0)  # a count above zero, or unknown (NaN)
+    if by_design is not None:
+        bad &= ~by_design[lo:hi, None]
+    return bad
 
 
 def _logged_before(ctx: Context, step: int) -> Optional[int]:
@@ -309,10 +328,14 @@ def _overflow(ctx: Context, g: Series, th: Thresholds) -> Optional[tuple[list[st
     rows = np.flatnonzero(g.steps == step)
     if not rows.size:
         return None
-    row = np.where(g.present[rows[0]], g.values[rows[0]].astype(np.float64), np.nan)
     before = g.steps < step
+    # Only the rows up to that step are read (of a big run, read in pieces, not the whole metric).
+    hi = max(int(rows[0]), int(np.flatnonzero(before)[-1]) if before.any() else 0) + 1
+    values, present = read_rows(g, 0, hi)
+    row = np.where(present[rows[0]], values[rows[0]].astype(np.float64), np.nan)
+    before = before[:hi]
     if before.any():
-        early = np.where(g.present[before], g.values[before].astype(np.float64), np.nan)
+        early = np.where(present[before], values[before].astype(np.float64), np.nan)
         base = np.fmin(early[0], quiet(np.nanmedian, early[: window(early.shape[0], th)], axis=0))
     else:
         base = np.full(row.shape, np.nan)
