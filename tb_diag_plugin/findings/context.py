@@ -17,7 +17,7 @@ from tb_diag_plugin import layer_groups, metadata
 from tb_diag_plugin.findings.model_info import GATED_TYPES, ModelInfo
 from tb_diag_plugin.findings.series import Series
 from tb_diag_plugin.findings.thresholds import Thresholds
-from tb_diag_plugin.series import PiecewiseSeries, row_spans
+from tb_diag_plugin.series import PiecewiseSeries, read_rows, row_spans
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ class Context:
             for lo, hi in row_spans(s):
                 if not keep[lo:hi].any():
                     continue
-                v, p = s.rows(lo, hi)
+                v, p = read_rows(s, lo, hi)
                 part = keep[lo:hi]
                 block = (v if part.all() else v[part]).astype(np.float64)
                 if not (0 in p.strides and p.size > 0 and bool(p.flat[0])):

@@ -22,6 +22,8 @@ from tb_diag_plugin.findings.context import (
     model_column,
     persistent,
     quiet,
+    read_rows,
+    row_spans,
     sibling_weight,
     smaller,
     total_grad,
@@ -29,7 +31,6 @@ from tb_diag_plugin.findings.context import (
 )
 from tb_diag_plugin.findings.series import Series
 from tb_diag_plugin.findings.thresholds import Thresholds
-from tb_diag_plugin.series import read_rows, row_spans
 
 
 def _nonfinite(ctx: Context) -> None:

@@ -18,6 +18,7 @@ from tb_diag_plugin.findings.context import (
     lr_text,
     persistent,
     quiet,
+    read_rows,
     weights_over_start,
 )
 
@@ -137,8 +138,14 @@ def _has_grad(ctx: Context, steps: np.ndarray, names: list[str]) -> np.ndarray:
     rows = np.array([row_of.get(int(s), -1) for s in steps], dtype=np.int64)
     cols = np.array([col_of.get(n, -1) for n in names], dtype=np.int64)
     known = (rows[:, None] >= 0) & (cols[None, :] >= 0)
-    vals = g.values[rows[:, None], cols[None, :]].astype(np.float64)
-    pres = g.present[rows[:, None], cols[None, :]]
+    if not (rows >= 0).any():
+        return out
+    # Only the span of rows asked for is read (of a big run, read in pieces, not the whole metric).
+    lo, hi = int(rows[rows >= 0].min()), int(rows.max()) + 1
+    values, present = read_rows(g, lo, hi)
+    at = np.where(rows >= 0, rows - lo, 0)[:, None]  # unknown rows read any row: `known` masks them
+    vals = values[at, cols[None, :]].astype(np.float64)
+    pres = present[at, cols[None, :]]
     alive = pres & np.isfinite(vals) & (vals > 0)
     return np.where(known, alive, True)
 
