@@ -45,10 +45,12 @@ class PiecewiseSeries:
     they lie (`reading.ondemand.OnDemandSeries`: anything with `pieces(k, window)` and `load()`).
 
     `values` and `present` still give the whole matrix to code that asks for it (read once, kept until
-    `release`), so a rule that reads the metric whole is right, only not bounded in memory.
+    `release`), so a rule that reads the metric whole is right, only not bounded in memory. `piece_bytes`:
+    about how many bytes of float64 values a span of rows holds (`row_spans`).
     """
 
-    def __init__(self, source) -> None:
+    def __init__(self, source, piece_bytes: int = PIECE_BYTES) -> None:
+        self.piece_bytes = piece_bytes
         self.metric: str = source.metric
         self.layers: list[str] = source.layers
         self.layer_types: list[str] = source.layer_types
@@ -90,9 +92,11 @@ class PiecewiseSeries:
 
 
 def row_spans(series, row_bytes: int = 8) -> Iterator[tuple[int, int]]:
-    """(lo, hi) spans of `series`' rows of about `PIECE_BYTES` each at `row_bytes` per value."""
+    """(lo, hi) spans of `series`' rows of about `PIECE_BYTES` (a `PiecewiseSeries`' `piece_bytes`) each at
+    `row_bytes` per value."""
     n = series.steps.size
-    step = max(1, PIECE_BYTES // max(1, row_bytes * len(series.layers)))
+    piece = series.piece_bytes if isinstance(series, PiecewiseSeries) else PIECE_BYTES
+    step = max(1, piece // max(1, row_bytes * len(series.layers)))
     for lo in range(0, n, step):
         yield lo, min(n, lo + step)
 
