@@ -251,6 +251,15 @@ def recorded_with(names: Sequence[str], series: Iterable[Series]) -> Optional[li
     return out or None
 
 
+def positions(names: Sequence[str]) -> dict[str, int]:
+    """Each name's first index in `names` (what `names.index` gives): lookups in a loop over thousands of
+    tensors that do not scan the list each time."""
+    out: dict[str, int] = {}
+    for j, n in enumerate(names):
+        out.setdefault(n, j)
+    return out
+
+
 def window(n: int, th: Thresholds) -> int:
     """Logged steps that make a run's "start" or "end": max(min_window, window_fraction of n), at most n."""
     return max(1, min(n, max(th.min_window, math.ceil(th.window_fraction * n))))
@@ -373,7 +382,8 @@ def weights_over_start(ctx: Context, names: Optional[Sequence[str]] = None):
     if names is None:
         cols = [j for j, n in enumerate(w.layers) if not is_bias(n)]
     else:
-        cols = [w.layers.index(n) for n in names if n in w.layers]
+        at = positions(w.layers)
+        cols = [at[n] for n in names if n in at]
     if steps.size < 2 or not cols:
         return None
     wv = wv[:, cols]

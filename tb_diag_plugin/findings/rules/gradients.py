@@ -21,6 +21,7 @@ from tb_diag_plugin.findings.context import (
     lr_text,
     model_column,
     persistent,
+    positions,
     quiet,
     read_rows,
     row_spans,
@@ -367,11 +368,12 @@ def _per_weight(g: Series, w: Series, ctx: Context, th: Thresholds):
     common, gi, wi = np.intersect1d(gsteps, wsteps, return_indices=True)
     if common.size == 0:
         return None, None, None
-    names = [n for n in g.layers if n in w.layers]
+    g_at, w_at = positions(g.layers), positions(w.layers)
+    names = [n for n in g.layers if n in w_at]
     if not names:
         return None, None, None
-    gm = gv[gi][:, [g.layers.index(n) for n in names]]
-    wm = wv[wi][:, [w.layers.index(n) for n in names]]
+    gm = gv[gi][:, [g_at[n] for n in names]]
+    wm = wv[wi][:, [w_at[n] for n in names]]
     ratio = np.where(wm >= th.min_weight_norm, gm / np.where(wm > 0, wm, 1.0), np.nan)
     return ratio, common, names
 
@@ -407,21 +409,22 @@ def _vanishing(ctx: Context) -> None:
         if span is not None:
             spans[n] = span
     vanishing, no_grad, redundant = [], [], []
+    at = positions(g.layers)
     for n in spans:
-        j = g.layers.index(n)
+        j = at[n]
         if zero[valid[:, j], j].all():
             no_grad.append(n)
-        elif is_bias(n) and sibling_weight(n) in g.layers and sibling_weight(n) not in spans:
+        elif is_bias(n) and sibling_weight(n) in at and sibling_weight(n) not in spans:
             # A bias is judged with its own weight: a bias right before BatchNorm/LayerNorm (or a
             # key-projection bias under softmax) gets ~0 gradient by construction, harmlessly.
-            ws = share[:, g.layers.index(sibling_weight(n))]
+            ws = share[:, at[sibling_weight(n)]]
             if quiet(lambda a, b: np.nanmedian(a / b), share[:, j], ws) < th.vanish_ratio:
                 redundant.append(n)
         else:
             vanishing.append(n)
 
     if vanishing:
-        idx = [g.layers.index(n) for n in vanishing]
+        idx = [at[n] for n in vanishing]
         first = min(spans[n][0] for n in vanishing)
         last = max(spans[n][1] for n in vanishing)
         med = quiet(np.nanmedian, share[:, idx], axis=0)

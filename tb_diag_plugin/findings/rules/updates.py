@@ -17,6 +17,7 @@ from tb_diag_plugin.findings.context import (
     is_bias,
     lr_text,
     persistent,
+    positions,
     quiet,
     read_rows,
     weights_over_start,
@@ -39,7 +40,8 @@ def _update_ratio(ctx: Context) -> None:
         wsteps, wv = ctx.before_cutoff(wn)
         common, ui, wi = np.intersect1d(steps, wsteps, return_indices=True)
         steps, uv = common, uv[ui]
-        w_at = {n: wv[wi, wn.layers.index(n)] for n in u.layers if n in wn.layers}
+        at = positions(wn.layers)
+        w_at = {n: wv[wi, at[n]] for n in u.layers if n in at}
         for j, n in enumerate(u.layers):
             if n in w_at:
                 uv[:, j] = np.where(w_at[n] >= th.min_weight_norm, uv[:, j], np.nan)
