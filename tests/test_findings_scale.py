@@ -50,6 +50,9 @@ def test_columns_wider_than_one_block_are_searched_block_by_block(monkeypatch):
     want = {j: s for j in range(50) if (s := spikes(v[:, j], th, draws=50))}
     monkeypatch.setattr(rules, "_BLOCK_BYTES", 8 * 120 * 7)  # blocks of 7 columns
     assert column_spikes(v, th, draws=50) == want and want
+    # Some columns only (the rule leaves the biases out), by their position among those asked for.
+    some = [j for j in range(50) if j % 3]
+    assert column_spikes(v, th, draws=50, columns=some) == {k: want[j] for k, j in enumerate(some) if j in want}
 
 
 @pytest.mark.parametrize("seed", range(3))

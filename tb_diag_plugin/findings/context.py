@@ -9,7 +9,7 @@ import math
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -249,6 +249,18 @@ def recorded_with(names: Sequence[str], series: Iterable[Series]) -> Optional[li
     want = set(names)
     out = [n for s in series if len(s.layers) >= len(want) and want.issubset(s.layers) for n in s.layers]
     return out or None
+
+
+# Bytes of one [steps x columns] float64 temporary of a rule that works a block of columns at a time.
+BLOCK_BYTES = 16 << 20
+
+
+def column_blocks(rows: int, columns: int, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[int, int]]:
+    """(lo, hi) spans of `columns` of about `block_bytes` of float64 each at `rows` rows: for rules whose
+    work is per column, so that a [steps x tensors] temporary of a long run of thousands is not held."""
+    step = max(1, block_bytes // max(1, 8 * rows))
+    for lo in range(0, columns, step):
+        yield lo, min(columns, lo + step)
 
 
 def positions(names: Sequence[str]) -> dict[str, int]:

@@ -16,6 +16,7 @@ from tb_diag_plugin.findings.context import (
     CUTOFF,
     Context,
     Rule,
+    column_blocks,
     fmt,
     is_bias,
     lr_text,
@@ -289,19 +290,23 @@ def _exploding(ctx: Context) -> None:
     # 3. Gradients far larger than the weights they update.
     w_series = ctx.series.get("weight_norm")
     if w_series is not None and w_series.steps.size:
-        ratio, rsteps, names = _per_weight(g, w_series, ctx, th)
-        if ratio is not None:
-            valid = np.isfinite(ratio)
+        got_ratio = _per_weight(g, w_series, ctx, th)
+        if got_ratio is not None:
+            rsteps, names, ratio_of = got_ratio
             worst = []
-            for j, n in enumerate(names):
-                if is_bias(n):
-                    continue  # a bias near 0 makes any gradient look huge next to it
-                span = persistent(ratio[:, j] >= th.explode_grad_to_weight, valid[:, j], th)
-                if span is not None:
-                    flagged[n] = None
-                    worst.append(float(quiet(np.nanmedian, ratio[:, j])))
-                    first = int(rsteps[span[0]]) if first is None else min(first, int(rsteps[span[0]]))
-                    last = int(rsteps[span[1]]) if last is None else max(last, int(rsteps[span[1]]))
+            # A block of tensors at a time: the ratios of thousands of tensors over a long run are not held.
+            for lo, hi in column_blocks(rsteps.size, len(names)):
+                ratio = ratio_of(lo, hi)
+                valid = np.isfinite(ratio)
+                for j, n in enumerate(names[lo:hi]):
+                    if is_bias(n):
+                        continue  # a bias near 0 makes any gradient look huge next to it
+                    span = persistent(ratio[:, j] >= th.explode_grad_to_weight, valid[:, j], th)
+                    if span is not None:
+                        flagged[n] = None
+                        worst.append(float(quiet(np.nanmedian, ratio[:, j])))
+                        first = int(rsteps[span[0]]) if first is None else min(first, int(rsteps[span[0]]))
+                        last = int(rsteps[span[1]]) if last is None else max(last, int(rsteps[span[1]]))
             if worst:
                 detail.append(
                     f"{len(worst)} tensor(s) have gradients "
@@ -362,20 +367,26 @@ def _overflow(ctx: Context, g: Series, th: Thresholds) -> Optional[tuple[list[st
 
 
 def _per_weight(g: Series, w: Series, ctx: Context, th: Thresholds):
-    """grad/weight norm per layer at common steps, layers with a non-negligible weight norm only."""
+    """(common steps, layers with both norms, ratio_of) or None: ratio_of(lo, hi) is the grad/weight norm
+    of those layers lo..hi-1 at the common steps, NaN where the weight norm is negligible."""
     gsteps, gv = ctx.before_cutoff(g)
     wsteps, wv = ctx.before_cutoff(w)
     common, gi, wi = np.intersect1d(gsteps, wsteps, return_indices=True)
     if common.size == 0:
-        return None, None, None
+        return None
     g_at, w_at = positions(g.layers), positions(w.layers)
     names = [n for n in g.layers if n in w_at]
     if not names:
-        return None, None, None
-    gm = gv[gi][:, [g_at[n] for n in names]]
-    wm = wv[wi][:, [w_at[n] for n in names]]
-    ratio = np.where(wm >= th.min_weight_norm, gm / np.where(wm > 0, wm, 1.0), np.nan)
-    return ratio, common, names
+        return None
+    gcols = np.array([g_at[n] for n in names])
+    wcols = np.array([w_at[n] for n in names])
+
+    def ratio_of(lo: int, hi: int) -> np.ndarray:
+        gm = gv[gi[:, None], gcols[None, lo:hi]]
+        wm = wv[wi[:, None], wcols[None, lo:hi]]
+        return np.where(wm >= th.min_weight_norm, gm / np.where(wm > 0, wm, 1.0), np.nan)
+
+    return common, names, ratio_of
 
 
 def _vanishing(ctx: Context) -> None:

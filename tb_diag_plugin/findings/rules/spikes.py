@@ -13,7 +13,7 @@ norm alone (`EARLY_GRADIENT_SPIKE`)."""
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -56,22 +56,25 @@ def spikes(v: np.ndarray, th: Thresholds, peak: Optional[np.ndarray] = None,
     return _confirm(x, lx, cand, possible[possible >= 1], step_noise(lx), _z_need(n, draws, th), th)
 
 
-def column_spikes(values: np.ndarray, th: Thresholds, draws: int = 1) -> dict[int, list[tuple[int, float]]]:
-    """`spikes` of every column of `values` [n, columns] (no peak), as {column: its spikes} for the columns
-    that have one, in column order.
+def column_spikes(values: np.ndarray, th: Thresholds, draws: int = 1,
+                  columns: Optional[Sequence[int]] = None) -> dict[int, list[tuple[int, float]]]:
+    """`spikes` of every column of `values` [n, columns] (no peak), or of the `columns` given, as {position
+    among them: its spikes} for the columns that have one, in order.
 
     The candidate bound and each column's noise are computed for a block of columns at once; only the
     columns with a candidate reach the exact per-step test, so a healthy run of thousands of tensors costs
     a few vectorised passes (the block bounds the temporaries to about `_BLOCK_BYTES` each).
     """
-    n, width = values.shape
+    n = values.shape[0]
+    picked = None if columns is None else np.asarray(columns, dtype=np.int64)
+    width = values.shape[1] if picked is None else picked.size
     out: dict[int, list[tuple[int, float]]] = {}
     if n < 4:
         return out
     z_need = _z_need(n, draws, th)
     block = max(1, _BLOCK_BYTES // (8 * n))
     for lo in range(0, width, block):
-        x = _positive(values[:, lo: lo + block])
+        x = _positive(values[:, lo: lo + block] if picked is None else values[:, picked[lo: lo + block]])
         lx = np.log(x)
         possible = _possible(lx, lx, th)
         possible[0] = False  # the first entry has no window
@@ -212,8 +215,7 @@ def _gradient_spike(ctx: Context) -> None:
     if g is not None and g.steps.size:
         gsteps, gv = ctx.before_cutoff(g)
         cols = [j for j, n in enumerate(g.layers) if not is_bias(n)] or list(range(len(g.layers)))
-        picked = gv if len(cols) == len(g.layers) else gv[:, cols]
-        for k, s in column_spikes(picked, th, draws=len(cols)).items():
+        for k, s in column_spikes(gv, th, draws=len(cols), columns=cols).items():
             per[g.layers[cols[k]]] = [(int(gsteps[i]), r) for i, r in s]
     global_hits = [(int(steps[i]), r) for i, r in found]
     strong = (len(global_hits) >= th.grad_spike_min or any(r >= th.grad_spike_single for _, r in global_hits))
