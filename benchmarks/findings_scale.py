@@ -18,6 +18,13 @@ Python and numpy allocated during the request (tracemalloc slows the rules;
 its time is not the time reported without it). The logdir holds one run
 named `run`, written by `benchmarks/eventgen.write_diagnostics_run`.
 Results: benchmarks/results/findings_scale.json.
+
+    python benchmarks/findings_scale.py --rules-only 2000x5000
+
+The rules alone, in this process, on a healthy run held in memory (eventgen's
+values without their NaN and spikes, so that no NaN cutoff shortens what the
+rules judge): tracemalloc's peak over the whole analysis and per rule, against
+the size of one per-tensor metric.
 """
 
 from __future__ import annotations
@@ -68,8 +75,9 @@ def _digest(findings: list[dict]) -> str:
 
 def _child(args) -> None:
     sys.path[:0] = [args.tree, os.path.join(args.tree, "tests"), HERE]
-    import tbserver
     from reading import _wait_loaded
+
+    import tbserver
 
     extra = ["--diagnostics_preload", "false", "--diagnostics_cache_mb", str(args.cache_mb)]
     with tbserver.serve_with_plugin(args.logdir, load_fast=True, extra=extra) as (srv, plugin):
@@ -122,9 +130,70 @@ def _run_child(tree: str, args, cache_mb: int, tracemalloc: bool) -> dict:
     raise RuntimeError(f"{tree}: no result\n{p.stderr[-3000:]}")
 
 
+def rules_only(size: str) -> dict:
+    """tracemalloc's peak of `findings.analyze` on a healthy STEPSxTENSORS run held in memory, whole and per rule."""
+    import dataclasses
+    import tracemalloc
+
+    import numpy as np
+
+    sys.path.insert(0, HERE)
+    import eventgen
+
+    from tb_diag_plugin import findings, metadata
+    from tb_diag_plugin.findings.registry import ORDER
+    from tb_diag_plugin.series import Series
+
+    steps_n, width = (int(x) for x in size.split("x"))
+    steps = np.arange(steps_n, dtype=np.int64)
+    names = eventgen.layer_names(width)
+
+    def series(metric: str, layers: list[str], values: np.ndarray) -> Series:
+        return Series(metric, layers, [""] * len(layers), steps, values.astype(np.float32),
+                      np.broadcast_to(np.True_, values.shape))
+
+    run = {}
+    for m in ("grad_norm", "grad_nonfinite", "weight_norm", "update_ratio"):
+        v = eventgen.metric_values(m, steps, width)
+        v[~np.isfinite(v)] = 1.0
+        if m == "grad_norm":
+            v[v > 5.0] = 1.0  # eventgen's planted spikes: a healthy run has none
+        run[m] = series(m, names, v)
+    run["grad_norm_total"] = series("grad_norm_total", [""], np.sqrt(
+        (run["grad_norm"].values.astype(np.float64) ** 2).sum(axis=1, keepdims=True)))
+    run["learning_rate"] = series("learning_rate", [""], np.full((steps_n, 1), 0.1))
+    run["loss"] = series("loss", [metadata.TOTAL_LOSS], (2.0 / (1 + steps / 500))[:, None])
+    peaks: list[tuple[str, float]] = []
+
+    def measured(rule):
+        def check(ctx, _check=rule.check):
+            held = tracemalloc.get_traced_memory()[0]
+            tracemalloc.reset_peak()
+            _check(ctx)
+            peaks.append((rule.name, (tracemalloc.get_traced_memory()[1] - held) / 2**20))
+        return dataclasses.replace(rule, check=check)
+
+    out = {"size": size, "metric_mib": round(run["grad_norm"].values.nbytes / 2**20, 1)}
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        t = time.perf_counter()
+        found, _ = findings.analyze(run)
+        out["seconds_traced"] = round(time.perf_counter() - t, 2)
+        out["peak_mib"] = round((tracemalloc.get_traced_memory()[1] - before) / 2**20, 1)
+        findings.analyze(run, rules=[measured(r) for r in ORDER])
+    finally:
+        tracemalloc.stop()
+    out["kinds"] = sorted({f.kind for f in found})
+    out["per_rule_mib"] = {name: round(p, 1) for name, p in peaks if p >= 1.0}
+    print(json.dumps(out, indent=1))
+    return out
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--logdir", required=True, help="a logdir with one run named 'run'")
+    ap.add_argument("--logdir", help="a logdir with one run named 'run'")
+    ap.add_argument("--rules-only", metavar="STEPSxTENSORS", help="the rules alone on a healthy run in memory")
     ap.add_argument("--size", default="20000x5000", metavar="STEPSxTENSORS", help="the run's size (to wait for)")
     ap.add_argument("--cache-mb", type=int, nargs="+", default=[1024, 64])
     ap.add_argument("--baseline", default=None, metavar="COMMIT", help="compare with this commit's plugin")
@@ -138,6 +207,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
         args.cache_mb = args.cache_mb[0]
         _child(args)
         return {}
+    if args.rules_only:
+        return rules_only(args.rules_only)
+    if not args.logdir:
+        ap.error("--logdir is required (or --rules-only)")
     versions = {"this tree": ROOT}
     tmp = None
     if args.baseline:
@@ -171,7 +244,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     print("| version | cache budget | time | resident before | peak (VmHWM) | tracemalloc peak | findings | digest |")
     print("|---|---|---|---|---|---|---|---|")
     for r in res["runs"]:
-        print(f"| {r['version']} | {r['cache_mb']} MiB | {r['findings_s']:.1f} s{' (traced)' if r['tracemalloc'] else ''}"
+        traced = " (traced)" if r["tracemalloc"] else ""
+        print(f"| {r['version']} | {r['cache_mb']} MiB | {r['findings_s']:.1f} s{traced}"
               f" | {r['rss_before_mib']} MiB | {r['peak_mib']} MiB (sampled {r['peak_sampled_mib']}) | "
               f"{r['tracemalloc_peak_mib'] or '-'} | {r['findings']} | {r['digest']} |")
     return res
