@@ -25,6 +25,12 @@ The rules alone, in this process, on a healthy run held in memory (eventgen's
 values without their NaN and spikes, so that no NaN cutoff shortens what the
 rules judge): tracemalloc's peak over the whole analysis and per rule, against
 the size of one per-tensor metric.
+
+    python benchmarks/findings_scale.py --spikes 2000x4040
+
+`gradient_spike`'s per-tensor pass on noisy norms with planted spikes:
+`column_spikes` (every tensor at once) against `spikes` called per tensor (the
+loop it replaced), the same spikes found by both.
 """
 
 from __future__ import annotations
@@ -190,10 +196,37 @@ def rules_only(size: str) -> dict:
     return out
 
 
+def spike_pass(size: str) -> dict:
+    """Seconds of gradient_spike's per-tensor pass at STEPSxTENSORS, every tensor at once and one at a time."""
+    import numpy as np
+
+    from tb_diag_plugin.findings.rules.spikes import column_spikes, spikes
+    from tb_diag_plugin.findings.thresholds import Thresholds
+
+    n, width = (int(x) for x in size.split("x"))
+    rng = np.random.default_rng(1)
+    v = np.exp(rng.normal(0, 0.3, (n, width)) - np.log1p(np.arange(n) / 200)[:, None])
+    v[rng.random(v.shape) < 1e-4] *= 1000.0
+    v[rng.random(v.shape) < 1e-5] = np.nan
+    th = Thresholds()
+    t = time.perf_counter()
+    together = column_spikes(v, th, draws=width)
+    at_once = time.perf_counter() - t
+    t = time.perf_counter()
+    alone = {j: s for j in range(width) if (s := spikes(v[:, j], th, draws=width))}
+    per_tensor = time.perf_counter() - t
+    assert together == alone
+    out = {"size": size, "all_at_once_s": round(at_once, 2), "per_tensor_s": round(per_tensor, 2),
+           "tensors_with_spikes": len(alone), "spikes": sum(map(len, alone.values()))}
+    print(json.dumps(out))
+    return out
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--logdir", help="a logdir with one run named 'run'")
     ap.add_argument("--rules-only", metavar="STEPSxTENSORS", help="the rules alone on a healthy run in memory")
+    ap.add_argument("--spikes", metavar="STEPSxTENSORS", help="gradient_spike's per-tensor pass, old and new")
     ap.add_argument("--size", default="20000x5000", metavar="STEPSxTENSORS", help="the run's size (to wait for)")
     ap.add_argument("--cache-mb", type=int, nargs="+", default=[1024, 64])
     ap.add_argument("--baseline", default=None, metavar="COMMIT", help="compare with this commit's plugin")
@@ -209,6 +242,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         return {}
     if args.rules_only:
         return rules_only(args.rules_only)
+    if args.spikes:
+        return spike_pass(args.spikes)
     if not args.logdir:
         ap.error("--logdir is required (or --rules-only)")
     versions = {"this tree": ROOT}
