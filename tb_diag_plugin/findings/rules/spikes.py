@@ -91,7 +91,7 @@ def column_spikes(values: np.ndarray, th: Thresholds, draws: int = 1,
 
 
 # Bytes of one temporary [n, columns] array in `column_spikes`.
-_BLOCK_BYTES = 16 << 20
+_BLOCK_BYTES = 4 << 20
 
 
 def _positive(v: np.ndarray) -> np.ndarray:
