@@ -255,12 +255,13 @@ def recorded_with(names: Sequence[str], series: Iterable[Series]) -> Optional[li
 BLOCK_BYTES = 16 << 20
 
 
-def column_blocks(rows: int, columns: int, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[int, int]]:
-    """(lo, hi) spans of `columns` of about `block_bytes` of float64 each at `rows` rows: for rules whose
-    work is per column, so that a [steps x tensors] temporary of a long run of thousands is not held."""
-    step = max(1, block_bytes // max(1, 8 * rows))
-    for lo in range(0, columns, step):
-        yield lo, min(columns, lo + step)
+def blocks(count: int, width: int, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[int, int]]:
+    """(lo, hi) spans of `count` columns (or rows) of about `block_bytes` of float64 each, at `width` values per
+    column (row): for rules whose work is per column (per step), so that a [steps x tensors] temporary of a
+    long run of thousands of tensors is not held."""
+    step = max(1, block_bytes // max(1, 8 * width))
+    for lo in range(0, count, step):
+        yield lo, min(count, lo + step)
 
 
 def positions(names: Sequence[str]) -> dict[str, int]:

@@ -16,7 +16,7 @@ from tb_diag_plugin.findings.context import (
     CUTOFF,
     Context,
     Rule,
-    column_blocks,
+    blocks,
     fmt,
     is_bias,
     lr_text,
@@ -295,7 +295,7 @@ def _exploding(ctx: Context) -> None:
             rsteps, names, ratio_of = got_ratio
             worst = []
             # A block of tensors at a time: the ratios of thousands of tensors over a long run are not held.
-            for lo, hi in column_blocks(rsteps.size, len(names)):
+            for lo, hi in blocks(len(names), rsteps.size):
                 ratio = ratio_of(lo, hi)
                 valid = np.isfinite(ratio)
                 for j, n in enumerate(names[lo:hi]):
