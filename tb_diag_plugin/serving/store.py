@@ -82,7 +82,7 @@ class RunStore:
     # ---------------------------------------------------------- series
     def series(self, ctx, eid: str, run: str, metric: str, idx: RunIndex) -> tuple[Series, list[str]]:
         """A metric's merged series and its problems, cached until one of its tags gains a step; a metric
-        too big for the cache is read whole from its event files and not kept (the findings read this)."""
+        too big for the cache is read whole from its event files and not kept."""
         series, problems, _ = self.series_and_key(ctx, eid, run, metric, idx)
         if isinstance(series, OnDemandSeries):
             return series.load(), problems
@@ -207,7 +207,7 @@ class RunStore:
                 answer["stopped"] = stopped.describe(self.series(ctx, eid, run, metadata.STOPPED, idx)[0],
                                                      result.findings)
             del read
-            release_memory()  # the series read whole for the rules: freed, and given back
+            release_memory()  # what the rules read and computed: freed, and given back
             done = time.monotonic()
             with self._lock:
                 self._findings_recent[(eid, run)] = (done + min(60.0, 10 * (done - t0)), answer)
