@@ -41,18 +41,17 @@ def test_the_columns_at_once_find_what_each_column_alone_finds(seed):
     assert found > 0  # the planted spikes are found, so the comparison compares something
 
 
-def test_columns_wider_than_one_block_are_searched_block_by_block(monkeypatch):
-    from tb_diag_plugin.findings.rules import spikes as rules
-
+def test_columns_wider_than_one_block_are_searched_block_by_block():
     rng = np.random.default_rng(7)
     th = Thresholds()
     v = _planted(rng, 120, 50)
     want = {j: s for j in range(50) if (s := spikes(v[:, j], th, draws=50))}
-    monkeypatch.setattr(rules, "_BLOCK_BYTES", 8 * 120 * 7)  # blocks of 7 columns
-    assert column_spikes(v, th, draws=50) == want and want
+    seven = 8 * 120 * 7  # blocks of 7 columns
+    assert column_spikes(v, th, draws=50, block_bytes=seven) == want and want
     # Some columns only (the rule leaves the biases out), by their position among those asked for.
     some = [j for j in range(50) if j % 3]
-    assert column_spikes(v, th, draws=50, columns=some) == {k: want[j] for k, j in enumerate(some) if j in want}
+    assert (column_spikes(v, th, draws=50, columns=some, block_bytes=seven)
+            == {k: want[j] for k, j in enumerate(some) if j in want})
 
 
 @pytest.mark.parametrize("seed", range(3))

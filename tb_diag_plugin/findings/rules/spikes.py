@@ -56,14 +56,15 @@ def spikes(v: np.ndarray, th: Thresholds, peak: Optional[np.ndarray] = None,
     return _confirm(x, lx, cand, possible[possible >= 1], step_noise(lx), _z_need(n, draws, th), th)
 
 
-def column_spikes(values: np.ndarray, th: Thresholds, draws: int = 1,
-                  columns: Optional[Sequence[int]] = None) -> dict[int, list[tuple[int, float]]]:
+def column_spikes(values: np.ndarray, th: Thresholds, draws: int = 1, columns: Optional[Sequence[int]] = None,
+                  block_bytes: Optional[int] = None) -> dict[int, list[tuple[int, float]]]:
     """`spikes` of every column of `values` [n, columns] (no peak), or of the `columns` given, as {position
     among them: its spikes} for the columns that have one, in order.
 
     The candidate bound and each column's noise are computed for a block of columns at once; only the
     columns with a candidate reach the exact per-step test, so a healthy run of thousands of tensors costs
-    a few vectorised passes (the block bounds the temporaries to about `_BLOCK_BYTES` each).
+    a few vectorised passes (the block bounds the temporaries to about `block_bytes`, default
+    `_BLOCK_BYTES`, each).
     """
     n = values.shape[0]
     picked = None if columns is None else np.asarray(columns, dtype=np.int64)
@@ -72,7 +73,7 @@ def column_spikes(values: np.ndarray, th: Thresholds, draws: int = 1,
     if n < 4:
         return out
     z_need = _z_need(n, draws, th)
-    block = max(1, _BLOCK_BYTES // (8 * n))
+    block = max(1, (block_bytes or _BLOCK_BYTES) // (8 * n))
     for lo in range(0, width, block):
         x = _positive(values[:, lo: lo + block] if picked is None else values[:, picked[lo: lo + block]])
         lx = np.log(x)
