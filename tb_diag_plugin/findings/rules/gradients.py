@@ -400,47 +400,71 @@ def _vanishing(ctx: Context) -> None:
         if len(g.layers) < 2:
             ctx.notes.append("vanishing_gradient: not checked, needs gradients of two or more tensors")
         return
-    gv = np.where(np.isfinite(gv), gv, np.nan)
-    raw = gv
-    gv, l2 = _without_l2(ctx, steps, gv, g.layers)
-    top = quiet(np.nanmax, gv, axis=1)
+    ncols = len(g.layers)
+    l2_of = _l2_share(ctx, steps, g.layers)
+    # Per step, the largest gradient norm (the L2 term's share taken out): a block of steps at a time.
+    top = np.full(steps.size, np.nan)
+    has = np.zeros(steps.size, dtype=bool)
+    floor = np.full(steps.size, np.nan)
+    all_cols = np.arange(ncols)
+    for lo, hi in blocks(steps.size, ncols):
+        rows = np.arange(lo, hi)
+        raw = np.where(np.isfinite(gv[lo:hi]), gv[lo:hi], np.nan)
+        if l2_of is not None:
+            has[lo:hi], floor[lo:hi] = l2_of.rows(rows, raw)
+            raw = l2_of.without(rows, all_cols, raw, has[lo:hi], floor[lo:hi])
+        top[lo:hi] = quiet(np.nanmax, raw, axis=1)
+    l2 = float(np.median(floor[has])) if l2_of is not None and has.any() else None
     valid_row = np.isfinite(top) & (top > 0)
-    share = gv / np.where(valid_row, top, np.nan)[:, None]
-    w = window(steps.size, th)
-    share0 = quiet(np.nanmedian, share[:w], axis=0)
-    low = share < th.vanish_ratio
-    collapsed = (share < th.vanish_soft_ratio) & (share < share0[None, :] / th.vanish_drop)
-    cand = low | collapsed
-    valid = np.isfinite(share)
-    zero = np.nan_to_num(raw, nan=1.0) == 0
 
+    def columns(cols: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(raw norms, norms without the L2 share, share of the step's largest) of tensors `cols`, every step."""
+        raw = np.where(np.isfinite(gv[:, cols]), gv[:, cols], np.nan)
+        net = raw if l2 is None else l2_of.without(np.arange(steps.size), cols, raw, has, floor)
+        return raw, net, net / np.where(valid_row, top, np.nan)[:, None]
+
+    # Per tensor, a block of tensors at a time: where its share is low or collapsed, persistently.
+    w = window(steps.size, th)
     spans: dict[str, tuple[int, int]] = {}
-    for j, n in enumerate(g.layers):
-        span = persistent(cand[:, j], valid[:, j], th)
-        if span is not None:
-            spans[n] = span
+    zero_all: dict[str, bool] = {}
+    net_median = np.full(ncols, np.nan)
+    for lo, hi in blocks(ncols, steps.size):
+        raw, net, share = columns(np.arange(lo, hi))
+        share0 = quiet(np.nanmedian, share[:w], axis=0)
+        low = share < th.vanish_ratio
+        collapsed = (share < th.vanish_soft_ratio) & (share < share0[None, :] / th.vanish_drop)
+        cand = low | collapsed
+        valid = np.isfinite(share)
+        zero = np.nan_to_num(raw, nan=1.0) == 0
+        net_median[lo:hi] = quiet(np.nanmedian, net, axis=0)
+        for j in range(hi - lo):
+            span = persistent(cand[:, j], valid[:, j], th)
+            if span is not None:
+                spans[g.layers[lo + j]] = span
+                zero_all[g.layers[lo + j]] = bool(zero[valid[:, j], j].all())
     vanishing, no_grad, redundant = [], [], []
     at = positions(g.layers)
     for n in spans:
         j = at[n]
-        if zero[valid[:, j], j].all():
+        if zero_all[n]:
             no_grad.append(n)
         elif is_bias(n) and sibling_weight(n) in at and sibling_weight(n) not in spans:
             # A bias is judged with its own weight: a bias right before BatchNorm/LayerNorm (or a
             # key-projection bias under softmax) gets ~0 gradient by construction, harmlessly.
-            ws = share[:, at[sibling_weight(n)]]
-            if quiet(lambda a, b: np.nanmedian(a / b), share[:, j], ws) < th.vanish_ratio:
+            share = columns(np.array([j, at[sibling_weight(n)]]))[2]
+            if quiet(lambda a, b: np.nanmedian(a / b), share[:, 0], share[:, 1]) < th.vanish_ratio:
                 redundant.append(n)
         else:
             vanishing.append(n)
 
     if vanishing:
-        idx = [at[n] for n in vanishing]
+        idx = np.array([at[n] for n in vanishing])
         first = min(spans[n][0] for n in vanishing)
         last = max(spans[n][1] for n in vanishing)
-        med = quiet(np.nanmedian, share[:, idx], axis=0)
+        med = np.concatenate([quiet(np.nanmedian, columns(idx[lo:hi])[2], axis=0)
+                              for lo, hi in blocks(idx.size, steps.size)])
         med = med[np.isfinite(med) & (med > 0)]
-        lead = quiet(np.nanargmax, quiet(np.nanmedian, gv, axis=0))
+        lead = quiet(np.nanargmax, net_median)
         if med.size:
             lo, hi = float(med.min()), float(med.max())
             rng = smaller(hi) if lo == hi or hi >= 1 else f"from {fmt(1 / hi)}× to {fmt(1 / lo)}× smaller than"
@@ -481,43 +505,64 @@ def _vanishing(ctx: Context) -> None:
     # Exactly zero on every logged step (`no_grad`): the no_gradient rule names those.
 
 
-def _without_l2(ctx: Context, steps: np.ndarray, gv: np.ndarray,
-                names: list[str]) -> tuple[np.ndarray, Optional[float]]:
-    """Gradient norms with an L2 regulariser's share taken out, where the recording shows one.
+class _L2Share:
+    """Where the recording shows an L2 regulariser's share in the gradient norms, and the norms without it.
 
     `loss + lam * sum(w**2)` adds 2*lam*w to every gradient. Where the data gradient has vanished,
     that term is all that is left: several weight tensors then have the same gradient-to-weight
     ratio, 2*lam, to within a percent or two, which data gradients never do. At such steps the data
     part is estimated as sqrt(g^2 - (2*lam*|w|)^2) (the data gradient roughly orthogonal to w).
-    Returns (gradient norms, the median 2*lam where found, else None).
+    Everything is per step, so it is worked out a block of steps (or tensors) at a time.
     """
+
+    def __init__(self, ctx: Context, wv: np.ndarray, wrows: np.ndarray, wcols: np.ndarray,
+                 weights: np.ndarray) -> None:
+        self.th = ctx.th
+        self.wv, self.wrows, self.wcols, self.weights = wv, wrows, wcols, weights
+        self.need = max(3, math.ceil(0.25 * int(weights.sum())))
+
+    def weight_norms(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """The weight norm of tensors `cols` at steps `rows` (NaN where not recorded)."""
+        r, c = self.wrows[rows], self.wcols[cols]
+        known = (r[:, None] >= 0) & (c[None, :] >= 0)
+        return np.where(known, self.wv[np.maximum(r, 0)[:, None], np.maximum(c, 0)[None, :]], np.nan)
+
+    def rows(self, rows: np.ndarray, gv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(whether the L2 share shows, its 2*lam) at steps `rows`, from their norms `gv` [rows x every tensor]."""
+        wm = self.weight_norms(rows, np.arange(gv.shape[1]))
+        ratio = np.where(wm >= self.th.min_weight_norm, gv / np.where(wm > 0, wm, 1.0), np.nan)
+        rw = ratio[:, self.weights]
+        floor = quiet(np.nanmin, rw, axis=1)
+        at_floor = (rw <= floor[:, None] * self.th.l2_floor_tolerance).sum(axis=1)
+        # Some tensors must stand well above the floor: when all sit on it, the regulariser swamps the
+        # data everywhere (loss_component_dominance), which is not one layer starving another.
+        contrast = quiet(np.nanmax, rw, axis=1) >= self.th.l2_floor_contrast * floor
+        return np.isfinite(floor) & (floor > 0) & (at_floor >= self.need) & contrast, floor
+
+    def without(self, rows: np.ndarray, cols: np.ndarray, gv: np.ndarray, has: np.ndarray,
+                floor: np.ndarray) -> np.ndarray:
+        """The norms `gv` of tensors `cols` at steps `rows` with the L2 share taken out where it shows."""
+        wm = self.weight_norms(rows, cols)
+        decay = np.where(np.isfinite(wm), floor[:, None] * wm, 0.0)
+        data = np.sqrt(np.clip(gv**2 - decay**2, 0.0, None))
+        return np.where(has[:, None], data, gv)
+
+
+def _l2_share(ctx: Context, steps: np.ndarray, names: list[str]) -> Optional[_L2Share]:
+    """The L2 share's reckoning for the gradient norms of tensors `names` at `steps`, or None without
+    weight norms or with fewer than 3 weight tensors among them."""
     w = ctx.series.get("weight_norm")
     if w is None or not w.steps.size:
-        return gv, None
+        return None
     wsteps, wv = ctx.before_cutoff(w)
     row_of = {int(s): i for i, s in enumerate(wsteps)}
-    rows = np.array([row_of.get(int(s), -1) for s in steps], dtype=np.int64)
+    wrows = np.array([row_of.get(int(s), -1) for s in steps], dtype=np.int64)
     col_of = {n: j for j, n in enumerate(w.layers)}
-    cols = np.array([col_of.get(n, -1) for n in names], dtype=np.int64)
-    known = (rows[:, None] >= 0) & (cols[None, :] >= 0)
-    wm = np.where(known, wv[np.maximum(rows, 0)[:, None], np.maximum(cols, 0)[None, :]], np.nan)
-    weights = np.array([not is_bias(n) for n in names]) & (cols >= 0)
+    wcols = np.array([col_of.get(n, -1) for n in names], dtype=np.int64)
+    weights = np.array([not is_bias(n) for n in names]) & (wcols >= 0)
     if weights.sum() < 3:
-        return gv, None
-    ratio = np.where(wm >= ctx.th.min_weight_norm, gv / np.where(wm > 0, wm, 1.0), np.nan)
-    rw = ratio[:, weights]
-    floor = quiet(np.nanmin, rw, axis=1)
-    at_floor = (rw <= floor[:, None] * ctx.th.l2_floor_tolerance).sum(axis=1)
-    need = max(3, math.ceil(0.25 * int(weights.sum())))
-    # Some tensors must stand well above the floor: when all sit on it, the regulariser swamps the
-    # data everywhere (loss_component_dominance), which is not one layer starving another.
-    contrast = quiet(np.nanmax, rw, axis=1) >= ctx.th.l2_floor_contrast * floor
-    has = np.isfinite(floor) & (floor > 0) & (at_floor >= need) & contrast
-    if not has.any():
-        return gv, None
-    decay = np.where(np.isfinite(wm), floor[:, None] * wm, 0.0)
-    data = np.sqrt(np.clip(gv**2 - decay**2, 0.0, None))
-    return np.where(has[:, None], data, gv), float(np.median(floor[has]))
+        return None
+    return _L2Share(ctx, wv, wrows, wcols, weights)
 
 
 NONFINITE = Rule(
