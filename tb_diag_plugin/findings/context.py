@@ -399,12 +399,13 @@ def weights_over_start(ctx: Context, names: Optional[Sequence[str]] = None):
         cols = [at[n] for n in names if n in at]
     if steps.size < 2 or not cols:
         return None
-    wv = wv[:, cols]
-    first = wv[0]
+    first = wv[0, cols]
     keep = np.isfinite(first) & (first >= ctx.th.min_weight_norm)
     if not keep.any():
         return None
-    return steps, wv[:, keep] / first[keep]
+    ratio = wv[:, np.asarray(cols)[keep]]  # one copy of the columns kept, divided in place
+    ratio /= first[keep]
+    return steps, ratio
 
 
 def lr_text(ctx: Context) -> str:
