@@ -67,9 +67,16 @@ def analyze(
     if model is not None and not isinstance(model, ModelInfo):
         raise TypeError(f"model must be a ModelInfo or None, got {type(model).__name__}")
     ctx = Context(series, thresholds or Thresholds(), model=model or ModelInfo())
-    for rule in ORDER if rules is None else ordered(rules):
+    run = ORDER if rules is None else ordered(rules)
+    # After the last rule that reads a metric, what was computed from it is let go: held all at once,
+    # the metrics of a run of thousands of tensors would not fit in memory.
+    last = {m: i for i, rule in enumerate(run) for m in rule.metrics}
+    for i, rule in enumerate(run):
         ctx.rule = rule
         rule.check(ctx)
+        for m in rule.metrics:
+            if last[m] == i:
+                ctx.release(m)
     ctx.rule = None
     fold_symptoms(ctx)
     # Worst first; at equal severity and step, in the contract's order of kinds (causes before symptoms).

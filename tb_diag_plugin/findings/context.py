@@ -9,7 +9,7 @@ import math
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -17,6 +17,7 @@ from tb_diag_plugin import layer_groups, metadata
 from tb_diag_plugin.findings.model_info import GATED_TYPES, ModelInfo
 from tb_diag_plugin.findings.series import Series
 from tb_diag_plugin.findings.thresholds import Thresholds
+from tb_diag_plugin.series import PiecewiseSeries, read_rows, row_spans
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,9 @@ class Context:
         """(steps, values with NaN where absent) before the first NaN/Inf, without AMP-skipped steps.
 
         Several rules ask for the same series: the answer is computed once per
-        cutoff and handed out read-only (a 20k x 500 metric is 80 MB as float64).
+        cutoff and handed out read-only (a 20k x 500 metric is 80 MB as float64)
+        until no later rule reads the metric (`release`). A metric read in
+        pieces (`PiecewiseSeries`) gives only the rows kept, a span at a time.
         """
         key = (id(s), self.cutoff, self.amp_skipped.size)
         hit = self._memo.get(key)
@@ -114,14 +117,39 @@ class Context:
         if self.amp_skipped.size:
             keep &= ~np.isin(s.steps, self.amp_skipped)
         everything = bool(keep.all())
-        vals = (s.values if everything else s.values[keep]).astype(np.float64)
-        all_present = 0 in s.present.strides and s.present.size > 0 and bool(s.present.flat[0])
-        if not all_present:  # `present` is a broadcast True when every cell was recorded
-            vals[~(s.present if everything else s.present[keep])] = np.nan
+        if isinstance(s, PiecewiseSeries):
+            vals = np.empty((int(keep.sum()), len(s.layers)))
+            at = 0
+            for lo, hi in row_spans(s):
+                if not keep[lo:hi].any():
+                    continue
+                v, p = read_rows(s, lo, hi)
+                part = keep[lo:hi]
+                block = (v if part.all() else v[part]).astype(np.float64)
+                if not (0 in p.strides and p.size > 0 and bool(p.flat[0])):
+                    block[~(p if part.all() else p[part])] = np.nan
+                vals[at: at + block.shape[0]] = block
+                at += block.shape[0]
+        else:
+            vals = (s.values if everything else s.values[keep]).astype(np.float64)
+            all_present = 0 in s.present.strides and s.present.size > 0 and bool(s.present.flat[0])
+            if not all_present:  # `present` is a broadcast True when every cell was recorded
+                vals[~(s.present if everything else s.present[keep])] = np.nan
         steps = s.steps if everything else s.steps[keep]
         vals.setflags(write=False)
         self._memo[key] = (s, (steps, vals))
         return steps, vals
+
+    def release(self, metric: str) -> None:
+        """No later rule reads `metric`: forget what was computed from it (and its values, if read whole
+        from a `PiecewiseSeries`), so that a run's metrics are not all held at once."""
+        s = self.series.get(metric)
+        if s is None:
+            return
+        for key in [k for k, hit in self._memo.items() if hit[0] is s]:
+            del self._memo[key]
+        if isinstance(s, PiecewiseSeries):
+            s.release()
 
     def add(self, kind: str, severity: str, layers: Sequence[str], first: int, last: int, message: str,
             suggestion: str, steps: Optional[Sequence[int]] = None) -> None:
@@ -223,6 +251,28 @@ def recorded_with(names: Sequence[str], series: Iterable[Series]) -> Optional[li
     return out or None
 
 
+# Bytes of one [steps x columns] float64 temporary of a rule that works a block of columns at a time.
+BLOCK_BYTES = 16 << 20
+
+
+def blocks(count: int, width: int, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[int, int]]:
+    """(lo, hi) spans of `count` columns (or rows) of about `block_bytes` of float64 each, at `width` values per
+    column (row): for rules whose work is per column (per step), so that a [steps x tensors] temporary of a
+    long run of thousands of tensors is not held."""
+    step = max(1, block_bytes // max(1, 8 * width))
+    for lo in range(0, count, step):
+        yield lo, min(count, lo + step)
+
+
+def positions(names: Sequence[str]) -> dict[str, int]:
+    """Each name's first index in `names` (what `names.index` gives): lookups in a loop over thousands of
+    tensors that do not scan the list each time."""
+    out: dict[str, int] = {}
+    for j, n in enumerate(names):
+        out.setdefault(n, j)
+    return out
+
+
 def window(n: int, th: Thresholds) -> int:
     """Logged steps that make a run's "start" or "end": max(min_window, window_fraction of n), at most n."""
     return max(1, min(n, max(th.min_window, math.ceil(th.window_fraction * n))))
@@ -243,6 +293,31 @@ def step_noise(x: np.ndarray) -> float:
     d = np.diff(x)
     d = d[np.isfinite(d)]
     return robust_sigma(d) / math.sqrt(2) if d.size >= 3 else 0.0
+
+
+def step_noise_columns(x: np.ndarray) -> np.ndarray:
+    """`step_noise` of each column of `x` [n, columns] at once, equal to it column by column: the medians
+    are taken by one partition per group of columns with the same count of finite differences (NaN sorts
+    after every number, so each column's order statistics are those of its finite values)."""
+    with np.errstate(invalid="ignore"):  # inf - inf: not a finite difference either
+        d = np.diff(x, axis=0)
+    d[~np.isfinite(d)] = np.nan
+    counts = np.isfinite(d).sum(axis=0)
+    out = np.zeros(x.shape[1])
+    for k in np.unique(counts[counts >= 3]).tolist():
+        cols = np.flatnonzero(counts == k)
+        dk = d[:, cols]
+        mad = _middle(np.abs(dk - _middle(dk, k)), k)
+        out[cols] = MAD_SIGMA * mad / math.sqrt(2)
+    return out
+
+
+def _middle(a: np.ndarray, k: int) -> np.ndarray:
+    """np.median of the `k` finite values of each column of `a` (NaN elsewhere), computed as np.median does
+    (the middle value, or the mean of the two middle values)."""
+    lo, hi = (k - 1) // 2, k // 2
+    part = np.partition(a, sorted({lo, hi}), axis=0)
+    return part[hi] if lo == hi else (part[lo] + part[hi]) / 2
 
 
 def robust_z(value: float, window: np.ndarray, floor: float = 0.0) -> float:
@@ -320,15 +395,17 @@ def weights_over_start(ctx: Context, names: Optional[Sequence[str]] = None):
     if names is None:
         cols = [j for j, n in enumerate(w.layers) if not is_bias(n)]
     else:
-        cols = [w.layers.index(n) for n in names if n in w.layers]
+        at = positions(w.layers)
+        cols = [at[n] for n in names if n in at]
     if steps.size < 2 or not cols:
         return None
-    wv = wv[:, cols]
-    first = wv[0]
+    first = wv[0, cols]
     keep = np.isfinite(first) & (first >= ctx.th.min_weight_norm)
     if not keep.any():
         return None
-    return steps, wv[:, keep] / first[keep]
+    ratio = wv[:, np.asarray(cols)[keep]]  # one copy of the columns kept, divided in place
+    ratio /= first[keep]
+    return steps, ratio
 
 
 def lr_text(ctx: Context) -> str:

@@ -28,6 +28,7 @@ from tb_diag_plugin.reading import ALL_SAMPLES, RunIndex, Series, index_runs, in
 from tb_diag_plugin.reading.events import EventIndex
 from tb_diag_plugin.reading.ondemand import OnDemandSeries, open_metric, release_memory
 from tb_diag_plugin.reading.stepbins import StepSummary, summarize
+from tb_diag_plugin.series import PIECE_BYTES, PiecewiseSeries
 from tb_diag_plugin.serving import stopped
 from tb_diag_plugin.serving.config import Config
 
@@ -81,7 +82,7 @@ class RunStore:
     # ---------------------------------------------------------- series
     def series(self, ctx, eid: str, run: str, metric: str, idx: RunIndex) -> tuple[Series, list[str]]:
         """A metric's merged series and its problems, cached until one of its tags gains a step; a metric
-        too big for the cache is read whole from its event files and not kept (the findings read this)."""
+        too big for the cache is read whole from its event files and not kept."""
         series, problems, _ = self.series_and_key(ctx, eid, run, metric, idx)
         if isinstance(series, OnDemandSeries):
             return series.load(), problems
@@ -186,7 +187,6 @@ class RunStore:
         every poll while a small one is.
         """
         # The rules: not needed at TensorBoard's start-up (tests/test_layering.py).
-        from tb_diag_plugin import findings
         from tb_diag_plugin.findings.run import analyze_run
 
         key = (eid, run, idx.data_version())
@@ -199,19 +199,15 @@ class RunStore:
 
         def compute():
             t0 = time.monotonic()
-            # Only what the rules read; two reads at a time: a read mostly waits for the data server or
-            # numpy, which free the GIL.
-            metrics = sorted(m for m in idx.tags if m in findings.INPUTS)
-            with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="tb-diag-findings") as pool:
-                read = list(pool.map(lambda m: self.series(ctx, eid, run, m, idx)[0], metrics))
-            result = analyze_run(run, dict(zip(metrics, read)),
+            read = self.rules_inputs(ctx, eid, run, idx)
+            result = analyze_run(run, read,
                                  lambda: read_structure(self.provider, ctx, eid, run) if idx.structure_tag else None)
             answer = result.answer({m: idx.layers(m)[0] for m in idx.tags})
             if metadata.STOPPED in idx.tags:  # issue 23: when and why stop_on= stopped the run
                 answer["stopped"] = stopped.describe(self.series(ctx, eid, run, metadata.STOPPED, idx)[0],
                                                      result.findings)
             del read
-            release_memory()  # the series read whole for the rules: freed, and given back
+            release_memory()  # what the rules read and computed: freed, and given back
             done = time.monotonic()
             with self._lock:
                 self._findings_recent[(eid, run)] = (done + min(60.0, 10 * (done - t0)), answer)
@@ -221,6 +217,23 @@ class RunStore:
         with self._findings_put:
             self._findings_put.notify_all()
         return answer
+
+    def rules_inputs(self, ctx, eid: str, run: str, idx: RunIndex) -> dict[str, Any]:
+        """The metrics the findings rules read (`findings.INPUTS`), as they read them: each cached series, or,
+        for a metric too big for the cache, a `PiecewiseSeries` that reads a span of rows at a time (at most
+        a cache entry's size) from the run's event files, so that no such metric is held whole."""
+        from tb_diag_plugin import findings  # the rules: not needed at TensorBoard's start-up
+
+        def read(metric: str):
+            series = self.series_and_key(ctx, eid, run, metric, idx)[0]
+            if isinstance(series, OnDemandSeries):
+                return PiecewiseSeries(series, min(PIECE_BYTES, self.config.max_series_bytes))
+            return series
+
+        # Two reads at a time: a read mostly waits for the data server or numpy, which free the GIL.
+        metrics = sorted(m for m in idx.tags if m in findings.INPUTS)
+        with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="tb-diag-findings") as pool:
+            return dict(zip(metrics, pool.map(read, metrics)))
 
     def findings_if_ready(self, eid: str, run: str, idx: RunIndex, timeout: float) -> tuple[Optional[dict], bool]:
         """(answer, complete) without computing: the findings of the run's current data if they are

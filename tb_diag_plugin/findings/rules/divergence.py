@@ -84,7 +84,8 @@ def _weight_norm_growth(ctx: Context) -> None:
     # A tiny initialisation (a zero-ish residual projection) may grow 10x healthily: measure from at
     # least a tenth of the typical tensor's start.
     ref = np.maximum(first, 0.1 * float(np.median(first[ok])))
-    growth = wv / ref
+    growth = wv  # the columns' own copy, divided in place (`first` is not read again)
+    growth /= ref
     w = window(steps.size, th)
     tail = quiet(np.nanmedian, growth[-w:], axis=0)
     peak = quiet(np.nanmax, growth, axis=0)

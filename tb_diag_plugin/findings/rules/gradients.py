@@ -3,8 +3,9 @@ other rules respect), `exploding_gradient` and `vanishing_gradient`."""
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -15,12 +16,16 @@ from tb_diag_plugin.findings.context import (
     CUTOFF,
     Context,
     Rule,
+    blocks,
     fmt,
     is_bias,
     lr_text,
     model_column,
     persistent,
+    positions,
     quiet,
+    read_rows,
+    row_spans,
     sibling_weight,
     smaller,
     total_grad,
@@ -32,34 +37,37 @@ from tb_diag_plugin.findings.thresholds import Thresholds
 
 def _nonfinite(ctx: Context) -> None:
     """NaN/Inf in the loss, gradients, weights or activations: where it started."""
-    sources: list[tuple[str, Series, np.ndarray]] = []  # (what, series, bad[S, L])
+    # (what, series, which cells are bad in rows lo..hi-1): each source is scanned a span of rows at a time,
+    # so that no [steps x tensors] mask of a big run is held, nor more than a span of a metric read in pieces.
+    sources: list[tuple[str, Series, Callable[[int, int], np.ndarray]]] = []
     loss = ctx.series.get("loss")
     if loss is not None and loss.steps.size:
-        sources.append(("loss", loss, loss.present & ~np.isfinite(loss.values)))
+        sources.append(("loss", loss, functools.partial(_bad_cells, loss)))
     grad = ctx.series.get("grad_norm")
     if grad is not None and grad.steps.size:
-        bad = grad.present & ~np.isfinite(grad.values)
         nf = ctx.series.get("grad_nonfinite")
-        if nf is not None and nf.layers == grad.layers and np.array_equal(nf.steps, grad.steps):
-            bad |= nf.present & ~(nf.values <= 0)  # a count above zero, or unknown (NaN)
+        if not (nf is not None and nf.layers == grad.layers and np.array_equal(nf.steps, grad.steps)):
+            nf = None
         by_design = _amp_by_design(ctx, grad.steps)
         ctx.amp_skipped = grad.steps[by_design]
-        bad &= ~by_design[:, None]
-        sources.append(("gradients", grad, bad))
+        sources.append(("gradients", grad, functools.partial(_bad_cells, grad, nonfinite=nf, by_design=by_design)))
     weights = ctx.series.get("weight_norm")
     if weights is not None and weights.steps.size:
-        sources.append(("weights", weights, weights.present & ~np.isfinite(weights.values)))
+        sources.append(("weights", weights, functools.partial(_bad_cells, weights)))
     act = ctx.series.get("act_mean")
     if act is not None and act.steps.size:
-        sources.append(("activations", act, act.present & ~np.isfinite(act.values)))
+        sources.append(("activations", act, functools.partial(_bad_cells, act)))
     if not sources:
         ctx.notes.append("nonfinite: not checked, no loss, gradient, weight or activation metrics recorded")
         return
     firsts = {}
     for what, s, bad in sources:
-        rows = np.flatnonzero(bad.any(axis=1))
-        if rows.size:
-            firsts[what] = (int(s.steps[rows[0]]), int(s.steps[rows[-1]]), int(rows.size))
+        bad_rows = np.zeros(s.steps.size, dtype=bool)
+        for lo, hi in row_spans(s):
+            bad_rows[lo:hi] = bad(lo, hi).any(axis=1)
+        hit = np.flatnonzero(bad_rows)
+        if hit.size:
+            firsts[what] = (int(s.steps[hit[0]]), int(s.steps[hit[-1]]), int(hit.size))
     if not firsts:
         return
     first = min(f[0] for f in firsts.values())
@@ -74,7 +82,7 @@ def _nonfinite(ctx: Context) -> None:
         f0 = firsts[what][0]
         if f0 == first:
             row = int(np.flatnonzero(s.steps == first)[0])
-            names = [s.layers[j] for j in np.flatnonzero(bad[row])]
+            names = [s.layers[j] for j in np.flatnonzero(bad(row, row + 1)[0])]
             layers += names
             parts.append(f"{what} {ctx.layer_list(names, 3)} ({len(names)}/{len(s.layers)})")
         else:
@@ -110,6 +118,20 @@ def _nonfinite(ctx: Context) -> None:
         suggestion,
     )
     ctx.mark_primary()
+
+
+def _bad_cells(s: Series, lo: int, hi: int, nonfinite: Optional[Series] = None,
+               by_design: Optional[np.ndarray] = None) -> np.ndarray:
+    """Which recorded cells of rows lo..hi-1 of `s` are NaN/Inf; with the gradients, also those whose
+    `nonfinite` count is above zero or unknown (NaN), except on the rows skipped `by_design` (AMP)."""
+    values, present = read_rows(s, lo, hi)
+    bad = present & ~np.isfinite(values)
+    if nonfinite is not None:
+        nv, npresent = read_rows(nonfinite, lo, hi)
+        bad |= npresent & ~(nv <= 0)  # a count above zero, or unknown (NaN)
+    if by_design is not None:
+        bad &= ~by_design[lo:hi, None]
+    return bad
 
 
 def _logged_before(ctx: Context, step: int) -> Optional[int]:
@@ -268,19 +290,23 @@ def _exploding(ctx: Context) -> None:
     # 3. Gradients far larger than the weights they update.
     w_series = ctx.series.get("weight_norm")
     if w_series is not None and w_series.steps.size:
-        ratio, rsteps, names = _per_weight(g, w_series, ctx, th)
-        if ratio is not None:
-            valid = np.isfinite(ratio)
+        got_ratio = _per_weight(g, w_series, ctx, th)
+        if got_ratio is not None:
+            rsteps, names, ratio_of = got_ratio
             worst = []
-            for j, n in enumerate(names):
-                if is_bias(n):
-                    continue  # a bias near 0 makes any gradient look huge next to it
-                span = persistent(ratio[:, j] >= th.explode_grad_to_weight, valid[:, j], th)
-                if span is not None:
-                    flagged[n] = None
-                    worst.append(float(quiet(np.nanmedian, ratio[:, j])))
-                    first = int(rsteps[span[0]]) if first is None else min(first, int(rsteps[span[0]]))
-                    last = int(rsteps[span[1]]) if last is None else max(last, int(rsteps[span[1]]))
+            # A block of tensors at a time: the ratios of thousands of tensors over a long run are not held.
+            for lo, hi in blocks(len(names), rsteps.size):
+                ratio = ratio_of(lo, hi)
+                valid = np.isfinite(ratio)
+                for j, n in enumerate(names[lo:hi]):
+                    if is_bias(n):
+                        continue  # a bias near 0 makes any gradient look huge next to it
+                    span = persistent(ratio[:, j] >= th.explode_grad_to_weight, valid[:, j], th)
+                    if span is not None:
+                        flagged[n] = None
+                        worst.append(float(quiet(np.nanmedian, ratio[:, j])))
+                        first = int(rsteps[span[0]]) if first is None else min(first, int(rsteps[span[0]]))
+                        last = int(rsteps[span[1]]) if last is None else max(last, int(rsteps[span[1]]))
             if worst:
                 detail.append(
                     f"{len(worst)} tensor(s) have gradients "
@@ -309,10 +335,14 @@ def _overflow(ctx: Context, g: Series, th: Thresholds) -> Optional[tuple[list[st
     rows = np.flatnonzero(g.steps == step)
     if not rows.size:
         return None
-    row = np.where(g.present[rows[0]], g.values[rows[0]].astype(np.float64), np.nan)
     before = g.steps < step
+    # Only the rows up to that step are read (of a big run, read in pieces, not the whole metric).
+    hi = max(int(rows[0]), int(np.flatnonzero(before)[-1]) if before.any() else 0) + 1
+    values, present = read_rows(g, 0, hi)
+    row = np.where(present[rows[0]], values[rows[0]].astype(np.float64), np.nan)
+    before = before[:hi]
     if before.any():
-        early = np.where(g.present[before], g.values[before].astype(np.float64), np.nan)
+        early = np.where(present[before], values[before].astype(np.float64), np.nan)
         base = np.fmin(early[0], quiet(np.nanmedian, early[: window(early.shape[0], th)], axis=0))
     else:
         base = np.full(row.shape, np.nan)
@@ -337,19 +367,26 @@ def _overflow(ctx: Context, g: Series, th: Thresholds) -> Optional[tuple[list[st
 
 
 def _per_weight(g: Series, w: Series, ctx: Context, th: Thresholds):
-    """grad/weight norm per layer at common steps, layers with a non-negligible weight norm only."""
+    """(common steps, layers with both norms, ratio_of) or None: ratio_of(lo, hi) is the grad/weight norm
+    of those layers lo..hi-1 at the common steps, NaN where the weight norm is negligible."""
     gsteps, gv = ctx.before_cutoff(g)
     wsteps, wv = ctx.before_cutoff(w)
     common, gi, wi = np.intersect1d(gsteps, wsteps, return_indices=True)
     if common.size == 0:
-        return None, None, None
-    names = [n for n in g.layers if n in w.layers]
+        return None
+    g_at, w_at = positions(g.layers), positions(w.layers)
+    names = [n for n in g.layers if n in w_at]
     if not names:
-        return None, None, None
-    gm = gv[gi][:, [g.layers.index(n) for n in names]]
-    wm = wv[wi][:, [w.layers.index(n) for n in names]]
-    ratio = np.where(wm >= th.min_weight_norm, gm / np.where(wm > 0, wm, 1.0), np.nan)
-    return ratio, common, names
+        return None
+    gcols = np.array([g_at[n] for n in names])
+    wcols = np.array([w_at[n] for n in names])
+
+    def ratio_of(lo: int, hi: int) -> np.ndarray:
+        gm = gv[gi[:, None], gcols[None, lo:hi]]
+        wm = wv[wi[:, None], wcols[None, lo:hi]]
+        return np.where(wm >= th.min_weight_norm, gm / np.where(wm > 0, wm, 1.0), np.nan)
+
+    return common, names, ratio_of
 
 
 def _vanishing(ctx: Context) -> None:
@@ -363,46 +400,71 @@ def _vanishing(ctx: Context) -> None:
         if len(g.layers) < 2:
             ctx.notes.append("vanishing_gradient: not checked, needs gradients of two or more tensors")
         return
-    gv = np.where(np.isfinite(gv), gv, np.nan)
-    raw = gv
-    gv, l2 = _without_l2(ctx, steps, gv, g.layers)
-    top = quiet(np.nanmax, gv, axis=1)
+    ncols = len(g.layers)
+    l2_of = _l2_share(ctx, steps, g.layers)
+    # Per step, the largest gradient norm (the L2 term's share taken out): a block of steps at a time.
+    top = np.full(steps.size, np.nan)
+    has = np.zeros(steps.size, dtype=bool)
+    floor = np.full(steps.size, np.nan)
+    all_cols = np.arange(ncols)
+    for lo, hi in blocks(steps.size, ncols):
+        rows = np.arange(lo, hi)
+        raw = np.where(np.isfinite(gv[lo:hi]), gv[lo:hi], np.nan)
+        if l2_of is not None:
+            has[lo:hi], floor[lo:hi] = l2_of.rows(rows, raw)
+            raw = l2_of.without(rows, all_cols, raw, has[lo:hi], floor[lo:hi])
+        top[lo:hi] = quiet(np.nanmax, raw, axis=1)
+    l2 = float(np.median(floor[has])) if l2_of is not None and has.any() else None
     valid_row = np.isfinite(top) & (top > 0)
-    share = gv / np.where(valid_row, top, np.nan)[:, None]
-    w = window(steps.size, th)
-    share0 = quiet(np.nanmedian, share[:w], axis=0)
-    low = share < th.vanish_ratio
-    collapsed = (share < th.vanish_soft_ratio) & (share < share0[None, :] / th.vanish_drop)
-    cand = low | collapsed
-    valid = np.isfinite(share)
-    zero = np.nan_to_num(raw, nan=1.0) == 0
 
+    def columns(cols: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(raw norms, norms without the L2 share, share of the step's largest) of tensors `cols`, every step."""
+        raw = np.where(np.isfinite(gv[:, cols]), gv[:, cols], np.nan)
+        net = raw if l2 is None else l2_of.without(np.arange(steps.size), cols, raw, has, floor)
+        return raw, net, net / np.where(valid_row, top, np.nan)[:, None]
+
+    # Per tensor, a block of tensors at a time: where its share is low or collapsed, persistently.
+    w = window(steps.size, th)
     spans: dict[str, tuple[int, int]] = {}
-    for j, n in enumerate(g.layers):
-        span = persistent(cand[:, j], valid[:, j], th)
-        if span is not None:
-            spans[n] = span
+    zero_all: dict[str, bool] = {}
+    net_median = np.full(ncols, np.nan)
+    for lo, hi in blocks(ncols, steps.size):
+        raw, net, share = columns(np.arange(lo, hi))
+        share0 = quiet(np.nanmedian, share[:w], axis=0)
+        low = share < th.vanish_ratio
+        collapsed = (share < th.vanish_soft_ratio) & (share < share0[None, :] / th.vanish_drop)
+        cand = low | collapsed
+        valid = np.isfinite(share)
+        zero = np.nan_to_num(raw, nan=1.0) == 0
+        net_median[lo:hi] = quiet(np.nanmedian, net, axis=0)
+        for j in range(hi - lo):
+            span = persistent(cand[:, j], valid[:, j], th)
+            if span is not None:
+                spans[g.layers[lo + j]] = span
+                zero_all[g.layers[lo + j]] = bool(zero[valid[:, j], j].all())
     vanishing, no_grad, redundant = [], [], []
+    at = positions(g.layers)
     for n in spans:
-        j = g.layers.index(n)
-        if zero[valid[:, j], j].all():
+        j = at[n]
+        if zero_all[n]:
             no_grad.append(n)
-        elif is_bias(n) and sibling_weight(n) in g.layers and sibling_weight(n) not in spans:
+        elif is_bias(n) and sibling_weight(n) in at and sibling_weight(n) not in spans:
             # A bias is judged with its own weight: a bias right before BatchNorm/LayerNorm (or a
             # key-projection bias under softmax) gets ~0 gradient by construction, harmlessly.
-            ws = share[:, g.layers.index(sibling_weight(n))]
-            if quiet(lambda a, b: np.nanmedian(a / b), share[:, j], ws) < th.vanish_ratio:
+            share = columns(np.array([j, at[sibling_weight(n)]]))[2]
+            if quiet(lambda a, b: np.nanmedian(a / b), share[:, 0], share[:, 1]) < th.vanish_ratio:
                 redundant.append(n)
         else:
             vanishing.append(n)
 
     if vanishing:
-        idx = [g.layers.index(n) for n in vanishing]
+        idx = np.array([at[n] for n in vanishing])
         first = min(spans[n][0] for n in vanishing)
         last = max(spans[n][1] for n in vanishing)
-        med = quiet(np.nanmedian, share[:, idx], axis=0)
+        med = np.concatenate([quiet(np.nanmedian, columns(idx[lo:hi])[2], axis=0)
+                              for lo, hi in blocks(idx.size, steps.size)])
         med = med[np.isfinite(med) & (med > 0)]
-        lead = quiet(np.nanargmax, quiet(np.nanmedian, gv, axis=0))
+        lead = quiet(np.nanargmax, net_median)
         if med.size:
             lo, hi = float(med.min()), float(med.max())
             rng = smaller(hi) if lo == hi or hi >= 1 else f"from {fmt(1 / hi)}× to {fmt(1 / lo)}× smaller than"
@@ -443,43 +505,64 @@ def _vanishing(ctx: Context) -> None:
     # Exactly zero on every logged step (`no_grad`): the no_gradient rule names those.
 
 
-def _without_l2(ctx: Context, steps: np.ndarray, gv: np.ndarray,
-                names: list[str]) -> tuple[np.ndarray, Optional[float]]:
-    """Gradient norms with an L2 regulariser's share taken out, where the recording shows one.
+class _L2Share:
+    """Where the recording shows an L2 regulariser's share in the gradient norms, and the norms without it.
 
     `loss + lam * sum(w**2)` adds 2*lam*w to every gradient. Where the data gradient has vanished,
     that term is all that is left: several weight tensors then have the same gradient-to-weight
     ratio, 2*lam, to within a percent or two, which data gradients never do. At such steps the data
     part is estimated as sqrt(g^2 - (2*lam*|w|)^2) (the data gradient roughly orthogonal to w).
-    Returns (gradient norms, the median 2*lam where found, else None).
+    Everything is per step, so it is worked out a block of steps (or tensors) at a time.
     """
+
+    def __init__(self, ctx: Context, wv: np.ndarray, wrows: np.ndarray, wcols: np.ndarray,
+                 weights: np.ndarray) -> None:
+        self.th = ctx.th
+        self.wv, self.wrows, self.wcols, self.weights = wv, wrows, wcols, weights
+        self.need = max(3, math.ceil(0.25 * int(weights.sum())))
+
+    def weight_norms(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """The weight norm of tensors `cols` at steps `rows` (NaN where not recorded)."""
+        r, c = self.wrows[rows], self.wcols[cols]
+        known = (r[:, None] >= 0) & (c[None, :] >= 0)
+        return np.where(known, self.wv[np.maximum(r, 0)[:, None], np.maximum(c, 0)[None, :]], np.nan)
+
+    def rows(self, rows: np.ndarray, gv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(whether the L2 share shows, its 2*lam) at steps `rows`, from their norms `gv` [rows x every tensor]."""
+        wm = self.weight_norms(rows, np.arange(gv.shape[1]))
+        ratio = np.where(wm >= self.th.min_weight_norm, gv / np.where(wm > 0, wm, 1.0), np.nan)
+        rw = ratio[:, self.weights]
+        floor = quiet(np.nanmin, rw, axis=1)
+        at_floor = (rw <= floor[:, None] * self.th.l2_floor_tolerance).sum(axis=1)
+        # Some tensors must stand well above the floor: when all sit on it, the regulariser swamps the
+        # data everywhere (loss_component_dominance), which is not one layer starving another.
+        contrast = quiet(np.nanmax, rw, axis=1) >= self.th.l2_floor_contrast * floor
+        return np.isfinite(floor) & (floor > 0) & (at_floor >= self.need) & contrast, floor
+
+    def without(self, rows: np.ndarray, cols: np.ndarray, gv: np.ndarray, has: np.ndarray,
+                floor: np.ndarray) -> np.ndarray:
+        """The norms `gv` of tensors `cols` at steps `rows` with the L2 share taken out where it shows."""
+        wm = self.weight_norms(rows, cols)
+        decay = np.where(np.isfinite(wm), floor[:, None] * wm, 0.0)
+        data = np.sqrt(np.clip(gv**2 - decay**2, 0.0, None))
+        return np.where(has[:, None], data, gv)
+
+
+def _l2_share(ctx: Context, steps: np.ndarray, names: list[str]) -> Optional[_L2Share]:
+    """The L2 share's reckoning for the gradient norms of tensors `names` at `steps`, or None without
+    weight norms or with fewer than 3 weight tensors among them."""
     w = ctx.series.get("weight_norm")
     if w is None or not w.steps.size:
-        return gv, None
+        return None
     wsteps, wv = ctx.before_cutoff(w)
     row_of = {int(s): i for i, s in enumerate(wsteps)}
-    rows = np.array([row_of.get(int(s), -1) for s in steps], dtype=np.int64)
+    wrows = np.array([row_of.get(int(s), -1) for s in steps], dtype=np.int64)
     col_of = {n: j for j, n in enumerate(w.layers)}
-    cols = np.array([col_of.get(n, -1) for n in names], dtype=np.int64)
-    known = (rows[:, None] >= 0) & (cols[None, :] >= 0)
-    wm = np.where(known, wv[np.maximum(rows, 0)[:, None], np.maximum(cols, 0)[None, :]], np.nan)
-    weights = np.array([not is_bias(n) for n in names]) & (cols >= 0)
+    wcols = np.array([col_of.get(n, -1) for n in names], dtype=np.int64)
+    weights = np.array([not is_bias(n) for n in names]) & (wcols >= 0)
     if weights.sum() < 3:
-        return gv, None
-    ratio = np.where(wm >= ctx.th.min_weight_norm, gv / np.where(wm > 0, wm, 1.0), np.nan)
-    rw = ratio[:, weights]
-    floor = quiet(np.nanmin, rw, axis=1)
-    at_floor = (rw <= floor[:, None] * ctx.th.l2_floor_tolerance).sum(axis=1)
-    need = max(3, math.ceil(0.25 * int(weights.sum())))
-    # Some tensors must stand well above the floor: when all sit on it, the regulariser swamps the
-    # data everywhere (loss_component_dominance), which is not one layer starving another.
-    contrast = quiet(np.nanmax, rw, axis=1) >= ctx.th.l2_floor_contrast * floor
-    has = np.isfinite(floor) & (floor > 0) & (at_floor >= need) & contrast
-    if not has.any():
-        return gv, None
-    decay = np.where(np.isfinite(wm), floor[:, None] * wm, 0.0)
-    data = np.sqrt(np.clip(gv**2 - decay**2, 0.0, None))
-    return np.where(has[:, None], data, gv), float(np.median(floor[has]))
+        return None
+    return _L2Share(ctx, wv, wrows, wcols, weights)
 
 
 NONFINITE = Rule(

@@ -13,10 +13,9 @@ norm alone (`EARLY_GRADIENT_SPIKE`)."""
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from tb_diag_plugin.findings.context import (
     CUTOFF,
@@ -31,6 +30,7 @@ from tb_diag_plugin.findings.context import (
     pct,
     robust_z,
     step_noise,
+    step_noise_columns,
     total_grad,
 )
 from tb_diag_plugin.findings.model_info import GATED_TYPES
@@ -46,24 +46,123 @@ def spikes(v: np.ndarray, th: Thresholds, peak: Optional[np.ndarray] = None,
     series are searched together (the z-score needed grows with the chances noise gets).
     """
     n = v.size
-    out: list[tuple[int, float]] = []
+    if n < 4:
+        return []
+    x = _positive(v)
+    cand = x if peak is None else np.fmax(x, _positive(peak))
+    lx = np.log(x)
+    with np.errstate(divide="ignore"):
+        possible = np.flatnonzero(_possible(lx[:, None], np.log(cand)[:, None], th)[:, 0])
+    return _confirm(x, lx, cand, possible[possible >= 1], step_noise(lx), _z_need(n, draws, th), th)
+
+
+def column_spikes(values: np.ndarray, th: Thresholds, draws: int = 1, columns: Optional[Sequence[int]] = None,
+                  block_bytes: Optional[int] = None) -> dict[int, list[tuple[int, float]]]:
+    """`spikes` of every column of `values` [n, columns] (no peak), or of the `columns` given, as {position
+    among them: its spikes} for the columns that have one, in order.
+
+    The candidate bound and each column's noise are computed for a block of columns at once; only the
+    columns with a candidate reach the exact per-step test, so a healthy run of thousands of tensors costs
+    a few vectorised passes (the block bounds the temporaries to about `block_bytes`, default
+    `_BLOCK_BYTES`, each).
+    """
+    n = values.shape[0]
+    picked = None if columns is None else np.asarray(columns, dtype=np.int64)
+    width = values.shape[1] if picked is None else picked.size
+    out: dict[int, list[tuple[int, float]]] = {}
     if n < 4:
         return out
-    x = np.where(np.isfinite(v) & (v > 0), v, np.nan)
-    cand = x if peak is None else np.fmax(x, np.where(np.isfinite(peak) & (peak > 0), peak, np.nan))
-    lx = np.log(x)
-    run_sigma = step_noise(lx)
-    z_need = max(th.grad_spike_z, math.sqrt(2 * math.log(max(2, n * draws))) + 1.0)
-    spiked = np.zeros(n, dtype=bool)
-    # Only a value at least grad_spike_ratio times the smallest of its window can be that far above the
-    # window's median: the full test (a median per step) runs on those alone, so a long healthy series
-    # of many tensors costs one vectorised pass.
+    z_need = _z_need(n, draws, th)
+    block = max(1, (block_bytes or _BLOCK_BYTES) // (8 * n))
+    for lo in range(0, width, block):
+        x = _positive(values[:, lo: lo + block] if picked is None else values[:, picked[lo: lo + block]])
+        lx = np.log(x)
+        possible = _possible(lx, lx, th)
+        possible[0] = False  # the first entry has no window
+        possible = _screen(lx, possible, th)
+        cols = np.flatnonzero(possible.any(axis=0))
+        if not cols.size:
+            continue
+        noise = step_noise_columns(lx[:, cols])
+        for j, sigma in zip(cols.tolist(), noise.tolist()):
+            found = _confirm(x[:, j], lx[:, j], x[:, j], np.flatnonzero(possible[:, j]), sigma, z_need, th)
+            if found:
+                out[lo + j] = found
+    return out
+
+
+# Bytes of one temporary [n, columns] array in `column_spikes`.
+_BLOCK_BYTES = 4 << 20
+
+
+def _positive(v: np.ndarray) -> np.ndarray:
+    """`v` as float64 with NaN where it is not finite and positive (a norm's log is defined there)."""
+    v = np.asarray(v, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        return np.where(np.isfinite(v) & (v > 0), v, np.nan)
+
+
+def _z_need(n: int, draws: int, th: Thresholds) -> float:
+    """The robust z a spike needs among `draws` series of `n` entries: more chances, a higher bar."""
+    return max(th.grad_spike_z, math.sqrt(2 * math.log(max(2, n * draws))) + 1.0)
+
+
+def _possible(lx: np.ndarray, lcand: np.ndarray, th: Thresholds) -> np.ndarray:
+    """Per entry of each column [n, columns], whether it can be a spike: its candidate (log) at least
+    log(grad_spike_ratio) above the smallest finite log value of the `grad_spike_window` entries before it.
+
+    Only such a value can be grad_spike_ratio times the window's median, so the exact test (a median per
+    entry) runs on these alone. The rolling minimum is built by doubling windows (min is exact whatever
+    the grouping), without a [n, columns, window] view.
+    """
     w = th.grad_spike_window
-    finite_lx = np.where(np.isfinite(lx), lx, np.inf)
-    prev_min = sliding_window_view(np.concatenate([np.full(w, np.inf), finite_lx]), w)[:n].min(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        possible = np.flatnonzero(np.log(cand) - prev_min >= math.log(th.grad_spike_ratio))
-    for i in possible[possible >= 1]:
+    padded = np.concatenate([np.full((w, lx.shape[1]), np.inf), np.where(np.isfinite(lx), lx, np.inf)])
+    span = 1
+    while 2 * span <= w:  # padded[i] becomes the min of the `2 * span` entries from i
+        padded = np.minimum(padded[:-span], padded[span:])
+        span *= 2
+    prev_min = np.minimum(padded[: lx.shape[0]], padded[w - span: w - span + lx.shape[0]])
+    with np.errstate(invalid="ignore"):
+        return lcand - prev_min >= math.log(th.grad_spike_ratio)
+
+
+def _screen(lx: np.ndarray, possible: np.ndarray, th: Thresholds) -> np.ndarray:
+    """`possible` [n, columns] without the candidates that cannot pass `_confirm`'s ratio test, judged for
+    all at once: the window's median, once the earlier spikes are left out, is at least the finite value
+    of rank (N - r - 1) // 2 of the window (N finite values, r of them candidates, the most that can be
+    spikes), so a candidate below grad_spike_ratio times that value is below it times the median too."""
+    rows, cols = np.nonzero(possible)
+    if not rows.size:
+        return possible
+    w = th.grad_spike_window
+    at = rows[:, None] - w + np.arange(w)  # the window's rows, negative before the start
+    inside = at >= 0
+    window = np.where(inside, lx[np.maximum(at, 0), cols[:, None]], np.nan)
+    finite = np.isfinite(window)
+    count = finite.sum(axis=1)
+    spikes_at_most = (possible[np.maximum(at, 0), cols[:, None]] & inside & finite).sum(axis=1)
+    rank = np.maximum(0, (count - spikes_at_most - 1) // 2)
+    window.sort(axis=1)  # NaN last: rank k is the k-th smallest finite value
+    floor = window[np.arange(rows.size), np.minimum(rank, w - 1)]
+    with np.errstate(invalid="ignore"):
+        # A margin for the rounding of the exact test's ratio (c / exp(median)) against this difference of logs.
+        keep = (count >= 3) & ~(lx[rows, cols] - floor < math.log(th.grad_spike_ratio) - 1e-9)
+    out = np.zeros_like(possible)
+    out[rows[keep], cols[keep]] = True
+    return out
+
+
+def _confirm(x: np.ndarray, lx: np.ndarray, cand: np.ndarray, possible: np.ndarray, run_sigma: float,
+             z_need: float, th: Thresholds) -> list[tuple[int, float]]:
+    """The exact test of `spikes` at the candidate indices `possible` (ascending) of one series: above
+    grad_spike_ratio x the median of its window (earlier spikes left out), by z_need robust standard
+    deviations (at least the series' own step noise `run_sigma`), and not staying up."""
+    n = x.size
+    out: list[tuple[int, float]] = []
+    spiked = np.zeros(n, dtype=bool)
+    for i in possible.tolist():
+        if i < 1:
+            continue
         c = cand[i]
         if not np.isfinite(c):
             continue
@@ -117,10 +216,8 @@ def _gradient_spike(ctx: Context) -> None:
     if g is not None and g.steps.size:
         gsteps, gv = ctx.before_cutoff(g)
         cols = [j for j, n in enumerate(g.layers) if not is_bias(n)] or list(range(len(g.layers)))
-        for j in cols:
-            s = spikes(gv[:, j], th, draws=len(cols))
-            if s:
-                per[g.layers[j]] = [(int(gsteps[i]), r) for i, r in s]
+        for k, s in column_spikes(gv, th, draws=len(cols), columns=cols).items():
+            per[g.layers[cols[k]]] = [(int(gsteps[i]), r) for i, r in s]
     global_hits = [(int(steps[i]), r) for i, r in found]
     strong = (len(global_hits) >= th.grad_spike_min or any(r >= th.grad_spike_single for _, r in global_hits))
     tensor_strong = {n: h for n, h in per.items()

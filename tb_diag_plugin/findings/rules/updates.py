@@ -12,12 +12,15 @@ from tb_diag_plugin.findings.context import (
     CUTOFF,
     Context,
     Rule,
+    blocks,
     clipping_by_design,
     fmt,
     is_bias,
     lr_text,
     persistent,
+    positions,
     quiet,
+    read_rows,
     weights_over_start,
 )
 
@@ -33,26 +36,40 @@ def _update_ratio(ctx: Context) -> None:
         return
     # Weight tensors only: biases and norm shifts start at 0, where ||dw||/||w|| is meaningless.
     wn = ctx.series.get("weight_norm")
-    cols = [j for j, n in enumerate(u.layers) if not is_bias(n)]
+    cols = [j for j, n in enumerate(u.layers) if not is_bias(n)] or list(range(len(u.layers)))
+    names = [u.layers[j] for j in cols]
+    rows, wrows, wcols = np.arange(steps.size), None, None
     if wn is not None and wn.steps.size:
         wsteps, wv = ctx.before_cutoff(wn)
-        common, ui, wi = np.intersect1d(steps, wsteps, return_indices=True)
-        steps, uv = common, uv[ui]
-        w_at = {n: wv[wi, wn.layers.index(n)] for n in u.layers if n in wn.layers}
-        for j, n in enumerate(u.layers):
-            if n in w_at:
-                uv[:, j] = np.where(w_at[n] >= th.min_weight_norm, uv[:, j], np.nan)
-    if not cols:
-        cols = list(range(len(u.layers)))
-    names = [u.layers[j] for j in cols]
-    uv = uv[:, cols]
-    uv = np.where(np.isfinite(uv), uv, np.nan)
-    if steps.size == 0 or np.isnan(uv).all():
+        steps, rows, wrows = np.intersect1d(steps, wsteps, return_indices=True)
+        at = positions(wn.layers)
+        wcols = np.array([at.get(n, -1) for n in names], dtype=np.int64)
+    ucols = np.array(cols, dtype=np.int64)
+
+    def ratios(r: np.ndarray, c: slice) -> np.ndarray:
+        """The update ratios at rows `r` of `steps` of the tensors `names[c]`: NaN where not finite, or where
+        the tensor's weight norm is under min_weight_norm (a block at a time: never all of a long run's)."""
+        block = uv[rows[r][:, None], ucols[c][None, :]]
+        if wrows is not None:
+            wc = wcols[c]
+            has = wc >= 0
+            if has.any():
+                w_at = wv[wrows[r][:, None], wc[has][None, :]]
+                block[:, has] = np.where(w_at >= th.min_weight_norm, block[:, has], np.nan)
+        return np.where(np.isfinite(block), block, np.nan)
+
+    # The median and the largest ratio at each step, a block of steps at a time. For "too small", only
+    # tensors that got a gradient: no gradient means no update whatever the learning rate (dead units,
+    # vanishing gradients: their own rules say so).
+    med, top = np.full(steps.size, np.nan), np.full(steps.size, np.nan)
+    empty = True
+    for lo, hi in blocks(steps.size, len(names)):
+        block = ratios(np.arange(lo, hi), slice(None))
+        empty = empty and bool(np.isnan(block).all())
+        med[lo:hi] = quiet(np.nanmedian, block, axis=1)
+        top[lo:hi] = quiet(np.nanmax, np.where(_has_grad(ctx, steps[lo:hi], names), block, np.nan), axis=1)
+    if steps.size == 0 or empty:
         return
-    med = quiet(np.nanmedian, uv, axis=1)
-    # For "too small", only tensors that got a gradient: no gradient means no update whatever the
-    # learning rate (dead units, vanishing gradients: their own rules say so).
-    top = quiet(np.nanmax, np.where(_has_grad(ctx, steps, names), uv, np.nan), axis=1)
 
     # Too large: after the first logged step (Adam's first update is lr/rms(w) by construction).
     high = med > th.update_ratio_high
@@ -75,7 +92,8 @@ def _update_ratio(ctx: Context) -> None:
         return
     if high.sum() >= need:
         hit = np.flatnonzero(high)
-        per = quiet(np.nanmedian, uv[hit], axis=0)
+        per = np.concatenate([quiet(np.nanmedian, ratios(hit, slice(lo, hi)), axis=0)
+                              for lo, hi in blocks(len(names), hit.size)])
         layers = [n for n, r in zip(names, per) if r > th.update_ratio_high] or names
         peak = float(np.nanmax(med[hit]))
         severity = "error" if peak >= 1.0 else "warning"
@@ -137,8 +155,14 @@ def _has_grad(ctx: Context, steps: np.ndarray, names: list[str]) -> np.ndarray:
     rows = np.array([row_of.get(int(s), -1) for s in steps], dtype=np.int64)
     cols = np.array([col_of.get(n, -1) for n in names], dtype=np.int64)
     known = (rows[:, None] >= 0) & (cols[None, :] >= 0)
-    vals = g.values[rows[:, None], cols[None, :]].astype(np.float64)
-    pres = g.present[rows[:, None], cols[None, :]]
+    if not (rows >= 0).any():
+        return out
+    # Only the span of rows asked for is read (of a big run, read in pieces, not the whole metric).
+    lo, hi = int(rows[rows >= 0].min()), int(rows.max()) + 1
+    values, present = read_rows(g, lo, hi)
+    at = np.where(rows >= 0, rows - lo, 0)[:, None]  # unknown rows read any row: `known` masks them
+    vals = values[at, cols[None, :]].astype(np.float64)
+    pres = present[at, cols[None, :]]
     alive = pres & np.isfinite(vals) & (vals > 0)
     return np.where(known, alive, True)
 

@@ -1,0 +1,156 @@
+"""Findings at the scale of thousands of tensors (issue 24): the per-tensor spike pass done for all
+columns at once equals the per-column detector."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tensorboard.context import RequestContext
+
+from tb_diag_plugin.findings.context import step_noise, step_noise_columns
+from tb_diag_plugin.findings.rules.spikes import column_spikes, spikes
+from tb_diag_plugin.findings.thresholds import Thresholds
+
+
+def _planted(rng: np.random.Generator, n: int, width: int) -> np.ndarray:
+    """Log-normal norms with a drift, planted spikes (x3 to x1000), NaN, +inf, zeros and negatives."""
+    v = np.exp(rng.normal(0.0, rng.uniform(0.05, 1.5), (n, width)) - np.log1p(np.arange(n) / 50)[:, None])
+    u = rng.random((n, width))
+    v[u < 0.06] *= rng.uniform(3.0, 1000.0, int((u < 0.06).sum()))
+    v[(u >= 0.06) & (u < 0.08)] = np.nan
+    v[(u >= 0.08) & (u < 0.09)] = np.inf
+    v[(u >= 0.09) & (u < 0.10)] = 0.0
+    v[(u >= 0.10) & (u < 0.105)] = -1.0
+    return v
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_columns_at_once_find_what_each_column_alone_finds(seed):
+    rng = np.random.default_rng(seed)
+    th = Thresholds()
+    found = 0
+    for n in (1, 3, 4, 5, 7, 20, 21, 22, 60, 300):
+        width = int(rng.integers(1, 40))
+        v = _planted(rng, n, width)
+        v[:, 0] = np.nan  # a column never recorded
+        if width > 2:
+            v[: n // 2, 1] = np.nan  # one recorded only from the middle on
+        want = {j: s for j in range(width) if (s := spikes(v[:, j], th, draws=width))}
+        assert column_spikes(v, th, draws=width) == want, n
+        found += sum(map(len, want.values()))
+    assert found > 0  # the planted spikes are found, so the comparison compares something
+
+
+def test_columns_wider_than_one_block_are_searched_block_by_block():
+    rng = np.random.default_rng(7)
+    th = Thresholds()
+    v = _planted(rng, 120, 50)
+    want = {j: s for j in range(50) if (s := spikes(v[:, j], th, draws=50))}
+    seven = 8 * 120 * 7  # blocks of 7 columns
+    assert column_spikes(v, th, draws=50, block_bytes=seven) == want and want
+    # Some columns only (the rule leaves the biases out), by their position among those asked for.
+    some = [j for j in range(50) if j % 3]
+    assert (column_spikes(v, th, draws=50, columns=some, block_bytes=seven)
+            == {k: want[j] for k, j in enumerate(some) if j in want})
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_each_columns_step_noise_equals_the_series_step_noise(seed):
+    rng = np.random.default_rng(seed)
+    for n in (1, 2, 3, 4, 5, 9, 40, 201):
+        x = rng.normal(0.0, rng.uniform(0.01, 3.0), (n, 12))
+        x[rng.random(x.shape) < 0.2] = np.nan
+        x[:, 3] = np.nan
+        x[:, 4] = 1.5  # constant: no noise at all
+        got = step_noise_columns(x)
+        assert got.tolist() == [step_noise(x[:, j]) for j in range(12)], n
+
+
+# --------------------------------------------- the findings of a run too big for the cache
+STEPS, WIDE = 1500, 400  # each per-tensor metric: 1,500 x 400 float32 = 2.4 MB
+BROKE_AT = 40  # the step whose gradients hold the first NaN: the rules judge the 40 steps before it
+WIDE_NAMES = [f"blocks.{i // 4}.{('conv', 'bn')[i % 2]}{i % 4}.weight" for i in range(WIDE)]
+METRIC_BYTES = STEPS * WIDE * 4
+# A budget of 1 MiB: each per-tensor metric is over a quarter of it, so it is served on demand.
+SMALL = 1 << 20
+
+
+def _write_wide_run(logdir: str) -> None:
+    """Four per-tensor metrics with a gradient spike at step 25 and a NaN from step BROKE_AT on."""
+    import os
+
+    from tb_diag_plugin import metadata
+    from tb_diag_plugin.summary import EventWriter
+
+    rng = np.random.default_rng(3)
+    base = rng.normal(-3.0, 1.0, WIDE)
+    with EventWriter(os.path.join(logdir, "wide")) as w:
+        for step in range(STEPS):
+            g = np.exp(base + rng.normal(0, 0.2, WIDE) - np.log1p(step / 100)).astype(np.float32)
+            if step == 25:
+                g[7] *= 500.0
+            if step >= BROKE_AT and step % 50 == BROKE_AT % 50:
+                g[step % WIDE] = np.nan
+            weights = np.exp(base + 2.0 + rng.normal(0, 0.01, WIDE)).astype(np.float32)
+            items = [("grad_norm", WIDE_NAMES, (), g),
+                     ("grad_nonfinite", WIDE_NAMES, (), np.isnan(g).astype(np.float32)),
+                     ("weight_norm", WIDE_NAMES, (), weights),
+                     ("update_ratio", WIDE_NAMES, (), (1e-3 * g / weights).astype(np.float32)),
+                     ("grad_norm_total", [""], (), np.array([np.sqrt(np.nansum(g.astype(np.float64) ** 2))],
+                                                          np.float32)),
+                     ("learning_rate", [""], (), np.array([0.1], np.float32)),
+                     ("loss", [metadata.TOTAL_LOSS], (), np.array([2.0 / (1 + step / 50)], np.float32))]
+            w.write_vectors(step, items)
+
+
+@pytest.fixture(scope="module")
+def wide_logdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("wide")
+    _write_wide_run(str(d))
+    return str(d)
+
+
+def _rules_inputs_and_findings(logdir: str, cache_bytes: int) -> tuple[dict, dict]:
+    """(the metrics the rules read, as the store hands them over; the /findings answer) from a real
+    TensorBoard with that cache budget, once it has every step of the run."""
+    from tb_diag_plugin.serving.config import Config
+    from tbserver import serve_with_plugin, until
+
+    with serve_with_plugin(logdir, load_fast=True, extra=["--diagnostics_preload", "false"],
+                           config=Config(cache_bytes=cache_bytes)) as (srv, plugin):
+        srv.wait_for_runs(1)
+        # The Rust data server loads in the background: on until it has every step of the run.
+        until(lambda: all(srv.plugin(f"values?run=wide&metric={m}&points=1&start={STEPS - 1}")["last_step"]
+                          == STEPS - 1 for m in ("loss", "grad_norm", "update_ratio")))
+        store = plugin.store
+        inputs = store.rules_inputs(RequestContext(), "", "wide", store.index(RequestContext(), "")["wide"])
+        return inputs, srv.plugin("findings?run=wide")
+
+
+def test_a_run_too_big_for_the_cache_is_judged_a_span_of_rows_at_a_time(wide_logdir):
+    """Served on demand, the four per-tensor metrics (9.6 MB) are never held whole while the rules judge
+    them: the rules' peak (tracemalloc, which sees every buffer numpy allocates) follows the rows they
+    judge (the 40 before the NaN), below one metric, and the findings are those of the metrics read whole
+    (the default budget)."""
+    import tracemalloc
+
+    from tb_diag_plugin.cache import nbytes
+    from tb_diag_plugin.findings.run import analyze_run
+    from tb_diag_plugin.series import PiecewiseSeries
+
+    small, _ = _rules_inputs_and_findings(wide_logdir, SMALL)
+    whole, answer = _rules_inputs_and_findings(wide_logdir, 1 << 30)
+    per_tensor = ("grad_norm", "grad_nonfinite", "weight_norm", "update_ratio")
+    assert all(isinstance(small[m], PiecewiseSeries) for m in per_tensor)
+    assert nbytes([whole[m].values for m in per_tensor]) >= 4 * METRIC_BYTES  # read whole: all four held
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        result = analyze_run("wide", small, lambda: None)
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    got = result.answer({})
+    assert {"nonfinite", "gradient_spike"} <= {f["kind"] for f in got["findings"]}  # what was planted is found
+    assert got["findings"] == answer["findings"] and got["layers_text"] == answer["layers_text"]
+    assert peak < METRIC_BYTES, peak
