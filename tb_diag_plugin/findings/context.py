@@ -484,8 +484,9 @@ CUTOFF = ("nonfinite", "exploding_gradient")
 # (gradients that explode or spike, a loss that stalls) declare them in `consequence_of`.
 WIRING_CAUSES = ("not_in_optimizer", "grad_not_reset", "module_mode", "lr_collapsed", "lr_unbounded", "lr_zero",
                  "output_loss_mismatch")
-# Every kind a rule marks as a cause (`Context.mark_primary`): what plain symptoms follow from.
+# Every kind a rule marks as a cause (`Context.mark_primary`): what plain symptoms follow from
+# (gradient_spike: only its early form, a blow-up in the first logged steps, is one).
 CAUSE_KINDS = WIRING_CAUSES + (
-    "nonfinite", "exploding_gradient", "vanishing_gradient", "dead_relu", "update_ratio", "adam_eps", "loss_diverged",
-    "weight_norm_growth", "weight_decay_equilibrium", "no_gradient",
+    "nonfinite", "exploding_gradient", "gradient_spike", "vanishing_gradient", "dead_relu", "update_ratio", "adam_eps",
+    "loss_diverged", "weight_norm_growth", "weight_decay_equilibrium", "no_gradient",
 )

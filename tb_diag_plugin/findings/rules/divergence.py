@@ -222,10 +222,10 @@ def _shrink_without_optimizer(ctx: Context) -> None:
 
 LOSS_DIVERGED = Rule("loss_diverged", ("loss_diverged",), ("loss", "learning_rate", "grad_norm_preclip"),
                      _loss_diverged, after=CUTOFF, severities=("error", "warning"),
-                     consequence_of=("lr_unbounded", "grad_not_reset"))
+                     consequence_of=("lr_unbounded", "grad_not_reset", "gradient_spike"))
 WEIGHT_NORM_GROWTH = Rule("weight_norm_growth", ("weight_norm_growth",), ("weight_norm", "learning_rate"),
                           _weight_norm_growth, after=CUTOFF, severities=("error", "warning"),
-                          consequence_of=("lr_unbounded", "grad_not_reset"))
+                          consequence_of=("lr_unbounded", "grad_not_reset", "gradient_spike"))
 WEIGHT_DECAY_EQUILIBRIUM = Rule(
     "weight_decay_equilibrium", ("weight_decay_equilibrium",), ("weight_norm", "update_ratio", "learning_rate"),
     _weight_decay_equilibrium, after=CUTOFF, severities=("warning",),

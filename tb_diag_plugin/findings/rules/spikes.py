@@ -348,6 +348,7 @@ def _early_gradient_spike(ctx: Context) -> None:
         f"torch.nn.utils.clip_grad_norm_(model.parameters(), {fmt(first)}) (the norm before the jump); if it "
         "persists, lower the learning rate or add a warm-up.",
     )
+    ctx.mark_primary()  # the updates, weights and loss it throws up fold below it
 
 
 GRADIENT_SPIKE = Rule(
@@ -358,7 +359,8 @@ GRADIENT_SPIKE = Rule(
                     "weight_norm_growth", "update_ratio", "not_in_optimizer"),
 )
 # Its own rule, because its causes differ: a blow-up this early is what makes the updates too large,
-# the weights run away and the loss diverge, so it does not fold below those findings.
+# the weights run away and the loss diverge, so those fold below it (it marks itself a cause; the
+# rolling finding above never does, and folds below them instead).
 EARLY_GRADIENT_SPIKE = Rule(
     "gradient_spike_early", ("gradient_spike",), ("grad_norm_total", "grad_norm", "grad_norm_max_between",
                                                   "grad_norm_preclip", "loss"),

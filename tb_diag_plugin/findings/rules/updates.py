@@ -172,5 +172,5 @@ UPDATE_RATIO = Rule(
     ("update_ratio", "weight_norm", "grad_norm", "learning_rate", "grad_norm_preclip", "grad_norm_total", "loss"),
     _update_ratio, after=CUTOFF, severities=("error", "warning", "info"),
     consequence_of=("weight_decay_equilibrium", "lr_unbounded", "grad_not_reset", "lr_zero", "lr_collapsed",
-                    "not_in_optimizer"),
+                    "not_in_optimizer", "gradient_spike"),
 )
