@@ -286,10 +286,17 @@ def test_one_tensor_spiking_far_above_its_median_is_named_even_when_the_total_hi
     assert f"'rnn.weight_hh_l0' jumped to up to {fmt(ratio)}× their own running median" in f.message
 
 
-def _early(tot, loss, between=None, preclip=False):
-    """word_language_model's tanh RNN at lr 20 without clipping, logged every 2 steps (seed 0's values)."""
+def _early(tot, loss, between=None, preclip=False, updates=False):
+    """word_language_model's tanh RNN at lr 20 without clipping, logged every 2 steps (seed 0's values);
+    `updates`: with the update ratios and weight norms that run's blow-up threw up."""
     s = {"grad_norm_total": _series("grad_norm_total", [""], tot, steps=np.arange(len(tot)) * 2),
          "loss": _series("loss", ["total"], loss, steps=np.arange(len(loss)) * 2)}
+    if updates:
+        n = len(tot)
+        s["update_ratio"] = _series("update_ratio", _BLOWN, np.r_[_RNN_UPDATES, np.full((n - 5, 2), 2e-3)],
+                                    steps=np.arange(n) * 2)
+        s["weight_norm"] = _series("weight_norm", _BLOWN, np.r_[_RNN_WEIGHTS, np.tile(_RNN_WEIGHTS[-1], (n - 5, 1))],
+                                   steps=np.arange(n) * 2)
     if between is not None:
         s["grad_norm_max_between"] = _series("grad_norm_max_between", [""], between, steps=np.arange(len(tot)) * 2)
     if preclip:
@@ -299,16 +306,59 @@ def _early(tot, loss, between=None, preclip=False):
 
 _RNN_NORMS = [0.613, 2.758, 8.989, 7.841, 16.33, 4.86, 4.894, 2.434] + [3.0] * 42
 _RNN_LOSS = [2.776, 6.63, 42.83, 60.61, 44.14, 46.56, 57.95, 55.34] + [45.0] * 42
+# Its first five logged update ratios and weight norms of rnn.weight_ih_l0 and decoder.weight (named here
+# as the LSTM document's two tensors).
+_BLOWN = ["rnn.weight_hh_l0", "fc.weight"]
+_RNN_UPDATES = [[2.543, 3.362], [1.508, 1.666], [2.795, 0.8156], [0.238, 0.4039], [0.4992, 0.3888]]
+_RNN_WEIGHTS = [[3.245, 2.324], [18.42, 16.38], [37.6, 96.17], [561.8, 112.2], [614.0, 110.4]]
 
 
 def test_a_recurrent_blow_up_before_any_window_is_a_gradient_spike_with_a_clip_threshold():
     # The first logged norm is the only baseline there is: 2.758 / 0.613 = 4.5x at step 2, and the loss
     # rose from 2.776 (its lowest before) to 60.61 (its highest at steps 2-6).
-    f = _one(analyze(_early(_RNN_NORMS, _RNN_LOSS), model=LSTM)[0], "gradient_spike")
-    assert f.severity == "warning" and f.first_step == 2
+    found = analyze(_early(_RNN_NORMS, _RNN_LOSS), model=LSTM)[0]
+    f = _one(found, "gradient_spike")
+    assert f.first_step == 2 and found[0] is f
     assert (f"from {fmt(0.613)} at step 0 to {fmt(2.758)} ({fmt(2.758 / 0.613)}×) at step 2" in f.message
             and f"the loss rose from {fmt(2.776)} to {fmt(60.61)}" in f.message)
     assert "clip_grad_norm_(model.parameters(), 0.613)" in f.suggestion and "recurrent" in f.suggestion
+    # The loss it threw up (2.776 -> 45, 16x: an error on its own) folds below it; the spike takes its severity.
+    d = _one(found, "loss_diverged")
+    assert f.severity == "error" and d.severity == "info"
+    assert d.message.endswith("Probably a consequence of gradient spikes (the gradient_spike finding, from step 2).")
+    assert d.suggestion.startswith("Fix the gradient_spike finding first. ")
+
+
+def test_an_early_blow_up_is_the_cause_of_the_updates_weights_and_loss_it_throws_up():
+    s = _early(_RNN_NORMS, _RNN_LOSS, updates=True)
+    # Without the spike (an MLP: no early spike there) each is an error of its own, from step 2 or 4.
+    alone = _kinds(analyze(s)[0])
+    assert "gradient_spike" not in alone
+    assert {k: alone[k] for k in _THROWN_UP} == dict.fromkeys(_THROWN_UP, "error")
+    found = analyze(s, model=LSTM)[0]
+    f = _one(found, "gradient_spike")
+    assert found[0] is f and f.severity == "error" and f.first_step == 2
+    for kind in _THROWN_UP:
+        c = _one(found, kind)
+        assert c.severity == "info" and c.first_step >= f.first_step, kind
+        assert "Probably a consequence of gradient spikes (the gradient_spike finding, from step 2)." in c.message
+    # Nothing else is above info: the cause is the one line to read.
+    assert [x.kind for x in found if x.severity != "info"] == ["gradient_spike"]
+
+
+def test_an_early_blow_up_that_is_the_learning_rate_s_keeps_its_own_findings():
+    # The same blow-up under AdamW (the step does not follow the gradient's size: gpt_lr_blowup) or with the
+    # clip in place: no early spike, and the updates, weights and loss stay errors of their own.
+    adam = ModelInfo.from_structure({**_LSTM_DOC, "optimizer": {"class": "AdamW", "groups": [{"lr": 1.0}]}})
+    for found in (analyze(_early(_RNN_NORMS, _RNN_LOSS, updates=True), model=adam)[0],
+                  analyze(_early(_RNN_NORMS, _RNN_LOSS, preclip=True, updates=True), model=LSTM)[0]):
+        assert "gradient_spike" not in _kinds(found)
+        for kind in _THROWN_UP:
+            c = _one(found, kind)
+            assert c.severity == "error" and "Probably a consequence" not in c.message, kind
+
+
+_THROWN_UP = ("update_ratio", "weight_norm_growth", "loss_diverged")
 
 
 def test_an_early_blow_up_between_logged_steps_is_measured_against_the_first_norm():
