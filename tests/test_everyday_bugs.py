@@ -20,10 +20,11 @@ import pytest
 import torch
 
 from everyday_bugs import BROKEN, BUGS, HEALTHY, Bug, names_cause, train
-from tb_diag_logger import DiagnosticsWarning
+from tb_diag_logger import Diagnostics, DiagnosticsWarning
 from tb_diag_plugin import findings, metadata
 from tb_diag_plugin.findings.context import Finding
 from tb_diag_plugin.reading import LocalReader
+from tb_diag_plugin.series import Series
 
 # The kinds issue 22 names (BRANCHES.md); rules22 adds them to metadata.FINDING_KINDS.
 NEW_KINDS = ("not_in_optimizer", "grad_not_reset", "module_mode", "lr_collapsed", "lr_unbounded", "lr_zero",
@@ -129,3 +130,92 @@ def test_case_at_seed_0(name, tmp_path):
     reader = LocalReader(str(tmp_path))
     found, _ = findings.analyze(reader.series(name), model=findings.ModelInfo.from_structure(reader.structure(name)))
     assert _judge(bug, found, said) == []
+
+
+# ------------------------------------------------------------------ the early blow-up names its cause once
+_THROWN_UP = ("update_ratio", "weight_norm_growth", "loss_diverged")
+
+
+def _trained(case, tmp_path) -> list:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            train(case, str(tmp_path), seed=0)
+    finally:
+        torch.set_num_threads(threads)
+    reader = LocalReader(str(tmp_path))
+    return findings.analyze(reader.series(case.name), model=findings.ModelInfo.from_structure(
+        reader.structure(case.name)))[0]
+
+
+def test_an_unclipped_rnn_s_blow_up_is_one_error_with_what_it_throws_up_below_it(tmp_path):
+    found = _trained(BUGS["rnn_tanh_no_clip"], tmp_path)
+    spike = found[0]
+    assert spike.kind == "gradient_spike" and spike.severity == "error"
+    assert "within the first logged steps" in spike.message and "clip_grad_norm_" in spike.suggestion
+    assert [f.kind for f in found if f.severity != "info"] == ["gradient_spike"]
+    below = f"Probably a consequence of gradient spikes (the gradient_spike finding, from step {spike.first_step})."
+    for kind in _THROWN_UP:
+        f = next(f for f in found if f.kind == kind)
+        assert f.severity == "info" and below in f.message, kind
+
+
+def test_a_learning_rate_blow_up_keeps_its_own_findings(tmp_path):
+    # The small GPT at AdamW lr 1 (the labelled suite's gpt_lr_blowup): an attention model without clipping
+    # whose loss jumps within its first logged steps, but under Adam, so the learning rate is the cause.
+    import pathologies
+
+    found = _trained(pathologies.ALL["gpt_lr_blowup"], tmp_path)
+    assert "gradient_spike" not in {f.kind for f in found}
+    assert found[0].kind == "loss_diverged" and found[0].severity == "error"
+    for kind in _THROWN_UP:
+        f = next(f for f in found if f.kind == kind)
+        assert f.severity != "info" and "Probably a consequence" not in f.message, kind
+
+
+def _upto(series: dict, step: int) -> dict:
+    """The run's series as they stood at `step` (what the live findings read there)."""
+    out = {}
+    for m, x in series.items():
+        keep = x.steps <= step
+        if keep.any():
+            out[m] = Series(x.metric, x.layers, x.layer_types, x.steps[keep], x.values[keep], x.present[keep])
+    return out
+
+
+def test_stop_on_error_stops_an_unclipped_rnn_on_its_cause_where_its_symptoms_would(tmp_path):
+    bug = BUGS["rnn_tanh_no_clip"]
+    tr = bug.build(torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            diag = Diagnostics(tr.model, logdir=str(tmp_path), every=tr.every, optimizer=tr.opt, stop_on="error")
+            diag._live.share = 1.0  # every logged step evaluated (no time budget): the stop step is the rules' alone
+            for step in range(tr.steps):  # the user's loop without clipping, stopped when asked
+                tr.opt.zero_grad()
+                loss, parts = tr.loss(step)
+                loss.backward()
+                diag.step(step, loss=loss, losses=parts)
+                tr.opt.step()
+                if diag.should_stop:
+                    break
+            found = diag.findings()
+            diag.close()
+    finally:
+        torch.set_num_threads(threads)
+    assert diag.should_stop and step < tr.steps - 1
+    errors = [f for f in found if f.severity == "error"]
+    assert [f.kind for f in errors] == ["gradient_spike"] and found[0] is errors[0]
+    assert any(f.kind in _THROWN_UP and f.severity == "info" for f in found)
+    # Where the symptoms alone would have stopped it: read without the model's structure (no recurrent
+    # model, no early spike), the run has an error among them at that step and none at the logged step before.
+    series = LocalReader(str(tmp_path.parent)).series(tmp_path.name)  # the run written straight into tmp_path
+    alone = findings.analyze(_upto(series, step))[0]
+    assert "gradient_spike" not in {f.kind for f in alone}
+    assert any(f.kind in _THROWN_UP and f.severity == "error" for f in alone)
+    assert not any(f.severity == "error" for f in findings.analyze(_upto(series, step - tr.every))[0])
+
