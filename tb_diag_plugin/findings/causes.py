@@ -1,6 +1,7 @@
 """Causes before consequences: once a rule has diagnosed a cause (a wiring fault, divergence,
-NaN, exploding gradients, over-large updates, ...), the findings that follow from it drop to
-`info` and say which cause they follow from, so that the first line a user reads is the cause.
+NaN, exploding gradients, an unclipped early blow-up, over-large updates, ...), the findings
+that follow from it drop to `info` and say which cause they follow from, so that the first line
+a user reads is the cause.
 
 Which finding can follow from which is declared by each rule (`Rule.consequence_of`); this
 module only applies those declarations."""
