@@ -358,6 +358,23 @@ def test_an_early_blow_up_that_is_the_learning_rate_s_keeps_its_own_findings():
             assert c.severity == "error" and "Probably a consequence" not in c.message, kind
 
 
+def test_spikes_found_by_the_rolling_test_are_no_cause_of_too_large_updates():
+    # An LSTM at SGD whose gradient norm spikes 5-10x on every 15th logged step from step 150, and whose updates
+    # turn too large (0.5 of the weights) from step 1500: spikes within a run are weighed against its own
+    # updates, not their cause, so each stays a finding of its own.
+    n = 300
+    ratio = np.where(np.arange(n)[:, None] < 150, 1e-3, 0.5) * np.ones((1, 2))
+    s = {"grad_norm_total": _series("grad_norm_total", [""], _noisy(n, 0, spikes_every=15)),
+         "loss": _series("loss", ["total"], np.full(n, 2.0)),
+         "update_ratio": _series("update_ratio", _BLOWN, ratio),
+         "weight_norm": _series("weight_norm", _BLOWN, np.ones((n, 2)))}
+    found = analyze(s, model=LSTM)[0]
+    u, f = _one(found, "update_ratio"), _one(found, "gradient_spike")
+    assert f.first_step == 150 and u.first_step == 1500
+    assert u.severity == f.severity == "warning"
+    assert "Probably a consequence" not in u.message + f.message
+
+
 _THROWN_UP = ("update_ratio", "weight_norm_growth", "loss_diverged")
 
 
