@@ -72,6 +72,36 @@ class Finding:
         }
 
 
+# Per-tensor metrics of thousands of columns that several rules read: `Context.before_cutoff` keeps them as
+# float32 (`Float64Rows`), not as a float64 copy held from the first rule that reads them to the last.
+WIDE_METRICS = frozenset({"grad_norm", "weight_norm", "update_ratio"})
+
+
+class Float64Rows:
+    """A read-only [steps x tensors] float32 matrix that reads as float64: indexing it gives the float64 copy
+    of the part indexed (exactly the values a float64 copy of the whole would give there), and numpy functions
+    given it whole get the whole as float64. Rules index a block of steps or tensors at a time, so that only
+    that block is ever held as float64."""
+
+    dtype = np.dtype(np.float64)
+
+    def __init__(self, values: np.ndarray) -> None:
+        self.float32 = values  # the values as kept (read-only)
+        self.shape: tuple[int, ...] = values.shape
+        self.ndim: int = values.ndim
+        self.size: int = values.size
+
+    def __getitem__(self, index) -> np.ndarray:
+        part = self.float32[index]
+        return part.astype(np.float64) if isinstance(part, np.ndarray) else np.float64(part)
+
+    def __len__(self) -> int:
+        return len(self.float32)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return self.float32.astype(np.float64 if dtype is None else dtype)
+
+
 @dataclass
 class Context:
     """One run as the rules see it: its series and thresholds, the findings so far, and shared state."""
@@ -105,9 +135,14 @@ class Context:
         """(steps, values with NaN where absent) before the first NaN/Inf, without AMP-skipped steps.
 
         Several rules ask for the same series: the answer is computed once per
-        cutoff and handed out read-only (a 20k x 500 metric is 80 MB as float64)
-        until no later rule reads the metric (`release`). A metric read in
-        pieces (`PiecewiseSeries`) gives only the rows kept, a span at a time.
+        cutoff and handed out read-only until no later rule reads the metric
+        (`release`). The values read as float64; those of a per-tensor metric
+        (`WIDE_METRICS`) are kept as the float32 they were recorded in
+        (`Float64Rows`: each part a rule indexes is its float64 copy), so that a
+        long run of thousands of tensors is not held twice its size per metric
+        (the recorded matrix itself when every row is kept and every cell
+        present). A metric read in pieces (`PiecewiseSeries`) gives only the rows
+        kept, a span at a time.
         """
         key = (id(s), self.cutoff, self.amp_skipped.size)
         hit = self._memo.get(key)
@@ -117,28 +152,42 @@ class Context:
         if self.amp_skipped.size:
             keep &= ~np.isin(s.steps, self.amp_skipped)
         everything = bool(keep.all())
+        wide = s.metric in WIDE_METRICS
         if isinstance(s, PiecewiseSeries):
-            vals = np.empty((int(keep.sum()), len(s.layers)))
+            vals = None
             at = 0
             for lo, hi in row_spans(s):
                 if not keep[lo:hi].any():
                     continue
                 v, p = read_rows(s, lo, hi)
+                if vals is None:  # float32 kept as float32 (a wide metric), everything else as float64
+                    dtype = np.float32 if wide and v.dtype == np.float32 else np.float64
+                    vals = np.empty((int(keep.sum()), len(s.layers)), dtype=dtype)
                 part = keep[lo:hi]
-                block = (v if part.all() else v[part]).astype(np.float64)
+                block = (v if part.all() else v[part]).astype(vals.dtype)
                 if not (0 in p.strides and p.size > 0 and bool(p.flat[0])):
                     block[~(p if part.all() else p[part])] = np.nan
                 vals[at: at + block.shape[0]] = block
                 at += block.shape[0]
+            if vals is None:
+                vals = np.empty((0, len(s.layers)))
         else:
-            vals = (s.values if everything else s.values[keep]).astype(np.float64)
-            all_present = 0 in s.present.strides and s.present.size > 0 and bool(s.present.flat[0])
-            if not all_present:  # `present` is a broadcast True when every cell was recorded
-                vals[~(s.present if everything else s.present[keep])] = np.nan
+            # `present` is a broadcast True when every cell was recorded
+            all_present = (0 in s.present.strides and s.present.size > 0 and bool(s.present.flat[0])) or (
+                wide and bool(s.present.all()))
+            kept = s.values if everything else s.values[keep]
+            dtype = np.float32 if wide and kept.dtype == np.float32 else np.float64
+            if dtype == kept.dtype and all_present:
+                vals = kept.view()  # nothing to change: the recorded values (or the copy of the rows kept)
+            else:
+                vals = kept.astype(dtype)
+                if not all_present:
+                    vals[~(s.present if everything else s.present[keep])] = np.nan
         steps = s.steps if everything else s.steps[keep]
         vals.setflags(write=False)
-        self._memo[key] = (s, (steps, vals))
-        return steps, vals
+        out = Float64Rows(vals) if wide else vals
+        self._memo[key] = (s, (steps, out))
+        return steps, out
 
     def release(self, metric: str) -> None:
         """No later rule reads `metric`: forget what was computed from it (and its values, if read whole
