@@ -432,7 +432,8 @@ def loss_total(ctx: Context) -> Optional[tuple[np.ndarray, np.ndarray, list[str]
 
 
 def weights_over_start(ctx: Context, names: Optional[Sequence[str]] = None):
-    """(steps, [steps x tensors] weight norm over its first value) before the cutoff, or None.
+    """(steps, ratio_rows) before the cutoff, or None: ratio_rows(lo, hi) is the [hi - lo x tensors] weight
+    norm over its first value at steps lo..hi-1 (a block of steps at a time: never all of a long run's).
 
     Weight tensors `names` (default: every one that is not a bias) whose first
     norm is at least `min_weight_norm`; a ratio to a near-zero start means nothing.
@@ -452,9 +453,14 @@ def weights_over_start(ctx: Context, names: Optional[Sequence[str]] = None):
     keep = np.isfinite(first) & (first >= ctx.th.min_weight_norm)
     if not keep.any():
         return None
-    ratio = wv[:, np.asarray(cols)[keep]]  # one copy of the columns kept, divided in place
-    ratio /= first[keep]
-    return steps, ratio
+    kept, start = np.asarray(cols)[keep], first[keep]
+
+    def ratio_rows(lo: int, hi: int) -> np.ndarray:
+        ratio = wv[lo:hi, kept]  # a copy of the columns kept, divided in place
+        ratio /= start
+        return ratio
+
+    return steps, ratio_rows
 
 
 def lr_text(ctx: Context) -> str:
