@@ -86,20 +86,20 @@ class Float64Rows:
     dtype = np.dtype(np.float64)
 
     def __init__(self, values: np.ndarray) -> None:
-        self.float32 = values  # the values as kept (read-only)
+        self.kept = values  # the values as kept: float32 where recorded so (read-only)
         self.shape: tuple[int, ...] = values.shape
         self.ndim: int = values.ndim
         self.size: int = values.size
 
     def __getitem__(self, index) -> np.ndarray:
-        part = self.float32[index]
+        part = self.kept[index]
         return part.astype(np.float64) if isinstance(part, np.ndarray) else np.float64(part)
 
     def __len__(self) -> int:
-        return len(self.float32)
+        return len(self.kept)
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        return self.float32.astype(np.float64 if dtype is None else dtype)
+        return self.kept.astype(np.float64 if dtype is None else dtype)
 
 
 @dataclass
@@ -367,6 +367,20 @@ def _middle(a: np.ndarray, k: int) -> np.ndarray:
     lo, hi = (k - 1) // 2, k // 2
     part = np.partition(a, sorted({lo, hi}), axis=0)
     return part[hi] if lo == hi else (part[lo] + part[hi]) / 2
+
+
+def nanmedian_of(values, cols: Sequence[int]) -> float:
+    """np.nanmedian(values[:, cols]) (all of them: one number; NaN when every one is NaN), equal to it on the
+    float64 copy, without that copy of a `Float64Rows`: its float32 values order as their float64 copies do,
+    so the middle one (or the mean of the two middle ones, taken in float64) is the same."""
+    kept = getattr(values, "kept", values)
+    x = kept[:, np.asarray(cols, dtype=np.int64)].ravel()  # one copy, partitioned in place (NaN sorts last)
+    n = x.size - int(np.count_nonzero(np.isnan(x)))
+    if n == 0:
+        return math.nan
+    lo, hi = (n - 1) // 2, n // 2
+    x.partition(sorted({lo, hi}))
+    return float((np.float64(x[lo]) + np.float64(x[hi])) / 2) if lo != hi else float(x[lo])
 
 
 def robust_z(value: float, window: np.ndarray, floor: float = 0.0) -> float:

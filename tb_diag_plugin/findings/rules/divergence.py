@@ -18,6 +18,7 @@ from tb_diag_plugin.findings.context import (
     is_bias,
     loss_total,
     lr_text,
+    nanmedian_of,
     quiet,
     weights_over_start,
     window,
@@ -159,7 +160,7 @@ def _weight_decay_equilibrium(ctx: Context) -> None:
     if ur is not None and ur.steps.size:
         _, uv = ctx.before_cutoff(ur)
         cols = [j for j, n in enumerate(ur.layers) if not is_bias(n)] or list(range(len(ur.layers)))
-        pinned = float(quiet(np.nanmedian, uv[:, cols]))
+        pinned = nanmedian_of(uv, cols)  # the float32 values, not their float64 copy
     if shrink is None or shrink[0] > th.decay_shrink:
         return  # weights that hold or grow are not pinned by the decay (a high lr with default decay)
     steps = ctx.series["weight_norm"].steps if "weight_norm" in ctx.series else np.zeros(1, dtype=np.int64)
