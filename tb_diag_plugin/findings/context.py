@@ -446,8 +446,9 @@ def loss_total(ctx: Context) -> Optional[tuple[np.ndarray, np.ndarray, list[str]
 
 
 def weights_over_start(ctx: Context, names: Optional[Sequence[str]] = None):
-    """(steps, ratio_rows) before the cutoff, or None: ratio_rows(lo, hi) is the [hi - lo x tensors] weight
-    norm over its first value at steps lo..hi-1 (a block of steps at a time: never all of a long run's).
+    """(steps, tensors, ratio_of) before the cutoff, or None: ratio_of(rows, cols) is the weight norm over its
+    first value at steps `rows` of tensors `cols` (slices of `steps` and of the `tensors` kept: a block at a
+    time, never all of a long run's).
 
     Weight tensors `names` (default: every one that is not a bias) whose first
     norm is at least `min_weight_norm`; a ratio to a near-zero start means nothing.
@@ -469,12 +470,12 @@ def weights_over_start(ctx: Context, names: Optional[Sequence[str]] = None):
         return None
     kept, start = np.asarray(cols)[keep], first[keep]
 
-    def ratio_rows(lo: int, hi: int) -> np.ndarray:
-        ratio = wv[lo:hi, kept]  # a copy of the columns kept, divided in place
-        ratio /= start
+    def ratio_of(rows: slice, cols: slice = slice(None)) -> np.ndarray:
+        ratio = wv[rows, kept[cols]]  # a copy of the columns kept, divided in place
+        ratio /= start[cols]
         return ratio
 
-    return steps, ratio_rows
+    return steps, int(kept.size), ratio_of
 
 
 def lr_text(ctx: Context) -> str:

@@ -206,8 +206,10 @@ def _median_shrink(ctx: Context) -> Optional[tuple[float, int]]:
     got = weights_over_start(ctx)
     if got is None:
         return None
-    steps, ratio_rows = got
-    end = quiet(np.nanmedian, ratio_rows(steps.size - window(steps.size, ctx.th), steps.size), axis=0)
+    steps, width, ratio_of = got
+    tail = slice(steps.size - window(steps.size, ctx.th), steps.size)
+    end = np.concatenate([quiet(np.nanmedian, ratio_of(tail, slice(lo, hi)), axis=0)
+                          for lo, hi in blocks(width, tail.stop - tail.start)])
     return float(np.nanmedian(end)), int(steps[-1])
 
 
