@@ -535,8 +535,12 @@ def total_grad(ctx: Context) -> Optional[tuple[np.ndarray, np.ndarray]]:
     g = ctx.series.get("grad_norm")
     if g is None or not g.steps.size:
         return None
-    vals = np.where(g.present, g.values.astype(np.float64), 0.0)
-    return g.steps, np.sqrt((vals**2).sum(axis=1))
+    out = np.empty(g.steps.size)
+    for lo, hi in row_spans(g):  # a span of rows at a time: no float64 copy of the whole metric
+        v, p = read_rows(g, lo, hi)
+        vals = np.where(p, v.astype(np.float64), 0.0)
+        out[lo:hi] = np.sqrt((vals**2).sum(axis=1))
+    return g.steps, out
 
 
 def model_column(ctx: Context, metric: str) -> Optional[tuple[np.ndarray, np.ndarray]]:
