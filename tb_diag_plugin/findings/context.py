@@ -72,9 +72,9 @@ class Finding:
         }
 
 
-# Per-tensor metrics of thousands of columns that several rules read: `Context.before_cutoff` keeps them as
-# float32 (`Float64Rows`), not as a float64 copy held from the first rule that reads them to the last.
-WIDE_METRICS = frozenset({"grad_norm", "weight_norm", "update_ratio"})
+# Per-tensor (per-site) metrics of thousands of columns: `Context.before_cutoff` keeps them as float32
+# (`Float64Rows`), not as a float64 copy held from the first rule that reads them to the last.
+WIDE_METRICS = frozenset({"grad_norm", "weight_norm", "update_ratio", "dead_fraction", "saturation"})
 
 
 class Float64Rows:
@@ -100,6 +100,11 @@ class Float64Rows:
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         return self.kept.astype(np.float64 if dtype is None else dtype)
+
+
+def finite(values) -> np.ndarray:
+    """np.isfinite(values), of a `Float64Rows` without its float64 copy (a float32 is finite where its copy is)."""
+    return np.isfinite(getattr(values, "kept", values))
 
 
 @dataclass
