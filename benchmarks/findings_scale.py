@@ -24,7 +24,7 @@ Results: benchmarks/results/findings_scale.json.
 The rules alone, in this process, on a healthy run held in memory (eventgen's
 values without their NaN and spikes, so that no NaN cutoff shortens what the
 rules judge): tracemalloc's peak over the whole analysis and per rule, against
-the size of one per-tensor metric.
+the size of one per-tensor metric, and the findings' digest.
 
     python benchmarks/findings_scale.py --spikes 2000x4040
 
@@ -191,6 +191,7 @@ def rules_only(size: str) -> dict:
     finally:
         tracemalloc.stop()
     out["kinds"] = sorted({f.kind for f in found})
+    out["digest"] = _digest([f.to_dict(RUN) for f in found])  # equal digests: the same findings
     out["per_rule_mib"] = {name: round(p, 1) for name, p in peaks if p >= 1.0}
     print(json.dumps(out, indent=1))
     return out

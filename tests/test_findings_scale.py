@@ -154,3 +154,130 @@ def test_a_run_too_big_for_the_cache_is_judged_a_span_of_rows_at_a_time(wide_log
     assert {"nonfinite", "gradient_spike"} <= {f["kind"] for f in got["findings"]}  # what was planted is found
     assert got["findings"] == answer["findings"] and got["layers_text"] == answer["layers_text"]
     assert peak < METRIC_BYTES, peak
+
+
+# --------------------------------------------- the rules' memory on a healthy wide run
+def _healthy_run(steps_n: int, width: int) -> dict:
+    """A healthy run held in memory (no NaN, no spike: the rules judge every row): the four per-tensor
+    metrics as float32 [steps x tensors], every cell recorded, and the model-level series."""
+    from tb_diag_plugin import metadata
+    from tb_diag_plugin.series import Series
+
+    rng = np.random.default_rng(11)
+    steps = np.arange(steps_n, dtype=np.int64)
+    names = [f"blocks.{i // 3}.{('conv', 'bn', 'bn')[i % 3]}.{('weight', 'weight', 'bias')[i % 3]}"
+             for i in range(width)]
+    base = rng.normal(-3.0, 0.5, width).astype(np.float32)
+
+    def lognormal(shift: float, noise: float) -> np.ndarray:
+        v = rng.standard_normal((steps_n, width), dtype=np.float32)
+        v *= noise
+        v += base + shift
+        return np.exp(v - np.log1p(steps / 2000.0).astype(np.float32)[:, None])
+
+    def series(metric: str, layers: list[str], values: np.ndarray) -> Series:
+        return Series(metric, layers, [""] * len(layers), steps, values.astype(np.float32, copy=False),
+                      np.broadcast_to(np.True_, values.shape))
+
+    g = lognormal(0.0, 0.2)
+    run = {"grad_norm": series("grad_norm", names, g),
+           "grad_nonfinite": series("grad_nonfinite", names, np.zeros((steps_n, width), np.float32)),
+           "weight_norm": series("weight_norm", names, lognormal(3.0, 0.001)),
+           "update_ratio": series("update_ratio", names, lognormal(-4.0, 0.2))}
+    run["grad_norm_total"] = series("grad_norm_total", [""], np.sqrt(
+        (g.astype(np.float64) ** 2).sum(axis=1, keepdims=True)))
+    run["learning_rate"] = series("learning_rate", [""], np.full((steps_n, 1), 1e-3))
+    run["loss"] = series("loss", [metadata.TOTAL_LOSS], (2.0 / (1 + steps / 500))[:, None])
+    return run
+
+
+def test_the_rules_hold_no_copy_of_a_wide_metric_between_rules():
+    """Between rules, nothing the size of a per-tensor metric is held: `before_cutoff` hands out the
+    recorded float32 matrix itself (read as float64 a part at a time), not a float64 copy kept from a
+    metric's first rule to its last (which held three of them, 6x a metric, at once)."""
+    import dataclasses
+    import tracemalloc
+
+    from tb_diag_plugin import findings
+    from tb_diag_plugin.findings.registry import ORDER
+
+    findings.analyze(_healthy_run(40, 30))  # what the rules import on first use (numpy.ma) is not counted
+    run = _healthy_run(400, 1200)
+    metric_bytes = run["grad_norm"].values.nbytes
+    held: list[tuple[str, int]] = []
+    shared: list[bool] = []
+
+    def measured(rule):
+        def check(ctx, _check=rule.check):
+            _check(ctx)
+            held.append((rule.name, tracemalloc.get_traced_memory()[0] - before))
+            for m in ("grad_norm", "weight_norm", "update_ratio"):
+                if rule.name == "update_ratio":  # every cell recorded, no cutoff: the recorded values as they are
+                    vals = ctx.before_cutoff(run[m])[1]
+                    shared.append(np.shares_memory(getattr(vals, "kept", vals), run[m].values))
+        return dataclasses.replace(rule, check=check)
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        findings.analyze(run, rules=[measured(r) for r in ORDER])
+    finally:
+        tracemalloc.stop()
+    assert len(held) == len(ORDER)
+    assert max(b for _, b in held) < metric_bytes // 4, held
+    assert shared == [True, True, True]
+
+
+def test_the_rules_peak_on_a_healthy_wide_run_is_a_few_blocks_not_copies_of_its_metrics():
+    """The whole analysis of a healthy 3,000 x 4,000 run (46 MiB per float32 metric, every row judged) peaks
+    (tracemalloc: every buffer numpy allocates) under 3x one metric: the rules work on a block of steps or
+    tensors at a time (`context.BLOCK_BYTES` of float64 each), whatever the run's length. Each float64
+    copy of grad_norm, weight_norm and update_ratio held across rules was 2x a metric (8x in all)."""
+    import tracemalloc
+
+    from tb_diag_plugin import findings
+    from tb_diag_plugin.findings.context import BLOCK_BYTES
+
+    findings.analyze(_healthy_run(40, 30))  # what the rules import on first use (numpy.ma) is not counted
+    run = _healthy_run(3000, 4000)
+    metric_bytes = run["grad_norm"].values.nbytes
+    assert metric_bytes > 2 * BLOCK_BYTES  # long enough that the blocks are smaller than the metrics
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        found, _ = findings.analyze(run)
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert not {"nonfinite", "exploding_gradient", "gradient_spike"} & {f.kind for f in found}  # judged whole
+    assert peak < 3 * metric_bytes, (peak / metric_bytes, [f.kind for f in found])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_median_of_float32_columns_equals_numpys_on_their_float64_copy(seed):
+    """`nanmedian_of` (weight_decay_equilibrium's pinned update ratio) partitions the float32 values: the
+    same number as np.nanmedian of the float64 copy, with NaN, infinities, ties, and below and above the
+    600 values where numpy changes method."""
+    import math
+    import warnings
+
+    from tb_diag_plugin.findings.context import Float64Rows, nanmedian_of
+
+    rng = np.random.default_rng(seed)
+    for t in range(300):
+        r, c = int(rng.integers(1, 60)), int(rng.integers(1, 40))
+        x = (rng.lognormal(-3, 2, (r, c)) * rng.choice([1, -1], (r, c))).astype(np.float32)
+        if t % 3 == 0:
+            x = np.round(x, 1)  # ties
+        u = rng.random((r, c))
+        x[u < rng.random() * 0.5] = np.nan
+        x[u > 0.97] = (np.inf, -np.inf)[t % 2]
+        if t % 11 == 0:
+            x[:] = np.nan
+        cols = sorted(rng.choice(c, int(rng.integers(1, c + 1)), replace=False).tolist())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            want = float(np.nanmedian(x.astype(np.float64)[:, cols]))
+        for values in (Float64Rows(x), x.astype(np.float64)):
+            got = nanmedian_of(values, cols)
+            assert got == want or (math.isnan(got) and math.isnan(want)), (t, got, want)

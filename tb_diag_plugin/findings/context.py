@@ -72,6 +72,41 @@ class Finding:
         }
 
 
+# Per-tensor (per-site) metrics of thousands of columns: `Context.before_cutoff` keeps them as float32
+# (`Float64Rows`), not as a float64 copy held from the first rule that reads them to the last.
+WIDE_METRICS = frozenset({"grad_norm", "weight_norm", "update_ratio", "dead_fraction", "saturation"})
+
+
+class Float64Rows:
+    """A read-only [steps x tensors] float32 matrix that reads as float64: indexing it gives the float64 copy
+    of the part indexed (exactly the values a float64 copy of the whole would give there), and numpy functions
+    given it whole get the whole as float64. Rules index a block of steps or tensors at a time, so that only
+    that block is ever held as float64."""
+
+    dtype = np.dtype(np.float64)
+
+    def __init__(self, values: np.ndarray) -> None:
+        self.kept = values  # the values as kept: float32 where recorded so (read-only)
+        self.shape: tuple[int, ...] = values.shape
+        self.ndim: int = values.ndim
+        self.size: int = values.size
+
+    def __getitem__(self, index) -> np.ndarray:
+        part = self.kept[index]
+        return part.astype(np.float64) if isinstance(part, np.ndarray) else np.float64(part)
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return self.kept.astype(np.float64 if dtype is None else dtype)
+
+
+def finite(values) -> np.ndarray:
+    """np.isfinite(values), of a `Float64Rows` without its float64 copy (a float32 is finite where its copy is)."""
+    return np.isfinite(getattr(values, "kept", values))
+
+
 @dataclass
 class Context:
     """One run as the rules see it: its series and thresholds, the findings so far, and shared state."""
@@ -105,9 +140,14 @@ class Context:
         """(steps, values with NaN where absent) before the first NaN/Inf, without AMP-skipped steps.
 
         Several rules ask for the same series: the answer is computed once per
-        cutoff and handed out read-only (a 20k x 500 metric is 80 MB as float64)
-        until no later rule reads the metric (`release`). A metric read in
-        pieces (`PiecewiseSeries`) gives only the rows kept, a span at a time.
+        cutoff and handed out read-only until no later rule reads the metric
+        (`release`). The values read as float64; those of a per-tensor metric
+        (`WIDE_METRICS`) are kept as the float32 they were recorded in
+        (`Float64Rows`: each part a rule indexes is its float64 copy), so that a
+        long run of thousands of tensors is not held twice its size per metric
+        (the recorded matrix itself when every row is kept and every cell
+        present). A metric read in pieces (`PiecewiseSeries`) gives only the rows
+        kept, a span at a time.
         """
         key = (id(s), self.cutoff, self.amp_skipped.size)
         hit = self._memo.get(key)
@@ -117,28 +157,42 @@ class Context:
         if self.amp_skipped.size:
             keep &= ~np.isin(s.steps, self.amp_skipped)
         everything = bool(keep.all())
+        wide = s.metric in WIDE_METRICS
         if isinstance(s, PiecewiseSeries):
-            vals = np.empty((int(keep.sum()), len(s.layers)))
+            vals = None
             at = 0
             for lo, hi in row_spans(s):
                 if not keep[lo:hi].any():
                     continue
                 v, p = read_rows(s, lo, hi)
+                if vals is None:  # float32 kept as float32 (a wide metric), everything else as float64
+                    dtype = np.float32 if wide and v.dtype == np.float32 else np.float64
+                    vals = np.empty((int(keep.sum()), len(s.layers)), dtype=dtype)
                 part = keep[lo:hi]
-                block = (v if part.all() else v[part]).astype(np.float64)
+                block = (v if part.all() else v[part]).astype(vals.dtype)
                 if not (0 in p.strides and p.size > 0 and bool(p.flat[0])):
                     block[~(p if part.all() else p[part])] = np.nan
                 vals[at: at + block.shape[0]] = block
                 at += block.shape[0]
+            if vals is None:
+                vals = np.empty((0, len(s.layers)))
         else:
-            vals = (s.values if everything else s.values[keep]).astype(np.float64)
-            all_present = 0 in s.present.strides and s.present.size > 0 and bool(s.present.flat[0])
-            if not all_present:  # `present` is a broadcast True when every cell was recorded
-                vals[~(s.present if everything else s.present[keep])] = np.nan
+            # `present` is a broadcast True when every cell was recorded
+            all_present = (0 in s.present.strides and s.present.size > 0 and bool(s.present.flat[0])) or (
+                wide and bool(s.present.all()))
+            kept = s.values if everything else s.values[keep]
+            dtype = np.float32 if wide and kept.dtype == np.float32 else np.float64
+            if dtype == kept.dtype and all_present:
+                vals = kept.view()  # nothing to change: the recorded values (or the copy of the rows kept)
+            else:
+                vals = kept.astype(dtype)
+                if not all_present:
+                    vals[~(s.present if everything else s.present[keep])] = np.nan
         steps = s.steps if everything else s.steps[keep]
         vals.setflags(write=False)
-        self._memo[key] = (s, (steps, vals))
-        return steps, vals
+        out = Float64Rows(vals) if wide else vals
+        self._memo[key] = (s, (steps, out))
+        return steps, out
 
     def release(self, metric: str) -> None:
         """No later rule reads `metric`: forget what was computed from it (and its values, if read whole
@@ -320,6 +374,20 @@ def _middle(a: np.ndarray, k: int) -> np.ndarray:
     return part[hi] if lo == hi else (part[lo] + part[hi]) / 2
 
 
+def nanmedian_of(values, cols: Sequence[int]) -> float:
+    """np.nanmedian(values[:, cols]) (all of them: one number; NaN when every one is NaN), equal to it on the
+    float64 copy, without that copy of a `Float64Rows`: its float32 values order as their float64 copies do,
+    so the middle one (or the mean of the two middle ones, taken in float64) is the same."""
+    kept = getattr(values, "kept", values)
+    x = kept[:, np.asarray(cols, dtype=np.int64)].ravel()  # one copy, partitioned in place (NaN sorts last)
+    n = x.size - int(np.count_nonzero(np.isnan(x)))
+    if n == 0:
+        return math.nan
+    lo, hi = (n - 1) // 2, n // 2
+    x.partition(sorted({lo, hi}))
+    return float((np.float64(x[lo]) + np.float64(x[hi])) / 2) if lo != hi else float(x[lo])
+
+
 def robust_z(value: float, window: np.ndarray, floor: float = 0.0) -> float:
     """The robust z-score the spike detectors share: how many robust standard deviations `value` lies
     above the median of `window`, the spread being max(floor, robust_sigma(window)); +-inf (0.0 at the
@@ -383,7 +451,9 @@ def loss_total(ctx: Context) -> Optional[tuple[np.ndarray, np.ndarray, list[str]
 
 
 def weights_over_start(ctx: Context, names: Optional[Sequence[str]] = None):
-    """(steps, [steps x tensors] weight norm over its first value) before the cutoff, or None.
+    """(steps, tensors, ratio_of) before the cutoff, or None: ratio_of(rows, cols) is the weight norm over its
+    first value at steps `rows` of tensors `cols` (slices of `steps` and of the `tensors` kept: a block at a
+    time, never all of a long run's).
 
     Weight tensors `names` (default: every one that is not a bias) whose first
     norm is at least `min_weight_norm`; a ratio to a near-zero start means nothing.
@@ -403,9 +473,14 @@ def weights_over_start(ctx: Context, names: Optional[Sequence[str]] = None):
     keep = np.isfinite(first) & (first >= ctx.th.min_weight_norm)
     if not keep.any():
         return None
-    ratio = wv[:, np.asarray(cols)[keep]]  # one copy of the columns kept, divided in place
-    ratio /= first[keep]
-    return steps, ratio
+    kept, start = np.asarray(cols)[keep], first[keep]
+
+    def ratio_of(rows: slice, cols: slice = slice(None)) -> np.ndarray:
+        ratio = wv[rows, kept[cols]]  # a copy of the columns kept, divided in place
+        ratio /= start[cols]
+        return ratio
+
+    return steps, int(kept.size), ratio_of
 
 
 def lr_text(ctx: Context) -> str:
@@ -465,8 +540,12 @@ def total_grad(ctx: Context) -> Optional[tuple[np.ndarray, np.ndarray]]:
     g = ctx.series.get("grad_norm")
     if g is None or not g.steps.size:
         return None
-    vals = np.where(g.present, g.values.astype(np.float64), 0.0)
-    return g.steps, np.sqrt((vals**2).sum(axis=1))
+    out = np.empty(g.steps.size)
+    for lo, hi in row_spans(g):  # a span of rows at a time: no float64 copy of the whole metric
+        v, p = read_rows(g, lo, hi)
+        vals = np.where(p, v.astype(np.float64), 0.0)
+        out[lo:hi] = np.sqrt((vals**2).sum(axis=1))
+    return g.steps, out
 
 
 def model_column(ctx: Context, metric: str) -> Optional[tuple[np.ndarray, np.ndarray]]:

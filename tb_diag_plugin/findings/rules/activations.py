@@ -10,6 +10,7 @@ from tb_diag_plugin.findings.context import (
     CUTOFF,
     Context,
     Rule,
+    finite,
     loss_total,
     lr_text,
     pct,
@@ -29,7 +30,7 @@ def _dead_relu(ctx: Context) -> None:
     steps, dv = ctx.before_cutoff(d)
     if steps.size == 0:
         return
-    valid = np.isfinite(dv)
+    valid = finite(dv)
     hits = []
     for j, n in enumerate(d.layers):
         span = persistent(dv[:, j] >= th.dead_fraction, valid[:, j], th)
@@ -61,7 +62,7 @@ def _saturated(ctx: Context) -> None:
     steps, sv = ctx.before_cutoff(s)
     if steps.size == 0:
         return
-    valid = np.isfinite(sv)
+    valid = finite(sv)
     w = window(steps.size, th)
     loss = loss_total(ctx)
     warn, confident = [], []

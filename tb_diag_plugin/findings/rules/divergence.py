@@ -13,10 +13,12 @@ from tb_diag_plugin.findings.context import (
     CUTOFF,
     Context,
     Rule,
+    blocks,
     fmt,
     is_bias,
     loss_total,
     lr_text,
+    nanmedian_of,
     quiet,
     weights_over_start,
     window,
@@ -75,29 +77,39 @@ def _weight_norm_growth(ctx: Context) -> None:
     cols = [j for j, n in enumerate(wn.layers) if not is_bias(n)]
     if not cols:
         return
-    wv = wv[:, cols]
     names = [wn.layers[j] for j in cols]
-    first = wv[0]
+    cols = np.asarray(cols)
+    first = wv[0, cols]
     ok = np.isfinite(first) & (first >= th.min_weight_norm)
     if not ok.any():
         return
     # A tiny initialisation (a zero-ish residual projection) may grow 10x healthily: measure from at
     # least a tenth of the typical tensor's start.
     ref = np.maximum(first, 0.1 * float(np.median(first[ok])))
-    growth = wv  # the columns' own copy, divided in place (`first` is not read again)
-    growth /= ref
+
+    def growth_of(at: np.ndarray) -> np.ndarray:
+        """The norms of columns `at` (of `cols`) over their start, every step (their own copy, divided in place)."""
+        growth = wv[:, cols[at]]
+        growth /= ref[at]
+        return growth
+
+    # A block of tensors at a time: the growth of thousands of tensors over a long run is not held.
     w = window(steps.size, th)
-    tail = quiet(np.nanmedian, growth[-w:], axis=0)
-    peak = quiet(np.nanmax, growth, axis=0)
+    tail, peak = np.full(cols.size, np.nan), np.full(cols.size, np.nan)
+    for lo, hi in blocks(cols.size, steps.size):
+        growth = growth_of(np.arange(lo, hi))
+        tail[lo:hi] = quiet(np.nanmedian, growth[-w:], axis=0)
+        peak[lo:hi] = quiet(np.nanmax, growth, axis=0)
     hit = [j for j in range(len(names)) if ok[j] and np.isfinite(tail[j]) and tail[j] >= th.weight_growth_ratio]
     if not hit:
         return
     worst = max(float(peak[j]) for j in hit)
-    at = [int(np.flatnonzero(growth[:, j] >= th.weight_growth_ratio)[0]) for j in hit]
+    growth = growth_of(np.asarray(hit))  # the tensors that ran away only
+    at = [int(np.flatnonzero(growth[:, k] >= th.weight_growth_ratio)[0]) for k in range(len(hit))]
     onset = min(at)
     layers = [names[j] for j in sorted(hit, key=lambda j: -float(tail[j]))]
     severity = "error" if worst >= th.weight_growth_error else "warning"
-    fast = _fastest_tenfold(steps, growth[:, hit])
+    fast = _fastest_tenfold(steps, growth)
     ctx.add(
         "weight_norm_growth", severity, layers, int(steps[onset]), int(steps[-1]),
         f"Weight norms run away: {len(layers)} tensor(s) ({ctx.layer_list(layers)}) end at "
@@ -148,7 +160,7 @@ def _weight_decay_equilibrium(ctx: Context) -> None:
     if ur is not None and ur.steps.size:
         _, uv = ctx.before_cutoff(ur)
         cols = [j for j, n in enumerate(ur.layers) if not is_bias(n)] or list(range(len(ur.layers)))
-        pinned = float(quiet(np.nanmedian, uv[:, cols]))
+        pinned = nanmedian_of(uv, cols)  # the float32 values, not their float64 copy
     if shrink is None or shrink[0] > th.decay_shrink:
         return  # weights that hold or grow are not pinned by the decay (a high lr with default decay)
     steps = ctx.series["weight_norm"].steps if "weight_norm" in ctx.series else np.zeros(1, dtype=np.int64)
@@ -194,8 +206,10 @@ def _median_shrink(ctx: Context) -> Optional[tuple[float, int]]:
     got = weights_over_start(ctx)
     if got is None:
         return None
-    steps, ratio = got
-    end = quiet(np.nanmedian, ratio[-window(steps.size, ctx.th):], axis=0)
+    steps, width, ratio_of = got
+    tail = slice(steps.size - window(steps.size, ctx.th), steps.size)
+    end = np.concatenate([quiet(np.nanmedian, ratio_of(tail, slice(lo, hi)), axis=0)
+                          for lo, hi in blocks(width, tail.stop - tail.start)])
     return float(np.nanmedian(end)), int(steps[-1])
 
 

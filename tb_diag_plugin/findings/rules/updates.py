@@ -136,8 +136,9 @@ def _weight_growth(ctx: Context, names: list[str]) -> Optional[tuple[float, int]
     got = weights_over_start(ctx, names)
     if got is None:
         return None
-    steps, ratio = got
-    growth = quiet(np.nanmedian, ratio, axis=1)
+    steps, width, ratio_of = got
+    growth = np.concatenate([quiet(np.nanmedian, ratio_of(slice(lo, hi)), axis=1)
+                             for lo, hi in blocks(steps.size, width)])
     if not np.isfinite(growth).any():
         return None
     i = int(np.nanargmax(growth))
