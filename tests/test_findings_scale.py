@@ -143,13 +143,18 @@ def test_a_run_too_big_for_the_cache_is_judged_a_span_of_rows_at_a_time(wide_log
     per_tensor = ("grad_norm", "grad_nonfinite", "weight_norm", "update_ratio")
     assert all(isinstance(small[m], PiecewiseSeries) for m in per_tensor)
     assert nbytes([whole[m].values for m in per_tensor]) >= 4 * METRIC_BYTES  # read whole: all four held
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        result = analyze_run("wide", small, lambda: None)
-        peak = tracemalloc.get_traced_memory()[1] - before
-    finally:
-        tracemalloc.stop()
+    # tracemalloc counts every thread: TensorBoard's threads left in this process can allocate inside one
+    # window (seen once under load), never in all three; rules holding a whole metric exceed it every time.
+    peaks = []
+    for _ in range(3):
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            result = analyze_run("wide", small, lambda: None)
+            peaks.append(tracemalloc.get_traced_memory()[1] - before)
+        finally:
+            tracemalloc.stop()
+    peak = min(peaks)
     got = result.answer({})
     assert {"nonfinite", "gradient_spike"} <= {f["kind"] for f in got["findings"]}  # what was planted is found
     assert got["findings"] == answer["findings"] and got["layers_text"] == answer["layers_text"]
