@@ -139,18 +139,34 @@ def _pieces(series, k: int, start: int = 0):
         yield series.steps[start:], series.values[start:], np.asarray(series.present)[start:]
 
 
+def request_bin(steps: np.ndarray, points: int, start: Optional[int], end: Optional[int],
+                summary_points: int) -> int:
+    """Logged steps per bin of a request for the steps within [start, end] at most `points` rows: the
+    fewest that fit, rounded up to whole bins of the run's summary at `summary_points` where the window
+    lies on their edges, so that the summary answers it (a view asks for its pixel width, rarely a
+    divisor of the run's length). Depends on the run's steps only, so an answer is the same whether the
+    summary is built or not."""
+    window = downsample.step_window(steps, start, end)
+    lo, hi = window.start, window.stop
+    want = downsample.bin_size(hi - lo, points)
+    base = downsample.bin_size(steps.size, summary_points)
+    if base > 1 and want > base and want % base and lo % base == 0 and (hi % base == 0 or hi == steps.size):
+        return -(-want // base) * base
+    return want
+
+
 def answer(summary: StepSummary, points: int, start: Optional[int], end: Optional[int],
            cols: Optional[np.ndarray]) -> Optional[downsample.Binned]:
-    """The bins `downsample.bin_steps` would give for columns `cols` of the steps within [start, end] at
-    `points`, merged from `summary`; None when the summary cannot give them (a window finer than its bins,
-    or not on their edges)."""
+    """The bins of `request_bin` steps that `downsample.bin_rows` would give for columns `cols` of the steps
+    within [start, end] at `points`, merged from `summary`; None when the summary cannot give them (a
+    window finer than its bins, or not on their edges)."""
     steps = summary.steps
     window = downsample.step_window(steps, start, end)
     lo, hi = window.start, window.stop
     S = hi - lo
     if S == 0:
         return None
-    want = downsample.bin_size(S, points)
+    want = request_bin(steps, points, start, end, summary.points)
     k = summary.k
     if want % k or lo % k or (hi % k and hi != steps.size):
         return None

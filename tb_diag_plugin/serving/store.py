@@ -94,6 +94,7 @@ class RunStore:
         step-binned summary (`summary_of`)."""
         series, problems, key = self._series_and_key(ctx, eid, run, metric, idx)
         series.summary = functools.partial(self.summary_of, series, key)
+        series.summary_points = self.config.default_points  # its resolution: what requests' bins align to
         return series, problems, key
 
     def _series_and_key(self, ctx, eid: str, run: str, metric: str, idx: RunIndex):

@@ -151,13 +151,19 @@ def bin_columns(metric: str, series: Series, points: int, start: Optional[int], 
     """(columns, binned values): the layers `wanted` (all when empty) between steps `start` and `end`,
     binned to at most `points` rows; NotFoundError names a layer the metric does not have."""
     cols = _columns(metric, series, wanted)
-    if hasattr(series, "bin_columns"):  # too big for the cache: read from the event files (reading.ondemand)
-        return cols, series.bin_columns(points, start, end, cols)
+    # The bins a summary would give (`stepbins.request_bin`), so that an answer does not depend on it.
     window = downsample.step_window(series.steps, start, end)
+    summary_points = getattr(series, "summary_points", None)
+    k = (downsample.bin_size(window.stop - window.start, points) if summary_points is None
+         else stepbins.request_bin(series.steps, points, start, end, summary_points))
+    if hasattr(series, "bin_columns"):  # too big for the cache: read from the event files (reading.ondemand)
+        return cols, series.bin_columns(points, start, end, cols, k)
     values, present = series.values[window], series.present[window]  # views, not copies
     if wanted:
         values, present = values[:, cols], present[:, cols]
-    return cols, downsample.bin_steps(series.steps[window], values, present, points)
+    if k == 1:
+        return cols, downsample.bin_steps(series.steps[window], values, present, points)
+    return cols, downsample.bin_rows(series.steps[window], values, present, k)
 
 
 def _grouped(metric: str, names: list[str], types: list[str], b: downsample.Binned, max_rows: int,
