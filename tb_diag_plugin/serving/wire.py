@@ -89,7 +89,8 @@ def values_answer(run: str, metric: str, series: Series, problems: list[str], po
     types = [series.layer_types[j] for j in cols]
     groups = None
     if max_rows is not None and names:
-        names, types, groups, b = _grouped(metric, names, types, b, max_rows, expand, reveal)
+        names, types, groups, b = _grouped(metric, names, types, b, max_rows, expand, reveal,
+                                           _tree(series, metric, names))
     header = {
         "run": run,
         "metric": metric,
@@ -166,11 +167,22 @@ def bin_columns(metric: str, series: Series, points: int, start: Optional[int], 
     return cols, downsample.bin_rows(series.steps[window], values, present, k)
 
 
-def _grouped(metric: str, names: list[str], types: list[str], b: downsample.Binned, max_rows: int,
-             expand: Sequence[str], reveal: Sequence[str]):
-    """(row names, row types, per-row group description or None, binned rows) of a grouped answer."""
+def _tree(series, metric: str, names: list[str]) -> layer_groups.Row:
+    """The module tree of `names` (`layer_groups.build`): kept on the series (cached per data version)
+    when they are all of its layers, since building it for 5,000 tensors takes longer than answering."""
     spec = metadata.METRICS.get(metric)
-    root = layer_groups.build(names, spec.layer_kind if spec else "")
+    kind = spec.layer_kind if spec else ""
+    if names != series.layers:  # a request's own layers
+        return layer_groups.build(names, kind)
+    kept = getattr(series, "layer_tree", None)
+    if kept is None or kept[0] != kind:
+        kept = series.layer_tree = (kind, layer_groups.build(names, kind))
+    return kept[1]
+
+
+def _grouped(metric: str, names: list[str], types: list[str], b: downsample.Binned, max_rows: int,
+             expand: Sequence[str], reveal: Sequence[str], root: layer_groups.Row):
+    """(row names, row types, per-row group description or None, binned rows) of a grouped answer."""
     pos = {n: j for j, n in enumerate(names)}
     unknown = [r for r in reveal if r not in pos]
     if unknown:
