@@ -3,7 +3,7 @@
 // from (a model node, a finding, a heatmap cell), or the selected runs overlaid.
 import * as api from "../api.js";
 import {el, clear} from "../dom.js";
-import {NONFINITE, Panels, RUN_LEGEND, alpha, esc, layout, runLegend} from "../charts.js";
+import {FIXED_MARGINS, NONFINITE, Panels, RUN_LEGEND, alpha, esc, layout, runLegend} from "../charts.js";
 import {METRICS, MODULE_METRICS, PARAM_METRICS, SITE_METRICS, fetchMetric, isDerived, label, moduleOf, needsOf} from "../metrics.js";
 
 let panels;
@@ -160,12 +160,14 @@ async function render(app, ctx) {
     runLegend(traces); // runs by colour (legend), members by line style (noted above)
     panels.plot(p, traces, layout(t, {
       ...RUN_LEGEND,
+      ...FIXED_MARGINS,
       height: 260,
-      margin: {l: 56, r: 10, t: 26, b: 32},
       uirevision: `${layer}|${m}`,
-      xaxis: {title: {text: "step"}},
-      yaxis: {type: scale === "log" ? "log" : "linear", range: scale === "unit" ? [0, 1.02] : undefined, exponentformat: "power"},
-      yaxis2: {overlaying: "y", range: [0, 1], visible: false, fixedrange: true},
+      xaxis: {title: {text: "step"}, automargin: false},
+      yaxis: {type: scale === "log" ? "log" : "linear", range: scale === "unit" ? [0, 1.02] : undefined, exponentformat: "power",
+              automargin: false},
+      // the non-finite marks' axis, only where there are some (an axis more is a chart's drawing more)
+      ...(traces.some((tr) => tr.yaxis === "y2") ? {yaxis2: {overlaying: "y", range: [0, 1], visible: false, fixedrange: true}} : {}),
       shapes: step ? [{type: "line", xref: "x", yref: "paper", x0: step.lo, x1: step.lo, y0: 0, y1: 1, line: {color: t.muted, width: 1.5, dash: "dot"}}] : [],
     }), `${layer || "model"}_${m}`);
   });
