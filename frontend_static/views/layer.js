@@ -66,6 +66,7 @@ async function render(app, ctx) {
   }
   if (!modules.length) {
     clear(picker);
+    pickerList = null;
     clear(heading);
     panels.notice(panels.panel("none", "Layer", {wide: true}), "The selected runs record no per-layer metrics.");
     return panels.end();
@@ -80,8 +81,7 @@ async function render(app, ctx) {
       if (child != null) layer = child;
     }
   }
-  clear(picker).append(...modules.map((m) => el("option", {value: m, selected: m === layer}, m === "" ? "(model)" : m)));
-  picker.value = layer;
+  const fill = showPicker(modules, layer);
   const mem = members.get(layer);
   // A site's type, per run where the runs differ ("1 (ReLU in a, b; Sigmoid in c)").
   const typeText = (s) => {
@@ -172,6 +172,33 @@ async function render(app, ctx) {
     }), `${layer || "model"}_${m}`);
   });
   panels.end();
+  if (fill) setTimeout(fill);
+}
+
+// The picker lists every module that owns a series: thousands in a big model, which take longer to build
+// than the charts to draw. So a new list is built after the charts (the returned function, or null when
+// the picker holds this list already); until then the picker holds the chosen module.
+let pickerList = null; // the list the picker holds, or the one it waits for
+let pickerFull = false;
+function showPicker(modules, layer) {
+  const key = modules.join("\n");
+  if (key === pickerList && pickerFull) {
+    picker.value = layer;
+    return null;
+  }
+  pickerList = key;
+  pickerFull = false;
+  const text = (m) => (m === "" ? "(model)" : m);
+  clear(picker).append(new Option(text(layer), layer, true, true));
+  return () => {
+    if (pickerList !== key || pickerFull) return; // a later render's list, or built already
+    const chosen = picker.value;
+    const all = document.createDocumentFragment();
+    for (const m of modules) all.append(new Option(text(m), m, m === chosen, m === chosen));
+    clear(picker).append(all);
+    picker.value = chosen;
+    pickerFull = true;
+  };
 }
 
 function fin(y) {
