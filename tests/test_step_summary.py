@@ -140,15 +140,23 @@ def test_a_metric_over_several_tags_keeps_its_absent_cells_in_the_summary(logdir
 
 def test_the_preload_builds_every_summary_and_grouped_views_are_merged_from_it(logdir):
     """Once the preload has read the run, a grouped heatmap is aggregated from the summary's per-tensor
-    bins (nothing is binned for it: the binned-columns cache stays empty), and equals the groups
+    bins (nothing is binned for it: the binned-columns cache holds only what the preload put there for the
+    model view, each layer's first NaN/Inf, equal to the independent reading's), and equals the groups
     aggregated by hand from the independent reading."""
     steps, layers, values, present = _independent(logdir, "grad_norm")
     config = dataclasses.replace(IN_MEMORY, preload_poll_s=0.2, preload_settle_poll_s=0.2)
     with serve_with_plugin(logdir, config=config) as (srv, plugin):
         srv.wait_for_runs(1)
-        until(lambda: len(plugin.store.summaries.keys()) == 3)
+        until(lambda: srv.plugin("values?run=big&metric=grad_norm&points=1&start=999")["last_step"] == STEPS - 1)
+        until(lambda: plugin.preloader.preloaded_runs().get("big")
+              == plugin.store.index(RequestContext(), "")["big"].data_version())
+        scans = {key[0][2]: plugin.store.binned.peek(key) for key in plugin.store.binned.keys()}
+        assert len(plugin.store.summaries.keys()) == 3 and set(scans) == {"grad_norm", "dead_fraction"}
         header, a = _values(srv, "metric=grad_norm&points=50&max_rows=8")
-        assert not plugin.store.binned.keys()
+        assert len(plugin.store.binned.keys()) == len(scans)
+    bad = present & ~np.isfinite(values)
+    assert scans["grad_norm"] == {layers[j]: int(steps[np.argmax(bad[:, j])]) for j in range(LAYERS) if bad[:, j].any()}
+    assert scans["grad_norm"]
     root = layer_groups.build(layers, "param")
     view = layer_groups.rows(root, 8)
     assert header["layers"] == [layers[r] if isinstance(r, int) else r.key for r in view]
