@@ -1,5 +1,6 @@
 """What the model view's answer is made from, read once per data version and kept in the store: the
-structure document, each layer's first recorded NaN/Inf, the gradient norms of the last logged step.
+structure document, each layer's first recorded NaN/Inf, the gradient norms of the last logged step;
+and `warm`, which the background runs once a run is read.
 
 The route (`/model`) and the background readers both call these: the preload reads them once a run's
 step summaries are built, so that the model view's first visit finds them in memory (at 20,000 steps x
@@ -15,7 +16,7 @@ import numpy as np
 from tb_diag_plugin import metadata
 from tb_diag_plugin.reading import RunIndex, read_structure
 from tb_diag_plugin.series import Series
-from tb_diag_plugin.serving import model_tree
+from tb_diag_plugin.serving import model_tree, wire
 from tb_diag_plugin.serving.store import RunStore
 
 
@@ -75,6 +76,11 @@ def last_values(store: RunStore, ctx, eid: str, run: str, idx: RunIndex) -> tupl
 
 
 def warm(store: RunStore, ctx, eid: str, run: str, idx: RunIndex) -> None:
-    """Read what the model view's answer is made from into the store (the background's last task)."""
+    """Read what the model view's answer is made from into the store, and build each metric's module tree
+    (what a grouped heatmap's first answer would otherwise build): the background's last task."""
     structure(store, ctx, eid, run, idx)
     nonfinite(store, ctx, eid, run, idx)
+    for metric in idx.tags:
+        series = store.series_and_key(ctx, eid, run, metric, idx)[0]
+        if len(series.layers) > 1:
+            wire.layer_tree(series, metric, series.layers)

@@ -90,7 +90,7 @@ def values_answer(run: str, metric: str, series: Series, problems: list[str], po
     groups = None
     if max_rows is not None and names:
         names, types, groups, b = _grouped(metric, names, types, b, max_rows, expand, reveal,
-                                           _tree(series, metric, names))
+                                           layer_tree(series, metric, names))
     header = {
         "run": run,
         "metric": metric,
@@ -167,7 +167,7 @@ def bin_columns(metric: str, series: Series, points: int, start: Optional[int], 
     return cols, downsample.bin_rows(series.steps[window], values, present, k)
 
 
-def _tree(series, metric: str, names: list[str]) -> layer_groups.Row:
+def layer_tree(series, metric: str, names: list[str]) -> layer_groups.Row:
     """The module tree of `names` (`layer_groups.build`): kept on the series (cached per data version)
     when they are all of its layers, since building it for 5,000 tensors takes longer than answering."""
     spec = metadata.METRICS.get(metric)
