@@ -140,8 +140,8 @@ def test_a_metric_over_several_tags_keeps_its_absent_cells_in_the_summary(logdir
 
 def test_the_preload_builds_every_summary_and_grouped_views_are_merged_from_it(logdir):
     """Once the preload has read the run, a grouped heatmap is aggregated from the summary's per-tensor
-    bins (nothing is binned for it: the binned-columns cache holds only what the preload put there for the
-    model view, each layer's first NaN/Inf, equal to the independent reading's), and equals the groups
+    bins, kept for opening a group (beside what the preload put there for the model view: each layer's
+    first NaN/Inf, equal to the independent reading's); the bins and the groups equal those binned and
     aggregated by hand from the independent reading."""
     steps, layers, values, present = _independent(logdir, "grad_norm")
     config = dataclasses.replace(IN_MEMORY, preload_poll_s=0.2, preload_settle_poll_s=0.2)
@@ -153,7 +153,15 @@ def test_the_preload_builds_every_summary_and_grouped_views_are_merged_from_it(l
         scans = {key[0][2]: plugin.store.binned.peek(key) for key in plugin.store.binned.keys()}
         assert len(plugin.store.summaries.keys()) == 3 and set(scans) == {"grad_norm", "dead_fraction"}
         header, a = _values(srv, "metric=grad_norm&points=50&max_rows=8")
-        assert len(plugin.store.binned.keys()) == len(scans)
+        # The per-tensor bins merged for it are kept, and opening a group regroups them: nothing more is kept.
+        kept = [plugin.store.binned.peek(k) for k in plugin.store.binned.keys() if k[1] != "first_nonfinite"]
+        assert len(kept) == 1
+        opened, _ = _values(srv, f"metric=grad_norm&points=50&max_rows=8&expand={header['layers'][0]}")
+        assert len(plugin.store.binned.keys()) == len(scans) + 1 and len(opened["layers"]) > len(header["layers"])
+    (cols, tensors), hand = kept[0], _bins_by_hand(values, present, 50)
+    assert list(cols) == list(range(LAYERS))
+    for name in ("mean", "min", "max"):
+        np.testing.assert_allclose(getattr(tensors, name), hand[name], rtol=2e-6, equal_nan=True, err_msg=name)
     bad = present & ~np.isfinite(values)
     assert scans["grad_norm"] == {layers[j]: int(steps[np.argmax(bad[:, j])]) for j in range(LAYERS) if bad[:, j].any()}
     assert scans["grad_norm"]

@@ -81,10 +81,11 @@ def values_answer(run: str, metric: str, series: Series, problems: list[str], po
     between steps `start` and `end`, binned to at most `points` rows, and with `max_rows`, grouped along
     the module tree to at most that many layer rows (`layer_groups.rows`). `binned(make)` (optional)
     returns a cached result of `make()`, the binned columns. A series with a step-binned summary
-    (`RunStore.series_and_key`) is answered from it where it can be."""
-    summarized = _from_summary(metric, series, points, start, end, wanted)
-    cols, b = summarized or (binned or (lambda make: make()))(
-        lambda: bin_columns(metric, series, points, start, end, wanted))
+    (`RunStore.series_and_key`) is answered from it where it can be (the same bins as without it)."""
+    # Kept by `binned` (a grouped view's): opening a group regroups them, neither merging nor binning again.
+    cols, b = (binned or (lambda make: make()))(
+        lambda: _from_summary(metric, series, points, start, end, wanted)
+        or bin_columns(metric, series, points, start, end, wanted))
     names = [series.layers[j] for j in cols]
     types = [series.layer_types[j] for j in cols]
     groups = None
