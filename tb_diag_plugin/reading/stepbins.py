@@ -160,11 +160,42 @@ def answer(summary: StepSummary, points: int, start: Optional[int], end: Optiona
     """The bins of `request_bin` steps that `downsample.bin_rows` would give for columns `cols` of the steps
     within [start, end] at `points`, merged from `summary`; None when the summary cannot give them (a
     window finer than its bins, or not on their edges)."""
+    got = _window(summary, points, start, end, cols)
+    if got is None:
+        return None
+    b, want = got
+    k = summary.k
+    if want == k:
+        return b
+    if k == 1:  # the rows are the logged steps: bin them as `downsample` does, to the same floats
+        return downsample.bin_rows(b.step_first, b.mean, b.present > 0, want)
+    return _merge(b, want // k)
+
+
+def own_bins(summary: StepSummary, points: int, start: Optional[int], end: Optional[int],
+             cols: Optional[np.ndarray]) -> Optional[tuple[downsample.Binned, int]]:
+    """(the summary's own bins of columns `cols` within [start, end], how many of them make one bin of
+    the request): what `answer` merges, for a caller that reduces the columns first (`merge` then merges
+    far fewer); None where `answer` would not merge bins (the summary's rows are single steps, or it
+    cannot answer)."""
+    got = None if summary.k == 1 else _window(summary, points, start, end, cols)
+    return None if got is None else (got[0], got[1] // summary.k)
+
+
+def merge(b: downsample.Binned, m: int) -> downsample.Binned:
+    """Bins of `m` consecutive bins of `b`, as `answer` merges the summary's (`b` may be columns reduced
+    from them: `layer_groups.aggregate` keeps the counts that weigh the means)."""
+    return b if m == 1 else _merge(b, m)
+
+
+def _window(summary: StepSummary, points: int, start: Optional[int], end: Optional[int],
+            cols: Optional[np.ndarray]) -> Optional[tuple[downsample.Binned, int]]:
+    """(the summary's bins of the steps within [start, end], columns `cols`; the request's bin size), or
+    None when the request's bins are not whole bins of the summary's."""
     steps = summary.steps
     window = downsample.step_window(steps, start, end)
     lo, hi = window.start, window.stop
-    S = hi - lo
-    if S == 0:
+    if hi == lo:
         return None
     want = request_bin(steps, points, start, end, summary.points)
     k = summary.k
@@ -174,11 +205,7 @@ def answer(summary: StepSummary, points: int, start: Optional[int], end: Optiona
     first, last = lo // k, -(-hi // k)
     if first or last != b.mean.shape[0]:
         b = downsample.Binned(b.binned, *(getattr(b, f)[first:last] for f in _FIELDS))
-    if want == k:
-        return b
-    if k == 1:  # the rows are the logged steps: bin them as `downsample` does, to the same floats
-        return downsample.bin_rows(b.step_first, b.mean, b.present > 0, want)
-    return _merge(b, want // k)
+    return b, want
 
 
 def _merge(b: downsample.Binned, m: int) -> downsample.Binned:

@@ -82,16 +82,23 @@ def values_answer(run: str, metric: str, series: Series, problems: list[str], po
     the module tree to at most that many layer rows (`layer_groups.rows`). `binned(make)` (optional)
     returns a cached result of `make()`, the binned columns. A series with a step-binned summary
     (`RunStore.series_and_key`) is answered from it where it can be (the same bins as without it)."""
-    # Kept by `binned` (a grouped view's): opening a group regroups them, neither merging nor binning again.
-    cols, b = (binned or (lambda make: make()))(
-        lambda: _from_summary(metric, series, points, start, end, wanted)
-        or bin_columns(metric, series, points, start, end, wanted))
+    # A grouped view of a summarized metric: the summary's own bins are grouped, then the groups' bins merged
+    # (a few dozen columns merged, not 5,000); the same cells as grouping the merged bins.
+    own = _from_summary(metric, series, points, start, end, wanted, own=True) if max_rows is not None else None
+    if own is not None:
+        cols, b, m = own
+    else:  # kept by `binned` (a grouped view's): opening a group regroups them without binning again
+        cols, b = (binned or (lambda make: make()))(
+            lambda: _from_summary(metric, series, points, start, end, wanted)
+            or bin_columns(metric, series, points, start, end, wanted))
     names = [series.layers[j] for j in cols]
     types = [series.layer_types[j] for j in cols]
     groups = None
     if max_rows is not None and names:
         names, types, groups, b = _grouped(metric, names, types, b, max_rows, expand, reveal,
                                            layer_tree(series, metric, names))
+    if own is not None:
+        b = stepbins.merge(b, m)
     header = {
         "run": run,
         "metric": metric,
@@ -122,10 +129,11 @@ def values_answer(run: str, metric: str, series: Series, problems: list[str], po
 
 
 def _from_summary(metric: str, series, points: int, start: Optional[int], end: Optional[int],
-                  wanted: Sequence[str]) -> Optional[tuple[np.ndarray, downsample.Binned]]:
+                  wanted: Sequence[str], own: bool = False) -> Optional[tuple]:
     """(columns, binned values) merged from the series' step-binned summary (built now for a request of
     the whole run and every layer, which costs what binning it would; else only if built or being
-    built), or None."""
+    built), or None; with `own`, (columns, the summary's own bins, how many make one answer bin) where
+    they are to be merged (`stepbins.own_bins`)."""
     summary_of = getattr(series, "summary", None)
     if summary_of is None:
         return None
@@ -133,6 +141,9 @@ def _from_summary(metric: str, series, points: int, start: Optional[int], end: O
     if summary is None:
         return None
     cols = _columns(metric, series, wanted)
+    if own:
+        got = stepbins.own_bins(summary, points, start, end, cols if wanted else None)
+        return None if got is None else (cols, *got)
     b = stepbins.answer(summary, points, start, end, cols if wanted else None)
     return None if b is None else (cols, b)
 
