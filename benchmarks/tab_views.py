@@ -61,11 +61,27 @@ def main(argv=None) -> dict:
     with tbserver.serve_with_plugin(logdir, load_fast=True) as (srv, plugin):
         srv.wait_for_runs(1, timeout=3600)
         res["listed_s"] = time.perf_counter() - t0
-        # Preloaded as far as the plugin goes (a run over its cache budget is read on demand).
-        while run not in plugin.preloader.preloaded_runs() and time.perf_counter() - t0 < 1800:
-            time.sleep(0.2)
+        # Preloaded as far as the plugin goes (a run over its cache budget is read on demand), at the data
+        # TensorBoard has finished loading: the Rust data server loads a 2.3 GB run for a minute after
+        # listing it, and the preload of a version it has not finished is redone for the next.
+        from tensorboard.context import RequestContext
+
+        def loaded_version():
+            plugin.store._listing.clear()
+            return plugin.store.index(RequestContext(), "")[run].data_version()
+
+        while time.perf_counter() - t0 < 1800:
+            if plugin.preloader.preloaded_runs().get(run) == loaded_version():
+                time.sleep(3 * plugin.config.preload_settle_poll_s)  # the version held still since it was read
+                if plugin.preloader.preloaded_runs().get(run) == loaded_version():
+                    break
+            time.sleep(0.5)
         res["preloaded_s"] = time.perf_counter() - t0
         print(f"listed after {res['listed_s']:.1f} s, preloaded after {res['preloaded_s']:.1f} s", file=sys.stderr)
+        # What the first visits can be answered from: the step summaries the preload left in the cache.
+        res["summaries_cached"] = sorted(key[0][2] for key in plugin.store.summaries.keys())
+        res["cache_mb"] = plugin.store.memory.size / 2**20
+        print(f"summaries cached: {res['summaries_cached']}; cache {res['cache_mb']:.0f} MiB", file=sys.stderr)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
             page = browser.new_context(viewport={"width": 1440, "height": 1000}).new_page()
@@ -78,15 +94,21 @@ def main(argv=None) -> dict:
                 for e in reversed(sent):
                     if e["req"] is r:
                         e["bytes"] = (r.sizes() or {}).get("responseBodySize", 0)
+                        tm = r.timing  # ms: startTime since the epoch, the rest after it
+                        e["wait_ms"] = tm["responseStart"] - tm["requestStart"]  # the server's answer time
+                        e["end_epoch_ms"] = tm["startTime"] + tm["responseEnd"]
                         break
 
             page.on("requestfinished", finished)
 
             def timed(name: str, pass_i: int, action) -> None:
                 window["name"] = (name, pass_i)
-                t = time.perf_counter()
+                tab.frame.evaluate(PLOT_TIMER)
+                t, t_epoch = time.perf_counter(), time.time() * 1e3
                 action()
-                res["views"].append({"view": name, "pass": pass_i, "ms": (time.perf_counter() - t) * 1e3})
+                res["views"].append({"view": name, "pass": pass_i, "ms": (time.perf_counter() - t) * 1e3,
+                                     "click_epoch_ms": t_epoch, "plot_ms": tab.frame.evaluate("window.__plotMs"),
+                                     "plots": tab.frame.evaluate("window.__plots")})
                 print(f"  {name} ({pass_i}): {res['views'][-1]['ms']:.0f} ms", file=sys.stderr)
                 window["name"] = None
 
@@ -110,21 +132,51 @@ def main(argv=None) -> dict:
             browser.close()
     for v in res["views"]:
         mine = [e for e in sent if e["window"] == (v["view"], v["pass"])]
+        ends = [e["end_epoch_ms"] for e in mine if "end_epoch_ms" in e]
         v.update(requests=len(mine), bytes=sum(e["bytes"] for e in mine),
                  largest=max((e["bytes"] for e in mine), default=0),
+                 # the server's longest answer, and when the view's last answer had arrived (after the click):
+                 # the rest of `ms` is the tab's decoding and drawing
+                 server_ms=max((e.get("wait_ms", 0) for e in mine), default=0),
+                 fetched_ms=max(ends) - v["click_epoch_ms"] if ends else 0,
+                 slowest=max(mine, key=lambda e: e.get("wait_ms", 0))["req"].url.split("/diagnostics/")[-1][:160]
+                 if mine else "",
                  routes=sorted({e["req"].url.split("/diagnostics/")[-1].split("?")[0] for e in mine}))
     res["loadavg_end"] = os.getloadavg()
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
-    print(f"| view ({label}, Chromium) | visit | requests | bytes | largest answer | ms |\n|---|---|---|---|---|---|")
+    print(f"| view ({label}, Chromium) | visit | requests | bytes | largest answer | slowest answer ms "
+          "| all fetched ms | Plotly ms (charts) | ms |\n|---|---|---|---|---|---|---|---|---|")
     for v in res["views"]:
         print(f"| {v['view']} | {'first' if v['pass'] == 0 else 'again'} | {v['requests']} | "
-              f"{v['bytes'] / 1024:,.1f} kB | {v['largest'] / 1024:,.1f} kB | {v['ms']:.0f} |")
+              f"{v['bytes'] / 1024:,.1f} kB | {v['largest'] / 1024:,.1f} kB | {v['server_ms']:.0f} | "
+              f"{v['fetched_ms']:.0f} | {v['plot_ms']:.0f} ({v['plots']}) | {v['ms']:.0f} |")
     print(f"\nlisted {res['listed_s']:.1f} s, preloaded {res['preloaded_s']:.1f} s after start; open the tab "
           f"(TensorBoard page + overview): {res['open_tab_to_overview_ms']:.0f} ms; "
           f"load {res['loadavg_start'][0]:.1f} -> {res['loadavg_end'][0]:.1f}")
     return res
+
+
+# Time spent in Plotly drawing (Plotly.react / newPlot) since the last call: wraps them once, then resets.
+PLOT_TIMER = """() => {
+  const P = window.Plotly;
+  if (P && !P.__timed) {
+    for (const name of ["react", "newPlot"]) {
+      const f = P[name];
+      P[name] = function (...args) {
+        const t = performance.now();
+        const out = f.apply(this, args);
+        const done = () => { window.__plotMs += performance.now() - t; window.__plots += 1; };
+        if (out && out.then) out.then(done, done); else done();
+        return out;
+      };
+    }
+    P.__timed = true;
+  }
+  window.__plotMs = 0;
+  window.__plots = 0;
+}"""
 
 
 def forget(tab, run: str) -> None:

@@ -89,6 +89,10 @@ export function runLegend(traces) {
   return traces;
 }
 
+// Margins that hold the axes' labels without Plotly's automargin, which draws a chart twice (once to
+// measure its labels, once with the margins they need): for the line charts drawn several to a view.
+export const FIXED_MARGINS = {margin: {l: 64, r: 10, t: 26, b: 40}};
+
 // Layout of that legend: one row above the plot, like the run list's swatches.
 export const RUN_LEGEND = {showlegend: true, legend: {orientation: "h", x: 0, y: 1.02, xanchor: "left", yanchor: "bottom", font: {size: 11}}};
 

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-import numpy as np
 from tensorboard import errors, plugin_util
 from tensorboard.backend import http_util
 from tensorboard.plugins import base_plugin
 
 from tb_diag_plugin import metadata
 from tb_diag_plugin.reading import RunIndex
-from tb_diag_plugin.series import Series
 from tb_diag_plugin.serving import static, wire
 from tb_diag_plugin.serving.background import Preloader, ReadAhead
 from tb_diag_plugin.serving.config import DEFAULT_CACHE_MB, DEFAULT_SAMPLES, Config
@@ -264,7 +262,7 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
     @wire.json_route
     def _serve_model(self, request):
         # The model view's rows, grouped to the screen (serving.model_tree): bounded by max_rows, not the model.
-        from tb_diag_plugin.serving import model_tree
+        from tb_diag_plugin.serving import model_data, model_tree
 
         ctx, eid, runs = self._runs(request)
         run = self._run(request, runs)
@@ -290,15 +288,13 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
         if hit is not None:
             return http_util.Respond(request, hit, "application/json")
         with self.store.foreground():
-            doc, note = None, None
-            if idx.structure_tag is not None:
-                doc, note = self._structure(ctx, eid, run, idx)
+            doc, note = model_data.structure(self.store, ctx, eid, run, idx)
             modules = model_tree.modules_of(doc, {m: idx.layers(m) for m in idx.tags})
-            grad = self._last_values(ctx, eid, run, idx)
+            grad = model_data.last_values(self.store, ctx, eid, run, idx)
             try:
                 body = model_tree.answer(run, modules, (found or {}).get("layers") if complete else None,
-                                         self._nonfinite(ctx, eid, run, idx), grad, max_rows, expand, reveal,
-                                         open_unhealthy == "true")
+                                         model_data.nonfinite(self.store, ctx, eid, run, idx), grad, max_rows,
+                                         expand, reveal, open_unhealthy == "true")
             except ValueError as e:
                 raise errors.NotFoundError(str(e)) from None
         body.update(has_structure=doc is not None, structure_problem=note,
@@ -306,62 +302,6 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
         if complete:
             self.store.answers.get(key, lambda: body)
         return http_util.Respond(request, body, "application/json")
-
-    def _nonfinite(self, ctx, eid: str, run: str, idx: RunIndex) -> dict[str, tuple[int, str]]:
-        """Layer -> (first step of a recorded NaN/Inf, its layer kind) over the metrics the model view scans,
-        each metric's scan kept per its data version."""
-        from tb_diag_plugin.serving import model_tree
-
-        out: dict[str, tuple[int, str]] = {}
-        for metric in model_tree.SCAN_METRICS:
-            if metric not in idx.tags:
-                continue
-            # Once per data version. A metric read on demand (too big for the cache) is scanned through its
-            # step summary (only the bins holding a NaN/Inf read again), or read whole when it has none.
-            first = self.store.binned.get(
-                ((eid, run, metric, idx.version(metric)), "first_nonfinite"),
-                lambda m=metric: self._first_nonfinite(ctx, eid, run, m, idx))
-            for layer, step in first.items():
-                if layer not in out or step < out[layer][0]:
-                    out[layer] = (step, metadata.METRICS[metric].layer_kind)
-        return out
-
-    def _first_nonfinite(self, ctx, eid: str, run: str, metric: str, idx: RunIndex) -> dict[str, int]:
-        """`model_tree.first_nonfinite` of one metric, from its step summary when it is read on demand."""
-        from tb_diag_plugin.serving import model_tree
-
-        series, _, key = self.store.series_and_key(ctx, eid, run, metric, idx)
-        if not isinstance(series, Series):
-            summary = self.store.summary_of(series, key)
-            if summary is not None:
-                return model_tree.first_nonfinite_summarized(
-                    summary, series.layers, lambda a, b, cols: series.bin_columns(b - a + 1, a, b, cols))
-        return model_tree.first_nonfinite(self.store.series(ctx, eid, run, metric, idx)[0])
-
-    def _last_values(self, ctx, eid: str, run: str, idx: RunIndex) -> tuple[Optional[int], dict[str, float]]:
-        """`model_tree.last_values` of the gradient norms: of the last logged step only, when read on demand."""
-        from tb_diag_plugin.serving import model_tree
-
-        if model_tree.VALUE_METRIC not in idx.tags:
-            return None, {}
-        series = self.store.series_and_key(ctx, eid, run, model_tree.VALUE_METRIC, idx)[0]
-        if isinstance(series, Series) or not series.steps.size:
-            return model_tree.last_values(series)
-        last = int(series.steps[-1])
-        b = series.bin_columns(1, last, last, np.arange(len(series.layers)))
-        return last, {n: float(b.mean[0, j]) for j, n in enumerate(series.layers) if b.present[0, j]}
-
-    def _structure(self, ctx, eid: str, run: str, idx: RunIndex) -> tuple[Optional[dict], Optional[str]]:
-        """(structure document or None, why it is unusable or None), read once per version of its tag."""
-        from tb_diag_plugin.reading import read_structure
-
-        def read():
-            try:
-                return read_structure(self.store.provider, ctx, eid, run), None
-            except ValueError as e:  # metadata.ContractError
-                return None, f"model structure of run {run[:200]!r} is unreadable and was ignored: {e}"
-
-        return self.store.answers.get(("structure", eid, run, idx.stamps.get(idx.structure_tag)), read)
 
     @wire.json_route
     def _serve_findings(self, request):

@@ -67,15 +67,17 @@ def _check(a: dict, values: np.ndarray, present: np.ndarray, points: int) -> Non
     np.testing.assert_array_equal(a["nonfinite"], want["nonfinite"])
 
 
-# (query, rows of the independent reading it covers, columns (None: all), points)
+# (query, rows of the independent reading it covers, columns (None: all), points, the points that give its
+# bins by hand: a request's bins are whole bins of the summary where its window lies on their edges)
 REQUESTS = [
-    ("points=100", slice(None), None, 100),  # the summary's own bins
-    ("points=20", slice(None), None, 20),  # merged: bins of 50
-    ("points=30", slice(None), None, 30),  # bins of 34: not whole bins of the summary, binned as before
-    ("points=100&layer={5}&layer={17}", slice(None), [5, 17], 100),  # a drill-down's layers
-    ("points=10&start=200&end=599", slice(200, 600), None, 10),  # a window on the summary's bin edges
-    ("points=100&start=200&end=599", slice(200, 600), None, 100),  # finer than the summary: read
-    ("points=7&start=203&end=611", slice(203, 612), None, 7),  # off its edges: read
+    ("points=100", slice(None), None, 100, 100),  # the summary's own bins
+    ("points=20", slice(None), None, 20, 20),  # merged: bins of 50
+    ("points=30", slice(None), None, 30, 25),  # bins of 34 rounded up to 40: merged, as with or without a summary
+    ("points=30&layer={5}&layer={17}", slice(None), [5, 17], 30, 25),  # a drill-down's layers at a screen width
+    ("points=100&layer={5}&layer={17}", slice(None), [5, 17], 100, 100),  # a drill-down's layers
+    ("points=10&start=200&end=599", slice(200, 600), None, 10, 10),  # a window on the summary's bin edges
+    ("points=100&start=200&end=599", slice(200, 600), None, 100, 100),  # finer than the summary: read
+    ("points=7&start=203&end=611", slice(203, 612), None, 7, 7),  # off its edges: read
 ]
 
 
@@ -86,7 +88,7 @@ def test_answers_from_the_summary_equal_tensorboards_reading_binned_by_hand(logd
     with serve_with_plugin(logdir, extra=["--diagnostics_preload", "false"], config=config) as (srv, plugin):
         srv.wait_for_runs(1)
         until(lambda: srv.plugin("values?run=big&metric=grad_norm&points=1&start=999")["last_step"] == STEPS - 1)
-        for query, rows, cols, points in REQUESTS:
+        for query, rows, cols, _, points in REQUESTS:
             names = [] if cols is None else [layers[c] for c in cols]
             header, a = _values(srv, "metric=grad_norm&" + query.format(*layers))
             assert header["layers"] == (names or layers), query
@@ -103,9 +105,9 @@ def test_answers_from_the_summary_equal_tensorboards_reading_binned_by_hand(logd
         assert plugin.store.memory.size <= config.cache_bytes
     if summary is not None:
         assert summary.k == 10 and summary.present.ndim == 1  # one tag holds every layer: counts per bin
-        for query, rows, cols, points in REQUESTS:
+        for query, rows, cols, points, _ in REQUESTS:
             served = stepbins.answer(summary, points, *_window(query), None if cols is None else np.array(cols))
-            assert (served is None) == (rows != slice(None) and points != 10 or points == 30), query
+            assert (served is None) == (rows != slice(None) and points != 10), query
         # The last finite value of each tensor (what the model view colours by).
         ok = present & np.isfinite(values)
         last = STEPS - 1 - np.argmax(ok[::-1], axis=0)
@@ -138,15 +140,23 @@ def test_a_metric_over_several_tags_keeps_its_absent_cells_in_the_summary(logdir
 
 def test_the_preload_builds_every_summary_and_grouped_views_are_merged_from_it(logdir):
     """Once the preload has read the run, a grouped heatmap is aggregated from the summary's per-tensor
-    bins (nothing is binned for it: the binned-columns cache stays empty), and equals the groups
+    bins, kept for opening a group (beside what the preload put there for the model view: each layer's
+    first NaN/Inf, equal to the independent reading's); the bins and the groups equal those binned and
     aggregated by hand from the independent reading."""
     steps, layers, values, present = _independent(logdir, "grad_norm")
     config = dataclasses.replace(IN_MEMORY, preload_poll_s=0.2, preload_settle_poll_s=0.2)
     with serve_with_plugin(logdir, config=config) as (srv, plugin):
         srv.wait_for_runs(1)
-        until(lambda: len(plugin.store.summaries.keys()) == 3)
+        until(lambda: srv.plugin("values?run=big&metric=grad_norm&points=1&start=999")["last_step"] == STEPS - 1)
+        until(lambda: plugin.preloader.preloaded_runs().get("big")
+              == plugin.store.index(RequestContext(), "")["big"].data_version())
+        scans = {key[0][2]: plugin.store.binned.peek(key) for key in plugin.store.binned.keys()}
+        assert len(plugin.store.summaries.keys()) == 3 and set(scans) == {"grad_norm", "dead_fraction"}
         header, a = _values(srv, "metric=grad_norm&points=50&max_rows=8")
-        assert not plugin.store.binned.keys()
+        assert len(plugin.store.binned.keys()) == len(scans)  # grouped from the summary: nothing binned
+    bad = present & ~np.isfinite(values)
+    assert scans["grad_norm"] == {layers[j]: int(steps[np.argmax(bad[:, j])]) for j in range(LAYERS) if bad[:, j].any()}
+    assert scans["grad_norm"]
     root = layer_groups.build(layers, "param")
     view = layer_groups.rows(root, 8)
     assert header["layers"] == [layers[r] if isinstance(r, int) else r.key for r in view]
@@ -157,6 +167,22 @@ def test_the_preload_builds_every_summary_and_grouped_views_are_merged_from_it(l
             np.testing.assert_allclose(a["min"][:, j], np.nanmin(want["min"][:, members], axis=1), rtol=2e-6)
             np.testing.assert_allclose(a["max"][:, j], np.nanmax(want["max"][:, members], axis=1), rtol=2e-6)
         np.testing.assert_array_equal(a["nonfinite"][:, j], want["nonfinite"][:, members].sum(axis=1))
+        # the mean of every finite value of the members in the bin (bins of 20 steps)
+        v, ok = values[:, members], present[:, members] & np.isfinite(values[:, members])
+        sums = np.add.reduceat(np.where(ok, v, 0).sum(axis=1), np.arange(0, STEPS, 20))
+        np.testing.assert_allclose(a["mean"][:, j], sums / np.add.reduceat(ok.sum(axis=1), np.arange(0, STEPS, 20)),
+                                   rtol=2e-6)
+
+
+def _whole_summary_bins(S: int, points: int, summary_points: int) -> int:
+    """The points that bin S steps as a whole-run request at `points` is binned: ceil(S / points) steps
+    per bin, rounded up to whole bins of the summary's ceil(S / summary_points) (http_api.md)."""
+    base = -(-S // summary_points)
+    k = -(-S // points)
+    k = -(-k // base) * base if k > base else k
+    hand = -(-S // k)
+    assert -(-S // hand) == k
+    return hand
 
 
 def _write_steps(logdir: str, steps, seed: int) -> None:
@@ -182,7 +208,7 @@ def test_a_growing_run_extends_its_summary_and_a_rewritten_step_rebuilds_it(tmp_
             status, body, _ = srv.get(f"data/plugin/diagnostics/values?run=grow&format=f32&metric=grad_norm"
                                       f"&points={points}")
             assert status == 200
-            _check(_decode_f32(body)[1], values, present, points)
+            _check(_decode_f32(body)[1], values, present, _whole_summary_bins(steps.size, points, 100))
 
     with serve_with_plugin(logdir, extra=["--diagnostics_preload", "false"], config=ON_DEMAND) as (srv, plugin):
         srv.wait_for_runs(1)

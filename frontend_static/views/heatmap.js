@@ -141,6 +141,8 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro, help
       hasMetric(r, metric) ? fetchMetric(r.run, metric, {points, ...rowsOpts(reveals[k])}, ratios).catch((e) => e)
         : Promise.resolve(null)));
     if (ctx.stale()) return;
+    // The profile's values, asked for now: the server answers them while the heatmaps are drawn.
+    const profile = profileRows(app, runs, data, reveals);
     const match = matcher();
     let shown = 0;
     let total = 0;
@@ -234,25 +236,34 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro, help
     });
     countNote.textContent = search ? `${shown} of ${total} ${anyGroups ? "rows" : "layers"} match` : "";
     collapseButton.hidden = expanded.size === 0;
-    await renderProfile(app, ctx, runs, data, match, reveals);
+    await renderProfile(app, ctx, runs, data, match, profile);
     panels.end();
   };
 
-  async function renderProfile(app, ctx, runs, data, match, reveals) {
+  // {step, rows}: the step the profile shows (the chosen one, else the latest) and each run's values
+  // there (a promise); null when no run has data.
+  function profileRows(app, runs, data, reveals) {
+    const first = data.find((v) => v && !(v instanceof Error) && v.B);
+    if (!first) return null;
+    const step = app.state.step || {lo: first.lastStep, hi: first.lastStep};
+    const rows = Promise.all(runs.map((r, k) => (data[k] && !(data[k] instanceof Error)
+      ? fetchMetric(r.run, metric, {start: step.lo, end: step.hi, points: 1, ...rowsOpts(reveals[k])}, ratios)
+        .catch((e) => e) : null)));
+    return {step, rows};
+  }
+
+  async function renderProfile(app, ctx, runs, data, match, profile) {
     const t = app.theme();
     const info = METRICS[metric];
-    const first = data.find((v) => v && !(v instanceof Error) && v.B);
     const p = panels.panel(`${id}:profile`, [el("h3", {}, profileTitle), el("span", {class: "muted small profile-step"})], {wide: true});
-    if (!first) return panels.notice(p, "No data to profile.");
-    const step = app.state.step || {lo: first.lastStep, hi: first.lastStep};
+    if (!profile) return panels.notice(p, "No data to profile.");
+    const step = profile.step;
     p.box.dataset.stepLo = String(step.lo);
     p.box.dataset.stepHi = String(step.hi);
     p.head.querySelector(".profile-step").textContent = step.lo === step.hi
       ? ` at step ${step.lo}${app.state.step ? "" : " (latest; click a heatmap cell to choose)"}`
       : ` over steps ${step.lo}–${step.hi} (bin mean, bars show min–max)`;
-    const rows = await Promise.all(runs.map((r, k) => (data[k] && !(data[k] instanceof Error)
-      ? fetchMetric(r.run, metric, {start: step.lo, end: step.hi, points: 1, ...rowsOpts(reveals[k])}, ratios)
-        .catch((e) => e) : null)));
+    const rows = await profile.rows;
     if (ctx.stale()) return;
     // Layers line up by name across runs, in the first run's model order.
     const order = [];

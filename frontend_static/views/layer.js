@@ -3,7 +3,7 @@
 // from (a model node, a finding, a heatmap cell), or the selected runs overlaid.
 import * as api from "../api.js";
 import {el, clear} from "../dom.js";
-import {NONFINITE, Panels, RUN_LEGEND, alpha, esc, layout, runLegend} from "../charts.js";
+import {FIXED_MARGINS, NONFINITE, Panels, RUN_LEGEND, alpha, esc, layout, runLegend} from "../charts.js";
 import {METRICS, MODULE_METRICS, PARAM_METRICS, SITE_METRICS, fetchMetric, isDerived, label, moduleOf, needsOf} from "../metrics.js";
 
 let panels;
@@ -66,6 +66,7 @@ async function render(app, ctx) {
   }
   if (!modules.length) {
     clear(picker);
+    pickerList = null;
     clear(heading);
     panels.notice(panels.panel("none", "Layer", {wide: true}), "The selected runs record no per-layer metrics.");
     return panels.end();
@@ -80,8 +81,7 @@ async function render(app, ctx) {
       if (child != null) layer = child;
     }
   }
-  clear(picker).append(...modules.map((m) => el("option", {value: m, selected: m === layer}, m === "" ? "(model)" : m)));
-  picker.value = layer;
+  const fill = showPicker(modules, layer);
   const mem = members.get(layer);
   // A site's type, per run where the runs differ ("1 (ReLU in a, b; Sigmoid in c)").
   const typeText = (s) => {
@@ -160,16 +160,45 @@ async function render(app, ctx) {
     runLegend(traces); // runs by colour (legend), members by line style (noted above)
     panels.plot(p, traces, layout(t, {
       ...RUN_LEGEND,
+      ...FIXED_MARGINS,
       height: 260,
-      margin: {l: 56, r: 10, t: 26, b: 32},
       uirevision: `${layer}|${m}`,
-      xaxis: {title: {text: "step"}},
-      yaxis: {type: scale === "log" ? "log" : "linear", range: scale === "unit" ? [0, 1.02] : undefined, exponentformat: "power"},
-      yaxis2: {overlaying: "y", range: [0, 1], visible: false, fixedrange: true},
+      xaxis: {title: {text: "step"}, automargin: false},
+      yaxis: {type: scale === "log" ? "log" : "linear", range: scale === "unit" ? [0, 1.02] : undefined, exponentformat: "power",
+              automargin: false},
+      // the non-finite marks' axis, only where there are some (an axis more is a chart's drawing more)
+      ...(traces.some((tr) => tr.yaxis === "y2") ? {yaxis2: {overlaying: "y", range: [0, 1], visible: false, fixedrange: true}} : {}),
       shapes: step ? [{type: "line", xref: "x", yref: "paper", x0: step.lo, x1: step.lo, y0: 0, y1: 1, line: {color: t.muted, width: 1.5, dash: "dot"}}] : [],
     }), `${layer || "model"}_${m}`);
   });
   panels.end();
+  if (fill) setTimeout(fill);
+}
+
+// The picker lists every module that owns a series: thousands in a big model, which take longer to build
+// than the charts to draw. So a new list is built after the charts (the returned function, or null when
+// the picker holds this list already); until then the picker holds the chosen module.
+let pickerList = null; // the list the picker holds, or the one it waits for
+let pickerFull = false;
+function showPicker(modules, layer) {
+  const key = modules.join("\n");
+  if (key === pickerList && pickerFull) {
+    picker.value = layer;
+    return null;
+  }
+  pickerList = key;
+  pickerFull = false;
+  const text = (m) => (m === "" ? "(model)" : m);
+  clear(picker).append(new Option(text(layer), layer, true, true));
+  return () => {
+    if (pickerList !== key || pickerFull) return; // a later render's list, or built already
+    const chosen = picker.value;
+    const all = document.createDocumentFragment();
+    for (const m of modules) all.append(new Option(text(m), m, m === chosen, m === chosen));
+    clear(picker).append(all);
+    picker.value = chosen;
+    pickerFull = true;
+  };
 }
 
 function fin(y) {

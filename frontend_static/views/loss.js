@@ -4,7 +4,7 @@
 // detector, the server's rules, so the chart and the findings agree).
 import * as api from "../api.js";
 import {el} from "../dom.js";
-import {NONFINITE, Panels, RUN_LEGEND, alpha, esc, layout, runLegend} from "../charts.js";
+import {FIXED_MARGINS, NONFINITE, Panels, RUN_LEGEND, alpha, esc, layout, runLegend} from "../charts.js";
 import {PERCENTILES, TOTAL_LOSS} from "../metrics.js";
 
 let panels;
@@ -45,6 +45,13 @@ async function render(app, ctx) {
   }
   const width = Math.max(300, (panels.root.clientWidth || 900) / 2 - 80);
   const points = Math.max(40, Math.min(2000, Math.round(width)));
+  // The runs' findings (their loss_spike steps), asked beside the values: when they are in first (the
+  // overview asked for them), the charts are drawn once, with the spikes.
+  let found = null;
+  const findings = Promise.all(runs.map((r) => (r.metrics.includes("loss") ? api.findings(r.run).catch(() => null) : null)));
+  findings.then((f) => {
+    found = f;
+  });
   const loaded = await Promise.all(runs.map(async (r) => {
     if (!r.metrics.includes("loss")) return null;
     try {
@@ -61,13 +68,12 @@ async function render(app, ctx) {
     }
   }));
   if (ctx.stale()) return;
-  // Drawn at once; the spike marks are added when the runs' findings come.
-  const findings = Promise.all(runs.map((r, k) => (loaded[k] && !(loaded[k] instanceof Error)
-    ? api.findings(r.run).catch(() => null) : null)));
-  draw(app, runs, loaded, null);
-  const found = await findings;
-  if (ctx.stale()) return;
+  // Drawn at once; the spike marks are added when the runs' findings come, if they were not in already.
   draw(app, runs, loaded, found);
+  if (found) return;
+  const later = await findings;
+  if (ctx.stale()) return;
+  draw(app, runs, loaded, later);
 }
 
 // Steps of the `loss_spike` findings of one run, per loss component they name.
@@ -188,12 +194,12 @@ function draw(app, runs, loaded, found) {
     runLegend(traces);
     panels.plot(p, traces, layout(t, {
       ...RUN_LEGEND,
+      ...FIXED_MARGINS,
       height: 320,
-      margin: {l: 56, r: 12, t: 26, b: 36},
       uirevision: `${c}|${scaleMode}`,
-      xaxis: {title: {text: "step"}},
-      yaxis: {type: logY ? "log" : "linear", exponentformat: "power"},
-      yaxis2: {overlaying: "y", range: [0, 1], visible: false, fixedrange: true},
+      xaxis: {title: {text: "step"}, automargin: false},
+      yaxis: {type: logY ? "log" : "linear", exponentformat: "power", automargin: false},
+      ...(traces.some((tr) => tr.yaxis === "y2") ? {yaxis2: {overlaying: "y", range: [0, 1], visible: false, fixedrange: true}} : {}),
     }), `loss_${c}`);
   }
   if (!components.length && !problems.length) panels.notice(panels.panel("empty", "Loss", {wide: true}), "No loss recorded.");

@@ -2,7 +2,7 @@
 // headline figures), then small multiples of the headline signals.
 import * as api from "../api.js";
 import {el, clear, fmt, fmtPct, message} from "../dom.js";
-import {Panels, RUN_LEGEND, alpha, esc, layout, runLegend, seriesColor} from "../charts.js";
+import {FIXED_MARGINS, Panels, RUN_LEGEND, alpha, esc, layout, runLegend, seriesColor} from "../charts.js";
 import {METRICS, OVERVIEW_METRICS, SEVERITY_RANK, TOTAL_LOSS, findingLayerKind, findingTarget, moduleOf} from "../metrics.js";
 import {stoppedNotes} from "./stopped.js";
 
@@ -257,10 +257,11 @@ function small(app, key, title, traces, {logY = false, yTitle = "", missing = ""
   panels.plot(p, traces, layout(t, {
     ...RUN_LEGEND,
     height: 250,
-    margin: {l: 52, r: 10, t: 26, b: 32},
+    ...FIXED_MARGINS,
+    margin: {...FIXED_MARGINS.margin, l: yTitle ? 76 : FIXED_MARGINS.margin.l},
     uirevision: key,
-    xaxis: {title: {text: "step"}},
-    yaxis: {type: logY ? "log" : "linear", title: {text: yTitle}, exponentformat: "power", range},
+    xaxis: {title: {text: "step"}, automargin: false},
+    yaxis: {type: logY ? "log" : "linear", title: {text: yTitle}, exponentformat: "power", range, automargin: false},
   }), key);
 }
 
@@ -325,11 +326,11 @@ function components(app, runs, data) {
   if (gaps) p.note.append(el("span", {class: "muted small"}, `${gaps} logged step${gaps > 1 ? "s" : ""} with a NaN/Inf component left blank`));
   const logY = !share && autoLog(traces);
   panels.plot(p, traces, layout(t, {
-    height: 250, margin: {l: 52, r: 10, t: 26, b: 32}, showlegend: true,
+    height: 250, margin: {...FIXED_MARGINS.margin, l: 76}, showlegend: true,
     legend: {orientation: "h", x: 0, y: 1.02, yanchor: "bottom", font: {size: 11}}, uirevision: `components|${compRun}|${compMode}`,
-    xaxis: {title: {text: "step"}},
+    xaxis: {title: {text: "step"}, automargin: false},
     yaxis: {title: {text: share ? "% of sum" : "|loss|"}, range: share ? [0, 100] : undefined, exponentformat: "power",
-            type: logY ? "log" : "linear"},
+            type: logY ? "log" : "linear", automargin: false},
   }), `components_${compRun}`);
 }
 

@@ -50,12 +50,12 @@ class OnDemandSeries:
         self._index = index
 
     def bin_columns(self, points: int, start: Optional[int], end: Optional[int],
-                    cols: np.ndarray) -> downsample.Binned:
+                    cols: np.ndarray, k: Optional[int] = None) -> downsample.Binned:
         """Columns `cols` of the steps within [start, end], binned to at most `points` rows, as
-        `downsample.bin_steps` bins them from the whole matrix."""
+        `downsample.bin_steps` bins them from the whole matrix (or in bins of `k` steps, if given)."""
         window = downsample.step_window(self.steps, start, end)
         S = window.stop - window.start
-        k = downsample.bin_size(S, points)
+        k = downsample.bin_size(S, points) if k is None else k
         out = []
         for steps, values, present in self.pieces(k, window, cols):
             if k == 1:

@@ -139,25 +139,32 @@ def _pieces(series, k: int, start: int = 0):
         yield series.steps[start:], series.values[start:], np.asarray(series.present)[start:]
 
 
-def answer(summary: StepSummary, points: int, start: Optional[int], end: Optional[int],
-           cols: Optional[np.ndarray]) -> Optional[downsample.Binned]:
-    """The bins `downsample.bin_steps` would give for columns `cols` of the steps within [start, end] at
-    `points`, merged from `summary`; None when the summary cannot give them (a window finer than its bins,
-    or not on their edges)."""
-    steps = summary.steps
+def request_bin(steps: np.ndarray, points: int, start: Optional[int], end: Optional[int],
+                summary_points: int) -> int:
+    """Logged steps per bin of a request for the steps within [start, end] at most `points` rows: the
+    fewest that fit, rounded up to whole bins of the run's summary at `summary_points` where the window
+    lies on their edges, so that the summary answers it (a view asks for its pixel width, rarely a
+    divisor of the run's length). Depends on the run's steps only, so an answer is the same whether the
+    summary is built or not."""
     window = downsample.step_window(steps, start, end)
     lo, hi = window.start, window.stop
-    S = hi - lo
-    if S == 0:
+    want = downsample.bin_size(hi - lo, points)
+    base = downsample.bin_size(steps.size, summary_points)
+    if base > 1 and want > base and want % base and lo % base == 0 and (hi % base == 0 or hi == steps.size):
+        return -(-want // base) * base
+    return want
+
+
+def answer(summary: StepSummary, points: int, start: Optional[int], end: Optional[int],
+           cols: Optional[np.ndarray]) -> Optional[downsample.Binned]:
+    """The bins of `request_bin` steps that `downsample.bin_rows` would give for columns `cols` of the steps
+    within [start, end] at `points`, merged from `summary`; None when the summary cannot give them (a
+    window finer than its bins, or not on their edges)."""
+    got = _window(summary, points, start, end, cols)
+    if got is None:
         return None
-    want = downsample.bin_size(S, points)
+    b, want = got
     k = summary.k
-    if want % k or lo % k or (hi % k and hi != steps.size):
-        return None
-    b = summary.columns(cols)
-    first, last = lo // k, -(-hi // k)
-    if first or last != b.mean.shape[0]:
-        b = downsample.Binned(b.binned, *(getattr(b, f)[first:last] for f in _FIELDS))
     if want == k:
         return b
     if k == 1:  # the rows are the logged steps: bin them as `downsample` does, to the same floats
@@ -165,38 +172,63 @@ def answer(summary: StepSummary, points: int, start: Optional[int], end: Optiona
     return _merge(b, want // k)
 
 
+def own_bins(summary: StepSummary, points: int, start: Optional[int], end: Optional[int],
+             cols: Optional[np.ndarray]) -> Optional[tuple[downsample.Binned, int]]:
+    """(the summary's own bins of columns `cols` within [start, end], how many of them make one bin of
+    the request): what `answer` merges, for a caller that reduces the columns first (`merge` then merges
+    far fewer); None where `answer` would not merge bins (the summary's rows are single steps, or it
+    cannot answer)."""
+    got = None if summary.k == 1 else _window(summary, points, start, end, cols)
+    return None if got is None else (got[0], got[1] // summary.k)
+
+
+def merge(b: downsample.Binned, m: int) -> downsample.Binned:
+    """Bins of `m` consecutive bins of `b`, as `answer` merges the summary's (`b` may be columns reduced
+    from them: `layer_groups.aggregate` keeps the counts that weigh the means)."""
+    return b if m == 1 else _merge(b, m)
+
+
+def _window(summary: StepSummary, points: int, start: Optional[int], end: Optional[int],
+            cols: Optional[np.ndarray]) -> Optional[tuple[downsample.Binned, int]]:
+    """(the summary's bins of the steps within [start, end], columns `cols`; the request's bin size), or
+    None when the request's bins are not whole bins of the summary's."""
+    steps = summary.steps
+    window = downsample.step_window(steps, start, end)
+    lo, hi = window.start, window.stop
+    if hi == lo:
+        return None
+    want = request_bin(steps, points, start, end, summary.points)
+    k = summary.k
+    if want % k or lo % k or (hi % k and hi != steps.size):
+        return None
+    b = summary.columns(cols)
+    first, last = lo // k, -(-hi // k)
+    if first or last != b.mean.shape[0]:
+        b = downsample.Binned(b.binned, *(getattr(b, f)[first:last] for f in _FIELDS))
+    return b, want
+
+
 def _merge(b: downsample.Binned, m: int) -> downsample.Binned:
-    """Bins of `m` consecutive bins of `b` (the last may hold fewer). Every merged bin is first computed as
-    if all its cells were finite and recorded; those that are not are redone with masks, from their rows."""
-    red = downsample._reduce
+    """Bins of `m` consecutive bins of `b` (the last may hold fewer): means weighted by each bin's count
+    of finite values, min of mins and max of maxes over the bins that hold a finite value (a bin that
+    holds none has NaN there, which `fmin`/`fmax` skip), summed counts. No masks and no second pass over
+    the bins with a NaN: at 5,000 tensors nearly every bin holds one somewhere."""
     B = b.step_first.size
     ends = np.minimum(np.arange(0, B, m) + m, B) - 1
-    counts = b.present[:, :1]  # [B, 1]: a bin's length, where every cell of the row is recorded
-    mean = (red(b.mean * counts, m, "sum") / red(counts, m, "sum")).astype(np.float32)
-    mn, mx = red(b.min, m, "min"), red(b.max, m, "max")
-    row_ok = (b.nonfinite == 0).all(axis=1) & (b.present == counts).all(axis=1) & (counts[:, 0] > 0)
-    if not row_ok.all():
-        bad = np.unique(np.flatnonzero(~row_ok) // m)
-        rows = np.concatenate([np.arange(g * m, min((g + 1) * m, B)) for g in bad])
-        sub = downsample.Binned(True, *(getattr(b, f)[rows] for f in _FIELDS))
-        for out, part in zip((mean, mn, mx), _merge_masked(sub, m)):
-            out[bad] = part
-    return downsample.Binned(True, b.step_first[::m], b.step_last[ends], mean, mn, mx,
-                             red(b.nonfinite, m, "sum", np.float32), red(b.present, m, "sum", np.float32))
-
-
-def _merge_masked(b: downsample.Binned, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(mean, min, max) of `m` consecutive bins of `b` over their finite values only."""
-    red = downsample._reduce
-    finite = (b.present - b.nonfinite).astype(np.float64)  # the finite values behind each bin's mean
-    has = finite > 0
-    total = red(finite, m, "sum")
+    finite = b.present - b.nonfinite  # the finite values behind each bin's mean
+    weighted = b.mean * finite
+    np.copyto(weighted, np.float32(0), where=finite == 0)  # the NaN mean of a bin without a finite value
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = (red(np.where(has, b.mean.astype(np.float64) * finite, 0.0), m, "sum") / total).astype(np.float32)
-    mn = red(np.where(has, b.min, np.float32(np.inf)), m, "min")
-    mx = red(np.where(has, b.max, np.float32(-np.inf)), m, "max")
-    empty = total == 0
-    mean[empty] = np.nan
-    mn[empty] = np.nan
-    mx[empty] = np.nan
-    return mean, mn, mx
+        mean = (_groups(np.add, weighted, m, np.float64) / _groups(np.add, finite, m, np.float64)).astype(np.float32)
+    return downsample.Binned(True, b.step_first[::m], b.step_last[ends], mean, _groups(np.fmin, b.min, m),
+                             _groups(np.fmax, b.max, m), _groups(np.add, b.nonfinite, m, np.float32),
+                             _groups(np.add, b.present, m, np.float32))
+
+
+def _groups(ufunc: np.ufunc, a: np.ndarray, m: int, dtype=None) -> np.ndarray:
+    """`ufunc` over each `m` consecutive rows of `a` (the last group may hold fewer)."""
+    full = a.shape[0] // m
+    parts = [ufunc.reduce(a[:full * m].reshape(full, m, *a.shape[1:]), axis=1, dtype=dtype)] if full else []
+    if a.shape[0] > full * m:
+        parts.append(ufunc.reduce(a[full * m:], axis=0, keepdims=True, dtype=dtype))
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)

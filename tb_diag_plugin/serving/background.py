@@ -46,8 +46,10 @@ def read_order_all(inputs: list[str], others: list[str]) -> list[str]:
 
 def read_whole_run(store: RunStore, ctx, eid: str, run: str, idx: RunIndex) -> None:
     """What the findings read, the findings, then every other metric of a run into the store, then each
-    metric's step-binned summary (what the views' first visits are answered from); yielding to the
-    requests in flight before each."""
+    metric's step-binned summary (what the views' first visits are answered from), then what the model
+    view is made from; yielding to the requests in flight before each."""
+    from tb_diag_plugin.serving import model_data  # the model view's parts: not needed at start-up
+
     inputs, others = read_order(idx)
     # series_and_key: a metric too big for the cache is only indexed here; its summary then reads it a
     # piece at a time, and later requests read only their window.
@@ -55,6 +57,7 @@ def read_whole_run(store: RunStore, ctx, eid: str, run: str, idx: RunIndex) -> N
     work.append(functools.partial(store.findings, ctx, eid, run, idx))
     work += [functools.partial(store.series_and_key, ctx, eid, run, m, idx) for m in others]
     work += [functools.partial(store.step_summary, ctx, eid, run, m, idx) for m in read_order_all(inputs, others)]
+    work.append(functools.partial(model_data.warm, store, ctx, eid, run, idx))
     for read in work:
         store.wait_idle()
         if store.closed.is_set():

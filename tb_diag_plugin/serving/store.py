@@ -95,6 +95,7 @@ class RunStore:
         step-binned summary (`summary_of`)."""
         series, problems, key = self._series_and_key(ctx, eid, run, metric, idx)
         series.summary = functools.partial(self.summary_of, series, key)
+        series.summary_points = self.config.default_points  # its resolution: what requests' bins align to
         return series, problems, key
 
     def _series_and_key(self, ctx, eid: str, run: str, metric: str, idx: RunIndex):
@@ -142,7 +143,12 @@ class RunStore:
             finally:
                 release_memory()
 
-        return self.summaries.get(skey, build_summary)
+        summary = self.summaries.get(skey, build_summary)
+        # The summaries of the metric's earlier versions served their extension: they go now, not when the
+        # budget pushes out something a view still needs (a run loaded while it was read had a few).
+        self.memory.drop(lambda k: not (isinstance(k, tuple) and k[:1] == (self.summaries.name,)
+                                        and k[1][0][:3] == key[:3] and k[1] != skey))
+        return summary
 
     def _previous_summary(self, key: tuple, points: int) -> Optional[StepSummary]:
         """The cached summary of an earlier version of the same metric (what a growing run extends)."""

@@ -81,15 +81,24 @@ def values_answer(run: str, metric: str, series: Series, problems: list[str], po
     between steps `start` and `end`, binned to at most `points` rows, and with `max_rows`, grouped along
     the module tree to at most that many layer rows (`layer_groups.rows`). `binned(make)` (optional)
     returns a cached result of `make()`, the binned columns. A series with a step-binned summary
-    (`RunStore.series_and_key`) is answered from it where it can be."""
-    summarized = _from_summary(metric, series, points, start, end, wanted)
-    cols, b = summarized or (binned or (lambda make: make()))(
-        lambda: bin_columns(metric, series, points, start, end, wanted))
+    (`RunStore.series_and_key`) is answered from it where it can be (the same bins as without it)."""
+    # A grouped view of a summarized metric: the summary's own bins are grouped, then the groups' bins merged
+    # (a few dozen columns merged, not 5,000); the same cells as grouping the merged bins.
+    own = _from_summary(metric, series, points, start, end, wanted, own=True) if max_rows is not None else None
+    if own is not None:
+        cols, b, m = own
+    else:  # kept by `binned` (a grouped view's): opening a group regroups them without binning again
+        cols, b = (binned or (lambda make: make()))(
+            lambda: _from_summary(metric, series, points, start, end, wanted)
+            or bin_columns(metric, series, points, start, end, wanted))
     names = [series.layers[j] for j in cols]
     types = [series.layer_types[j] for j in cols]
     groups = None
     if max_rows is not None and names:
-        names, types, groups, b = _grouped(metric, names, types, b, max_rows, expand, reveal)
+        names, types, groups, b = _grouped(metric, names, types, b, max_rows, expand, reveal,
+                                           layer_tree(series, metric, names))
+    if own is not None:
+        b = stepbins.merge(b, m)
     header = {
         "run": run,
         "metric": metric,
@@ -120,10 +129,11 @@ def values_answer(run: str, metric: str, series: Series, problems: list[str], po
 
 
 def _from_summary(metric: str, series, points: int, start: Optional[int], end: Optional[int],
-                  wanted: Sequence[str]) -> Optional[tuple[np.ndarray, downsample.Binned]]:
+                  wanted: Sequence[str], own: bool = False) -> Optional[tuple]:
     """(columns, binned values) merged from the series' step-binned summary (built now for a request of
     the whole run and every layer, which costs what binning it would; else only if built or being
-    built), or None."""
+    built), or None; with `own`, (columns, the summary's own bins, how many make one answer bin) where
+    they are to be merged (`stepbins.own_bins`)."""
     summary_of = getattr(series, "summary", None)
     if summary_of is None:
         return None
@@ -131,6 +141,9 @@ def _from_summary(metric: str, series, points: int, start: Optional[int], end: O
     if summary is None:
         return None
     cols = _columns(metric, series, wanted)
+    if own:
+        got = stepbins.own_bins(summary, points, start, end, cols if wanted else None)
+        return None if got is None else (cols, *got)
     b = stepbins.answer(summary, points, start, end, cols if wanted else None)
     return None if b is None else (cols, b)
 
@@ -151,20 +164,37 @@ def bin_columns(metric: str, series: Series, points: int, start: Optional[int], 
     """(columns, binned values): the layers `wanted` (all when empty) between steps `start` and `end`,
     binned to at most `points` rows; NotFoundError names a layer the metric does not have."""
     cols = _columns(metric, series, wanted)
-    if hasattr(series, "bin_columns"):  # too big for the cache: read from the event files (reading.ondemand)
-        return cols, series.bin_columns(points, start, end, cols)
+    # The bins a summary would give (`stepbins.request_bin`), so that an answer does not depend on it.
     window = downsample.step_window(series.steps, start, end)
+    summary_points = getattr(series, "summary_points", None)
+    k = (downsample.bin_size(window.stop - window.start, points) if summary_points is None
+         else stepbins.request_bin(series.steps, points, start, end, summary_points))
+    if hasattr(series, "bin_columns"):  # too big for the cache: read from the event files (reading.ondemand)
+        return cols, series.bin_columns(points, start, end, cols, k)
     values, present = series.values[window], series.present[window]  # views, not copies
     if wanted:
         values, present = values[:, cols], present[:, cols]
-    return cols, downsample.bin_steps(series.steps[window], values, present, points)
+    if k == 1:
+        return cols, downsample.bin_steps(series.steps[window], values, present, points)
+    return cols, downsample.bin_rows(series.steps[window], values, present, k)
+
+
+def layer_tree(series, metric: str, names: list[str]) -> layer_groups.Row:
+    """The module tree of `names` (`layer_groups.build`): kept on the series (cached per data version)
+    when they are all of its layers, since building it for 5,000 tensors takes longer than answering."""
+    spec = metadata.METRICS.get(metric)
+    kind = spec.layer_kind if spec else ""
+    if names != series.layers:  # a request's own layers
+        return layer_groups.build(names, kind)
+    kept = getattr(series, "layer_tree", None)
+    if kept is None or kept[0] != kind:
+        kept = series.layer_tree = (kind, layer_groups.build(names, kind))
+    return kept[1]
 
 
 def _grouped(metric: str, names: list[str], types: list[str], b: downsample.Binned, max_rows: int,
-             expand: Sequence[str], reveal: Sequence[str]):
+             expand: Sequence[str], reveal: Sequence[str], root: layer_groups.Row):
     """(row names, row types, per-row group description or None, binned rows) of a grouped answer."""
-    spec = metadata.METRICS.get(metric)
-    root = layer_groups.build(names, spec.layer_kind if spec else "")
     pos = {n: j for j, n in enumerate(names)}
     unknown = [r for r in reveal if r not in pos]
     if unknown:
