@@ -145,7 +145,8 @@ def test_a_run_that_fails_to_read_does_not_stop_the_others(tmp_path):
 
 def test_background_reads_the_findings_inputs_then_the_findings_then_the_rest(tmp_path):
     """Event order, not time: the findings come right after the metrics their rules declare, are
-    computed from those alone, and every other metric is read after them."""
+    computed from those alone, every other metric is read after them, then each metric's step summary,
+    then what the model view is made from."""
     from tensorboard import context
 
     from tb_diag_plugin.serving.background import read_whole_run
@@ -174,17 +175,32 @@ def test_background_reads_the_findings_inputs_then_the_findings_then_the_rest(tm
             events.append("<summary>")
             return summary(ctx, eid, run, metric, idx)
 
+        from tb_diag_plugin.serving import model_data
+
+        warm = model_data.warm
+
+        def recording_model(*args):
+            events.append("<model>")
+            return warm(*args)
+
         store.series_and_key, store.findings = recording_series, recording_findings
         store.step_summary = recording_summary
-        read_whole_run(store, ctx, "", "r", idx)
+        model_data.warm = recording_model
+        try:
+            read_whole_run(store, ctx, "", "r", idx)
+        finally:
+            model_data.warm = warm
         start, end = events.index("<findings>"), events.index("</findings>")
         last = events.index("<summary>")  # then each metric's summary, from the series read before
+        model = events.index("<model>")  # then what the model view is made from, last
         before, during, after = set(events[:start]), set(events[start + 1:end]), set(events[end + 1:last])
         inputs = set(idx.tags) & findings.INPUTS
         others = set(idx.tags) - findings.INPUTS
         assert inputs and others, (inputs, others)  # the run has both kinds
         assert before == inputs and during <= inputs and after == others
-        assert events[last::2] == ["<summary>"] * len(idx.tags) and set(events[last + 1::2]) == set(idx.tags)
+        summaries = events[last:model]
+        assert summaries[::2] == ["<summary>"] * len(idx.tags) and set(summaries[1::2]) == set(idx.tags)
+        assert set(events[model + 1:]) <= set(idx.tags)  # only reads of the run's own metrics after it
         assert len(store.summaries.keys()) == len(idx.tags)
         body = srv.plugin("findings?run=r")
         assert "dead_relu" in {f["kind"] for f in body["findings"]}
