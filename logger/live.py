@@ -36,9 +36,9 @@ STOPPED = metadata.STOPPED  # the event-file record of a stop
 _Item = tuple[str, Sequence[str], Sequence[str], np.ndarray]
 
 # Evaluations on logged steps take at most this share of the run's wall time (the rules cost tens of
-# ms per evaluation on a few hundred layers, benchmarks/RESULTS.md "Findings in the training process");
-# a logged step over the budget waits for a later one, except when it holds a NaN/Inf (the `nonfinite`
-# rule's metrics), which is evaluated at once, as is close().
+# ms per evaluation on a few hundred layers, benchmarks/RESULTS.md "Findings in the training process"),
+# the one about to run counted as long as the last; a logged step over the budget waits for a later one,
+# except when it holds a NaN/Inf (the `nonfinite` rule's metrics), which is evaluated at once, as is close().
 EVAL_SHARE = 0.02
 # What the `nonfinite` rule reads: a non-finite value here is evaluated at once.
 _URGENT = frozenset(m for r in engine.RULES if "nonfinite" in r.kinds for m in r.metrics) - {"amp_scale"}
@@ -129,16 +129,18 @@ class LiveFindings:
         report: called with (place, exception) when something here fails; training goes on.
         limit: steps kept per tag (the tab's default retention).
         share: the largest share of wall time that evaluations on logged steps may take.
+        clock: the wall clock the share is measured with (tests give their own).
     """
 
     def __init__(self, alert: Optional[str], stop_on: Optional[str], where: Optional[str],
                  report: Callable[[str, BaseException], None], limit: int = DEFAULT_SAMPLES,
-                 share: float = EVAL_SHARE) -> None:
+                 share: float = EVAL_SHARE, clock: Callable[[], float] = time.perf_counter) -> None:
         self.alert = check_level(alert, "alert")
         self.stop_on = check_level(stop_on, "stop_on")
         self.where = where
         self.limit = limit
         self.share = share
+        self._clock = clock
         self._since: Optional[float] = None  # when the first values arrived: the budget's clock
         self._urgent = False  # a NaN/Inf arrived since the last evaluation
         self._report = report
@@ -153,6 +155,7 @@ class LiveFindings:
         self.on_alert: list[Callable[[engine.Finding, str], None]] = []  # the callbacks' channels
         self.eval_s = 0.0  # seconds spent evaluating, and how often (benchmarks read these)
         self.evaluations = 0
+        self._last_eval_s = 0.0  # the last evaluation's time: the next one is expected to cost as much
         self._nonfinite_tags: set[str] = set()  # tags that brought a NaN/Inf already (`_urgent` once each)
 
     # ----------------------------------------------------------- recording
@@ -173,7 +176,7 @@ class LiveFindings:
                     self._urgent = True
             self._dirty = True
             if self._since is None:
-                self._since = time.perf_counter()
+                self._since = self._clock()
         except Exception as e:
             self._report("findings in the training process", e)
 
@@ -206,16 +209,18 @@ class LiveFindings:
         None (close(), findings()): evaluated now."""
         if not self._dirty or (step is not None and not self.listening):
             return  # with neither alert nor stop_on, findings() evaluates when asked
-        t0 = time.perf_counter()
+        t0 = self._clock()
         if step is not None and not self._urgent and self._since is not None:
-            if self.eval_s > self.share * (t0 - self._since):
+            # Counting the evaluation about to run (as long as the last one): the share is never overshot.
+            if self.eval_s + self._last_eval_s > self.share * (t0 - self._since):
                 return  # over budget: a later logged step (or close) evaluates
         try:
             self._urgent = False
             model, _ = model_info.read_model(lambda: self._structure)
             self._found, _ = engine.analyze(self.series(), model=model)
             self._dirty = False
-            self.eval_s += time.perf_counter() - t0
+            self._last_eval_s = self._clock() - t0
+            self.eval_s += self._last_eval_s
             self.evaluations += 1
             self._alert(self._found)
             if self.stop_on is not None and not self.wants_stop:

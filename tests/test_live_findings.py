@@ -426,3 +426,26 @@ def test_logged_steps_over_the_time_budget_wait_but_a_nan_is_evaluated_at_once()
     live.evaluate(100)
     assert live.evaluations == first + 1 and live.wants_stop
     assert [f.kind for f in live.findings()] == ["nonfinite"]
+
+
+def test_evaluations_never_take_more_than_their_share_of_the_wall_time():
+    """Given times (no real clock): each evaluation costs 1 s, a logged step comes every 1 s. The budget
+    counts the evaluation about to run as long as the last one, so past the first evaluation (taken when
+    nothing is spent) the time spent never exceeds the share of the time since the first values."""
+    now = [0.0]
+    live = LiveFindings("error", None, None, lambda where, e: None, share=0.1, clock=lambda: now[0])
+    series = live.series
+
+    def costly_series():
+        now[0] += 1.0  # the rules take one second of the clock
+        return series()
+
+    live.series = costly_series
+    for step in range(200):
+        live.observe_vectors(step, [("loss", ["total"], (), np.array([1.0 / (step + 1)]))])
+        live.evaluate(step)
+        elapsed = now[0]
+        assert live.eval_s <= 1.0 + 1e-9 or live.eval_s <= live.share * elapsed + 1e-9, (step, live.eval_s, elapsed)
+        now[0] += 1.0  # the next logged step a second later
+    # About the share's worth of evaluations: 10 % of ~(200 + evaluations) seconds at 1 s each.
+    assert 20 <= live.evaluations <= 23, live.evaluations
