@@ -3,6 +3,11 @@ columns at once equals the per-column detector."""
 
 from __future__ import annotations
 
+import functools
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from tensorboard.context import RequestContext
@@ -10,6 +15,22 @@ from tensorboard.context import RequestContext
 from tb_diag_plugin.findings.context import step_noise, step_noise_columns
 from tb_diag_plugin.findings.rules.spikes import column_spikes, spikes
 from tb_diag_plugin.findings.thresholds import Thresholds
+
+
+def _in_a_fresh_process(test):
+    """Run `test` in a fresh interpreter: tracemalloc counts every thread, and the TensorBoards that earlier
+    tests start in the test process leave reload threads there that allocate 16 MiB buffers."""
+    @functools.wraps(test)
+    def run_alone(*args, **kwargs):
+        if os.environ.get("TB_DIAG_FRESH_PROCESS") == test.__name__:
+            return test(*args, **kwargs)
+        out = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::{test.__name__}"],
+            env={**os.environ, "TB_DIAG_FRESH_PROCESS": test.__name__}, capture_output=True, text=True,
+            timeout=900)
+        assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+
+    return run_alone
 
 
 def _planted(rng: np.random.Generator, n: int, width: int) -> np.ndarray:
@@ -217,6 +238,7 @@ def _healthy_run(steps_n: int, width: int) -> dict:
     return run
 
 
+@_in_a_fresh_process
 def test_the_rules_hold_no_copy_of_a_wide_metric_between_rules():
     """Between rules, nothing the size of a per-tensor metric is held: `before_cutoff` hands out the
     recorded float32 matrix itself (read as float64 a part at a time), not a float64 copy kept from a
@@ -254,6 +276,7 @@ def test_the_rules_hold_no_copy_of_a_wide_metric_between_rules():
     assert shared == [True, True, True]
 
 
+@_in_a_fresh_process
 def test_the_rules_peak_on_a_healthy_wide_run_is_a_few_blocks_not_copies_of_its_metrics():
     """The whole analysis of a healthy 3,000 x 4,000 run (46 MiB per float32 metric, every row judged) peaks
     (tracemalloc: every buffer numpy allocates) under 3x one metric: the rules work on a block of steps or
