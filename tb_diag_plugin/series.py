@@ -91,14 +91,19 @@ class PiecewiseSeries:
         return self._whole
 
 
+def spans(count: int, item_bytes: int, budget: int) -> Iterator[tuple[int, int]]:
+    """(lo, hi) spans of `count` items (rows or columns) of `item_bytes` each, about `budget` bytes a span
+    (at least one item)."""
+    step = max(1, budget // max(1, item_bytes))
+    for lo in range(0, count, step):
+        yield lo, min(count, lo + step)
+
+
 def row_spans(series, row_bytes: int = 8) -> Iterator[tuple[int, int]]:
     """(lo, hi) spans of `series`' rows of about `PIECE_BYTES` (a `PiecewiseSeries`' `piece_bytes`) each at
     `row_bytes` per value."""
-    n = series.steps.size
     piece = series.piece_bytes if isinstance(series, PiecewiseSeries) else PIECE_BYTES
-    step = max(1, piece // max(1, row_bytes * len(series.layers)))
-    for lo in range(0, n, step):
-        yield lo, min(n, lo + step)
+    return spans(series.steps.size, row_bytes * len(series.layers), piece)
 
 
 def read_rows(series, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:

@@ -17,7 +17,7 @@ from tb_diag_plugin import layer_groups, metadata
 from tb_diag_plugin.findings.model_info import GATED_TYPES, ModelInfo
 from tb_diag_plugin.findings.series import Series
 from tb_diag_plugin.findings.thresholds import Thresholds
-from tb_diag_plugin.series import PiecewiseSeries, read_rows, row_spans
+from tb_diag_plugin.series import PiecewiseSeries, read_rows, row_spans, spans
 
 
 @dataclass(frozen=True)
@@ -170,16 +170,14 @@ class Context:
                     vals = np.empty((int(keep.sum()), len(s.layers)), dtype=dtype)
                 part = keep[lo:hi]
                 block = (v if part.all() else v[part]).astype(vals.dtype)
-                if not (0 in p.strides and p.size > 0 and bool(p.flat[0])):
+                if not _every_cell(p):
                     block[~(p if part.all() else p[part])] = np.nan
                 vals[at: at + block.shape[0]] = block
                 at += block.shape[0]
             if vals is None:
                 vals = np.empty((0, len(s.layers)))
         else:
-            # `present` is a broadcast True when every cell was recorded
-            all_present = (0 in s.present.strides and s.present.size > 0 and bool(s.present.flat[0])) or (
-                wide and bool(s.present.all()))
+            all_present = _every_cell(s.present) or (wide and bool(s.present.all()))
             kept = s.values if everything else s.values[keep]
             dtype = np.float32 if wide and kept.dtype == np.float32 else np.float64
             if dtype == kept.dtype and all_present:
@@ -305,6 +303,11 @@ def recorded_with(names: Sequence[str], series: Iterable[Series]) -> Optional[li
     return out or None
 
 
+def _every_cell(present: np.ndarray) -> bool:
+    """Whether `present` is the broadcast True a reader gives when every cell was recorded (no scan)."""
+    return 0 in present.strides and present.size > 0 and bool(present.flat[0])
+
+
 # Bytes of one [steps x columns] float64 temporary of a rule that works a block of columns at a time.
 BLOCK_BYTES = 16 << 20
 
@@ -313,9 +316,7 @@ def blocks(count: int, width: int, block_bytes: int = BLOCK_BYTES) -> Iterator[t
     """(lo, hi) spans of `count` columns (or rows) of about `block_bytes` of float64 each, at `width` values per
     column (row): for rules whose work is per column (per step), so that a [steps x tensors] temporary of a
     long run of thousands of tensors is not held."""
-    step = max(1, block_bytes // max(1, 8 * width))
-    for lo in range(0, count, step):
-        yield lo, min(count, lo + step)
+    return spans(count, 8 * width, block_bytes)
 
 
 def positions(names: Sequence[str]) -> dict[str, int]:

@@ -22,6 +22,7 @@ from tb_diag_plugin.findings.context import (
     WIRING_CAUSES,
     Context,
     Rule,
+    blocks,
     fmt,
     is_bias,
     layer_list,
@@ -73,9 +74,8 @@ def column_spikes(values: np.ndarray, th: Thresholds, draws: int = 1, columns: O
     if n < 4:
         return out
     z_need = _z_need(n, draws, th)
-    block = max(1, (block_bytes or _BLOCK_BYTES) // (8 * n))
-    for lo in range(0, width, block):
-        x = _positive(values[:, lo: lo + block] if picked is None else values[:, picked[lo: lo + block]])
+    for lo, hi in blocks(width, n, block_bytes or _BLOCK_BYTES):
+        x = _positive(values[:, lo:hi] if picked is None else values[:, picked[lo:hi]])
         lx = np.log(x)
         possible = _possible(lx, lx, th)
         possible[0] = False  # the first entry has no window
