@@ -28,40 +28,39 @@ class Binned:
     present: np.ndarray  # float32 [B, L]: count of recorded values in the bin (0 = layer absent)
 
 
-def _reduce(arr: np.ndarray, k: int, op: str, dtype=None) -> np.ndarray:
-    """Reduce consecutive groups of `k` rows (the last group may be shorter).
+def reduce_groups(ufunc: np.ufunc, arr: np.ndarray, k: int, dtype=None) -> np.ndarray:
+    """`ufunc` over consecutive groups of `k` rows (the last group may be shorter).
 
     Reshaping into (bins, k, L) and reducing axis 1 is ~10x faster than
     `ufunc.reduceat` along axis 0 on a large row-major matrix.
     """
     S = arr.shape[0]
     full = S // k
-    kw = {} if dtype is None else {"dtype": dtype}
     parts = []
     if full:
-        parts.append(getattr(arr[: full * k].reshape(full, k, *arr.shape[1:]), op)(axis=1, **kw))
+        parts.append(ufunc.reduce(arr[: full * k].reshape(full, k, *arr.shape[1:]), axis=1, dtype=dtype))
     if S > full * k:
-        parts.append(getattr(arr[full * k :], op)(axis=0, keepdims=True, **kw))
+        parts.append(ufunc.reduce(arr[full * k :], axis=0, keepdims=True, dtype=dtype))
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def _masked(values: np.ndarray, finite: np.ndarray, present: np.ndarray, k: int):
     """(mean, min, max, nonfinite, present) per bin over the finite, present cells."""
     good = finite & present
-    sums = _reduce(np.where(good, values, np.float32(0)), k, "sum", np.float64)
-    counts = _reduce(good, k, "sum", np.float32)
+    sums = reduce_groups(np.add, np.where(good, values, np.float32(0)), k, np.float64)
+    counts = reduce_groups(np.add, good, k, np.float32)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = (sums / counts).astype(np.float32)
-    mn = _reduce(np.where(good, values, np.float32(np.inf)), k, "min")
-    mx = _reduce(np.where(good, values, np.float32(-np.inf)), k, "max")
+    mn = reduce_groups(np.minimum, np.where(good, values, np.float32(np.inf)), k)
+    mx = reduce_groups(np.maximum, np.where(good, values, np.float32(-np.inf)), k)
     empty = counts == 0
     # A bin with no finite value has NaN for mean, min and max: the chart
     # draws it in the non-finite colour (or as absent, from `present`).
     mean[empty] = np.nan
     mn[empty] = np.nan
     mx[empty] = np.nan
-    nonfinite = _reduce(~finite & present, k, "sum", np.float32)
-    return mean, mn, mx, nonfinite, _reduce(present, k, "sum", np.float32)
+    nonfinite = reduce_groups(np.add, ~finite & present, k, np.float32)
+    return mean, mn, mx, nonfinite, reduce_groups(np.add, present, k, np.float32)
 
 
 def bin_steps(steps: np.ndarray, values: np.ndarray, present: np.ndarray, points: int) -> Binned:
@@ -99,8 +98,8 @@ def bin_rows(steps: np.ndarray, values: np.ndarray, present: np.ndarray, k: int)
     # (no masks, no temporaries the size of the run); the bins that hold a
     # NaN/Inf or an absent cell are then redone with masks, from their rows only.
     counts = (ends - starts + 1).astype(np.float32)[:, None]
-    mean = (_reduce(values, k, "sum") / counts).astype(np.float32)
-    mn, mx = _reduce(values, k, "min"), _reduce(values, k, "max")
+    mean = (reduce_groups(np.add, values, k) / counts).astype(np.float32)
+    mn, mx = reduce_groups(np.minimum, values, k), reduce_groups(np.maximum, values, k)
     nonfinite = np.zeros_like(mean)
     pres = np.repeat(counts, mean.shape[1], axis=1)
     row_ok = (finite & present).all(axis=1)

@@ -218,17 +218,9 @@ def _merge(b: downsample.Binned, m: int) -> downsample.Binned:
     finite = b.present - b.nonfinite  # the finite values behind each bin's mean
     weighted = b.mean * finite
     np.copyto(weighted, np.float32(0), where=finite == 0)  # the NaN mean of a bin without a finite value
+    groups = downsample.reduce_groups
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = (_groups(np.add, weighted, m, np.float64) / _groups(np.add, finite, m, np.float64)).astype(np.float32)
-    return downsample.Binned(True, b.step_first[::m], b.step_last[ends], mean, _groups(np.fmin, b.min, m),
-                             _groups(np.fmax, b.max, m), _groups(np.add, b.nonfinite, m, np.float32),
-                             _groups(np.add, b.present, m, np.float32))
-
-
-def _groups(ufunc: np.ufunc, a: np.ndarray, m: int, dtype=None) -> np.ndarray:
-    """`ufunc` over each `m` consecutive rows of `a` (the last group may hold fewer)."""
-    full = a.shape[0] // m
-    parts = [ufunc.reduce(a[:full * m].reshape(full, m, *a.shape[1:]), axis=1, dtype=dtype)] if full else []
-    if a.shape[0] > full * m:
-        parts.append(ufunc.reduce(a[full * m:], axis=0, keepdims=True, dtype=dtype))
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        mean = (groups(np.add, weighted, m, np.float64) / groups(np.add, finite, m, np.float64)).astype(np.float32)
+    return downsample.Binned(True, b.step_first[::m], b.step_last[ends], mean, groups(np.fmin, b.min, m),
+                             groups(np.fmax, b.max, m), groups(np.add, b.nonfinite, m, np.float32),
+                             groups(np.add, b.present, m, np.float32))
