@@ -4,6 +4,10 @@ import {el, clear, fmt, message} from "./dom.js";
 export const FONT = 'Roboto, "Helvetica Neue", Arial, sans-serif';
 export const ACCENT = "#f57c00"; // TensorBoard's orange
 export const NONFINITE = "#ff1f8e"; // magenta: outside viridis, visible to colour-blind users
+// The hidden 0-1 axis that non-finite marks (traces on "y2") are drawn against.
+export const nonfiniteAxis = () => ({overlaying: "y", range: [0, 1], visible: false, fixedrange: true});
+// A line chart's layout entry for it, only where `traces` hold such marks (an axis more is more to draw).
+export const nonfiniteAxisOf = (traces) => (traces.some((tr) => tr.yaxis === "y2") ? {yaxis2: nonfiniteAxis()} : {});
 export const ZERO_NOTE = "zero";
 
 // Paul Tol's colour-blind-safe schemes, the family TensorBoard's own run

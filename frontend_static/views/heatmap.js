@@ -3,7 +3,7 @@
 // (the values of every layer at the step clicked in a heatmap).
 import * as api from "../api.js";
 import {el} from "../dom.js";
-import {ACCENT, NONFINITE, Panels, alpha, esc, heatmapHeight, heatmapTraces, layout} from "../charts.js";
+import {ACCENT, NONFINITE, Panels, alpha, esc, heatmapHeight, heatmapTraces, layout, nonfiniteAxis} from "../charts.js";
 import {METRICS, colorscale, fetchMetric, hasMetric, label, missingText, moduleOf, needsOf} from "../metrics.js";
 
 // `intro` says how to read the view; `help[metric]` what the chosen metric is (shown with it).
@@ -351,7 +351,7 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro, help
       // a fraction stays on 0-1 (all zeros would otherwise autorange to -1..1)
       yaxis: {type: logY ? "log" : "linear", title: {text: esc(label(metric))}, exponentformat: "power",
               dtick: logY ? (hi / lo >= 100 ? 1 : "D2") : undefined, range: info.scale === "unit" ? [-0.02, 1.02] : undefined},
-      yaxis2: {overlaying: "y", range: [0, 1], visible: false, fixedrange: true},
+      yaxis2: nonfiniteAxis(),
     }), `${metric}_profile`);
     p.data = {order, groups: groupOf};
     if (!p.clickBound) {

@@ -3,7 +3,7 @@
 // from (a model node, a finding, a heatmap cell), or the selected runs overlaid.
 import * as api from "../api.js";
 import {el, clear} from "../dom.js";
-import {FIXED_MARGINS, NONFINITE, Panels, RUN_LEGEND, alpha, esc, layout, runLegend} from "../charts.js";
+import {FIXED_MARGINS, NONFINITE, Panels, RUN_LEGEND, alpha, esc, layout, nonfiniteAxisOf, runLegend} from "../charts.js";
 import {METRICS, MODULE_METRICS, PARAM_METRICS, SITE_METRICS, fetchMetric, isDerived, label, moduleOf, needsOf} from "../metrics.js";
 
 let panels;
@@ -166,8 +166,7 @@ async function render(app, ctx) {
       xaxis: {title: {text: "step"}, automargin: false},
       yaxis: {type: scale === "log" ? "log" : "linear", range: scale === "unit" ? [0, 1.02] : undefined, exponentformat: "power",
               automargin: false},
-      // the non-finite marks' axis, only where there are some (an axis more is a chart's drawing more)
-      ...(traces.some((tr) => tr.yaxis === "y2") ? {yaxis2: {overlaying: "y", range: [0, 1], visible: false, fixedrange: true}} : {}),
+      ...nonfiniteAxisOf(traces),
       shapes: step ? [{type: "line", xref: "x", yref: "paper", x0: step.lo, x1: step.lo, y0: 0, y1: 1, line: {color: t.muted, width: 1.5, dash: "dot"}}] : [],
     }), `${layer || "model"}_${m}`);
   });

@@ -4,7 +4,7 @@
 // detector, the server's rules, so the chart and the findings agree).
 import * as api from "../api.js";
 import {el} from "../dom.js";
-import {FIXED_MARGINS, NONFINITE, Panels, RUN_LEGEND, alpha, esc, layout, runLegend} from "../charts.js";
+import {FIXED_MARGINS, NONFINITE, Panels, RUN_LEGEND, alpha, esc, layout, nonfiniteAxisOf, runLegend} from "../charts.js";
 import {PERCENTILES, TOTAL_LOSS} from "../metrics.js";
 
 let panels;
@@ -199,7 +199,7 @@ function draw(app, runs, loaded, found) {
       uirevision: `${c}|${scaleMode}`,
       xaxis: {title: {text: "step"}, automargin: false},
       yaxis: {type: logY ? "log" : "linear", exponentformat: "power", automargin: false},
-      ...(traces.some((tr) => tr.yaxis === "y2") ? {yaxis2: {overlaying: "y", range: [0, 1], visible: false, fixedrange: true}} : {}),
+      ...nonfiniteAxisOf(traces),
     }), `loss_${c}`);
   }
   if (!components.length && !problems.length) panels.notice(panels.panel("empty", "Loss", {wide: true}), "No loss recorded.");
