@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 from tensorboard.compat.proto import summary_pb2
@@ -30,6 +32,21 @@ def test_tag_depends_on_layer_set():
     assert a == metadata.vector_tag("grad_norm", ["x", "y"])
     assert a != metadata.vector_tag("grad_norm", ["x"])
     assert a.startswith("diagnostics/grad_norm/")
+
+
+def test_a_tag_follows_the_names_when_the_same_list_is_asked_again_or_changed_in_place():
+    def expected(metric, names):  # the tag's definition, computed here without the cache
+        return f"diagnostics/{metric}/" + hashlib.sha1("\n".join(names).encode("utf-8")).hexdigest()[:10]
+
+    names = [f"layer.{i}.weight" for i in range(3000)]
+    assert metadata.vector_tag("grad_norm", names) == expected("grad_norm", names)
+    assert metadata.vector_tag("grad_norm", names) == expected("grad_norm", names)  # asked again: cached
+    assert metadata.vector_tag("weight_norm", names) == expected("weight_norm", names)
+    names[1500] = "renamed.weight"  # the same list object, other names
+    assert metadata.vector_tag("grad_norm", names) == expected("grad_norm", names)
+    names.append("extra")
+    assert metadata.vector_tag("grad_norm", names) == expected("grad_norm", names)
+    assert metadata.vector_tag("grad_norm", tuple(names)) == expected("grad_norm", names)
 
 
 @pytest.mark.parametrize(
