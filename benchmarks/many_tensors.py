@@ -2,7 +2,7 @@
 
     python benchmarks/many_tensors.py [--tensors 5000] [--numel 16] [--rounds 5] [--steps 20]
                                       [--optimizer adam|adamw|sgd] [--no-activations] [--profile] [--cpu-time]
-                                      [--tensorboard-crc]
+                                      [--tensorboard-crc] [--floor]
 
 One model of `--tensors` parameter tensors of `--numel` elements each (a
 `ParameterList`; the forward stacks them, so the bare step is a handful of
@@ -19,6 +19,11 @@ logged step) and that cost per tensor; then the bytes a logged step must read
 `--tensorboard-crc` adds a third block per round whose event records are
 framed by TensorBoard's own pure-Python CRC-32C, in its writer thread, as they
 were before tb-diag framed them with the C one (`tb_diag_plugin.summary.fast_records`).
+
+`--floor` adds a block per round of `Floor`: the fewest torch calls that read the same tensors for the
+same per-tensor numbers (a stack per list, row reductions, one host copy), no logger. Each block also
+records the part of its steps from backward's end to the step's end (less the bare block's `opt.step()`):
+the logger's and the floor's in-step costs, whose ratio per round is printed.
 
 `--profile` also runs `--steps` logged steps under cProfile and prints the
 Python function calls per logged step: all of them, and those in tb-diag's
@@ -59,6 +64,44 @@ class ManyTensors(nn.Module):
         return torch.relu(torch.einsum("bi,nij->bnj", x, w)).pow(2).mean()
 
 
+class Floor:
+    """The fewest torch calls that read what a logged step must read here: one `torch.stack(out=)` per list
+    (gradients, the weights before and after `opt.step()`, Adam's two moments and step counts), row
+    reductions of the stacked buffers for the same per-tensor numbers the logger records (gradient norm
+    and max |g|, weight norm, update norm, Adam's update RMS and count below eps), one host copy. Every
+    tensor here has one shape, so a row is a tensor. What this costs, any logger built on torch pays for
+    touching these tensors one by one; the logger's cost is compared with it."""
+
+    def __init__(self, params, opt: torch.optim.Optimizer) -> None:
+        self.params, self.opt = list(params), opt
+        n, shape = len(self.params), self.params[0].shape
+        self.bufs = {k: torch.empty(n, *shape) for k in ("g", "w", "w2", "m", "v")}
+        self.rows: list[torch.Tensor] = []
+
+    def _stack(self, key: str, tensors) -> torch.Tensor:
+        buf = self.bufs[key]
+        return torch.stack(tensors, out=buf).view(buf.shape[0], -1)
+
+    def before_step(self) -> None:
+        with torch.no_grad():
+            g = self._stack("g", [p.grad for p in self.params])
+            w = self._stack("w", self.params)
+            self.rows = [g.pow(2).sum(1).sqrt(), g.abs().amax(1), w.pow(2).sum(1).sqrt()]
+            state = [self.opt.state[p] for p in self.params]
+            if state and "exp_avg_sq" in state[0]:
+                eps = self.opt.param_groups[0]["eps"]
+                m = self._stack("m", [s["exp_avg"] for s in state])
+                root = self._stack("v", [s["exp_avg_sq"] for s in state]).sqrt()
+                steps = torch.stack([s["step"] for s in state])
+                self.rows += [(root < eps).sum(1).float(), (m / (root + eps)).pow(2).mean(1).sqrt(), steps]
+
+    def after_step(self) -> None:
+        with torch.no_grad():
+            w2 = self._stack("w2", self.params)
+            delta = (w2 - self.bufs["w"].view_as(w2)).pow(2).sum(1).sqrt()
+            torch.cat([r.reshape(-1) for r in self.rows] + [delta]).cpu()
+
+
 def make_optimizer(kind: str, params) -> torch.optim.Optimizer:
     """fused: on CPU torch's default is a Python loop over the tensors, which would swamp the bare step."""
     if kind == "adam":
@@ -83,6 +126,8 @@ def main() -> None:
                          "torch's second thread is not counted, and these tensors are too small to use it")
     ap.add_argument("--tensorboard-crc", action="store_true",
                     help="also time a block with TensorBoard's own (pure-Python) record checksums")
+    ap.add_argument("--floor", action="store_true",
+                    help="also time a block of the fewest torch calls reading the same tensors (class Floor)")
     ap.add_argument("--impl", default=None, help="Diagnostics(impl=...): flat, stream or foreach")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -94,17 +139,27 @@ def main() -> None:
     state = {"step": 0}
     clock = time.thread_time if args.cpu_time else time.perf_counter
 
-    def train(n: int, diag=None) -> list[float]:
+    def train(n: int, diag=None, floor: Floor | None = None, parts: list | None = None) -> list[float]:
+        """Steps' times; `parts` gets each step's (time after backward until opt.step, opt.step onwards)."""
         times = []
         for _ in range(n):
             t0 = clock()
             opt.zero_grad()
             loss = model(x)
             loss.backward()
+            t1 = clock()
             if diag is not None:
                 diag.step(state["step"], loss=loss)
-            opt.step()
-            times.append(clock() - t0)
+            if floor is not None:
+                floor.before_step()
+            t2 = clock()
+            opt.step()  # with the logger's optimizer hooks, when attached
+            if floor is not None:
+                floor.after_step()
+            t3 = clock()
+            times.append(t3 - t0)
+            if parts is not None:
+                parts.append((t2 - t1, t3 - t2))
             state["step"] += 1
         return times
 
@@ -112,22 +167,38 @@ def main() -> None:
         return Diagnostics(model, logdir=os.path.join(root, tag), every=1, optimizer=opt,
                            activations=not args.no_activations, impl=args.impl)
 
-    def logged_block(tag: str) -> float:
+    def logged_block(tag: str, parts: list | None = None) -> float:
         diag = attach(tag)
         train(2, diag)  # one-off costs
-        logged = statistics.median(train(args.steps, diag))
+        logged = statistics.median(train(args.steps, diag, parts=parts))
         diag.close()
         return logged
 
+    def in_step(parts: list, bare_parts: list) -> float:
+        """Median time from backward's end to the step's end, less the bare step's (opt.step alone): the
+        part of a step the logger (or the floor) adds, without the forward and backward's own noise."""
+        return (statistics.median(a + b for a, b in parts)
+                - statistics.median(a + b for a, b in bare_parts))
+
     fast_crc = summary.FAST_CRC
     train(5)  # the optimizer's state exists before anything is measured
-    bare_rounds, logged_rounds, tb_crc_rounds = [], [], []
+    bare_rounds, logged_rounds, tb_crc_rounds, floor_rounds = [], [], [], []
+    logged_in_step, floor_in_step = [], []  # per round: the in-step cost of the logger and of the floor
+    floor = Floor(model.parameters(), opt) if args.floor else None
     for r in range(args.rounds):
-        bare = statistics.median(train(args.steps))
-        logged = logged_block(f"r{r}")
+        bare_parts, logged_parts, floor_parts = [], [], []
+        bare = statistics.median(train(args.steps, parts=bare_parts))
+        logged = logged_block(f"r{r}", logged_parts)
         bare_rounds.append(bare)
         logged_rounds.append(logged)
-        extra = ""
+        logged_in_step.append(in_step(logged_parts, bare_parts))
+        extra = f" (in-step {logged_in_step[-1] * 1e3:.2f} ms)"
+        if floor is not None:
+            train(2, floor=floor)
+            floor_rounds.append(statistics.median(train(args.steps, floor=floor, parts=floor_parts)))
+            floor_in_step.append(in_step(floor_parts, bare_parts))
+            extra += (f", floor {(floor_rounds[-1] - bare) * 1e3:.2f} ms per step "
+                      f"(in-step {floor_in_step[-1] * 1e3:.2f})")
         if args.tensorboard_crc:
             summary.FAST_CRC = False  # fast_records then leaves the writer as TensorBoard made it
             try:
@@ -135,7 +206,7 @@ def main() -> None:
             finally:
                 summary.FAST_CRC = fast_crc
             tb_crc_rounds.append(tb_crc)
-            extra = f", with TensorBoard's CRC {tb_crc * 1e3:.2f} ms"
+            extra += f", with TensorBoard's CRC {tb_crc * 1e3:.2f} ms"
         print(f"round {r}: bare {bare * 1e3:.2f} ms, every=1 {logged * 1e3:.2f} ms, "
               f"cost {(logged - bare) * 1e3:.2f} ms per logged step{extra}", flush=True)
     bare, logged = statistics.median(bare_rounds), statistics.median(logged_rounds)
@@ -151,6 +222,17 @@ def main() -> None:
           f"cost {cost * 1e3:.2f} ms per logged step, {cost / args.tensors * 1e6:.2f} us per tensor")
     print(f"a logged step reads {read / 1e6:.2f} MB (gradients, weights"
           f"{', Adam state' if state_tensors else ''}) and writes {written / (args.steps + 2) / 1e3:.1f} kB of events")
+    logged_mid = statistics.median(logged_in_step)
+    print(f"in-step (backward's end to the step's end, less opt.step alone): {logged_mid * 1e3:.2f} ms per logged "
+          f"step, {logged_mid / args.tensors * 1e6:.2f} us per tensor")
+    if floor_rounds:
+        floor_cost = statistics.median(floor_rounds) - bare
+        floor_mid = statistics.median(floor_in_step)
+        paired = [lg / f for lg, f in zip(logged_in_step, floor_in_step)]
+        print(f"floor (class Floor): {floor_cost * 1e3:.2f} ms per step, in-step {floor_mid * 1e3:.2f} ms "
+              f"({floor_mid / args.tensors * 1e6:.2f} us per tensor); the logger's in-step cost / the floor's: "
+              f"{logged_mid / floor_mid:.2f} (per round: median {statistics.median(paired):.2f}, "
+              f"{min(paired):.2f}-{max(paired):.2f})")
     if tb_crc_rounds:
         tb_crc = statistics.median(tb_crc_rounds)
         print(f"with TensorBoard's own record checksums: every=1 step {tb_crc * 1e3:.2f} ms, cost "

@@ -109,7 +109,8 @@ def build_arms(every: int, with_wandb: bool) -> list[Arm]:
         # nothing listens, so the rules do not run during training; they take up to 2 % of the wall time).
         Arm("diag1_quiet", "Diagnostics, every=1, activations off, alert=None", 1, "diag_quiet"),
         # The memory-traffic floor of every=1 (no activations): the fewest passes torch offers over the
-        # parameters for the gradient norms, the weight norms and the update ratio, one host copy.
+        # parameters for what the logger records of them (gradient norms and max |g|, weight norms, the
+        # update ratio), one host copy.
         Arm("floor1", "floor: norms + update ratio by hand, every=1", 1, "floor"),
         # The same plus the fewest passes over Adam's state for adam_eps_fraction and update_rms (sqrt(v),
         # m / (sqrt(v) + eps), its norm, the count below eps): what `diag1_noact` must do on an Adam model.
@@ -169,7 +170,10 @@ def after_backward(arm: Arm, step: int, loss: torch.Tensor, wandb_mod) -> None:
         arm.item_sink = [p.grad.norm().item() for _, p in named]
     elif k in ("floor", "floor_adam"):
         with torch.no_grad():  # one pass over the gradients, one over the weights while snapshotting them
-            arm.floor_norms = list(torch._foreach_norm([p.grad for p in arm.floor_params]))
+            grads = [p.grad for p in arm.floor_params]
+            arm.floor_norms = list(torch._foreach_norm(grads))
+            # max |g|: one aminmax per tensor, the fastest torch has on CPU (_foreach_norm(ord=inf) is slower)
+            arm.floor_norms += [torch.maximum(hi, -lo) for lo, hi in map(torch.aminmax, grads)]
             torch._foreach_copy_(arm.floor_bufs, arm.floor_params)
             arm.floor_norms += list(torch._foreach_norm(arm.floor_bufs))
             if k == "floor_adam":
@@ -253,6 +257,7 @@ def clean_rounds(arms: list[Arm]) -> list[int]:
 def summarise(arms: list[Arm], rounds: Optional[list[int]] = None) -> dict:
     """Figures over the given rounds (default: the undisturbed ones)."""
     bare = arms[0]
+    by_key = {a.key: a for a in arms}
     if rounds is None:
         rounds = clean_rounds(arms)
     bare_med = {r: statistics.median(bare.times[r]) for r in rounds}
@@ -292,6 +297,24 @@ def summarise(arms: list[Arm], rounds: Optional[list[int]] = None) -> dict:
             "logged_step_share": (lm / bm) if (lm is not None and bm) else None,
             "nonlogged_ratio": _stats(nonlogged_ratio),
         }
+    for floor in ("floor1", "floor1_adam"):
+        if floor not in by_key:
+            continue
+        for arm in arms[1:]:
+            if arm.every == 1 and arm.kind.startswith("diag"):
+                out["arms"][arm.key][f"vs_{floor}"] = vs_floor(arm, by_key[floor], rounds)
+    return out
+
+
+def vs_floor(arm: Arm, floor: Arm, rounds: list[int]) -> dict:
+    """The arm's block mean over the floor arm's of the same round, per round: both ran within minutes of
+    each other, so a machine that drifts between rounds moves both (the ratio of two ratios to the bare
+    arm carries the bare arm's noise twice). Median, min-max, and the quartiles."""
+    ratios = [statistics.fmean(arm.times[r]) / statistics.fmean(floor.times[r]) for r in rounds]
+    out = _stats(ratios)
+    if len(ratios) >= 2:
+        q1, _, q3 = statistics.quantiles(ratios, n=4)
+        out.update(q1=q1, q3=q3)
     return out
 
 

@@ -47,6 +47,14 @@ def overhead_tables(res: dict) -> str:
                 f"| {_r(a['logged_step_extra_ms'], '{:.1f}')} | {pct} "
                 f"| {_r(a['nonlogged_ratio'])} |"
             )
+        paired = [(a["label"], floor, a[f"vs_{floor}"]) for a in m["arms"].values()
+                  for floor in ("floor1", "floor1_adam") if f"vs_{floor}" in a]
+        if paired:
+            lines += ["", "| every=1 arm against a floor arm, per round (block means) | floor | median | "
+                      "quartiles | min-max |", "|---|---|---|---|---|"]
+            for label, floor, v in paired:
+                quart = f"{v['q1']:.3f}-{v['q3']:.3f}" if "q1" in v else "–"
+                lines.append(f"| {label} | {floor} | {_f(v['median'])} | {quart} | {_f(v['min'])}-{_f(v['max'])} |")
         lines.append("")
     lines += [
         "#### Event-file bytes per logged step",
