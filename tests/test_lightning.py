@@ -149,6 +149,7 @@ class SubmoduleNet(pl.LightningModule):
         self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
         self.through_forward = through_forward
         self.inputs: dict[int, list[np.ndarray]] = {}
+        self.outputs: dict[int, list[np.ndarray]] = {}
 
     def forward(self, x):
         return self.net(x)
@@ -158,6 +159,7 @@ class SubmoduleNet(pl.LightningModule):
         seen = x * 10.0 - 3.0 if self.through_forward else x
         out = self(seen) if self.through_forward else self.net(seen)
         self.inputs.setdefault(self.trainer.global_step, []).append(seen.detach().double().numpy())
+        self.outputs.setdefault(self.trainer.global_step, []).append(out.detach().double().numpy())
         return F.mse_loss(out, y)
 
     def configure_optimizers(self):
@@ -191,6 +193,24 @@ def test_the_input_scale_is_the_training_inputs_whether_or_not_the_modules_forwa
             batch = (x + 3.0) / 10.0
             pooled = np.concatenate([x, batch])
             assert not close(at(s, "input_mean", "", step), pooled.mean(), rel=1e-2)
+
+
+@pytest.mark.parametrize("through_forward", [False, True], ids=["self.net(x)", "self(x)"])
+def test_the_logits_are_the_nets_output_whether_or_not_the_modules_forward_runs(tmp_path, through_forward):
+    """`self.net(x)` never runs the LightningModule's forward; the net holds every parameter, so its output is
+    the logits, as with `self(x)`: each logged step's `logit_max_abs`, `logit_min` and `logit_max` are numpy's
+    over the outputs of that step's two accumulated batches, under the head's name (the last Linear)."""
+    model = SubmoduleNet(through_forward)
+    trainer = _trainer(tmp_path, DiagnosticsCallback(every=1), accumulate_grad_batches=2)
+    trainer.fit(model, _offset_loader())
+    s = read(tmp_path, "run/version_0")
+    assert s["logit_max_abs"].layers == ["net.2"]
+    assert s["logit_max_abs"].steps.tolist() == [0, 1, 2]
+    for step, outs in model.outputs.items():
+        y = np.concatenate(outs)
+        assert close(at(s, "logit_max_abs", "net.2", step), np.abs(y).max(), rel=1e-5), step
+        assert close(at(s, "logit_min", "net.2", step), y.min(), rel=1e-5), step
+        assert close(at(s, "logit_max", "net.2", step), y.max(), rel=1e-5), step
 
 
 def test_without_a_tensorboard_logger_it_writes_its_own_events_in_the_log_dir(tmp_path):

@@ -226,3 +226,35 @@ def test_logit_statistics_of_tuple_and_hugging_face_outputs(tmp_path):
             big, lse = expected[step]
             assert close(at(series, "logit_max_abs", name, step), big)
             assert close(at(series, "logit_lse", name, step), lse, rel=1e-5)
+
+
+class _Wrapper(nn.Module):
+    """Every parameter in one child; the root's own forward shifts the child's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 5))
+
+    def forward(self, x):
+        return self.body(x) - 100.0
+
+
+@pytest.mark.parametrize("through_root", [True, False], ids=["model(x)", "model.body(x)"])
+def test_logits_of_a_root_whose_parameters_are_all_in_one_child(tmp_path, through_root):
+    """Through the root, its output is the logits and the child's is not mixed in (the shift would show in
+    `logit_max`); trained through the child alone (a LightningModule's `self.net(x)`), the child's output."""
+    torch.manual_seed(0)
+    model = _Wrapper()
+    outs = {}
+    with Diagnostics(model, logdir=str(tmp_path), every=1) as diag:
+        for step in range(3):
+            y = model(torch.randn(6, 4)) if through_root else model.body(torch.randn(6, 4))
+            outs[step] = y.detach().double().numpy()
+            y.square().mean().backward()
+            diag.step(step)
+    series = read(tmp_path)
+    assert series["logit_max"].layers == ["body.2"]
+    for step, y in outs.items():
+        assert close(at(series, "logit_max", "body.2", step), y.max(), rel=1e-5), step
+        assert close(at(series, "logit_min", "body.2", step), y.min(), rel=1e-5), step
+        assert close(at(series, "logit_max_abs", "body.2", step), np.abs(y).max(), rel=1e-5), step

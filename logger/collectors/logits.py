@@ -10,6 +10,11 @@ order) with ``out_features`` equal to the logits' last dimension (an LM's
 ``lm_head``, a classifier's last ``nn.Linear``), else the last module with
 parameters of its own. One forward hook on the root returns at once unless
 the activation capture is armed for a logged step; training forwards only.
+
+A root whose parameters all belong to one child (a LightningModule's
+``self.net``) may be trained through that child alone (``self.net(x)`` in
+``training_step``): the root's forward never runs, so the child's output is
+taken instead, only when no root forward is under way.
 """
 
 from __future__ import annotations
@@ -57,6 +62,15 @@ def head_name(model: nn.Module, width: int) -> str:
     return head if head is not None else last_with_params
 
 
+def sole_child(model: nn.Module) -> Optional[nn.Module]:
+    """The one direct child of `model` that holds every parameter it has, or None (parameters of its own,
+    or in two children)."""
+    if next(model.parameters(recurse=False), None) is not None:
+        return None
+    holders = [c for c in model.children() if next(c.parameters(), None) is not None]
+    return holders[0] if len(holders) == 1 else None
+
+
 def _compiling() -> bool:
     """Inside a graph dynamo traces (`model.compile()` in place): no logits, rather than a graph break."""
     check = getattr(getattr(torch, "compiler", None), "is_compiling", None) or torch._dynamo.is_compiling
@@ -76,9 +90,24 @@ class LogitCapture(Collector):
         self._names: dict[int, str] = {}  # last dimension -> head name
         # head -> [max |logit|, sum of row LSEs, rows, min, max, max |row sum - 1|]
         self._stats: dict[str, list[torch.Tensor]] = {}
-        self._handle = hooks.forward_hook(model if hook_on is None else hook_on, self._post)
+        self._handles = [hooks.forward_hook(model if hook_on is None else hook_on, self._post)]
+        self._in_root = False  # a root forward is under way: its output, not its child's, is the logits
+        # (a compiled wrapper's child runs inside its graph: no hook there)
+        inner = sole_child(model) if hook_on is None or hook_on is model else None
+        if inner is not None:
+            self._handles += [hooks.forward_pre_hook(model, self._enter), hooks.forward_hook(inner, self._inner)]
+
+    def _enter(self, module: nn.Module, args: Any) -> None:
+        self._in_root = True
+        return None
+
+    def _inner(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not self._in_root:  # trained through the child alone
+            self._post(module, args, output)
+        return None
 
     def _post(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._in_root = False
         if _compiling() or not self._armed() or not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
             return None  # not a logged step's training forward
         try:
@@ -116,6 +145,7 @@ class LogitCapture(Collector):
         """`MAX_ABS`, `LSE` (mean LSE per row), `LOGIT_MIN`, `LOGIT_MAX` and `ROWSUM_DEV` (max over rows of
         |row sum - 1|) per head of this step's forwards (the writing rank's batch)."""
         stats, self._stats = self._stats, {}
+        self._in_root = False  # no forward is under way at step(): a root forward that raised is over
         if not stats:
             return []
         device = self.ctx.device
@@ -131,8 +161,11 @@ class LogitCapture(Collector):
     def clear(self) -> None:
         """Forget what this step's forwards left (a step that was not logged)."""
         self._stats = {}
+        self._in_root = False
 
     def close(self) -> None:
-        """Remove the hook."""
-        self._handle.remove()
+        """Remove the hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
         self._stats = {}

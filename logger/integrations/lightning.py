@@ -20,7 +20,9 @@ How it maps onto Lightning's loop (2.x):
 - The input scale is read at the module's forward; when `training_step`
   calls a submodule (`self.net(x)`) that forward never runs, and the input is
   the first floating-point tensor of the logged step's batches
-  (`on_train_batch_start`), counted only if the forward recorded none.
+  (`on_train_batch_start`), counted only if the forward recorded none. The
+  logits are then that submodule's output if it holds every parameter of the
+  module (`collectors/logits.py`).
 - The loss is the sum of the losses handed to backward since the previous
   optimizer step (`on_before_backward`): in automatic optimisation those are
   the training step's loss divided by `accumulate_grad_batches`, so their sum
