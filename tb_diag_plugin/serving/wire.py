@@ -73,6 +73,15 @@ def version_text(version) -> str:
     return hashlib.blake2b(repr(version).encode("utf-8"), digest_size=8).hexdigest()
 
 
+def tags_json(idx) -> bytes:
+    """The metrics part of a /tags answer, JSON-encoded: each metric's layers and their types."""
+    metrics = {}
+    for metric in sorted(idx.tags):
+        layers, types = idx.layers(metric)
+        metrics[metric] = {"layers": layers, "layer_types": types}
+    return json.dumps(metrics).encode("utf-8")
+
+
 def values_answer(run: str, metric: str, series: Series, problems: list[str], points: int,
                   start: Optional[int], end: Optional[int], fmt: str, wanted: list[str],
                   max_rows: Optional[int] = None, expand: Sequence[str] = (), reveal: Sequence[str] = (),
