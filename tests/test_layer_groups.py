@@ -57,6 +57,32 @@ def test_expand_and_reveal():
         lg.rows(root, 5, expand=["nope"])
 
 
+def test_revealed_layers_get_rows_while_the_view_fits_the_screen():
+    """A finding's layers spread over many blocks: each gets a row of its own while the view stays within
+    max_rows (the first one always); the others stay inside groups of the view (which the tab marks)."""
+    flat = [f"blocks.{b}.{t}" for b in range(640) for t in ("weight", "bias")]  # 10 ranges of 64 blocks
+    root = lg.build(flat, "param")
+    top = lg.rows(root, 12)
+    assert len(top) == 10
+    spread = [flat.index(f"blocks.{b}.weight") for b in (3, 5, 70, 200, 330, 600)]
+    view = lg.rows(root, 80, reveal=spread)
+    rows = [r for r in view if isinstance(r, int)]
+    # blocks 3 and 5 are in the first range (64 blocks, 73 rows with the other nine ranges) and open into
+    # their two tensors; opening another range would pass 80 rows
+    assert rows == [spread[0], spread[0] + 1, spread[1], spread[1] + 1] and len(view) == 75
+    inside = {j: next(r for r in view if isinstance(r, lg.Group) and j in r.members) for j in spread[2:]}
+    assert [g.key for g in inside.values()] == ["blocks[64:128]", "blocks[192:256]", "blocks[320:384]",
+                                                 "blocks[576:640]"]
+    # every layer still in exactly one row
+    assert sorted(j for r in view for j in ([r] if isinstance(r, int) else r.members)) == list(range(len(flat)))
+    # room for all of them: each gets its row; the first one always does
+    assert set(spread) <= set(lg.rows(root, 1000, reveal=spread))
+    assert spread[3] in lg.rows(root, 5, reveal=[spread[3], spread[0]])
+    assert spread[0] not in lg.rows(root, 5, reveal=[spread[3], spread[0]])
+    # an explicit expand is always honoured
+    assert len(lg.rows(root, 12, expand=["blocks[0:64]", "blocks[64:128]"])) > 12
+
+
 def test_wide_flat_model_splits_into_ranges():
     flat = [f"{i}.weight" for i in range(5000)]
     root = lg.build(flat, "param")
