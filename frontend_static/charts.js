@@ -97,6 +97,17 @@ export function runLegend(traces) {
 // measure its labels, once with the margins they need): for the line charts drawn several to a view.
 export const FIXED_MARGINS = {margin: {l: 64, r: 10, t: 26, b: 40}};
 
+// The width in px of the widest of `texts` at `size` px in the tab's font, measured on a canvas (no layout):
+// what a margin must hold for labels that Plotly would otherwise measure, then draw the chart again for.
+let measurer = null;
+export function textWidth(texts, size) {
+  measurer = measurer || document.createElement("canvas").getContext("2d");
+  measurer.font = `${size}px ${FONT}`;
+  let widest = 0;
+  for (const s of texts) widest = Math.max(widest, measurer.measureText(String(s)).width);
+  return Math.ceil(widest);
+}
+
 // Layout of that legend: one row above the plot, like the run list's swatches.
 export const RUN_LEGEND = {showlegend: true, legend: {orientation: "h", x: 0, y: 1.02, xanchor: "left", yanchor: "bottom", font: {size: 11}}};
 

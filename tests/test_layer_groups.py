@@ -224,6 +224,16 @@ def test_values_route_groups_rows(group_server, grouped_run):
     want = np.array([np.nan if row[0] is None else float(row[0]) for row in plain["values"]])
     np.testing.assert_allclose(got, want, rtol=1e-6)  # float32 sums of a bin, added in another order
     assert len(shown["layers"]) < len(LAYERS)
+    assert all("revealed" not in g for g in shown["groups"] if g)
+    # layers in three blocks, room for one more row: the first gets its rows, the other two stay in their
+    # blocks, which say how many they hold
+    asked = ["model.layers.1.mlp.experts.0.bias", "model.layers.3.attn.q.weight", "model.layers.3.mlp.experts.2.bias",
+             "model.layers.5.mlp.experts.7.weight"]
+    q = "&".join(f"reveal={n}" for n in asked)
+    few = group_server.plugin(f"values?run=moe&metric=grad_norm&points=8&max_rows=10&{q}")
+    assert asked[0] in few["layers"] and not set(asked[1:]) & set(few["layers"])
+    held = {name: g["revealed"] for name, g in zip(few["layers"], few["groups"]) if g and "revealed" in g}
+    assert held == {"model.layers.3": 2, "model.layers.5": 1}
 
 
 def test_versions_name_the_data_a_view_holds(group_server):

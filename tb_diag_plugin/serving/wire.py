@@ -218,6 +218,13 @@ def _grouped(metric: str, names: list[str], types: list[str], b: downsample.Binn
     row_names = [names[r] if isinstance(r, int) else r.key for r in view]
     row_types = [types[r] if isinstance(r, int) else "" for r in view]
     groups = [None if isinstance(r, int) else {"label": r.label, "members": len(r.members)} for r in view]
+    # The revealed layers that did not get a row of their own: their groups say how many they hold.
+    row_of = np.empty(len(names), np.int64)
+    for i, r in enumerate(view):
+        row_of[[r] if isinstance(r, int) else r.members] = i
+    for i, n in zip(*np.unique(row_of[[pos[r] for r in reveal]], return_counts=True)):
+        if groups[i] is not None:
+            groups[i]["revealed"] = int(n)
     return row_names, row_types, groups, binned
 
 
