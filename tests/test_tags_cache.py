@@ -48,5 +48,6 @@ def test_tags_are_encoded_once_per_data_version_and_follow_the_run(tmp_path):
         grown = until(lambda: (t := srv.plugin(f"tags?run={run}")) and "dead_fraction" in t["metrics"] and t)
         assert grown["metrics"]["dead_fraction"] == {"layers": SITES, "layer_types": ["ReLU"] * len(SITES)}
         assert grown["metrics"]["grad_norm"] == first["metrics"]["grad_norm"]
-        assert plugin.store.index(RequestContext(), "")[run].data_version() in {a for a, _ in _tags_entries(plugin, run)}
+        now = plugin.store.index(RequestContext(), "")[run].data_version()
+        assert now in {at for at, _ in _tags_entries(plugin, run)}
     w.close()
