@@ -228,7 +228,7 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
                 (version, request.query_string),
                 lambda: wire.values_answer(run, metric, series, idx.problems + problems, points, start, end,
                                            fmt, wanted, max_rows, expand, reveal, wire.version_text(version[3]),
-                                           binned),
+                                           binned, (self.store.group_rows, binned_key)),
             )
             return wire.respond(request, *answer)
 

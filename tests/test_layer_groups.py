@@ -212,6 +212,14 @@ def test_values_route_groups_rows(group_server, grouped_run):
     expanded = group_server.plugin("values?run=moe&metric=grad_norm&points=8&max_rows=10&expand=model.layers.1")
     assert "model.layers.1.mlp.experts" in expanded["layers"] and "model.layers.1" not in expanded["layers"]
     assert len(expanded["min"]) == len(expanded["values"])
+    # its other groups' rows come from the first answer's (kept per group), its new ones are computed: all
+    # equal to numpy over the ungrouped values
+    for c, name in enumerate(expanded["layers"]):
+        members = [j for j, n in enumerate(LAYERS) if n == name or n.startswith(name + ".")]
+        want = _expected(values, present, k, members)
+        for got, w in ((expanded["values"], want[:, 0]), (expanded["min"], want[:, 1]), (expanded["max"], want[:, 2])):
+            np.testing.assert_allclose([float(row[c]) for row in got], w, rtol=1e-5)
+        np.testing.assert_array_equal([row[c] for row in expanded["nonfinite"]], want[:, 3])
     assert group_server.get("data/plugin/diagnostics/values?run=moe&metric=grad_norm&max_rows=10&expand=x")[0] == 404
     assert group_server.get("data/plugin/diagnostics/values?run=moe&metric=grad_norm&expand=model.layers.1")[0] == 400
     assert group_server.get("data/plugin/diagnostics/values?run=moe&metric=grad_norm&max_rows=10&reveal=x")[0] == 404
@@ -255,6 +263,18 @@ def test_opening_a_group_regroups_without_binning_again(served):
     # Binned once, or answered from the run's step summary (reading.stepbins) without binning at all.
     after = len(plugin.store.binned)
     assert after in (before, before + 1)
+    rows = plugin.store.group_rows
+
+    def mine():  # this request's entries: (the key of its bins, points second; a group's key)
+        return [key for key in rows.keys() if key[0][1] == 7]
+
+    held = {key: rows.peek(key) for key in mine()}
+    groups = {n for n, g in zip(first["layers"], first["groups"]) if g}
+    assert {key[1] for key in held} == groups  # each group's row, kept
     opened = _decode(server.get(base + "&expand=model.layers.0")[1])[0]
     assert len(plugin.store.binned) == after  # the same binned columns, grouped otherwise
     assert opened["layers"] != first["layers"]
+    # the groups it shows again are taken as they were; only the opened group's children were aggregated
+    new = {key[1] for key in mine()} - groups
+    assert new == {n for n, g in zip(opened["layers"], opened["groups"]) if g} - groups and new
+    assert all(rows.peek(key) is value for key, value in held.items())
