@@ -77,7 +77,10 @@ async function render(app, ctx) {
       : null].filter(Boolean));
   heading.dataset.layer = layer;
   heading.dataset.runs = runs.map((r) => r.run).join("\n");
-  const points = Math.max(40, Math.min(1500, Math.round(((panels.root.clientWidth || 900) / 2) - 60)));
+  // One bin per two pixels of a chart's width, as the heatmaps have (each bin keeps its min, max and NaN/Inf).
+  const width = (panels.root.clientWidth || 900) - PANEL_PADDING;
+  const columns = Math.max(1, Math.floor((width + GAP_X) / (MIN_CHART_WIDTH + GAP_X)));
+  const points = Math.max(40, Math.min(1500, Math.round(chartWidth(width, columns) / 2)));
   // A chart per metric of the module's members that some selected run records.
   const recorded = (m) => tagList.some((tg) => tg && needsOf(m).every((x) => tg.metrics[x]));
   const plan = [];
@@ -143,8 +146,7 @@ async function render(app, ctx) {
     panels.notice(p, "Not recorded for this layer in the selected runs.");
     return panels.end();
   }
-  const width = p.chart.clientWidth || panels.root.clientWidth || 900;
-  const figure = subplots(charts, Math.max(1, Math.floor((width + GAP_X) / (MIN_CHART_WIDTH + GAP_X))), width, t, app.state.step);
+  const figure = subplots(charts, columns, p.chart.clientWidth || width, t, app.state.step);
   runLegend(figure.traces); // runs by colour (one legend for every chart), members by line style (noted above)
   panels.plot(p, figure.traces, layout(t, {...RUN_LEGEND, ...figure.layout, uirevision: layer}), `${layer || "model"}_metrics`);
   panels.end();
@@ -160,12 +162,17 @@ const TOP = 48; // the legend and the first row's titles
 const BOTTOM = 40;
 const LEFT = 64;
 const RIGHT = 10;
+const PANEL_PADDING = 26; // a panel's padding and border, around its chart
+
+function chartWidth(width, columns) {
+  return (Math.max(100, width - LEFT - RIGHT) - (columns - 1) * GAP_X) / columns;
+}
 
 function subplots(charts, columns, width, t, step) {
   const rows = Math.ceil(charts.length / columns);
   const plotH = rows * CHART_HEIGHT + (rows - 1) * GAP_Y;
   const plotW = Math.max(100, width - LEFT - RIGHT);
-  const chartW = (plotW - (columns - 1) * GAP_X) / columns;
+  const chartW = chartWidth(width, columns);
   const lay = {height: TOP + plotH + BOTTOM, margin: {l: LEFT, r: RIGHT, t: TOP, b: BOTTOM}, annotations: [], shapes: []};
   const traces = [];
   let hidden = charts.length; // the non-finite axes come after the charts' own
