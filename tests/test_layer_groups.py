@@ -65,7 +65,7 @@ def test_revealed_layers_get_rows_while_the_view_fits_the_screen():
     top = lg.rows(root, 12)
     assert len(top) == 10
     spread = [flat.index(f"blocks.{b}.weight") for b in (3, 5, 70, 200, 330, 600)]
-    view = lg.rows(root, 80, reveal=spread)
+    view = lg.rows(root, 80, reveal=spread, reveal_rows=80)
     rows = [r for r in view if isinstance(r, int)]
     # blocks 3 and 5 are in the first range (64 blocks, 73 rows with the other nine ranges) and open into
     # their two tensors; opening another range would pass 80 rows
@@ -76,9 +76,11 @@ def test_revealed_layers_get_rows_while_the_view_fits_the_screen():
     # every layer still in exactly one row
     assert sorted(j for r in view for j in ([r] if isinstance(r, int) else r.members)) == list(range(len(flat)))
     # room for all of them: each gets its row; the first one always does
-    assert set(spread) <= set(lg.rows(root, 1000, reveal=spread))
-    assert spread[3] in lg.rows(root, 5, reveal=[spread[3], spread[0]])
-    assert spread[0] not in lg.rows(root, 5, reveal=[spread[3], spread[0]])
+    assert set(spread) <= set(lg.rows(root, 80, reveal=spread, reveal_rows=1000))
+    assert spread[3] in lg.rows(root, 5, reveal=[spread[3], spread[0]], reveal_rows=5)
+    assert spread[0] not in lg.rows(root, 5, reveal=[spread[3], spread[0]], reveal_rows=5)
+    # without a bound (the model view keeps its own), every one
+    assert set(spread) <= set(lg.rows(root, 80, reveal=spread))
     # an explicit expand is always honoured
     assert len(lg.rows(root, 12, expand=["blocks[0:64]", "blocks[64:128]"])) > 12
 

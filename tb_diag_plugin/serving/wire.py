@@ -213,7 +213,7 @@ def _grouped(metric: str, names: list[str], types: list[str], b: downsample.Binn
     if unknown:
         raise errors.NotFoundError(f"metric {metric!r} has no layer {unknown[0][:200]!r}")
     try:
-        view = layer_groups.rows(root, max_rows, expand, [pos[r] for r in reveal])
+        view = layer_groups.rows(root, max_rows, expand, [pos[r] for r in reveal], reveal_rows=max_rows)
     except ValueError as e:
         raise errors.NotFoundError(str(e)) from None
     agg = _aggregate(b, view, rows)
