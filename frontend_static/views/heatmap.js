@@ -212,9 +212,10 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro, help
       // Margins that hold the row labels and the colour bar (its ticks are short numbers): with Plotly's
       // automargin every heatmap with new labels was drawn twice.
       const tickSize = cols.length > 40 ? 9 : 11;
+      const left = Math.min(Math.round(0.45 * width), 14 + Math.round(1.1 * textWidth(labels, tickSize)));
       panels.plot(p, traces, layout(t, {
         height: heatmapHeight(cols.length),
-        margin: {l: 14 + Math.round(1.1 * textWidth(labels, tickSize)), r: 72, t: 6, b: 40},
+        margin: {l: left, r: 72, t: 6, b: 40},
         uirevision: `${metric}|${search}`,
         xaxis: {title: {text: "step"}, showgrid: false, zeroline: false, automargin: false},
         yaxis: {type: "category", autorange: "reversed", showgrid: false, tickfont: {size: tickSize}, automargin: false},
@@ -347,7 +348,8 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro, help
     const names = order.map(labelOf);
     const tickSize = order.length > 40 ? 9 : 11;
     const slant = order.length > 12;
-    const below = slant ? Math.round(0.75 * textWidth(names, tickSize) + tickSize) : tickSize + 4;
+    // (at most what leaves the plot 100 px, as Plotly's automargin would)
+    const below = Math.min(180, slant ? Math.round(0.75 * textWidth(names, tickSize) + tickSize) : tickSize + 4);
     panels.plot(p, traces, layout(t, {
       height: 300,
       margin: {l: 60, r: 16, t: 8, b: 12 + below},
