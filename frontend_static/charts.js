@@ -348,9 +348,9 @@ export function finiteOrNull(arr) {
 }
 
 // Plotly's first heatmap in a page, and its first line chart on a category axis with error bars, cost
-// several times a later one (code paths and canvases set up once per page: benchmarks/RESULTS.md, "Every
-// view at 20,000 × 5,000"). So once the tab is idle, one small figure of each kind is drawn off-screen
-// and removed. Resolves when done (`done`: "warm" or "failed"; the tab works the same either way).
+// several times a later one (code paths set up once per page, and the first text with the glyphs below:
+// benchmarks/RESULTS.md, "The clicks still over 300 ms, and /tags"). So once the tab is idle, one small
+// figure of each kind is drawn off-screen and removed. Resolves when done (`done`: "warm" or "failed"; the tab works the same either way).
 export async function warmUp(t) {
   const div = el("div", {"aria-hidden": "true", style: {position: "fixed", left: "-3000px", top: "0", width: "900px"}});
   document.body.append(div);

@@ -96,9 +96,9 @@ async function render(app, ctx) {
     return fetchMetric(r.run, m, {points, layers: have}).catch((e) => e);
   }))));
   if (ctx.stale()) return;
-  // Every chart is a subplot of one figure: Plotly draws one figure of six subplots in about a third of
-  // the time of six figures (benchmarks/RESULTS.md, "Every view at 20,000 × 5,000"). Each trace's meta
-  // names its metric; each subplot has its metric's title.
+  // Every chart is a subplot of one figure, which Plotly draws faster than six figures (benchmarks/RESULTS.md,
+  // "The clicks still over 300 ms, and /tags"). Each trace's meta names its metric; each subplot has its
+  // metric's title.
   const charts = [];
   const notes = [];
   const unrecorded = [];
