@@ -158,7 +158,7 @@ const CHART_HEIGHT = 200; // px of plot area per chart
 const GAP_Y = 72; // px between rows: the x axis' ticks and title, then the next row's titles
 const GAP_X = 84; // px between columns: the y axis' tick labels
 const MIN_CHART_WIDTH = 420;
-const TOP = 48; // the legend and the first row's titles
+const TOP = 54; // the legend, then the first row's titles
 const BOTTOM = 40;
 const LEFT = 64;
 const RIGHT = 10;
@@ -173,7 +173,8 @@ function subplots(charts, columns, width, t, step) {
   const plotH = rows * CHART_HEIGHT + (rows - 1) * GAP_Y;
   const plotW = Math.max(100, width - LEFT - RIGHT);
   const chartW = chartWidth(width, columns);
-  const lay = {height: TOP + plotH + BOTTOM, margin: {l: LEFT, r: RIGHT, t: TOP, b: BOTTOM}, annotations: [], shapes: []};
+  const lay = {height: TOP + plotH + BOTTOM, margin: {l: LEFT, r: RIGHT, t: TOP, b: BOTTOM}, annotations: [], shapes: [],
+               legend: {...RUN_LEGEND.legend, y: 1 + 24 / plotH}}; // above the first row's titles
   const traces = [];
   let hidden = charts.length; // the non-finite axes come after the charts' own
   charts.forEach(({metric, traces: own}, q) => {
@@ -210,8 +211,8 @@ function subplots(charts, columns, width, t, step) {
 }
 
 // Every module that owns a series, in model order (first run first), and its members: kept for the same
-// runs' same /tags answers, since indexing 5,000 tensors' names over a dozen metrics takes longer than
-// drawing the view.
+// runs' same /tags answers, so that a later render does not index 5,000 tensors' names over a dozen
+// metrics again.
 let indexed = null;
 function moduleIndex(runs, tagList) {
   const same = indexed && indexed.runs.length === runs.length &&
