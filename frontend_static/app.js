@@ -2,7 +2,7 @@
 // (layer, step), theme and live polling. Each view lives in views/*.js.
 import * as api from "./api.js";
 import {el, clear, message} from "./dom.js";
-import {assignRunColours, runColorFor, theme} from "./charts.js";
+import {assignRunColours, runColorFor, theme, warmUp} from "./charts.js";
 import {moduleOf} from "./metrics.js";
 import overview from "./views/overview.js";
 import gradients from "./views/gradients.js";
@@ -269,6 +269,7 @@ class App {
       if (token === this.gen) {
         v.root.dataset.state = "ready";
         v.root.dataset.renders = String(Number(v.root.dataset.renders || 0) + 1);
+        this.warmWhenIdle();
       }
     } catch (e) {
       if (token !== this.gen) return;
@@ -276,6 +277,17 @@ class App {
       this.showBanner(`This view failed: ${e && e.message ? e.message : e}`, "error");
       throw e;
     }
+  }
+
+  // Once, after the first view is drawn: Plotly's one-off costs paid while the user reads it
+  // (charts.warmUp). `document.body.dataset.plotly` says when that is done.
+  warmWhenIdle() {
+    if (this.warming) return;
+    this.warming = true;
+    const idle = window.requestIdleCallback || ((fn) => setTimeout(fn, 50));
+    idle(async () => {
+      document.body.dataset.plotly = await warmUp(this.theme());
+    }, {timeout: 1000});
   }
 
   showBanner(text, kind = "info") {

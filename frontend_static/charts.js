@@ -97,6 +97,17 @@ export function runLegend(traces) {
 // measure its labels, once with the margins they need): for the line charts drawn several to a view.
 export const FIXED_MARGINS = {margin: {l: 64, r: 10, t: 26, b: 40}};
 
+// The width in px of the widest of `texts` at `size` px in the tab's font, measured on a canvas (no layout):
+// what a margin must hold for labels that Plotly would otherwise measure, then draw the chart again for.
+let measurer = null;
+export function textWidth(texts, size) {
+  measurer = measurer || document.createElement("canvas").getContext("2d");
+  measurer.font = `${size}px ${FONT}`;
+  let widest = 0;
+  for (const s of texts) widest = Math.max(widest, measurer.measureText(String(s)).width);
+  return Math.ceil(widest);
+}
+
 // Layout of that legend: one row above the plot, like the run list's swatches.
 export const RUN_LEGEND = {showlegend: true, legend: {orientation: "h", x: 0, y: 1.02, xanchor: "left", yanchor: "bottom", font: {size: 11}}};
 
@@ -334,4 +345,36 @@ export function heatmapHeight(n) {
 // A chart's line: values with nulls for absent steps; non-finite become gaps.
 export function finiteOrNull(arr) {
   return arr.map((v) => (v == null || !Number.isFinite(v) ? null : v));
+}
+
+// Plotly's first heatmap in a page, and its first line chart on a category axis with error bars, cost
+// several times a later one (code paths set up once per page, and the first text with the glyphs below:
+// benchmarks/RESULTS.md, "The clicks still over 300 ms, and /tags"). So once the tab is idle, one small
+// figure of each kind is drawn off-screen and removed. Resolves when done (`done`: "warm" or "failed"; the tab works the same either way).
+export async function warmUp(t) {
+  const div = el("div", {"aria-hidden": "true", style: {position: "fixed", left: "-3000px", top: "0", width: "900px"}});
+  document.body.append(div);
+  // the glyphs of group rows, site types and ranges: the first text with one not in the page's font has
+  // the browser look for a font that has it (most of a first heatmap's cost, measured)
+  const y = ["⚠ ▸ a … b (2)", "c · ReLU", "d – e"];
+  const heat = {type: "heatmap", x: [0, 1, 2], y, z: [[1, 2, 3], [2, null, 1], [3, 1, 2]], colorscale: "Viridis",
+                colorbar: {thickness: 12, len: 1, outlinewidth: 0, tickfont: {size: 10}, ...logTicks(0, 1)}};
+  const bad = {type: "heatmap", x: [0, 1, 2], y, z: [[null, 1, null], [null, null, null], [1, null, null]],
+               zmin: 0, zmax: 1, colorscale: [[0, NONFINITE], [1, NONFINITE]], showscale: false};
+  const profile = {type: "scatter", mode: "lines+markers", x: y, y: [1, 2, 3], xaxis: "x2", yaxis: "y2",
+                   error_y: {type: "data", symmetric: false, array: [1, 1, 1], arrayminus: [0.5, 0.5, 0.5]}};
+  try {
+    await window.Plotly.newPlot(div, [heat, bad, profile], layout(t, {
+      height: 500, grid: {rows: 2, columns: 1, pattern: "independent"},
+      yaxis: {type: "category", autorange: "reversed"}, xaxis2: axis(t, {type: "category", tickangle: -45}),
+      yaxis2: axis(t, {type: "log", exponentformat: "power"}),
+      shapes: [{type: "rect", xref: "paper", yref: "y", x0: 0, x1: 1, y0: 0.5, y1: 1.5}],
+    }), config("warm"));
+    window.Plotly.purge(div);
+    return "warm";
+  } catch (e) {
+    return "failed";
+  } finally {
+    div.remove();
+  }
 }

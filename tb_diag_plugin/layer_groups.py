@@ -127,10 +127,13 @@ def _index(root: Row) -> tuple[dict[str, Group], dict[int, Optional[Group]], dic
     return groups, parent, layer_parent
 
 
-def rows(root: Row, max_rows: int, expand: Iterable[str] = (), reveal: Iterable[int] = ()) -> list[Row]:
+def rows(root: Row, max_rows: int, expand: Iterable[str] = (), reveal: Iterable[int] = (),
+         reveal_rows: Optional[int] = None) -> list[Row]:
     """The rows of a view: the deepest level of the tree with at most `max_rows` rows (at least the
-    root), then each group in `expand` replaced by its children and each layer in `reveal` (columns)
-    made a row of its own, whatever `max_rows` says (a group shows at most FANOUT children).
+    root), then each group in `expand` replaced by its children, whatever `max_rows` says (a group shows
+    at most FANOUT children), then each layer in `reveal` (columns, in order) made a row of its own: every
+    one, or with `reveal_rows`, the first and each later one where the view stays within that many rows
+    (or does not grow).
 
     ValueError names a key of `expand` that is not a group of this tree.
     """
@@ -143,23 +146,34 @@ def rows(root: Row, max_rows: int, expand: Iterable[str] = (), reveal: Iterable[
             break
         out = nxt
     groups, parent, layer_parent = _index(root)
-    targets: list[Group] = []
-    for key in expand:
-        if key not in groups:
-            raise ValueError(f"no group {key[:200]!r} in this view")
-        targets.append(groups[key])
-    for j in reveal:
-        up = layer_parent.get(j)
-        if up is not None:
-            targets.append(up)
-    for g in targets:
+
+    def opened(view: list[Row], g: Group) -> list[Row]:
         chain = [g]  # g and its ancestors, down from the one that is a row now
         while parent.get(id(chain[-1])) is not None:
             chain.append(parent[id(chain[-1])])
+        view = list(view)
         for anc in reversed(chain):
-            at = next((i for i, r in enumerate(out) if r is anc), None)
+            at = next((i for i, r in enumerate(view) if r is anc), None)
             if at is not None:
-                out[at:at + 1] = anc.children
+                view[at:at + 1] = anc.children
+        return view
+
+    for key in expand:
+        if key not in groups:
+            raise ValueError(f"no group {key[:200]!r} in this view")
+        out = opened(out, groups[key])
+    # With `reveal_rows`, revealed layers (a finding's) get rows while the view fits (the first one always);
+    # the rest stay in their groups: 64 layers spread over a model's blocks would otherwise open several
+    # hundred rows that no screen shows.
+    shown = False
+    for j in reveal:
+        up = layer_parent.get(j)
+        if up is None:
+            continue
+        more = opened(out, up)
+        if shown and reveal_rows is not None and len(more) > max(reveal_rows, len(out)):
+            continue
+        out, shown = more, True
     return out
 
 

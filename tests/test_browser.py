@@ -20,6 +20,8 @@ import pytest
 from conftest import ARTIFACTS
 
 from tb_diag_plugin.diagnostics_plugin import DiagnosticsLoader
+from tb_diag_plugin.layer_groups import module_of
+from tb_diag_plugin.metadata import METRIC_SPECS, METRICS
 from tbserver import serve
 
 # A run directory and a loss component named to run script if ever rendered as HTML.
@@ -206,9 +208,13 @@ class Tab:
                 return {panel: box.innerText, dataset: {...box.dataset},
                         data: gd.data.map(t => ({type: t.type, name: t.name, x: t.x, y: t.y, z: t.z,
                                                   customdata: t.customdata, meta: t.meta, mode: t.mode,
-                                                  color: t.line && t.line.color})),
+                                                  color: t.line && t.line.color, xaxis: t.xaxis || 'x',
+                                                  yaxis: t.yaxis || 'y'})),
                         layout: {xrange: gd.layout.xaxis.range, yaxis_type: gd.layout.yaxis.type,
-                                 shapes: gd.layout.shapes || [], height: gd.layout.height}};
+                                 shapes: gd.layout.shapes || [], height: gd.layout.height,
+                                 annotations: (gd.layout.annotations || []).map(a => ({text: a.text, xref: a.xref})),
+                                 yaxis_types: Object.fromEntries(Object.entries(gd._fullLayout)
+                                   .filter(([k]) => /^yaxis\\d*$/.test(k)).map(([k, a]) => [k, a.type]))}};
             }""",
             key,
         )
@@ -310,6 +316,28 @@ def same(a, b, rel=1e-6):
     if math.isnan(a) or math.isnan(b):
         return math.isnan(a) and math.isnan(b)
     return math.isclose(a, b, rel_tol=rel, abs_tol=1e-30)
+
+
+def layer_chart(tab, metric):
+    """The drill-down's chart of `metric`: a subplot of the view's one figure, as `Tab.chart` gives a chart
+    (its traces and the shapes on its axes), after checking that the subplot is titled with the metric's
+    label and holds only that metric's traces; None when the view draws no chart of it."""
+    whole = tab.chart("layer")
+    if whole is None or whole["data"] is None:
+        return None
+    data = [t for t in whole["data"] if t["meta"]["metric"] == metric]
+    if not data:
+        return None
+    axis = data[0]["xaxis"]
+    assert {t["xaxis"] for t in data} == {axis}
+    assert all(t["meta"]["metric"] == metric for t in whole["data"] if t["xaxis"] == axis)
+    titles = [a["text"] for a in whole["layout"]["annotations"] if a["xref"] == f"{axis} domain"]
+    assert titles == [METRICS[metric].label], titles
+    value = next(t for t in data if t["meta"]["role"] == "value")
+    yaxis = "yaxis" + value["yaxis"][1:]
+    assert whole["layout"]["yaxis_types"][yaxis] == ("log" if METRICS[metric].scale == "log" else "linear")
+    shapes = [s for s in whole["layout"]["shapes"] if s.get("xref") == axis]
+    return {"panel": whole["panel"], "data": data, "layout": {**whole["layout"], "shapes": shapes}}
 
 
 def trace(chart, **meta):
@@ -499,7 +527,7 @@ def test_gradient_flow_heatmap_profile_and_metrics(tab, ui_server):
     tab.frame.get_by_role("button", name="Open layer “2” ›").click()
     tab.wait_ready("layer")
     assert tab.frame.evaluate("document.querySelector('.layer-heading').dataset.layer") == "2"
-    chart = tab.chart("layer:grad_norm")
+    chart = layer_chart(tab, "grad_norm")
     body = values(ui_server, run, "grad_norm", layer=["2.weight", "2.bias"])
     for j, layer in enumerate(["2.weight", "2.bias"]):
         t = trace(chart, run=run, layer=layer, role="value")
@@ -615,18 +643,22 @@ def test_model_tree_and_layer_drilldown(tab, ui_server):
     tab.wait_ready("layer")
     assert tab.frame.evaluate("document.querySelector('.layer-heading').dataset.layer") == "2"
     tab.select_runs(DEMO_RUNS)
-    chart = tab.chart("layer:grad_norm")
+    chart = layer_chart(tab, "grad_norm")
     for r in ("dying_relu", "healthy", "diverging"):  # several runs overlaid
         body = values(ui_server, r, "grad_norm", layer=["2.weight"])
         t = trace(chart, run=r, layer="2.weight", role="value")
         assert all(same(a, finite_or_none(row[0])) for a, row in zip(t["y"], body["values"]))
-    assert tab.chart("layer:dead_fraction") is None  # module "2" is a Linear: no activation site
+    assert layer_chart(tab, "dead_fraction") is None  # module "2" is a Linear: no activation site
     picker = tab.frame.locator(".layer-picker")
+    assert picker.locator("option").count() == 1  # the chosen module, until the picker is used
+    picker.focus()  # as a user tabs to it (or presses on it): every module with a series
+    assert picker.locator("option").all_inner_texts() == _modules_with_series(ui_server, DEMO_RUNS)
     picker.select_option("3")
     tab.wait_ready("layer")
     body = values(ui_server, run, "dead_fraction", layer=["3"])
-    t = trace(tab.chart("layer:dead_fraction"), run=run, layer="3", role="value")
+    t = trace(layer_chart(tab, "dead_fraction"), run=run, layer="3", role="value")
     assert all(same(a, num(row[0])) for a, row in zip(t["y"], body["values"]))
+    picker.focus()
     picker.select_option("2")
     tab.wait_ready("layer")
     tab.screenshot("layer.png", height="content")
@@ -813,6 +845,20 @@ def test_finding_click_marks_exactly_its_layers_in_its_own_run(tab, ui_server):
     tab.assert_clean()
 
 
+def _modules_with_series(server, runs):
+    """What the drill-down's picker lists for `runs` (in the server's order): each module that owns a series
+    of a per-layer metric, once, in the order first met (run by run: parameters, activation sites, modules)."""
+    order = [r["run"] for r in server.plugin("runs")["runs"] if r["run"] in runs]
+    seen = {}
+    for run in order:
+        metrics = server.plugin(f"tags?run={urllib.parse.quote(run)}")["metrics"]
+        for kind in ("param", "site", "module"):
+            for spec in (m for m in METRIC_SPECS if m.layer_kind == kind):
+                for n in metrics.get(spec.name, {}).get("layers", []):
+                    seen.setdefault(module_of(n, kind) or "(model)", None)
+    return list(seen)
+
+
 def _site_type(ui_server, run, module):
     modules = ui_server.plugin(f"structure?run={run}")["structure"]["modules"]
     return next(m["type"] for m in modules if m["name"] == module)
@@ -832,7 +878,7 @@ def test_model_click_opens_that_runs_layer(tab, ui_server):
         other = "Sigmoid" if want == "ReLU" else "ReLU"
         assert f"1 ({want})" in heading.inner_text() and other not in heading.inner_text()
         metric = "dead_fraction" if want == "ReLU" else "saturation"
-        chart = tab.chart(f"layer:{metric}")
+        chart = layer_chart(tab, metric)
         assert {t["meta"]["run"] for t in chart["data"]} == {run}
         body = values(ui_server, run, metric, layer=["1"])
         t = trace(chart, run=run, layer="1", role="value")
@@ -843,7 +889,7 @@ def test_model_click_opens_that_runs_layer(tab, ui_server):
     text = tab.frame.inner_text(".layer-heading")
     relu = [r for r in DEMO_RUNS if _site_type(ui_server, r, "1") == "ReLU"]
     assert f"ReLU in {', '.join(relu)}" in text and "Sigmoid in vanishing_sigmoid" in text
-    assert {t["meta"]["run"] for t in tab.chart("layer:act_std")["data"]} == set(DEMO_RUNS)
+    assert {t["meta"]["run"] for t in layer_chart(tab, "act_std")["data"]} == set(DEMO_RUNS)
     tab.assert_clean()
 
 
@@ -897,10 +943,11 @@ def test_run_colours_stay_with_the_run_and_every_overlay_has_a_legend(tab, ui_se
     tab.select_runs(DEMO_RUNS)
     swatches = _swatches(tab.frame)
     charts = {"overview": ("grad_norm_total", "loss_total", "learning_rate", "dead_share"),
-              "loss": ("loss:total", "loss:ce"), "layer": ("layer:grad_norm",)}
+              "loss": ("loss:total", "loss:ce"), "layer": ("layer",)}
     for view, keys in charts.items():
         tab.show(view)
         if view == "layer":
+            tab.frame.locator(".layer-picker").focus()
             tab.frame.locator(".layer-picker").select_option("0")
             tab.wait_ready("layer")
         for key in keys:

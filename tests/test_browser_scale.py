@@ -99,6 +99,25 @@ def test_wide_model_groups_rows_marks_nan_and_opens_on_click(browser, wide):
         row = chart["data"][0]["y"].index(BAD_LAYER)
         assert len(chart["data"][0]["y"]) < len(LAYERS)
         assert any(s["type"] == "rect" and s["y0"] <= row <= s["y1"] for s in chart["layout"]["shapes"])
+
+        # A finding naming a layer in every block: the view opens rows for those that fit the screen (the
+        # first always); the others stay in their blocks, which the server says hold them, and are framed.
+        marked = [f"model.layers.{b}.mlp.experts.{b % EXPERTS}.weight" for b in range(BLOCKS)]
+        tab.frame.evaluate("([run, layers]) => tbDiag.select({marked: {run, layers}, layer: null})", [RUN, marked])
+        tab.wait_chart(key, f"gd.data[0].y.includes({marked[0]!r}) && !gd.data[0].y.includes({BAD_LAYER!r})")
+        tab.wait_ready("gradients")
+        want = _values(server, points=1000, max_rows=max_rows, expand=[group], reveal=marked)  # the block opened above
+        rows, groups = want["layers"], want["groups"]
+        chart = tab.chart(key)
+        assert len(chart["data"][0]["y"]) == len(rows) <= max_rows
+        assert chart["data"][0]["y"][rows.index(marked[0])] == marked[0]
+        inside = {c: sum(m.startswith(n + ".") for m in marked) for c, (n, g) in enumerate(zip(rows, groups)) if g}
+        assert {c: g.get("revealed", 0) for c, g in enumerate(groups) if g} == inside
+        assert sum(n in marked for n in rows) > 1 and sum(inside.values()) > 1
+        assert sum(inside.values()) + sum(n in marked for n in rows) == BLOCKS
+        framed = {r for s in chart["layout"]["shapes"] if s["type"] == "rect"
+                  for r in range(round(s["y0"] + 0.5), round(s["y1"] + 0.5))}
+        assert framed == {c for c, n in enumerate(rows) if n in marked or inside.get(c)}
         tab.frame.evaluate("tbDiag.select({marked: null, layer: null})")
         tab.wait_ready("gradients")
 

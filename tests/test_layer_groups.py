@@ -57,6 +57,34 @@ def test_expand_and_reveal():
         lg.rows(root, 5, expand=["nope"])
 
 
+def test_revealed_layers_get_rows_while_the_view_fits_the_screen():
+    """A finding's layers spread over many blocks: each gets a row of its own while the view stays within
+    max_rows (the first one always); the others stay inside groups of the view (which the tab marks)."""
+    flat = [f"blocks.{b}.{t}" for b in range(640) for t in ("weight", "bias")]  # 10 ranges of 64 blocks
+    root = lg.build(flat, "param")
+    top = lg.rows(root, 12)
+    assert len(top) == 10
+    spread = [flat.index(f"blocks.{b}.weight") for b in (3, 5, 70, 200, 330, 600)]
+    view = lg.rows(root, 80, reveal=spread, reveal_rows=80)
+    rows = [r for r in view if isinstance(r, int)]
+    # blocks 3 and 5 are in the first range (64 blocks, 73 rows with the other nine ranges) and open into
+    # their two tensors; opening another range would pass 80 rows
+    assert rows == [spread[0], spread[0] + 1, spread[1], spread[1] + 1] and len(view) == 75
+    inside = {j: next(r for r in view if isinstance(r, lg.Group) and j in r.members) for j in spread[2:]}
+    assert [g.key for g in inside.values()] == ["blocks[64:128]", "blocks[192:256]", "blocks[320:384]",
+                                                 "blocks[576:640]"]
+    # every layer still in exactly one row
+    assert sorted(j for r in view for j in ([r] if isinstance(r, int) else r.members)) == list(range(len(flat)))
+    # room for all of them: each gets its row; the first one always does
+    assert set(spread) <= set(lg.rows(root, 80, reveal=spread, reveal_rows=1000))
+    assert spread[3] in lg.rows(root, 5, reveal=[spread[3], spread[0]], reveal_rows=5)
+    assert spread[0] not in lg.rows(root, 5, reveal=[spread[3], spread[0]], reveal_rows=5)
+    # without a bound (the model view keeps its own), every one
+    assert set(spread) <= set(lg.rows(root, 80, reveal=spread))
+    # an explicit expand is always honoured
+    assert len(lg.rows(root, 12, expand=["blocks[0:64]", "blocks[64:128]"])) > 12
+
+
 def test_wide_flat_model_splits_into_ranges():
     flat = [f"{i}.weight" for i in range(5000)]
     root = lg.build(flat, "param")
@@ -186,6 +214,14 @@ def test_values_route_groups_rows(group_server, grouped_run):
     expanded = group_server.plugin("values?run=moe&metric=grad_norm&points=8&max_rows=10&expand=model.layers.1")
     assert "model.layers.1.mlp.experts" in expanded["layers"] and "model.layers.1" not in expanded["layers"]
     assert len(expanded["min"]) == len(expanded["values"])
+    # its other groups' rows come from the first answer's (kept per group), its new ones are computed: all
+    # equal to numpy over the ungrouped values
+    for c, name in enumerate(expanded["layers"]):
+        members = [j for j, n in enumerate(LAYERS) if n == name or n.startswith(name + ".")]
+        want = _expected(values, present, k, members)
+        for got, w in ((expanded["values"], want[:, 0]), (expanded["min"], want[:, 1]), (expanded["max"], want[:, 2])):
+            np.testing.assert_allclose([float(row[c]) for row in got], w, rtol=1e-5)
+        np.testing.assert_array_equal([row[c] for row in expanded["nonfinite"]], want[:, 3])
     assert group_server.get("data/plugin/diagnostics/values?run=moe&metric=grad_norm&max_rows=10&expand=x")[0] == 404
     assert group_server.get("data/plugin/diagnostics/values?run=moe&metric=grad_norm&expand=model.layers.1")[0] == 400
     assert group_server.get("data/plugin/diagnostics/values?run=moe&metric=grad_norm&max_rows=10&reveal=x")[0] == 404
@@ -198,6 +234,16 @@ def test_values_route_groups_rows(group_server, grouped_run):
     want = np.array([np.nan if row[0] is None else float(row[0]) for row in plain["values"]])
     np.testing.assert_allclose(got, want, rtol=1e-6)  # float32 sums of a bin, added in another order
     assert len(shown["layers"]) < len(LAYERS)
+    assert all("revealed" not in g for g in shown["groups"] if g)
+    # layers in three blocks, room for one more row: the first gets its rows, the other two stay in their
+    # blocks, which say how many they hold
+    asked = ["model.layers.1.mlp.experts.0.bias", "model.layers.3.attn.q.weight", "model.layers.3.mlp.experts.2.bias",
+             "model.layers.5.mlp.experts.7.weight"]
+    q = "&".join(f"reveal={n}" for n in asked)
+    few = group_server.plugin(f"values?run=moe&metric=grad_norm&points=8&max_rows=10&{q}")
+    assert asked[0] in few["layers"] and not set(asked[1:]) & set(few["layers"])
+    held = {name: g["revealed"] for name, g in zip(few["layers"], few["groups"]) if g and "revealed" in g}
+    assert held == {"model.layers.3": 2, "model.layers.5": 1}
 
 
 def test_versions_name_the_data_a_view_holds(group_server):
@@ -219,6 +265,18 @@ def test_opening_a_group_regroups_without_binning_again(served):
     # Binned once, or answered from the run's step summary (reading.stepbins) without binning at all.
     after = len(plugin.store.binned)
     assert after in (before, before + 1)
+    rows = plugin.store.group_rows
+
+    def mine():  # this request's entries: (the key of its bins, points second; a group's key)
+        return [key for key in rows.keys() if key[0][1] == 7]
+
+    held = {key: rows.peek(key) for key in mine()}
+    groups = {n for n, g in zip(first["layers"], first["groups"]) if g}
+    assert {key[1] for key in held} == groups  # each group's row, kept
     opened = _decode(server.get(base + "&expand=model.layers.0")[1])[0]
     assert len(plugin.store.binned) == after  # the same binned columns, grouped otherwise
     assert opened["layers"] != first["layers"]
+    # the groups it shows again are taken as they were; only the opened group's children were aggregated
+    new = {key[1] for key in mine()} - groups
+    assert new == {n for n, g in zip(opened["layers"], opened["groups"]) if g} - groups and new
+    assert all(rows.peek(key) is value for key, value in held.items())

@@ -3,7 +3,7 @@
 // (the values of every layer at the step clicked in a heatmap).
 import * as api from "../api.js";
 import {el} from "../dom.js";
-import {ACCENT, NONFINITE, Panels, alpha, esc, heatmapHeight, heatmapTraces, layout, nonfiniteAxis} from "../charts.js";
+import {ACCENT, NONFINITE, Panels, alpha, esc, heatmapHeight, heatmapTraces, layout, nonfiniteAxis, textWidth} from "../charts.js";
 import {METRICS, colorscale, fetchMetric, hasMetric, label, missingText, moduleOf, needsOf} from "../metrics.js";
 
 // `intro` says how to read the view; `help[metric]` what the chosen metric is (shown with it).
@@ -38,6 +38,7 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro, help
   // (a clicked finding's layers, else the chosen module's).
   function chosen(app, run, v, j) {
     if (!v.group(j)) return app.isChosen(run, v.layers[j], kind);
+    if (v.group(j).revealed) return true; // holds some of the layers asked to be revealed (`revealed`)
     const key = v.layers[j];
     const within = (module) => key === "" || module === key || module.startsWith(key + ".");
     const {marked, layer, layerRun} = app.state;
@@ -208,12 +209,16 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro, help
       p.note.append(el("span", {class: "muted small"}, p.noteText));
       p.sig = sig;
       p.data = {v, cols};
+      // Margins that hold the row labels and the colour bar (its ticks are short numbers): with Plotly's
+      // automargin every heatmap with new labels was drawn twice.
+      const tickSize = cols.length > 40 ? 9 : 11;
+      const left = Math.min(Math.round(0.45 * width), 14 + Math.round(1.1 * textWidth(labels, tickSize)));
       panels.plot(p, traces, layout(t, {
         height: heatmapHeight(cols.length),
-        margin: {l: 8, r: 8, t: 6, b: 36},
+        margin: {l: left, r: 72, t: 6, b: 40},
         uirevision: `${metric}|${search}`,
-        xaxis: {title: {text: "step"}, showgrid: false, zeroline: false},
-        yaxis: {type: "category", autorange: "reversed", showgrid: false, tickfont: {size: cols.length > 40 ? 9 : 11}},
+        xaxis: {title: {text: "step"}, showgrid: false, zeroline: false, automargin: false},
+        yaxis: {type: "category", autorange: "reversed", showgrid: false, tickfont: {size: tickSize}, automargin: false},
         shapes,
       }), `${r.run}_${metric}`);
       if (!p.clickBound) {
@@ -339,18 +344,25 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro, help
     let lo = Infinity;
     let hi = 0;
     for (const tr of traces) for (const y of tr.yaxis ? [] : tr.y) if (y > 0) [lo, hi] = [Math.min(lo, y), Math.max(hi, y)];
+    // The bottom margin holds the layer labels, slanted when there are many (see the heatmap's margins).
+    const names = order.map(labelOf);
+    const tickSize = order.length > 40 ? 9 : 11;
+    const slant = order.length > 12;
+    // (at most what leaves the plot 100 px, as Plotly's automargin would)
+    const below = Math.min(180, slant ? Math.round(0.75 * textWidth(names, tickSize) + tickSize) : tickSize + 4);
     panels.plot(p, traces, layout(t, {
       height: 300,
-      margin: {l: 60, r: 16, t: 8, b: 8},
+      margin: {l: 60, r: 16, t: 8, b: 12 + below},
       showlegend: runs.length > 1 || bad.x.length > 0,
       legend: {orientation: "h", y: 1.08, x: 0, font: {size: 11}},
       uirevision: `${metric}|${search}`,
-      xaxis: {type: "category", tickangle: order.length > 12 ? -45 : 0, tickfont: {size: order.length > 40 ? 9 : 11},
-              categoryorder: "array", categoryarray: order.map(labelOf)},
-      // decades once the values span two of them, else 1-2-5 (not every digit)
+      xaxis: {type: "category", tickangle: slant ? -45 : 0, tickfont: {size: tickSize}, automargin: false,
+              categoryorder: "array", categoryarray: names},
+      // decades once the values span two of them, else 1-2-5 (not every digit), and Plotly's own ticks
+      // within a factor of 5, where 1-2-5 can leave none
       // a fraction stays on 0-1 (all zeros would otherwise autorange to -1..1)
       yaxis: {type: logY ? "log" : "linear", title: {text: esc(label(metric))}, exponentformat: "power",
-              dtick: logY ? (hi / lo >= 100 ? 1 : "D2") : undefined, range: info.scale === "unit" ? [-0.02, 1.02] : undefined},
+              dtick: logY ? (hi / lo >= 100 ? 1 : hi / lo >= 5 ? "D2" : undefined) : undefined, range: info.scale === "unit" ? [-0.02, 1.02] : undefined},
       yaxis2: nonfiniteAxis(),
     }), `${metric}_profile`);
     p.data = {order, groups: groupOf};

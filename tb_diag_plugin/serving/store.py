@@ -47,6 +47,7 @@ class RunStore:
         self.answers = self.memory.part("answers", largest)
         self.findings_cache = self.memory.part("findings", largest)
         self.binned = self.memory.part("binned", largest)
+        self.group_rows = self.memory.part("group_rows", largest)  # a grouped view's rows, per group and bins
         self.event_indexes = self.memory.part("events", largest)
         self.summaries = self.memory.part("summaries", largest)
         self._findings_recent: dict[tuple[str, str], tuple[float, dict]] = {}  # (eid, run) -> (until, answer)

@@ -73,15 +73,26 @@ def version_text(version) -> str:
     return hashlib.blake2b(repr(version).encode("utf-8"), digest_size=8).hexdigest()
 
 
+def tags_json(idx) -> bytes:
+    """The metrics part of a /tags answer, JSON-encoded: each metric's layers and their types."""
+    metrics = {}
+    for metric in sorted(idx.tags):
+        layers, types = idx.layers(metric)
+        metrics[metric] = {"layers": layers, "layer_types": types}
+    return json.dumps(metrics).encode("utf-8")
+
+
 def values_answer(run: str, metric: str, series: Series, problems: list[str], points: int,
                   start: Optional[int], end: Optional[int], fmt: str, wanted: list[str],
                   max_rows: Optional[int] = None, expand: Sequence[str] = (), reveal: Sequence[str] = (),
-                  version: str = "", binned: Optional[Callable] = None):
+                  version: str = "", binned: Optional[Callable] = None, group_rows: Optional[tuple] = None):
     """(body, content type, content encoding) of a /values answer: the layers `wanted` (all when empty)
     between steps `start` and `end`, binned to at most `points` rows, and with `max_rows`, grouped along
     the module tree to at most that many layer rows (`layer_groups.rows`). `binned(make)` (optional)
-    returns a cached result of `make()`, the binned columns. A series with a step-binned summary
-    (`RunStore.series_and_key`) is answered from it where it can be (the same bins as without it)."""
+    returns a cached result of `make()`, the binned columns; `group_rows` (optional: a cache part and the
+    key of these bins) keeps each group's row, so that opening a group aggregates only its children. A series
+    with a step-binned summary (`RunStore.series_and_key`) is answered from it where it can be (the same bins
+    as without it)."""
     # A grouped view of a summarized metric: the summary's own bins are grouped, then the groups' bins merged
     # (a few dozen columns merged, not 5,000); the same cells as grouping the merged bins.
     own = _from_summary(metric, series, points, start, end, wanted, own=True) if max_rows is not None else None
@@ -95,8 +106,9 @@ def values_answer(run: str, metric: str, series: Series, problems: list[str], po
     types = [series.layer_types[j] for j in cols]
     groups = None
     if max_rows is not None and names:
+        rows = None if group_rows is None else (group_rows[0], (*group_rows[1], own is not None))
         names, types, groups, b = _grouped(metric, names, types, b, max_rows, expand, reveal,
-                                           layer_tree(series, metric, names))
+                                           layer_tree(series, metric, names), rows)
     if own is not None:
         b = stepbins.merge(b, m)
     header = {
@@ -193,23 +205,59 @@ def layer_tree(series, metric: str, names: list[str]) -> layer_groups.Row:
 
 
 def _grouped(metric: str, names: list[str], types: list[str], b: downsample.Binned, max_rows: int,
-             expand: Sequence[str], reveal: Sequence[str], root: layer_groups.Row):
-    """(row names, row types, per-row group description or None, binned rows) of a grouped answer."""
+             expand: Sequence[str], reveal: Sequence[str], root: layer_groups.Row, rows: Optional[tuple] = None):
+    """(row names, row types, per-row group description or None, binned rows) of a grouped answer; `rows`
+    (a cache part, the key of `b`) keeps each group's row for the next answer from the same bins."""
     pos = {n: j for j, n in enumerate(names)}
     unknown = [r for r in reveal if r not in pos]
     if unknown:
         raise errors.NotFoundError(f"metric {metric!r} has no layer {unknown[0][:200]!r}")
     try:
-        view = layer_groups.rows(root, max_rows, expand, [pos[r] for r in reveal])
+        view = layer_groups.rows(root, max_rows, expand, [pos[r] for r in reveal], reveal_rows=max_rows)
     except ValueError as e:
         raise errors.NotFoundError(str(e)) from None
-    agg = layer_groups.aggregate(b.mean, b.min, b.max, b.nonfinite, b.present, view)
+    agg = _aggregate(b, view, rows)
     binned = downsample.Binned(b.binned, b.step_first, b.step_last, agg.mean, agg.min, agg.max,
                                agg.nonfinite, agg.present)
     row_names = [names[r] if isinstance(r, int) else r.key for r in view]
     row_types = [types[r] if isinstance(r, int) else "" for r in view]
     groups = [None if isinstance(r, int) else {"label": r.label, "members": len(r.members)} for r in view]
+    # The revealed layers that did not get a row of their own: their groups say how many they hold.
+    row_of = np.empty(len(names), np.int64)
+    for i, r in enumerate(view):
+        row_of[[r] if isinstance(r, int) else r.members] = i
+    for i, n in zip(*np.unique(row_of[[pos[r] for r in reveal]], return_counts=True)):
+        if groups[i] is not None:
+            groups[i]["revealed"] = int(n)
     return row_names, row_types, groups, binned
+
+
+def _aggregate(b: downsample.Binned, view: list, rows: Optional[tuple]) -> layer_groups.Aggregated:
+    """`layer_groups.aggregate` of `b` over `view`, with each group's row taken from the cache `rows` where
+    an earlier answer from the same bins computed it (a group's row depends on its members only: the
+    same numbers): opening one group of 5,000 tensors aggregates its children, not the 5,000 again."""
+    if rows is None:
+        return layer_groups.aggregate(b.mean, b.min, b.max, b.nonfinite, b.present, view)
+    part, at = rows
+    groups = [i for i, r in enumerate(view) if not isinstance(r, int)]
+    got = {i: part.peek((at, view[i].key)) for i in groups}
+    missing = [i for i in groups if got[i] is None]
+    if missing:
+        new = layer_groups.aggregate(b.mean, b.min, b.max, b.nonfinite, b.present, [view[i] for i in missing])
+        for c, i in enumerate(missing):
+            cols = tuple(np.ascontiguousarray(a[:, c])
+                         for a in (new.mean, new.min, new.max, new.nonfinite, new.present))
+            got[i] = part.get((at, view[i].key), lambda cols=cols: cols)
+    out = [np.zeros((b.mean.shape[0], len(view)), np.float32) for _ in range(5)]
+    for i in groups:
+        for a, col in zip(out, got[i]):
+            a[:, i] = col
+    leaves = [i for i, r in enumerate(view) if isinstance(r, int)]
+    if leaves:
+        src = [view[i] for i in leaves]
+        for a, whole in zip(out, (b.mean, b.min, b.max, b.nonfinite, b.present)):
+            a[:, leaves] = whole[:, src]
+    return layer_groups.Aggregated(*out)
 
 
 def _f32_body(header: dict, b: downsample.Binned, with_range: bool):
