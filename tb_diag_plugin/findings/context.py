@@ -103,9 +103,16 @@ class SpilledRows:
 
     def read(self, index, dtype=np.float32):
         """A copy of the part `index` of the [steps x tensors] matrix (C order, as numpy indexes a C array), as
-        `dtype`."""
+        `dtype`. The steps and tensors it names are copied from the file first (each tensor's one contiguous
+        run of steps), then indexed in memory: numpy gathering across the file's tensors would touch a page per
+        value."""
         mapped = np.memmap(self.path, np.float32, "r", shape=self.shape[::-1])
-        part = mapped.T[index]
+        box = _box(index, self.shape)
+        if box is None:  # an index of another form: numpy on the mapping itself
+            part = mapped.T[index]
+        else:
+            (lo, hi), cols, index = box
+            part = np.array(mapped[cols, lo:hi]).T[index]
         out = np.array(part, dtype=dtype, order="C") if isinstance(part, np.ndarray) else dtype(part)
         del part, mapped  # unmapped: what was read stays in the page cache only
         return out
@@ -125,6 +132,52 @@ class SpilledRows:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+def _box(index, shape: tuple[int, ...]):
+    """((row lo, hi), the columns to copy, `index` within them) for a [rows x columns] `index` made of an int, a
+    slice of step 1, an integer array or a boolean mask per axis; None for any other form. The rows are the
+    span `index` touches; the columns a slice, or the sorted columns an array names (not the span between)."""
+    parts = index if isinstance(index, tuple) else (index,)
+    if len(parts) > 2:
+        return None
+    parts += (slice(None),) * (2 - len(parts))
+    picks, within = [], []
+    for axis, part in enumerate(parts):
+        n = shape[axis]
+        if isinstance(part, slice):
+            start, stop, step = part.indices(n)
+            if step != 1 or stop <= start:
+                return None
+            picks.append(slice(start, stop))
+            within.append(slice(0, stop - start))
+            continue
+        if isinstance(part, (int, np.integer)):
+            if not -n <= part < n:
+                return None
+            part = int(part) % n
+            picks.append(slice(part, part + 1))
+            within.append(0)  # an int keeps the axis out of the answer, as numpy does
+            continue
+        if not isinstance(part, np.ndarray):
+            return None
+        if part.dtype == bool:
+            if part.shape != (n,):
+                return None
+            part = np.flatnonzero(part)
+        if part.dtype.kind not in "iu" or part.size == 0 or part.min() < -n or part.max() >= n:
+            return None
+        part = np.where(part < 0, part + n, part)
+        if axis == 0:
+            lo = int(part.min())
+            picks.append(slice(lo, int(part.max()) + 1))
+            within.append(part - lo)
+        else:
+            cols = np.unique(part)
+            picks.append(cols)
+            within.append(np.searchsorted(cols, part))
+    rows = picks[0]
+    return (rows.start, rows.stop), picks[1], tuple(within)
 
 
 class Float64Rows:
