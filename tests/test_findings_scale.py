@@ -406,6 +406,7 @@ def test_the_median_of_float32_columns_equals_numpys_on_their_float64_copy(seed,
         for values in (Float64Rows(x), x.astype(np.float64), Float64Rows(spilled)):
             got = nanmedian_of(values, cols)
             assert got == want or (math.isnan(got) and math.isnan(want)), (t, got, want)
+        spilled.close()
 
 
 def test_every_part_of_a_matrix_kept_in_a_file_reads_as_numpy_indexes_the_matrix(tmp_path):

@@ -81,9 +81,10 @@ WIDE_METRICS = frozenset({"grad_norm", "weight_norm", "update_ratio", "dead_frac
 
 class SpilledRows:
     """A read-only [steps x tensors] float32 matrix kept in a file instead of memory, written once with each
-    tensor's steps together (a block of tensors is one contiguous read). Each part indexed is copied out of a
-    mapping made for it and closed at once, so that no page of the file stays in the process's memory: the
-    rules' peak does not grow with the run's length (`Context.before_cutoff` spills a metric read in pieces)."""
+    tensor's steps together (a block of tensors is one contiguous read). Each part indexed is read with
+    `os.preadv` into an array of its own, never mapped: mapped pages count in the process's resident size, and
+    the kernel maps the neighbours of each page read with it. So the rules' peak does not grow with the run's
+    length (`Context.before_cutoff` keeps a metric read in pieces so)."""
 
     dtype = np.dtype(np.float32)
 
@@ -92,29 +93,40 @@ class SpilledRows:
         self.shape: tuple[int, ...] = shape
         self.ndim = 2
         self.size = shape[0] * shape[1]
-        with open(path, "wb") as f:
-            f.truncate(self.size * 4)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
 
     def write(self, at: int, block: np.ndarray) -> None:
-        """Rows at..at+len(block)-1 (float32 [rows x tensors])."""
-        mapped = np.memmap(self.path, np.float32, "r+", shape=self.shape[::-1])
-        mapped[:, at: at + block.shape[0]] = block.T
-        del mapped  # unmapped: the dirty pages are the page cache's, not this process's
+        """Rows at..at+len(block)-1 (float32 [rows x tensors]): each tensor's run of them in its place."""
+        by_tensor = np.ascontiguousarray(block.T, dtype=np.float32)
+        steps = self.shape[0]
+        for j in range(by_tensor.shape[0]):
+            _transfer(os.pwritev, self._fd, by_tensor[j], 4 * (j * steps + at))
 
     def read(self, index, dtype=np.float32):
         """A copy of the part `index` of the [steps x tensors] matrix (C order, as numpy indexes a C array), as
-        `dtype`. The steps and tensors it names are copied from the file first (each tensor's one contiguous
-        run of steps), then indexed in memory: numpy gathering across the file's tensors would touch a page per
-        value."""
-        mapped = np.memmap(self.path, np.float32, "r", shape=self.shape[::-1])
+        `dtype`: the tensors it names, over the span of steps it touches, read from the file (one read per run of
+        whole tensors, else one per tensor), then indexed in memory."""
         box = _box(index, self.shape)
-        if box is None:  # an index of another form: numpy on the mapping itself
-            part = mapped.T[index]
+        if box is None:  # a form of index the rules do not use (a slice with a step, an empty one): all, then it
+            whole = self._columns(np.arange(self.shape[1]), 0, self.shape[0])
+            part = whole.T[index]
         else:
-            (lo, hi), cols, index = box
-            part = np.array(mapped[cols, lo:hi]).T[index]
-        out = np.array(part, dtype=dtype, order="C") if isinstance(part, np.ndarray) else dtype(part)
-        del part, mapped  # unmapped: what was read stays in the page cache only
+            (lo, hi), cols, within = box
+            cols = np.arange(cols.start, cols.stop) if isinstance(cols, slice) else cols
+            part = self._columns(cols, lo, hi).T[within]
+        return np.array(part, dtype=dtype, order="C") if isinstance(part, np.ndarray) else dtype(part)
+
+    def _columns(self, cols: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        """[len(cols) x hi-lo]: steps lo..hi-1 of tensors `cols` (sorted, unique)."""
+        steps = self.shape[0]
+        out = np.empty((cols.size, hi - lo), dtype=np.float32)
+        if lo == 0 and hi == steps:  # whole tensors: one read per run of consecutive ones
+            breaks = np.flatnonzero(np.diff(cols) != 1) + 1
+            for a, b in zip(np.r_[0, breaks].tolist(), np.r_[breaks, cols.size].tolist()):
+                _transfer(os.preadv, self._fd, out[a:b], 4 * steps * int(cols[a]))
+        else:
+            for i, j in enumerate(cols.tolist()):
+                _transfer(os.preadv, self._fd, out[i], 4 * (j * steps + lo))
         return out
 
     def __getitem__(self, index):
@@ -127,11 +139,25 @@ class SpilledRows:
         return self.read((slice(None),), np.float32 if dtype is None else dtype)
 
     def close(self) -> None:
-        """Remove the file."""
+        """Close and remove the file."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         try:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+def _transfer(call: Callable, fd: int, buf: np.ndarray, offset: int) -> None:
+    """os.preadv / os.pwritev of all of the contiguous `buf` at `offset`, in as many calls as it takes."""
+    view = memoryview(buf).cast("B")
+    done = 0
+    while done < len(view):
+        n = call(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise OSError(f"findings: {call.__name__} moved no bytes at offset {offset + done}")
+        done += n
 
 
 def _box(index, shape: tuple[int, ...]):
