@@ -323,9 +323,10 @@ def test_a_healthy_run_read_in_pieces_is_judged_within_its_budget_plus_the_rules
     """A healthy run (every row judged) whose per-tensor metrics are each 9x the budget they are read in
     (`PiecewiseSeries`, as the store serves a metric too big for its cache): the analysis peaks (tracemalloc)
     under the budget plus the rules' block temporaries (`context.BLOCK_BYTES` each), and four times the steps
-    add less than the budget to it. The rows the rules judge of grad_norm, weight_norm and update_ratio lie in
-    files of the analysis (removed at its end), not in memory: held there, three of them alone were 3x a
-    metric. The findings are those of the run held in memory (a tensor whose gradients vanish is planted)."""
+    add less than the budget to it. The rows the rules judge of the per-tensor and per-site metrics lie in
+    files of the analysis (removed at its end), not in memory (held there, grad_norm, weight_norm and
+    update_ratio alone were 3x a metric), and no read from them copies more than a block. The findings are
+    those of the run held in memory (a tensor whose gradients vanish is planted)."""
     import dataclasses
     import tempfile
     import tracemalloc
@@ -333,18 +334,27 @@ def test_a_healthy_run_read_in_pieces_is_judged_within_its_budget_plus_the_rules
     from tb_diag_plugin import findings
     from tb_diag_plugin.findings.context import BLOCK_BYTES, SpilledRows
     from tb_diag_plugin.findings.registry import ORDER
-    from tb_diag_plugin.series import PiecewiseSeries
+    from tb_diag_plugin.series import PiecewiseSeries, Series
 
     tempfile.tempdir = str(tmp_path)  # where the analysis keeps its files
     budget = 8 << 20
     findings.analyze(_healthy_run(40, 30))  # what the rules import on first use (numpy.ma) is not counted
-    peaks, metric_bytes, spilled = {}, {}, []
+    peaks, metric_bytes, spilled, copied = {}, {}, [], []
+    columns = SpilledRows._columns
+
+    def copies(self, cols, lo, hi):  # what each read copies from a file
+        out = columns(self, cols, lo, hi)
+        copied.append(out.nbytes)
+        return out
+
+    SpilledRows._columns = copies
 
     def in_files(rule):
         def check(ctx, _check=rule.check):
             _check(ctx)
-            if rule.name == "update_ratio":  # every metric read by then, and read by a later rule
-                for m in ("grad_norm", "weight_norm", "update_ratio"):
+            if rule.name in ("dead_relu", "update_ratio"):  # each metric read by then, and by this rule
+                for m in ("dead_fraction",) if rule.name == "dead_relu" else ("grad_norm", "weight_norm",
+                                                                              "update_ratio"):
                     kept = ctx.before_cutoff(ctx.series[m])[1].kept
                     spilled.append(isinstance(kept, SpilledRows) and os.path.exists(kept.path)
                                    and kept.path.startswith(str(tmp_path)))
@@ -352,10 +362,14 @@ def test_a_healthy_run_read_in_pieces_is_judged_within_its_budget_plus_the_rules
 
     for n in (1200, 4800):
         run = _healthy_run(n, 4000)
-        run["grad_norm"].values[:, 4] *= 1e-6  # 'blocks.1.conv.weight' gets almost no gradient
+        run["grad_norm"].values[:, 4] *= 1e-6  # 'blocks.1.bn.weight' gets almost no gradient
+        sites = [f"blocks.{i}.relu" for i in range(1000)]
+        dead = np.random.default_rng(n).uniform(0.0, 0.2, (n, len(sites))).astype(np.float32)
+        run["dead_fraction"] = Series("dead_fraction", sites, ["ReLU"] * len(sites), run["loss"].steps, dead,
+                                      np.broadcast_to(np.True_, dead.shape))
         metric_bytes[n] = run["grad_norm"].values.nbytes
         want = findings.analyze(run)[0] if n == 1200 else None
-        for m in ("grad_norm", "grad_nonfinite", "weight_norm", "update_ratio"):
+        for m in ("grad_norm", "grad_nonfinite", "weight_norm", "update_ratio", "dead_fraction"):
             run[m] = PiecewiseSeries(_InPieces(run[m]), budget)
         tracemalloc.start()
         try:
@@ -364,11 +378,12 @@ def test_a_healthy_run_read_in_pieces_is_judged_within_its_budget_plus_the_rules
             peaks[n] = tracemalloc.get_traced_memory()[1] - before
         finally:
             tracemalloc.stop()
-        assert [f.kind for f in found] == ["vanishing_gradient"] and "blocks.1.conv.weight" in found[0].layers
+        assert [(f.kind, f.layers) for f in found] == [("vanishing_gradient", ["blocks.1.bn.weight"])]
         if want is not None:
             assert [f.to_dict("r") for f in found] == [f.to_dict("r") for f in want]
         assert not os.listdir(tmp_path), "the analysis' files are removed"
-    assert spilled == [True] * 6
+    assert spilled == [True] * 8
+    assert copied and max(copied) <= BLOCK_BYTES // 2  # a block of float64 is half as many float32 bytes
     assert metric_bytes[4800] > 8 * budget
     assert peaks[4800] < budget + 6 * BLOCK_BYTES, {n: p / 2**20 for n, p in peaks.items()}
     assert peaks[4800] < peaks[1200] + budget, {n: p / 2**20 for n, p in peaks.items()}

@@ -185,6 +185,8 @@ def _box(index, shape: tuple[int, ...]):
             picks.append(slice(part, part + 1))
             within.append(0)  # an int keeps the axis out of the answer, as numpy does
             continue
+        if isinstance(part, list):
+            part = np.asarray(part, dtype=np.int64 if not part else None)
         if not isinstance(part, np.ndarray):
             return None
         if part.dtype == bool:
@@ -345,7 +347,7 @@ class Context:
             self._spill_dir.cleanup()
             self._spill_dir = None
 
-    def _spilled(self, s: PiecewiseSeries, keep: np.ndarray) -> Optional[Float64Rows]:
+    def _spilled(self, s: PiecewiseSeries, keep: np.ndarray) -> Optional[SpilledRows]:
         """The rows `keep` of a float32 metric read in pieces, written to a file of this analysis (`SpilledRows`),
         or None when it is empty, not float32, or cannot be written (then it is kept in memory, as before)."""
         shape = (int(keep.sum()), len(s.layers))
@@ -366,7 +368,7 @@ class Context:
             if kept is not None:
                 kept.close()
             return None
-        return Float64Rows(kept)
+        return kept
 
     def add(self, kind: str, severity: str, layers: Sequence[str], first: int, last: int, message: str,
             suggestion: str, steps: Optional[Sequence[int]] = None) -> None:
