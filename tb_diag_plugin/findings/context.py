@@ -294,8 +294,11 @@ class Context:
         (`Float64Rows`: each part a rule indexes is its float64 copy), so that a
         long run of thousands of tensors is not held twice its size per metric
         (the recorded matrix itself when every row is kept and every cell
-        present). A metric read in pieces (`PiecewiseSeries`) gives only the rows
-        kept, a span at a time.
+        present). A metric read in pieces (`PiecewiseSeries`, one too big for
+        the plugin's cache) gives only the rows kept, a span at a time; those of
+        a per-tensor one are written to a file of this analysis (`SpilledRows`,
+        removed by `release` or `close`) rather than held, so that the rules'
+        memory does not follow the run's length.
         """
         key = (id(s), self.cutoff, self.amp_skipped.size)
         hit = self._memo.get(key)
