@@ -97,10 +97,14 @@ class SpilledRows:
 
     def write(self, at: int, block: np.ndarray) -> None:
         """Rows at..at+len(block)-1 (float32 [rows x tensors]): each tensor's run of them in its place."""
+        if not block.size:
+            return
         by_tensor = np.ascontiguousarray(block.T, dtype=np.float32)
-        steps = self.shape[0]
+        steps, row = self.shape[0], 4 * block.shape[0]
+        rows = memoryview(by_tensor).cast("B")
         for j in range(by_tensor.shape[0]):
-            _transfer(os.pwritev, self._fd, by_tensor[j], 4 * (j * steps + at))
+            if os.pwritev(self._fd, [rows[j * row: (j + 1) * row]], 4 * (j * steps + at)) != row:
+                _transfer(os.pwritev, self._fd, by_tensor[j], 4 * (j * steps + at))  # a short write: all again
 
     def read(self, index, dtype=np.float32):
         """A copy of the part `index` of the [steps x tensors] matrix (C order, as numpy indexes a C array), as
@@ -124,9 +128,12 @@ class SpilledRows:
             breaks = np.flatnonzero(np.diff(cols) != 1) + 1
             for a, b in zip(np.r_[0, breaks].tolist(), np.r_[breaks, cols.size].tolist()):
                 _transfer(os.preadv, self._fd, out[a:b], 4 * steps * int(cols[a]))
-        else:
+        else:  # a span of steps of each tensor: one read each, into its row of `out`
+            row = 4 * (hi - lo)
+            rows = memoryview(out).cast("B")
             for i, j in enumerate(cols.tolist()):
-                _transfer(os.preadv, self._fd, out[i], 4 * (j * steps + lo))
+                if os.preadv(self._fd, [rows[i * row: (i + 1) * row]], 4 * (j * steps + lo)) != row:
+                    _transfer(os.preadv, self._fd, out[i], 4 * (j * steps + lo))  # a short read: the rest
         return out
 
     def __getitem__(self, index):
