@@ -26,6 +26,12 @@ values without their NaN and spikes, so that no NaN cutoff shortens what the
 rules judge): tracemalloc's peak over the whole analysis and per rule, against
 the size of one per-tensor metric, and the findings' digest.
 
+    python benchmarks/findings_scale.py --write-healthy /work/data/h20k --size 20000x5000
+
+Writes that healthy run (eventgen's run with its planted NaN and spikes
+replaced by 1.0) as DIR/run, for `--logdir DIR`: on a healthy run the rules
+judge every row, which is the most the findings hold.
+
     python benchmarks/findings_scale.py --spikes 2000x4040
 
 `gradient_spike`'s per-tensor pass on noisy norms with planted spikes:
@@ -158,13 +164,8 @@ def rules_only(size: str) -> dict:
         return Series(metric, layers, [""] * len(layers), steps, values.astype(np.float32),
                       np.broadcast_to(np.True_, values.shape))
 
-    run = {}
-    for m in ("grad_norm", "grad_nonfinite", "weight_norm", "update_ratio"):
-        v = eventgen.metric_values(m, steps, width)
-        v[~np.isfinite(v)] = 1.0
-        if m == "grad_norm":
-            v[v > 5.0] = 1.0  # eventgen's planted spikes: a healthy run has none
-        run[m] = series(m, names, v)
+    run = {m: series(m, names, healthy_values(m, steps, width))
+           for m in ("grad_norm", "grad_nonfinite", "weight_norm", "update_ratio")}
     run["grad_norm_total"] = series("grad_norm_total", [""], np.sqrt(
         (run["grad_norm"].values.astype(np.float64) ** 2).sum(axis=1, keepdims=True)))
     run["learning_rate"] = series("learning_rate", [""], np.full((steps_n, 1), 0.1))
@@ -195,6 +196,39 @@ def rules_only(size: str) -> dict:
     out["per_rule_mib"] = {name: round(p, 1) for name, p in peaks if p >= 1.0}
     print(json.dumps(out, indent=1))
     return out
+
+
+def healthy_values(metric: str, steps, width: int):
+    """`eventgen.metric_values` without its planted NaN and spikes (replaced by 1.0): a healthy run's."""
+    sys.path.insert(0, HERE)
+    import eventgen
+
+    return _unplanted(metric, eventgen.metric_values(metric, steps, width))
+
+
+def _unplanted(metric: str, v):
+    import numpy as np
+
+    v[~np.isfinite(v)] = 1.0
+    if metric == "grad_norm":
+        v[v > 5.0] = 1.0  # eventgen's planted spikes: a healthy run has none
+    return v
+
+
+def write_healthy(logdir: str, size: str) -> None:
+    """`eventgen.write_diagnostics_run` at LOGDIR/run with `healthy_values`."""
+    sys.path.insert(0, HERE)
+    import eventgen
+
+    steps_n, width = (int(x) for x in size.split("x"))
+    planted = eventgen.metric_values
+    eventgen.metric_values = lambda m, steps, n: _unplanted(m, planted(m, steps, n))
+    try:
+        t = time.perf_counter()
+        written = eventgen.write_diagnostics_run(os.path.join(logdir, RUN), steps_n, width)
+    finally:
+        eventgen.metric_values = planted
+    print(f"{logdir}/{RUN}: {written / 1e6:,.0f} MB of events in {time.perf_counter() - t:.0f} s")
 
 
 def spike_pass(size: str) -> dict:
@@ -228,6 +262,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--logdir", help="a logdir with one run named 'run'")
     ap.add_argument("--rules-only", metavar="STEPSxTENSORS", help="the rules alone on a healthy run in memory")
     ap.add_argument("--spikes", metavar="STEPSxTENSORS", help="gradient_spike's per-tensor pass, old and new")
+    ap.add_argument("--write-healthy", metavar="DIR", help="write a healthy run of --size as DIR/run")
     ap.add_argument("--size", default="20000x5000", metavar="STEPSxTENSORS", help="the run's size (to wait for)")
     ap.add_argument("--cache-mb", type=int, nargs="+", default=[1024, 64])
     ap.add_argument("--baseline", default=None, metavar="COMMIT", help="compare with this commit's plugin")
@@ -245,6 +280,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
         return rules_only(args.rules_only)
     if args.spikes:
         return spike_pass(args.spikes)
+    if args.write_healthy:
+        write_healthy(args.write_healthy, args.size)
+        return {}
     if not args.logdir:
         ap.error("--logdir is required (or --rules-only)")
     versions = {"this tree": ROOT}

@@ -302,15 +302,103 @@ def test_the_rules_peak_on_a_healthy_wide_run_is_a_few_blocks_not_copies_of_its_
     assert peak < 3 * metric_bytes, (peak / metric_bytes, [f.kind for f in found])
 
 
+class _InPieces:
+    """A metric's source as the store hands one too big for its cache to `PiecewiseSeries` (what
+    `reading.ondemand.OnDemandSeries` is): the rows asked for, read (copied) when asked; never the whole."""
+
+    def __init__(self, s) -> None:
+        self.s = s
+        self.metric, self.layers, self.layer_types, self.steps = s.metric, s.layers, s.layer_types, s.steps
+
+    def pieces(self, k: int, window: slice = slice(None)):
+        lo, hi, _ = window.indices(self.steps.size)
+        yield self.steps[lo:hi], self.s.values[lo:hi].copy(), self.s.present[lo:hi]
+
+    def load(self):
+        raise AssertionError(f"{self.metric} read whole")
+
+
+@_in_a_fresh_process
+def test_a_healthy_run_read_in_pieces_is_judged_within_its_budget_plus_the_rules_blocks(tmp_path):
+    """A healthy run (every row judged) whose per-tensor metrics are each 9x the budget they are read in
+    (`PiecewiseSeries`, as the store serves a metric too big for its cache): the analysis peaks (tracemalloc)
+    under the budget plus the rules' block temporaries (`context.BLOCK_BYTES` each), and four times the steps
+    add less than the budget to it. The rows the rules judge of the per-tensor and per-site metrics lie in
+    files of the analysis (removed at its end), not in memory (held there, grad_norm, weight_norm and
+    update_ratio alone were 3x a metric), and no read from them copies more than a block. The findings are
+    those of the run held in memory (a tensor whose gradients vanish is planted)."""
+    import dataclasses
+    import tempfile
+    import tracemalloc
+
+    from tb_diag_plugin import findings
+    from tb_diag_plugin.findings.context import BLOCK_BYTES, SpilledRows
+    from tb_diag_plugin.findings.registry import ORDER
+    from tb_diag_plugin.series import PiecewiseSeries, Series
+
+    tempfile.tempdir = str(tmp_path)  # where the analysis keeps its files
+    budget = 8 << 20
+    findings.analyze(_healthy_run(40, 30))  # what the rules import on first use (numpy.ma) is not counted
+    peaks, metric_bytes, spilled, copied = {}, {}, [], []
+    columns = SpilledRows._columns
+
+    def copies(self, cols, lo, hi):  # what each read copies from a file
+        out = columns(self, cols, lo, hi)
+        copied.append(out.nbytes)
+        return out
+
+    SpilledRows._columns = copies
+
+    def in_files(rule):
+        def check(ctx, _check=rule.check):
+            _check(ctx)
+            if rule.name in ("dead_relu", "update_ratio"):  # each metric read by then, and by this rule
+                for m in ("dead_fraction",) if rule.name == "dead_relu" else ("grad_norm", "weight_norm",
+                                                                              "update_ratio"):
+                    kept = ctx.before_cutoff(ctx.series[m])[1].kept
+                    spilled.append(isinstance(kept, SpilledRows) and os.path.exists(kept.path)
+                                   and kept.path.startswith(str(tmp_path)))
+        return dataclasses.replace(rule, check=check)
+
+    for n in (1200, 4800):
+        run = _healthy_run(n, 4000)
+        run["grad_norm"].values[:, 4] *= 1e-6  # 'blocks.1.bn.weight' gets almost no gradient
+        sites = [f"blocks.{i}.relu" for i in range(1000)]
+        dead = np.random.default_rng(n).uniform(0.0, 0.2, (n, len(sites))).astype(np.float32)
+        run["dead_fraction"] = Series("dead_fraction", sites, ["ReLU"] * len(sites), run["loss"].steps, dead,
+                                      np.broadcast_to(np.True_, dead.shape))
+        metric_bytes[n] = run["grad_norm"].values.nbytes
+        want = findings.analyze(run)[0] if n == 1200 else None
+        for m in ("grad_norm", "grad_nonfinite", "weight_norm", "update_ratio", "dead_fraction"):
+            run[m] = PiecewiseSeries(_InPieces(run[m]), budget)
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            found, _ = findings.analyze(run, rules=[in_files(r) for r in ORDER])
+            peaks[n] = tracemalloc.get_traced_memory()[1] - before
+        finally:
+            tracemalloc.stop()
+        assert [(f.kind, f.layers) for f in found] == [("vanishing_gradient", ["blocks.1.bn.weight"])]
+        if want is not None:
+            assert [f.to_dict("r") for f in found] == [f.to_dict("r") for f in want]
+        assert not os.listdir(tmp_path), "the analysis' files are removed"
+    assert spilled == [True] * 8
+    assert copied and max(copied) <= BLOCK_BYTES // 2  # a block of float64 is half as many float32 bytes
+    assert metric_bytes[4800] > 8 * budget
+    assert peaks[4800] < budget + 6 * BLOCK_BYTES, {n: p / 2**20 for n, p in peaks.items()}
+    assert peaks[4800] < peaks[1200] + budget, {n: p / 2**20 for n, p in peaks.items()}
+
+
 @pytest.mark.parametrize("seed", range(3))
-def test_the_median_of_float32_columns_equals_numpys_on_their_float64_copy(seed):
+def test_the_median_of_float32_columns_equals_numpys_on_their_float64_copy(seed, tmp_path):
     """`nanmedian_of` (weight_decay_equilibrium's pinned update ratio) partitions the float32 values: the
     same number as np.nanmedian of the float64 copy, with NaN, infinities, ties, and below and above the
-    600 values where numpy changes method."""
+    600 values where numpy changes method; of values kept in a file, it counts their bits a block at a time
+    (two passes) to the same number."""
     import math
     import warnings
 
-    from tb_diag_plugin.findings.context import Float64Rows, nanmedian_of
+    from tb_diag_plugin.findings.context import Float64Rows, SpilledRows, nanmedian_of
 
     rng = np.random.default_rng(seed)
     for t in range(300):
@@ -327,6 +415,39 @@ def test_the_median_of_float32_columns_equals_numpys_on_their_float64_copy(seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             want = float(np.nanmedian(x.astype(np.float64)[:, cols]))
-        for values in (Float64Rows(x), x.astype(np.float64)):
+        spilled = SpilledRows(str(tmp_path / f"{t}.f32"), x.shape)
+        spilled.write(0, x[: r // 2])
+        spilled.write(r // 2, x[r // 2:])
+        for values in (Float64Rows(x), x.astype(np.float64), Float64Rows(spilled)):
             got = nanmedian_of(values, cols)
             assert got == want or (math.isnan(got) and math.isnan(want)), (t, got, want)
+        spilled.close()
+
+
+def test_every_part_of_a_matrix_kept_in_a_file_reads_as_numpy_indexes_the_matrix(tmp_path):
+    """What the rules index of a `Float64Rows` kept in a file (`SpilledRows`, each tensor's steps together)
+    equals the same index of the float64 copy of the matrix, in value, shape and dtype: rows, blocks of rows
+    or tensors, columns picked, a mesh of rows and columns, a mask of rows, one cell; `finite` of it a part
+    at a time; and it is written a span of rows at a time."""
+    from tb_diag_plugin.findings.context import Float64Rows, SpilledRows, finite
+
+    rng = np.random.default_rng(5)
+    x = rng.lognormal(0, 1, (37, 11)).astype(np.float32)
+    x[rng.random(x.shape) < 0.1] = np.nan
+    x[3, 4], x[5, 6] = np.inf, -np.inf
+    spilled = SpilledRows(str(tmp_path / "m.f32"), x.shape)
+    for lo in range(0, 37, 10):
+        spilled.write(lo, x[lo: lo + 10])
+    rows, cols = np.array([0, 5, 6, 36]), np.array([1, 2, 9])
+    wide, want = Float64Rows(spilled), x.astype(np.float64)
+    for index in (0, -1, slice(3, 9), slice(None, 5), (slice(None), 4), (slice(None), slice(2, 7)),
+                  (slice(None), cols), (slice(None), [1, 9]), (rows[:, None], cols[None, :]), (rows, 3),
+                  (0, cols), x[:, 0] > 1, (3, 4), (-2, -3), (slice(10, 20), slice(None)), (rows, cols[[0, 1, 1, 2]]),
+                  (slice(None, None, 2), 1), (np.array([-1, 2]), slice(3, None)), (slice(5, 5),)):
+        got = wide[index]
+        assert np.array_equal(got, want[index], equal_nan=True), index
+        assert np.shape(got) == np.shape(want[index]) and got.dtype == np.float64, index
+        assert np.array_equal(finite(wide)[index], np.isfinite(want[index])), index
+    assert np.array_equal(np.asarray(wide), want, equal_nan=True) and len(wide) == 37
+    spilled.close()
+    assert not os.listdir(tmp_path)

@@ -71,12 +71,15 @@ def analyze(
     # After the last rule that reads a metric, what was computed from it is let go: held all at once,
     # the metrics of a run of thousands of tensors would not fit in memory.
     last = {m: i for i, rule in enumerate(run) for m in rule.metrics}
-    for i, rule in enumerate(run):
-        ctx.rule = rule
-        rule.check(ctx)
-        for m in rule.metrics:
-            if last[m] == i:
-                ctx.release(m)
+    try:
+        for i, rule in enumerate(run):
+            ctx.rule = rule
+            rule.check(ctx)
+            for m in rule.metrics:
+                if last[m] == i:
+                    ctx.release(m)
+    finally:
+        ctx.close()  # the files of metrics kept on disk, even when a rule failed
     ctx.rule = None
     fold_symptoms(ctx)
     # Worst first; at equal severity and step, in the contract's order of kinds (causes before symptoms).

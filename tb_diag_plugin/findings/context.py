@@ -6,7 +6,9 @@ from here and nothing from each other."""
 from __future__ import annotations
 
 import math
+import os
 import re
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Optional, Sequence
@@ -77,21 +79,159 @@ class Finding:
 WIDE_METRICS = frozenset({"grad_norm", "weight_norm", "update_ratio", "dead_fraction", "saturation"})
 
 
+class SpilledRows:
+    """A read-only [steps x tensors] float32 matrix kept in a file instead of memory, written once with each
+    tensor's steps together (a block of tensors is one contiguous read). Each part indexed is read with
+    `os.preadv` into an array of its own, never mapped: mapped pages count in the process's resident size, and
+    the kernel maps the neighbours of each page read with it. So the rules' peak does not grow with the run's
+    length (`Context.before_cutoff` keeps a metric read in pieces so)."""
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, path: str, shape: tuple[int, int]) -> None:
+        self.path = path
+        self.shape: tuple[int, ...] = shape
+        self.ndim = 2
+        self.size = shape[0] * shape[1]
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+
+    def write(self, at: int, block: np.ndarray) -> None:
+        """Rows at..at+len(block)-1 (float32 [rows x tensors]): each tensor's run of them in its place."""
+        if not block.size:
+            return
+        by_tensor = np.ascontiguousarray(block.T, dtype=np.float32)
+        steps, row = self.shape[0], 4 * block.shape[0]
+        rows = memoryview(by_tensor).cast("B")
+        for j in range(by_tensor.shape[0]):
+            if os.pwritev(self._fd, [rows[j * row: (j + 1) * row]], 4 * (j * steps + at)) != row:
+                _transfer(os.pwritev, self._fd, by_tensor[j], 4 * (j * steps + at))  # a short write: all again
+
+    def read(self, index, dtype=np.float32):
+        """A copy of the part `index` of the [steps x tensors] matrix (C order, as numpy indexes a C array), as
+        `dtype`: the tensors it names, over the span of steps it touches, read from the file (one read per run of
+        whole tensors, else one per tensor), then indexed in memory."""
+        box = _box(index, self.shape)
+        if box is None:  # a form of index the rules do not use (a slice with a step, an empty one): all, then it
+            whole = self._columns(np.arange(self.shape[1]), 0, self.shape[0])
+            part = whole.T[index]
+        else:
+            (lo, hi), cols, within = box
+            cols = np.arange(cols.start, cols.stop) if isinstance(cols, slice) else cols
+            part = self._columns(cols, lo, hi).T[within]
+        return np.array(part, dtype=dtype, order="C") if isinstance(part, np.ndarray) else dtype(part)
+
+    def _columns(self, cols: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        """[len(cols) x hi-lo]: steps lo..hi-1 of tensors `cols` (sorted, unique)."""
+        steps = self.shape[0]
+        out = np.empty((cols.size, hi - lo), dtype=np.float32)
+        if lo == 0 and hi == steps:  # whole tensors: one read per run of consecutive ones
+            breaks = np.flatnonzero(np.diff(cols) != 1) + 1
+            for a, b in zip(np.r_[0, breaks].tolist(), np.r_[breaks, cols.size].tolist()):
+                _transfer(os.preadv, self._fd, out[a:b], 4 * steps * int(cols[a]))
+        else:  # a span of steps of each tensor: one read each, into its row of `out`
+            row = 4 * (hi - lo)
+            rows = memoryview(out).cast("B")
+            for i, j in enumerate(cols.tolist()):
+                if os.preadv(self._fd, [rows[i * row: (i + 1) * row]], 4 * (j * steps + lo)) != row:
+                    _transfer(os.preadv, self._fd, out[i], 4 * (j * steps + lo))  # a short read: the rest
+        return out
+
+    def __getitem__(self, index):
+        return self.read(index)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return self.read((slice(None),), np.float32 if dtype is None else dtype)
+
+    def close(self) -> None:
+        """Close and remove the file."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def _transfer(call: Callable, fd: int, buf: np.ndarray, offset: int) -> None:
+    """os.preadv / os.pwritev of all of the contiguous `buf` at `offset`, in as many calls as it takes."""
+    view = memoryview(buf).cast("B")
+    done = 0
+    while done < len(view):
+        n = call(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise OSError(f"findings: {call.__name__} moved no bytes at offset {offset + done}")
+        done += n
+
+
+def _box(index, shape: tuple[int, ...]):
+    """((row lo, hi), the columns to copy, `index` within them) for a [rows x columns] `index` made of an int, a
+    slice of step 1, an integer array or a boolean mask per axis; None for any other form. The rows are the
+    span `index` touches; the columns a slice, or the sorted columns an array names (not the span between)."""
+    parts = index if isinstance(index, tuple) else (index,)
+    if len(parts) > 2:
+        return None
+    parts += (slice(None),) * (2 - len(parts))
+    picks, within = [], []
+    for axis, part in enumerate(parts):
+        n = shape[axis]
+        if isinstance(part, slice):
+            start, stop, step = part.indices(n)
+            if step != 1 or stop <= start:
+                return None
+            picks.append(slice(start, stop))
+            within.append(slice(0, stop - start))
+            continue
+        if isinstance(part, (int, np.integer)):
+            if not -n <= part < n:
+                return None
+            part = int(part) % n
+            picks.append(slice(part, part + 1))
+            within.append(0)  # an int keeps the axis out of the answer, as numpy does
+            continue
+        if isinstance(part, list):
+            part = np.asarray(part, dtype=np.int64 if not part else None)
+        if not isinstance(part, np.ndarray):
+            return None
+        if part.dtype == bool:
+            if part.shape != (n,):
+                return None
+            part = np.flatnonzero(part)
+        if part.dtype.kind not in "iu" or part.size == 0 or part.min() < -n or part.max() >= n:
+            return None
+        part = np.where(part < 0, part + n, part)
+        if axis == 0:
+            lo = int(part.min())
+            picks.append(slice(lo, int(part.max()) + 1))
+            within.append(part - lo)
+        else:
+            cols = np.unique(part)
+            picks.append(cols)
+            within.append(np.searchsorted(cols, part))
+    rows = picks[0]
+    return (rows.start, rows.stop), picks[1], tuple(within)
+
+
 class Float64Rows:
     """A read-only [steps x tensors] float32 matrix that reads as float64: indexing it gives the float64 copy
     of the part indexed (exactly the values a float64 copy of the whole would give there), and numpy functions
     given it whole get the whole as float64. Rules index a block of steps or tensors at a time, so that only
-    that block is ever held as float64."""
+    that block is ever held as float64. The float32 values are an array, or a `SpilledRows` file."""
 
     dtype = np.dtype(np.float64)
 
-    def __init__(self, values: np.ndarray) -> None:
-        self.kept = values  # the values as kept: float32 where recorded so (read-only)
+    def __init__(self, values) -> None:
+        self.kept = values  # the values as kept: float32 where recorded so (read-only), in memory or a file
         self.shape: tuple[int, ...] = values.shape
         self.ndim: int = values.ndim
         self.size: int = values.size
 
     def __getitem__(self, index) -> np.ndarray:
+        if isinstance(self.kept, SpilledRows):
+            return self.kept.read(index, np.float64)
         part = self.kept[index]
         return part.astype(np.float64) if isinstance(part, np.ndarray) else np.float64(part)
 
@@ -99,12 +239,25 @@ class Float64Rows:
         return len(self.kept)
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        return self.kept.astype(np.float64 if dtype is None else dtype)
+        return np.asarray(self.kept).astype(np.float64 if dtype is None else dtype)
 
 
-def finite(values) -> np.ndarray:
-    """np.isfinite(values), of a `Float64Rows` without its float64 copy (a float32 is finite where its copy is)."""
-    return np.isfinite(getattr(values, "kept", values))
+class _FiniteParts:
+    """np.isfinite of a `SpilledRows`, a part at a time (indexing it gives the part's mask)."""
+
+    def __init__(self, kept: SpilledRows) -> None:
+        self.kept = kept
+        self.shape = kept.shape
+
+    def __getitem__(self, index) -> np.ndarray:
+        return np.isfinite(self.kept[index])
+
+
+def finite(values):
+    """np.isfinite(values), of a `Float64Rows` without its float64 copy (a float32 is finite where its copy is);
+    of one kept in a file, the mask of each part indexed."""
+    kept = getattr(values, "kept", values)
+    return _FiniteParts(kept) if isinstance(kept, SpilledRows) else np.isfinite(kept)
 
 
 @dataclass
@@ -124,6 +277,8 @@ class Context:
     primary: list[int] = field(default_factory=list)  # indices into findings: causes others may follow from
     rule: Optional[Rule] = None  # the rule now running (its declared severities bound `add`)
     rule_of: list[Rule] = field(default_factory=list)  # per finding, the rule that reported it
+    _spill_dir: Optional[tempfile.TemporaryDirectory] = field(default=None, repr=False)  # `SpilledRows`' files
+    _spills: int = field(default=0, repr=False)
 
     def get(self, kind: str, *metrics: str, why: str = "") -> Optional[list[Series]]:
         """The metrics a rule needs, or None after noting which is missing."""
@@ -146,8 +301,11 @@ class Context:
         (`Float64Rows`: each part a rule indexes is its float64 copy), so that a
         long run of thousands of tensors is not held twice its size per metric
         (the recorded matrix itself when every row is kept and every cell
-        present). A metric read in pieces (`PiecewiseSeries`) gives only the rows
-        kept, a span at a time.
+        present). A metric read in pieces (`PiecewiseSeries`, one too big for
+        the plugin's cache) gives only the rows kept, a span at a time; those of
+        a per-tensor one are written to a file of this analysis (`SpilledRows`,
+        removed by `release` or `close`) rather than held, so that the rules'
+        memory does not follow the run's length.
         """
         key = (id(s), self.cutoff, self.amp_skipped.size)
         hit = self._memo.get(key)
@@ -159,23 +317,9 @@ class Context:
         everything = bool(keep.all())
         wide = s.metric in WIDE_METRICS
         if isinstance(s, PiecewiseSeries):
-            vals = None
-            at = 0
-            for lo, hi in row_spans(s):
-                if not keep[lo:hi].any():
-                    continue
-                v, p = read_rows(s, lo, hi)
-                if vals is None:  # float32 kept as float32 (a wide metric), everything else as float64
-                    dtype = np.float32 if wide and v.dtype == np.float32 else np.float64
-                    vals = np.empty((int(keep.sum()), len(s.layers)), dtype=dtype)
-                part = keep[lo:hi]
-                block = (v if part.all() else v[part]).astype(vals.dtype)
-                if not _every_cell(p):
-                    block[~(p if part.all() else p[part])] = np.nan
-                vals[at: at + block.shape[0]] = block
-                at += block.shape[0]
+            vals = self._spilled(s, keep) if wide else None
             if vals is None:
-                vals = np.empty((0, len(s.layers)))
+                vals = _kept_in_memory(s, keep, wide)
         else:
             all_present = _every_cell(s.present) or (wide and bool(s.present.all()))
             kept = s.values if everything else s.values[keep]
@@ -187,7 +331,8 @@ class Context:
                 if not all_present:
                     vals[~(s.present if everything else s.present[keep])] = np.nan
         steps = s.steps if everything else s.steps[keep]
-        vals.setflags(write=False)
+        if isinstance(vals, np.ndarray):
+            vals.setflags(write=False)
         out = Float64Rows(vals) if wide else vals
         self._memo[key] = (s, (steps, out))
         return steps, out
@@ -199,9 +344,41 @@ class Context:
         if s is None:
             return
         for key in [k for k, hit in self._memo.items() if hit[0] is s]:
-            del self._memo[key]
+            _close(self._memo.pop(key)[1][1])
         if isinstance(s, PiecewiseSeries):
             s.release()
+
+    def close(self) -> None:
+        """Forget every metric's answers and remove the files of those kept on disk (`before_cutoff`)."""
+        for hit in self._memo.values():
+            _close(hit[1][1])
+        self._memo.clear()
+        if self._spill_dir is not None:
+            self._spill_dir.cleanup()
+            self._spill_dir = None
+
+    def _spilled(self, s: PiecewiseSeries, keep: np.ndarray) -> Optional[SpilledRows]:
+        """The rows `keep` of a float32 metric read in pieces, written to a file of this analysis (`SpilledRows`),
+        or None when it is empty, not float32, or cannot be written (then it is kept in memory, as before)."""
+        shape = (int(keep.sum()), len(s.layers))
+        if not shape[0] or not shape[1]:
+            return None
+        kept = None
+        try:
+            if self._spill_dir is None:
+                self._spill_dir = tempfile.TemporaryDirectory(prefix="tb-diag-findings-")
+            self._spills += 1
+            kept = SpilledRows(os.path.join(self._spill_dir.name, f"{self._spills}-{s.metric}.f32"), shape)
+            for at, block in _kept_spans(s, keep):
+                if block.dtype != np.float32:
+                    kept.close()
+                    return None
+                kept.write(at, block)
+        except OSError:  # no room on disk: held in memory instead
+            if kept is not None:
+                kept.close()
+            return None
+        return kept
 
     def add(self, kind: str, severity: str, layers: Sequence[str], first: int, last: int, message: str,
             suggestion: str, steps: Optional[Sequence[int]] = None) -> None:
@@ -303,6 +480,40 @@ def recorded_with(names: Sequence[str], series: Iterable[Series]) -> Optional[li
     return out or None
 
 
+def _kept_spans(s: PiecewiseSeries, keep: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(row of the rows kept, their values with NaN where absent) of `s`, a span of rows at a time: float32 as
+    recorded, else float64."""
+    at = 0
+    for lo, hi in row_spans(s):
+        part = keep[lo:hi]
+        if not part.any():
+            continue
+        v, p = read_rows(s, lo, hi)
+        block = (v if part.all() else v[part]).astype(np.float32 if v.dtype == np.float32 else np.float64)
+        if not _every_cell(p):
+            block[~(p if part.all() else p[part])] = np.nan
+        yield at, block
+        at += block.shape[0]
+
+
+def _kept_in_memory(s: PiecewiseSeries, keep: np.ndarray, wide: bool) -> np.ndarray:
+    """The rows `keep` of `s` in one array: float32 as recorded for a wide metric, else float64."""
+    vals = None
+    for at, block in _kept_spans(s, keep):
+        if vals is None:
+            dtype = np.float32 if wide and block.dtype == np.float32 else np.float64
+            vals = np.empty((int(keep.sum()), len(s.layers)), dtype=dtype)
+        vals[at: at + block.shape[0]] = block
+    return np.empty((0, len(s.layers))) if vals is None else vals
+
+
+def _close(values) -> None:
+    """Remove the file of values kept on disk (`SpilledRows`)."""
+    kept = getattr(values, "kept", None)
+    if isinstance(kept, SpilledRows):
+        kept.close()
+
+
 def _every_cell(present: np.ndarray) -> bool:
     """Whether `present` is the broadcast True a reader gives when every cell was recorded (no scan)."""
     return 0 in present.strides and present.size > 0 and bool(present.flat[0])
@@ -378,15 +589,61 @@ def _middle(a: np.ndarray, k: int) -> np.ndarray:
 def nanmedian_of(values, cols: Sequence[int]) -> float:
     """np.nanmedian(values[:, cols]) (all of them: one number; NaN when every one is NaN), equal to it on the
     float64 copy, without that copy of a `Float64Rows`: its float32 values order as their float64 copies do,
-    so the middle one (or the mean of the two middle ones, taken in float64) is the same."""
+    so the middle one (or the mean of the two middle ones, taken in float64) is the same. Of values kept in a
+    file, the middle ones are found a block of columns at a time (`_middle_of_file`)."""
     kept = getattr(values, "kept", values)
+    if isinstance(kept, SpilledRows):
+        return _middle_of_file(kept, np.asarray(cols, dtype=np.int64))
     x = kept[:, np.asarray(cols, dtype=np.int64)].ravel()  # one copy, partitioned in place (NaN sorts last)
     n = x.size - int(np.count_nonzero(np.isnan(x)))
     if n == 0:
         return math.nan
     lo, hi = (n - 1) // 2, n // 2
     x.partition(sorted({lo, hi}))
-    return float((np.float64(x[lo]) + np.float64(x[hi])) / 2) if lo != hi else float(x[lo])
+    return _mean_of_middle(x[lo], x[hi], lo != hi)
+
+
+def _mean_of_middle(a, b, two: bool) -> float:
+    """The median from its middle value(s), as np.median gives it."""
+    return float((np.float64(a) + np.float64(b)) / 2) if two else float(a)
+
+
+def _order_keys(x: np.ndarray) -> np.ndarray:
+    """Each non-NaN float32 of `x` as a uint32 that orders as the floats do (sign flipped, negatives inverted)."""
+    u = x[~np.isnan(x)].view(np.uint32)
+    return np.where(u >> 31 == 1, ~u, u | np.uint32(0x80000000))
+
+
+def _of_key(key: int) -> np.float32:
+    """The float32 of an `_order_keys` key."""
+    u = np.uint32(key ^ 0x80000000 if key & 0x80000000 else ~np.uint32(key))
+    return u.view(np.float32)
+
+
+def _middle_of_file(kept: SpilledRows, cols: np.ndarray) -> float:
+    """`nanmedian_of` of values kept in a file: the middle values found by their keys' high 16 bits (one count
+    per block of columns), then their low 16 bits within the one or two counts that hold them (a second pass):
+    exactly the values a partition of all of them would put in the middle, holding a block at a time."""
+    spans = list(blocks(cols.size, kept.shape[0], BLOCK_BYTES // 2))
+    high = np.zeros(1 << 16, dtype=np.int64)
+    for lo, hi in spans:
+        high += np.bincount(_order_keys(kept[:, cols[lo:hi]]) >> 16, minlength=1 << 16)
+    n = int(high.sum())
+    if n == 0:
+        return math.nan
+    below = np.cumsum(high)
+    ranks = sorted({(n - 1) // 2, n // 2})
+    tops = [int(np.searchsorted(below, r, side="right")) for r in ranks]
+    low = {t: np.zeros(1 << 16, dtype=np.int64) for t in tops}
+    for lo, hi in spans:
+        keys = _order_keys(kept[:, cols[lo:hi]])
+        for t in low:
+            low[t] += np.bincount(keys[keys >> 16 == t] & 0xFFFF, minlength=1 << 16)
+    found = []
+    for r, t in zip(ranks, tops):
+        within = r - (int(below[t - 1]) if t else 0)
+        found.append(_of_key((t << 16) | int(np.searchsorted(np.cumsum(low[t]), within, side="right"))))
+    return _mean_of_middle(found[0], found[-1], len(found) == 2)
 
 
 def robust_z(value: float, window: np.ndarray, floor: float = 0.0) -> float:

@@ -409,7 +409,8 @@ def _vanishing(ctx: Context) -> None:
     all_cols = np.arange(ncols)
     for lo, hi in blocks(steps.size, ncols):
         rows = np.arange(lo, hi)
-        raw = np.where(np.isfinite(gv[lo:hi]), gv[lo:hi], np.nan)
+        part = gv[lo:hi]  # read once (of a metric kept in a file, a read of every tensor)
+        raw = np.where(np.isfinite(part), part, np.nan)
         if l2_of is not None:
             has[lo:hi], floor[lo:hi] = l2_of.rows(rows, raw)
             raw = l2_of.without(rows, all_cols, raw, has[lo:hi], floor[lo:hi])
@@ -419,7 +420,8 @@ def _vanishing(ctx: Context) -> None:
 
     def columns(cols: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(raw norms, norms without the L2 share, share of the step's largest) of tensors `cols`, every step."""
-        raw = np.where(np.isfinite(gv[:, cols]), gv[:, cols], np.nan)
+        part = gv[:, cols]
+        raw = np.where(np.isfinite(part), part, np.nan)
         net = raw if l2 is None else l2_of.without(np.arange(steps.size), cols, raw, has, floor)
         return raw, net, net / np.where(valid_row, top, np.nan)[:, None]
 
