@@ -201,7 +201,8 @@ def after_step(arm: Arm) -> None:
     if arm.kind not in ("floor", "floor_adam"):
         return
     with torch.no_grad():
-        delta = torch._foreach_norm(torch._foreach_sub(arm.floor_params, arm.floor_bufs))
+        torch._foreach_sub_(arm.floor_bufs, arm.floor_params)  # in the snapshot: new tensors would page-fault
+        delta = torch._foreach_norm(arm.floor_bufs)
         torch.stack(arm.floor_norms + list(delta)).cpu()
 
 
