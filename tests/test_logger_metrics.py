@@ -401,6 +401,8 @@ def test_flattened_reductions_match_the_per_tensor_ones():
         [torch.randn(n) for n in (1, 7, 300, 2, 64)],
         [torch.randn(3, 3, dtype=torch.float64), torch.tensor([-9.0], dtype=torch.float64)],
         [torch.tensor([1.0, -8.0], dtype=torch.bfloat16), torch.tensor([0.5], dtype=torch.bfloat16)],
+        # shapes interleaved: the buffer holds them by shape group, the results come back in the tensors' order
+        [torch.randn(2, 2) * (i + 1) if i % 3 else torch.randn(5) * (i + 1) for i in range(10)] + [torch.zeros(0)],
     ]
     for tensors in cases:
         assert reductions.choose(tensors) == "flat"
@@ -416,6 +418,9 @@ def test_flattened_reductions_match_the_per_tensor_ones():
         np.testing.assert_allclose(flat_n.numpy(), one_n.numpy(), rtol=rtol)
         np.testing.assert_allclose(flat_w.numpy(), one_w.numpy(), rtol=rtol)
         np.testing.assert_array_equal(flat_m.numpy(), one_m.numpy())
+        plan = reductions.Plan(tensors)
+        sums = plan.segment_sums(plan.flatten(tensors).to(torch.float64))
+        np.testing.assert_allclose(sums.numpy(), [float(t.double().sum()) for t in tensors], rtol=1e-6)
     # Mixed dtypes or devices, sparse or integer tensors are never flattened.
     assert reductions.choose([torch.zeros(2), torch.zeros(2, dtype=torch.float64)]) != "flat"
     assert reductions.choose([torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long)]) != "flat"

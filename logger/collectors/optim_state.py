@@ -255,10 +255,9 @@ def _flat_adam(kept: list[tuple], plan: reductions.Plan, out_device: torch.devic
     scale = (root_bc2 / (1.0 - beta1 ** t)).to(out_device)
     thr = (eps * root_bc2).to(m.dtype)[plan.segments]  # each element's own threshold
     root = v.sqrt()
-    n = len(kept)
-    below = torch.zeros(n, dtype=m.dtype, device=device).index_add_(0, plan.segments, (root < thr).to(m.dtype))
+    below = plan.segment_sums((root < thr).to(m.dtype))
     r = m / root.add_(thr)
-    squares = torch.zeros(n, dtype=m.dtype, device=device).index_add_(0, plan.segments, r.mul_(r))
+    squares = plan.segment_sums(r.mul_(r))
     return -below.to(out_device, torch.float64), squares.to(out_device, torch.float64), scale
 
 

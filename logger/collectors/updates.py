@@ -166,7 +166,7 @@ class UpdateRatio(Collector):
             self._snapshot, self._snapshot_params, self._flat = [flat], params, True
             self._current = local
             if norms is None:
-                norms = reductions.segment_norms(flat, plan.segments, len(local), flat.device)
+                norms = plan.segment_norms(flat, flat.device)
         else:
             if self._flat or self._snapshot is None or _layout(self._snapshot) != _layout(local):  # .half(), .to()
                 self._snapshot = [torch.empty_like(w) for w in local]
@@ -197,9 +197,11 @@ class UpdateRatio(Collector):
         current = [reductions._local(p) for _, p in self._snapshot_params] if self._params.sharded else self._current
         if self._flat:
             plan = self._measure_plan  # the update moved no storage: the snapshot's plan holds
-            now = plan.flatten(current) if plan.impl == "flat" else reductions.flatten(current)
-            segments = plan.segments if plan.segments is not None else reductions.segments(current)
-            delta = reductions.segment_norms(now.sub_(self._snapshot[0]), segments, len(current), self._device())
+            if plan.impl == "flat":
+                delta = plan.segment_norms(plan.flatten(current).sub_(self._snapshot[0]), self._device())
+            else:
+                now = reductions.flatten(current).sub_(self._snapshot[0])
+                delta = reductions.segment_norms(now, reductions.segments(current), len(current), self._device())
         else:
             # old - new, in the buffers (their layout is the parameters')
             delta = self._plan(self._snapshot).subtract_norms_(self._snapshot, current, self._device())
