@@ -320,22 +320,19 @@ def vector_tag(metric: str, layers: Sequence[str]) -> str:
     different model) gets a tag of its own instead of clashing with the
     metadata TensorBoard kept from the first summary of the old tag.
     """
-    key = (metric, id(layers))
-    hit = _TAGS.get(key)
-    if hit is not None and hit[0] == layers:  # an id can be reused and a list changed: the names decide
+    hit = _TAGS.get(metric)
+    if hit is not None and hit[0] == layers:  # the names decide: a list rebuilt or changed in place is compared
         return hit[1]
     digest = hashlib.sha1("\n".join(layers).encode("utf-8")).hexdigest()[:10]
     tag = f"{PLUGIN_NAME}/{metric}/{digest}"
-    if len(_TAGS) >= 1024:
-        _TAGS.clear()
-    _TAGS[key] = (list(layers) if isinstance(layers, list) else tuple(layers), tag)
+    _TAGS[metric] = (list(layers) if isinstance(layers, list) else tuple(layers), tag)
     return tag
 
 
-# (metric, id of the layer list) -> (a copy of the names, tag): a logged step asks for the tags it wrote
-# last time, and comparing a list of thousands of names with its copy costs a few microseconds where
-# hashing them costs a hundred or more.
-_TAGS: dict[tuple[str, int], tuple[Sequence[str], str]] = {}
+# metric -> (a copy of the last layer names asked for, their tag): a logged step asks again for the tags it
+# wrote last time, and comparing thousands of names with their copy costs a few microseconds where hashing
+# them costs a hundred or more. One entry per metric, so nothing grows with the steps.
+_TAGS: dict[str, tuple[Sequence[str], str]] = {}
 
 
 def check_structure(doc: Any) -> dict[str, Any]:
