@@ -190,12 +190,14 @@ class Plan:
         return self._per_tensor(values, lambda block: block.sum(1))
 
     def segment_norms(self, flat: torch.Tensor, out_device: torch.device) -> torch.Tensor:
-        """`segment_norms` of a buffer laid out as `flatten`'s, by rows: L2 norm per tensor, float32."""
+        """L2 norm of each tensor of a buffer laid out as `flatten`'s, float32 (0 for an empty one); NaN and
+        inf propagate."""
         x = flat.to(torch.float32)
         return self.segment_sums(x * x).sqrt().to(out_device)
 
     def segment_max_abs(self, flat: torch.Tensor, out_device: torch.device) -> torch.Tensor:
-        """`segment_max_abs` of a buffer laid out as `flatten`'s, by rows: largest |x| per tensor, float32."""
+        """Largest |x| of each tensor of a buffer laid out as `flatten`'s, float32 (0 for an empty one); NaN
+        propagates."""
         return self._per_tensor(flat.abs().to(torch.float32), lambda block: block.amax(1)).to(out_device)
 
     def flatten(self, tensors: Sequence[torch.Tensor], slot: int = 0) -> torch.Tensor:
@@ -312,48 +314,6 @@ def _sum_of_squares(t: torch.Tensor) -> torch.Tensor:
     # dot(x, x) (BLAS) reads x once at memory speed; float32 error ~1e-6; inf and NaN alike.
     flat = t.reshape(-1)  # a view, unless the tensor became non-contiguous since its plan was made
     return torch.dot(flat, flat)
-
-
-_segment_cache: dict[tuple, torch.Tensor] = {}
-
-
-def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """One new 1-D tensor holding every element of `tensors`, in order (one dtype and device)."""
-    from torch._utils import _flatten_dense_tensors
-
-    with torch.no_grad():
-        return _flatten_dense_tensors(list(tensors))
-
-
-def segments(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """For each element of `flatten(tensors)`, the index of its tensor (cached per layout)."""
-    numels = tuple(t.numel() for t in tensors)
-    device = tensors[0].device
-    key = (device, numels)
-    seg = _segment_cache.get(key)
-    if seg is None:
-        if len(_segment_cache) >= 8:
-            _segment_cache.clear()
-        counts = torch.tensor(numels, device=device)
-        # output_size: on a GPU, repeat_interleave would otherwise sync to learn it.
-        seg = _segment_cache[key] = torch.repeat_interleave(
-            torch.arange(len(numels), device=device), counts, output_size=sum(numels)
-        )
-    return seg
-
-
-def segment_norms(flat: torch.Tensor, seg: torch.Tensor, n: int, out_device: torch.device) -> torch.Tensor:
-    """L2 norm of each of the `n` segments of `flat`, float32 (0 for an empty one); NaN and inf propagate."""
-    x = flat.to(torch.float32)
-    squares = torch.zeros(n, dtype=torch.float32, device=flat.device).index_add_(0, seg, x * x)
-    return squares.sqrt().to(out_device)
-
-
-def segment_max_abs(flat: torch.Tensor, seg: torch.Tensor, n: int, out_device: torch.device) -> torch.Tensor:
-    """Largest absolute element of each segment, float32 (0 for an empty one); NaN propagates."""
-    out = torch.zeros(n, dtype=torch.float32, device=flat.device)
-    out.scatter_reduce_(0, seg, flat.abs().to(torch.float32), "amax", include_self=False)
-    return out.to(out_device)
 
 
 def grouped_norms(

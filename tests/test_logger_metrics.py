@@ -408,7 +408,7 @@ def test_flattened_reductions_match_the_per_tensor_ones():
         assert reductions.choose(tensors) == "flat"
         flat_n, flat_m = reductions.norms_and_max_abs(tensors, cpu)
         flat_w = reductions.grouped_norms(tensors, cpu)
-        seg = reductions.segments(tensors)
+        seg = reductions.Plan(tensors).segments
         assert seg.numel() == sum(t.numel() for t in tensors)
         one_n, one_m = reductions.norms_and_max_abs(tensors, cpu, impl="foreach")
         one_w = reductions.grouped_norms(tensors, cpu, impl="foreach")

@@ -196,12 +196,10 @@ class UpdateRatio(Collector):
         # the local pieces of `_snapshot_params`, as they are after the update
         current = [reductions._local(p) for _, p in self._snapshot_params] if self._params.sharded else self._current
         if self._flat:
-            plan = self._measure_plan  # the update moved no storage: the snapshot's plan holds
-            if plan.impl == "flat":
-                delta = plan.segment_norms(plan.flatten(current).sub_(self._snapshot[0]), self._device())
-            else:
-                now = reductions.flatten(current).sub_(self._snapshot[0])
-                delta = reductions.segment_norms(now, reductions.segments(current), len(current), self._device())
+            # A flat snapshot comes from a "flat" plan of these parameters (this one's, or the weight norms' of the
+            # same tensors and impl), and the update moved no storage: that plan holds.
+            plan = self._measure_plan
+            delta = plan.segment_norms(plan.flatten(current).sub_(self._snapshot[0]), self._device())
         else:
             # old - new, in the buffers (their layout is the parameters')
             delta = self._plan(self._snapshot).subtract_norms_(self._snapshot, current, self._device())
