@@ -22,7 +22,7 @@ import numpy as np
 
 
 def nbytes(obj: Any) -> int:
-    """Memory kept alive by `obj` (arrays, bytes and str inside tuples, lists, dicts, dataclasses): each
+    """Memory kept alive by `obj` (arrays, bytes and str inside tuples, lists, dicts, objects): each
     array counted as the buffer it holds (a view as its base, once however many views share it, a
     broadcast as its one element), plus 64 bytes per container."""
     return _held(obj, set())
@@ -47,6 +47,9 @@ def _held(obj: Any, seen: set[int]) -> int:
         return 64 + sum(_held(k, seen) + _held(v, seen) for k, v in obj.items())
     if hasattr(obj, "__dict__"):
         return 64 + sum(_held(v, seen) for v in vars(obj).values())
+    slots = getattr(type(obj), "__slots__", ())
+    if slots:  # a slotted object (layer_groups.Group): what its slots hold
+        return 64 + sum(_held(getattr(obj, name, None), seen) for name in slots if name != "__weakref__")
     return 64
 
 

@@ -174,7 +174,8 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
     @wire.json_route
     def _serve_runs(self, request):
         _, _, runs = self._runs(request)
-        body = [{**self._summary(run, idx), "metrics": sorted(idx.tags)} for run, idx in runs.items()]
+        body = [{**self._summary(run, idx), "metrics": sorted(idx.tags),
+                 "last_steps": {m: idx.last_step(m) for m in sorted(idx.tags)}} for run, idx in runs.items()]
         return http_util.Respond(request, {"runs": body}, "application/json")
 
     @wire.json_route
@@ -289,8 +290,7 @@ class DiagnosticsPlugin(base_plugin.TBPlugin):
         if hit is not None:
             return http_util.Respond(request, hit, "application/json")
         with self.store.foreground():
-            doc, note = model_data.structure(self.store, ctx, eid, run, idx)
-            modules = model_tree.modules_of(doc, {m: idx.layers(m) for m in idx.tags})
+            modules, doc, note = model_data.modules(self.store, ctx, eid, run, idx)
             grad = model_data.last_values(self.store, ctx, eid, run, idx)
             try:
                 body = model_tree.answer(run, modules, (found or {}).get("layers") if complete else None,

@@ -15,7 +15,8 @@ tensor or a NaN is never averaged away.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import weakref
+from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
@@ -27,14 +28,34 @@ FANOUT = 64  # the most children a group shows when expanded: a 48-block model s
 Row = Union["Group", int]  # a group, or a layer (its column in the metric's layer list)
 
 
-@dataclass(eq=False)
 class Group:
-    """A module (or a range of a module's children) with more than one layer under it."""
+    """A module (or a range of a module's children) with more than one layer under it.
 
-    key: str  # the module's name, or "<module>[a:b]" for its children a to b-1
-    label: str  # what the tab shows: "(model)" for the root
-    members: list[int]  # the layers under it, in model order
-    children: list[Row] = field(default_factory=list)
+    Slotted, its members a `range` where they are consecutive (they are in model order): a server keeps
+    a tree per layer set of every run it shows, and every container in them is one more object for
+    Python's collector to walk on each full collection.
+    """
+
+    __slots__ = ("key", "label", "members", "children", "__weakref__")
+
+    def __init__(self, key: str, label: str, members: Sequence[int], children: Optional[list[Row]] = None) -> None:
+        self.key = key  # the module's name, or "<module>[a:b]" for its children a to b-1
+        self.label = label  # what the tab shows: "(model)" for the root
+        self.members = _compact(members)  # the layers under it, in model order
+        self.children: list[Row] = [] if children is None else children
+
+    def __repr__(self) -> str:
+        return f"Group({self.key!r}, {len(self.members)} members, {len(self.children)} children)"
+
+
+def _compact(members: Sequence[int]) -> Sequence[int]:
+    """`members` as a range when they are consecutive and ascending, else as a list."""
+    if isinstance(members, range):
+        return members
+    n = len(members)
+    if n and members[-1] - members[0] + 1 == n and all(b == a + 1 for a, b in zip(members, members[1:])):
+        return range(members[0], members[-1] + 1)
+    return list(members)
 
 
 def module_of(name: str, layer_kind: str) -> str:
@@ -77,6 +98,23 @@ def build(layers: Sequence[str], layer_kind: str) -> Row:
     return _simplify(root, layers)
 
 
+# Trees by layer kind and names, while something holds them: the metrics of one layer set (a gradient's
+# norm, max and weight norm, ...) share one tree rather than each building and keeping its own.
+_TREES: weakref.WeakValueDictionary[tuple, Group] = weakref.WeakValueDictionary()
+
+
+def tree(layers: Sequence[str], layer_kind: str) -> Row:
+    """`build`, shared with every other caller that asks for the same names and kind while it is kept."""
+    key = (layer_kind, tuple(layers))
+    got = _TREES.get(key)
+    if got is None:
+        got = build(layers, layer_kind)
+        if isinstance(got, Group):
+            _index(got)  # built now, with the tree, rather than by a request's first `rows`
+            _TREES[key] = got
+    return got
+
+
 def _simplify(node: _Node, layers: Sequence[str]) -> Row:
     items = [_simplify(x, layers) if isinstance(x, _Node) else x for x in node.items]
     if len(items) == 1:  # a module with one child is that child
@@ -110,8 +148,23 @@ def _ranges(path: str, items: list[Row], layers: Sequence[str], offset: int = 0)
     return out
 
 
+# Each tree's index, kept as long as the tree is (a series' tree, the model view's): a view of 5,000 tensors
+# asks `rows` several times per answer, and walking the tree took longer than choosing the rows.
+_INDEXES: weakref.WeakKeyDictionary[Group, tuple] = weakref.WeakKeyDictionary()
+
+
 def _index(root: Row) -> tuple[dict[str, Group], dict[int, Optional[Group]], dict[int, Optional[Group]]]:
-    """(groups by key, parent of each group by id, parent of each layer)."""
+    """(groups by key, parent of each group by id, parent of each layer), built once per tree (a tree is
+    not changed once built)."""
+    if isinstance(root, Group):
+        got = _INDEXES.get(root)
+        if got is None:
+            got = _INDEXES[root] = _walk(root)
+        return got
+    return _walk(root)
+
+
+def _walk(root: Row) -> tuple[dict[str, Group], dict[int, Optional[Group]], dict[int, Optional[Group]]]:
     groups: dict[str, Group] = {}
     parent: dict[int, Optional[Group]] = {}
     layer_parent: dict[int, Optional[Group]] = {}
@@ -194,50 +247,65 @@ def aggregate(mean: np.ndarray, mn: np.ndarray, mx: np.ndarray, nonfinite: np.nd
 
     A cell's mean is weighted by its count of finite values, so a group's mean is the mean of every
     finite value of its members in the bin; min, max and the non-finite count are kept, so one
-    tensor's spike or NaN shows in its group. A layer's own column is passed through unchanged.
+    tensor's spike or NaN shows in its group. A layer's own column is passed through unchanged. The
+    counts may be any numeric type, and `present` a broadcast view (a step summary's compact arrays).
     """
-    cols = [np.array([r]) if isinstance(r, int) else np.asarray(r.members) for r in view]
-    perm = np.concatenate(cols)
-    ends = np.cumsum([c.size for c in cols])
-    spans = list(zip(np.concatenate([[0], ends[:-1]]), ends))
-    # Usually the tree's order is the model's: members are contiguous and nothing is copied.
-    same = perm.size == mean.shape[1] and bool((perm == np.arange(perm.size)).all())
-
-    def cols_of(a: np.ndarray) -> np.ndarray:
-        return a if same else a[:, perm]
-
-    # Only groups are reduced (a layer's row is its own column, filled in below); each group's columns are
-    # one slice, reduced along its inner axis: ~10x faster than ufunc.reduceat along axis 1 here.
-    groups = [c for c, r in enumerate(view) if not isinstance(r, int)]
-
-    def reduce(ufunc, a: np.ndarray, dtype=None) -> np.ndarray:
-        out = np.zeros((a.shape[0], len(spans)), dtype or a.dtype)
-        for c in groups:
-            s, e = spans[c]
-            out[:, c] = ufunc.reduce(a[:, s:e], axis=1, dtype=dtype)
-        return out
-
-    pres, bad = cols_of(present), cols_of(nonfinite)
-    weight = pres - bad  # finite values per cell
-    empty = ~(weight > 0)  # no finite value (unbinned cells hold raw values: absent or NaN/Inf ones too)
-    m, lo, hi = cols_of(mean), cols_of(mn), cols_of(mx)
-    if empty.any():
+    B, R = mean.shape[0], len(view)
+    g_mean, g_min, g_max, g_bad, g_present = (np.empty((B, R), np.float32) for _ in range(5))
+    # One group at a time, on its own columns (a slice where its members are contiguous, as they are in
+    # model order): the temporaries are a group wide, not the whole matrix, whose fresh pages cost more
+    # than the arithmetic at 1,000 bins x 5,000 tensors.
+    for c, r in enumerate(view):
+        if isinstance(r, int):
+            continue
+        m = r.members
+        cols: Union[slice, Sequence[int]] = slice(m.start, m.stop) if isinstance(m, range) else m
+        if _uniform(c, cols, mean, mn, mx, nonfinite, present, (g_mean, g_min, g_max, g_bad, g_present)):
+            continue
+        pres = np.asarray(present[:, cols], dtype=np.float32)
+        bad = np.asarray(nonfinite[:, cols], dtype=np.float32)
+        weight = pres - bad  # finite values per cell
+        ok = weight > 0  # else no finite value (unbinned cells hold raw values: absent or NaN/Inf ones too)
+        counts = np.add.reduce(weight, axis=1, dtype=np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):  # NaN/Inf means of cells left out below
+            weight *= mean[:, cols]
+            sums = np.add.reduce(np.where(ok, weight, np.float32(0)), axis=1, dtype=np.float64)
+            g_mean[:, c] = np.where(counts > 0, sums / counts, np.nan)
         nan = np.float32(np.nan)
-        m, lo, hi = np.where(empty, np.float32(0), m), np.where(empty, nan, lo), np.where(empty, nan, hi)
-    sums = reduce(np.add, m * weight, np.float64)
-    counts = reduce(np.add, weight, np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        g_mean = (sums / counts).astype(np.float32)
-    g_mean[counts == 0] = np.nan
-    g_min, g_max = reduce(np.fmin, lo).astype(np.float32), reduce(np.fmax, hi).astype(np.float32)
-    g_bad = reduce(np.add, bad).astype(np.float32)
-    g_present = reduce(np.add, pres).astype(np.float32)
+        g_min[:, c] = np.fmin.reduce(np.where(ok, mn[:, cols], nan), axis=1)
+        g_max[:, c] = np.fmax.reduce(np.where(ok, mx[:, cols], nan), axis=1)
+        g_bad[:, c] = np.add.reduce(bad, axis=1)
+        g_present[:, c] = np.add.reduce(pres, axis=1)
     leaves = [i for i, r in enumerate(view) if isinstance(r, int)]
     if leaves:
         src = [view[i] for i in leaves]
         g_mean[:, leaves], g_min[:, leaves], g_max[:, leaves] = mean[:, src], mn[:, src], mx[:, src]
         g_bad[:, leaves], g_present[:, leaves] = nonfinite[:, src], present[:, src]
     return Aggregated(g_mean, g_min, g_max, g_bad, g_present)
+
+
+def _uniform(c: int, cols, mean: np.ndarray, mn: np.ndarray, mx: np.ndarray, nonfinite: np.ndarray,
+             present: np.ndarray, out: tuple) -> bool:
+    """Column `c` of `out` for a group whose members were all recorded at every step of each bin (`present`
+    a broadcast of one count per bin, as a step summary keeps it) and hold no NaN/Inf: then each member's
+    weight in a bin is that count, and the general case's masks and weights are not needed (the same
+    numbers: the same float32 products, summed in float64; counts exact below 2**24). False (nothing
+    written) otherwise."""
+    if not isinstance(cols, slice) or present.strides[1] != 0 or nonfinite[:, cols].any():
+        return False
+    g_mean, g_min, g_max, g_bad, g_present = out
+    count = np.asarray(present[:, 0], dtype=np.float32)
+    width = cols.stop - cols.start
+    weighted = mean[:, cols] * count[:, None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        g_mean[:, c] = np.add.reduce(weighted, axis=1, dtype=np.float64) / (count.astype(np.float64) * width)
+    g_min[:, c] = np.fmin.reduce(mn[:, cols], axis=1)
+    g_max[:, c] = np.fmax.reduce(mx[:, cols], axis=1)
+    empty = ~(count > 0)  # a bin without a step: whatever its cells hold, no value
+    g_mean[empty, c] = g_min[empty, c] = g_max[empty, c] = np.nan
+    g_bad[:, c] = 0
+    g_present[:, c] = count * np.float32(width)
+    return True
 
 
 # ---------------------------------------------------------------- words

@@ -149,6 +149,41 @@ def test_aggregate_matches_numpy_over_the_ungrouped_values(points):
     assert agg.max[7 // k, spiked] == np.float32(1e6)
 
 
+def test_a_summary_s_compact_counts_aggregate_to_the_same_numbers_as_full_ones():
+    """A step summary keeps `present` as one count per bin (broadcast over the tensors) and its non-finite
+    counts as uint16; groups with no NaN/Inf are then reduced without masks (`_uniform`). Every cell must
+    equal the general computation on the same counts as full float32 matrices, and the numpy reference."""
+    rng = np.random.default_rng(3)
+    B, L, k = 40, len(LAYERS), 5
+    mean = rng.lognormal(-3, 1, (B, L)).astype(np.float32)
+    mn, mx = mean * np.float32(0.5), mean * np.float32(2)
+    nonfinite = np.zeros((B, L), np.uint16)
+    bad = LAYERS.index("model.layers.3.mlp.experts.5.weight")
+    nonfinite[9, bad] = 2  # one group has a NaN/Inf: the general path, beside groups that take the short one
+    count = np.full(B, k, np.float32)
+    count[-1] = 3  # the last bin holds fewer steps
+    count[4] = 0  # and a bin with no step at all, whatever its cells hold
+    mean[4], mn[4], mx[4] = 7, 6, 8
+    present = np.broadcast_to(count[:, None], (B, L))
+    view = lg.rows(lg.build(LAYERS, "param"), 20)
+    assert any(isinstance(r, lg.Group) and bad in r.members for r in view)
+    compact = lg.aggregate(mean, mn, mx, nonfinite, present, view)
+    full = lg.aggregate(mean, mn, mx, nonfinite.astype(np.float32), np.ascontiguousarray(present), view)
+    for a, b in zip((compact.mean, compact.min, compact.max, compact.nonfinite, compact.present),
+                    (full.mean, full.min, full.max, full.nonfinite, full.present)):
+        np.testing.assert_array_equal(a, b)
+    for c, row in enumerate(view):
+        if isinstance(row, int):  # a layer's own column is passed through as it is
+            continue
+        cols = list(row.members)
+        w = present[:, cols] - nonfinite[:, cols]
+        with np.errstate(invalid="ignore"):
+            want = np.where(w.sum(1) > 0, np.sum(np.where(w > 0, mean[:, cols], 0) * w, 1) / w.sum(1), np.nan)
+        np.testing.assert_allclose(compact.mean[:, c], want, rtol=1e-5)
+        np.testing.assert_array_equal(compact.present[:, c], present[:, cols].sum(1))
+        np.testing.assert_array_equal(np.isnan(compact.max[:, c]), w.sum(1) == 0)
+
+
 def test_describe_names_groups_first():
     names = [n for n in LAYERS if ".mlp.experts." in n and n.split(".")[2] in "1234"]
     names += ["model.layers.5.mlp.experts.0.bias", "lm_head.weight"]

@@ -45,8 +45,10 @@ class StepSummary:
     def binned(self) -> bool:
         return self.k > 1
 
-    def columns(self, cols: Optional[np.ndarray] = None) -> downsample.Binned:
-        """The summary's own bins of columns `cols` (all when None), as `downsample.bin_steps` gives them."""
+    def columns(self, cols: Optional[np.ndarray] = None, compact: bool = False) -> downsample.Binned:
+        """The summary's own bins of columns `cols` (all when None), as `downsample.bin_steps` gives them;
+        with `compact`, the counts as they are kept (uint16, `present` maybe a broadcast view) rather than
+        float32 copies, for a caller that reduces them (`layer_groups.aggregate`)."""
         pick = (lambda a: a) if cols is None else (lambda a: a[:, cols])
         present = self.present
         if present.ndim == 1:
@@ -54,9 +56,11 @@ class StepSummary:
             present = np.broadcast_to(present[:, None], (present.size, width))
         else:
             present = pick(present)
+        nonfinite = pick(self.nonfinite)
+        if not compact:
+            nonfinite, present = nonfinite.astype(np.float32), np.asarray(present, dtype=np.float32)
         return downsample.Binned(self.binned, self.step_first, self.step_last, pick(self.mean), pick(self.min),
-                                 pick(self.max), pick(self.nonfinite).astype(np.float32),
-                                 np.asarray(present, dtype=np.float32))
+                                 pick(self.max), nonfinite, present)
 
 
 def summarize(series, points: int, previous: Optional[StepSummary] = None) -> StepSummary:
@@ -174,11 +178,11 @@ def answer(summary: StepSummary, points: int, start: Optional[int], end: Optiona
 
 def own_bins(summary: StepSummary, points: int, start: Optional[int], end: Optional[int],
              cols: Optional[np.ndarray]) -> Optional[tuple[downsample.Binned, int]]:
-    """(the summary's own bins of columns `cols` within [start, end], how many of them make one bin of
-    the request): what `answer` merges, for a caller that reduces the columns first (`merge` then merges
-    far fewer); None where `answer` would not merge bins (the summary's rows are single steps, or it
-    cannot answer)."""
-    got = None if summary.k == 1 else _window(summary, points, start, end, cols)
+    """(the summary's own bins of columns `cols` within [start, end], counts compact (`StepSummary.columns`),
+    how many of them make one bin of the request): what `answer` merges, for a caller that reduces the
+    columns first (`merge` then merges far fewer); None where `answer` would not merge bins (the
+    summary's rows are single steps, or it cannot answer)."""
+    got = None if summary.k == 1 else _window(summary, points, start, end, cols, compact=True)
     return None if got is None else (got[0], got[1] // summary.k)
 
 
@@ -189,7 +193,7 @@ def merge(b: downsample.Binned, m: int) -> downsample.Binned:
 
 
 def _window(summary: StepSummary, points: int, start: Optional[int], end: Optional[int],
-            cols: Optional[np.ndarray]) -> Optional[tuple[downsample.Binned, int]]:
+            cols: Optional[np.ndarray], compact: bool = False) -> Optional[tuple[downsample.Binned, int]]:
     """(the summary's bins of the steps within [start, end], columns `cols`; the request's bin size), or
     None when the request's bins are not whole bins of the summary's."""
     steps = summary.steps
@@ -201,7 +205,7 @@ def _window(summary: StepSummary, points: int, start: Optional[int], end: Option
     k = summary.k
     if want % k or lo % k or (hi % k and hi != steps.size):
         return None
-    b = summary.columns(cols)
+    b = summary.columns(cols, compact)
     first, last = lo // k, -(-hi // k)
     if first or last != b.mean.shape[0]:
         b = downsample.Binned(b.binned, *(getattr(b, f)[first:last] for f in _FIELDS))

@@ -34,6 +34,17 @@ def structure(store: RunStore, ctx, eid: str, run: str, idx: RunIndex) -> tuple[
     return store.answers.get(("structure", eid, run, idx.stamps.get(idx.structure_tag)), read)
 
 
+def modules(store: RunStore, ctx, eid: str, run: str, idx: RunIndex) -> tuple[model_tree.Modules, Optional[dict],
+                                                                               Optional[str]]:
+    """(the model's modules and their tree, the structure document or None, why it is unusable or None):
+    built once per data version of the run (the layers named in it, and the document's tag, can change)."""
+    doc, note = structure(store, ctx, eid, run, idx)
+    mods = store.answers.get(
+        ("modules", eid, run, idx.data_version()),
+        lambda: model_tree.Modules(model_tree.modules_of(doc, {m: idx.layers(m) for m in idx.tags})))
+    return mods, doc, note
+
+
 def nonfinite(store: RunStore, ctx, eid: str, run: str, idx: RunIndex) -> dict[str, tuple[int, str]]:
     """Layer -> (first step of a recorded NaN/Inf, its layer kind) over the metrics the model view scans,
     each metric's scan kept per its data version."""
@@ -70,16 +81,22 @@ def last_values(store: RunStore, ctx, eid: str, run: str, idx: RunIndex) -> tupl
     series = store.series_and_key(ctx, eid, run, model_tree.VALUE_METRIC, idx)[0]
     if isinstance(series, Series) or not series.steps.size:
         return model_tree.last_values(series)
-    last = int(series.steps[-1])
-    b = series.bin_columns(1, last, last, np.arange(len(series.layers)))
-    return last, {n: float(b.mean[0, j]) for j, n in enumerate(series.layers) if b.present[0, j]}
+
+    def read():  # from the event files: once per data version
+        last = int(series.steps[-1])
+        b = series.bin_columns(1, last, last, np.arange(len(series.layers)))
+        return last, {n: float(b.mean[0, j]) for j, n in enumerate(series.layers) if b.present[0, j]}
+
+    return store.binned.get(((eid, run, model_tree.VALUE_METRIC, idx.version(model_tree.VALUE_METRIC)),
+                             "last_values"), read)
 
 
 def warm(store: RunStore, ctx, eid: str, run: str, idx: RunIndex) -> None:
     """Read what the model view's answer is made from into the store, and build each metric's module tree
     (what a grouped heatmap's first answer would otherwise build): the background's last task."""
-    structure(store, ctx, eid, run, idx)
+    modules(store, ctx, eid, run, idx)
     nonfinite(store, ctx, eid, run, idx)
+    last_values(store, ctx, eid, run, idx)
     for metric in idx.tags:
         series = store.series_and_key(ctx, eid, run, metric, idx)[0]
         if len(series.layers) > 1:

@@ -10,7 +10,8 @@ gradient norms, so one bad tensor among thousands is never averaged away.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -26,6 +27,7 @@ OPEN_BUDGET = 4  # unhealthy branches are opened while the rows stay under this 
 _RANK = {"ok": 0, **{s: len(metadata.SEVERITIES) - i for i, s in enumerate(metadata.SEVERITIES)}}
 _RANK[NONFINITE] = _RANK[metadata.SEVERITIES[0]]
 _UNHEALTHY = {NONFINITE, *metadata.SEVERITIES[:2]}  # opened by default: errors, warnings and NaN/Inf
+_NO_FINDINGS = ("ok", "no findings")
 
 
 def modules_of(doc: Optional[dict], layers: dict[str, tuple[list[str], list[str]]]) -> list[dict]:
@@ -104,6 +106,40 @@ def first_nonfinite_summarized(summary: Any, layers: Sequence[str],
     return out
 
 
+@dataclass(eq=False)
+class Modules:
+    """The modules in model order (`modules_of`) and their tree (`layer_groups.build`): built once per data
+    version of a run (`serving.model_data.modules`), since at 5,000 tensors building the tree took longer
+    than the rest of an answer."""
+
+    modules: list[dict]
+    names: list[str] = field(init=False)
+    pos: dict[str, int] = field(init=False)
+    root: layer_groups.Row = field(init=False)
+
+    has_members: list[bool] = field(init=False)  # a tracked parameter or an activation site of its own
+    parent: list[int] = field(init=False)  # the nearest enclosing module in the list (-1: none)
+    deepest_first: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.names = [m["name"] for m in self.modules]
+        self.pos = {n: j for j, n in enumerate(self.names)}
+        self.root = layer_groups.tree(self.names, "module")
+        layer_groups.rows(self.root, 1)  # indexes the tree (kept with it)
+        self.has_members = [any(p.get("tracked") is not False for p in m["params"]) or bool(m["sites"])
+                            for m in self.modules]
+        self.parent = [self._parent(n) for n in self.names]
+        self.deepest_first = sorted(range(len(self.names)), key=lambda j: -_depth(self.names[j]))
+
+    def _parent(self, name: str) -> int:
+        if name == "":
+            return -1
+        parent = name.rsplit(".", 1)[0] if "." in name else ""
+        while parent not in self.pos and parent:
+            parent = parent.rsplit(".", 1)[0] if "." in parent else ""
+        return self.pos.get(parent, -1)
+
+
 def last_values(series: Optional[Series]) -> tuple[Optional[int], dict[str, float]]:
     """(last logged step, layer -> its value there) of a series; NaN/Inf values kept."""
     if series is None or not series.steps.size:
@@ -124,19 +160,22 @@ def _depth(name: str) -> int:
     return 0 if name == "" else name.count(".") + 1
 
 
-def answer(run: str, modules: list[dict], verdicts: Optional[dict], nonfinite: dict[str, tuple[int, str]],
-           grad: tuple[Optional[int], dict[str, float]], max_rows: int, expand: Sequence[str] = (),
-           reveal: Sequence[str] = (), open_unhealthy: bool = True) -> dict:
+def answer(run: str, modules: Union[list[dict], Modules], verdicts: Optional[dict],
+           nonfinite: dict[str, tuple[int, str]], grad: tuple[Optional[int], dict[str, float]], max_rows: int,
+           expand: Sequence[str] = (), reveal: Sequence[str] = (), open_unhealthy: bool = True) -> dict:
     """The rows of the model view (see `tb_diag_plugin/http_api.md`, `/model`).
 
     `verdicts`: the findings' per-layer verdicts (`/findings`' `layers`), None while they are being
     computed; `nonfinite`: layer -> (first NaN/Inf step, its layer kind); `grad`: `last_values` of the
-    gradient norms. ValueError names an `expand` key or a `reveal` module (or layer) that the tree does not have.
+    gradient norms; `modules`: `modules_of`'s list, or the same in a `Modules` built earlier. ValueError names
+    an `expand` key or a `reveal` module (or layer) that the tree does not have.
     """
-    names = [m["name"] for m in modules]
-    pos = {n: j for j, n in enumerate(names)}
+    tree = modules if isinstance(modules, Modules) else Modules(modules)
+    modules, names, pos, root = tree.modules, tree.names, tree.pos, tree.root
     analysed = verdicts is not None
-    own: list[list[tuple[str, str]]] = [[] for _ in modules]
+    # Only the modules that have something to say get an entry (a few of 5,000): an answer that made
+    # thousands of lists per request had Python's collector walk the server's whole heap now and then.
+    own: dict[int, list[tuple[str, str]]] = {}
     for layer, v in (verdicts or {}).items():
         if v.get("severity") not in _RANK:
             continue
@@ -146,44 +185,39 @@ def answer(run: str, modules: list[dict], verdicts: Optional[dict], nonfinite: d
             continue
         member = layer[len(mod) + 1:] if kind == "param" and mod else layer
         kinds = ", ".join(str(k).replace("_", " ") for k in v.get("kinds", []))
-        own[pos[mod]].append((v["severity"], kinds if mod == layer else f"{member}: {kinds}"))
-    bad_of: list[list[tuple[str, int]]] = [[] for _ in modules]
+        own.setdefault(pos[mod], []).append((v["severity"], kinds if mod == layer else f"{member}: {kinds}"))
+    bad_of: dict[int, list[tuple[str, int]]] = {}
     for layer, (step, kind) in nonfinite.items():
         mod = layer_groups.module_of(layer, kind)
         if mod not in pos:
             continue
         j = pos[mod]
-        bad_of[j].append((layer, step))
+        bad_of.setdefault(j, []).append((layer, step))
         what = "activations" if kind == "site" else "values"
-        own[j].append((NONFINITE, f"{'' if layer == mod else layer + ': '}{what} NaN/Inf from step {step}"))
-    for j, m in enumerate(modules):
-        bad_of[j].sort(key=lambda x: (x[1], x[0]))
-        members = sum(p.get("tracked") is not False for p in m["params"]) + len(m["sites"])
-        if analysed and not own[j] and members:
-            own[j].append(("ok", "no findings"))
+        own.setdefault(j, []).append(
+            (NONFINITE, f"{'' if layer == mod else layer + ': '}{what} NaN/Inf from step {step}"))
+    for bad in bad_of.values():
+        bad.sort(key=lambda x: (x[1], x[0]))
     # A module's status is the worst of its own and of every module under it (the root: the whole model).
-    below: list[Optional[tuple[str, str]]] = [_worst(x) for x in own]
-    for j in sorted(range(len(modules)), key=lambda j: -_depth(names[j])):
+    below: list[Optional[tuple[str, str]]] = [
+        _worst(own[j]) if j in own else _NO_FINDINGS if analysed and tree.has_members[j] else None
+        for j in range(len(modules))]
+    for j in tree.deepest_first:
         w = below[j]
-        if w is None or names[j] == "":
+        k = tree.parent[j]
+        if w is None or k < 0:
             continue
-        parent = names[j].rsplit(".", 1)[0] if "." in names[j] else ""
-        while parent not in pos and parent:
-            parent = parent.rsplit(".", 1)[0] if "." in parent else ""
-        if parent in pos:
-            k = pos[parent]
-            text = w[1] if w[1].startswith(names[j]) else f"{names[j]}: {w[1]}"
-            if below[k] is None or _RANK[w[0]] > _RANK[below[k][0]]:
-                below[k] = (w[0], text)
+        text = w[1] if w[1].startswith(names[j]) else f"{names[j]}: {w[1]}"
+        if below[k] is None or _RANK[w[0]] > _RANK[below[k][0]]:
+            below[k] = (w[0], text)
 
-    root = layer_groups.build(names, "module")
     shown = [_module_index(r, pos) for r in reveal]
     view = layer_groups.rows(root, max_rows, expand, shown)
     opened: list[str] = []
     if open_unhealthy:
         # A recorded NaN/Inf first (the most specific sign, even where a finding names every tensor), then worst first.
-        sick = sorted((j for j, w in enumerate(map(_worst, own)) if w and w[0] in _UNHEALTHY),
-                      key=lambda j: (not bad_of[j], -_RANK[_worst(own[j])[0]], j))
+        sick = sorted((j for j, w in ((j, _worst(x)) for j, x in own.items()) if w and w[0] in _UNHEALTHY),
+                      key=lambda j: (j not in bad_of, -_RANK[_worst(own[j])[0]], j))
         for j in sick[:64]:
             if any(r == j for r in view):
                 continue
@@ -194,7 +228,10 @@ def answer(run: str, modules: list[dict], verdicts: Optional[dict], nonfinite: d
             opened.append(names[j])
 
     grad_step, grad_values = grad
-    own_grad = [[grad_values[p["name"]] for p in m["params"] if p["name"] in grad_values] for m in modules]
+
+    def own_grad(j: int) -> list[float]:
+        return [grad_values[p["name"]] for p in modules[j]["params"] if p["name"] in grad_values]
+
     rows = []
     for r in view:
         members = [r] if isinstance(r, int) else r.members
@@ -208,7 +245,7 @@ def answer(run: str, modules: list[dict], verdicts: Optional[dict], nonfinite: d
                    "more_params": max(0, len(m["params"]) - MAX_LISTED),
                    "sites": [{k: s.get(k) for k in ("name", "type")} for s in m["sites"][:MAX_LISTED]],
                    "more_sites": max(0, len(m["sites"]) - MAX_LISTED)}
-            gvals = own_grad[r]
+            gvals = own_grad(r)
         else:
             status = _worst([below[j] for j in members if below[j] is not None])
             base = r.key.split("[", 1)[0]
@@ -216,8 +253,8 @@ def answer(run: str, modules: list[dict], verdicts: Optional[dict], nonfinite: d
             row = {"key": r.key, "label": r.label, "group": True, "members": len(members),
                    "depth": _depth(base) + (1 if "[" in r.key else 0),
                    "num_params": sum(numel) if numel and all(isinstance(x, int) for x in numel) else None}
-            gvals = [x for j in members for x in own_grad[j]]
-        bad = [b for j in members for b in bad_of[j]]
+            gvals = [x for j in members for x in own_grad(j)]
+        bad = [b for j in members for b in bad_of.get(j, ())]
         row.update(status=status[0] if status else "none", why=status[1] if status else "",
                    nonfinite=[list(b) for b in sorted(bad, key=lambda x: (x[1], x[0]))[:MAX_LISTED]],
                    nonfinite_layers=len(bad), first_nonfinite=min((b[1] for b in bad), default=None),

@@ -197,10 +197,10 @@ def layer_tree(series, metric: str, names: list[str]) -> layer_groups.Row:
     spec = metadata.METRICS.get(metric)
     kind = spec.layer_kind if spec else ""
     if names != series.layers:  # a request's own layers
-        return layer_groups.build(names, kind)
+        return layer_groups.tree(names, kind)
     kept = getattr(series, "layer_tree", None)
     if kept is None or kept[0] != kind:
-        kept = series.layer_tree = (kind, layer_groups.build(names, kind))
+        kept = series.layer_tree = (kind, layer_groups.tree(names, kind))
     return kept[1]
 
 
