@@ -128,9 +128,11 @@ export function theme(dark) {
     : {dark, fg: "#212121", muted: "#616161", grid: "#e6e6e6", zero: "#bdbdbd", bg: "#ffffff", panel: "#ffffff"};
 }
 
+// `ticklabeloverflow: "allow"`: Plotly's default on numeric axes measures every tick label's box (a layout
+// each) to hide the ones that cross the chart's edge, which the margins here already leave room for.
 export function axis(t, extra = {}) {
   return {gridcolor: t.grid, zerolinecolor: t.zero, linecolor: t.grid, tickfont: {size: 11, color: t.muted},
-          title: {font: {size: 11, color: t.muted}}, automargin: true, ...extra};
+          title: {font: {size: 11, color: t.muted}}, automargin: true, ticklabeloverflow: "allow", ...extra};
 }
 
 export function layout(t, extra = {}) {

@@ -366,3 +366,30 @@ def test_read_ahead_waits_while_a_request_is_answered(long_run):
         assert in_flight[0] == ("resumed", 0)
         assert all(busy == 0 for _, busy in in_flight), in_flight
         assert {key[2] for key in store.series_cache.keys()} == set(metrics)
+
+
+@pytest.mark.parametrize("load_fast", [False, True], ids=["python_loader", "rust_data_server"])
+def test_runs_give_each_metric_s_last_logged_step_and_follow_the_run(tmp_path, load_fast):
+    """/runs' `last_steps`: the last step written for each metric (the gradient-flow profile is asked for
+    there before the heatmap's data is in), from both of TensorBoard's loaders, and current as the run grows."""
+    from tb_diag_plugin.summary import EventWriter
+
+    layers = ["a.weight", "a.bias"]
+    w = EventWriter(str(tmp_path / "r"), flush_secs=1)
+    for s in range(11):
+        vectors = [("loss", ["total"], (), np.array([1.0 / (s + 1)], np.float32))]
+        if s % 3 == 0:  # a metric logged every 3 steps: its last step is not the run's
+            vectors.append(("grad_norm", layers, (), np.ones(2, np.float32)))
+        w.write_vectors(s, vectors)
+    w.flush()
+    with serve_with_plugin(str(tmp_path), load_fast=load_fast, config=Config(preload=False, index_ttl_s=0.0)) as (
+            srv, _):
+        srv.wait_for_runs(1)
+        [run] = until(lambda: (r := srv.plugin("runs")["runs"]) and r[0]["last_steps"].get("loss") == 10 and r)
+        assert run["last_steps"] == {"grad_norm": 9, "loss": 10}
+        assert set(run["last_steps"]) == set(run["metrics"])
+        w.write_vectors(12, [("grad_norm", layers, (), np.ones(2, np.float32))])
+        w.flush()
+        [run] = until(lambda: (r := srv.plugin("runs")["runs"]) and r[0]["last_steps"]["grad_norm"] == 12 and r)
+        assert run["last_steps"]["loss"] == 10
+    w.close()

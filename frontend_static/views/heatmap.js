@@ -138,12 +138,21 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro, help
     const width = Math.max(320, (panels.root.clientWidth || 900) - 140);
     const points = Math.max(40, Math.min(1000, Math.round(width / 2)));
     const reveals = await Promise.all(runs.map((r) => (hasMetric(r, metric) ? revealed(r.run, app) : [])));
-    const data = await Promise.all(runs.map((r, k) =>
+    const data = runs.map((r, k) =>
       hasMetric(r, metric) ? fetchMetric(r.run, metric, {points, ...rowsOpts(reveals[k])}, ratios).catch((e) => e)
-        : Promise.resolve(null)));
+        : Promise.resolve(null));
+    // The profile's values, asked for with the heatmaps' where its step is known (the chosen one, else the
+    // last one the run list gives), else once they are here: the server answers it while they are drawn.
+    const known = profileStep(app, runs);
+    let profile = known && profileRows(app, runs, runs.map((r) => hasMetric(r, metric)), reveals, known);
+    for (let k = 0; k < data.length; k++) data[k] = await data[k];
     if (ctx.stale()) return;
-    // The profile's values, asked for now: the server answers them while the heatmaps are drawn.
-    const profile = profileRows(app, runs, data, reveals);
+    const first = data.find((v) => v && !(v instanceof Error) && v.B);
+    if (!first) profile = null; // no data to profile
+    else if (!profile) {
+      profile = profileRows(app, runs, data.map((v) => v && !(v instanceof Error)), reveals,
+                            {lo: first.lastStep, hi: first.lastStep});
+    }
     const match = matcher();
     let shown = 0;
     let total = 0;
@@ -245,13 +254,18 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro, help
     panels.end();
   };
 
-  // {step, rows}: the step the profile shows (the chosen one, else the latest) and each run's values
-  // there (a promise); null when no run has data.
-  function profileRows(app, runs, data, reveals) {
-    const first = data.find((v) => v && !(v instanceof Error) && v.B);
-    if (!first) return null;
-    const step = app.state.step || {lo: first.lastStep, hi: first.lastStep};
-    const rows = Promise.all(runs.map((r, k) => (data[k] && !(data[k] instanceof Error)
+  // The step the profile shows, before any data is here: the chosen one, else the last logged step of the
+  // metric in the first run that has it (from the run list); null when neither is known.
+  function profileStep(app, runs) {
+    if (app.state.step) return app.state.step;
+    const r = runs.find((x) => hasMetric(x, metric));
+    const last = r?.last_steps?.[needsOf(metric)[0]];
+    return Number.isFinite(last) ? {lo: last, hi: last} : null;
+  }
+
+  // {step, rows}: the profile's step and each run's values there (a promise), for the runs `want`s.
+  function profileRows(app, runs, want, reveals, step) {
+    const rows = Promise.all(runs.map((r, k) => (want[k]
       ? fetchMetric(r.run, metric, {start: step.lo, end: step.hi, points: 1, ...rowsOpts(reveals[k])}, ratios)
         .catch((e) => e) : null)));
     return {step, rows};

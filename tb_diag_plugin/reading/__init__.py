@@ -39,6 +39,11 @@ class RunIndex:
         """Changes whenever one of the metric's tags gains a step: a cache key."""
         return tuple((tag, self.stamps.get(tag)) for tag, _ in self.tags.get(metric, []))
 
+    def last_step(self, metric: str) -> Optional[int]:
+        """The last step logged for `metric` as its tags' listing says (None if it says none)."""
+        steps = [self.stamps[tag][0] for tag, _ in self.tags.get(metric, []) if self.stamps.get(tag)]
+        return int(max(steps)) if steps else None
+
     def data_version(self) -> tuple:
         """Changes whenever any of the run's tags gains a step: a cache key for the whole run."""
         return tuple(sorted(self.stamps.items()))
