@@ -7,6 +7,8 @@ On a real TensorBoard; every wait is on a condition (tbserver.until), never a sl
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 from tensorboard.context import RequestContext
 
@@ -50,4 +52,39 @@ def test_tags_are_encoded_once_per_data_version_and_follow_the_run(tmp_path):
         assert grown["metrics"]["grad_norm"] == first["metrics"]["grad_norm"]
         now = plugin.store.index(RequestContext(), "")[run].data_version()
         assert now in {at for at, _ in _tags_entries(plugin, run)}
+    w.close()
+
+
+def test_a_complete_findings_answer_is_encoded_once_and_follows_the_run(tmp_path):
+    """/findings?partial=true, once complete, is the same bytes on every request (encoded once, kept in the
+    byte-bounded cache), equal to the answer computed independently; a new step gives a new answer."""
+    run = "r"
+    w = EventWriter(str(tmp_path / run), flush_secs=1)
+    for s in range(30):
+        w.write_vectors(s, [("loss", ["total"], (), np.array([1.0], np.float32)),
+                            ("grad_norm", LAYERS, (), np.full(len(LAYERS), np.nan if s >= 20 else 1.0, np.float32))])
+    w.flush()
+    with serve_with_plugin(str(tmp_path), config=Config(preload=False, index_ttl_s=0.0)) as (srv, plugin):
+        srv.wait_for_runs(1)
+        path = f"data/plugin/diagnostics/findings?run={run}&partial=true&wait_ms=5000"
+        first = until(lambda: (b := srv.get(path)[1]) and json.loads(b)["complete"] and b)
+        body = json.loads(first)
+        assert "nonfinite" in {f["kind"] for f in body["findings"]}  # the NaN gradients from step 20
+        # the same bytes again, and the answer the blocking route computes
+        assert srv.get(path)[1] == first
+        whole = srv.plugin(f"findings?run={run}")
+        assert body == {**json.loads(json.dumps(whole)), "complete": True}
+        def held():  # (data version, bytes) of the kept encodings
+            return [(k[1][3], v[1]) for k, v in plugin.store.memory.entries()
+                    if k[0] == plugin.store.answers.name and k[1][:2] == ("findings", "")]
+
+        version = plugin.store.index(RequestContext(), "")[run].data_version()
+        assert held() == [(version, first)]
+        # a new step: the answer of the new data version is encoded (and kept) for it
+        w.write_vectors(30, [("loss", ["total"], (), np.array([2.0], np.float32))])
+        w.flush()
+        until(lambda: plugin.store.index(RequestContext(), "")[run].data_version() != version)
+        now = plugin.store.index(RequestContext(), "")[run].data_version()
+        grown = until(lambda: (b := srv.get(path)[1]) and json.loads(b)["complete"] and now in dict(held()) and b)
+        assert dict(held())[now] == grown
     w.close()

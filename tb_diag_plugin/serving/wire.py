@@ -68,6 +68,11 @@ def respond(request, body: bytes, content_type: str, encoding: Optional[str]):
     return http_util.Respond(request, body, content_type, content_encoding=encoding)
 
 
+def json_bytes(obj) -> bytes:
+    """`obj` encoded as `http_util.Respond` encodes a dict (TensorBoard's NaN strings, ASCII escapes)."""
+    return json.dumps(_cleanse(obj), ensure_ascii=True).encode("utf-8")
+
+
 def version_text(version) -> str:
     """A data version (a tuple of tag stamps) as a short opaque string for the tab to compare."""
     return hashlib.blake2b(repr(version).encode("utf-8"), digest_size=8).hexdigest()
