@@ -251,31 +251,26 @@ def aggregate(mean: np.ndarray, mn: np.ndarray, mx: np.ndarray, nonfinite: np.nd
     counts may be any numeric type, and `present` a broadcast view (a step summary's compact arrays).
     """
     B, R = mean.shape[0], len(view)
-    g_mean, g_min, g_max, g_bad, g_present = (np.empty((B, R), np.float32) for _ in range(5))
-    # One group at a time, on its own columns (a slice where its members are contiguous, as they are in
-    # model order): the temporaries are a group wide, not the whole matrix, whose fresh pages cost more
-    # than the arithmetic at 1,000 bins x 5,000 tensors.
+    out = tuple(np.empty((B, R), np.float32) for _ in range(5))
+    g_mean, g_min, g_max, g_bad, g_present = out
+    # Groups are reduced a batch at a time: groups taken in order until their members make BATCH columns
+    # (a slice where they are consecutive, as in model order, else gathered). The temporaries stay a batch
+    # wide (or a big group's), not the whole matrix, whose fresh pages cost more than the arithmetic at
+    # 1,000 bins x 5,000 tensors; and the sixty-four small groups of an opened group share one pass over
+    # their columns, then a few reductions each.
+    batch: list[tuple[int, Group]] = []
+    width = 0
+    arrays = (mean, mn, mx, nonfinite, present)
     for c, r in enumerate(view):
         if isinstance(r, int):
             continue
-        m = r.members
-        cols: Union[slice, Sequence[int]] = slice(m.start, m.stop) if isinstance(m, range) else m
-        if _uniform(c, cols, mean, mn, mx, nonfinite, present, (g_mean, g_min, g_max, g_bad, g_present)):
-            continue
-        pres = np.asarray(present[:, cols], dtype=np.float32)
-        bad = np.asarray(nonfinite[:, cols], dtype=np.float32)
-        weight = pres - bad  # finite values per cell
-        ok = weight > 0  # else no finite value (unbinned cells hold raw values: absent or NaN/Inf ones too)
-        counts = np.add.reduce(weight, axis=1, dtype=np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):  # NaN/Inf means of cells left out below
-            weight *= mean[:, cols]
-            sums = np.add.reduce(np.where(ok, weight, np.float32(0)), axis=1, dtype=np.float64)
-            g_mean[:, c] = np.where(counts > 0, sums / counts, np.nan)
-        nan = np.float32(np.nan)
-        g_min[:, c] = np.fmin.reduce(np.where(ok, mn[:, cols], nan), axis=1)
-        g_max[:, c] = np.fmax.reduce(np.where(ok, mx[:, cols], nan), axis=1)
-        g_bad[:, c] = np.add.reduce(bad, axis=1)
-        g_present[:, c] = np.add.reduce(pres, axis=1)
+        batch.append((c, r))
+        width += len(r.members)
+        if width >= BATCH:
+            _reduce_batch(batch, arrays, out)
+            batch, width = [], 0
+    if batch:
+        _reduce_batch(batch, arrays, out)
     leaves = [i for i, r in enumerate(view) if isinstance(r, int)]
     if leaves:
         src = [view[i] for i in leaves]
@@ -284,28 +279,88 @@ def aggregate(mean: np.ndarray, mn: np.ndarray, mx: np.ndarray, nonfinite: np.nd
     return Aggregated(g_mean, g_min, g_max, g_bad, g_present)
 
 
-def _uniform(c: int, cols, mean: np.ndarray, mn: np.ndarray, mx: np.ndarray, nonfinite: np.ndarray,
-             present: np.ndarray, out: tuple) -> bool:
-    """Column `c` of `out` for a group whose members were all recorded at every step of each bin (`present`
-    a broadcast of one count per bin, as a step summary keeps it) and hold no NaN/Inf: then each member's
-    weight in a bin is that count, and the general case's masks and weights are not needed (the same
-    numbers: the same float32 products, summed in float64; counts exact below 2**24). False (nothing
-    written) otherwise."""
-    if not isinstance(cols, slice) or present.strides[1] != 0 or nonfinite[:, cols].any():
-        return False
+BATCH = 1024  # columns reduced together (see `aggregate`)
+
+
+def _reduce_batch(batch: list[tuple[int, Group]], arrays: tuple, out: tuple) -> None:
+    """Columns of `out` for a batch of groups: their members' columns side by side (a slice where they are
+    consecutive, as in model order; else gathered), reduced per group."""
+    mean, mn, mx, nonfinite, present = arrays
+    ends = np.cumsum([len(r.members) for _, r in batch]).tolist()
+    spans = list(zip([0, *ends[:-1]], ends))
+    cs = [c for c, _ in batch]
+    ranges = [r.members for _, r in batch]
+    if all(isinstance(m, range) for m in ranges) and all(a.stop == b.start for a, b in zip(ranges, ranges[1:])):
+        cols: Union[slice, np.ndarray] = slice(ranges[0].start, ranges[-1].stop)
+    else:
+        cols = np.concatenate([np.asarray(m, dtype=np.int64) for m in ranges])
+    m, lo, hi, bad = mean[:, cols], mn[:, cols], mx[:, cols], nonfinite[:, cols]
+    if present.strides[1] != 0:  # counts per cell: the general case
+        _reduce(cs, spans, m, lo, hi, bad, present[:, cols], out)
+        return
+    # One count per bin (a step summary's): the groups without a NaN/Inf take `_uniform`, each run of groups
+    # of one kind on its own slice of the batch.
+    count = present[:, 0]
+    col_bad = bad.any(axis=0)
+    uniform = [not col_bad[s:e].any() for s, e in spans]
+    i = 0
+    while i < len(cs):
+        j = i + 1
+        while j < len(cs) and uniform[j] == uniform[i]:
+            j += 1
+        a, b = spans[i][0], spans[j - 1][1]
+        sub = [(s - a, e - a) for s, e in spans[i:j]]
+        if uniform[i]:
+            _uniform(cs[i:j], sub, m[:, a:b], lo[:, a:b], hi[:, a:b], count, out)
+        else:
+            _reduce(cs[i:j], sub, m[:, a:b], lo[:, a:b], hi[:, a:b], bad[:, a:b],
+                    np.broadcast_to(count[:, None], (count.size, b - a)), out)
+        i = j
+
+
+def _reduce(cs: list[int], spans: list[tuple[int, int]], mean: np.ndarray, mn: np.ndarray, mx: np.ndarray,
+            nonfinite: np.ndarray, present: np.ndarray, out: tuple) -> None:
+    """Column cs[i] of `out` from the columns spans[i] of these [B, W] arrays (a batch of groups' members)."""
     g_mean, g_min, g_max, g_bad, g_present = out
-    count = np.asarray(present[:, 0], dtype=np.float32)
-    width = cols.stop - cols.start
-    weighted = mean[:, cols] * count[:, None]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        g_mean[:, c] = np.add.reduce(weighted, axis=1, dtype=np.float64) / (count.astype(np.float64) * width)
-    g_min[:, c] = np.fmin.reduce(mn[:, cols], axis=1)
-    g_max[:, c] = np.fmax.reduce(mx[:, cols], axis=1)
+    pres = np.asarray(present, dtype=np.float32)
+    bad = np.asarray(nonfinite, dtype=np.float32)
+    weight = pres - bad  # finite values per cell
+    ok = weight > 0  # else no finite value (unbinned cells hold raw values: absent or NaN/Inf ones too)
+    nan = np.float32(np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):  # NaN/Inf means of cells left out below
+        weighted = np.where(ok, weight * mean, np.float32(0))
+    lo, hi = np.where(ok, mn, nan), np.where(ok, mx, nan)
+    for c, (s, e) in zip(cs, spans):
+        counts = np.add.reduce(weight[:, s:e], axis=1, dtype=np.float64)
+        sums = np.add.reduce(weighted[:, s:e], axis=1, dtype=np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            g_mean[:, c] = np.where(counts > 0, sums / counts, np.nan)
+        g_min[:, c] = np.fmin.reduce(lo[:, s:e], axis=1)
+        g_max[:, c] = np.fmax.reduce(hi[:, s:e], axis=1)
+        g_bad[:, c] = np.add.reduce(bad[:, s:e], axis=1)
+        g_present[:, c] = np.add.reduce(pres[:, s:e], axis=1)
+
+
+def _uniform(cs: list[int], spans: list[tuple[int, int]], mean: np.ndarray, mn: np.ndarray, mx: np.ndarray,
+             count: np.ndarray, out: tuple) -> None:
+    """`_reduce` where every member was recorded at every step of each bin (`count` per bin: a step summary's
+    broadcast `present`) and none holds a NaN/Inf: each member's weight in a bin is that count, and the masks
+    are not needed (the same numbers: the same float32 products, summed in float64; counts exact below
+    2**24)."""
+    g_mean, g_min, g_max, g_bad, g_present = out
+    count = np.asarray(count, dtype=np.float32)
+    with np.errstate(invalid="ignore"):
+        weighted = mean * count[:, None]
     empty = ~(count > 0)  # a bin without a step: whatever its cells hold, no value
-    g_mean[empty, c] = g_min[empty, c] = g_max[empty, c] = np.nan
-    g_bad[:, c] = 0
-    g_present[:, c] = count * np.float32(width)
-    return True
+    for c, (s, e) in zip(cs, spans):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            g_mean[:, c] = np.add.reduce(weighted[:, s:e], axis=1, dtype=np.float64) / (
+                count.astype(np.float64) * (e - s))
+        g_min[:, c] = np.fmin.reduce(mn[:, s:e], axis=1)
+        g_max[:, c] = np.fmax.reduce(mx[:, s:e], axis=1)
+        g_mean[empty, c] = g_min[empty, c] = g_max[empty, c] = np.nan
+        g_bad[:, c] = 0
+        g_present[:, c] = count * np.float32(e - s)
 
 
 # ---------------------------------------------------------------- words

@@ -149,17 +149,21 @@ def test_aggregate_matches_numpy_over_the_ungrouped_values(points):
     assert agg.max[7 // k, spiked] == np.float32(1e6)
 
 
-def test_a_summary_s_compact_counts_aggregate_to_the_same_numbers_as_full_ones():
+@pytest.mark.parametrize("with_nan", [False, True], ids=["no_nan", "a_nan"])
+@pytest.mark.parametrize("batch", [1024, 3], ids=["one_batch", "batches_of_3"])
+def test_a_summary_s_compact_counts_aggregate_to_the_same_numbers_as_full_ones(with_nan, batch, monkeypatch):
     """A step summary keeps `present` as one count per bin (broadcast over the tensors) and its non-finite
-    counts as uint16; groups with no NaN/Inf are then reduced without masks (`_uniform`). Every cell must
-    equal the general computation on the same counts as full float32 matrices, and the numpy reference."""
+    counts as uint16; a batch of groups with no NaN/Inf is then reduced without masks (`_uniform`). Every cell
+    must equal the general computation on the same counts as full float32 matrices (`_reduce`), and the numpy
+    reference; with batches of any size (groups gathered together, or one at a time)."""
+    monkeypatch.setattr(lg, "BATCH", batch)
     rng = np.random.default_rng(3)
     B, L, k = 40, len(LAYERS), 5
     mean = rng.lognormal(-3, 1, (B, L)).astype(np.float32)
     mn, mx = mean * np.float32(0.5), mean * np.float32(2)
     nonfinite = np.zeros((B, L), np.uint16)
     bad = LAYERS.index("model.layers.3.mlp.experts.5.weight")
-    nonfinite[9, bad] = 2  # one group has a NaN/Inf: the general path, beside groups that take the short one
+    nonfinite[9, bad] = 2 if with_nan else 0  # a NaN/Inf in one group: its batch takes the general path
     count = np.full(B, k, np.float32)
     count[-1] = 3  # the last bin holds fewer steps
     count[4] = 0  # and a bin with no step at all, whatever its cells hold
