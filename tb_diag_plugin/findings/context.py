@@ -84,16 +84,26 @@ class SpilledRows:
     tensor's steps together (a block of tensors is one contiguous read). Each part indexed is read with
     `os.preadv` into an array of its own, never mapped: mapped pages count in the process's resident size, and
     the kernel maps the neighbours of each page read with it. So the rules' peak does not grow with the run's
-    length (`Context.before_cutoff` keeps a metric read in pieces so)."""
+    length (`Context.before_cutoff` keeps a metric read in pieces so). The file's name is removed as soon as
+    it is open: only the open file holds its space, so nothing is left on disk even when the process is
+    killed mid-analysis."""
 
     dtype = np.dtype(np.float32)
 
-    def __init__(self, path: str, shape: tuple[int, int]) -> None:
-        self.path = path
+    def __init__(self, path: Optional[str], shape: tuple[int, int]) -> None:
+        """`path` None: a new file in the temporary directory (`tempfile.gettempdir()`)."""
         self.shape: tuple[int, ...] = shape
         self.ndim = 2
         self.size = shape[0] * shape[1]
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        if path is None:
+            self._fd, path = tempfile.mkstemp(prefix="tb-diag-findings-", suffix=".f32")
+        else:
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.path = path
+        try:
+            os.unlink(path)
+        except OSError:  # a file system that keeps no open file without a name: removed on close instead
+            pass
 
     def write(self, at: int, block: np.ndarray) -> None:
         """Rows at..at+len(block)-1 (float32 [rows x tensors]): each tensor's run of them in its place."""
@@ -146,7 +156,7 @@ class SpilledRows:
         return self.read((slice(None),), np.float32 if dtype is None else dtype)
 
     def close(self) -> None:
-        """Close and remove the file."""
+        """Close the file (and remove it, where its name could not be removed at once)."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -277,8 +287,6 @@ class Context:
     primary: list[int] = field(default_factory=list)  # indices into findings: causes others may follow from
     rule: Optional[Rule] = None  # the rule now running (its declared severities bound `add`)
     rule_of: list[Rule] = field(default_factory=list)  # per finding, the rule that reported it
-    _spill_dir: Optional[tempfile.TemporaryDirectory] = field(default=None, repr=False)  # `SpilledRows`' files
-    _spills: int = field(default=0, repr=False)
 
     def get(self, kind: str, *metrics: str, why: str = "") -> Optional[list[Series]]:
         """The metrics a rule needs, or None after noting which is missing."""
@@ -349,13 +357,10 @@ class Context:
             s.release()
 
     def close(self) -> None:
-        """Forget every metric's answers and remove the files of those kept on disk (`before_cutoff`)."""
+        """Forget every metric's answers and close the files of those kept on disk (`before_cutoff`)."""
         for hit in self._memo.values():
             _close(hit[1][1])
         self._memo.clear()
-        if self._spill_dir is not None:
-            self._spill_dir.cleanup()
-            self._spill_dir = None
 
     def _spilled(self, s: PiecewiseSeries, keep: np.ndarray) -> Optional[SpilledRows]:
         """The rows `keep` of a float32 metric read in pieces, written to a file of this analysis (`SpilledRows`),
@@ -365,10 +370,7 @@ class Context:
             return None
         kept = None
         try:
-            if self._spill_dir is None:
-                self._spill_dir = tempfile.TemporaryDirectory(prefix="tb-diag-findings-")
-            self._spills += 1
-            kept = SpilledRows(os.path.join(self._spill_dir.name, f"{self._spills}-{s.metric}.f32"), shape)
+            kept = SpilledRows(None, shape)
             for at, block in _kept_spans(s, keep):
                 if block.dtype != np.float32:
                     kept.close()
