@@ -47,6 +47,9 @@ SATURATING_KINDS = ("sigmoid", "tanh")  # the kinds that record saturation
 # n-th call of a function inside a module's forward: "enc.relu()", "enc.relu()#2" ("relu()" at
 # the root). One pattern, read by Python and the tab (JavaScript) alike: group 1 is the module.
 SITE_NAME_PATTERN = r"^(?:(.*)\.)?[A-Za-z_][A-Za-z0-9_]*\(\)(?:#\d+)?$"
+# The most layer rows a heatmap of the tab shows (it asks for fewer on a short window): the server warms the
+# group rows of every level of the module tree up to this many rows, so that a first visit finds them.
+HEATMAP_MAX_ROWS = 200
 _SITE_NAME = re.compile(SITE_NAME_PATTERN)
 # The tab's views, in tab order; a metric's `view` is the one whose chart offers it
 # ("layer": only in a layer's drill-down).
@@ -258,7 +261,8 @@ def site_module(name: str) -> str:
 
 def contract_dict() -> dict:
     """The names the tab needs, JSON-safe: metrics, views, severities, finding kinds and their links,
-    the loss's total layer, the activation kinds, the structure document's version and the site-name pattern."""
+    the loss's total layer, the activation kinds, the structure document's version, the site-name pattern and
+    the most rows a heatmap shows."""
     return {
         "version": PROTO_VERSION,
         "total_loss": TOTAL_LOSS,
@@ -267,6 +271,7 @@ def contract_dict() -> dict:
         "saturating_kinds": list(SATURATING_KINDS),
         "structure_version": STRUCTURE_VERSION,
         "site_name_pattern": SITE_NAME_PATTERN,
+        "heatmap_max_rows": HEATMAP_MAX_ROWS,
         "metrics": [m.to_dict() for m in METRIC_SPECS],
         "layer_kinds": list(LAYER_KINDS),
         "views": list(VIEWS),

@@ -144,6 +144,7 @@ def test_contract_route_carries_the_facts():
     assert set(body["dead_unit_kinds"]) < set(body["activation_kinds"])
     assert body["structure_version"] == metadata.STRUCTURE_VERSION
     assert body["site_name_pattern"] == metadata.SITE_NAME_PATTERN
+    assert body["heatmap_max_rows"] == metadata.HEATMAP_MAX_ROWS
 
 
 def test_the_tab_and_report_give_a_run_the_same_findings_and_notes(tmp_path, capsys):

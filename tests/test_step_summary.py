@@ -152,8 +152,13 @@ def test_the_preload_builds_every_summary_and_grouped_views_are_merged_from_it(l
               == plugin.store.index(RequestContext(), "")["big"].data_version())
         scans = {key[0][2]: plugin.store.binned.peek(key) for key in plugin.store.binned.keys()}
         assert len(plugin.store.summaries.keys()) == 3 and set(scans) == {"grad_norm", "dead_fraction"}
+        # the preload also reduced the group rows of the levels a heatmap opens at, whatever its points
+        warmed = {k[1] for k in plugin.store.group_rows.keys() if k[0][0][2] == "grad_norm"}
         header, a = _values(srv, "metric=grad_norm&points=50&max_rows=8")
         assert len(plugin.store.binned.keys()) == len(scans)  # grouped from the summary: nothing binned
+        shown = {k for k in header["layers"] if k not in layers}  # the groups' keys
+        assert shown and shown <= warmed
+        assert {k[1] for k in plugin.store.group_rows.keys() if k[0][0][2] == "grad_norm"} == warmed  # none new
     bad = present & ~np.isfinite(values)
     assert scans["grad_norm"] == {layers[j]: int(steps[np.argmax(bad[:, j])]) for j in range(LAYERS) if bad[:, j].any()}
     assert scans["grad_norm"]

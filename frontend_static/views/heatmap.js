@@ -4,7 +4,7 @@
 import * as api from "../api.js";
 import {el} from "../dom.js";
 import {ACCENT, NONFINITE, Panels, alpha, esc, heatmapHeight, heatmapTraces, layout, nonfiniteAxis, textWidth} from "../charts.js";
-import {METRICS, colorscale, fetchMetric, hasMetric, label, missingText, moduleOf, needsOf} from "../metrics.js";
+import {CONTRACT, METRICS, colorscale, fetchMetric, hasMetric, label, missingText, moduleOf, needsOf} from "../metrics.js";
 
 // `intro` says how to read the view; `help[metric]` what the chosen metric is (shown with it).
 export function heatmapView({id, title, metrics, kind, profileTitle, intro, help = {}}) {
@@ -46,9 +46,9 @@ export function heatmapView({id, title, metrics, kind, profileTitle, intro, help
     return layer != null && (layerRun == null || layerRun === run) && within(layer);
   }
 
-  // As many layer rows as the screen has room for: groups along the module tree beyond that.
+  // As many layer rows as the screen has room for (at most the contract's): groups along the module tree beyond.
   function maxRows() {
-    return Math.max(16, Math.min(200, Math.floor(((window.innerHeight || 900) - 140) / 10)));
+    return Math.max(16, Math.min(CONTRACT.heatmap_max_rows, Math.floor(((window.innerHeight || 900) - 140) / 10)));
   }
 
   // The layers that get rows of their own in a grouped view: a clicked finding's (its run only), else the

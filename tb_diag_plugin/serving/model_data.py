@@ -92,12 +92,14 @@ def last_values(store: RunStore, ctx, eid: str, run: str, idx: RunIndex) -> tupl
 
 
 def warm(store: RunStore, ctx, eid: str, run: str, idx: RunIndex) -> None:
-    """Read what the model view's answer is made from into the store, and build each metric's module tree
-    (what a grouped heatmap's first answer would otherwise build): the background's last task."""
+    """Read what the model view's answer is made from into the store, and build each metric's module tree and
+    its group rows (what a grouped heatmap's first answer would otherwise build): the background's last task."""
     modules(store, ctx, eid, run, idx)
     nonfinite(store, ctx, eid, run, idx)
     last_values(store, ctx, eid, run, idx)
     for metric in idx.tags:
-        series = store.series_and_key(ctx, eid, run, metric, idx)[0]
+        series, _, version = store.series_and_key(ctx, eid, run, metric, idx)
         if len(series.layers) > 1:
             wire.layer_tree(series, metric, series.layers)
+            # the group rows a grouped heatmap's first answer is made from, for any screen
+            wire.warm_group_rows(store.group_rows, series, metric, version, metadata.HEATMAP_MAX_ROWS)

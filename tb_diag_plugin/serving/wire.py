@@ -111,7 +111,7 @@ def values_answer(run: str, metric: str, series: Series, problems: list[str], po
     types = [series.layer_types[j] for j in cols]
     groups = None
     if max_rows is not None and names:
-        rows = None if group_rows is None else (group_rows[0], (*group_rows[1], own is not None))
+        rows = None if group_rows is None else (group_rows[0], _rows_key(group_rows[1], own is not None))
         names, types, groups, b = _grouped(metric, names, types, b, max_rows, expand, reveal,
                                            layer_tree(series, metric, names), rows)
     if own is not None:
@@ -143,6 +143,40 @@ def values_answer(run: str, metric: str, series: Series, problems: list[str], po
         header.update(min=_json_matrix(b.min, absent), max=_json_matrix(b.max, absent),
                       nonfinite=b.nonfinite.astype(np.int64).tolist())
     return json.dumps(_cleanse(header), allow_nan=False).encode("utf-8"), "application/json", None
+
+
+def _rows_key(binned_key: tuple, own: bool) -> tuple:
+    """The key of a grouped view's group rows: the bins they are reduced from. The summary's own bins (`own`)
+    do not depend on the request's points, so neither does their key: the background warms them once
+    (`warm_group_rows`) for whatever screen asks. `binned_key`: (version, points, start, end, layers)."""
+    version, points, start, end, wanted = binned_key
+    return (version, None if own else points, start, end, wanted, own)
+
+
+def warm_group_rows(part, series, metric: str, version, max_rows: int) -> int:
+    """Reduce, from the metric's step summary, the row of every group on the levels of its module tree that
+    a grouped view of the whole run opens at (those of at most `max_rows` rows), into `part` (the store's
+    group rows), so that a view's first answer only gathers and merges them. The number of group rows."""
+    if len(series.layers) < 2:
+        return 0
+    summary_of = getattr(series, "summary", None)
+    summary = summary_of(True) if summary_of is not None else None
+    if summary is None:
+        return 0
+    own = _from_summary(metric, series, summary.points, None, None, [], own=True)
+    if own is None:  # a run shorter than the summary's points: its rows are the steps themselves
+        return 0
+    _, b, _ = own
+    level: list = [layer_tree(series, metric, series.layers)]
+    groups: list = []
+    while True:
+        groups += [r for r in level if isinstance(r, layer_groups.Group)]
+        nxt = [c for r in level for c in ([r] if isinstance(r, int) else r.children)]
+        if len(nxt) == len(level) or len(nxt) > max_rows:
+            break
+        level = nxt
+    _aggregate(b, groups, (part, _rows_key((version, None, None, None, ()), True)))
+    return len(groups)
 
 
 def _from_summary(metric: str, series, points: int, start: Optional[int], end: Optional[int],
