@@ -3,7 +3,9 @@
 Opens a synthetic run (benchmarks/eventgen.py, cached between runs; or `--logdir`, a logdir made
 elsewhere, such as the 20,000 x 5,000 run) in a real TensorBoard (Rust data server, preload on) and
 headless Chromium, and times each view from the click on its tab to the view saying it is drawn
-(`data-state="ready"`: data fetched, decoded and plotted), on the first visit (cold for the browser;
+(`data-state="ready"`: data fetched, decoded and plotted), twice: on the harness's clock (Playwright's click
+and wait, round trips included) and in the page (from the click's `pointerdown` to the frame painted after
+the view's last `data-state` change), on the first visit (cold for the browser;
 the plugin has preloaded the run as far as its cache holds it) and on a later one (warm); then the
 clicks inside views: open a group of layers in the gradient-flow heatmap and in the model view,
 open a module of the model view (the layer drill-down), open the first finding. For each: the
