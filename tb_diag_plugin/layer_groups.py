@@ -15,9 +15,10 @@ tensor or a NaN is never averaged away.
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -180,6 +181,18 @@ def _walk(root: Row) -> tuple[dict[str, Group], dict[int, Optional[Group]], dict
     return groups, parent, layer_parent
 
 
+def levels(root: Row, max_rows: int) -> Iterator[list[Row]]:
+    """The levels of the tree from the root down (each group replaced by its children), as long as they have
+    at most `max_rows` rows (the root always) and the tree goes deeper."""
+    level: list[Row] = [root]
+    while True:
+        yield level
+        nxt = [c for r in level for c in ([r] if isinstance(r, int) else r.children)]
+        if len(nxt) == len(level) or len(nxt) > max_rows:
+            return
+        level = nxt
+
+
 def rows(root: Row, max_rows: int, expand: Iterable[str] = (), reveal: Iterable[int] = (),
          reveal_rows: Optional[int] = None) -> list[Row]:
     """The rows of a view: the deepest level of the tree with at most `max_rows` rows (at least the
@@ -192,12 +205,7 @@ def rows(root: Row, max_rows: int, expand: Iterable[str] = (), reveal: Iterable[
     """
     if max_rows < 1:
         raise ValueError("max_rows must be >= 1")
-    out: list[Row] = [root]
-    while True:
-        nxt = [c for r in out for c in ([r] if isinstance(r, int) else r.children)]
-        if len(nxt) == len(out) or len(nxt) > max_rows:
-            break
-        out = nxt
+    *_, out = levels(root, max_rows)
     groups, parent, layer_parent = _index(root)
 
     def opened(view: list[Row], g: Group) -> list[Row]:
@@ -298,24 +306,20 @@ def _reduce_batch(batch: list[tuple[int, Group]], arrays: tuple, out: tuple) -> 
     if present.strides[1] != 0:  # counts per cell: the general case
         _reduce(cs, spans, m, lo, hi, bad, present[:, cols], out)
         return
-    # One count per bin (a step summary's): the groups without a NaN/Inf take `_uniform`, each run of groups
-    # of one kind on its own slice of the batch.
+    # One count per bin (a step summary's): the groups without a NaN/Inf take `_uniform`.
     count = present[:, 0]
     col_bad = bad.any(axis=0)
-    uniform = [not col_bad[s:e].any() for s, e in spans]
-    i = 0
-    while i < len(cs):
-        j = i + 1
-        while j < len(cs) and uniform[j] == uniform[i]:
-            j += 1
-        a, b = spans[i][0], spans[j - 1][1]
-        sub = [(s - a, e - a) for s, e in spans[i:j]]
-        if uniform[i]:
-            _uniform(cs[i:j], sub, m[:, a:b], lo[:, a:b], hi[:, a:b], count, out)
+    # each run of consecutive groups of one kind (clean or not) on its own slice of the batch
+    for clean, same in itertools.groupby(range(len(cs)), key=lambda i: not col_bad[slice(*spans[i])].any()):
+        run = list(same)
+        a, b = spans[run[0]][0], spans[run[-1]][1]
+        at = [cs[i] for i in run]
+        sub = [(spans[i][0] - a, spans[i][1] - a) for i in run]
+        if clean:
+            _uniform(at, sub, m[:, a:b], lo[:, a:b], hi[:, a:b], count, out)
         else:
-            _reduce(cs[i:j], sub, m[:, a:b], lo[:, a:b], hi[:, a:b], bad[:, a:b],
+            _reduce(at, sub, m[:, a:b], lo[:, a:b], hi[:, a:b], bad[:, a:b],
                     np.broadcast_to(count[:, None], (count.size, b - a)), out)
-        i = j
 
 
 def _reduce(cs: list[int], spans: list[tuple[int, int]], mean: np.ndarray, mn: np.ndarray, mx: np.ndarray,
@@ -352,10 +356,10 @@ def _uniform(cs: list[int], spans: list[tuple[int, int]], mean: np.ndarray, mn: 
     with np.errstate(invalid="ignore"):
         weighted = mean * count[:, None]
     empty = ~(count > 0)  # a bin without a step: whatever its cells hold, no value
+    count64 = count.astype(np.float64)
     for c, (s, e) in zip(cs, spans):
         with np.errstate(invalid="ignore", divide="ignore"):
-            g_mean[:, c] = np.add.reduce(weighted[:, s:e], axis=1, dtype=np.float64) / (
-                count.astype(np.float64) * (e - s))
+            g_mean[:, c] = np.add.reduce(weighted[:, s:e], axis=1, dtype=np.float64) / (count64 * (e - s))
         g_min[:, c] = np.fmin.reduce(mn[:, s:e], axis=1)
         g_max[:, c] = np.fmax.reduce(mx[:, s:e], axis=1)
         g_mean[empty, c] = g_min[empty, c] = g_max[empty, c] = np.nan

@@ -108,7 +108,7 @@ def first_nonfinite_summarized(summary: Any, layers: Sequence[str],
 
 @dataclass(eq=False)
 class Modules:
-    """The modules in model order (`modules_of`) and their tree (`layer_groups.build`): built once per data
+    """The modules in model order (`modules_of`) and their tree (`layer_groups.tree`): built once per data
     version of a run (`serving.model_data.modules`), since at 5,000 tensors building the tree took longer
     than the rest of an answer."""
 
@@ -124,8 +124,7 @@ class Modules:
     def __post_init__(self) -> None:
         self.names = [m["name"] for m in self.modules]
         self.pos = {n: j for j, n in enumerate(self.names)}
-        self.root = layer_groups.tree(self.names, "module")
-        layer_groups.rows(self.root, 1)  # indexes the tree (kept with it)
+        self.root = layer_groups.tree(self.names, "module")  # indexed as it is built
         self.has_members = [any(p.get("tracked") is not False for p in m["params"]) or bool(m["sites"])
                             for m in self.modules]
         self.parent = [self._parent(n) for n in self.names]
@@ -198,9 +197,10 @@ def answer(run: str, modules: Union[list[dict], Modules], verdicts: Optional[dic
             (NONFINITE, f"{'' if layer == mod else layer + ': '}{what} NaN/Inf from step {step}"))
     for bad in bad_of.values():
         bad.sort(key=lambda x: (x[1], x[0]))
+    worst = {j: _worst(x) for j, x in own.items()}
     # A module's status is the worst of its own and of every module under it (the root: the whole model).
     below: list[Optional[tuple[str, str]]] = [
-        _worst(own[j]) if j in own else _NO_FINDINGS if analysed and tree.has_members[j] else None
+        worst[j] if j in worst else _NO_FINDINGS if analysed and tree.has_members[j] else None
         for j in range(len(modules))]
     for j in tree.deepest_first:
         w = below[j]
@@ -216,8 +216,8 @@ def answer(run: str, modules: Union[list[dict], Modules], verdicts: Optional[dic
     opened: list[str] = []
     if open_unhealthy:
         # A recorded NaN/Inf first (the most specific sign, even where a finding names every tensor), then worst first.
-        sick = sorted((j for j, w in ((j, _worst(x)) for j, x in own.items()) if w and w[0] in _UNHEALTHY),
-                      key=lambda j: (j not in bad_of, -_RANK[_worst(own[j])[0]], j))
+        sick = sorted((j for j, w in worst.items() if w and w[0] in _UNHEALTHY),
+                      key=lambda j: (j not in bad_of, -_RANK[worst[j][0]], j))
         for j in sick[:64]:
             if any(r == j for r in view):
                 continue

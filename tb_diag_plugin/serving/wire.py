@@ -167,14 +167,8 @@ def warm_group_rows(part, series, metric: str, version, max_rows: int) -> int:
     if own is None:  # a run shorter than the summary's points: its rows are the steps themselves
         return 0
     _, b, _ = own
-    level: list = [layer_tree(series, metric, series.layers)]
-    groups: list = []
-    while True:
-        groups += [r for r in level if isinstance(r, layer_groups.Group)]
-        nxt = [c for r in level for c in ([r] if isinstance(r, int) else r.children)]
-        if len(nxt) == len(level) or len(nxt) > max_rows:
-            break
-        level = nxt
+    groups = [r for level in layer_groups.levels(layer_tree(series, metric, series.layers), max_rows)
+              for r in level if isinstance(r, layer_groups.Group)]
     _aggregate(b, groups, (part, _rows_key((version, None, None, None, ()), True)))
     return len(groups)
 
